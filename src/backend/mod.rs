@@ -1,0 +1,277 @@
+//! The NAS, behind a trait.
+//!
+//! Everything nassync does to the NAS goes through [`Backend`]; no other
+//! module may touch the source path. The trait is handle based so that it
+//! fits both a directory (a kernel NFS mount: nodes are `O_PATH` descriptors)
+//! and a user-space NFSv3 client (nodes are NFS file handles): a node is an
+//! opaque, cheaply cloned reference to one object on the NAS, valid across
+//! renames, and a file is an object opened for I/O.
+//!
+//! Calls may be slow (the NAS is across a network) and are made without any
+//! nassync lock held. Errors are [`BackendError`]: the errno the NAS gave
+//! plus what was being done, so that the meaning survives to the FUSE reply.
+
+pub mod dir;
+pub mod instrumented;
+
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::time::SystemTime;
+
+/// What kind of object a node is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+impl FileKind {
+    pub fn from_mode(mode: u32) -> Option<FileKind> {
+        Some(match mode & libc::S_IFMT {
+            libc::S_IFREG => FileKind::File,
+            libc::S_IFDIR => FileKind::Dir,
+            libc::S_IFLNK => FileKind::Symlink,
+            libc::S_IFIFO => FileKind::Fifo,
+            libc::S_IFSOCK => FileKind::Socket,
+            libc::S_IFCHR => FileKind::CharDev,
+            libc::S_IFBLK => FileKind::BlockDev,
+            _ => return None,
+        })
+    }
+
+    pub fn from_dirent_type(t: u8) -> Option<FileKind> {
+        Some(match t {
+            libc::DT_REG => FileKind::File,
+            libc::DT_DIR => FileKind::Dir,
+            libc::DT_LNK => FileKind::Symlink,
+            libc::DT_FIFO => FileKind::Fifo,
+            libc::DT_SOCK => FileKind::Socket,
+            libc::DT_CHR => FileKind::CharDev,
+            libc::DT_BLK => FileKind::BlockDev,
+            _ => return None,
+        })
+    }
+}
+
+/// Attributes of a NAS object, as the NAS reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attr {
+    /// The NAS's identity of the object (st_ino, NFS fileid). Stable as long
+    /// as the object exists, so nassync uses it as the inode number.
+    pub ino: u64,
+    pub kind: FileKind,
+    /// Permission bits including setuid, setgid and sticky (mode & 0o7777).
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u64,
+    pub size: u64,
+    /// 512-byte blocks allocated.
+    pub blocks: u64,
+    pub blksize: u32,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+}
+
+impl Attr {
+    /// What identifies one version of the content: if any of these changed,
+    /// cached data is not the NAS's data any more (NFS close-to-open checks
+    /// the same change attributes).
+    pub fn validator(&self) -> Validator {
+        Validator {
+            ino: self.ino,
+            size: self.size,
+            mtime: self.mtime,
+            ctime: self.ctime,
+        }
+    }
+}
+
+/// The change attributes of one version of a file's content.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Validator {
+    pub ino: u64,
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+}
+
+/// One entry of a directory listing.
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    pub name: OsString,
+    pub ino: u64,
+    pub kind: FileKind,
+}
+
+/// The caller on whose behalf an object is created: it will own it.
+#[derive(Clone, Copy, Debug)]
+pub struct Creds {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A time to set: a given instant or the NAS's "now".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetTime {
+    Now,
+    At(SystemTime),
+}
+
+/// The changes of a setattr; `None` leaves a field as it is.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// Capacity of the NAS filesystem.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
+/// Flags of rename(2) that the NAS must honour.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RenameFlags {
+    pub noreplace: bool,
+    pub exchange: bool,
+}
+
+/// How a file is opened on the NAS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpenMode {
+    pub read: bool,
+    pub write: bool,
+    pub append: bool,
+    pub truncate: bool,
+}
+
+/// An error from the NAS: the errno it gave and the operation it failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{op}: {source}")]
+pub struct BackendError {
+    pub op: &'static str,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl BackendError {
+    pub fn new(op: &'static str, source: std::io::Error) -> Self {
+        BackendError { op, source }
+    }
+    pub fn errno(op: &'static str, errno: i32) -> Self {
+        BackendError::new(op, std::io::Error::from_raw_os_error(errno))
+    }
+    /// The POSIX errno, or EIO when the cause has none.
+    pub fn raw_errno(&self) -> i32 {
+        self.source.raw_os_error().unwrap_or(libc::EIO)
+    }
+}
+
+pub type BResult<T> = Result<T, BackendError>;
+
+/// A NAS share. See the module documentation.
+pub trait Backend: Send + Sync + 'static {
+    /// A reference to one object on the NAS, valid across renames.
+    type Node: Clone + Send + Sync + fmt::Debug + 'static;
+    /// An object opened for I/O.
+    type File: Send + Sync + 'static;
+
+    /// The root of the share.
+    fn root(&self) -> BResult<(Self::Node, Attr)>;
+    fn lookup(&self, dir: &Self::Node, name: &OsStr) -> BResult<(Self::Node, Attr)>;
+    fn getattr(&self, node: &Self::Node) -> BResult<Attr>;
+    /// Applies `changes`; `file`, when given, is an open file of `node`
+    /// (a truncate through it works where the path would be refused).
+    fn setattr(
+        &self,
+        node: &Self::Node,
+        file: Option<&Self::File>,
+        changes: &SetAttr,
+    ) -> BResult<Attr>;
+    fn readlink(&self, node: &Self::Node) -> BResult<OsString>;
+    /// The whole listing of a directory, without "." and "..", in one batch.
+    fn readdir(&self, dir: &Self::Node) -> BResult<Vec<DirEntry>>;
+
+    fn mknod(
+        &self,
+        dir: &Self::Node,
+        name: &OsStr,
+        mode: u32,
+        rdev: u64,
+        creds: Creds,
+    ) -> BResult<(Self::Node, Attr)>;
+    fn mkdir(
+        &self,
+        dir: &Self::Node,
+        name: &OsStr,
+        mode: u32,
+        creds: Creds,
+    ) -> BResult<(Self::Node, Attr)>;
+    fn symlink(
+        &self,
+        dir: &Self::Node,
+        name: &OsStr,
+        target: &OsStr,
+        creds: Creds,
+    ) -> BResult<(Self::Node, Attr)>;
+    fn link(&self, node: &Self::Node, dir: &Self::Node, name: &OsStr) -> BResult<Attr>;
+    fn unlink(&self, dir: &Self::Node, name: &OsStr) -> BResult<()>;
+    fn rmdir(&self, dir: &Self::Node, name: &OsStr) -> BResult<()>;
+    fn rename(
+        &self,
+        dir: &Self::Node,
+        name: &OsStr,
+        newdir: &Self::Node,
+        newname: &OsStr,
+        flags: RenameFlags,
+    ) -> BResult<()>;
+
+    fn open(&self, node: &Self::Node, mode: OpenMode) -> BResult<Self::File>;
+    /// Creates and opens a regular file; `exclusive` fails with EEXIST if
+    /// the name exists.
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        &self,
+        dir: &Self::Node,
+        name: &OsStr,
+        mode: u32,
+        open: OpenMode,
+        exclusive: bool,
+        creds: Creds,
+    ) -> BResult<(Self::Node, Attr, Self::File)>;
+    /// Reads up to `buf.len()` bytes at `offset`; fewer only at end of file.
+    fn read(&self, file: &Self::File, offset: u64, buf: &mut [u8]) -> BResult<usize>;
+    /// Writes all of `data` at `offset` (at the end for an append file).
+    fn write(&self, file: &Self::File, offset: u64, data: &[u8]) -> BResult<usize>;
+    fn fsync(&self, file: &Self::File, datasync: bool) -> BResult<()>;
+    fn fallocate(&self, file: &Self::File, mode: i32, offset: u64, len: u64) -> BResult<()>;
+    /// Attributes through an open file (works after the name is gone).
+    fn fgetattr(&self, file: &Self::File) -> BResult<Attr>;
+    fn fsyncdir(&self, dir: &Self::Node) -> BResult<()>;
+    fn statfs(&self, node: &Self::Node) -> BResult<StatFs>;
+
+    fn getxattr(&self, node: &Self::Node, name: &OsStr) -> BResult<Vec<u8>>;
+    fn listxattr(&self, node: &Self::Node) -> BResult<Vec<u8>>;
+    fn setxattr(&self, node: &Self::Node, name: &OsStr, value: &[u8], flags: i32) -> BResult<()>;
+    fn removexattr(&self, node: &Self::Node, name: &OsStr) -> BResult<()>;
+}

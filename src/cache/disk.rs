@@ -1,0 +1,419 @@
+//! The persistent block cache under `cache_dir`: survives remounts, bounded
+//! by `cache_size` with LRU eviction.
+//!
+//! Layout (format version [`FORMAT`]): `index.sqlite` holds, per file, the
+//! validator of the version whose blocks are cached, and per block its
+//! length, CRC32 and last use; `data/<inode as 16 hex digits>` is a sparse
+//! file holding each cached block at its own offset. A block is written to
+//! its data file before its row is committed, and checked against its CRC
+//! on every read, so a torn or damaged block is a miss, never served.
+//! `lock` is held (flock) by the one daemon using the directory.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::CacheError;
+use crate::backend::Validator;
+
+/// On-disk format version; a directory of another version is emptied.
+pub const FORMAT: i64 = 1;
+
+/// See the module documentation.
+pub struct DiskCache {
+    root: PathBuf,
+    conn: Mutex<Connection>,
+    block_size: u64,
+    capacity: u64,
+    used: AtomicU64,
+    evicted: AtomicU64,
+    corrupt: AtomicU64,
+    _lock: File,
+}
+
+fn nanos(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i64,
+        Err(e) => -(e.duration().as_nanos() as i64),
+    }
+}
+
+fn now_ms() -> i64 {
+    nanos(SystemTime::now()) / 1_000_000
+}
+
+fn setup_err(path: &Path, reason: impl ToString) -> CacheError {
+    CacheError::Setup {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+impl DiskCache {
+    /// Opens (creating if needed, mode 0700) the cache directory `root`.
+    /// Fails if it cannot be written or is in use by another daemon.
+    pub fn open(root: &Path, block_size: u64, capacity: u64) -> Result<DiskCache, CacheError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root.join("data"))
+            .map_err(|e| setup_err(root, format!("cannot create it: {e}")))?;
+        fs::set_permissions(root, fs::Permissions::from_mode(0o700))
+            .map_err(|e| setup_err(root, format!("cannot set its mode: {e}")))?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(root.join("lock"))
+            .map_err(|e| setup_err(root, format!("not writable: {e}")))?;
+        // SAFETY: plain syscall on a descriptor we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(setup_err(
+                root,
+                "in use by another nassync daemon (give each mount its own cache_dir)",
+            ));
+        }
+        let conn = Connection::open(root.join("index.sqlite"))
+            .map_err(|e| setup_err(root, format!("cannot open the index: {e}")))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // The cache is not precious: a lost row is a miss, and CRCs catch
+        // data that did not reach the disk.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS files (
+                 ino INTEGER PRIMARY KEY, size INTEGER NOT NULL,
+                 mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS blocks (
+                 ino INTEGER NOT NULL, idx INTEGER NOT NULL, len INTEGER NOT NULL,
+                 crc INTEGER NOT NULL, used_ms INTEGER NOT NULL,
+                 PRIMARY KEY (ino, idx));
+             CREATE INDEX IF NOT EXISTS blocks_lru ON blocks (used_ms);",
+        )?;
+        let meta = |conn: &Connection, key: &str| -> rusqlite::Result<Option<i64>> {
+            conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()
+        };
+        let format = meta(&conn, "format")?;
+        let bs = meta(&conn, "block_size")?;
+        if format != Some(FORMAT) || bs != Some(block_size as i64) {
+            if format.is_some() {
+                log::warn!(
+                    "cache {}: format {format:?}/block size {bs:?} differs, emptying it",
+                    root.display()
+                );
+            }
+            conn.execute_batch("DELETE FROM blocks; DELETE FROM files;")?;
+            for entry in fs::read_dir(root.join("data"))? {
+                let _ = fs::remove_file(entry?.path());
+            }
+            conn.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('format', ?1), ('block_size', ?2)",
+                params![FORMAT, block_size as i64],
+            )?;
+        }
+        let used: i64 = conn.query_row("SELECT COALESCE(SUM(len), 0) FROM blocks", [], |r| {
+            r.get(0)
+        })?;
+        let cache = DiskCache {
+            root: root.to_path_buf(),
+            conn: Mutex::new(conn),
+            block_size,
+            capacity,
+            used: AtomicU64::new(used as u64),
+            evicted: AtomicU64::new(0),
+            corrupt: AtomicU64::new(0),
+            _lock: lock,
+        };
+        cache.evict_if_needed()?;
+        Ok(cache)
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn data_path(&self, ino: u64) -> PathBuf {
+        self.root.join("data").join(format!("{ino:016x}"))
+    }
+
+    /// Whether the cached blocks of `ino` belong to version `v`. If they do
+    /// not, they are dropped and `v` becomes the cached version.
+    pub fn check_validator(&self, ino: u64, v: &Validator) -> Result<bool, CacheError> {
+        let conn = self.conn();
+        let row: Option<(i64, i64, i64)> = conn
+            .query_row(
+                "SELECT size, mtime_ns, ctime_ns FROM files WHERE ino = ?1",
+                [ino as i64],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let want = (v.size as i64, nanos(v.mtime), nanos(v.ctime));
+        if row == Some(want) {
+            return Ok(true);
+        }
+        self.drop_blocks_locked(&conn, ino, 0, u64::MAX)?;
+        conn.execute(
+            "INSERT OR REPLACE INTO files VALUES (?1, ?2, ?3, ?4)",
+            params![ino as i64, want.0, want.1, want.2],
+        )?;
+        Ok(false)
+    }
+
+    /// Records `v` as the version of the cached blocks of `ino`, without
+    /// dropping any (after a change made through nassync itself).
+    pub fn set_validator(&self, ino: u64, v: &Validator) -> Result<(), CacheError> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO files VALUES (?1, ?2, ?3, ?4)",
+            params![ino as i64, v.size as i64, nanos(v.mtime), nanos(v.ctime)],
+        )?;
+        Ok(())
+    }
+
+    /// Block `idx` of `ino`, if cached and intact.
+    pub fn get(&self, ino: u64, idx: u64) -> Result<Option<Vec<u8>>, CacheError> {
+        let row: Option<(i64, i64)> = self
+            .conn()
+            .query_row(
+                "SELECT len, crc FROM blocks WHERE ino = ?1 AND idx = ?2",
+                params![ino as i64, idx as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((len, crc)) = row else {
+            return Ok(None);
+        };
+        let mut buf = vec![0u8; len as usize];
+        let ok = match File::open(self.data_path(ino)) {
+            Ok(f) => f.read_exact_at(&mut buf, idx * self.block_size).is_ok(),
+            Err(_) => false,
+        };
+        if !ok || crc32fast::hash(&buf) as i64 != crc {
+            log::warn!("disk cache: block {idx} of inode {ino} is damaged; fetching it again");
+            let conn = self.conn();
+            self.drop_blocks_locked(&conn, ino, idx, idx)?;
+            self.corrupt.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
+        self.conn().execute(
+            "UPDATE blocks SET used_ms = ?3 WHERE ino = ?1 AND idx = ?2",
+            params![ino as i64, idx as i64, now_ms()],
+        )?;
+        Ok(Some(buf))
+    }
+
+    /// Stores block `idx` of `ino`.
+    pub fn put(&self, ino: u64, idx: u64, data: &[u8]) -> Result<(), CacheError> {
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(self.data_path(ino))?;
+        f.write_all_at(data, idx * self.block_size)?;
+        let old: Option<i64> = {
+            let conn = self.conn();
+            let old = conn
+                .query_row(
+                    "SELECT len FROM blocks WHERE ino = ?1 AND idx = ?2",
+                    params![ino as i64, idx as i64],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            conn.execute(
+                "INSERT OR REPLACE INTO blocks VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    ino as i64,
+                    idx as i64,
+                    data.len() as i64,
+                    crc32fast::hash(data) as i64,
+                    now_ms()
+                ],
+            )?;
+            old
+        };
+        self.used.fetch_add(data.len() as u64, Ordering::Relaxed);
+        if let Some(old) = old {
+            self.used.fetch_sub(old as u64, Ordering::Relaxed);
+        }
+        self.evict_if_needed()
+    }
+
+    /// Drops blocks `first..=last` of `ino`.
+    pub fn drop_blocks(&self, ino: u64, first: u64, last: u64) -> Result<(), CacheError> {
+        let conn = self.conn();
+        self.drop_blocks_locked(&conn, ino, first, last)
+    }
+
+    fn drop_blocks_locked(
+        &self,
+        conn: &Connection,
+        ino: u64,
+        first: u64,
+        last: u64,
+    ) -> Result<(), CacheError> {
+        let last = last.min(i64::MAX as u64);
+        let freed: i64 = conn.query_row(
+            "SELECT COALESCE(SUM(len), 0) FROM blocks WHERE ino = ?1 AND idx BETWEEN ?2 AND ?3",
+            params![ino as i64, first as i64, last as i64],
+            |r| r.get(0),
+        )?;
+        if freed == 0 && first != 0 {
+            return Ok(());
+        }
+        conn.execute(
+            "DELETE FROM blocks WHERE ino = ?1 AND idx BETWEEN ?2 AND ?3",
+            params![ino as i64, first as i64, last as i64],
+        )?;
+        self.used.fetch_sub(freed as u64, Ordering::Relaxed);
+        let path = self.data_path(ino);
+        if first == 0 && last >= i64::MAX as u64 {
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
+        } else if let Ok(f) = OpenOptions::new().write(true).open(&path) {
+            let start = first * self.block_size;
+            let len = (last - first + 1).saturating_mul(self.block_size);
+            // SAFETY: plain syscall; failure only leaves unreferenced data.
+            unsafe {
+                libc::fallocate(
+                    f.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    start as libc::off_t,
+                    len.min(i64::MAX as u64) as libc::off_t,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn evict_if_needed(&self) -> Result<(), CacheError> {
+        if self.used.load(Ordering::Relaxed) <= self.capacity {
+            return Ok(());
+        }
+        // Evict down to 90% so that eviction runs in batches.
+        let target = self.capacity / 10 * 9;
+        let conn = self.conn();
+        while self.used.load(Ordering::Relaxed) > target {
+            let victims: Vec<(i64, i64)> = conn
+                .prepare("SELECT ino, idx FROM blocks ORDER BY used_ms LIMIT 64")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            if victims.is_empty() {
+                break;
+            }
+            for (ino, idx) in victims {
+                let before = self.used.load(Ordering::Relaxed);
+                self.drop_blocks_locked(&conn, ino as u64, idx as u64, idx as u64)?;
+                let after = self.used.load(Ordering::Relaxed);
+                self.evicted
+                    .fetch_add(before.saturating_sub(after), Ordering::Relaxed);
+                if after <= target {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn used_bytes(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Blocks found damaged and dropped.
+    pub fn corrupt_blocks(&self) -> u64 {
+        self.corrupt.load(Ordering::Relaxed)
+    }
+
+    pub fn evicted_bytes(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn v(size: u64, t: u64) -> Validator {
+        let at = UNIX_EPOCH + Duration::from_secs(t);
+        Validator {
+            ino: 7,
+            size,
+            mtime: at,
+            ctime: at,
+        }
+    }
+
+    #[test]
+    fn blocks_survive_reopen_while_the_version_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = DiskCache::open(dir.path(), 4096, 1 << 20).unwrap();
+            assert!(!c.check_validator(7, &v(10, 1)).unwrap());
+            c.put(7, 0, b"0123456789").unwrap();
+        }
+        let c = DiskCache::open(dir.path(), 4096, 1 << 20).unwrap();
+        assert!(c.check_validator(7, &v(10, 1)).unwrap());
+        assert_eq!(c.get(7, 0).unwrap().unwrap(), b"0123456789");
+        // Another version drops the blocks.
+        assert!(!c.check_validator(7, &v(10, 2)).unwrap());
+        assert_eq!(c.get(7, 0).unwrap(), None);
+        assert_eq!(c.used_bytes(), 0);
+    }
+
+    #[test]
+    fn a_damaged_block_is_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 4096, 1 << 20).unwrap();
+        c.put(7, 1, &[5u8; 4096]).unwrap();
+        let f = OpenOptions::new()
+            .write(true)
+            .open(c.data_path(7))
+            .unwrap();
+        f.write_all_at(b"x", 4096 + 100).unwrap();
+        assert_eq!(c.get(7, 1).unwrap(), None);
+        assert_eq!(c.corrupt_blocks(), 1);
+        assert_eq!(c.used_bytes(), 0, "dropped after the damage was seen");
+    }
+
+    #[test]
+    fn eviction_keeps_the_size_bounded_and_drops_the_oldest() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 4096, 10 * 4096).unwrap();
+        for i in 0..30 {
+            c.put(1, i, &[i as u8; 4096]).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(c.used_bytes() <= 10 * 4096);
+        assert_eq!(c.get(1, 0).unwrap(), None);
+        assert_eq!(c.get(1, 29).unwrap().unwrap(), vec![29u8; 4096]);
+    }
+
+    #[test]
+    fn a_second_daemon_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _a = DiskCache::open(dir.path(), 4096, 1 << 20).unwrap();
+        let b = DiskCache::open(dir.path(), 4096, 1 << 20);
+        assert!(b.is_err());
+    }
+
+    #[test]
+    fn the_directory_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("c");
+        let _c = DiskCache::open(&root, 4096, 1 << 20).unwrap();
+        let mode = fs::metadata(&root).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
+}

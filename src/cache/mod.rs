@@ -1,0 +1,35 @@
+//! File data caches: blocks of `block_size` bytes in memory ([`mem`]) and on
+//! local disk ([`disk`]).
+//!
+//! A block is identified in memory by (inode, epoch, index). The epoch of a
+//! file changes whenever its cached data may no longer be the NAS's (a write,
+//! a truncate, a change seen on the NAS), so stale blocks simply become
+//! unreachable and age out of the LRU. The disk cache has no epochs: it keeps
+//! per file the validator (size, mtime, ctime, inode) of the version its
+//! blocks belong to, and drops blocks explicitly.
+
+pub mod disk;
+pub mod mem;
+
+/// Why the local cache failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cache index: {0}")]
+    Index(#[from] rusqlite::Error),
+    #[error("cache file: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("cache directory {path}: {reason}")]
+    Setup { path: String, reason: String },
+}
+
+impl CacheError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            CacheError::Io(e) => match e.raw_os_error() {
+                Some(libc::ENOSPC) => libc::ENOSPC,
+                _ => libc::EIO,
+            },
+            CacheError::Index(_) | CacheError::Setup { .. } => libc::EIO,
+        }
+    }
+}

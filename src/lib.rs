@@ -1,0 +1,17 @@
+//! nassync: a local, cached view of a NAS share over FUSE.
+//!
+//! Layers, from the kernel down (docs/ARCHITECTURE.md):
+//! [`fuse`] (thin adapter) -> [`fs`] (core: inodes, handles, metadata
+//! cache) -> [`data`] (block caches, readahead) -> [`backend`] (the NAS).
+
+pub mod backend;
+pub mod cache;
+pub mod control;
+pub mod data;
+pub mod error;
+pub mod fs;
+pub mod fuse;
+pub mod mount;
+pub mod mountinfo;
+pub mod options;
+pub mod stats;

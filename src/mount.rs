@@ -1,0 +1,470 @@
+//! Mounting: checks everything before anything is mounted, then runs the
+//! daemon, attached (`--foreground`, for systemd and debugging) or detached
+//! (the command returns once the mount is ready, or fails with the reason).
+
+use std::ffi::OsString;
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow, bail};
+
+use crate::backend::Backend;
+use crate::backend::dir::DirBackend;
+use crate::backend::instrumented::Instrumented;
+use crate::cache::disk::DiskCache;
+use crate::control;
+use crate::data::DataCache;
+use crate::fs::{Core, FsConfig};
+use crate::fuse::FuseFs;
+use crate::mountinfo;
+use crate::options::MountOptions;
+use crate::stats::Stats;
+
+/// Exit status of a failed mount, as mount(8) uses it.
+pub const EXIT_MOUNT_FAILURE: i32 = 32;
+/// Exit status of a bad command line or option.
+pub const EXIT_USAGE: i32 = 1;
+
+/// The environment variable that carries the readiness pipe to the daemon.
+const READY_FD_ENV: &str = "NASSYNC_READY_FD";
+
+/// A mount request, checked.
+#[derive(Debug)]
+pub struct Plan {
+    pub source: PathBuf,
+    pub mountpoint: PathBuf,
+    pub options: MountOptions,
+    /// This source's own directory under `cache_dir`.
+    pub cache_dir: PathBuf,
+}
+
+/// A failure with the exit status it calls for.
+#[derive(Debug)]
+pub struct MountError {
+    pub status: i32,
+    pub error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for MountError {
+    fn from(e: E) -> Self {
+        MountError {
+            status: EXIT_MOUNT_FAILURE,
+            error: e.into(),
+        }
+    }
+}
+
+fn default_cache_root() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/cache/nassync");
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("nassync");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".cache/nassync"),
+        None => std::env::temp_dir().join(format!("nassync-cache-{}", nix::unistd::geteuid())),
+    }
+}
+
+/// A file name for a source path: '/' becomes '-', anything unusual %XX.
+fn escape_source(source: &Path) -> String {
+    let bytes = source.as_os_str().as_bytes();
+    let bytes = bytes.strip_prefix(b"/").unwrap_or(bytes);
+    if bytes.is_empty() {
+        return "-".into();
+    }
+    let mut out = String::new();
+    for &b in bytes {
+        match b {
+            b'/' => out.push('-'),
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// Checks the request without changing anything: options, source, mount
+/// point. The cache directory is checked when it is opened.
+pub fn plan(source: &Path, mountpoint: &Path, options: &[String]) -> Result<Plan, MountError> {
+    let options = MountOptions::parse(options).map_err(|e| MountError {
+        status: EXIT_USAGE,
+        error: e.into(),
+    })?;
+    let meta = std::fs::metadata(source)
+        .with_context(|| format!("source {}", source.display()))?;
+    if !meta.is_dir() {
+        return Err(anyhow!("source {} is not a directory", source.display()).into());
+    }
+    let source = source
+        .canonicalize()
+        .with_context(|| format!("source {}", source.display()))?;
+    let mountpoint = match std::fs::metadata(mountpoint) {
+        Ok(m) if m.is_dir() => mountpoint
+            .canonicalize()
+            .with_context(|| format!("mount point {}", mountpoint.display()))?,
+        Ok(_) => return Err(anyhow!("mount point {} is not a directory", mountpoint.display()).into()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(anyhow!(
+                "mount point {} is a stale mount whose daemon is gone; \
+                 run `nassync umount {0}` (or `umount -l {0}`) first",
+                mountpoint.display()
+            )
+            .into());
+        }
+        Err(e) => {
+            return Err(anyhow!(e)
+                .context(format!("mount point {}", mountpoint.display()))
+                .into());
+        }
+    };
+    if let Some(m) = mountinfo::mounted_at(&mountpoint) {
+        // systemd's automount puts autofs there first: mount on top of it.
+        if m.fstype != "autofs" {
+            return Err(anyhow!(
+                "{} is already mounted ({} from {})",
+                mountpoint.display(),
+                m.fstype,
+                m.source
+            )
+            .into());
+        }
+    }
+    if mountpoint.starts_with(&source) && mountpoint != source {
+        // Allowed by the kernel, but nassync would see itself in the NAS.
+        return Err(anyhow!(
+            "mount point {} is inside the source {}",
+            mountpoint.display(),
+            source.display()
+        )
+        .into());
+    }
+    let cache_dir = options
+        .cache_dir
+        .clone()
+        .unwrap_or_else(default_cache_root)
+        .join(escape_source(&source));
+    Ok(Plan {
+        source,
+        mountpoint,
+        options,
+        cache_dir,
+    })
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cache directory {} cannot be created", dir.display()))
+}
+
+/// Mounts in the background: starts the daemon attached to a readiness
+/// pipe and returns once it reports the mount ready, or its error.
+pub fn mount_detached(plan: &Plan, args: &[OsString]) -> Result<(), MountError> {
+    create_private_dir(&plan.cache_dir)?;
+    let log_path = plan.cache_dir.join("daemon.log");
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&log_path)
+        .with_context(|| format!("cache directory {} is not writable", plan.cache_dir.display()))?;
+    let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let tx_raw = tx.into_raw_fd();
+    let exe = std::env::current_exe().context("cannot find the nassync executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .arg("--foreground")
+        .env(READY_FD_ENV, tx_raw.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log));
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            // Keep the pipe's write end across exec.
+            let flags = libc::fcntl(tx_raw, libc::F_GETFD);
+            libc::fcntl(tx_raw, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn();
+    // SAFETY: we own tx_raw; closing our copy lets EOF through when the
+    // daemon exits without a word.
+    drop(unsafe { OwnedFd::from_raw_fd(tx_raw) });
+    let mut child = child.context("cannot start the daemon")?;
+    let mut msg = String::new();
+    std::fs::File::from(rx).read_to_string(&mut msg)?;
+    if msg.starts_with("ready") {
+        return Ok(());
+    }
+    let status = child.wait().ok();
+    match msg.strip_prefix("error: ") {
+        Some(e) => Err(MountError {
+            status: EXIT_MOUNT_FAILURE,
+            error: anyhow!("{}", e.trim_end()),
+        }),
+        None => Err(MountError {
+            status: EXIT_MOUNT_FAILURE,
+            error: anyhow!(
+                "the daemon exited during startup ({status:?}); see {}",
+                log_path.display()
+            ),
+        }),
+    }
+}
+
+/// Where the daemon tells a waiting `nassync mount` how startup went.
+struct Ready(Option<std::fs::File>);
+
+impl Ready {
+    fn from_env() -> Ready {
+        let fd = std::env::var(READY_FD_ENV)
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok());
+        // SAFETY: the parent passed us this descriptor for this purpose.
+        Ready(fd.map(|fd| unsafe { std::fs::File::from_raw_fd(fd) }))
+    }
+
+    fn send(&mut self, msg: &str) {
+        if let Some(mut f) = self.0.take() {
+            let _ = f.write_all(msg.as_bytes());
+        }
+    }
+}
+
+/// Runs the daemon in this process until the filesystem is unmounted.
+pub fn run_foreground(plan: Plan) -> Result<(), MountError> {
+    let mut ready = Ready::from_env();
+    // SAFETY: unset before any thread exists.
+    unsafe { std::env::remove_var(READY_FD_ENV) };
+    match serve(plan, &mut ready) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            ready.send(&format!("error: {:#}\n", e.error));
+            Err(e)
+        }
+    }
+}
+
+fn raise_fd_limit() {
+    if let Ok((_, hard)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        let _ = nix::sys::resource::setrlimit(
+            nix::sys::resource::Resource::RLIMIT_NOFILE,
+            hard,
+            hard,
+        );
+    }
+}
+
+fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
+    use nix::sys::signal::{SigSet, Signal};
+    let o = &plan.options;
+    // Signals are taken by one thread (below); every other thread,
+    // including fuser's, inherits this mask.
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT] {
+        signals.add(s);
+    }
+    signals.thread_block()?;
+    raise_fd_limit();
+    // Modes come from the kernel with the caller's umask applied already.
+    nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+
+    let stats = Arc::new(Stats::default());
+    let disk = if o.cache_size > 0 {
+        Some(DiskCache::open(&plan.cache_dir, o.block_size, o.cache_size).map_err(|e| {
+            anyhow!("cache directory {}: {e}", plan.cache_dir.display())
+        })?)
+    } else {
+        None
+    };
+    let backend = Instrumented::new(
+        DirBackend::new(&plan.source).with_context(|| format!("source {}", plan.source.display()))?,
+        stats.clone(),
+    );
+    let data = DataCache::new(o.mem_cache_size, disk, o.block_size, 4, stats.clone());
+    let cfg = FsConfig {
+        attr_timeout: o.attr_timeout,
+        entry_timeout: o.entry_timeout,
+        negative_timeout: o.negative_timeout,
+        readahead: o.readahead,
+    };
+    let core = Arc::new(
+        Core::new(Arc::new(backend), cfg, data, stats)
+            .with_context(|| format!("source {}", plan.source.display()))?,
+    );
+    let fs = FuseFs::new(core.clone(), o.block_size.min(16 << 20) as u32);
+    let mut config = fuser::Config::default();
+    config.mount_options = mount_options(&plan);
+    let is_root = nix::unistd::geteuid().is_root();
+    config.acl = match (o.allow_other.unwrap_or(is_root), o.allow_root) {
+        (true, _) => fuser::SessionACL::All,
+        (false, true) => fuser::SessionACL::RootAndOwner,
+        (false, false) => fuser::SessionACL::Owner,
+    };
+    config.n_threads = Some(o.threads);
+    config.clone_fd = true;
+    let mut session = fuser::Session::new(fs, &plan.mountpoint, &config).map_err(|e| {
+        let hint = if e.raw_os_error() == Some(libc::EPERM) || e.kind() == std::io::ErrorKind::PermissionDenied {
+            " (allow_other for non-root users needs user_allow_other in /etc/fuse.conf)"
+        } else {
+            ""
+        };
+        anyhow!("cannot mount {}: {e}{hint}", plan.mountpoint.display())
+    })?;
+    let mut unmounter = session.unmount_callable();
+
+    let handler_core = core.clone();
+    let source = plan.source.clone();
+    let handler: control::Handler = Arc::new(move |cmd: &str| match cmd {
+        "stats" => stats_text(&handler_core, &source),
+        other => format!("error unknown command {other:?}\n"),
+    });
+    let _control = control::Server::start(
+        &control::socket_path(&plan.mountpoint),
+        &plan.mountpoint,
+        handler,
+    )
+    .map_err(|e| anyhow!("control socket: {e}"));
+    let _control = match _control {
+        Ok(s) => Some(s),
+        Err(e) => {
+            log::warn!("{e}; `nassync stats` will not work for this mount");
+            None
+        }
+    };
+
+    let mountpoint = plan.mountpoint.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(sig) = signals.wait() {
+                log::info!("{sig}: unmounting {}", mountpoint.display());
+                if let Err(e) = unmounter.unmount() {
+                    log::warn!("unmount failed ({e}); detaching lazily");
+                    let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
+                }
+            }
+        })?;
+
+    log::info!(
+        "serving {} at {}",
+        plan.source.display(),
+        plan.mountpoint.display()
+    );
+    ready.send("ready\n");
+    session.run().context("FUSE session")?;
+    log::info!("unmounted {}", plan.mountpoint.display());
+    Ok(())
+}
+
+fn mount_options(plan: &Plan) -> Vec<fuser::MountOption> {
+    use fuser::MountOption as M;
+    let o = &plan.options;
+    let mut v = vec![
+        M::FSName(
+            o.fsname
+                .clone()
+                .unwrap_or_else(|| plan.source.display().to_string()),
+        ),
+        M::Subtype("nassync".into()),
+        M::DefaultPermissions,
+    ];
+    let flags = [
+        (o.read_only, M::RO),
+        (o.noatime, M::NoAtime),
+        (o.nodev, M::NoDev),
+        (o.nosuid, M::NoSuid),
+        (o.noexec, M::NoExec),
+        (o.sync, M::Sync),
+        (o.dirsync, M::DirSync),
+    ];
+    v.extend(flags.into_iter().filter(|(on, _)| *on).map(|(_, m)| m));
+    v
+}
+
+fn stats_text<B: Backend>(core: &Core<B>, source: &Path) -> String {
+    let mut out = format!("source {}\npid {}\n", source.display(), std::process::id());
+    out.push_str(&core.stats().render());
+    let data = core.data_cache();
+    out.push_str(&format!("mem_cache_bytes {}\n", data.mem_bytes()));
+    if let Some(d) = data.disk() {
+        out.push_str(&format!("disk_cache_bytes {}\n", d.used_bytes()));
+        out.push_str(&format!("disk_corrupt_blocks {}\n", d.corrupt_blocks()));
+        out.push_str(&format!("disk_evicted_bytes {}\n", d.evicted_bytes()));
+    }
+    out.push_str(&format!("inodes {}\nhandles {}\n", core.inode_count(), core.handle_count()));
+    out
+}
+
+/// Unmounts `mountpoint` and waits for its daemon to exit.
+pub fn umount(mountpoint: &Path, lazy: bool) -> anyhow::Result<()> {
+    let canonical = mountpoint
+        .canonicalize()
+        .unwrap_or_else(|_| mountpoint.to_path_buf());
+    let is_root = nix::unistd::geteuid().is_root();
+    if is_root {
+        let flags = if lazy {
+            nix::mount::MntFlags::MNT_DETACH
+        } else {
+            nix::mount::MntFlags::empty()
+        };
+        nix::mount::umount2(&canonical, flags).map_err(|e| match e {
+            nix::errno::Errno::EBUSY => anyhow!(
+                "{} is busy (files are open on it); close them, or use --lazy",
+                canonical.display()
+            ),
+            nix::errno::Errno::EINVAL => anyhow!("{} is not mounted", canonical.display()),
+            e => anyhow!("cannot unmount {}: {e}", canonical.display()),
+        })?;
+    } else {
+        let mut cmd = Command::new("fusermount3");
+        cmd.arg("-u");
+        if lazy {
+            cmd.arg("-z");
+        }
+        let status = cmd
+            .arg(&canonical)
+            .status()
+            .context("cannot run fusermount3 (install fuse3)")?;
+        if !status.success() {
+            bail!("fusermount3 -u {} failed", canonical.display());
+        }
+    }
+    // The daemon removes its control socket as it exits.
+    let sock = control::socket_path(&canonical);
+    for _ in 0..600 {
+        if std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    bail!(
+        "unmounted {}, but its daemon has not exited after 60 s",
+        canonical.display()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_names_are_file_names() {
+        assert_eq!(escape_source(Path::new("/mnt/nas-nfs")), "mnt-nas%2Dnfs");
+        assert_eq!(escape_source(Path::new("/")), "-");
+        assert_eq!(escape_source(Path::new("/a b/c")), "a%20b-c");
+    }
+}

@@ -1,0 +1,395 @@
+//! Mount options (`-o a,b=c`): parsed and checked before anything is
+//! mounted or created. An unknown option, or a bad value, is an error that
+//! names the option and says what it accepts; nothing is silently corrected.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Every option nassync takes, with its default.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MountOptions {
+    pub cache_dir: Option<PathBuf>,
+    pub cache_size: u64,
+    pub mem_cache_size: u64,
+    pub block_size: u64,
+    pub readahead: u64,
+    pub attr_timeout: Duration,
+    pub entry_timeout: Duration,
+    pub negative_timeout: Duration,
+    pub threads: usize,
+    pub allow_other: Option<bool>,
+    pub allow_root: bool,
+    pub read_only: bool,
+    pub noatime: bool,
+    pub nodev: bool,
+    pub nosuid: bool,
+    pub noexec: bool,
+    pub sync: bool,
+    pub dirsync: bool,
+    pub fsname: Option<String>,
+    pub log_level: Option<log::LevelFilter>,
+}
+
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * KIB;
+pub const GIB: u64 = 1024 * MIB;
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            cache_dir: None,
+            cache_size: 10 * GIB,
+            mem_cache_size: 256 * MIB,
+            block_size: MIB,
+            readahead: 8 * MIB,
+            attr_timeout: Duration::from_secs(3),
+            entry_timeout: Duration::from_secs(3),
+            negative_timeout: Duration::from_secs(3),
+            threads: 16,
+            allow_other: None,
+            allow_root: false,
+            read_only: false,
+            noatime: false,
+            nodev: false,
+            nosuid: false,
+            noexec: false,
+            sync: false,
+            dirsync: false,
+            fsname: None,
+            log_level: None,
+        }
+    }
+}
+
+/// A refused option.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("mount option '{option}': {problem}")]
+pub struct OptionError {
+    pub option: String,
+    pub problem: String,
+}
+
+fn bad(option: &str, problem: impl Into<String>) -> OptionError {
+    OptionError {
+        option: option.to_string(),
+        problem: problem.into(),
+    }
+}
+
+/// Parses a size: a number of bytes with an optional K, M, G or T suffix
+/// (binary multiples; a trailing "B" or "iB" is allowed).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, mult) = match t.char_indices().last()? {
+        (i, c) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => KIB,
+                'M' => MIB,
+                'G' => GIB,
+                'T' => 1024 * GIB,
+                _ => return None,
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    num.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+/// Parses a duration: seconds, or a number with an `ms`, `s`, `m` or `h`
+/// suffix; fractions allowed ("0.5s").
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let t = s.trim();
+    let (num, unit) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (t, 1.0)
+    };
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return None;
+    }
+    let v: f64 = num.parse().ok()?;
+    let secs = v * unit;
+    if !(0.0..=86400.0 * 365.0).contains(&secs) {
+        return None;
+    }
+    Some(Duration::from_secs_f64(secs))
+}
+
+const SIZE_HELP: &str = "expected a size such as 4096, 512K, 256M or 20G";
+const TIME_HELP: &str = "expected a time such as 0, 3, 500ms, 30s or 2m";
+
+/// Options that only mean something to mount(8), fstab or systemd; they are
+/// accepted and not passed on.
+fn is_fstab_only(key: &str) -> bool {
+    matches!(
+        key,
+        "defaults" | "auto" | "noauto" | "user" | "users" | "nouser" | "owner" | "group"
+            | "nofail" | "_netdev" | "comment"
+    ) || key.starts_with("x-")
+}
+
+impl MountOptions {
+    /// Parses the comma-separated option strings of every `-o`, in order.
+    pub fn parse<S: AsRef<str>>(lists: &[S]) -> Result<MountOptions, OptionError> {
+        let mut o = MountOptions::default();
+        for list in lists {
+            for opt in list.as_ref().split(',') {
+                let opt = opt.trim();
+                if opt.is_empty() {
+                    continue;
+                }
+                o.apply(opt)?;
+            }
+        }
+        o.check()?;
+        Ok(o)
+    }
+
+    fn apply(&mut self, opt: &str) -> Result<(), OptionError> {
+        let (key, value) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt, None),
+        };
+        if is_fstab_only(key) {
+            return Ok(());
+        }
+        let flag = |o: &str| -> Result<(), OptionError> {
+            match value {
+                None => Ok(()),
+                Some(_) => Err(bad(o, "takes no value")),
+            }
+        };
+        let need = || value.ok_or_else(|| bad(opt, "needs a value (name=value)"));
+        let size = || -> Result<u64, OptionError> {
+            parse_size(need()?).ok_or_else(|| bad(opt, SIZE_HELP))
+        };
+        let time = || -> Result<Duration, OptionError> {
+            parse_duration(need()?).ok_or_else(|| bad(opt, TIME_HELP))
+        };
+        match key {
+            "rw" => {
+                flag(opt)?;
+                self.read_only = false
+            }
+            "ro" => {
+                flag(opt)?;
+                self.read_only = true
+            }
+            "allow_other" => {
+                flag(opt)?;
+                self.allow_other = Some(true)
+            }
+            "noallow_other" => {
+                flag(opt)?;
+                self.allow_other = Some(false)
+            }
+            "allow_root" => {
+                flag(opt)?;
+                self.allow_root = true
+            }
+            // Always on: the kernel checks permissions against the NAS's
+            // modes and owners, as NFS clients do.
+            "default_permissions" => flag(opt)?,
+            "noatime" => {
+                flag(opt)?;
+                self.noatime = true
+            }
+            "atime" | "relatime" | "strictatime" => {
+                flag(opt)?;
+                self.noatime = false
+            }
+            "nodev" => {
+                flag(opt)?;
+                self.nodev = true
+            }
+            "dev" => {
+                flag(opt)?;
+                self.nodev = false
+            }
+            "nosuid" => {
+                flag(opt)?;
+                self.nosuid = true
+            }
+            "suid" => {
+                flag(opt)?;
+                self.nosuid = false
+            }
+            "noexec" => {
+                flag(opt)?;
+                self.noexec = true
+            }
+            "exec" => {
+                flag(opt)?;
+                self.noexec = false
+            }
+            "sync" => {
+                flag(opt)?;
+                self.sync = true
+            }
+            "async" => {
+                flag(opt)?;
+                self.sync = false
+            }
+            "dirsync" => {
+                flag(opt)?;
+                self.dirsync = true
+            }
+            "cache_dir" => {
+                let v = need()?;
+                if !v.starts_with('/') {
+                    return Err(bad(opt, "expected an absolute path"));
+                }
+                self.cache_dir = Some(PathBuf::from(v));
+            }
+            "cache_size" => self.cache_size = size()?,
+            "mem_cache_size" => self.mem_cache_size = size()?,
+            "block_size" => self.block_size = size()?,
+            "readahead" => self.readahead = size()?,
+            "actimeo" => {
+                let t = time()?;
+                self.attr_timeout = t;
+                self.entry_timeout = t;
+                self.negative_timeout = t;
+            }
+            "attr_timeout" => self.attr_timeout = time()?,
+            "entry_timeout" => self.entry_timeout = time()?,
+            "negative_timeout" => self.negative_timeout = time()?,
+            "threads" => {
+                self.threads = need()?
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=256).contains(n))
+                    .ok_or_else(|| bad(opt, "expected a number of threads from 1 to 256"))?
+            }
+            "fsname" => self.fsname = Some(need()?.to_string()),
+            "log_level" => {
+                self.log_level = Some(need()?.parse().map_err(|_| {
+                    bad(opt, "expected one of off, error, warn, info, debug, trace")
+                })?)
+            }
+            _ => {
+                return Err(bad(
+                    opt,
+                    "unknown option (see `nassync mount --help` or docs/OPTIONS.md)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> Result<(), OptionError> {
+        let bs = self.block_size;
+        if !bs.is_power_of_two() || !(4 * KIB..=64 * MIB).contains(&bs) {
+            return Err(bad(
+                &format!("block_size={bs}"),
+                "expected a power of two from 4K to 64M",
+            ));
+        }
+        if self.mem_cache_size < 4 * bs {
+            return Err(bad(
+                &format!("mem_cache_size={}", self.mem_cache_size),
+                "must hold at least 4 blocks (4 x block_size)",
+            ));
+        }
+        if self.cache_size != 0 && self.cache_size < 4 * bs {
+            return Err(bad(
+                &format!("cache_size={}", self.cache_size),
+                "must be 0 (no disk cache) or hold at least 4 blocks (4 x block_size)",
+            ));
+        }
+        if self.readahead > GIB {
+            return Err(bad(
+                &format!("readahead={}", self.readahead),
+                "must be at most 1G",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("512K"), Some(512 * KIB));
+        assert_eq!(parse_size("20G"), Some(20 * GIB));
+        assert_eq!(parse_size("1t"), Some(1024 * GIB));
+        assert_eq!(parse_size("2MiB"), Some(2 * MIB));
+        for bad in ["", "G", "-1", "1.5G", "12Q", "abc", "99999999999999999999T"] {
+            assert_eq!(parse_size(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("3"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("0.5s"), Some(Duration::from_millis(500)));
+        for bad in ["", "s", "-1", "1x", "1e3"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn fstab_options_are_accepted_and_dropped() {
+        let o = MountOptions::parse(&[
+            "defaults,noauto,user,users,nofail,_netdev,comment=x,x-systemd.automount,x-foo=1",
+        ])
+        .unwrap();
+        assert_eq!(o, MountOptions::default());
+    }
+
+    #[test]
+    fn values_are_parsed() {
+        let o = MountOptions::parse(&[
+            "cache_size=20G,mem_cache_size=64M,block_size=256K,actimeo=1",
+            "ro,noatime,attr_timeout=500ms,threads=4,cache_dir=/tmp/c",
+        ])
+        .unwrap();
+        assert_eq!(o.cache_size, 20 * GIB);
+        assert_eq!(o.mem_cache_size, 64 * MIB);
+        assert_eq!(o.block_size, 256 * KIB);
+        assert_eq!(o.entry_timeout, Duration::from_secs(1));
+        assert_eq!(o.attr_timeout, Duration::from_millis(500));
+        assert!(o.read_only && o.noatime);
+        assert_eq!(o.threads, 4);
+        assert_eq!(o.cache_dir, Some(PathBuf::from("/tmp/c")));
+    }
+
+    #[test]
+    fn bad_options_name_themselves() {
+        for (opts, needle) in [
+            ("frobnicate", "frobnicate"),
+            ("cache_size=lots", "cache_size=lots"),
+            ("cache_size", "needs a value"),
+            ("ro=1", "takes no value"),
+            ("block_size=3000", "power of two"),
+            ("threads=0", "threads=0"),
+            ("actimeo=soon", "actimeo=soon"),
+            ("cache_dir=relative", "absolute"),
+            ("mem_cache_size=1K", "mem_cache_size"),
+            ("log_level=loud", "log_level=loud"),
+        ] {
+            let e = MountOptions::parse(&[opts]).unwrap_err().to_string();
+            assert!(e.contains(needle), "{opts}: {e}");
+        }
+    }
+}
