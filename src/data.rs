@@ -203,7 +203,7 @@ impl DataCache {
             }
             Stats::inc(&self.stats.misses);
             let bytes = fetch(idx)?;
-            if let Some(disk) = &self.disk {
+            if let (Some(disk), false) = (&self.disk, bytes.is_empty()) {
                 // Only if no change raced with the fetch.
                 let g = data.lock();
                 if g.epoch == epoch {

@@ -262,12 +262,13 @@ impl DiskCache {
         last: u64,
     ) -> Result<(), CacheError> {
         let last = last.min(i64::MAX as u64);
-        let freed: i64 = conn.query_row(
-            "SELECT COALESCE(SUM(len), 0) FROM blocks WHERE ino = ?1 AND idx BETWEEN ?2 AND ?3",
+        let (rows, freed): (i64, i64) = conn.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(len), 0) FROM blocks
+             WHERE ino = ?1 AND idx BETWEEN ?2 AND ?3",
             params![ino as i64, first as i64, last as i64],
-            |r| r.get(0),
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-        if freed == 0 && first != 0 {
+        if rows == 0 && first != 0 {
             return Ok(());
         }
         conn.execute(
@@ -370,6 +371,15 @@ mod tests {
         assert!(!c.check_validator(7, &v(10, 2)).unwrap());
         assert_eq!(c.get(7, 0).unwrap(), None);
         assert_eq!(c.used_bytes(), 0);
+    }
+
+    #[test]
+    fn empty_blocks_are_dropped_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = DiskCache::open(dir.path(), 4096, 1 << 20).unwrap();
+        c.put(7, 3, b"").unwrap();
+        c.drop_blocks(7, 2, 5).unwrap();
+        assert_eq!(c.get(7, 3).unwrap(), None);
     }
 
     #[test]

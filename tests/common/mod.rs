@@ -1,0 +1,188 @@
+//! Shared by the mount tests: a nassync mount over a temporary "NAS"
+//! directory, unmounted in Drop even when the test fails, and helpers.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const NASSYNC: &str = env!("CARGO_BIN_EXE_nassync");
+
+/// Fails (never skips) when FUSE is not usable: CI must have it.
+pub fn require_fuse() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: these tests need FUSE (install fuse3)"
+    );
+}
+
+pub fn is_mounted(path: &Path) -> bool {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let want = path.to_str().unwrap().replace(' ', "\\040");
+    text.lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+/// Waits, by polling /proc/self/mountinfo, until `path` is (or is not) a
+/// mount point. Panics after 20 s.
+pub fn wait_mounted(path: &Path, mounted: bool, child: Option<&mut Child>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut child = child;
+    while is_mounted(path) != mounted {
+        if let Some(c) = child.as_mut() {
+            if let Ok(Some(status)) = c.try_wait() {
+                panic!("nassync exited early with {status}");
+            }
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {path:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A nassync mount of `nas` at `mnt` with a cache in `cache`.
+pub struct Mount {
+    pub dir: tempfile::TempDir,
+    pub nas: PathBuf,
+    pub mnt: PathBuf,
+    pub cache: PathBuf,
+    pub options: String,
+    child: Option<Child>,
+}
+
+impl Mount {
+    /// A new empty NAS directory mounted with `options` (added to the
+    /// test defaults).
+    pub fn new(options: &str) -> Mount {
+        require_fuse();
+        let dir = tempfile::Builder::new().prefix("nassync-test").tempdir().unwrap();
+        let nas = dir.path().join("nas");
+        let mnt = dir.path().join("mnt");
+        let cache = dir.path().join("cache");
+        std::fs::create_dir(&nas).unwrap();
+        std::fs::create_dir(&mnt).unwrap();
+        let mut m = Mount {
+            dir,
+            nas,
+            mnt,
+            cache,
+            options: options.to_string(),
+            child: None,
+        };
+        m.mount();
+        m
+    }
+
+    pub fn mount(&mut self) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .unwrap();
+        let mut opts = format!("cache_dir={}", self.cache.display());
+        if !self.options.is_empty() {
+            opts.push(',');
+            opts.push_str(&self.options);
+        }
+        let mut child = Command::new(NASSYNC)
+            .arg("mount")
+            .arg(&self.nas)
+            .arg(&self.mnt)
+            .arg("-o")
+            .arg(opts)
+            .arg("--foreground")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        wait_mounted(&self.mnt, true, Some(&mut child));
+        self.child = Some(child);
+    }
+
+    /// Unmounts and waits for the daemon to exit.
+    pub fn unmount(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("umount").arg(&self.mnt).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                _ if Instant::now() > deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+    }
+
+    pub fn remount(&mut self) {
+        self.unmount();
+        self.mount();
+    }
+
+    /// Kills the daemon with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.child = None;
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn m(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    pub fn n(&self, rel: &str) -> PathBuf {
+        self.nas.join(rel)
+    }
+
+    /// The daemon's counters, from `nassync stats`.
+    pub fn stats(&self) -> HashMap<String, u64> {
+        let out = Command::new(NASSYNC)
+            .arg("stats")
+            .arg(&self.mnt)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.unmount();
+    }
+}
+
+/// The errno of an io result, or 0.
+pub fn errno<T>(r: &std::io::Result<T>) -> i32 {
+    match r {
+        Ok(_) => 0,
+        Err(e) => e.raw_os_error().unwrap_or(-1),
+    }
+}
