@@ -1,0 +1,165 @@
+//! The command line: detached mounting, unmounting, stats, and bad input,
+//! each of which must give a clear error and a non-zero exit, and leave
+//! nothing mounted.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{Mount, NASSYNC, is_mounted, require_fuse};
+
+fn nassync(args: &[&str]) -> Output {
+    Command::new(NASSYNC).args(args).output().unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+struct Dirs {
+    _t: tempfile::TempDir,
+    nas: std::path::PathBuf,
+    mnt: std::path::PathBuf,
+    cache: std::path::PathBuf,
+}
+
+fn dirs() -> Dirs {
+    require_fuse();
+    let t = tempfile::tempdir().unwrap();
+    let nas = t.path().join("nas");
+    let mnt = t.path().join("mnt");
+    fs::create_dir(&nas).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    let cache = t.path().join("cache");
+    Dirs { _t: t, nas, mnt, cache }
+}
+
+#[test]
+fn detached_mount_is_ready_when_it_returns_and_umount_waits_for_the_daemon() {
+    let d = dirs();
+    fs::write(d.nas.join("hello"), "world").unwrap();
+    let out = nassync(&["mount", s(&d.nas), s(&d.mnt), "-o", &format!("cache_dir={}", s(&d.cache))]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Ready on return: no waiting.
+    let ok = is_mounted(&d.mnt) && fs::read_to_string(d.mnt.join("hello")).ok().as_deref() == Some("world");
+    let stats = nassync(&["stats", s(&d.mnt)]);
+    let umount = nassync(&["umount", s(&d.mnt)]);
+    if !umount.status.success() {
+        let _ = Command::new("umount").arg("-l").arg(&d.mnt).status();
+    }
+    assert!(ok, "mounted and readable when `nassync mount` returned");
+    assert!(stats.status.success());
+    let text = String::from_utf8_lossy(&stats.stdout);
+    assert!(text.contains("nas_bytes_read 5"), "{text}");
+    assert!(umount.status.success(), "{}", String::from_utf8_lossy(&umount.stderr));
+    assert!(!is_mounted(&d.mnt));
+}
+
+fn assert_refused(args: &[&str], status: i32, needle: &str, mnt: &Path) {
+    let out = nassync(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let mounted = is_mounted(mnt);
+    if mounted {
+        let _ = Command::new("umount").arg("-l").arg(mnt).status();
+    }
+    assert_eq!(out.status.code(), Some(status), "{args:?}: {err}");
+    assert!(err.contains(needle), "{args:?}: message {err:?} lacks {needle:?}");
+    assert!(!mounted, "{args:?} left a mount behind");
+}
+
+#[test]
+fn bad_input_is_refused_with_a_clear_error_and_nothing_mounted() {
+    let d = dirs();
+    let cache = format!("cache_dir={}", s(&d.cache));
+    let missing = d.nas.join("missing");
+    let file = d.nas.join("file");
+    fs::write(&file, "x").unwrap();
+    let (nas, mnt) = (s(&d.nas), s(&d.mnt));
+    assert_refused(&["mount", s(&missing), mnt, "-o", &cache], 32, "No such file", &d.mnt);
+    assert_refused(&["mount", s(&file), mnt, "-o", &cache], 32, "not a directory", &d.mnt);
+    assert_refused(&["mount", nas, s(&missing), "-o", &cache], 32, "No such file", &d.mnt);
+    assert_refused(&["mount", nas, s(&file), "-o", &cache], 32, "not a directory", &d.mnt);
+    assert_refused(&["mount", nas, mnt, "-o", "frobnicate"], 1, "'frobnicate'", &d.mnt);
+    assert_refused(&["mount", nas, mnt, "-o", "cache_size=huge"], 1, "cache_size=huge", &d.mnt);
+    assert_refused(&["mount", nas, mnt, "-o", "block_size=1000"], 1, "power of two", &d.mnt);
+    assert_refused(&["mount", nas, mnt, "-o", "actimeo=-1"], 1, "actimeo=-1", &d.mnt);
+    // A cache directory that cannot be written (a file stands in its way).
+    let blocker = d.nas.join("blocker");
+    fs::write(&blocker, "").unwrap();
+    let bad_cache = format!("cache_dir={}/sub", s(&blocker));
+    assert_refused(&["mount", nas, mnt, "-o", &bad_cache], 32, "cache directory", &d.mnt);
+    assert_refused(&["mount", nas, mnt, "-o", &bad_cache, "--foreground"], 32, "cache directory", &d.mnt);
+    // Nothing was created for the refused options.
+    assert!(!d.cache.exists(), "bad input must not create the cache directory");
+}
+
+#[test]
+fn an_already_mounted_mount_point_is_refused() {
+    let m = Mount::new("");
+    let other = tempfile::tempdir().unwrap();
+    let out = nassync(&["mount", s(other.path()), s(&m.mnt), "-o", &format!("cache_dir={}", s(&other.path().join("c")))]);
+    assert_eq!(out.status.code(), Some(32));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already mounted"));
+    // The first mount is untouched.
+    fs::write(m.n("still"), "here").unwrap();
+    assert_eq!(fs::read_to_string(m.m("still")).unwrap(), "here");
+}
+
+#[test]
+fn a_stale_mount_left_by_a_killed_daemon_is_explained_and_can_be_cleaned() {
+    let d = dirs();
+    let cache = format!("cache_dir={}", s(&d.cache));
+    let out = nassync(&["mount", s(&d.nas), s(&d.mnt), "-o", &cache]);
+    assert!(out.status.success());
+    // Kill the daemon: the mount stays, answering ENOTCONN.
+    let stats = String::from_utf8_lossy(&nassync(&["stats", s(&d.mnt)]).stdout).into_owned();
+    let pid: i32 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("pid "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let again = nassync(&["mount", s(&d.nas), s(&d.mnt), "-o", &cache]);
+    let err = String::from_utf8_lossy(&again.stderr).into_owned();
+    let cleaned = nassync(&["umount", s(&d.mnt)]);
+    if is_mounted(&d.mnt) {
+        let _ = Command::new("umount").arg("-l").arg(&d.mnt).status();
+    }
+    assert_eq!(again.status.code(), Some(32), "{err}");
+    assert!(err.contains("nassync umount"), "{err}");
+    assert!(cleaned.status.success(), "{}", String::from_utf8_lossy(&cleaned.stderr));
+    // And then it mounts again.
+    let out = nassync(&["mount", s(&d.nas), s(&d.mnt), "-o", &cache]);
+    let ok = out.status.success();
+    let _ = nassync(&["umount", s(&d.mnt)]);
+    assert!(ok, "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn sigterm_unmounts_cleanly() {
+    let mut m = Mount::new("");
+    fs::write(m.m("f"), "x").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(m.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    common::wait_mounted(&m.mnt, false, None);
+    m.unmount();
+}
+
+#[test]
+fn help_lists_the_subcommands() {
+    let out = nassync(&["--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for sub in ["mount", "umount", "stats"] {
+        assert!(text.contains(sub), "{text}");
+    }
+    assert!(nassync(&["--version"]).status.success());
+}
