@@ -21,6 +21,8 @@ use crate::stats::Stats;
 /// Fetches block `idx` of a file from the NAS.
 pub type FetchFn = Arc<dyn Fn(u64) -> BResult<Vec<u8>> + Send + Sync>;
 
+type Job = Box<dyn FnOnce() + Send>;
+
 static NEXT_EPOCH: AtomicU64 = AtomicU64::new(1);
 
 fn next_epoch() -> u64 {
@@ -68,7 +70,7 @@ pub struct DataCache {
     disk: Option<DiskCache>,
     block_size: u64,
     stats: Arc<Stats>,
-    prefetch: Option<SyncSender<Box<dyn FnOnce() + Send>>>,
+    prefetch: Option<SyncSender<Job>>,
     in_flight: Mutex<HashSet<BlockKey>>,
 }
 
@@ -81,7 +83,7 @@ impl DataCache {
         stats: Arc<Stats>,
     ) -> Arc<DataCache> {
         let (prefetch, rx) = if readahead_threads > 0 {
-            let (tx, rx) = sync_channel::<Box<dyn FnOnce() + Send>>(256);
+            let (tx, rx) = sync_channel::<Job>(256);
             (Some(tx), Some(Arc::new(Mutex::new(rx))))
         } else {
             (None, None)
@@ -96,7 +98,7 @@ impl DataCache {
         });
         if let Some(rx) = rx {
             for i in 0..readahead_threads {
-                let rx: Arc<Mutex<Receiver<Box<dyn FnOnce() + Send>>>> = rx.clone();
+                let rx: Arc<Mutex<Receiver<Job>>> = rx.clone();
                 let _ = std::thread::Builder::new()
                     .name(format!("readahead-{i}"))
                     .spawn(move || {
@@ -182,38 +184,34 @@ impl DataCache {
     }
 
     /// One block, from memory, disk or NAS.
-    fn block(
-        &self,
-        ino: u64,
-        data: &FileData,
-        idx: u64,
-        fetch: &FetchFn,
-    ) -> FsResult<Arc<[u8]>> {
+    fn block(&self, ino: u64, data: &FileData, idx: u64, fetch: &FetchFn) -> FsResult<Arc<[u8]>> {
         let epoch = data.epoch();
-        let result = self.mem.get_or_fetch((ino, epoch, idx), || -> FsResult<Arc<[u8]>> {
-            if let Some(disk) = &self.disk {
-                match disk.get(ino, idx) {
-                    Ok(Some(b)) => {
-                        Stats::inc(&self.stats.disk_hits);
-                        return Ok(b.into());
-                    }
-                    Ok(None) => {}
-                    Err(e) => log::warn!("disk cache read failed, using the NAS: {e}"),
-                }
-            }
-            Stats::inc(&self.stats.misses);
-            let bytes = fetch(idx)?;
-            if let (Some(disk), false) = (&self.disk, bytes.is_empty()) {
-                // Only if no change raced with the fetch.
-                let g = data.lock();
-                if g.epoch == epoch {
-                    if let Err(e) = disk.put(ino, idx, &bytes) {
-                        log::warn!("disk cache write failed: {e}");
+        let result = self
+            .mem
+            .get_or_fetch((ino, epoch, idx), || -> FsResult<Arc<[u8]>> {
+                if let Some(disk) = &self.disk {
+                    match disk.get(ino, idx) {
+                        Ok(Some(b)) => {
+                            Stats::inc(&self.stats.disk_hits);
+                            return Ok(b.into());
+                        }
+                        Ok(None) => {}
+                        Err(e) => log::warn!("disk cache read failed, using the NAS: {e}"),
                     }
                 }
-            }
-            Ok(bytes.into())
-        });
+                Stats::inc(&self.stats.misses);
+                let bytes = fetch(idx)?;
+                if let (Some(disk), false) = (&self.disk, bytes.is_empty()) {
+                    // Only if no change raced with the fetch.
+                    let g = data.lock();
+                    if g.epoch == epoch {
+                        if let Err(e) = disk.put(ino, idx, &bytes) {
+                            log::warn!("disk cache write failed: {e}");
+                        }
+                    }
+                }
+                Ok(bytes.into())
+            });
         match result {
             Ok((b, hit)) => {
                 if hit {
@@ -351,7 +349,10 @@ mod tests {
         assert_eq!(cache.read(1, &d, 8, 100, &f).unwrap(), vec![8, 9]);
         assert_eq!(cache.read(1, &d, 12, 4, &f).unwrap(), Vec::<u8>::new());
         let before = calls.load(Ordering::Relaxed);
-        assert_eq!(cache.read(1, &d, 0, 10, &f).unwrap(), (0..10).collect::<Vec<u8>>());
+        assert_eq!(
+            cache.read(1, &d, 0, 10, &f).unwrap(),
+            (0..10).collect::<Vec<u8>>()
+        );
         assert_eq!(calls.load(Ordering::Relaxed), before, "all cached");
     }
 

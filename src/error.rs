@@ -55,7 +55,13 @@ mod tests {
 
     #[test]
     fn backend_errno_is_kept() {
-        for errno in [libc::ENOENT, libc::EEXIST, libc::ENOTEMPTY, libc::EXDEV, libc::ENOSPC] {
+        for errno in [
+            libc::ENOENT,
+            libc::EEXIST,
+            libc::ENOTEMPTY,
+            libc::EXDEV,
+            libc::ENOSPC,
+        ] {
             let e: FsError = BackendError::errno("op", errno).into();
             assert_eq!(e.errno(), errno);
         }

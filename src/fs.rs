@@ -495,7 +495,9 @@ impl<B: Backend> Core<B> {
         if kind == FileKind::File {
             let v = attr.validator();
             match changes.size {
-                Some(size) => self.data.changed(ino, &data, old_size.min(size), u64::MAX, &v)?,
+                Some(size) => self
+                    .data
+                    .changed(ino, &data, old_size.min(size), u64::MAX, &v)?,
                 None => self.data.changed(ino, &data, 0, 0, &v)?,
             }
         }
@@ -650,13 +652,7 @@ impl<B: Backend> Core<B> {
         Ok(())
     }
 
-    fn open_handle(
-        &self,
-        ino: u64,
-        file: B::File,
-        data: Arc<FileData>,
-        append: bool,
-    ) -> u64 {
+    fn open_handle(&self, ino: u64, file: B::File, data: Arc<FileData>, append: bool) -> u64 {
         let file = Arc::new(file);
         let bs = self.data.block_size();
         let (backend, f) = (self.backend.clone(), file.clone());
@@ -895,7 +891,7 @@ impl<B: Backend> Core<B> {
             h.items = Some(items);
         }
         let dir_ino = h.ino;
-        let items = h.items.as_ref().map(|v| v.as_slice()).unwrap_or_default();
+        let items = h.items.as_deref().unwrap_or_default();
         for (i, item) in items.iter().enumerate().skip(offset as usize) {
             let next = i as u64 + 1;
             match (&item.plus, plus) {
@@ -915,7 +911,9 @@ impl<B: Backend> Core<B> {
                 }
                 (None, true) => {
                     // "." and "..": the kernel takes no lookup for them.
-                    let (attr, _) = self.getattr(item.ino, None).or_else(|_| self.getattr(dir_ino, None))?;
+                    let (attr, _) = self
+                        .getattr(item.ino, None)
+                        .or_else(|_| self.getattr(dir_ino, None))?;
                     let e = Entry {
                         attr,
                         attr_ttl: Duration::ZERO,

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::backend::{Attr, Backend, Creds, FileKind, RenameFlags, SetAttr, SetTime};
@@ -170,7 +170,9 @@ impl<B: Backend> Filesystem for FuseFs<B> {
         let supported = config.capabilities() & wanted;
         let _ = config.add_capabilities(supported);
         let _ = config.set_max_write(self.max_write);
-        let _ = config.set_max_readahead(u32::MAX).or_else(|max| config.set_max_readahead(max));
+        let _ = config
+            .set_max_readahead(u32::MAX)
+            .or_else(|max| config.set_max_readahead(max));
         let _ = config.set_max_background(64);
         Ok(())
     }
@@ -443,17 +445,18 @@ impl<B: Backend> Filesystem for FuseFs<B> {
         mut reply: ReplyDirectoryPlus,
     ) {
         let r = self.op("readdirplus", ino.0, req, || {
-            self.core.readdir(fh.0, offset, true, &mut |d| match d.entry {
-                Some(e) => reply.add(
-                    INodeNo(d.ino),
-                    d.next,
-                    d.name,
-                    &e.attr_ttl,
-                    &file_attr(&e.attr),
-                    Generation(0),
-                ),
-                None => true,
-            })
+            self.core
+                .readdir(fh.0, offset, true, &mut |d| match d.entry {
+                    Some(e) => reply.add(
+                        INodeNo(d.ino),
+                        d.next,
+                        d.name,
+                        &e.attr_ttl,
+                        &file_attr(&e.attr),
+                        Generation(0),
+                    ),
+                    None => true,
+                })
         });
         match r {
             Ok(()) => reply.ok(),
@@ -521,7 +524,9 @@ impl<B: Backend> Filesystem for FuseFs<B> {
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.op("removexattr", ino.0, req, || self.core.removexattr(ino.0, name));
+        let r = self.op("removexattr", ino.0, req, || {
+            self.core.removexattr(ino.0, name)
+        });
         reply_empty(reply, r);
     }
 

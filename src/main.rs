@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use nassync::mount;
 
 #[derive(Parser)]
-#[command(name = "nassync", version, about = "A local, cached view of a NAS share over FUSE")]
+#[command(
+    name = "nassync",
+    version,
+    about = "A local, cached view of a NAS share over FUSE"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -72,7 +76,8 @@ fn main() -> ExitCode {
                 init_logging(plan.options.log_level);
                 mount::run_foreground(plan)
             } else {
-                let mut args: Vec<OsString> = vec!["mount".into(), source.into(), mountpoint.into()];
+                let mut args: Vec<OsString> =
+                    vec!["mount".into(), source.into(), mountpoint.into()];
                 for o in &options {
                     args.push("-o".into());
                     args.push(o.into());

@@ -99,8 +99,7 @@ pub fn plan(source: &Path, mountpoint: &Path, options: &[String]) -> Result<Plan
         status: EXIT_USAGE,
         error: e.into(),
     })?;
-    let meta = std::fs::metadata(source)
-        .with_context(|| format!("source {}", source.display()))?;
+    let meta = std::fs::metadata(source).with_context(|| format!("source {}", source.display()))?;
     if !meta.is_dir() {
         return Err(anyhow!("source {} is not a directory", source.display()).into());
     }
@@ -111,7 +110,9 @@ pub fn plan(source: &Path, mountpoint: &Path, options: &[String]) -> Result<Plan
         Ok(m) if m.is_dir() => mountpoint
             .canonicalize()
             .with_context(|| format!("mount point {}", mountpoint.display()))?,
-        Ok(_) => return Err(anyhow!("mount point {} is not a directory", mountpoint.display()).into()),
+        Ok(_) => {
+            return Err(anyhow!("mount point {} is not a directory", mountpoint.display()).into());
+        }
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             return Err(anyhow!(
                 "mount point {} is a stale mount whose daemon is gone; \
@@ -178,7 +179,12 @@ pub fn mount_detached(plan: &Plan, args: &[OsString]) -> Result<(), MountError> 
         .append(true)
         .mode(0o600)
         .open(&log_path)
-        .with_context(|| format!("cache directory {} is not writable", plan.cache_dir.display()))?;
+        .with_context(|| {
+            format!(
+                "cache directory {} is not writable",
+                plan.cache_dir.display()
+            )
+        })?;
     let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let tx_raw = tx.into_raw_fd();
     let exe = std::env::current_exe().context("cannot find the nassync executable")?;
@@ -259,12 +265,11 @@ pub fn run_foreground(plan: Plan) -> Result<(), MountError> {
 }
 
 fn raise_fd_limit() {
-    if let Ok((_, hard)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
-        let _ = nix::sys::resource::setrlimit(
-            nix::sys::resource::Resource::RLIMIT_NOFILE,
-            hard,
-            hard,
-        );
+    if let Ok((_, hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        let _ =
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
 
@@ -274,7 +279,12 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
     // Signals are taken by one thread (below); every other thread,
     // including fuser's, inherits this mask.
     let mut signals = SigSet::empty();
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGQUIT] {
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
         signals.add(s);
     }
     signals.thread_block()?;
@@ -284,14 +294,16 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
 
     let stats = Arc::new(Stats::default());
     let disk = if o.cache_size > 0 {
-        Some(DiskCache::open(&plan.cache_dir, o.block_size, o.cache_size).map_err(|e| {
-            anyhow!("cache directory {}: {e}", plan.cache_dir.display())
-        })?)
+        Some(
+            DiskCache::open(&plan.cache_dir, o.block_size, o.cache_size)
+                .map_err(|e| anyhow!("cache directory {}: {e}", plan.cache_dir.display()))?,
+        )
     } else {
         None
     };
     let backend = Instrumented::new(
-        DirBackend::new(&plan.source).with_context(|| format!("source {}", plan.source.display()))?,
+        DirBackend::new(&plan.source)
+            .with_context(|| format!("source {}", plan.source.display()))?,
         stats.clone(),
     );
     let data = DataCache::new(o.mem_cache_size, disk, o.block_size, 4, stats.clone());
@@ -317,7 +329,9 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
     config.n_threads = Some(o.threads);
     config.clone_fd = true;
     let mut session = fuser::Session::new(fs, &plan.mountpoint, &config).map_err(|e| {
-        let hint = if e.raw_os_error() == Some(libc::EPERM) || e.kind() == std::io::ErrorKind::PermissionDenied {
+        let hint = if e.raw_os_error() == Some(libc::EPERM)
+            || e.kind() == std::io::ErrorKind::PermissionDenied
+        {
             " (allow_other for non-root users needs user_allow_other in /etc/fuse.conf)"
         } else {
             ""
@@ -405,7 +419,11 @@ fn stats_text<B: Backend>(core: &Core<B>, source: &Path) -> String {
         out.push_str(&format!("disk_corrupt_blocks {}\n", d.corrupt_blocks()));
         out.push_str(&format!("disk_evicted_bytes {}\n", d.evicted_bytes()));
     }
-    out.push_str(&format!("inodes {}\nhandles {}\n", core.inode_count(), core.handle_count()));
+    out.push_str(&format!(
+        "inodes {}\nhandles {}\n",
+        core.inode_count(),
+        core.handle_count()
+    ));
     out
 }
 

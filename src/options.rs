@@ -137,8 +137,17 @@ const TIME_HELP: &str = "expected a time such as 0, 3, 500ms, 30s or 2m";
 fn is_fstab_only(key: &str) -> bool {
     matches!(
         key,
-        "defaults" | "auto" | "noauto" | "user" | "users" | "nouser" | "owner" | "group"
-            | "nofail" | "_netdev" | "comment"
+        "defaults"
+            | "auto"
+            | "noauto"
+            | "user"
+            | "users"
+            | "nouser"
+            | "owner"
+            | "group"
+            | "nofail"
+            | "_netdev"
+            | "comment"
     ) || key.starts_with("x-")
 }
 

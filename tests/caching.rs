@@ -47,7 +47,11 @@ fn an_external_change_is_seen_after_the_time_limit() {
     fs::write(m.n("f"), "much longer now").unwrap();
     fs::write(m.n("d/new"), "x").unwrap();
     // Through the descriptor that is still open: attributes expire.
-    assert!(eventually(Duration::from_secs(5), || f.metadata().unwrap().len() == 15));
+    assert!(eventually(Duration::from_secs(5), || f
+        .metadata()
+        .unwrap()
+        .len()
+        == 15));
     let mut buf = [0u8; 15];
     assert!(eventually(Duration::from_secs(5), || {
         f.read_at(&mut buf, 0).is_ok_and(|n| n == 15) && &buf == b"much longer now"
@@ -55,7 +59,9 @@ fn an_external_change_is_seen_after_the_time_limit() {
     // New names appear once the negative entry expires.
     assert!(eventually(Duration::from_secs(5), || m.m("d/new").exists()));
     fs::remove_file(m.n("d/new")).unwrap();
-    assert!(eventually(Duration::from_secs(5), || !m.m("d/new").exists()));
+    assert!(eventually(Duration::from_secs(5), || !m
+        .m("d/new")
+        .exists()));
 }
 
 #[test]
@@ -69,7 +75,10 @@ fn the_disk_cache_serves_a_remount_without_reading_the_nas() {
     m.remount();
     assert_eq!(fs::read(m.m("big")).unwrap(), data);
     let second = m.stats();
-    assert_eq!(second["nas_bytes_read"], 0, "served from the disk cache: {second:?}");
+    assert_eq!(
+        second["nas_bytes_read"], 0,
+        "served from the disk cache: {second:?}"
+    );
     assert!(second["disk_hits"] >= 11);
     // Changed on the NAS while unmounted: the cache must not serve it.
     m.unmount();
@@ -91,7 +100,10 @@ fn a_damaged_disk_cache_block_is_fetched_again() {
     for src in fs::read_dir(&m.cache).unwrap() {
         let dir = src.unwrap().path().join("data");
         for f in fs::read_dir(dir).unwrap() {
-            let f = fs::OpenOptions::new().write(true).open(f.unwrap().path()).unwrap();
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(f.unwrap().path())
+                .unwrap();
             f.write_all_at(&[0x55; 16], 70_000).unwrap();
         }
     }
@@ -181,18 +193,24 @@ fn concurrent_readers_and_writers_see_consistent_data() {
                     .open(m.m("shared"))
                     .unwrap();
                 for k in 0..(size / 16384) as u64 {
-                    sh.write_all_at(&[t + 1; 4096], k * 16384 + t as u64 * 4096).unwrap();
+                    sh.write_all_at(&[t + 1; 4096], k * 16384 + t as u64 * 4096)
+                        .unwrap();
                     let mut buf = vec![0u8; 16384];
                     sh.read_exact_at(&mut buf, k * 16384).unwrap();
-                    assert!(buf[t as usize * 4096..(t as usize + 1) * 4096]
-                        .iter()
-                        .all(|b| *b == t + 1));
+                    assert!(
+                        buf[t as usize * 4096..(t as usize + 1) * 4096]
+                            .iter()
+                            .all(|b| *b == t + 1)
+                    );
                 }
             });
         }
     });
     let mut all = Vec::new();
-    fs::File::open(m.m("shared")).unwrap().read_to_end(&mut all).unwrap();
+    fs::File::open(m.m("shared"))
+        .unwrap()
+        .read_to_end(&mut all)
+        .unwrap();
     for (k, chunk) in all.chunks(4096).enumerate() {
         assert!(chunk.iter().all(|b| *b == (k % 4) as u8 + 1), "slot {k}");
     }

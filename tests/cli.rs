@@ -33,17 +33,33 @@ fn dirs() -> Dirs {
     fs::create_dir(&nas).unwrap();
     fs::create_dir(&mnt).unwrap();
     let cache = t.path().join("cache");
-    Dirs { _t: t, nas, mnt, cache }
+    Dirs {
+        _t: t,
+        nas,
+        mnt,
+        cache,
+    }
 }
 
 #[test]
 fn detached_mount_is_ready_when_it_returns_and_umount_waits_for_the_daemon() {
     let d = dirs();
     fs::write(d.nas.join("hello"), "world").unwrap();
-    let out = nassync(&["mount", s(&d.nas), s(&d.mnt), "-o", &format!("cache_dir={}", s(&d.cache))]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = nassync(&[
+        "mount",
+        s(&d.nas),
+        s(&d.mnt),
+        "-o",
+        &format!("cache_dir={}", s(&d.cache)),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Ready on return: no waiting.
-    let ok = is_mounted(&d.mnt) && fs::read_to_string(d.mnt.join("hello")).ok().as_deref() == Some("world");
+    let ok = is_mounted(&d.mnt)
+        && fs::read_to_string(d.mnt.join("hello")).ok().as_deref() == Some("world");
     let stats = nassync(&["stats", s(&d.mnt)]);
     let umount = nassync(&["umount", s(&d.mnt)]);
     if !umount.status.success() {
@@ -53,7 +69,11 @@ fn detached_mount_is_ready_when_it_returns_and_umount_waits_for_the_daemon() {
     assert!(stats.status.success());
     let text = String::from_utf8_lossy(&stats.stdout);
     assert!(text.contains("nas_bytes_read 5"), "{text}");
-    assert!(umount.status.success(), "{}", String::from_utf8_lossy(&umount.stderr));
+    assert!(
+        umount.status.success(),
+        "{}",
+        String::from_utf8_lossy(&umount.stderr)
+    );
     assert!(!is_mounted(&d.mnt));
 }
 
@@ -65,7 +85,10 @@ fn assert_refused(args: &[&str], status: i32, needle: &str, mnt: &Path) {
         let _ = Command::new("umount").arg("-l").arg(mnt).status();
     }
     assert_eq!(out.status.code(), Some(status), "{args:?}: {err}");
-    assert!(err.contains(needle), "{args:?}: message {err:?} lacks {needle:?}");
+    assert!(
+        err.contains(needle),
+        "{args:?}: message {err:?} lacks {needle:?}"
+    );
     assert!(!mounted, "{args:?} left a mount behind");
 }
 
@@ -77,29 +100,88 @@ fn bad_input_is_refused_with_a_clear_error_and_nothing_mounted() {
     let file = d.nas.join("file");
     fs::write(&file, "x").unwrap();
     let (nas, mnt) = (s(&d.nas), s(&d.mnt));
-    assert_refused(&["mount", s(&missing), mnt, "-o", &cache], 32, "No such file", &d.mnt);
-    assert_refused(&["mount", s(&file), mnt, "-o", &cache], 32, "not a directory", &d.mnt);
-    assert_refused(&["mount", nas, s(&missing), "-o", &cache], 32, "No such file", &d.mnt);
-    assert_refused(&["mount", nas, s(&file), "-o", &cache], 32, "not a directory", &d.mnt);
-    assert_refused(&["mount", nas, mnt, "-o", "frobnicate"], 1, "'frobnicate'", &d.mnt);
-    assert_refused(&["mount", nas, mnt, "-o", "cache_size=huge"], 1, "cache_size=huge", &d.mnt);
-    assert_refused(&["mount", nas, mnt, "-o", "block_size=1000"], 1, "power of two", &d.mnt);
-    assert_refused(&["mount", nas, mnt, "-o", "actimeo=-1"], 1, "actimeo=-1", &d.mnt);
+    assert_refused(
+        &["mount", s(&missing), mnt, "-o", &cache],
+        32,
+        "No such file",
+        &d.mnt,
+    );
+    assert_refused(
+        &["mount", s(&file), mnt, "-o", &cache],
+        32,
+        "not a directory",
+        &d.mnt,
+    );
+    assert_refused(
+        &["mount", nas, s(&missing), "-o", &cache],
+        32,
+        "No such file",
+        &d.mnt,
+    );
+    assert_refused(
+        &["mount", nas, s(&file), "-o", &cache],
+        32,
+        "not a directory",
+        &d.mnt,
+    );
+    assert_refused(
+        &["mount", nas, mnt, "-o", "frobnicate"],
+        1,
+        "'frobnicate'",
+        &d.mnt,
+    );
+    assert_refused(
+        &["mount", nas, mnt, "-o", "cache_size=huge"],
+        1,
+        "cache_size=huge",
+        &d.mnt,
+    );
+    assert_refused(
+        &["mount", nas, mnt, "-o", "block_size=1000"],
+        1,
+        "power of two",
+        &d.mnt,
+    );
+    assert_refused(
+        &["mount", nas, mnt, "-o", "actimeo=-1"],
+        1,
+        "actimeo=-1",
+        &d.mnt,
+    );
     // A cache directory that cannot be written (a file stands in its way).
     let blocker = d.nas.join("blocker");
     fs::write(&blocker, "").unwrap();
     let bad_cache = format!("cache_dir={}/sub", s(&blocker));
-    assert_refused(&["mount", nas, mnt, "-o", &bad_cache], 32, "cache directory", &d.mnt);
-    assert_refused(&["mount", nas, mnt, "-o", &bad_cache, "--foreground"], 32, "cache directory", &d.mnt);
+    assert_refused(
+        &["mount", nas, mnt, "-o", &bad_cache],
+        32,
+        "cache directory",
+        &d.mnt,
+    );
+    assert_refused(
+        &["mount", nas, mnt, "-o", &bad_cache, "--foreground"],
+        32,
+        "cache directory",
+        &d.mnt,
+    );
     // Nothing was created for the refused options.
-    assert!(!d.cache.exists(), "bad input must not create the cache directory");
+    assert!(
+        !d.cache.exists(),
+        "bad input must not create the cache directory"
+    );
 }
 
 #[test]
 fn an_already_mounted_mount_point_is_refused() {
     let m = Mount::new("");
     let other = tempfile::tempdir().unwrap();
-    let out = nassync(&["mount", s(other.path()), s(&m.mnt), "-o", &format!("cache_dir={}", s(&other.path().join("c")))]);
+    let out = nassync(&[
+        "mount",
+        s(other.path()),
+        s(&m.mnt),
+        "-o",
+        &format!("cache_dir={}", s(&other.path().join("c"))),
+    ]);
     assert_eq!(out.status.code(), Some(32));
     assert!(String::from_utf8_lossy(&out.stderr).contains("already mounted"));
     // The first mount is untouched.
@@ -121,7 +203,11 @@ fn a_stale_mount_left_by_a_killed_daemon_is_explained_and_can_be_cleaned() {
         .unwrap()
         .parse()
         .unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     while Path::new(&format!("/proc/{pid}")).exists() {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
@@ -133,7 +219,11 @@ fn a_stale_mount_left_by_a_killed_daemon_is_explained_and_can_be_cleaned() {
     }
     assert_eq!(again.status.code(), Some(32), "{err}");
     assert!(err.contains("nassync umount"), "{err}");
-    assert!(cleaned.status.success(), "{}", String::from_utf8_lossy(&cleaned.stderr));
+    assert!(
+        cleaned.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cleaned.stderr)
+    );
     // And then it mounts again.
     let out = nassync(&["mount", s(&d.nas), s(&d.mnt), "-o", &cache]);
     let ok = out.status.success();

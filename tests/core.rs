@@ -14,7 +14,12 @@ use nassync::data::DataCache;
 use nassync::fs::{Core, FsConfig, ROOT};
 use nassync::stats::Stats;
 
-fn core(dir: &std::path::Path) -> (Arc<Core<Instrumented<DirBackend>>>, Arc<nassync::backend::instrumented::FaultControl>) {
+fn core(
+    dir: &std::path::Path,
+) -> (
+    Arc<Core<Instrumented<DirBackend>>>,
+    Arc<nassync::backend::instrumented::FaultControl>,
+) {
     let stats = Arc::new(Stats::default());
     let backend = Instrumented::new(DirBackend::new(dir).unwrap(), stats.clone());
     let faults = backend.faults();
@@ -25,7 +30,10 @@ fn core(dir: &std::path::Path) -> (Arc<Core<Instrumented<DirBackend>>>, Arc<nass
         negative_timeout: Duration::from_secs(1),
         readahead: 0,
     };
-    (Arc::new(Core::new(Arc::new(backend), cfg, data, stats).unwrap()), faults)
+    (
+        Arc::new(Core::new(Arc::new(backend), cfg, data, stats).unwrap()),
+        faults,
+    )
 }
 
 const ROOT_CREDS: Creds = Creds { uid: 0, gid: 0 };
@@ -71,8 +79,14 @@ fn nas_errors_keep_their_errno() {
     fn errno<T>(r: Result<T, nassync::error::FsError>) -> i32 {
         r.map(|_| ()).unwrap_err().errno()
     }
-    assert_eq!(errno(core.lookup(ROOT, OsStr::new("missing"))), libc::ENOENT);
-    assert_eq!(errno(core.mkdir(ROOT, OsStr::new("d"), 0o755, ROOT_CREDS)), libc::EEXIST);
+    assert_eq!(
+        errno(core.lookup(ROOT, OsStr::new("missing"))),
+        libc::ENOENT
+    );
+    assert_eq!(
+        errno(core.mkdir(ROOT, OsStr::new("d"), 0o755, ROOT_CREDS)),
+        libc::EEXIST
+    );
     assert_eq!(errno(core.rmdir(ROOT, OsStr::new("d"))), libc::ENOTEMPTY);
     assert_eq!(errno(core.rmdir(ROOT, OsStr::new("f"))), libc::ENOTDIR);
     assert_eq!(errno(core.getattr(999_999_999, None)), libc::ESTALE);
@@ -84,7 +98,17 @@ fn nas_errors_keep_their_errno() {
     faults.set(Fault::Fail(libc::EIO), Some("read"));
     assert_eq!(errno(core.read(fh, 0, 1)), libc::EIO);
     faults.set(Fault::Fail(libc::EACCES), None);
-    assert_eq!(errno(core.setattr(f, None, &SetAttr { mode: Some(0o600), ..Default::default() })), libc::EACCES);
+    assert_eq!(
+        errno(core.setattr(
+            f,
+            None,
+            &SetAttr {
+                mode: Some(0o600),
+                ..Default::default()
+            }
+        )),
+        libc::EACCES
+    );
     faults.set(Fault::None, None);
     assert_eq!(core.read(fh, 0, 1).unwrap(), b"x");
 }

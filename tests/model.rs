@@ -48,8 +48,17 @@ fn run(seed: u64, ops: usize, options: &str) {
     for step in 0..ops {
         let i = rng.usize(..FILES);
         let len = model.files[i].len() as u64;
-        let recent = trace.iter().rev().take(12).rev().cloned().collect::<Vec<_>>().join("\n  ");
-        let ctx = |what: &str| format!("seed {seed} step {step} file {i} {what}; recent operations:\n  {recent}");
+        let recent = trace
+            .iter()
+            .rev()
+            .take(12)
+            .rev()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n  ");
+        let ctx = |what: &str| {
+            format!("seed {seed} step {step} file {i} {what}; recent operations:\n  {recent}")
+        };
         match rng.u32(..100) {
             0..=34 => {
                 // write, sometimes across block boundaries or past EOF
@@ -57,7 +66,9 @@ fn run(seed: u64, ops: usize, options: &str) {
                 let n = rng.usize(1..=(64 << 10)).min((MAX_SIZE - off) as usize);
                 let data: Vec<u8> = (0..n).map(|_| rng.u8(..)).collect();
                 trace.push(format!("{step}: write f{i} {off}+{n} (size {len})"));
-                handles[&i].write_all_at(&data, off).expect(&ctx("write"));
+                handles[&i]
+                    .write_all_at(&data, off)
+                    .unwrap_or_else(|e| panic!("{}: {e}", ctx("write")));
                 let f = &mut model.files[i];
                 if f.len() < off as usize + n {
                     f.resize(off as usize + n, 0);
@@ -73,7 +84,7 @@ fn run(seed: u64, ops: usize, options: &str) {
                 while got < n {
                     let r = handles[&i]
                         .read_at(&mut buf[got..], off + got as u64)
-                        .expect(&ctx("read"));
+                        .unwrap_or_else(|e| panic!("{}: {e}", ctx("read")));
                     if r == 0 {
                         break;
                     }
@@ -84,14 +95,23 @@ fn run(seed: u64, ops: usize, options: &str) {
                 let end = (off as usize + n).min(f.len());
                 assert_eq!(got, end - start, "{} (read {off}+{n})", ctx("read length"));
                 if buf[..got] != f[start..end] {
-                    let at = buf[..got].iter().zip(&f[start..end]).position(|(a, b)| a != b);
-                    panic!("{}: content differs at offset {:?}", ctx("read"), at.map(|a| off + a as u64));
+                    let at = buf[..got]
+                        .iter()
+                        .zip(&f[start..end])
+                        .position(|(a, b)| a != b);
+                    panic!(
+                        "{}: content differs at offset {:?}",
+                        ctx("read"),
+                        at.map(|a| off + a as u64)
+                    );
                 }
             }
             70..=79 => {
                 let size = rng.u64(..MAX_SIZE);
                 trace.push(format!("{step}: truncate f{i} to {size} (size {len})"));
-                handles[&i].set_len(size).expect(&ctx("truncate"));
+                handles[&i]
+                    .set_len(size)
+                    .unwrap_or_else(|e| panic!("{}: {e}", ctx("truncate")));
                 model.files[i].resize(size as usize, 0);
             }
             80..=84 => {
@@ -99,9 +119,8 @@ fn run(seed: u64, ops: usize, options: &str) {
                 let n = rng.u64(1..MAX_SIZE / 2);
                 trace.push(format!("{step}: fallocate f{i} {off}+{n} (size {len})"));
                 // SAFETY: plain syscall.
-                let r = unsafe {
-                    libc::fallocate(handles[&i].as_raw_fd(), 0, off as i64, n as i64)
-                };
+                let r =
+                    unsafe { libc::fallocate(handles[&i].as_raw_fd(), 0, off as i64, n as i64) };
                 assert_eq!(r, 0, "{}", ctx("fallocate"));
                 let f = &mut model.files[i];
                 if f.len() < (off + n) as usize {
@@ -118,7 +137,8 @@ fn run(seed: u64, ops: usize, options: &str) {
                 // rename to a fresh name; the descriptor stays valid
                 let new = format!("f{i}-{step}");
                 trace.push(format!("{step}: rename f{i} to {new}"));
-                std::fs::rename(m.mnt.join(&model.names[i]), m.mnt.join(&new)).expect(&ctx("rename"));
+                std::fs::rename(m.mnt.join(&model.names[i]), m.mnt.join(&new))
+                    .unwrap_or_else(|e| panic!("{}: {e}", ctx("rename")));
                 model.names[i] = new;
             }
             _ => {
@@ -128,7 +148,8 @@ fn run(seed: u64, ops: usize, options: &str) {
                     trace.push(format!("{step}: swap f{i} and f{j}"));
                     let tmp = format!("tmp-{step}");
                     std::fs::rename(m.mnt.join(&model.names[i]), m.mnt.join(&tmp)).unwrap();
-                    std::fs::rename(m.mnt.join(&model.names[j]), m.mnt.join(&model.names[i])).unwrap();
+                    std::fs::rename(m.mnt.join(&model.names[j]), m.mnt.join(&model.names[i]))
+                        .unwrap();
                     std::fs::rename(m.mnt.join(&tmp), m.mnt.join(&model.names[j])).unwrap();
                     model.files.swap(i, j);
                     let (hi, hj) = (handles.remove(&i).unwrap(), handles.remove(&j).unwrap());
@@ -142,19 +163,32 @@ fn run(seed: u64, ops: usize, options: &str) {
     drop(handles);
     for i in 0..FILES {
         let through = std::fs::read(m.mnt.join(&model.names[i])).unwrap();
-        assert!(through == model.files[i], "seed {seed}: final content of file {i} through the mount");
+        assert!(
+            through == model.files[i],
+            "seed {seed}: final content of file {i} through the mount"
+        );
         let nas = std::fs::read(m.nas.join(&model.names[i])).unwrap();
-        assert!(nas == model.files[i], "seed {seed}: final content of file {i} on the NAS");
+        assert!(
+            nas == model.files[i],
+            "seed {seed}: final content of file {i} on the NAS"
+        );
     }
 }
 
 fn ops() -> usize {
-    std::env::var("NASSYNC_MODEL_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000)
+    std::env::var("NASSYNC_MODEL_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000)
 }
 
 #[test]
 fn fixed_seed() {
-    run(0x6e61_7373_796e_63, ops(), "block_size=64K,mem_cache_size=1M,cache_size=2M");
+    run(
+        0x006e_6173_7379_6e63,
+        ops(),
+        "block_size=64K,mem_cache_size=1M,cache_size=2M",
+    );
 }
 
 #[test]

@@ -21,7 +21,10 @@ fn c(p: &Path) -> CString {
 
 fn ret(r: libc::c_int) -> String {
     if r < 0 {
-        format!("errno {}", std::io::Error::last_os_error().raw_os_error().unwrap())
+        format!(
+            "errno {}",
+            std::io::Error::last_os_error().raw_os_error().unwrap()
+        )
     } else {
         "ok".into()
     }
@@ -50,7 +53,11 @@ fn st(p: &Path) -> String {
 
 fn read(p: &Path) -> String {
     match fs::read(p) {
-        Ok(d) if d.len() > 64 => format!("{} bytes, sum {}", d.len(), d.iter().map(|b| *b as u64).sum::<u64>()),
+        Ok(d) if d.len() > 64 => format!(
+            "{} bytes, sum {}",
+            d.len(),
+            d.iter().map(|b| *b as u64).sum::<u64>()
+        ),
         Ok(d) => format!("{:?}", String::from_utf8_lossy(&d)),
         Err(e) => format!("errno {}", e.raw_os_error().unwrap_or(-1)),
     }
@@ -72,7 +79,13 @@ fn list(p: &Path) -> String {
 fn rename2(a: &Path, b: &Path, flags: u32) -> String {
     // SAFETY: valid C strings.
     ret(unsafe {
-        libc::renameat2(libc::AT_FDCWD, c(a).as_ptr(), libc::AT_FDCWD, c(b).as_ptr(), flags)
+        libc::renameat2(
+            libc::AT_FDCWD,
+            c(a).as_ptr(),
+            libc::AT_FDCWD,
+            c(b).as_ptr(),
+            flags,
+        )
     })
 }
 
@@ -84,9 +97,17 @@ fn compare(options: &str, scenario: fn(&Path, &mut Log)) -> Mount {
     let m = Mount::new(options);
     let mut got = Log::new();
     scenario(&m.mnt, &mut got);
-    assert!(common::is_mounted(&m.mnt), "the scenario must have run on the mount");
+    assert!(
+        common::is_mounted(&m.mnt),
+        "the scenario must have run on the mount"
+    );
     for (i, (e, g)) in expected.iter().zip(got.iter()).enumerate() {
-        assert_eq!(e, g, "step {i} differs (plain dir vs mount)\nlog: {got:#?}\n{}", m.log());
+        assert_eq!(
+            e,
+            g,
+            "step {i} differs (plain dir vs mount)\nlog: {got:#?}\n{}",
+            m.log()
+        );
     }
     assert_eq!(expected.len(), got.len());
     m
@@ -98,14 +119,21 @@ fn files(r: &Path, log: &mut Log) {
     log.push(read(&a));
     log.push(st(&a));
     // O_EXCL on an existing name.
-    log.push(res(OpenOptions::new().write(true).create_new(true).open(&a)));
+    log.push(res(OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&a)));
     // O_APPEND.
     let mut f = OpenOptions::new().append(true).open(&a).unwrap();
     f.write_all(b"!!").unwrap();
     drop(f);
     log.push(read(&a));
     // O_TRUNC.
-    let mut f = OpenOptions::new().write(true).truncate(true).open(&a).unwrap();
+    let mut f = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&a)
+        .unwrap();
     f.write_all(b"new").unwrap();
     drop(f);
     log.push(read(&a));
@@ -142,7 +170,9 @@ fn files(r: &Path, log: &mut Log) {
     // fallocate mode 0 extends with zeros.
     let f = OpenOptions::new().read(true).write(true).open(&a).unwrap();
     // SAFETY: plain syscall.
-    log.push(ret(unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, 4096) }));
+    log.push(ret(unsafe {
+        libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, 4096)
+    }));
     log.push(st(&a));
     log.push(res(f.sync_all()));
     log.push(res(f.sync_data()));
@@ -152,7 +182,7 @@ fn files(r: &Path, log: &mut Log) {
     log.push(res(fs::read(r.join("missing"))));
     log.push(res(fs::remove_file(r.join("missing"))));
     log.push(res(File::open(r.join("a/b"))));
-    log.push(res(File::create(r.join(&"n".repeat(256)))));
+    log.push(res(File::create(r.join("n".repeat(256)))));
 }
 
 #[test]
@@ -272,13 +302,19 @@ fn attrs(r: &Path, log: &mut Log) {
     let a = r.join("a");
     fs::write(&a, "x").unwrap();
     for mode in [0o600, 0o4755, 0o2710, 0o1777, 0o000, 0o644] {
-        log.push(res(fs::set_permissions(&a, fs::Permissions::from_mode(mode))));
+        log.push(res(fs::set_permissions(
+            &a,
+            fs::Permissions::from_mode(mode),
+        )));
         log.push(st(&a));
     }
     log.push(res(std::os::unix::fs::chown(&a, Some(1234), Some(5678))));
     log.push(st(&a));
     // utimensat: set both, then change mtime only (UTIME_OMIT), then NOW.
-    let t = |s, ns| libc::timespec { tv_sec: s, tv_nsec: ns };
+    let t = |s, ns| libc::timespec {
+        tv_sec: s,
+        tv_nsec: ns,
+    };
     let set = |times: [libc::timespec; 2]| {
         // SAFETY: valid path, two timespecs.
         ret(unsafe { libc::utimensat(libc::AT_FDCWD, c(&a).as_ptr(), times.as_ptr(), 0) })
@@ -295,7 +331,10 @@ fn attrs(r: &Path, log: &mut Log) {
     log.push(format!("{:?}", times()));
     log.push(set([t(0, libc::UTIME_NOW), t(0, libc::UTIME_OMIT)]));
     let (at, _, mt, _) = times();
-    log.push(format!("atime recent: {}, mtime kept: {mt}", at > 1_600_000_000));
+    log.push(format!(
+        "atime recent: {}, mtime kept: {mt}",
+        at > 1_600_000_000
+    ));
 }
 
 #[test]
@@ -316,9 +355,13 @@ fn xattrs(r: &Path, log: &mut Log) {
         let n = CString::new(name).unwrap();
         let mut buf = [0u8; 64];
         // SAFETY: valid C strings and buffer.
-        let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        let len =
+            unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         if len < 0 {
-            format!("errno {}", std::io::Error::last_os_error().raw_os_error().unwrap())
+            format!(
+                "errno {}",
+                std::io::Error::last_os_error().raw_os_error().unwrap()
+            )
         } else {
             String::from_utf8_lossy(&buf[..len as usize]).into_owned()
         }
@@ -354,7 +397,10 @@ fn xattrs(r: &Path, log: &mut Log) {
     let mut one = [0u8; 1];
     // SAFETY: valid buffer of 1 byte.
     let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), one.as_mut_ptr().cast(), 1) };
-    log.push(format!("{r} {}", std::io::Error::last_os_error().raw_os_error().unwrap()));
+    log.push(format!(
+        "{r} {}",
+        std::io::Error::last_os_error().raw_os_error().unwrap()
+    ));
 }
 
 #[test]
@@ -404,7 +450,11 @@ fn permissions_as_another_user(r: &Path, log: &mut Log) {
             .gid(4242)
             .output()
             .unwrap();
-        format!("{} {}", out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).trim())
+        format!(
+            "{} {}",
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).trim()
+        )
     };
     log.push(run("cat secret"));
     log.push(run("echo hi > d/mine && cat d/mine"));
@@ -417,7 +467,9 @@ fn permissions_as_another_user(r: &Path, log: &mut Log) {
     fs::create_dir(&g).unwrap();
     std::os::unix::fs::chown(&g, None, Some(777)).unwrap();
     fs::set_permissions(&g, fs::Permissions::from_mode(0o2777)).unwrap();
-    log.push(run("touch g/f && mkdir g/sub && stat -c '%u %g %a' g/f g/sub"));
+    log.push(run(
+        "touch g/f && mkdir g/sub && stat -c '%u %g %a' g/f g/sub",
+    ));
 }
 
 #[test]

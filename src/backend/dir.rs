@@ -353,14 +353,24 @@ impl Backend for DirBackend {
             check(op, ret)?;
         }
         if changes.atime.is_some() || changes.mtime.is_some() {
-            if node.kind == FileKind::Symlink {
-                return Err(BackendError::errno(op, libc::EOPNOTSUPP));
-            }
             let times = [to_timespec(changes.atime), to_timespec(changes.mtime)];
-            // SAFETY: times has the two entries utimensat reads.
-            check(op, unsafe {
-                libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0)
-            })?;
+            let r = if node.kind == FileKind::Symlink {
+                // The /proc link would lead to the symlink's target; the
+                // descriptor itself names the symlink (Linux 5.8+).
+                // SAFETY: times has the two entries utimensat reads.
+                unsafe {
+                    libc::utimensat(
+                        node.fd.as_raw_fd(),
+                        c"".as_ptr(),
+                        times.as_ptr(),
+                        libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+                    )
+                }
+            } else {
+                // SAFETY: as above.
+                unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) }
+            };
+            check(op, r)?;
         }
         fstat_fd(op, node.fd.as_raw_fd())
     }
@@ -551,7 +561,9 @@ impl Backend for DirBackend {
     fn open(&self, node: &Self::Node, mode: OpenMode) -> BResult<Self::File> {
         let path = node.proc_path();
         // SAFETY: valid C string.
-        let fd = check("open", unsafe { libc::open(path.as_ptr(), open_flags(mode)) })?;
+        let fd = check("open", unsafe {
+            libc::open(path.as_ptr(), open_flags(mode))
+        })?;
         // SAFETY: fd was just opened and is owned by nobody else.
         Ok(DirFile {
             file: unsafe { File::from_raw_fd(fd) },

@@ -189,7 +189,9 @@ impl<B: Backend> Backend for Instrumented<B> {
         self.call("fsync", || self.inner.fsync(file, datasync))
     }
     fn fallocate(&self, file: &Self::File, mode: i32, offset: u64, len: u64) -> BResult<()> {
-        self.call("fallocate", || self.inner.fallocate(file, mode, offset, len))
+        self.call("fallocate", || {
+            self.inner.fallocate(file, mode, offset, len)
+        })
     }
     fn fgetattr(&self, file: &Self::File) -> BResult<Attr> {
         Stats::inc(&self.stats.nas_getattrs);

@@ -121,9 +121,8 @@ impl DiskCache {
                 params![FORMAT, block_size as i64],
             )?;
         }
-        let used: i64 = conn.query_row("SELECT COALESCE(SUM(len), 0) FROM blocks", [], |r| {
-            r.get(0)
-        })?;
+        let used: i64 =
+            conn.query_row("SELECT COALESCE(SUM(len), 0) FROM blocks", [], |r| r.get(0))?;
         let cache = DiskCache {
             root: root.to_path_buf(),
             conn: Mutex::new(conn),
@@ -387,10 +386,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = DiskCache::open(dir.path(), 4096, 1 << 20).unwrap();
         c.put(7, 1, &[5u8; 4096]).unwrap();
-        let f = OpenOptions::new()
-            .write(true)
-            .open(c.data_path(7))
-            .unwrap();
+        let f = OpenOptions::new().write(true).open(c.data_path(7)).unwrap();
         f.write_all_at(b"x", 4096 + 100).unwrap();
         assert_eq!(c.get(7, 1).unwrap(), None);
         assert_eq!(c.corrupt_blocks(), 1);

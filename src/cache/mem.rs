@@ -70,7 +70,9 @@ mod tests {
     #[test]
     fn second_get_is_a_hit() {
         let c = MemCache::new(1 << 20);
-        let (_, hit) = c.get_or_fetch::<()>((1, 0, 0), || Ok(vec![1u8; 10].into())).unwrap();
+        let (_, hit) = c
+            .get_or_fetch::<()>((1, 0, 0), || Ok(vec![1u8; 10].into()))
+            .unwrap();
         assert!(!hit);
         let (b, hit) = c
             .get_or_fetch::<()>((1, 0, 0), || panic!("must not fetch"))

@@ -55,7 +55,10 @@ impl Mount {
     /// test defaults).
     pub fn new(options: &str) -> Mount {
         require_fuse();
-        let dir = tempfile::Builder::new().prefix("nassync-test").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("nassync-test")
+            .tempdir()
+            .unwrap();
         let nas = dir.path().join("nas");
         let mnt = dir.path().join("mnt");
         let cache = dir.path().join("cache");
@@ -103,7 +106,9 @@ impl Mount {
 
     /// Unmounts and waits for the daemon to exit.
     pub fn unmount(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         if is_mounted(&self.mnt) {
             let _ = Command::new("umount").arg(&self.mnt).status();
         }
@@ -158,7 +163,11 @@ impl Mount {
             .arg(&self.mnt)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| {
