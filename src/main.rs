@@ -35,6 +35,14 @@ enum Cmd {
         /// Stay attached to the terminal and log to stderr (for systemd).
         #[arg(short = 'f', long)]
         foreground: bool,
+        /// Skip unknown options with a warning instead of refusing them
+        /// (mount's -s). Bad values of known options are still refused.
+        #[arg(long)]
+        sloppy: bool,
+        /// Check the source, mount point and options, then exit without
+        /// mounting (mount's -f).
+        #[arg(long)]
+        check: bool,
     },
     /// Unmount MOUNTPOINT and wait for its daemon to exit.
     Umount {
@@ -64,14 +72,19 @@ fn main() -> ExitCode {
             mountpoint,
             options,
             foreground,
+            sloppy,
+            check,
         } => {
-            let plan = match mount::plan(&source, &mountpoint, &options) {
+            let plan = match mount::plan(&source, &mountpoint, &options, sloppy) {
                 Ok(p) => p,
                 Err(e) => {
                     eprintln!("nassync: {:#}", e.error);
                     return ExitCode::from(e.status as u8);
                 }
             };
+            if check {
+                return ExitCode::SUCCESS;
+            }
             let result = if foreground {
                 init_logging(plan.options.log_level);
                 mount::run_foreground(plan)
@@ -81,6 +94,9 @@ fn main() -> ExitCode {
                 for o in &options {
                     args.push("-o".into());
                     args.push(o.into());
+                }
+                if sloppy {
+                    args.push("--sloppy".into());
                 }
                 mount::mount_detached(&plan, &args)
             };

@@ -94,8 +94,13 @@ fn escape_source(source: &Path) -> String {
 
 /// Checks the request without changing anything: options, source, mount
 /// point. The cache directory is checked when it is opened.
-pub fn plan(source: &Path, mountpoint: &Path, options: &[String]) -> Result<Plan, MountError> {
-    let options = MountOptions::parse(options).map_err(|e| MountError {
+pub fn plan(
+    source: &Path,
+    mountpoint: &Path,
+    options: &[String],
+    sloppy: bool,
+) -> Result<Plan, MountError> {
+    let options = MountOptions::parse_sloppy(options, sloppy).map_err(|e| MountError {
         status: EXIT_USAGE,
         error: e.into(),
     })?;

@@ -67,12 +67,15 @@ impl Default for MountOptions {
 pub struct OptionError {
     pub option: String,
     pub problem: String,
+    /// Not an option nassync knows (as opposed to a bad value).
+    pub unknown: bool,
 }
 
 fn bad(option: &str, problem: impl Into<String>) -> OptionError {
     OptionError {
         option: option.to_string(),
         problem: problem.into(),
+        unknown: false,
     }
 }
 
@@ -154,6 +157,16 @@ fn is_fstab_only(key: &str) -> bool {
 impl MountOptions {
     /// Parses the comma-separated option strings of every `-o`, in order.
     pub fn parse<S: AsRef<str>>(lists: &[S]) -> Result<MountOptions, OptionError> {
+        Self::parse_sloppy(lists, false)
+    }
+
+    /// As [`MountOptions::parse`]; with `sloppy` (mount's `-s`), unknown
+    /// options are skipped with a warning instead of refused. Bad values of
+    /// known options are still refused.
+    pub fn parse_sloppy<S: AsRef<str>>(
+        lists: &[S],
+        sloppy: bool,
+    ) -> Result<MountOptions, OptionError> {
         let mut o = MountOptions::default();
         for list in lists {
             for opt in list.as_ref().split(',') {
@@ -161,7 +174,12 @@ impl MountOptions {
                 if opt.is_empty() {
                     continue;
                 }
-                o.apply(opt)?;
+                match o.apply(opt) {
+                    Err(e) if sloppy && e.unknown => {
+                        eprintln!("nassync: ignoring unknown mount option '{opt}' (sloppy)");
+                    }
+                    r => r?,
+                }
             }
         }
         o.check()?;
@@ -291,10 +309,12 @@ impl MountOptions {
                 })?)
             }
             _ => {
-                return Err(bad(
+                let mut e = bad(
                     opt,
                     "unknown option (see `nassync mount --help` or docs/OPTIONS.md)",
-                ));
+                );
+                e.unknown = true;
+                return Err(e);
             }
         }
         Ok(())
@@ -381,6 +401,14 @@ mod tests {
         assert!(o.read_only && o.noatime);
         assert_eq!(o.threads, 4);
         assert_eq!(o.cache_dir, Some(PathBuf::from("/tmp/c")));
+    }
+
+    #[test]
+    fn sloppy_skips_only_unknown_options() {
+        let o = MountOptions::parse_sloppy(&["frobnicate,ro"], true).unwrap();
+        assert!(o.read_only);
+        assert!(MountOptions::parse_sloppy(&["cache_size=lots"], true).is_err());
+        assert!(MountOptions::parse(&["frobnicate"]).unwrap_err().unknown);
     }
 
     #[test]

@@ -31,7 +31,8 @@ macro_rules! counters {
 counters! {
     fuse_ops: "FUSE requests served",
     nas_ops: "calls made to the NAS",
-    nas_errors: "calls to the NAS that failed",
+    nas_errors: "calls to the NAS that failed (including ENOENT answers)",
+    nas_slow_calls: "calls to the NAS that took a second or more",
     nas_bytes_read: "file bytes read from the NAS",
     nas_bytes_written: "file bytes written to the NAS",
     nas_lookups: "lookups sent to the NAS",

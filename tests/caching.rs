@@ -235,3 +235,24 @@ fn sequential_reads_prefetch_ahead() {
     assert_eq!(got, data);
     assert!(m.stats()["readahead_blocks"] > 0);
 }
+
+#[test]
+fn the_kernel_page_cache_is_kept_across_opens_of_an_unchanged_file() {
+    let m = Mount::new("actimeo=60");
+    fs::write(m.n("f"), vec![3u8; 500_000]).unwrap();
+    assert_eq!(fs::read(m.m("f")).unwrap().len(), 500_000);
+    let served =
+        |s: &std::collections::HashMap<String, u64>| s["mem_hits"] + s["disk_hits"] + s["misses"];
+    let before = served(&m.stats());
+    for _ in 0..3 {
+        assert_eq!(fs::read(m.m("f")).unwrap().len(), 500_000);
+    }
+    assert_eq!(
+        served(&m.stats()),
+        before,
+        "re-reads came from the kernel's page cache"
+    );
+    // Once the file changes on the NAS, the next open drops it.
+    fs::write(m.n("f"), vec![4u8; 500_000]).unwrap();
+    assert!(fs::read(m.m("f")).unwrap().iter().all(|b| *b == 4));
+}

@@ -253,3 +253,61 @@ fn help_lists_the_subcommands() {
     }
     assert!(nassync(&["--version"]).status.success());
 }
+
+#[test]
+fn mount_dash_t_goes_through_the_helper() {
+    let d = dirs();
+    // The helper is installed where mount(8) looks for it; it runs this
+    // build's nassync through NASSYNC_BIN.
+    let helper = Path::new(env!("CARGO_BIN_EXE_nassync"))
+        .parent()
+        .unwrap()
+        .join("mount-fuse-nassync");
+    assert!(helper.exists(), "build the workspace first: {helper:?}");
+    fs::copy(&helper, "/sbin/mount.fuse.nassync").unwrap();
+    fs::write(d.nas.join("f"), "via mount(8)").unwrap();
+    let opts = format!(
+        "cache_dir={},_netdev,x-systemd.automount,nofail",
+        s(&d.cache)
+    );
+    let out = Command::new("mount")
+        .args(["-t", "fuse.nassync", s(&d.nas), s(&d.mnt), "-o", &opts])
+        .env("NASSYNC_BIN", NASSYNC)
+        .output()
+        .unwrap();
+    let read = fs::read_to_string(d.mnt.join("f")).ok();
+    let written = fs::write(d.mnt.join("g"), "back").is_ok();
+    let umount = Command::new("umount").arg(&d.mnt).status().unwrap();
+    if is_mounted(&d.mnt) {
+        let _ = Command::new("umount").arg("-l").arg(&d.mnt).status();
+    }
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(read.as_deref(), Some("via mount(8)"));
+    assert!(written && fs::read_to_string(d.nas.join("g")).unwrap() == "back");
+    assert!(umount.success());
+    // A bad option through mount(8): refused, mount's usage status.
+    let out = Command::new("mount")
+        .args([
+            "-t",
+            "fuse.nassync",
+            s(&d.nas),
+            s(&d.mnt),
+            "-o",
+            "bogus_option",
+        ])
+        .env("NASSYNC_BIN", NASSYNC)
+        .output()
+        .unwrap();
+    assert!(!is_mounted(&d.mnt));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bogus_option"));
+}

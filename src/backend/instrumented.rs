@@ -4,11 +4,15 @@
 
 use std::ffi::{OsStr, OsString};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use super::{
     Attr, BResult, Backend, BackendError, Creds, DirEntry, OpenMode, RenameFlags, SetAttr, StatFs,
 };
 use crate::stats::Stats;
+
+/// A NAS call slower than this is logged as a warning.
+const SLOW_CALL: Duration = Duration::from_secs(1);
 
 /// What the wrapper does to calls whose operation name matches.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -82,7 +86,13 @@ impl<B: Backend> Instrumented<B> {
 
     fn call<T>(&self, op: &'static str, f: impl FnOnce() -> BResult<T>) -> BResult<T> {
         Stats::inc(&self.stats.nas_ops);
+        let start = Instant::now();
         let r = self.faults.check(op).and_then(|()| f());
+        let took = start.elapsed();
+        if took >= SLOW_CALL {
+            Stats::inc(&self.stats.nas_slow_calls);
+            log::warn!("slow NAS: {op} took {took:?}");
+        }
         if let Err(e) = &r {
             Stats::inc(&self.stats.nas_errors);
             log::debug!("NAS {op} failed: {e}");
