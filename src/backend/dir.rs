@@ -55,6 +55,9 @@ pub struct DirFile {
 pub struct DirBackend {
     root: PathBuf,
     is_root: bool,
+    /// The device of the source; objects on another (a filesystem mounted
+    /// inside the source) get inode numbers that cannot collide.
+    root_dev: u64,
 }
 
 fn err(op: &'static str) -> BackendError {
@@ -130,6 +133,11 @@ pub(crate) fn attr_from_stat(st: &libc::stat) -> BResult<Attr> {
 }
 
 fn fstat_fd(op: &'static str, fd: RawFd) -> BResult<Attr> {
+    Ok(stat_fd(op, fd)?.0)
+}
+
+/// Attributes and the device number of what `fd` refers to.
+fn stat_fd(op: &'static str, fd: RawFd) -> BResult<(Attr, u64)> {
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     let empty = c"";
     // SAFETY: st is a valid out-pointer, the path a valid C string.
@@ -141,7 +149,7 @@ fn fstat_fd(op: &'static str, fd: RawFd) -> BResult<Attr> {
             libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
         )
     })?;
-    attr_from_stat(&st)
+    Ok((attr_from_stat(&st)?, st.st_dev))
 }
 
 fn open_path_at(op: &'static str, dirfd: RawFd, name: &CString) -> BResult<OwnedFd> {
@@ -213,11 +221,24 @@ impl DirBackend {
         Ok(DirBackend {
             root: root.to_path_buf(),
             is_root: nix::unistd::geteuid().is_root(),
+            root_dev: std::os::unix::fs::MetadataExt::dev(&meta),
         })
     }
 
+    /// Attributes of `fd`, with an inode number unique across the
+    /// filesystems under the source.
+    fn attr(&self, op: &'static str, fd: RawFd) -> BResult<Attr> {
+        let (mut attr, dev) = stat_fd(op, fd)?;
+        if dev != self.root_dev {
+            let mut key = dev.to_le_bytes().to_vec();
+            key.extend_from_slice(&attr.ino.to_le_bytes());
+            attr.ino = crate::control::fnv64(&key) | (1 << 63);
+        }
+        Ok(attr)
+    }
+
     fn node(&self, op: &'static str, fd: OwnedFd) -> BResult<(Arc<DirNode>, Attr)> {
-        let attr = fstat_fd(op, fd.as_raw_fd())?;
+        let attr = self.attr(op, fd.as_raw_fd())?;
         Ok((
             Arc::new(DirNode {
                 fd,
@@ -315,7 +336,7 @@ impl Backend for DirBackend {
     }
 
     fn getattr(&self, node: &Self::Node) -> BResult<Attr> {
-        fstat_fd("getattr", node.fd.as_raw_fd())
+        self.attr("getattr", node.fd.as_raw_fd())
     }
 
     fn setattr(
@@ -372,7 +393,7 @@ impl Backend for DirBackend {
             };
             check(op, r)?;
         }
-        fstat_fd(op, node.fd.as_raw_fd())
+        self.attr(op, node.fd.as_raw_fd())
     }
 
     fn readlink(&self, node: &Self::Node) -> BResult<OsString> {
@@ -507,7 +528,7 @@ impl Backend for DirBackend {
                 libc::AT_SYMLINK_FOLLOW,
             )
         })?;
-        fstat_fd("link", node.fd.as_raw_fd())
+        self.attr("link", node.fd.as_raw_fd())
     }
 
     fn unlink(&self, dir: &Self::Node, name: &OsStr) -> BResult<()> {
@@ -658,7 +679,7 @@ impl Backend for DirBackend {
     }
 
     fn fgetattr(&self, file: &Self::File) -> BResult<Attr> {
-        fstat_fd("getattr", file.file.as_raw_fd())
+        self.attr("getattr", file.file.as_raw_fd())
     }
 
     fn fsyncdir(&self, dir: &Self::Node) -> BResult<()> {
