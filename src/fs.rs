@@ -40,6 +40,12 @@ pub struct FsConfig {
     pub negative_timeout: Duration,
     /// Bytes to prefetch ahead of a sequential reader.
     pub readahead: u64,
+    /// Owner, group and permission mask shown for every file instead of
+    /// the NAS's (`uid=`, `gid=`, `umask=`, for a NAS whose numeric ids do
+    /// not match this machine's). The NAS's own values are not changed.
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub umask: Option<u32>,
 }
 
 /// A name resolved to an inode, with how long the kernel may keep it.
@@ -224,14 +230,25 @@ impl<B: Backend> Core<B> {
         }
     }
 
-    fn with_fuse_ino(&self, mut attr: Attr) -> Attr {
+    /// Attributes as the kernel is shown them: the FUSE inode number, and
+    /// the owner overrides of the mount.
+    fn present(&self, mut attr: Attr) -> Attr {
         attr.ino = self.fuse_ino(attr.ino);
+        if let Some(uid) = self.cfg.uid {
+            attr.uid = uid;
+        }
+        if let Some(gid) = self.cfg.gid {
+            attr.gid = gid;
+        }
+        if let Some(mask) = self.cfg.umask {
+            attr.perm &= !(mask as u16 & 0o777);
+        }
         attr
     }
 
     fn entry(&self, attr: Attr) -> Entry {
         Entry {
-            attr: self.with_fuse_ino(attr),
+            attr: self.present(attr),
             attr_ttl: self.cfg.attr_timeout,
             entry_ttl: self.cfg.entry_timeout,
         }
@@ -467,7 +484,7 @@ impl<B: Backend> Core<B> {
             let i = t.inodes.get(&ino).ok_or(FsError::UnknownInode(ino))?;
             if i.attr_until > Instant::now() {
                 Stats::inc(&self.stats.attr_hits);
-                return Ok((self.with_fuse_ino(i.attr), self.cfg.attr_timeout));
+                return Ok((self.present(i.attr), self.cfg.attr_timeout));
             }
             i.node.clone()
         };
@@ -477,7 +494,7 @@ impl<B: Backend> Core<B> {
             None => self.backend.getattr(&node)?,
         };
         self.saw_attr(ino, &attr)?;
-        Ok((self.with_fuse_ino(attr), self.cfg.attr_timeout))
+        Ok((self.present(attr), self.cfg.attr_timeout))
     }
 
     pub fn setattr(
@@ -508,7 +525,7 @@ impl<B: Backend> Core<B> {
                 i.attr_until = Instant::now() + self.cfg.attr_timeout;
             }
         }
-        Ok((self.with_fuse_ino(attr), self.cfg.attr_timeout))
+        Ok((self.present(attr), self.cfg.attr_timeout))
     }
 
     fn cached_size(&self, ino: u64) -> u64 {

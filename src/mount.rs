@@ -317,6 +317,9 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
         entry_timeout: o.entry_timeout,
         negative_timeout: o.negative_timeout,
         readahead: o.readahead,
+        uid: o.uid,
+        gid: o.gid,
+        umask: o.umask,
     };
     let core = Arc::new(
         Core::new(Arc::new(backend), cfg, data, stats)

@@ -28,6 +28,9 @@ pub struct MountOptions {
     pub dirsync: bool,
     pub fsname: Option<String>,
     pub log_level: Option<log::LevelFilter>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub umask: Option<u32>,
 }
 
 pub const KIB: u64 = 1024;
@@ -57,6 +60,9 @@ impl Default for MountOptions {
             dirsync: false,
             fsname: None,
             log_level: None,
+            uid: None,
+            gid: None,
+            umask: None,
         }
     }
 }
@@ -130,6 +136,31 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         return None;
     }
     Some(Duration::from_secs_f64(secs))
+}
+
+/// A numeric id, or a user or group name of this machine.
+fn id(value: &str, what: &str) -> Result<u32, OptionError> {
+    let opt = format!("{}={value}", if what == "user" { "uid" } else { "gid" });
+    if let Ok(n) = value.parse::<u32>() {
+        return Ok(n);
+    }
+    let found = if what == "user" {
+        nix::unistd::User::from_name(value)
+            .ok()
+            .flatten()
+            .map(|u| u.uid.as_raw())
+    } else {
+        nix::unistd::Group::from_name(value)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw())
+    };
+    found.ok_or_else(|| {
+        bad(
+            &opt,
+            format!("expected a numeric id or a {what} name of this machine"),
+        )
+    })
 }
 
 const SIZE_HELP: &str = "expected a size such as 4096, 512K, 256M or 20G";
@@ -303,6 +334,16 @@ impl MountOptions {
                     .ok_or_else(|| bad(opt, "expected a number of threads from 1 to 256"))?
             }
             "fsname" => self.fsname = Some(need()?.to_string()),
+            "uid" => self.uid = Some(id(need()?, "user")?),
+            "gid" => self.gid = Some(id(need()?, "group")?),
+            "umask" => {
+                self.umask = Some(
+                    u32::from_str_radix(need()?, 8)
+                        .ok()
+                        .filter(|m| *m <= 0o777)
+                        .ok_or_else(|| bad(opt, "expected an octal mask from 000 to 777"))?,
+                )
+            }
             "log_level" => {
                 self.log_level = Some(need()?.parse().map_err(|_| {
                     bad(opt, "expected one of off, error, warn, info, debug, trace")
@@ -401,6 +442,8 @@ mod tests {
         assert!(o.read_only && o.noatime);
         assert_eq!(o.threads, 4);
         assert_eq!(o.cache_dir, Some(PathBuf::from("/tmp/c")));
+        let o = MountOptions::parse(&["uid=1000,gid=root,umask=027"]).unwrap();
+        assert_eq!((o.uid, o.gid, o.umask), (Some(1000), Some(0), Some(0o27)));
     }
 
     #[test]
@@ -424,6 +467,8 @@ mod tests {
             ("cache_dir=relative", "absolute"),
             ("mem_cache_size=1K", "mem_cache_size"),
             ("log_level=loud", "log_level=loud"),
+            ("uid=nosuchuser", "uid=nosuchuser"),
+            ("umask=999", "octal"),
         ] {
             let e = MountOptions::parse(&[opts]).unwrap_err().to_string();
             assert!(e.contains(needle), "{opts}: {e}");

@@ -254,17 +254,23 @@ fn help_lists_the_subcommands() {
     assert!(nassync(&["--version"]).status.success());
 }
 
-#[test]
-fn mount_dash_t_goes_through_the_helper() {
-    let d = dirs();
-    // The helper is installed where mount(8) looks for it; it runs this
-    // build's nassync through NASSYNC_BIN.
-    let helper = Path::new(env!("CARGO_BIN_EXE_nassync"))
+/// Installs this build's helper where mount(8) looks for it; it runs this
+/// build's nassync through NASSYNC_BIN.
+fn install_helper() {
+    let helper = Path::new(NASSYNC)
         .parent()
         .unwrap()
         .join("mount-fuse-nassync");
     assert!(helper.exists(), "build the workspace first: {helper:?}");
-    fs::copy(&helper, "/sbin/mount.fuse.nassync").unwrap();
+    let tmp = Path::new("/sbin/.mount.fuse.nassync.tmp");
+    fs::copy(&helper, tmp).unwrap();
+    fs::rename(tmp, "/sbin/mount.fuse.nassync").unwrap();
+}
+
+#[test]
+fn mount_dash_t_goes_through_the_helper() {
+    let d = dirs();
+    install_helper();
     fs::write(d.nas.join("f"), "via mount(8)").unwrap();
     let opts = format!(
         "cache_dir={},_netdev,x-systemd.automount,nofail",
@@ -310,4 +316,76 @@ fn mount_dash_t_goes_through_the_helper() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("bogus_option"));
+}
+
+#[test]
+fn an_fstab_line_mounts_with_mount_dash_capital_t() {
+    let d = dirs();
+    install_helper();
+    fs::write(d.nas.join("f"), "from fstab").unwrap();
+    let fstab = d.nas.parent().unwrap().join("fstab");
+    fs::write(
+        &fstab,
+        format!(
+            "# a NAS share\n{} {} fuse.nassync _netdev,x-systemd.automount,x-systemd.requires-mounts-for={},cache_size=1G,actimeo=5,cache_dir={} 0 0\n",
+            s(&d.nas),
+            s(&d.mnt),
+            s(&d.nas),
+            s(&d.cache)
+        ),
+    )
+    .unwrap();
+    let out = Command::new("mount")
+        .arg("-T")
+        .arg(&fstab)
+        .arg(&d.mnt)
+        .env("NASSYNC_BIN", NASSYNC)
+        .output()
+        .unwrap();
+    let read = fs::read_to_string(d.mnt.join("f")).ok();
+    let umount = Command::new("umount").arg(&d.mnt).status().unwrap();
+    if is_mounted(&d.mnt) {
+        let _ = Command::new("umount").arg("-l").arg(&d.mnt).status();
+    }
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(read.as_deref(), Some("from fstab"));
+    assert!(umount.success());
+}
+
+#[test]
+fn uid_gid_and_umask_change_what_is_shown_not_the_nas() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let m = Mount::new("uid=1234,gid=5678,umask=027");
+    fs::write(m.n("f"), "x").unwrap();
+    fs::set_permissions(m.n("f"), fs::Permissions::from_mode(0o666)).unwrap();
+    fs::create_dir(m.n("d")).unwrap();
+    fs::set_permissions(m.n("d"), fs::Permissions::from_mode(0o777)).unwrap();
+    let f = fs::metadata(m.m("f")).unwrap();
+    assert_eq!((f.uid(), f.gid(), f.mode() & 0o7777), (1234, 5678, 0o640));
+    let d = fs::metadata(m.m("d")).unwrap();
+    assert_eq!((d.uid(), d.gid(), d.mode() & 0o7777), (1234, 5678, 0o750));
+    let n = fs::metadata(m.n("f")).unwrap();
+    assert_eq!(
+        (n.uid(), n.mode() & 0o7777),
+        (0, 0o666),
+        "the NAS keeps its own"
+    );
+    // The kernel checks the shown owner: uid 1234 may write, others not.
+    let run = |uid: u32| {
+        use std::os::unix::process::CommandExt;
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("echo hi > {}", m.m("f").display()))
+            .uid(uid)
+            .gid(uid)
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(run(1234));
+    assert!(!run(4321));
 }

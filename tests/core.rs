@@ -29,6 +29,9 @@ fn core(
         entry_timeout: Duration::from_secs(1),
         negative_timeout: Duration::from_secs(1),
         readahead: 0,
+        uid: None,
+        gid: None,
+        umask: None,
     };
     (
         Arc::new(Core::new(Arc::new(backend), cfg, data, stats).unwrap()),
