@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod cache;
+pub mod cli;
 pub mod control;
 pub mod data;
 pub mod error;

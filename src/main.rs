@@ -1,60 +1,12 @@
 //! The `nassync` command.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 
+use nassync::cli::{Cli, Cmd};
 use nassync::mount;
-
-#[derive(Parser)]
-#[command(
-    name = "nassync",
-    version,
-    about = "A local, cached view of a NAS share over FUSE"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Mount SOURCE (a directory, normally the NAS's NFS mount) at MOUNTPOINT.
-    ///
-    /// Returns once the mount is ready (exit 0), or prints why it failed
-    /// (exit 1 for a bad option, 32 for a mount failure) with nothing left
-    /// mounted. Options are described in docs/OPTIONS.md.
-    Mount {
-        source: PathBuf,
-        mountpoint: PathBuf,
-        /// Comma-separated mount options, e.g. cache_size=20G,actimeo=3
-        #[arg(short = 'o', value_name = "OPTIONS")]
-        options: Vec<String>,
-        /// Stay attached to the terminal and log to stderr (for systemd).
-        #[arg(short = 'f', long)]
-        foreground: bool,
-        /// Skip unknown options with a warning instead of refusing them
-        /// (mount's -s). Bad values of known options are still refused.
-        #[arg(long)]
-        sloppy: bool,
-        /// Check the source, mount point and options, then exit without
-        /// mounting (mount's -f).
-        #[arg(long)]
-        check: bool,
-    },
-    /// Unmount MOUNTPOINT and wait for its daemon to exit.
-    Umount {
-        mountpoint: PathBuf,
-        /// Detach now even if files are open; finish when they are closed.
-        #[arg(short = 'l', long)]
-        lazy: bool,
-    },
-    /// Show the counters of the mount at MOUNTPOINT (cache hits and misses,
-    /// NAS bytes read and written, operations).
-    Stats { mountpoint: PathBuf },
-}
 
 fn init_logging(level: Option<log::LevelFilter>) {
     let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
@@ -113,6 +65,13 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("nassync: {e:#}");
                 ExitCode::from(mount::EXIT_MOUNT_FAILURE as u8)
+            }
+        },
+        Cmd::GenerateAssets { dir } => match nassync::cli::generate_assets(&dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("nassync: {}: {e}", dir.display());
+                ExitCode::from(1)
             }
         },
         Cmd::Stats { mountpoint } => {

@@ -33,6 +33,83 @@ pub struct MountOptions {
     pub umask: Option<u32>,
 }
 
+/// Every option: name, default, meaning (for --help and the man pages;
+/// docs/OPTIONS.md says more, and a test checks that it names each one).
+pub const OPTIONS: &[(&str, &str, &str)] = &[
+    (
+        "cache_dir=PATH",
+        "/var/cache/nassync (root), ~/.cache/nassync",
+        "where the disk cache lives",
+    ),
+    (
+        "cache_size=SIZE",
+        "10G",
+        "bound of the disk cache; 0 disables it",
+    ),
+    (
+        "mem_cache_size=SIZE",
+        "256M",
+        "bound of the memory block cache",
+    ),
+    (
+        "block_size=SIZE",
+        "1M",
+        "cache block size, a power of two from 4K to 64M",
+    ),
+    (
+        "readahead=SIZE",
+        "8M",
+        "prefetch ahead of sequential readers; 0 disables",
+    ),
+    (
+        "actimeo=TIME",
+        "-",
+        "sets attr_timeout, entry_timeout and negative_timeout",
+    ),
+    ("attr_timeout=TIME", "3s", "how long attributes are cached"),
+    (
+        "entry_timeout=TIME",
+        "3s",
+        "how long names and listings are cached",
+    ),
+    (
+        "negative_timeout=TIME",
+        "3s",
+        "how long absent names are cached",
+    ),
+    ("threads=N", "16", "FUSE worker threads, 1 to 256"),
+    ("uid=ID", "the NAS's", "owner shown for every file"),
+    ("gid=ID", "the NAS's", "group shown for every file"),
+    (
+        "umask=MASK",
+        "none",
+        "octal mask cleared from the permissions shown",
+    ),
+    ("fsname=NAME", "the source", "name shown in /proc/mounts"),
+    (
+        "log_level=LEVEL",
+        "info",
+        "off, error, warn, info, debug or trace",
+    ),
+    (
+        "allow_other",
+        "on for root",
+        "let other users use the mount",
+    ),
+    ("allow_root", "off", "let root use a user's mount"),
+    (
+        "default_permissions",
+        "always on",
+        "the kernel checks modes and owners",
+    ),
+    ("ro, rw", "rw", "read-only or read-write"),
+    (
+        "noatime, nodev, nosuid, noexec, dirsync, sync",
+        "off",
+        "passed to the kernel",
+    ),
+];
+
 pub const KIB: u64 = 1024;
 pub const MIB: u64 = 1024 * KIB;
 pub const GIB: u64 = 1024 * MIB;

@@ -1,0 +1,203 @@
+//! The command-line definitions of `nassync` and of the mount helper, in
+//! one place: the binaries parse with them, and the man pages and shell
+//! completions are generated from them (`nassync generate-assets`).
+
+use std::path::PathBuf;
+
+use clap::{Arg, ArgAction, Command, CommandFactory, Parser, Subcommand};
+
+use crate::options::OPTIONS;
+
+/// Every mount option with its default, for `--help` and the man pages.
+pub fn options_help() -> String {
+    let mut s = String::from("Mount options (-o, comma-separated; see docs/OPTIONS.md):\n");
+    for (name, default, what) in OPTIONS {
+        s.push_str(&format!("  {name:<24} {what} [default: {default}]\n"));
+    }
+    s.push_str(
+        "  defaults, auto, noauto, user, users, nofail, _netdev, comment=..., x-*\n\
+         \x20                          accepted and ignored (for mount, fstab and systemd)\n\n\
+         Exit status: 0 mounted and ready; 1 bad command line or option; 32 mount failure.",
+    );
+    s
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "nassync",
+    version,
+    about = "A local, cached view of a NAS share over FUSE",
+    long_about = "nassync presents a NAS share (normally the kernel NFS mount of it) as a \
+                  local directory: reads come from a block cache in memory and on local disk, \
+                  metadata is cached under NFS-like time limits and revalidated at open."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Mount SOURCE (a directory, normally the NAS's NFS mount) at MOUNTPOINT.
+    ///
+    /// Returns once the mount is ready (exit 0), or prints why it failed
+    /// (exit 1 for a bad option, 32 for a mount failure) with nothing left
+    /// mounted.
+    #[command(after_long_help = options_help())]
+    Mount {
+        source: PathBuf,
+        mountpoint: PathBuf,
+        /// Comma-separated mount options, e.g. cache_size=20G,actimeo=3 (see below)
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Stay attached to the terminal and log to stderr (for systemd).
+        #[arg(short = 'f', long)]
+        foreground: bool,
+        /// Skip unknown options with a warning instead of refusing them
+        /// (mount's -s). Bad values of known options are still refused.
+        #[arg(long)]
+        sloppy: bool,
+        /// Check the source, mount point and options, then exit without
+        /// mounting (mount's -f).
+        #[arg(long)]
+        check: bool,
+    },
+    /// Unmount MOUNTPOINT and wait for its daemon to exit.
+    Umount {
+        mountpoint: PathBuf,
+        /// Detach now even if files are open; finish when they are closed.
+        #[arg(short = 'l', long)]
+        lazy: bool,
+    },
+    /// Show the counters of the mount at MOUNTPOINT (cache hits and misses,
+    /// NAS bytes read and written, operations).
+    Stats { mountpoint: PathBuf },
+    /// Write the man pages and shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    GenerateAssets { dir: PathBuf },
+}
+
+/// `mount.fuse.nassync SOURCE DIR [-sfnv] [-o OPTIONS]`, as mount(8) calls it.
+pub fn helper_command() -> Command {
+    Command::new("mount.fuse.nassync")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("Mount helper for nassync: lets mount(8) and /etc/fstab mount type fuse.nassync")
+        .long_about(
+            "mount(8) runs this helper for `mount -t fuse.nassync SOURCE DIR` and for fstab \
+             lines of type fuse.nassync. It hands the mount to `nassync mount`, which returns \
+             once the mount is ready, so that systemd orders units correctly.",
+        )
+        .arg(Arg::new("source").required(true).help("The NAS share: a directory, normally the NAS's NFS mount"))
+        .arg(Arg::new("dir").required(true).help("The mount point"))
+        .arg(
+            Arg::new("options")
+                .short('o')
+                .action(ArgAction::Append)
+                .value_name("OPTIONS")
+                .help("Comma-separated mount options (see below)"),
+        )
+        .arg(Arg::new("sloppy").short('s').action(ArgAction::SetTrue).help("Ignore unknown options"))
+        .arg(Arg::new("fake").short('f').action(ArgAction::SetTrue).help("Check everything, mount nothing"))
+        .arg(Arg::new("nomtab").short('n').action(ArgAction::SetTrue).help("Accepted for mount(8); there is no mtab to write"))
+        .arg(Arg::new("verbose").short('v').action(ArgAction::SetTrue).help("Say what is run"))
+        .after_long_help(format!(
+            "{}\n\nExit status follows mount(8): 0 success, 1 incorrect invocation or option, 32 mount failure.",
+            options_help()
+        ))
+}
+
+/// Writes man pages (nassync.1, nassync-SUBCOMMAND.1, mount.fuse.nassync.8)
+/// and bash and zsh completions into `dir`.
+pub fn generate_assets(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap_complete::Shell;
+    std::fs::create_dir_all(dir.join("man"))?;
+    std::fs::create_dir_all(dir.join("completions"))?;
+    let cmd = Cli::command();
+    let write_man = |cmd: Command, name: String, section: &str| -> std::io::Result<()> {
+        let man = clap_mangen::Man::new(cmd).section(section);
+        let mut out = Vec::new();
+        man.render(&mut out)?;
+        std::fs::write(dir.join("man").join(format!("{name}.{section}")), out)
+    };
+    write_man(cmd.clone(), "nassync".into(), "1")?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("nassync-{}", sub.get_name());
+        let leaked: &'static str = Box::leak(name.clone().into_boxed_str());
+        write_man(sub.clone().name(leaked), name, "1")?;
+    }
+    write_man(helper_command(), "mount.fuse.nassync".into(), "8")?;
+    let mut c = Cli::command();
+    for (shell, file) in [(Shell::Bash, "nassync.bash"), (Shell::Zsh, "_nassync")] {
+        let mut out = Vec::new();
+        clap_complete::generate(shell, &mut c, "nassync", &mut out);
+        std::fs::write(dir.join("completions").join(file), out)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn definitions_are_consistent() {
+        Cli::command().debug_assert();
+        helper_command().debug_assert();
+    }
+
+    #[test]
+    fn every_option_is_documented() {
+        let doc = include_str!("../docs/OPTIONS.md");
+        for (names, _, _) in OPTIONS {
+            for name in names.split(", ") {
+                let key = name.split('=').next().unwrap();
+                assert!(
+                    doc.contains(&format!("`{key}")),
+                    "{key} is missing from docs/OPTIONS.md"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn helper_parses_mount_style_arguments() {
+        let m = helper_command()
+            .try_get_matches_from([
+                "mount.fuse.nassync",
+                "/mnt/nas",
+                "/home/me/nas",
+                "-o",
+                "rw,cache_size=20G",
+                "-nv",
+            ])
+            .unwrap();
+        assert_eq!(m.get_one::<String>("source").unwrap(), "/mnt/nas");
+        assert!(m.get_flag("verbose") && !m.get_flag("fake"));
+        assert!(
+            helper_command()
+                .try_get_matches_from(["mount.fuse.nassync", "only-one"])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn assets_are_generated() {
+        let dir = tempfile::tempdir().unwrap();
+        generate_assets(dir.path()).unwrap();
+        for f in [
+            "man/nassync.1",
+            "man/nassync-mount.1",
+            "man/mount.fuse.nassync.8",
+            "completions/nassync.bash",
+            "completions/_nassync",
+        ] {
+            let text = std::fs::read_to_string(dir.path().join(f)).unwrap();
+            assert!(text.len() > 100, "{f}");
+        }
+        let man = std::fs::read_to_string(dir.path().join("man/nassync-mount.1")).unwrap();
+        assert!(
+            man.contains("cache_size"),
+            "the mount page lists the options"
+        );
+    }
+}
