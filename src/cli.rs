@@ -106,6 +106,58 @@ pub fn helper_command() -> Command {
         ))
 }
 
+/// `umount.fuse.nassync DIR [-flnrv] [-N NS] [-t TYPE]`, as umount(8) calls
+/// it: unmounts and waits for the daemon to finish (the stop path that
+/// lets systemd unmount the NAS only after nassync is done with it).
+pub fn umount_helper_command() -> Command {
+    Command::new("umount.fuse.nassync")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("Unmount helper for nassync: umount(8) runs it for type fuse.nassync")
+        .arg(Arg::new("dir").required(true).help("The mount point"))
+        .arg(
+            Arg::new("lazy")
+                .short('l')
+                .action(ArgAction::SetTrue)
+                .help("Detach even if busy"),
+        )
+        .arg(
+            Arg::new("force")
+                .short('f')
+                .action(ArgAction::SetTrue)
+                .help("Accepted; same as a plain unmount"),
+        )
+        .arg(
+            Arg::new("nomtab")
+                .short('n')
+                .action(ArgAction::SetTrue)
+                .help("Accepted; there is no mtab"),
+        )
+        .arg(
+            Arg::new("readonly")
+                .short('r')
+                .action(ArgAction::SetTrue)
+                .help("Accepted; ignored"),
+        )
+        .arg(
+            Arg::new("verbose")
+                .short('v')
+                .action(ArgAction::SetTrue)
+                .help("Say what is run"),
+        )
+        .arg(
+            Arg::new("namespace")
+                .short('N')
+                .value_name("NS")
+                .help("Accepted; ignored"),
+        )
+        .arg(
+            Arg::new("type")
+                .short('t')
+                .value_name("TYPE")
+                .help("Accepted; ignored"),
+        )
+}
+
 /// Writes man pages (nassync.1, nassync-SUBCOMMAND.1, mount.fuse.nassync.8)
 /// and bash and zsh completions into `dir`.
 pub fn generate_assets(dir: &std::path::Path) -> std::io::Result<()> {
@@ -126,6 +178,7 @@ pub fn generate_assets(dir: &std::path::Path) -> std::io::Result<()> {
         write_man(sub.clone().name(leaked), name, "1")?;
     }
     write_man(helper_command(), "mount.fuse.nassync".into(), "8")?;
+    write_man(umount_helper_command(), "umount.fuse.nassync".into(), "8")?;
     let mut c = Cli::command();
     for (shell, file) in [(Shell::Bash, "nassync.bash"), (Shell::Zsh, "_nassync")] {
         let mut out = Vec::new();
@@ -143,6 +196,7 @@ mod tests {
     fn definitions_are_consistent() {
         Cli::command().debug_assert();
         helper_command().debug_assert();
+        umount_helper_command().debug_assert();
     }
 
     #[test]

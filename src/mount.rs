@@ -435,11 +435,26 @@ fn stats_text<B: Backend>(core: &Core<B>, source: &Path) -> String {
     out
 }
 
+/// Whether process `pid` has exited (gone, or a zombie nobody reaped).
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+    }
+}
+
 /// Unmounts `mountpoint` and waits for its daemon to exit.
 pub fn umount(mountpoint: &Path, lazy: bool) -> anyhow::Result<()> {
     let canonical = mountpoint
         .canonicalize()
         .unwrap_or_else(|_| mountpoint.to_path_buf());
+    // The daemon's pid, to wait for it after the unmount.
+    let pid = control::request(&canonical, "stats").ok().and_then(|text| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("pid ").and_then(|p| p.parse::<u32>().ok()))
+    });
     let is_root = nix::unistd::geteuid().is_root();
     if is_root {
         let flags = if lazy {
@@ -469,18 +484,20 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> anyhow::Result<()> {
             bail!("fusermount3 -u {} failed", canonical.display());
         }
     }
-    // The daemon removes its control socket as it exits.
-    let sock = control::socket_path(&canonical);
-    for _ in 0..600 {
-        if std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            return Ok(());
+    let Some(pid) = pid else {
+        return Ok(()); // no daemon answered: nothing to wait for
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !exited(pid) {
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "unmounted {}, but its daemon (pid {pid}) has not exited after 60 s",
+                canonical.display()
+            );
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    bail!(
-        "unmounted {}, but its daemon has not exited after 60 s",
-        canonical.display()
-    )
+    Ok(())
 }
 
 #[cfg(test)]

@@ -265,6 +265,8 @@ fn install_helper() {
     let tmp = Path::new("/sbin/.mount.fuse.nassync.tmp");
     fs::copy(&helper, tmp).unwrap();
     fs::rename(tmp, "/sbin/mount.fuse.nassync").unwrap();
+    let _ = fs::remove_file("/sbin/umount.fuse.nassync");
+    let _ = std::os::unix::fs::symlink("mount.fuse.nassync", "/sbin/umount.fuse.nassync");
 }
 
 #[test]

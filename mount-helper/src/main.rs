@@ -1,10 +1,16 @@
-//! `mount.fuse.nassync SOURCE DIR [-sfnv] [-o OPTIONS]`: the helper that
-//! mount(8) runs for `mount -t fuse.nassync` and fstab lines of that type.
-//! It hands the mount to `nassync mount`, which returns once the mount is
-//! ready (so systemd orders units correctly) and exits with mount's
-//! conventions: 1 for a bad invocation or option, 32 for a mount failure.
-//! Its command line is defined with nassync's (`nassync::cli`), from which
-//! its man page is generated.
+//! The helpers that mount(8) and umount(8) run for type `fuse.nassync`;
+//! one binary, installed as both names:
+//!
+//! - `mount.fuse.nassync SOURCE DIR [-sfnv] [-o OPTIONS]` hands the mount
+//!   to `nassync mount`, which returns once the mount is ready (so systemd
+//!   orders units correctly) and exits with mount's conventions: 1 for a bad
+//!   invocation or option, 32 for a mount failure.
+//! - `umount.fuse.nassync DIR [-lfnrv]` runs `nassync umount`, which
+//!   returns only once the daemon has finished and exited, so that what is
+//!   mounted under it (the NAS's NFS mount) is stopped after it.
+//!
+//! The command lines are defined with nassync's (`nassync::cli`), from
+//! which the man pages are generated.
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -30,18 +36,53 @@ fn nassync() -> PathBuf {
     PathBuf::from("nassync")
 }
 
-fn main() -> ExitCode {
-    let m = match nassync::cli::helper_command().try_get_matches() {
-        Ok(m) => m,
+fn parse(cmd: clap::Command, name: &str) -> Result<clap::ArgMatches, ExitCode> {
+    match cmd.try_get_matches() {
+        Ok(m) => Ok(m),
         Err(e) if e.use_stderr() => {
-            eprint!("mount.fuse.nassync: {e}");
-            return ExitCode::from(1);
+            eprint!("{name}: {e}");
+            Err(ExitCode::from(1))
         }
         Err(e) => {
-            // --help, --version
-            let _ = e.print();
-            return ExitCode::SUCCESS;
+            let _ = e.print(); // --help, --version
+            Err(ExitCode::SUCCESS)
         }
+    }
+}
+
+fn run(mut cmd: Command, name: &str, verbose: bool) -> ExitCode {
+    if verbose {
+        eprintln!("{name}: running {cmd:?}");
+    }
+    let err = cmd.exec();
+    eprintln!("{name}: cannot run nassync: {err}");
+    ExitCode::from(32)
+}
+
+fn main() -> ExitCode {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let invoked_as = std::path::Path::new(&argv0)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if invoked_as.starts_with("umount") {
+        let name = "umount.fuse.nassync";
+        let m = match parse(nassync::cli::umount_helper_command(), name) {
+            Ok(m) => m,
+            Err(code) => return code,
+        };
+        let mut cmd = Command::new(nassync());
+        cmd.arg("umount")
+            .arg(m.get_one::<String>("dir").expect("required"));
+        if m.get_flag("lazy") {
+            cmd.arg("--lazy");
+        }
+        return run(cmd, name, m.get_flag("verbose"));
+    }
+    let name = "mount.fuse.nassync";
+    let m = match parse(nassync::cli::helper_command(), name) {
+        Ok(m) => m,
+        Err(code) => return code,
     };
     let mut cmd = Command::new(nassync());
     cmd.arg("mount")
@@ -56,10 +97,5 @@ fn main() -> ExitCode {
     if m.get_flag("fake") {
         cmd.arg("--check");
     }
-    if m.get_flag("verbose") {
-        eprintln!("mount.fuse.nassync: running {cmd:?}");
-    }
-    let err = cmd.exec();
-    eprintln!("mount.fuse.nassync: cannot run nassync: {err}");
-    ExitCode::from(32)
+    run(cmd, name, m.get_flag("verbose"))
 }
