@@ -92,6 +92,20 @@ fn escape_source(source: &Path) -> String {
     out
 }
 
+/// The mode of `path`, without triggering an automount on it (systemd's
+/// autofs placeholder would wait for this very mount).
+fn stat_no_automount(path: &Path) -> std::io::Result<u32> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    let r = unsafe { libc::fstatat(libc::AT_FDCWD, c.as_ptr(), &mut st, libc::AT_NO_AUTOMOUNT) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.st_mode)
+}
+
 /// Checks the request without changing anything: options, source, mount
 /// point. The cache directory is checked when it is opened.
 pub fn plan(
@@ -111,8 +125,8 @@ pub fn plan(
     let source = source
         .canonicalize()
         .with_context(|| format!("source {}", source.display()))?;
-    let mountpoint = match std::fs::metadata(mountpoint) {
-        Ok(m) if m.is_dir() => mountpoint
+    let mountpoint = match stat_no_automount(mountpoint) {
+        Ok(mode) if mode & libc::S_IFMT == libc::S_IFDIR => mountpoint
             .canonicalize()
             .with_context(|| format!("mount point {}", mountpoint.display()))?,
         Ok(_) => {
@@ -336,7 +350,7 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
     };
     config.n_threads = Some(o.threads);
     config.clone_fd = true;
-    let mut session = fuser::Session::new(fs, &plan.mountpoint, &config).map_err(|e| {
+    let mount_error = |e: std::io::Error| {
         let hint = if e.raw_os_error() == Some(libc::EPERM)
             || e.kind() == std::io::ErrorKind::PermissionDenied
         {
@@ -345,8 +359,24 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
             ""
         };
         anyhow!("cannot mount {}: {e}{hint}", plan.mountpoint.display())
-    })?;
-    let mut unmounter = session.unmount_callable();
+    };
+    // As root, nassync mounts /dev/fuse itself: fuser's own mount opens the
+    // mount point (which would trigger a systemd automount placeholder and
+    // wait on it forever) and unmounts again at exit (which would take the
+    // placeholder down). Users go through fusermount3, via fuser.
+    let (session, mut unmounter) = if is_root {
+        let dev = kernel_mount(&plan, &config.acl).map_err(mount_error)?;
+        let session = fuser::Session::from_fd(fs, dev, config.acl, config).map_err(|e| {
+            let _ = nix::mount::umount2(&plan.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+            mount_error(e)
+        })?;
+        (session, None)
+    } else {
+        let mut session =
+            fuser::Session::new(fs, &plan.mountpoint, &config).map_err(mount_error)?;
+        let unmounter = session.unmount_callable();
+        (session, Some(unmounter))
+    };
 
     let handler_core = core.clone();
     let source = plan.source.clone();
@@ -374,7 +404,12 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
         .spawn(move || {
             if let Ok(sig) = signals.wait() {
                 log::info!("{sig}: unmounting {}", mountpoint.display());
-                if let Err(e) = unmounter.unmount() {
+                let r = match unmounter.as_mut() {
+                    Some(u) => u.unmount(),
+                    None => nix::mount::umount2(&mountpoint, nix::mount::MntFlags::empty())
+                        .map_err(std::io::Error::from),
+                };
+                if let Err(e) = r {
                     log::warn!("unmount failed ({e}); detaching lazily");
                     let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
                 }
@@ -390,6 +425,57 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
     session.run().context("FUSE session")?;
     log::info!("unmounted {}", plan.mountpoint.display());
     Ok(())
+}
+
+/// Mounts a new FUSE connection at the mount point (root only) and returns
+/// its /dev/fuse descriptor.
+fn kernel_mount(plan: &Plan, acl: &fuser::SessionACL) -> std::io::Result<OwnedFd> {
+    use nix::mount::MsFlags;
+    use std::os::fd::AsRawFd;
+    let dev = nix::fcntl::open(
+        "/dev/fuse",
+        nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| {
+        std::io::Error::other(format!(
+            "/dev/fuse: {e} (install fuse3; in a container, pass /dev/fuse in)"
+        ))
+    })?;
+    let o = &plan.options;
+    let mut data = format!(
+        "fd={},rootmode=40000,user_id=0,group_id=0,default_permissions",
+        dev.as_raw_fd()
+    );
+    if *acl != fuser::SessionACL::Owner {
+        data.push_str(",allow_other");
+    }
+    let mut flags = MsFlags::empty();
+    for (on, f) in [
+        (o.read_only, MsFlags::MS_RDONLY),
+        (o.nosuid, MsFlags::MS_NOSUID),
+        (o.nodev, MsFlags::MS_NODEV),
+        (o.noexec, MsFlags::MS_NOEXEC),
+        (o.noatime, MsFlags::MS_NOATIME),
+        (o.sync, MsFlags::MS_SYNCHRONOUS),
+        (o.dirsync, MsFlags::MS_DIRSYNC),
+    ] {
+        if on {
+            flags |= f;
+        }
+    }
+    let fsname = o
+        .fsname
+        .clone()
+        .unwrap_or_else(|| plan.source.display().to_string());
+    nix::mount::mount(
+        Some(fsname.as_str()),
+        &plan.mountpoint,
+        Some("fuse.nassync"),
+        flags,
+        Some(data.as_str()),
+    )?;
+    Ok(dev)
 }
 
 fn mount_options(plan: &Plan) -> Vec<fuser::MountOption> {

@@ -5,6 +5,7 @@
 mod common;
 
 use std::fs;
+use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -262,11 +263,18 @@ fn install_helper() {
         .unwrap()
         .join("mount-fuse-nassync");
     assert!(helper.exists(), "build the workspace first: {helper:?}");
-    let tmp = Path::new("/sbin/.mount.fuse.nassync.tmp");
-    fs::copy(&helper, tmp).unwrap();
-    fs::rename(tmp, "/sbin/mount.fuse.nassync").unwrap();
-    let _ = fs::remove_file("/sbin/umount.fuse.nassync");
-    let _ = std::os::unix::fs::symlink("mount.fuse.nassync", "/sbin/umount.fuse.nassync");
+    // Once per test process: tests run in parallel and use the helpers.
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let tmp = Path::new("/sbin/.mount.fuse.nassync.tmp");
+        fs::copy(&helper, tmp).unwrap();
+        fs::rename(tmp, "/sbin/mount.fuse.nassync").unwrap();
+        let link = Path::new("/sbin/umount.fuse.nassync");
+        if fs::read_link(link).ok().as_deref() != Some(Path::new("mount.fuse.nassync")) {
+            let _ = fs::remove_file(link);
+            std::os::unix::fs::symlink("mount.fuse.nassync", link).unwrap();
+        }
+    });
 }
 
 #[test]
@@ -285,7 +293,11 @@ fn mount_dash_t_goes_through_the_helper() {
         .unwrap();
     let read = fs::read_to_string(d.mnt.join("f")).ok();
     let written = fs::write(d.mnt.join("g"), "back").is_ok();
-    let umount = Command::new("umount").arg(&d.mnt).status().unwrap();
+    let umount = Command::new("umount")
+        .arg(&d.mnt)
+        .env("NASSYNC_BIN", NASSYNC)
+        .output()
+        .unwrap();
     if is_mounted(&d.mnt) {
         let _ = Command::new("umount").arg("-l").arg(&d.mnt).status();
     }
@@ -296,7 +308,11 @@ fn mount_dash_t_goes_through_the_helper() {
     );
     assert_eq!(read.as_deref(), Some("via mount(8)"));
     assert!(written && fs::read_to_string(d.nas.join("g")).unwrap() == "back");
-    assert!(umount.success());
+    assert!(
+        umount.status.success(),
+        "{}",
+        String::from_utf8_lossy(&umount.stderr)
+    );
     // A bad option through mount(8): refused, mount's usage status.
     let out = Command::new("mount")
         .args([
@@ -345,7 +361,11 @@ fn an_fstab_line_mounts_with_mount_dash_capital_t() {
         .output()
         .unwrap();
     let read = fs::read_to_string(d.mnt.join("f")).ok();
-    let umount = Command::new("umount").arg(&d.mnt).status().unwrap();
+    let umount = Command::new("umount")
+        .arg(&d.mnt)
+        .env("NASSYNC_BIN", NASSYNC)
+        .output()
+        .unwrap();
     if is_mounted(&d.mnt) {
         let _ = Command::new("umount").arg("-l").arg(&d.mnt).status();
     }
@@ -355,7 +375,11 @@ fn an_fstab_line_mounts_with_mount_dash_capital_t() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(read.as_deref(), Some("from fstab"));
-    assert!(umount.success());
+    assert!(
+        umount.status.success(),
+        "{}",
+        String::from_utf8_lossy(&umount.stderr)
+    );
 }
 
 #[test]
@@ -390,4 +414,80 @@ fn uid_gid_and_umask_change_what_is_shown_not_the_nas() {
     };
     assert!(run(1234));
     assert!(!run(4321));
+}
+
+#[test]
+fn mounting_over_a_systemd_style_autofs_placeholder_works() {
+    use std::os::fd::AsRawFd;
+    let d = dirs();
+    fs::write(d.nas.join("f"), "behind autofs").unwrap();
+    // An autofs direct mount like systemd's, owned by a process group that
+    // never answers: if nassync triggered it, it would hang (the child is
+    // killed after 20 s and the test fails).
+    let mut owner = Command::new("sleep")
+        .arg("120")
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let (_rd, wr) = nix::unistd::pipe().unwrap();
+    let data = format!(
+        "fd={},pgrp={},minproto=5,maxproto=5,direct",
+        wr.as_raw_fd(),
+        owner.id()
+    );
+    nix::mount::mount(
+        Some("systemd-1"),
+        &d.mnt,
+        Some("autofs"),
+        nix::mount::MsFlags::empty(),
+        Some(data.as_str()),
+    )
+    .unwrap();
+    let mut child = Command::new(NASSYNC)
+        .args([
+            "mount",
+            s(&d.nas),
+            s(&d.mnt),
+            "-o",
+            &format!("cache_dir={}", s(&d.cache)),
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let top = nassync::mountinfo::mounted_at(&d.mnt);
+    let on_top = top.as_ref().is_some_and(|m| m.fstype == "fuse.nassync");
+    // Only look inside if nassync is on top: the placeholder would hang.
+    let read = on_top
+        .then(|| fs::read_to_string(d.mnt.join("f")).ok())
+        .flatten();
+    let unmounted = on_top && nassync(&["umount", s(&d.mnt)]).status.success();
+    // What remains is systemd's placeholder, untouched by the daemon's exit.
+    let after = nassync::mountinfo::mounted_at(&d.mnt).map(|m| m.fstype);
+    if nassync::mountinfo::mounted_at(&d.mnt).is_some_and(|m| m.fstype != "autofs") {
+        let _ = nix::mount::umount2(&d.mnt, nix::mount::MntFlags::MNT_DETACH); // nassync
+    }
+    let _ = nix::mount::umount2(&d.mnt, nix::mount::MntFlags::MNT_DETACH); // autofs
+    let _ = owner.kill();
+    let _ = owner.wait();
+    let status = status.expect("nassync mount hung on the autofs placeholder");
+    assert!(status.success(), "refused to mount over autofs");
+    assert!(on_top, "nassync is not on top: {top:?}");
+    assert_eq!(read.as_deref(), Some("behind autofs"));
+    assert!(unmounted);
+    assert_eq!(
+        after.as_deref(),
+        Some("autofs"),
+        "the placeholder must survive nassync's unmount"
+    );
 }
