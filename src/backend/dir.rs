@@ -566,16 +566,19 @@ impl Backend for DirBackend {
         if flags.exchange {
             f |= libc::RENAME_EXCHANGE;
         }
-        // SAFETY: valid C strings.
-        check("rename", unsafe {
-            libc::renameat2(
+        // The raw system call: musl's libc has no renameat2 wrapper.
+        // SAFETY: valid C strings; the arguments are those of renameat2(2).
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_renameat2,
                 dir.fd.as_raw_fd(),
                 a.as_ptr(),
                 newdir.fd.as_raw_fd(),
                 b.as_ptr(),
                 f,
             )
-        })?;
+        };
+        check("rename", r as libc::c_int)?;
         Ok(())
     }
 
