@@ -85,6 +85,8 @@ struct Inode<B: Backend> {
     attr: Attr,
     attr_until: Instant,
     entry_until: Instant,
+    /// Whether this directory has a default POSIX ACL, once asked.
+    default_acl: Option<bool>,
     /// The last known name, to keep `names` in step.
     parent: u64,
     name: OsString,
@@ -177,6 +179,7 @@ impl<B: Backend> Core<B> {
                 attr,
                 attr_until: now,
                 entry_until: now,
+                default_acl: None,
                 parent: ROOT,
                 name: OsString::new(),
                 data: Arc::new(FileData::default()),
@@ -320,6 +323,7 @@ impl<B: Backend> Core<B> {
                 attr,
                 attr_until: now,
                 entry_until: now,
+                default_acl: None,
                 parent,
                 name: name.to_os_string(),
                 data: Arc::new(FileData::default()),
@@ -545,6 +549,34 @@ impl<B: Backend> Core<B> {
         Ok(self.node(parent)?.0)
     }
 
+    /// The mode to create with: the caller's umask applies unless the
+    /// directory has a default ACL, which the NAS then applies instead.
+    fn creation_mode(&self, parent: u64, dir: &B::Node, mode: u32, creds: Creds) -> u32 {
+        if creds.umask == 0 {
+            return mode;
+        }
+        let known = self
+            .tables()
+            .inodes
+            .get(&parent)
+            .and_then(|i| i.default_acl);
+        let has = known.unwrap_or_else(|| {
+            let has = self
+                .backend
+                .getxattr(dir, OsStr::new("system.posix_acl_default"))
+                .is_ok_and(|v| !v.is_empty());
+            if let Some(i) = self.tables().inodes.get_mut(&parent) {
+                i.default_acl = Some(has);
+            }
+            has
+        });
+        if has {
+            mode
+        } else {
+            mode & !(creds.umask & 0o7777)
+        }
+    }
+
     pub fn mknod(
         &self,
         parent: u64,
@@ -554,6 +586,7 @@ impl<B: Backend> Core<B> {
         creds: Creds,
     ) -> FsResult<Entry> {
         let dir = self.parent_node(parent)?;
+        let mode = self.creation_mode(parent, &dir, mode, creds);
         let (node, attr) = self.backend.mknod(&dir, name, mode, rdev, creds)?;
         self.added_name(parent);
         self.remember(parent, name, node, attr, true)
@@ -561,6 +594,7 @@ impl<B: Backend> Core<B> {
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, creds: Creds) -> FsResult<Entry> {
         let dir = self.parent_node(parent)?;
+        let mode = self.creation_mode(parent, &dir, mode, creds);
         let (node, attr) = self.backend.mkdir(&dir, name, mode, creds)?;
         self.added_name(parent);
         let ino = self.fuse_ino(attr.ino);
@@ -720,6 +754,7 @@ impl<B: Backend> Core<B> {
         creds: Creds,
     ) -> FsResult<(Entry, Opened)> {
         let dir = self.parent_node(parent)?;
+        let mode = self.creation_mode(parent, &dir, mode, creds);
         let omode = open_mode(flags);
         let exclusive = flags & libc::O_EXCL != 0;
         let (node, attr, file) = self
@@ -995,6 +1030,9 @@ impl<B: Backend> Core<B> {
         // ctime changed (and the mode, for an ACL).
         let mut t = self.tables();
         self.expire_attr(&mut t, ino);
+        if let Some(i) = t.inodes.get_mut(&ino) {
+            i.default_acl = None;
+        }
         Ok(())
     }
 
@@ -1003,6 +1041,9 @@ impl<B: Backend> Core<B> {
         self.backend.removexattr(&node, name)?;
         let mut t = self.tables();
         self.expire_attr(&mut t, ino);
+        if let Some(i) = t.inodes.get_mut(&ino) {
+            i.default_acl = None;
+        }
         Ok(())
     }
 

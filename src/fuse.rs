@@ -144,10 +144,11 @@ fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
     })
 }
 
-fn creds(req: &Request) -> Creds {
+fn creds(req: &Request, umask: u32) -> Creds {
     Creds {
         uid: req.uid(),
         gid: req.gid(),
+        umask,
     }
 }
 
@@ -166,7 +167,12 @@ impl<B: Backend> Filesystem for FuseFs<B> {
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_AUTO_INVAL_DATA
             | InitFlags::FUSE_PARALLEL_DIROPS
-            | InitFlags::FUSE_CACHE_SYMLINKS;
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            // The kernel enforces POSIX ACLs (stored on the NAS as xattrs),
+            // and leaves the umask to nassync, which must not apply it
+            // under a directory with a default ACL.
+            | InitFlags::FUSE_POSIX_ACL
+            | InitFlags::FUSE_DONT_MASK;
         let supported = config.capabilities() & wanted;
         let _ = config.add_capabilities(supported);
         let _ = config.set_max_write(self.max_write);
@@ -242,13 +248,13 @@ impl<B: Backend> Filesystem for FuseFs<B> {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
         let r = self.op("mknod", parent.0, req, || {
             self.core
-                .mknod(parent.0, name, mode, rdev as u64, creds(req))
+                .mknod(parent.0, name, mode, rdev as u64, creds(req, umask))
         });
         reply_entry(reply, r, Duration::ZERO);
     }
@@ -259,11 +265,11 @@ impl<B: Backend> Filesystem for FuseFs<B> {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
         let r = self.op("mkdir", parent.0, req, || {
-            self.core.mkdir(parent.0, name, mode, creds(req))
+            self.core.mkdir(parent.0, name, mode, creds(req, umask))
         });
         reply_entry(reply, r, Duration::ZERO);
     }
@@ -288,7 +294,7 @@ impl<B: Backend> Filesystem for FuseFs<B> {
     ) {
         let r = self.op("symlink", parent.0, req, || {
             self.core
-                .symlink(parent.0, link_name, target.as_os_str(), creds(req))
+                .symlink(parent.0, link_name, target.as_os_str(), creds(req, 0))
         });
         reply_entry(reply, r, Duration::ZERO);
     }
@@ -541,12 +547,13 @@ impl<B: Backend> Filesystem for FuseFs<B> {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
         match self.op("create", parent.0, req, || {
-            self.core.create(parent.0, name, mode, flags, creds(req))
+            self.core
+                .create(parent.0, name, mode, flags, creds(req, umask))
         }) {
             Ok((e, o)) => reply.created(
                 &e.entry_ttl,

@@ -39,7 +39,11 @@ fn core(
     )
 }
 
-const ROOT_CREDS: Creds = Creds { uid: 0, gid: 0 };
+const ROOT_CREDS: Creds = Creds {
+    uid: 0,
+    gid: 0,
+    umask: 0,
+};
 
 #[test]
 fn a_cached_read_completes_while_another_request_is_stuck_in_the_nas() {

@@ -522,3 +522,46 @@ fn changes_through_the_mount_reach_the_nas_and_back() {
     assert!(m.n("dir").is_dir());
     assert_eq!(errno(&fs::remove_dir(m.m("nope"))), libc::ENOENT);
 }
+
+fn acls(r: &Path, log: &mut Log) {
+    use std::os::unix::process::CommandExt;
+    let sh = |cmd: &str, uid: u32| {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("umask 022; {cmd}"))
+            .current_dir(r)
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .unwrap();
+        format!(
+            "{} {}",
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).trim()
+        )
+    };
+    // A default ACL decides the mode of new files instead of the umask.
+    log.push(sh(
+        "mkdir d && setfacl -d -m u::rwx,g::rwx,o::rwx d && echo ok",
+        0,
+    ));
+    log.push(sh("touch d/f && mkdir d/sub && stat -c '%a' d/f d/sub", 0));
+    log.push(sh("getfacl -c d/sub 2>/dev/null | sort", 0));
+    // Without one, the umask applies.
+    log.push(sh("mkdir e && touch e/f && stat -c '%a' e e/f", 0));
+    // An access ACL grants a user what the mode does not.
+    log.push(sh(
+        "echo x > e/f && chmod 600 e/f && chmod 755 e && echo ok",
+        0,
+    ));
+    log.push(sh("cat e/f", 4242));
+    log.push(sh("setfacl -m u:4242:r e/f && stat -c '%a' e/f", 0));
+    log.push(sh("cat e/f", 4242));
+    log.push(sh("echo y >> e/f", 4242));
+    log.push(sh("chmod 640 e/f && getfacl -c e/f 2>/dev/null | sort", 0));
+}
+
+#[test]
+fn posix_acls_match_a_plain_directory() {
+    compare("", acls);
+}

@@ -116,6 +116,9 @@ pub struct DirEntry {
 pub struct Creds {
     pub uid: u32,
     pub gid: u32,
+    /// The caller's umask, applied by the core unless the directory has a
+    /// default POSIX ACL (which then decides, as on a local filesystem).
+    pub umask: u32,
 }
 
 /// A time to set: a given instant or the NAS's "now".
