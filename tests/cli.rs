@@ -255,6 +255,20 @@ fn help_lists_the_subcommands() {
     assert!(nassync(&["--version"]).status.success());
 }
 
+/// umount(8) with this build's nassync behind the helper; a mount it
+/// leaves behind is detached so that the test can fail cleanly.
+fn umount8(mnt: &Path) -> Output {
+    let out = Command::new("umount")
+        .arg(mnt)
+        .env("NASSYNC_BIN", NASSYNC)
+        .output()
+        .unwrap();
+    if is_mounted(mnt) {
+        let _ = Command::new("umount").arg("-l").arg(mnt).status();
+    }
+    out
+}
+
 /// Installs this build's helper where mount(8) looks for it; it runs this
 /// build's nassync through NASSYNC_BIN.
 fn install_helper() {
@@ -293,14 +307,7 @@ fn mount_dash_t_goes_through_the_helper() {
         .unwrap();
     let read = fs::read_to_string(d.mnt.join("f")).ok();
     let written = fs::write(d.mnt.join("g"), "back").is_ok();
-    let umount = Command::new("umount")
-        .arg(&d.mnt)
-        .env("NASSYNC_BIN", NASSYNC)
-        .output()
-        .unwrap();
-    if is_mounted(&d.mnt) {
-        let _ = Command::new("umount").arg("-l").arg(&d.mnt).status();
-    }
+    let umount = umount8(&d.mnt);
     assert!(
         out.status.success(),
         "{}",
@@ -361,14 +368,16 @@ fn an_fstab_line_mounts_with_mount_dash_capital_t() {
         .output()
         .unwrap();
     let read = fs::read_to_string(d.mnt.join("f")).ok();
-    let umount = Command::new("umount")
-        .arg(&d.mnt)
-        .env("NASSYNC_BIN", NASSYNC)
-        .output()
-        .unwrap();
-    if is_mounted(&d.mnt) {
-        let _ = Command::new("umount").arg("-l").arg(&d.mnt).status();
-    }
+    let pid = daemon_pid(&d.mnt);
+    // umount(8) runs umount.fuse.nassync, which returns once the daemon
+    // has exited: what is mounted under it can be stopped next.
+    let umount = umount8(&d.mnt);
+    let daemon_gone = pid.is_some_and(|p| {
+        std::fs::read_to_string(format!("/proc/{p}/stat")).map_or(true, |st| {
+            st.rsplit_once(") ")
+                .is_some_and(|(_, r)| r.starts_with('Z'))
+        })
+    });
     assert!(
         out.status.success(),
         "{}",
@@ -379,6 +388,10 @@ fn an_fstab_line_mounts_with_mount_dash_capital_t() {
         umount.status.success(),
         "{}",
         String::from_utf8_lossy(&umount.stderr)
+    );
+    assert!(
+        daemon_gone,
+        "umount returned before the daemon exited (pid {pid:?})"
     );
 }
 
@@ -490,4 +503,11 @@ fn mounting_over_a_systemd_style_autofs_placeholder_works() {
         Some("autofs"),
         "the placeholder must survive nassync's unmount"
     );
+}
+
+fn daemon_pid(mnt: &Path) -> Option<u32> {
+    let out = nassync(&["stats", s(mnt)]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("pid ").and_then(|p| p.parse().ok()))
 }

@@ -434,28 +434,31 @@ fn unlinked_open_files_stay_usable() {
     compare("", open_unlinked);
 }
 
-fn permissions_as_another_user(r: &Path, log: &mut Log) {
+/// Runs `cmd` with sh in `dir` as user and group `uid`: "status stdout".
+fn run_as(dir: &Path, cmd: &str, uid: u32) -> String {
     use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .current_dir(dir)
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .unwrap();
+    format!(
+        "{} {}",
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).trim()
+    )
+}
+
+fn permissions_as_another_user(r: &Path, log: &mut Log) {
     let d = r.join("d");
     fs::create_dir(&d).unwrap();
     fs::set_permissions(&d, fs::Permissions::from_mode(0o777)).unwrap();
     fs::write(r.join("secret"), "s").unwrap();
     fs::set_permissions(r.join("secret"), fs::Permissions::from_mode(0o600)).unwrap();
-    let run = |cmd: &str| {
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(cmd)
-            .current_dir(r)
-            .uid(4242)
-            .gid(4242)
-            .output()
-            .unwrap();
-        format!(
-            "{} {}",
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).trim()
-        )
-    };
+    let run = |cmd: &str| run_as(r, cmd, 4242);
     log.push(run("cat secret"));
     log.push(run("echo hi > d/mine && cat d/mine"));
     log.push(st(&d.join("mine")));
@@ -524,22 +527,7 @@ fn changes_through_the_mount_reach_the_nas_and_back() {
 }
 
 fn acls(r: &Path, log: &mut Log) {
-    use std::os::unix::process::CommandExt;
-    let sh = |cmd: &str, uid: u32| {
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!("umask 022; {cmd}"))
-            .current_dir(r)
-            .uid(uid)
-            .gid(uid)
-            .output()
-            .unwrap();
-        format!(
-            "{} {}",
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).trim()
-        )
-    };
+    let sh = |cmd: &str, uid: u32| run_as(r, &format!("umask 022; {cmd}"), uid);
     // A default ACL decides the mode of new files instead of the umask.
     log.push(sh(
         "mkdir d && setfacl -d -m u::rwx,g::rwx,o::rwx d && echo ok",
