@@ -350,11 +350,20 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
     };
     config.n_threads = Some(o.threads);
     config.clone_fd = true;
+    let wants_allow_other = config.acl != fuser::SessionACL::Owner;
     let mount_error = |e: std::io::Error| {
-        let hint = if e.raw_os_error() == Some(libc::EPERM)
-            || e.kind() == std::io::ErrorKind::PermissionDenied
-        {
-            " (allow_other for non-root users needs user_allow_other in /etc/fuse.conf)"
+        let denied = e.raw_os_error() == Some(libc::EPERM)
+            || e.kind() == std::io::ErrorKind::PermissionDenied;
+        let fuse_usable = nix::unistd::access(
+            "/dev/fuse",
+            nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::W_OK,
+        )
+        .is_ok();
+        let hint = if denied && !fuse_usable {
+            " (this user cannot open /dev/fuse: it must be readable and writable by \
+             the user, as Debian's fuse3 udev rule makes it, mode 0666)"
+        } else if denied && wants_allow_other && !is_root {
+            " (allow_other for a user's mount needs user_allow_other in /etc/fuse.conf)"
         } else {
             ""
         };

@@ -511,3 +511,92 @@ fn daemon_pid(mnt: &Path) -> Option<u32> {
         .lines()
         .find_map(|l| l.strip_prefix("pid ").and_then(|p| p.parse().ok()))
 }
+
+/// Makes /dev/fuse usable by every user (as Debian's udev rule does) for
+/// the life of the guard, then restores its mode.
+struct FuseForUsers(u32);
+
+impl FuseForUsers {
+    fn new() -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata("/dev/fuse").unwrap().permissions().mode();
+        fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(0o666)).unwrap();
+        FuseForUsers(mode)
+    }
+}
+
+impl Drop for FuseForUsers {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(self.0 & 0o7777));
+    }
+}
+
+#[test]
+fn a_user_mounts_through_fusermount3() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let d = dirs();
+    let _fuse = FuseForUsers::new();
+    let home = d.nas.parent().unwrap().to_path_buf();
+    for p in [&home, &d.nas, &d.mnt] {
+        fs::set_permissions(p, fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    fs::write(d.nas.join("f"), "user mount").unwrap();
+    // fusermount3 wants a user with a name: nobody.
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    let as_user = |args: &[&str]| {
+        Command::new(NASSYNC)
+            .args(args)
+            .env("HOME", &home)
+            .env_remove("XDG_RUNTIME_DIR")
+            .uid(nobody.uid.as_raw())
+            .gid(nobody.gid.as_raw())
+            .output()
+            .unwrap()
+    };
+    let out = as_user(&["mount", s(&d.nas), s(&d.mnt)]);
+    let read = fs::read_to_string(d.mnt.join("f")).ok();
+    let stats = as_user(&["stats", s(&d.mnt)]);
+    let umount = as_user(&["umount", s(&d.mnt)]);
+    if is_mounted(&d.mnt) {
+        let _ = Command::new("umount").arg("-l").arg(&d.mnt).status();
+    }
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without allow_other (off for users), even root is kept out; the
+    // user reads it through stats instead.
+    assert_eq!(
+        read, None,
+        "root must not see into a user's mount without allow_root"
+    );
+    assert!(String::from_utf8_lossy(&stats.stdout).contains("source "));
+    assert!(
+        umount.status.success(),
+        "{}",
+        String::from_utf8_lossy(&umount.stderr)
+    );
+    // The user's cache is under the user's home, private.
+    let cache = home.join(".cache/nassync");
+    assert_eq!(
+        fs::metadata(&cache).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    // allow_other without user_allow_other: refused, and the message says why.
+    let conf = fs::read_to_string("/etc/fuse.conf").unwrap_or_default();
+    if !conf.lines().any(|l| l.trim() == "user_allow_other") {
+        let out = as_user(&["mount", s(&d.nas), s(&d.mnt), "-o", "allow_other"]);
+        if is_mounted(&d.mnt) {
+            let _ = Command::new("umount").arg("-l").arg(&d.mnt).status();
+        }
+        assert_eq!(out.status.code(), Some(32));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("user_allow_other"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
