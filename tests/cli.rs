@@ -64,7 +64,7 @@ fn detached_mount_is_ready_when_it_returns_and_umount_waits_for_the_daemon() {
     let stats = nassync(&["stats", s(&d.mnt)]);
     let umount = nassync(&["umount", s(&d.mnt)]);
     if !umount.status.success() {
-        let _ = Command::new("umount").arg("-l").arg(&d.mnt).status();
+        common::detach(&d.mnt);
     }
     assert!(ok, "mounted and readable when `nassync mount` returned");
     assert!(stats.status.success());
@@ -83,7 +83,7 @@ fn assert_refused(args: &[&str], status: i32, needle: &str, mnt: &Path) {
     let err = String::from_utf8_lossy(&out.stderr);
     let mounted = is_mounted(mnt);
     if mounted {
-        let _ = Command::new("umount").arg("-l").arg(mnt).status();
+        common::detach(mnt);
     }
     assert_eq!(out.status.code(), Some(status), "{args:?}: {err}");
     assert!(
@@ -216,7 +216,7 @@ fn a_stale_mount_left_by_a_killed_daemon_is_explained_and_can_be_cleaned() {
     let err = String::from_utf8_lossy(&again.stderr).into_owned();
     let cleaned = nassync(&["umount", s(&d.mnt)]);
     if is_mounted(&d.mnt) {
-        let _ = Command::new("umount").arg("-l").arg(&d.mnt).status();
+        common::detach(&d.mnt);
     }
     assert_eq!(again.status.code(), Some(32), "{err}");
     assert!(err.contains("nassync umount"), "{err}");
@@ -264,7 +264,7 @@ fn umount8(mnt: &Path) -> Output {
         .output()
         .unwrap();
     if is_mounted(mnt) {
-        let _ = Command::new("umount").arg("-l").arg(mnt).status();
+        common::detach(mnt);
     }
     out
 }
@@ -560,7 +560,7 @@ fn a_user_mounts_through_fusermount3() {
     let stats = as_user(&["stats", s(&d.mnt)]);
     let umount = as_user(&["umount", s(&d.mnt)]);
     if is_mounted(&d.mnt) {
-        let _ = Command::new("umount").arg("-l").arg(&d.mnt).status();
+        common::detach(&d.mnt);
     }
     assert!(
         out.status.success(),
@@ -590,7 +590,7 @@ fn a_user_mounts_through_fusermount3() {
     if !conf.lines().any(|l| l.trim() == "user_allow_other") {
         let out = as_user(&["mount", s(&d.nas), s(&d.mnt), "-o", "allow_other"]);
         if is_mounted(&d.mnt) {
-            let _ = Command::new("umount").arg("-l").arg(&d.mnt).status();
+            common::detach(&d.mnt);
         }
         assert_eq!(out.status.code(), Some(32));
         assert!(

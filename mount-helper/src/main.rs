@@ -71,13 +71,31 @@ fn main() -> ExitCode {
             Ok(m) => m,
             Err(code) => return code,
         };
+        let dir = m.get_one::<String>("dir").expect("required");
         let mut cmd = Command::new(nassync());
-        cmd.arg("umount")
-            .arg(m.get_one::<String>("dir").expect("required"));
+        cmd.arg("umount").arg(dir);
         if m.get_flag("lazy") {
             cmd.arg("--lazy");
         }
-        return run(cmd, name, m.get_flag("verbose"));
+        if m.get_flag("verbose") {
+            eprintln!("{name}: running {cmd:?}");
+        }
+        let err = cmd.exec();
+        // Without nassync a mount must still come down: unmount it directly
+        // (without waiting for the daemon).
+        eprintln!("{name}: cannot run nassync ({err}); unmounting {dir} directly");
+        let flags = if m.get_flag("lazy") {
+            nix::mount::MntFlags::MNT_DETACH
+        } else {
+            nix::mount::MntFlags::empty()
+        };
+        return match nix::mount::umount2(dir.as_str(), flags) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{name}: {dir}: {e}");
+                ExitCode::from(32)
+            }
+        };
     }
     let name = "mount.fuse.nassync";
     let m = match parse(nassync::cli::helper_command(), name) {

@@ -110,7 +110,7 @@ impl Mount {
             return;
         };
         if is_mounted(&self.mnt) {
-            let _ = Command::new("umount").arg(&self.mnt).status();
+            let _ = nix::mount::umount2(&self.mnt, nix::mount::MntFlags::empty());
         }
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -125,7 +125,7 @@ impl Mount {
             }
         }
         if is_mounted(&self.mnt) {
-            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+            detach(&self.mnt);
         }
     }
 
@@ -141,7 +141,7 @@ impl Mount {
             let _ = c.wait();
         }
         self.child = None;
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        detach(&self.mnt);
     }
 
     pub fn pid(&self) -> u32 {
@@ -186,6 +186,12 @@ impl Drop for Mount {
     fn drop(&mut self) {
         self.unmount();
     }
+}
+
+/// Detaches whatever is mounted at `path` with the system call itself:
+/// umount(8) would run the installed umount.fuse.nassync helper.
+pub fn detach(path: &Path) {
+    let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
 }
 
 /// The errno of an io result, or 0.
