@@ -600,3 +600,24 @@ fn a_user_mounts_through_fusermount3() {
         );
     }
 }
+
+#[test]
+fn standard_options_reach_the_kernel() {
+    let m = Mount::new("ro,noexec,nosuid,nodev,noatime,fsname=mynas");
+    fs::write(m.n("f"), "x").unwrap();
+    assert_eq!(fs::read_to_string(m.m("f")).unwrap(), "x");
+    assert_eq!(common::errno(&fs::write(m.m("g"), "y")), libc::EROFS);
+    let line = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(s(&m.mnt)))
+        .unwrap()
+        .to_string();
+    for flag in ["ro", "noexec", "nosuid", "nodev", "noatime"] {
+        assert!(
+            line.split([' ', ',']).any(|w| w == flag),
+            "{flag} missing: {line}"
+        );
+    }
+    assert!(line.contains(" fuse.nassync mynas "), "{line}");
+}
