@@ -204,6 +204,15 @@ pub fn mount_detached(plan: &Plan, args: &[OsString]) -> Result<(), MountError> 
                 plan.cache_dir.display()
             )
         })?;
+    // Under systemd (a .mount unit runs mount(8), which runs us), stderr is
+    // the journal: the daemon keeps it, so journalctl has its log.
+    // Otherwise it logs to daemon.log (a terminal or a pipe must not be
+    // held open by the daemon).
+    let log = if stderr_is_journal() {
+        Stdio::inherit()
+    } else {
+        Stdio::from(log)
+    };
     let (rx, tx) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let tx_raw = tx.into_raw_fd();
     let exe = std::env::current_exe().context("cannot find the nassync executable")?;
@@ -213,7 +222,7 @@ pub fn mount_detached(plan: &Plan, args: &[OsString]) -> Result<(), MountError> 
         .env(READY_FD_ENV, tx_raw.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::from(log));
+        .stderr(log);
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -248,6 +257,19 @@ pub fn mount_detached(plan: &Plan, args: &[OsString]) -> Result<(), MountError> 
             ),
         }),
     }
+}
+
+/// Whether stderr is systemd's journal stream ($JOURNAL_STREAM names the
+/// device and inode of the journal's socket).
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(want) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    want.to_string_lossy() == format!("{}:{}", meta.dev(), meta.ino())
 }
 
 /// Where the daemon tells a waiting `nassync mount` how startup went.

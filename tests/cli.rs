@@ -621,3 +621,37 @@ fn standard_options_reach_the_kernel() {
     }
     assert!(line.contains(" fuse.nassync mynas "), "{line}");
 }
+
+#[test]
+fn under_systemd_the_daemon_logs_to_the_journal_stream() {
+    use std::os::unix::fs::MetadataExt;
+    let d = dirs();
+    // Stand-in for the journal's socket: a file whose dev:ino is announced
+    // in JOURNAL_STREAM, as systemd does for the commands it runs.
+    let journal = d.nas.parent().unwrap().join("journal");
+    let f = fs::File::create(&journal).unwrap();
+    let meta = f.metadata().unwrap();
+    let status = Command::new(NASSYNC)
+        .args([
+            "mount",
+            s(&d.nas),
+            s(&d.mnt),
+            "-o",
+            &format!("cache_dir={},log_level=info", s(&d.cache)),
+        ])
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stderr(f)
+        .status()
+        .unwrap();
+    let umount = nassync(&["umount", s(&d.mnt)]);
+    if is_mounted(&d.mnt) {
+        common::detach(&d.mnt);
+    }
+    assert!(status.success());
+    assert!(umount.status.success());
+    let logged = fs::read_to_string(&journal).unwrap();
+    assert!(
+        logged.contains("serving"),
+        "the daemon's log went elsewhere: {logged:?}"
+    );
+}
