@@ -895,7 +895,25 @@ impl<B: Backend> Core<B> {
         let mut names = HashMap::with_capacity(listing.len());
         for e in listing {
             let fino = self.fuse_ino(e.ino);
-            let plus = if plus {
+            // A name whose inode is held already reuses its node (for the
+            // directory backend, its descriptor: a listing of 10,000 files
+            // must not open 10,000 more).
+            let held = plus
+                .then(|| {
+                    let t = self.tables();
+                    let fino = *t.names.get(&(ino, e.name.clone()))?;
+                    // Only if the name still leads to that inode.
+                    (fino == self.fuse_ino(e.ino)).then_some(())?;
+                    Some(t.inodes.get(&fino)?.node.clone())
+                })
+                .flatten();
+            let plus = if let Some(held) = held {
+                match self.backend.getattr(&held) {
+                    Ok(attr) => Some((held, attr)),
+                    Err(err) if err.raw_errno() == libc::ENOENT => continue,
+                    Err(err) => return Err(err.into()),
+                }
+            } else if plus {
                 match self.backend.lookup(&node, &e.name) {
                     Ok(found) => Some(found),
                     Err(err) if err.raw_errno() == libc::ENOENT => continue, // gone

@@ -305,13 +305,22 @@ pub fn run_foreground(plan: Plan) -> Result<(), MountError> {
     }
 }
 
+/// Every inode the kernel holds is an open descriptor (O_PATH) on the NAS,
+/// so the limit is raised as far as allowed: to the system's maximum for
+/// root (fs.nr_open), to the hard limit otherwise.
 fn raise_fd_limit() {
-    if let Ok((_, hard)) =
-        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-    {
-        let _ =
-            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let max = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(hard);
+    if max > hard && setrlimit(Resource::RLIMIT_NOFILE, max, max).is_ok() {
+        return;
     }
+    let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
 }
 
 fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
