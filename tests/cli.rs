@@ -101,54 +101,44 @@ fn bad_input_is_refused_with_a_clear_error_and_nothing_mounted() {
     let file = d.nas.join("file");
     fs::write(&file, "x").unwrap();
     let (nas, mnt) = (s(&d.nas), s(&d.mnt));
-    assert_refused(
-        &["mount", s(&missing), mnt, "-o", &cache],
-        32,
-        "No such file",
-        &d.mnt,
-    );
-    assert_refused(
-        &["mount", s(&file), mnt, "-o", &cache],
-        32,
-        "not a directory",
-        &d.mnt,
-    );
-    assert_refused(
-        &["mount", nas, s(&missing), "-o", &cache],
-        32,
-        "No such file",
-        &d.mnt,
-    );
-    assert_refused(
-        &["mount", nas, s(&file), "-o", &cache],
-        32,
-        "not a directory",
-        &d.mnt,
-    );
-    assert_refused(
-        &["mount", nas, mnt, "-o", "frobnicate"],
-        1,
-        "'frobnicate'",
-        &d.mnt,
-    );
-    assert_refused(
-        &["mount", nas, mnt, "-o", "cache_size=huge"],
-        1,
-        "cache_size=huge",
-        &d.mnt,
-    );
-    assert_refused(
-        &["mount", nas, mnt, "-o", "block_size=1000"],
-        1,
-        "power of two",
-        &d.mnt,
-    );
-    assert_refused(
-        &["mount", nas, mnt, "-o", "actimeo=-1"],
-        1,
-        "actimeo=-1",
-        &d.mnt,
-    );
+    // (arguments, exit status, what the message must name)
+    let cases: [(&[&str], i32, &str); 8] = [
+        (
+            &["mount", s(&missing), mnt, "-o", &cache],
+            32,
+            "No such file",
+        ),
+        (
+            &["mount", s(&file), mnt, "-o", &cache],
+            32,
+            "not a directory",
+        ),
+        (
+            &["mount", nas, s(&missing), "-o", &cache],
+            32,
+            "No such file",
+        ),
+        (
+            &["mount", nas, s(&file), "-o", &cache],
+            32,
+            "not a directory",
+        ),
+        (&["mount", nas, mnt, "-o", "frobnicate"], 1, "'frobnicate'"),
+        (
+            &["mount", nas, mnt, "-o", "cache_size=huge"],
+            1,
+            "cache_size=huge",
+        ),
+        (
+            &["mount", nas, mnt, "-o", "block_size=1000"],
+            1,
+            "power of two",
+        ),
+        (&["mount", nas, mnt, "-o", "actimeo=-1"], 1, "actimeo=-1"),
+    ];
+    for (args, status, needle) in cases {
+        assert_refused(args, status, needle, &d.mnt);
+    }
     // A cache directory that cannot be written (a file stands in its way).
     let blocker = d.nas.join("blocker");
     fs::write(&blocker, "").unwrap();

@@ -15,9 +15,16 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_simnas");
 
 fn fuse_available() -> bool {
-    assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing: install fuse3");
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: install fuse3"
+    );
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "the simnas tests mount as root");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the simnas tests mount as root"
+    );
     true
 }
 
