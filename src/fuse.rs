@@ -43,15 +43,14 @@ impl<B: Backend> FuseFs<B> {
     }
 }
 
+/// The reply's errno; an EIO is logged with its cause, which the
+/// application cannot see.
 fn errno(e: &FsError) -> Errno {
-    if let FsError::Backend(b) = e {
-        if b.raw_errno() == libc::EIO {
-            log::warn!("{e}");
-        }
-    } else if e.errno() == libc::EIO {
+    let n = e.errno();
+    if n == libc::EIO {
         log::warn!("{e}");
     }
-    Errno::from_i32(e.errno())
+    Errno::from_i32(n)
 }
 
 fn kind(k: FileKind) -> FileType {
