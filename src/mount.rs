@@ -490,20 +490,10 @@ fn kernel_mount(plan: &Plan, acl: &fuser::SessionACL) -> std::io::Result<OwnedFd
     if *acl != fuser::SessionACL::Owner {
         data.push_str(",allow_other");
     }
-    let mut flags = MsFlags::empty();
-    for (on, f) in [
-        (o.read_only, MsFlags::MS_RDONLY),
-        (o.nosuid, MsFlags::MS_NOSUID),
-        (o.nodev, MsFlags::MS_NODEV),
-        (o.noexec, MsFlags::MS_NOEXEC),
-        (o.noatime, MsFlags::MS_NOATIME),
-        (o.sync, MsFlags::MS_SYNCHRONOUS),
-        (o.dirsync, MsFlags::MS_DIRSYNC),
-    ] {
-        if on {
-            flags |= f;
-        }
-    }
+    let flags = kernel_flags(o)
+        .into_iter()
+        .filter(|(on, _, _)| *on)
+        .fold(MsFlags::empty(), |acc, (_, f, _)| acc | f);
     let fsname = o
         .fsname
         .clone()
@@ -530,17 +520,29 @@ fn mount_options(plan: &Plan) -> Vec<fuser::MountOption> {
         M::Subtype("nassync".into()),
         M::DefaultPermissions,
     ];
-    let flags = [
-        (o.read_only, M::RO),
-        (o.noatime, M::NoAtime),
-        (o.nodev, M::NoDev),
-        (o.nosuid, M::NoSuid),
-        (o.noexec, M::NoExec),
-        (o.sync, M::Sync),
-        (o.dirsync, M::DirSync),
-    ];
-    v.extend(flags.into_iter().filter(|(on, _)| *on).map(|(_, m)| m));
+    v.extend(
+        kernel_flags(o)
+            .into_iter()
+            .filter(|(on, _, _)| *on)
+            .map(|(_, _, m)| m),
+    );
     v
+}
+
+/// The per-mount kernel flags, for both ways of mounting: whether the
+/// option asks for it, the mount(2) flag, and fuser's option.
+fn kernel_flags(o: &MountOptions) -> [(bool, nix::mount::MsFlags, fuser::MountOption); 7] {
+    use fuser::MountOption as M;
+    use nix::mount::MsFlags as F;
+    [
+        (o.read_only, F::MS_RDONLY, M::RO),
+        (o.nosuid, F::MS_NOSUID, M::NoSuid),
+        (o.nodev, F::MS_NODEV, M::NoDev),
+        (o.noexec, F::MS_NOEXEC, M::NoExec),
+        (o.noatime, F::MS_NOATIME, M::NoAtime),
+        (o.sync, F::MS_SYNCHRONOUS, M::Sync),
+        (o.dirsync, F::MS_DIRSYNC, M::DirSync),
+    ]
 }
 
 fn stats_text<B: Backend>(core: &Core<B>, source: &Path) -> String {
