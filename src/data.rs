@@ -62,6 +62,11 @@ impl FileData {
     pub fn epoch(&self) -> u64 {
         self.lock().epoch
     }
+
+    /// The NAS version the cached blocks belong to, once known.
+    pub fn cached(&self) -> Option<Validator> {
+        self.lock().cached
+    }
 }
 
 /// The block caches and the readahead workers of one mount.
@@ -176,6 +181,34 @@ impl DataCache {
                     (end - 1) / self.block_size
                 };
                 disk.drop_blocks(ino, start / self.block_size, last)?;
+            }
+            disk.set_validator(ino, after)?;
+        }
+        g.cached = Some(*after);
+        Ok(())
+    }
+
+    /// After write-back made the NAS file `after`: the byte ranges in
+    /// `stale` differ from the cached version, the rest is unchanged.
+    pub fn replaced(
+        &self,
+        ino: u64,
+        data: &FileData,
+        stale: &[(u64, u64)],
+        after: &Validator,
+    ) -> FsResult<()> {
+        let mut g = data.lock();
+        g.epoch = next_epoch();
+        if let Some(disk) = &self.disk {
+            for &(start, end) in stale {
+                if end > start {
+                    let last = if end == u64::MAX {
+                        u64::MAX
+                    } else {
+                        (end - 1) / self.block_size
+                    };
+                    disk.drop_blocks(ino, start / self.block_size, last)?;
+                }
             }
             disk.set_validator(ino, after)?;
         }

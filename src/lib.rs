@@ -16,3 +16,4 @@ pub mod mount;
 pub mod mountinfo;
 pub mod options;
 pub mod stats;
+pub mod writeback;

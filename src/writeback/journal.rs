@@ -1,0 +1,472 @@
+//! The write-back journal: every change not yet on the NAS, in order, in
+//! SQLite (WAL) under `cache_dir`. The format is described in
+//! docs/WRITEBACK.md; [`FORMAT`] changes whenever it does.
+//!
+//! One row of `ops` per pending change. A `data` row stands for all the
+//! pending writes and truncations of one file (they are coalesced into it);
+//! the bytes themselves live in `pending/<fid>`, a sparse file holding each
+//! changed byte at its own offset, so that writes and reads run at local
+//! disk speed. The row's `args` is zstd-compressed, like every payload the
+//! journal holds. Namespace operations (a later change) become rows of
+//! their own kinds in the same table, replayed in `seq` order.
+//!
+//! Durability: commits are not synced (synchronous=NORMAL) except those
+//! that confirm an fsync ([`Journal::commit_durable`]).
+
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::ranges::RangeSet;
+use crate::backend::Validator;
+use crate::cache::CacheError;
+
+/// Journal format version. A journal of another version is refused, never
+/// emptied: it may hold the only copy of someone's work.
+pub const FORMAT: i64 = 1;
+
+/// Where a data row is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowState {
+    /// Waiting for write-back.
+    Pending,
+    /// Write-back started writing into the NAS file; if the daemon stops
+    /// now, the NAS file may hold part of the change, and the next attempt
+    /// writes it again (the writes are idempotent).
+    Applying,
+}
+
+impl RowState {
+    fn as_str(self) -> &'static str {
+        match self {
+            RowState::Pending => "pending",
+            RowState::Applying => "applying",
+        }
+    }
+    fn parse(s: &str) -> Option<RowState> {
+        match s {
+            "pending" => Some(RowState::Pending),
+            "applying" => Some(RowState::Applying),
+            _ => None,
+        }
+    }
+}
+
+/// The pending data change of one file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DataRecord {
+    /// Local id: names `pending/<fid>`.
+    pub fid: u64,
+    /// The NAS's inode number of the file.
+    pub nas_ino: u64,
+    /// Path from the share's root when last known, to find the file again
+    /// after a restart.
+    pub path: OsString,
+    /// The NAS version the change started from: write-back checks that the
+    /// NAS file is still this version before writing into it.
+    pub base: Validator,
+    pub state: RowState,
+    /// Local size.
+    pub size: u64,
+    /// The smallest size the file had since `base`: the base's bytes at and
+    /// after it are gone (read as zeros where not rewritten).
+    pub trunc: u64,
+    pub mtime: SystemTime,
+    /// Bytes changed since `base`, held in `pending/<fid>`.
+    pub ranges: RangeSet,
+    pub created: SystemTime,
+}
+
+/// A conflict found at write-back: both versions were kept.
+#[derive(Clone, Debug)]
+pub struct ConflictRecord {
+    pub at: SystemTime,
+    pub path: OsString,
+    pub kept_as: OsString,
+    pub reason: String,
+}
+
+fn nanos(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i64,
+        Err(e) => -(e.duration().as_nanos() as i64),
+    }
+}
+
+fn from_nanos(n: i64) -> SystemTime {
+    if n >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(n as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(n.unsigned_abs())
+    }
+}
+
+fn setup_err(path: &Path, reason: impl ToString) -> CacheError {
+    CacheError::Setup {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// The `args` payload of a data row, before compression: size, trunc,
+/// mtime (ns), then the ranges.
+fn encode_args(r: &DataRecord) -> Vec<u8> {
+    let mut raw = Vec::with_capacity(24 + r.ranges.iter().count() * 16);
+    raw.extend_from_slice(&r.size.to_le_bytes());
+    raw.extend_from_slice(&r.trunc.to_le_bytes());
+    raw.extend_from_slice(&nanos(r.mtime).to_le_bytes());
+    raw.extend_from_slice(&r.ranges.to_bytes());
+    zstd::bulk::compress(&raw, 3).unwrap_or(raw)
+}
+
+fn decode_args(blob: &[u8]) -> Option<(u64, u64, SystemTime, RangeSet)> {
+    let raw = zstd::stream::decode_all(blob).ok()?;
+    if raw.len() < 24 {
+        return None;
+    }
+    let size = u64::from_le_bytes(raw[0..8].try_into().ok()?);
+    let trunc = u64::from_le_bytes(raw[8..16].try_into().ok()?);
+    let mtime = from_nanos(i64::from_le_bytes(raw[16..24].try_into().ok()?));
+    let ranges = RangeSet::from_bytes(&raw[24..])?;
+    Some((size, trunc, mtime, ranges))
+}
+
+/// See the module documentation.
+pub struct Journal {
+    dir: PathBuf,
+    conn: Mutex<Connection>,
+    _lock: File,
+}
+
+impl Journal {
+    /// Opens the journal in `dir` (the cache directory), creating it if
+    /// absent. A journal that is damaged or of another format is an error,
+    /// and is left as it is.
+    pub fn open(dir: &Path) -> Result<Journal, CacheError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .create(dir.join("pending"))
+            .map_err(|e| setup_err(dir, format!("cannot create it: {e}")))?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(dir.join("journal.lock"))
+            .map_err(|e| setup_err(dir, format!("not writable: {e}")))?;
+        // SAFETY: plain syscall on a descriptor we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(setup_err(
+                dir,
+                "its write-back journal is in use by another nassync daemon",
+            ));
+        }
+        let path = dir.join("journal.sqlite");
+        let corrupt = |e: &dyn std::fmt::Display| {
+            setup_err(
+                &path,
+                format!(
+                    "the write-back journal cannot be read ({e}); it may hold changes not \
+                     yet on the NAS, so nassync leaves it alone: move it away to start \
+                     with an empty journal"
+                ),
+            )
+        };
+        let conn = Connection::open(&path).map_err(|e| corrupt(&e))?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(|e| corrupt(&e))?;
+        let check: String = conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(|e| corrupt(&e))?;
+        if check != "ok" {
+            return Err(corrupt(&check));
+        }
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| corrupt(&e))?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| corrupt(&e))?;
+        let tables: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| corrupt(&e))?;
+        if tables == 0 {
+            conn.execute_batch(
+                "BEGIN;
+                 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+                 CREATE TABLE ops (
+                     seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                     kind TEXT NOT NULL,
+                     nas_ino INTEGER NOT NULL,
+                     path BLOB NOT NULL,
+                     path2 BLOB,
+                     base_ino INTEGER, base_size INTEGER,
+                     base_mtime_ns INTEGER, base_ctime_ns INTEGER,
+                     state TEXT NOT NULL,
+                     args BLOB NOT NULL,
+                     created_ns INTEGER NOT NULL);
+                 CREATE TABLE conflicts (
+                     id INTEGER PRIMARY KEY AUTOINCREMENT,
+                     at_ns INTEGER NOT NULL,
+                     path BLOB NOT NULL,
+                     kept_as BLOB NOT NULL,
+                     reason TEXT NOT NULL);
+                 COMMIT;",
+            )?;
+            conn.execute("INSERT INTO meta VALUES ('format', ?1)", params![FORMAT])?;
+        }
+        let format: Option<i64> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'format'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| corrupt(&e))?;
+        if format != Some(FORMAT) {
+            return Err(corrupt(&format!(
+                "format {format:?}, this nassync reads format {FORMAT}"
+            )));
+        }
+        Ok(Journal {
+            dir: dir.to_path_buf(),
+            conn: Mutex::new(conn),
+            _lock: lock,
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `pending/<fid>`: the changed bytes of a file.
+    pub fn pending_path(&self, fid: u64) -> PathBuf {
+        self.dir.join("pending").join(format!("{fid:016x}"))
+    }
+
+    pub fn pending_dir(&self) -> PathBuf {
+        self.dir.join("pending")
+    }
+
+    /// Adds a data row; returns its fid.
+    pub fn insert_data(&self, r: &DataRecord) -> Result<u64, CacheError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO ops (kind, nas_ino, path, base_ino, base_size, base_mtime_ns,
+                              base_ctime_ns, state, args, created_ns)
+             VALUES ('data', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                r.nas_ino as i64,
+                r.path.as_bytes(),
+                r.base.ino as i64,
+                r.base.size as i64,
+                nanos(r.base.mtime),
+                nanos(r.base.ctime),
+                r.state.as_str(),
+                encode_args(r),
+                nanos(r.created),
+            ],
+        )?;
+        Ok(conn.last_insert_rowid() as u64)
+    }
+
+    pub fn update_data(&self, r: &DataRecord) -> Result<(), CacheError> {
+        self.conn().execute(
+            "UPDATE ops SET nas_ino = ?2, path = ?3, base_ino = ?4, base_size = ?5,
+                 base_mtime_ns = ?6, base_ctime_ns = ?7, state = ?8, args = ?9
+             WHERE seq = ?1",
+            params![
+                r.fid as i64,
+                r.nas_ino as i64,
+                r.path.as_bytes(),
+                r.base.ino as i64,
+                r.base.size as i64,
+                nanos(r.base.mtime),
+                nanos(r.base.ctime),
+                r.state.as_str(),
+                encode_args(r),
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete(&self, fid: u64) -> Result<(), CacheError> {
+        self.conn()
+            .execute("DELETE FROM ops WHERE seq = ?1", [fid as i64])?;
+        Ok(())
+    }
+
+    /// Makes every commit so far durable (syncs the WAL).
+    pub fn commit_durable(&self) -> Result<(), CacheError> {
+        let conn = self.conn();
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        // An empty write transaction: committing it syncs the WAL, and with
+        // it every frame appended before.
+        let r = conn.execute("UPDATE meta SET value = value WHERE key = 'format'", []);
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        r?;
+        Ok(())
+    }
+
+    /// Every data row, oldest first. A row that cannot be decoded is an
+    /// error: nothing is dropped silently.
+    pub fn load_data(&self) -> Result<Vec<DataRecord>, CacheError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT seq, nas_ino, path, base_ino, base_size, base_mtime_ns, base_ctime_ns,
+                    state, args, created_ns, kind
+             FROM ops ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+                (
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                ),
+                r.get::<_, String>(7)?,
+                r.get::<_, Vec<u8>>(8)?,
+                r.get::<_, i64>(9)?,
+                r.get::<_, String>(10)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, nas_ino, path, (bi, bs, bm, bc), state, args, created, kind) = row?;
+            let bad = |what: &str| CacheError::Setup {
+                path: self.dir.join("journal.sqlite").display().to_string(),
+                reason: format!("journal row {seq} ({kind}): {what}; left as it is"),
+            };
+            if kind != "data" {
+                return Err(bad("an operation this nassync does not know"));
+            }
+            let state = RowState::parse(&state).ok_or_else(|| bad("unknown state"))?;
+            let (size, trunc, mtime, ranges) =
+                decode_args(&args).ok_or_else(|| bad("damaged payload"))?;
+            out.push(DataRecord {
+                fid: seq as u64,
+                nas_ino: nas_ino as u64,
+                path: OsString::from_vec(path),
+                base: Validator {
+                    ino: bi as u64,
+                    size: bs as u64,
+                    mtime: from_nanos(bm),
+                    ctime: from_nanos(bc),
+                },
+                state,
+                size,
+                trunc,
+                mtime,
+                ranges,
+                created: from_nanos(created),
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn add_conflict(&self, c: &ConflictRecord) -> Result<(), CacheError> {
+        self.conn().execute(
+            "INSERT INTO conflicts (at_ns, path, kept_as, reason) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                nanos(c.at),
+                c.path.as_bytes(),
+                c.kept_as.as_bytes(),
+                c.reason
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The most recent conflicts, newest last.
+    pub fn conflicts(&self, limit: usize) -> Result<Vec<ConflictRecord>, CacheError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT at_ns, path, kept_as, reason FROM
+               (SELECT * FROM conflicts ORDER BY id DESC LIMIT ?1) ORDER BY id",
+        )?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            Ok(ConflictRecord {
+                at: from_nanos(r.get(0)?),
+                path: OsString::from_vec(r.get(1)?),
+                kept_as: OsString::from_vec(r.get(2)?),
+                reason: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> DataRecord {
+        let mut ranges = RangeSet::new();
+        ranges.insert(4096, 8192);
+        ranges.insert(1 << 30, (1 << 30) + 7);
+        let t = UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789);
+        DataRecord {
+            fid: 0,
+            nas_ino: 42,
+            path: OsString::from("dir/file.txt"),
+            base: Validator {
+                ino: 42,
+                size: 10,
+                mtime: t,
+                ctime: t,
+            },
+            state: RowState::Pending,
+            size: (1 << 30) + 7,
+            trunc: 10,
+            mtime: t,
+            ranges,
+            created: t,
+        }
+    }
+
+    #[test]
+    fn rows_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = record();
+        {
+            let j = Journal::open(dir.path()).unwrap();
+            r.fid = j.insert_data(&r).unwrap();
+            r.state = RowState::Applying;
+            j.update_data(&r).unwrap();
+            j.commit_durable().unwrap();
+        }
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.load_data().unwrap(), vec![r.clone()]);
+        j.delete(r.fid).unwrap();
+        assert!(j.load_data().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_damaged_journal_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.sqlite");
+        std::fs::write(&path, b"this is not a database, but someone's data").unwrap();
+        let before = std::fs::read(&path).unwrap();
+        let e = Journal::open(dir.path()).err().expect("refused");
+        assert!(e.to_string().contains("journal"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+
+    #[test]
+    fn a_second_daemon_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _a = Journal::open(dir.path()).unwrap();
+        assert!(Journal::open(dir.path()).is_err());
+    }
+}

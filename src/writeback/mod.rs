@@ -1,0 +1,1508 @@
+//! Write-back: writes land in local files at local disk speed and reach the
+//! NAS later, in the background, as deltas, through a crash-safe journal
+//! ([`journal`]).
+//!
+//! Each file with pending changes is a [`Dirty`]: its journal row, the
+//! local file holding its changed bytes (`pending/<fid>`), and where it is
+//! in write-back. The local content of a dirty file is, byte by byte: the
+//! changed bytes where it was written, zeros where it was truncated and
+//! not written since, and the base version (the NAS version the changes
+//! started from, read through the block caches) elsewhere.
+//!
+//! Write-back of one file, an explicit state machine ([`Phase`]):
+//! `Waiting` (changes pending, `writeback_delay` after the last change it
+//! becomes due) -> `Applying` (one attempt: snapshot the changed ranges,
+//! check the NAS file is still the base version, write the ranges into it,
+//! set its size and mtime, fsync, adopt the new NAS version as the base)
+//! -> removed when nothing changed meanwhile, else `Waiting` again. A
+//! failed attempt goes to `Retry` (backoff, the error shown in status); a
+//! NAS file that is no longer the base version is a conflict: the local
+//! version is written beside it under a conflict name, and the file is
+//! settled. Changes made during an attempt are kept for the next one.
+//!
+//! Lock order: a `Dirty`'s lock, then the journal's. The `files` map lock
+//! is never held while taking a `Dirty`'s lock for long, nor across a NAS
+//! call; NAS calls are made with no lock held.
+
+pub mod delta;
+pub mod journal;
+pub mod ranges;
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::{File, OpenOptions};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::backend::{
+    Attr, BResult, Backend, BackendError, Creds, OpenMode, SetAttr, SetTime, Validator,
+};
+use crate::cache::CacheError;
+use crate::data::{DataCache, FetchFn, FileData};
+use crate::error::{FsError, FsResult};
+use journal::{ConflictRecord, DataRecord, Journal, RowState};
+use ranges::RangeSet;
+
+/// How write-back behaves.
+#[derive(Clone, Debug)]
+pub struct WbConfig {
+    /// A file is written back this long after its last change.
+    pub delay: Duration,
+    /// Writers wait while more bytes than this are pending.
+    pub max_dirty: u64,
+    /// This machine's name, for conflict file names.
+    pub host: String,
+}
+
+/// Where one dirty file is in write-back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Waiting,
+    Applying,
+    /// The last attempt failed; the next one is not before `at`.
+    Retry {
+        at: Instant,
+    },
+}
+
+/// What the core knows of a file when it first changes.
+pub struct Start<B: Backend> {
+    pub fuse_ino: u64,
+    pub node: B::Node,
+    pub path: OsString,
+    pub base: Validator,
+    pub data: Arc<FileData>,
+}
+
+struct DirtyInner<B: Backend> {
+    rec: DataRecord,
+    ctime: SystemTime,
+    pending: File,
+    node: Option<B::Node>,
+    phase: Phase,
+    /// The ranges an attempt is writing: still read from `pending`.
+    applying: RangeSet,
+    /// The smallest size since the attempt's snapshot.
+    trunc_live: u64,
+    last_change: Instant,
+    /// Written back as soon as possible (a flush asked for it).
+    due: bool,
+    attempts: u32,
+    last_error: Option<String>,
+    /// Its last name was removed: nothing to write back; kept only while
+    /// open.
+    orphan: bool,
+    /// `pending/` was fsynced since this file's pending file was created.
+    dir_synced: bool,
+    /// The in-memory state is newer than the journal row.
+    row_stale: bool,
+    /// No longer in `files`: whoever holds it must look again.
+    removed: bool,
+    /// The errno of the last failure.
+    last_errno: i32,
+}
+
+impl<B: Backend> DirtyInner<B> {
+    fn weight(&self) -> u64 {
+        self.rec.ranges.bytes() + self.applying.bytes()
+    }
+
+    /// The row as it must be on disk: every range not yet on the NAS.
+    fn row(&self) -> DataRecord {
+        let mut r = self.rec.clone();
+        if !self.applying.is_empty() {
+            r.ranges.union(&self.applying);
+        }
+        r
+    }
+}
+
+/// One file with changes not yet on the NAS.
+pub struct Dirty<B: Backend> {
+    nas_ino: u64,
+    fuse_ino: u64,
+    data: Arc<FileData>,
+    inner: Mutex<DirtyInner<B>>,
+}
+
+impl<B: Backend> Dirty<B> {
+    fn lock(&self) -> MutexGuard<'_, DirtyInner<B>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The attributes a dirty file shows instead of the NAS's.
+#[derive(Clone, Copy, Debug)]
+pub struct LocalAttr {
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+}
+
+impl LocalAttr {
+    pub fn apply(&self, a: &mut Attr) {
+        a.size = self.size;
+        a.mtime = self.mtime;
+        a.ctime = self.ctime;
+        a.blocks = a.blocks.max(self.size.div_ceil(512));
+    }
+}
+
+/// One pending file, for `nassync status`.
+#[derive(Clone, Debug)]
+pub struct PendingInfo {
+    pub path: OsString,
+    pub bytes: u64,
+    pub age: Duration,
+    pub phase: &'static str,
+    pub attempts: u32,
+    pub error: Option<String>,
+}
+
+#[derive(Default)]
+struct Counters {
+    written_bytes: AtomicU64,
+    files_written: AtomicU64,
+    retries: AtomicU64,
+    conflicts: AtomicU64,
+}
+
+struct Sched {
+    kick: bool,
+    stop: bool,
+}
+
+/// See the module documentation.
+pub struct WriteBack<B: Backend> {
+    backend: Arc<B>,
+    journal: Journal,
+    data: Arc<DataCache>,
+    cfg: WbConfig,
+    files: Mutex<HashMap<u64, Arc<Dirty<B>>>>,
+    dirty_bytes: AtomicU64,
+    sched: Mutex<Sched>,
+    wake: Condvar,
+    /// Notified whenever a write-back attempt ends.
+    progress: Condvar,
+    progress_lock: Mutex<()>,
+    counters: Counters,
+    /// NAS inode numbers whose local attributes the core must drop
+    /// (the file settled); `settled_any` says whether there are some.
+    settled: Mutex<Vec<u64>>,
+    settled_any: AtomicBool,
+    /// The NAS inode number -> FUSE inode number mapping of the core.
+    fuse_ino: Box<dyn Fn(u64) -> u64 + Send + Sync>,
+}
+
+fn cache_err(e: CacheError) -> FsError {
+    FsError::Cache(e)
+}
+
+fn io_err(e: std::io::Error) -> FsError {
+    FsError::Cache(CacheError::Io(e))
+}
+
+impl<B: Backend> WriteBack<B> {
+    /// Opens the journal in `dir` and takes up the changes it holds: they
+    /// are part of the local view at once and are written back as usual.
+    pub fn open(
+        dir: &Path,
+        backend: Arc<B>,
+        data: Arc<DataCache>,
+        cfg: WbConfig,
+        fuse_ino: Box<dyn Fn(u64) -> u64 + Send + Sync>,
+    ) -> Result<Arc<WriteBack<B>>, CacheError> {
+        let journal = Journal::open(dir)?;
+        let records = journal.load_data()?;
+        let wb = Arc::new(WriteBack {
+            backend,
+            journal,
+            data,
+            cfg,
+            files: Mutex::new(HashMap::new()),
+            dirty_bytes: AtomicU64::new(0),
+            sched: Mutex::new(Sched {
+                kick: false,
+                stop: false,
+            }),
+            wake: Condvar::new(),
+            progress: Condvar::new(),
+            progress_lock: Mutex::new(()),
+            counters: Counters::default(),
+            settled: Mutex::new(Vec::new()),
+            settled_any: AtomicBool::new(false),
+            fuse_ino,
+        });
+        let mut known = std::collections::HashSet::new();
+        for rec in records {
+            let path = wb.journal.pending_path(rec.fid);
+            let pending = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)?;
+            known.insert(path);
+            let fuse_ino = (wb.fuse_ino)(rec.nas_ino);
+            let fd = Arc::new(FileData::default());
+            // The cached blocks must be the base's, or none.
+            wb.data
+                .revalidate(fuse_ino, &fd, &rec.base)
+                .map_err(|e| CacheError::Setup {
+                    path: dir.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+            log::info!(
+                "journal: {} bytes of {:?} still to write back",
+                rec.ranges.bytes(),
+                rec.path
+            );
+            let d = Dirty {
+                nas_ino: rec.nas_ino,
+                fuse_ino,
+                data: fd,
+                inner: Mutex::new(DirtyInner {
+                    ctime: rec.mtime,
+                    trunc_live: rec.size,
+                    rec,
+                    pending,
+                    node: None,
+                    phase: Phase::Waiting,
+                    applying: RangeSet::new(),
+                    last_change: Instant::now(),
+                    due: true,
+                    attempts: 0,
+                    last_error: None,
+                    orphan: false,
+                    dir_synced: true,
+                    row_stale: false,
+                    removed: false,
+                    last_errno: 0,
+                }),
+            };
+            wb.dirty_bytes
+                .fetch_add(d.lock().weight(), Ordering::Relaxed);
+            wb.files_lock().insert(d.nas_ino, Arc::new(d));
+        }
+        // Pending files of changes that were never journaled (a crash
+        // before the first commit): nothing refers to them.
+        if let Ok(entries) = std::fs::read_dir(wb.journal.pending_dir()) {
+            for e in entries.flatten() {
+                if !known.contains(&e.path()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(wb)
+    }
+
+    /// Starts the write-back thread.
+    pub fn start(self: &Arc<Self>) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let wb = self.clone();
+        std::thread::Builder::new()
+            .name("writeback".into())
+            .spawn(move || wb.run())
+    }
+
+    fn files_lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<Dirty<B>>>> {
+        self.files.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, nas_ino: u64) -> Option<Arc<Dirty<B>>> {
+        self.files_lock().get(&nas_ino).cloned()
+    }
+
+    pub fn is_dirty(&self, nas_ino: u64) -> bool {
+        self.files_lock().contains_key(&nas_ino)
+    }
+
+    /// The local attributes of a dirty file.
+    pub fn local_attr(&self, nas_ino: u64) -> Option<LocalAttr> {
+        let d = self.get(nas_ino)?;
+        let g = d.lock();
+        Some(LocalAttr {
+            size: g.rec.size,
+            mtime: g.rec.mtime,
+            ctime: g.ctime,
+        })
+    }
+
+    /// The cache state a dirty file's base blocks are kept under.
+    pub fn file_data(&self, nas_ino: u64) -> Option<Arc<FileData>> {
+        self.get(nas_ino).map(|d| d.data.clone())
+    }
+
+    /// NAS inode numbers of files that stopped being dirty since the last
+    /// call: their attributes are the NAS's again.
+    pub fn take_settled(&self) -> Vec<u64> {
+        if !self.settled_any.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *self.settled.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn settle(&self, nas_ino: u64) {
+        self.settled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(nas_ino);
+        self.settled_any.store(true, Ordering::Release);
+    }
+
+    fn get_or_start(
+        &self,
+        nas_ino: u64,
+        start: &dyn Fn() -> FsResult<Start<B>>,
+    ) -> FsResult<Arc<Dirty<B>>> {
+        if let Some(d) = self.get(nas_ino) {
+            return Ok(d);
+        }
+        let s = start()?;
+        // The cached blocks are the base's from now on.
+        self.data.revalidate(s.fuse_ino, &s.data, &s.base)?;
+        let mut files = self.files_lock();
+        if let Some(d) = files.get(&nas_ino) {
+            return Ok(d.clone());
+        }
+        let now = SystemTime::now();
+        let mut rec = DataRecord {
+            fid: 0,
+            nas_ino,
+            path: s.path,
+            base: s.base,
+            state: RowState::Pending,
+            size: s.base.size,
+            trunc: s.base.size,
+            mtime: s.base.mtime,
+            ranges: RangeSet::new(),
+            created: now,
+        };
+        rec.fid = self.journal.insert_data(&rec).map_err(cache_err)?;
+        let pending = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(self.journal.pending_path(rec.fid))
+            .map_err(|e| {
+                let _ = self.journal.delete(rec.fid);
+                io_err(e)
+            })?;
+        let d = Arc::new(Dirty {
+            nas_ino,
+            fuse_ino: s.fuse_ino,
+            data: s.data,
+            inner: Mutex::new(DirtyInner {
+                ctime: s.base.ctime,
+                trunc_live: rec.size,
+                rec,
+                pending,
+                node: Some(s.node),
+                phase: Phase::Waiting,
+                applying: RangeSet::new(),
+                last_change: Instant::now(),
+                due: false,
+                attempts: 0,
+                last_error: None,
+                orphan: false,
+                dir_synced: false,
+                row_stale: false,
+                removed: false,
+                last_errno: 0,
+            }),
+        });
+        files.insert(nas_ino, d.clone());
+        Ok(d)
+    }
+
+    fn account(&self, before: u64, after: u64) {
+        if after >= before {
+            self.dirty_bytes
+                .fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            self.dirty_bytes
+                .fetch_sub(before - after, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes `data` at `offset` (at the end, for `append`) into the local
+    /// view of a file; returns the offset written at and the new attributes.
+    pub fn write(
+        &self,
+        nas_ino: u64,
+        start: &dyn Fn() -> FsResult<Start<B>>,
+        offset: u64,
+        data: &[u8],
+        append: bool,
+    ) -> FsResult<LocalAttr> {
+        let attr = loop {
+            let d = self.get_or_start(nas_ino, start)?;
+            let mut g = d.lock();
+            if g.removed {
+                continue; // settled meanwhile: start again from the NAS's
+            }
+            let before = g.weight();
+            let at = if append { g.rec.size } else { offset };
+            let end = at
+                .checked_add(data.len() as u64)
+                .ok_or(FsError::Invalid("write past the largest offset"))?;
+            g.pending.write_all_at(data, at).map_err(io_err)?;
+            g.rec.ranges.insert(at, end);
+            g.rec.size = g.rec.size.max(end);
+            self.changed(&mut g);
+            self.account(before, g.weight());
+            break LocalAttr {
+                size: g.rec.size,
+                mtime: g.rec.mtime,
+                ctime: g.ctime,
+            };
+        };
+        self.throttle();
+        Ok(attr)
+    }
+
+    fn changed(&self, g: &mut DirtyInner<B>) {
+        let now = SystemTime::now();
+        g.rec.mtime = now;
+        g.ctime = now;
+        g.last_change = Instant::now();
+        g.row_stale = true;
+    }
+
+    /// Sets the local size of a file (truncate or extend).
+    pub fn truncate(
+        &self,
+        nas_ino: u64,
+        start: &dyn Fn() -> FsResult<Start<B>>,
+        size: u64,
+    ) -> FsResult<LocalAttr> {
+        let d = loop {
+            let d = self.get_or_start(nas_ino, start)?;
+            if !d.lock().removed {
+                break d;
+            }
+        };
+        let mut g = d.lock();
+        if g.removed {
+            drop(g);
+            return self.truncate(nas_ino, start, size);
+        }
+        let before = g.weight();
+        if size < g.rec.size {
+            g.rec.ranges.truncate(size);
+            g.applying.truncate(size);
+            g.rec.trunc = g.rec.trunc.min(size);
+            g.trunc_live = g.trunc_live.min(size);
+        }
+        g.rec.size = size;
+        self.changed(&mut g);
+        self.account(before, g.weight());
+        Ok(LocalAttr {
+            size: g.rec.size,
+            mtime: g.rec.mtime,
+            ctime: g.ctime,
+        })
+    }
+
+    /// The mtime a dirty file is to have on the NAS once written back
+    /// (utimensat on a dirty file).
+    pub fn set_mtime(&self, nas_ino: u64, mtime: SystemTime) {
+        if let Some(d) = self.get(nas_ino) {
+            let mut g = d.lock();
+            g.rec.mtime = mtime;
+            g.ctime = SystemTime::now();
+            g.row_stale = true;
+        }
+    }
+
+    /// Reads the local view of a dirty file; `None` if it is not dirty.
+    /// `base` reads the base version (fewer bytes at its end).
+    pub fn read(
+        &self,
+        nas_ino: u64,
+        offset: u64,
+        size: u32,
+        base: &dyn Fn(u64, u32) -> FsResult<Vec<u8>>,
+    ) -> Option<FsResult<Vec<u8>>> {
+        let d = self.get(nas_ino)?;
+        Some(self.compose(&d, offset, size as u64, base))
+    }
+
+    /// Local content of `offset..offset+len` (fewer at the end of file).
+    fn compose(
+        &self,
+        d: &Dirty<B>,
+        offset: u64,
+        len: u64,
+        base: &dyn Fn(u64, u32) -> FsResult<Vec<u8>>,
+    ) -> FsResult<Vec<u8>> {
+        // Local parts are read under the lock; base parts after it.
+        let (end, trunc, mut out, holes) = {
+            let g = d.lock();
+            let end = offset.saturating_add(len).min(g.rec.size);
+            if end <= offset {
+                return Ok(Vec::new());
+            }
+            let merged;
+            let ranges = if g.applying.is_empty() {
+                &g.rec.ranges
+            } else {
+                let mut m = g.rec.ranges.clone();
+                m.union(&g.applying);
+                merged = m;
+                &merged
+            };
+            let mut out = vec![0u8; (end - offset) as usize];
+            let mut holes = Vec::new();
+            for (o, l, covered) in ranges.split(offset, end) {
+                let at = (o - offset) as usize;
+                if covered {
+                    g.pending
+                        .read_exact_at(&mut out[at..at + l as usize], o)
+                        .map_err(io_err)?;
+                } else {
+                    holes.push((o, l));
+                }
+            }
+            (end, g.rec.trunc, out, holes)
+        };
+        let _ = end;
+        for (o, l) in holes {
+            // Zeros at and after `trunc`; the base before it.
+            let stop = (o + l).min(trunc);
+            let mut pos = o;
+            while pos < stop {
+                let n = (stop - pos).min(16 << 20) as u32;
+                let b = base(pos, n)?;
+                let at = (pos - offset) as usize;
+                out[at..at + b.len()].copy_from_slice(&b);
+                if (b.len() as u32) < n {
+                    break; // the base ends here; the rest stays zero
+                }
+                pos += n as u64;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes a file's local changes durable: its pending file and its
+    /// journal row are synced.
+    pub fn fsync(&self, nas_ino: u64) -> FsResult<()> {
+        let Some(d) = self.get(nas_ino) else {
+            return Ok(());
+        };
+        {
+            let mut g = d.lock();
+            if g.orphan {
+                return Ok(());
+            }
+            g.pending.sync_data().map_err(io_err)?;
+            if !g.dir_synced {
+                File::open(self.journal.pending_dir())
+                    .and_then(|f| f.sync_all())
+                    .map_err(io_err)?;
+                g.dir_synced = true;
+            }
+            self.journal.update_data(&g.row()).map_err(cache_err)?;
+            g.row_stale = false;
+        }
+        self.journal.commit_durable().map_err(cache_err)
+    }
+
+    /// At close: the journal row catches up (not synced: that is fsync's).
+    pub fn flush_row(&self, nas_ino: u64) -> FsResult<()> {
+        let Some(d) = self.get(nas_ino) else {
+            return Ok(());
+        };
+        let mut g = d.lock();
+        if g.row_stale && !g.orphan {
+            self.journal.update_data(&g.row()).map_err(cache_err)?;
+            g.row_stale = false;
+        }
+        Ok(())
+    }
+
+    /// The file's path from the share's root changed (a rename through the
+    /// mount): `old` and everything under it is now under `new`.
+    pub fn renamed(&self, old: &OsStr, new: &OsStr) {
+        let files: Vec<_> = self.files_lock().values().cloned().collect();
+        for d in files {
+            let mut g = d.lock();
+            let p = g.rec.path.as_bytes();
+            let o = old.as_bytes();
+            let hit = p == o || (p.starts_with(o) && p.get(o.len()) == Some(&b'/'));
+            if hit {
+                let mut np = new.as_bytes().to_vec();
+                np.extend_from_slice(&p[o.len()..]);
+                g.rec.path = OsString::from(std::ffi::OsStr::from_bytes(&np));
+                g.row_stale = true;
+                if let Err(e) = self.journal.update_data(&g.row()) {
+                    log::warn!("journal: cannot record a rename: {e}");
+                } else {
+                    g.row_stale = false;
+                }
+            }
+        }
+    }
+
+    /// The file's last name was removed on the NAS: its changes have
+    /// nowhere to go. Kept for reading while `open` handles remain.
+    pub fn unlinked(&self, nas_ino: u64, open: bool) {
+        let Some(d) = self.get(nas_ino) else { return };
+        {
+            let mut g = d.lock();
+            g.orphan = true;
+            if let Err(e) = self.journal.delete(g.rec.fid) {
+                log::warn!("journal: cannot drop the row of a removed file: {e}");
+            }
+        }
+        if !open {
+            self.drop_file(&d);
+        }
+    }
+
+    /// The last handle of an orphaned file closed.
+    pub fn closed(&self, nas_ino: u64) {
+        if let Some(d) = self.get(nas_ino) {
+            if d.lock().orphan {
+                self.drop_file(&d);
+            }
+        }
+    }
+
+    fn drop_file(&self, d: &Arc<Dirty<B>>) {
+        let mut g = d.lock();
+        if g.removed {
+            return;
+        }
+        let w = g.weight();
+        self.account(w, 0);
+        self.remove_locked(d, &mut g);
+        drop(g);
+        self.notify_progress();
+    }
+
+    /// Bytes pending in all files.
+    pub fn dirty_bytes(&self) -> u64 {
+        self.dirty_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Writers wait while too much is pending.
+    fn throttle(&self) {
+        let mut waited = false;
+        while self.dirty_bytes() > self.cfg.max_dirty {
+            if self.sched().stop {
+                return;
+            }
+            if !waited {
+                log::debug!("more than max_dirty pending: slowing writers");
+                waited = true;
+            }
+            self.kick_all();
+            let g = self.progress_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = self.progress.wait_timeout(g, Duration::from_millis(100));
+        }
+    }
+
+    fn sched(&self) -> MutexGuard<'_, Sched> {
+        self.sched.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn kick(&self) {
+        self.sched().kick = true;
+        self.wake.notify_all();
+    }
+
+    /// Makes every file (under `prefix`, if given) due now.
+    fn mark_due(&self, prefix: Option<&OsStr>) -> usize {
+        let files: Vec<_> = self.files_lock().values().cloned().collect();
+        let mut n = 0;
+        for d in files {
+            let mut g = d.lock();
+            if g.orphan || !under(&g.rec.path, prefix) {
+                continue;
+            }
+            g.due = true;
+            if let Phase::Retry { .. } = g.phase {
+                g.phase = Phase::Retry { at: Instant::now() };
+            }
+            n += 1;
+        }
+        n
+    }
+
+    fn kick_all(&self) {
+        self.mark_due(None);
+        self.kick();
+    }
+
+    fn notify_progress(&self) {
+        let _g = self.progress_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.progress.notify_all();
+    }
+
+    /// Files and bytes pending (under `prefix`).
+    pub fn pending(&self, prefix: Option<&OsStr>) -> (u64, u64) {
+        let files: Vec<_> = self.files_lock().values().cloned().collect();
+        let (mut n, mut bytes) = (0, 0);
+        for d in files {
+            let g = d.lock();
+            if !g.orphan && under(&g.rec.path, prefix) {
+                n += 1;
+                bytes += g.weight();
+            }
+        }
+        (n, bytes)
+    }
+
+    /// Writes back everything (under `prefix`) now, and waits until it has
+    /// reached the NAS, or until `deadline`. `progress` is told the files
+    /// and bytes left, now and then. Returns what is left.
+    pub fn flush(
+        &self,
+        prefix: Option<&OsStr>,
+        deadline: Option<Instant>,
+        progress: &mut dyn FnMut(u64, u64) -> bool,
+    ) -> (u64, u64) {
+        let mut last_mark = Instant::now();
+        self.mark_due(prefix);
+        self.kick();
+        loop {
+            let left = self.pending(prefix);
+            if left.0 == 0 || !progress(left.0, left.1) {
+                return left;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return left;
+            }
+            // Changes made while flushing are flushed too.
+            if last_mark.elapsed() > Duration::from_millis(500) {
+                self.mark_due(prefix);
+                self.kick();
+                last_mark = Instant::now();
+            }
+            let g = self.progress_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = self.progress.wait_timeout(g, Duration::from_millis(200));
+        }
+    }
+
+    /// Writes one file back now (before an operation the NAS must do
+    /// itself); fails with the NAS's error if that fails.
+    pub fn flush_file(&self, nas_ino: u64) -> FsResult<()> {
+        loop {
+            let Some(d) = self.get(nas_ino) else {
+                return Ok(());
+            };
+            let busy = {
+                let g = d.lock();
+                if g.orphan || g.removed {
+                    return Ok(());
+                }
+                g.phase == Phase::Applying
+            };
+            if busy {
+                let g = self.progress_lock.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = self.progress.wait_timeout(g, Duration::from_millis(50));
+                continue;
+            }
+            self.apply(&d);
+            let g = d.lock();
+            if let (Phase::Retry { .. }, Some(e)) = (&g.phase, &g.last_error) {
+                return Err(BackendError::new(
+                    "write-back",
+                    std::io::Error::new(
+                        std::io::Error::from_raw_os_error(g.last_errno).kind(),
+                        e.clone(),
+                    ),
+                )
+                .into());
+            }
+        }
+    }
+
+    /// Stops the write-back thread after flushing what it can before
+    /// `deadline`; returns (files, bytes) left in the journal.
+    pub fn shutdown(&self, timeout: Duration) -> (u64, u64) {
+        let deadline = Instant::now() + timeout;
+        let left = self.flush(None, Some(deadline), &mut |_, _| true);
+        self.sched().stop = true;
+        self.wake.notify_all();
+        // Rows catch up, so that the journal has everything for next time.
+        let files: Vec<_> = self.files_lock().values().cloned().collect();
+        for d in files {
+            let mut g = d.lock();
+            if !g.orphan {
+                let _ = g.pending.sync_data();
+                if self.journal.update_data(&g.row()).is_ok() {
+                    g.row_stale = false;
+                }
+            }
+        }
+        let _ = self.journal.commit_durable();
+        left
+    }
+
+    /// For `nassync status`.
+    pub fn status(&self) -> (Vec<PendingInfo>, Vec<ConflictRecord>, [u64; 4]) {
+        let files: Vec<_> = self.files_lock().values().cloned().collect();
+        let mut out = Vec::new();
+        for d in files {
+            let g = d.lock();
+            if g.orphan {
+                continue;
+            }
+            out.push(PendingInfo {
+                path: g.rec.path.clone(),
+                bytes: g.weight(),
+                age: g.rec.created.elapsed().unwrap_or_default(),
+                phase: match g.phase {
+                    Phase::Waiting => "waiting",
+                    Phase::Applying => "writing",
+                    Phase::Retry { .. } => "retrying",
+                },
+                attempts: g.attempts,
+                error: g.last_error.clone(),
+            });
+        }
+        out.sort_by_key(|p| std::cmp::Reverse(p.age));
+        let conflicts = self.journal.conflicts(50).unwrap_or_default();
+        let c = &self.counters;
+        (
+            out,
+            conflicts,
+            [
+                c.written_bytes.load(Ordering::Relaxed),
+                c.files_written.load(Ordering::Relaxed),
+                c.retries.load(Ordering::Relaxed),
+                c.conflicts.load(Ordering::Relaxed),
+            ],
+        )
+    }
+
+    /// The write-back thread.
+    fn run(&self) {
+        loop {
+            {
+                let mut s = self.sched();
+                if s.stop {
+                    return;
+                }
+                if !s.kick {
+                    s = self
+                        .wake
+                        .wait_timeout(s, Duration::from_millis(250))
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|e| e.into_inner().0);
+                }
+                if s.stop {
+                    return;
+                }
+                s.kick = false;
+            }
+            let now = Instant::now();
+            let files: Vec<_> = self.files_lock().values().cloned().collect();
+            let mut due: Vec<(SystemTime, Arc<Dirty<B>>)> = files
+                .into_iter()
+                .filter_map(|d| {
+                    let g = d.lock();
+                    let ready = match g.phase {
+                        Phase::Waiting => {
+                            g.due || now.duration_since(g.last_change) >= self.cfg.delay
+                        }
+                        Phase::Retry { at } => now >= at,
+                        Phase::Applying => false,
+                    };
+                    let created = g.rec.created;
+                    drop(g);
+                    ready.then_some((created, d))
+                })
+                .collect();
+            // Oldest first: the journal's order.
+            due.sort_by_key(|(c, _)| *c);
+            for (_, d) in due {
+                if self.sched().stop {
+                    return;
+                }
+                self.apply(&d);
+            }
+        }
+    }
+
+    /// Resolves a path from the share's root: (directory, file).
+    fn resolve(&self, path: &OsStr) -> BResult<Resolved<B>> {
+        let (mut dir, _) = self.backend.root()?;
+        let comps: Vec<&[u8]> = path
+            .as_bytes()
+            .split(|b| *b == b'/')
+            .filter(|c| !c.is_empty())
+            .collect();
+        let Some((last, parents)) = comps.split_last() else {
+            return Err(BackendError::errno("resolve", libc::EISDIR));
+        };
+        for c in parents {
+            dir = self.backend.lookup(&dir, OsStr::from_bytes(c))?.0;
+        }
+        match self.backend.lookup(&dir, OsStr::from_bytes(last)) {
+            Ok(found) => Ok((dir, Some(found))),
+            Err(e) if e.raw_errno() == libc::ENOENT => Ok((dir, None)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One write-back attempt of one file.
+    fn apply(&self, d: &Arc<Dirty<B>>) {
+        // The snapshot: what this attempt writes.
+        let snap = {
+            let mut g = d.lock();
+            if g.orphan || g.removed || g.phase == Phase::Applying {
+                return;
+            }
+            let ranges = std::mem::take(&mut g.rec.ranges);
+            g.applying = ranges.clone();
+            g.trunc_live = g.rec.size;
+            g.phase = Phase::Applying;
+            g.due = false;
+            Snap {
+                ranges,
+                size: g.rec.size,
+                trunc: g.rec.trunc,
+                base: g.rec.base,
+                mtime: g.rec.mtime,
+                node: g.node.clone(),
+                path: g.rec.path.clone(),
+                recovering: g.rec.state == RowState::Applying,
+            }
+        };
+        let result = self.write_back(d, &snap);
+        let mut g = d.lock();
+        let before = g.weight();
+        match result {
+            Ok(Outcome::Written(after, written)) => {
+                self.counters
+                    .written_bytes
+                    .fetch_add(written, Ordering::Relaxed);
+                self.counters.files_written.fetch_add(1, Ordering::Relaxed);
+                let applied = std::mem::take(&mut g.applying);
+                // The NAS now holds the snapshot: it is the new base, and
+                // cached base blocks of what changed are stale.
+                let mut stale = applied.clone();
+                if snap.size != snap.base.size || snap.trunc < snap.base.size {
+                    stale.insert(snap.trunc.min(snap.base.size).min(snap.size), u64::MAX);
+                }
+                let stale: Vec<(u64, u64)> = stale.iter().collect();
+                if let Err(e) = self
+                    .data
+                    .replaced(d.fuse_ino, &d.data, &stale, &after.validator())
+                {
+                    log::warn!("cache: {e}");
+                }
+                g.rec.base = after.validator();
+                g.rec.trunc = g.trunc_live;
+                g.rec.state = RowState::Pending;
+                g.attempts = 0;
+                g.last_error = None;
+                g.phase = Phase::Waiting;
+                // Bytes written meanwhile stay in the pending file.
+                let mut punch = applied;
+                for (s, e) in g.rec.ranges.iter() {
+                    punch.remove(s, e);
+                }
+                for (s, e) in punch.iter() {
+                    punch_hole(&g.pending, s, e);
+                }
+                self.account(before, g.weight());
+                let settled = g.rec.ranges.is_empty()
+                    && g.rec.trunc >= g.rec.size
+                    && g.rec.size == after.size
+                    && g.rec.mtime == snap.mtime;
+                if settled {
+                    self.remove_locked(d, &mut g);
+                } else if let Err(e) = self.journal.update_data(&g.row()) {
+                    log::warn!("journal: {e}");
+                } else {
+                    g.row_stale = false;
+                }
+            }
+            Ok(Outcome::Conflict {
+                kept_as,
+                reason,
+                nas,
+            }) => {
+                self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "conflict: {:?} {reason}; the local version was kept as {:?}",
+                    snap.path,
+                    kept_as
+                );
+                let rec = ConflictRecord {
+                    at: SystemTime::now(),
+                    path: snap.path.clone(),
+                    kept_as,
+                    reason,
+                };
+                if let Err(e) = self.journal.add_conflict(&rec) {
+                    log::warn!("journal: {e}");
+                }
+                g.applying = RangeSet::new();
+                // Changes made during the attempt went into the copy or
+                // come after it; either way the name is the NAS's again.
+                g.rec.ranges = RangeSet::new();
+                self.account(before, 0);
+                // From now on the file is the NAS's version.
+                if let Some(v) = nas {
+                    let _ = self.data.revalidate(d.fuse_ino, &d.data, &v);
+                }
+                self.remove_locked(d, &mut g);
+            }
+            Err((e, wrote)) => {
+                self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                g.attempts += 1;
+                let backoff = Duration::from_millis(250)
+                    .saturating_mul(1 << g.attempts.min(7))
+                    .min(Duration::from_secs(30));
+                if g.attempts == 1 {
+                    log::warn!("write-back of {:?} failed, will retry: {e}", snap.path);
+                } else {
+                    log::debug!(
+                        "write-back of {:?} failed again ({}): {e}",
+                        snap.path,
+                        g.attempts
+                    );
+                }
+                g.last_error = Some(e.to_string());
+                g.last_errno = e.errno();
+                let applying = std::mem::take(&mut g.applying);
+                g.rec.ranges.union(&applying);
+                if wrote {
+                    g.rec.state = RowState::Applying;
+                }
+                g.phase = Phase::Retry {
+                    at: Instant::now() + backoff,
+                };
+                if let Err(e) = self.journal.update_data(&g.row()) {
+                    log::warn!("journal: {e}");
+                }
+                self.account(before, g.weight());
+            }
+        }
+        drop(g);
+        self.notify_progress();
+    }
+
+    /// Forgets a file that has nothing pending any more (`g` is its lock).
+    fn remove_locked(&self, d: &Arc<Dirty<B>>, g: &mut DirtyInner<B>) {
+        g.removed = true;
+        if let Err(e) = self.journal.delete(g.rec.fid) {
+            log::warn!("journal: {e}");
+        }
+        let _ = std::fs::remove_file(self.journal.pending_path(g.rec.fid));
+        {
+            let mut files = self.files_lock();
+            if files.get(&d.nas_ino).is_some_and(|x| Arc::ptr_eq(x, d)) {
+                files.remove(&d.nas_ino);
+            }
+        }
+        self.settle(d.nas_ino);
+    }
+
+    /// Writes the snapshot into the NAS file. Err carries whether the NAS
+    /// file may have been changed.
+    fn write_back(&self, d: &Arc<Dirty<B>>, snap: &Snap<B>) -> Result<Outcome, (FsError, bool)> {
+        let e0 = |e: BackendError| (FsError::from(e), false);
+        let (node, attr) = match &snap.node {
+            Some(n) => match self.backend.getattr(n) {
+                Ok(a) => (n.clone(), a),
+                Err(e) if matches!(e.raw_errno(), libc::ENOENT | libc::ESTALE) => {
+                    return self
+                        .lost(d, snap, "the file was removed on the NAS")
+                        .map_err(e0);
+                }
+                Err(e) => return Err(e0(e)),
+            },
+            None => match self.resolve(&snap.path).map_err(e0)? {
+                (_, Some((n, a))) if a.ino == snap.base.ino => {
+                    d.lock().node = Some(n.clone());
+                    (n, a)
+                }
+                _ => {
+                    return self
+                        .lost(d, snap, "the file is no longer at its path on the NAS")
+                        .map_err(e0);
+                }
+            },
+        };
+        if attr.ino != snap.base.ino {
+            return self
+                .lost(d, snap, "another file is at its path on the NAS")
+                .map_err(e0);
+        }
+        if !snap.recovering && attr.validator() != snap.base {
+            return self
+                .keep_both(d, snap, "changed on the NAS since nassync last saw it")
+                .map_err(e0);
+        }
+        // From here on the NAS file may hold part of the change.
+        {
+            let mut g = d.lock();
+            if g.rec.state != RowState::Applying {
+                g.rec.state = RowState::Applying;
+                let r = self.journal.update_data(&g.row());
+                drop(g);
+                r.and_then(|_| self.journal.commit_durable())
+                    .map_err(|e| (cache_err(e), false))?;
+            }
+        }
+        let wrote = |e: BackendError| (FsError::from(e), true);
+        let file = self
+            .backend
+            .open(
+                &node,
+                OpenMode {
+                    read: true,
+                    write: true,
+                    append: false,
+                    truncate: false,
+                },
+            )
+            .map_err(wrote)?;
+        let file = Arc::new(file);
+        let base_fn = self.base_reader(d, Some(file.clone()));
+        let mut written = 0u64;
+        let rewrite = snap.trunc < snap.base.size;
+        if rewrite {
+            // The base's tail was dropped and written again, perhaps
+            // mostly the same: diff against the base, write what differs.
+            const WINDOW: u64 = 4 << 20;
+            let lo = snap.ranges.first().unwrap_or(u64::MAX).min(snap.trunc) / WINDOW * WINDOW;
+            let hi = snap.size.min(snap.base.size);
+            let mut pos = lo;
+            while pos < hi {
+                let end = (pos + WINDOW).min(hi);
+                let touched = end > snap.trunc || snap.ranges.split(pos, end).iter().any(|r| r.2);
+                if touched {
+                    let new = self
+                        .compose_snap(d, snap, pos, end - pos, &*base_fn)
+                        .map_err(|e| (e, true))?;
+                    let old = base_fn(pos, (end - pos) as u32).map_err(|e| (e, true))?;
+                    if new != old {
+                        for (o, l) in delta::changed_runs(&old, &new) {
+                            self.backend
+                                .write(&file, pos + o as u64, &new[o..o + l])
+                                .map_err(wrote)?;
+                            written += l as u64;
+                        }
+                    }
+                }
+                pos = end;
+            }
+            // Past the base's end: the written ranges as they are.
+            for (s, e) in snap.ranges.iter() {
+                let s = s.max(hi);
+                let e = e.min(snap.size);
+                if s < e {
+                    written += self.copy_range(d, &file, s, e).map_err(|e| (e, true))?;
+                }
+            }
+        } else {
+            for (s, e) in snap.ranges.iter() {
+                let e = e.min(snap.size);
+                if s < e {
+                    written += self.copy_range(d, &file, s, e).map_err(|e| (e, true))?;
+                }
+            }
+        }
+        let now = self.backend.fgetattr(&file).map_err(wrote)?;
+        let mut changes = SetAttr {
+            mtime: Some(SetTime::At(snap.mtime)),
+            ..Default::default()
+        };
+        if now.size != snap.size {
+            changes.size = Some(snap.size);
+        }
+        self.backend
+            .setattr(&node, Some(&file), &changes)
+            .map_err(wrote)?;
+        self.backend.fsync(&file, false).map_err(wrote)?;
+        let after = self.backend.fgetattr(&file).map_err(wrote)?;
+        Ok(Outcome::Written(after, written))
+    }
+
+    /// Copies `s..e` from the pending file into the NAS file.
+    fn copy_range(&self, d: &Dirty<B>, file: &B::File, s: u64, e: u64) -> FsResult<u64> {
+        let mut pos = s;
+        let mut buf = vec![0u8; (e - s).min(1 << 20) as usize];
+        while pos < e {
+            let n = (e - pos).min(buf.len() as u64) as usize;
+            d.lock()
+                .pending
+                .read_exact_at(&mut buf[..n], pos)
+                .map_err(io_err)?;
+            self.backend.write(file, pos, &buf[..n])?;
+            pos += n as u64;
+        }
+        Ok(e - s)
+    }
+
+    /// Reads the base version through the block caches, from `file` on a
+    /// miss.
+    fn base_reader(
+        &self,
+        d: &Arc<Dirty<B>>,
+        file: Option<Arc<B::File>>,
+    ) -> Box<dyn Fn(u64, u32) -> FsResult<Vec<u8>> + '_> {
+        let bs = self.data.block_size();
+        let backend = self.backend.clone();
+        let fetch: FetchFn = Arc::new(move |idx| {
+            let Some(f) = &file else {
+                return Err(BackendError::errno("read base", libc::ENOENT));
+            };
+            let mut buf = vec![0u8; bs as usize];
+            let n = backend.read(f, idx * bs, &mut buf)?;
+            buf.truncate(n);
+            Ok(buf)
+        });
+        let d = d.clone();
+        Box::new(move |off, len| self.data.read(d.fuse_ino, &d.data, off, len, &fetch))
+    }
+
+    /// The content of the snapshot at `off..off+len`: like [`compose`]
+    /// but with the snapshot's truncation point.
+    fn compose_snap(
+        &self,
+        d: &Dirty<B>,
+        snap: &Snap<B>,
+        off: u64,
+        len: u64,
+        base: &dyn Fn(u64, u32) -> FsResult<Vec<u8>>,
+    ) -> FsResult<Vec<u8>> {
+        let end = (off + len).min(snap.size);
+        let mut out = vec![0u8; end.saturating_sub(off) as usize];
+        for (o, l, covered) in snap.ranges.split(off, end) {
+            let at = (o - off) as usize;
+            if covered {
+                d.lock()
+                    .pending
+                    .read_exact_at(&mut out[at..at + l as usize], o)
+                    .map_err(io_err)?;
+            } else {
+                let stop = (o + l).min(snap.trunc);
+                if stop > o {
+                    let b = base(o, (stop - o) as u32)?;
+                    out[at..at + b.len()].copy_from_slice(&b);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The file is gone from where it was: the local version is kept as a
+    /// conflict copy next to where it was.
+    fn lost(&self, d: &Arc<Dirty<B>>, snap: &Snap<B>, reason: &str) -> BResult<Outcome> {
+        self.keep_both(d, snap, reason)
+    }
+
+    /// Writes the local version under a conflict name beside the NAS's.
+    fn keep_both(&self, d: &Arc<Dirty<B>>, snap: &Snap<B>, reason: &str) -> BResult<Outcome> {
+        let (dir, existing) = match self.resolve(&snap.path) {
+            Ok(r) => r,
+            // The directory is gone too: keep it at the root.
+            Err(_) => (self.backend.root()?.0, None),
+        };
+        let name = Path::new(&snap.path)
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_else(|| OsString::from("file"));
+        let (uid, gid, perm) = match &existing {
+            Some((_, a)) => (a.uid, a.gid, a.perm),
+            None => (0, 0, 0o644),
+        };
+        let creds = Creds { uid, gid, umask: 0 };
+        let rw = OpenMode {
+            read: true,
+            write: true,
+            append: false,
+            truncate: false,
+        };
+        let stamp = conflict_stamp(SystemTime::now());
+        let mut n = 1;
+        let (kept, node, file) = loop {
+            let cname = conflict_name(&name, &stamp, &self.cfg.host, n);
+            match self
+                .backend
+                .create(&dir, &cname, perm as u32 & 0o7777, rw, true, creds)
+            {
+                Ok((node, _, f)) => break (cname, node, f),
+                Err(e) if e.raw_errno() == libc::EEXIST && n < 100 => n += 1,
+                Err(e) => return Err(e),
+            }
+        };
+        // The local version: the pending file and the cached base. Base
+        // blocks nassync no longer has come from the NAS's current file;
+        // the bytes written locally are always the local ones.
+        let ro = OpenMode {
+            read: true,
+            write: false,
+            append: false,
+            truncate: false,
+        };
+        let nas_file = existing
+            .as_ref()
+            .and_then(|(n, _)| self.backend.open(n, ro).ok())
+            .map(Arc::new);
+        let base_fn = self.base_reader(d, nas_file);
+        let mut pos = 0;
+        while pos < snap.size {
+            let n = (snap.size - pos).min(4 << 20);
+            let chunk = self.compose_snap(d, snap, pos, n, &*base_fn).map_err(|e| {
+                BackendError::new(
+                    "conflict copy",
+                    std::io::Error::from_raw_os_error(e.errno()),
+                )
+            })?;
+            self.backend.write(&file, pos, &chunk)?;
+            pos += n;
+        }
+        self.backend.setattr(
+            &node,
+            Some(&file),
+            &SetAttr {
+                mtime: Some(SetTime::At(snap.mtime)),
+                ..Default::default()
+            },
+        )?;
+        self.backend.fsync(&file, false)?;
+        let mut path = Path::new(&snap.path)
+            .parent()
+            .map(|p| p.as_os_str().to_os_string())
+            .unwrap_or_default();
+        if !path.is_empty() {
+            path.push("/");
+        }
+        path.push(&kept);
+        Ok(Outcome::Conflict {
+            kept_as: path,
+            reason: reason.to_string(),
+            nas: existing.map(|(_, a)| a.validator()),
+        })
+    }
+}
+
+/// A path's directory, and the file if it exists.
+type Resolved<B> = (<B as Backend>::Node, Option<(<B as Backend>::Node, Attr)>);
+
+struct Snap<B: Backend> {
+    ranges: RangeSet,
+    size: u64,
+    trunc: u64,
+    base: Validator,
+    mtime: SystemTime,
+    node: Option<B::Node>,
+    path: OsString,
+    /// A previous attempt may have written part of the change already.
+    recovering: bool,
+}
+
+enum Outcome {
+    /// The NAS's new attributes and the bytes written.
+    Written(Attr, u64),
+    /// The local version was kept as `kept_as`; `nas` is the NAS's version.
+    Conflict {
+        kept_as: OsString,
+        reason: String,
+        nas: Option<Validator>,
+    },
+}
+
+fn under(path: &OsStr, prefix: Option<&OsStr>) -> bool {
+    let Some(prefix) = prefix else { return true };
+    let (p, o) = (path.as_bytes(), prefix.as_bytes());
+    o.is_empty() || p == o || (p.starts_with(o) && p.get(o.len()) == Some(&b'/'))
+}
+
+fn punch_hole(f: &File, start: u64, end: u64) {
+    use std::os::fd::AsRawFd;
+    let len = end.saturating_sub(start).min(i64::MAX as u64);
+    // SAFETY: plain syscall; failing only keeps bytes nobody reads.
+    unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            start.min(i64::MAX as u64) as libc::off_t,
+            len as libc::off_t,
+        );
+    }
+}
+
+/// `YYYYMMDD-HHMMSS` in local time.
+fn conflict_stamp(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as libc::time_t)
+        .unwrap_or(0);
+    // SAFETY: localtime_r writes into the struct we pass.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    unsafe { libc::localtime_r(&secs, &mut tm) };
+    format!(
+        "{:04}{:02}{:02}-{:02}{:02}{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
+/// `NAME.nassync-conflict-STAMP-HOST.EXT`, the extension kept last so that
+/// the copy opens with the same program; `-N` before it from the second.
+pub fn conflict_name(name: &OsStr, stamp: &str, host: &str, n: u32) -> OsString {
+    let b = name.as_bytes();
+    // A leading dot starts a hidden name, not an extension.
+    let split = b.iter().rposition(|c| *c == b'.').filter(|i| *i > 0);
+    let (stem, ext) = match split {
+        Some(i) => (&b[..i], Some(&b[i + 1..])),
+        None => (b, None),
+    };
+    let mut out = stem.to_vec();
+    out.extend_from_slice(format!(".nassync-conflict-{stamp}-{host}").as_bytes());
+    if n > 1 {
+        out.extend_from_slice(format!("-{n}").as_bytes());
+    }
+    if let Some(ext) = ext {
+        out.push(b'.');
+        out.extend_from_slice(ext);
+    }
+    OsString::from(OsStr::from_bytes(&out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflict_names_keep_the_extension_last() {
+        let c = |n: &str, k| conflict_name(OsStr::new(n), "20261122-081500", "laptop", k);
+        assert_eq!(
+            c("report.docx", 1),
+            "report.nassync-conflict-20261122-081500-laptop.docx"
+        );
+        assert_eq!(
+            c("a.tar.gz", 1),
+            "a.tar.nassync-conflict-20261122-081500-laptop.gz"
+        );
+        assert_eq!(
+            c("Makefile", 1),
+            "Makefile.nassync-conflict-20261122-081500-laptop"
+        );
+        assert_eq!(
+            c(".bashrc", 2),
+            ".bashrc.nassync-conflict-20261122-081500-laptop-2"
+        );
+    }
+}
