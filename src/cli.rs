@@ -2,7 +2,7 @@
 //! one place: the binaries parse with them, and the man pages and shell
 //! completions are generated from them (`nassync generate-assets`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Arg, ArgAction, Command, CommandFactory, Parser, Subcommand};
 
@@ -72,6 +72,14 @@ pub enum Cmd {
     /// Show the counters of the mount at MOUNTPOINT (cache hits and misses,
     /// NAS bytes read and written, operations).
     Stats { mountpoint: PathBuf },
+    /// Show what is not on the NAS yet (files, bytes, age of the oldest
+    /// change, errors and retries) and the conflicts found, for the mount
+    /// at MOUNTPOINT.
+    Status { mountpoint: PathBuf },
+    /// Write back everything pending now, and return when it is on the
+    /// NAS: for every nassync mount, or only for files under PATH. Shows a
+    /// progress bar on a terminal.
+    Flush { path: Option<PathBuf> },
     /// Write the man pages and shell completions into DIR (for packaging).
     #[command(hide = true)]
     GenerateAssets { dir: PathBuf },
@@ -184,6 +192,74 @@ pub fn generate_assets(dir: &std::path::Path) -> std::io::Result<()> {
         let mut out = Vec::new();
         clap_complete::generate(shell, &mut c, "nassync", &mut out);
         std::fs::write(dir.join("completions").join(file), out)?;
+    }
+    Ok(())
+}
+
+/// `nassync flush [PATH]`.
+pub fn flush(path: Option<&Path>) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let targets: Vec<(PathBuf, PathBuf)> = match path {
+        Some(p) => {
+            let canon = p
+                .canonicalize()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+            let (m, rel) = crate::mountinfo::nassync_mount_of(&canon)
+                .ok_or_else(|| anyhow::anyhow!("{} is not inside a nassync mount", p.display()))?;
+            vec![(m.mountpoint, rel)]
+        }
+        None => crate::mountinfo::nassync_mounts()
+            .into_iter()
+            .map(|m| (m.mountpoint, PathBuf::new()))
+            .collect(),
+    };
+    let tty = std::io::stderr().is_terminal();
+    for (mp, rel) in targets {
+        let bar = tty.then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {bytes}/{total_bytes} {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            b.set_prefix(mp.display().to_string());
+            b
+        });
+        let mut total = 0u64;
+        let mut left = None;
+        let mut error = None;
+        let cmd = format!("flush {}", rel.display());
+        crate::control::request_lines(&mp, cmd.trim_end(), None, &mut |line| {
+            let mut w = line.split(' ');
+            let (verb, files, bytes) = (w.next(), w.next(), w.next());
+            let num = |s: Option<&str>| s.and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+            match verb {
+                Some("progress") => {
+                    let (f, b) = (num(files), num(bytes));
+                    total = total.max(b);
+                    if let Some(bar) = &bar {
+                        bar.set_length(total);
+                        bar.set_position(total - b);
+                        bar.set_message(format!("{f} files left"));
+                    }
+                }
+                Some("done") => left = Some((num(files), num(bytes))),
+                _ => error = Some(line.to_string()),
+            }
+        })?;
+        if let Some(bar) = &bar {
+            bar.finish_and_clear();
+        }
+        match (left, error) {
+            (Some((0, _)), _) => {}
+            (Some((f, b)), _) => {
+                anyhow::bail!("{}: {f} files ({b} bytes) still pending", mp.display())
+            }
+            (None, Some(e)) => anyhow::bail!("{}: {e}", mp.display()),
+            (None, None) => anyhow::bail!("{}: the daemon stopped answering", mp.display()),
+        }
     }
     Ok(())
 }

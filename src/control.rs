@@ -1,4 +1,4 @@
-//! The control socket: how `nassync stats` (and later `status`, `flush`)
+//! The control socket: how `nassync stats`, `status` and `flush`
 //! talk to a running daemon, so that nothing extra appears inside the mount.
 //!
 //! One unix stream socket per mount, named after a hash of the canonical
@@ -7,7 +7,7 @@
 //! reads the reply until the daemon closes the connection. Every reply
 //! starts with `mountpoint PATH`, so a client can tell a hash collision.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -41,7 +41,9 @@ pub fn socket_path(mountpoint: &Path) -> PathBuf {
     ))
 }
 
-pub type Handler = Arc<dyn Fn(&str) -> String + Send + Sync>;
+/// Answers one command, writing the reply (which may stream progress
+/// lines) to the connection.
+pub type Handler = Arc<dyn Fn(&str, &mut dyn Write) + Send + Sync>;
 
 /// A listening control socket; removed when dropped.
 pub struct Server {
@@ -82,8 +84,10 @@ impl Server {
                             if BufReader::new(&conn).read_line(&mut line).is_err() {
                                 return;
                             }
-                            let reply = handler(line.trim());
-                            let _ = write!(conn, "mountpoint {}\n{reply}", mp.display());
+                            if writeln!(conn, "mountpoint {}", mp.display()).is_err() {
+                                return;
+                            }
+                            handler(line.trim(), &mut conn);
                         });
                 }
             })?;
@@ -102,6 +106,27 @@ impl Drop for Server {
 /// Sends `command` to the daemon of `mountpoint` and returns its reply
 /// (without the `mountpoint` line).
 pub fn request(mountpoint: &Path, command: &str) -> anyhow::Result<String> {
+    let mut reply = String::new();
+    request_lines(
+        mountpoint,
+        command,
+        Some(Duration::from_secs(30)),
+        &mut |l| {
+            reply.push_str(l);
+            reply.push('\n');
+        },
+    )?;
+    Ok(reply)
+}
+
+/// Sends `command` and hands each line of the reply to `line` as it
+/// arrives; `timeout` bounds the wait for each line.
+pub fn request_lines(
+    mountpoint: &Path,
+    command: &str,
+    timeout: Option<Duration>,
+    line: &mut dyn FnMut(&str),
+) -> anyhow::Result<()> {
     use anyhow::Context;
     let path = socket_path(mountpoint);
     let mut conn = UnixStream::connect(&path).with_context(|| {
@@ -111,16 +136,19 @@ pub fn request(mountpoint: &Path, command: &str) -> anyhow::Result<String> {
             path.display()
         )
     })?;
-    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    conn.set_read_timeout(timeout)?;
     writeln!(conn, "{command}")?;
-    let mut reply = String::new();
-    conn.read_to_string(&mut reply)?;
-    let expected = format!("mountpoint {}\n", mountpoint.display());
-    match reply.strip_prefix(&expected) {
-        Some(rest) => Ok(rest.to_string()),
-        None => anyhow::bail!(
+    let mut reader = BufReader::new(conn);
+    let mut first = String::new();
+    reader.read_line(&mut first)?;
+    if first.trim_end_matches('\n') != format!("mountpoint {}", mountpoint.display()) {
+        anyhow::bail!(
             "the daemon at {} serves another mount point",
             path.display()
-        ),
+        );
     }
+    for l in reader.lines() {
+        line(&l?);
+    }
+    Ok(())
 }

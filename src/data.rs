@@ -216,6 +216,22 @@ impl DataCache {
         Ok(())
     }
 
+    /// nassync changed the file's metadata on the NAS (rename, chmod...):
+    /// if only the ctime moved, the cached version is still the NAS's, and
+    /// takes the new ctime (so that write-back does not mistake it for
+    /// someone else's change).
+    pub fn own_ctime(&self, ino: u64, data: &FileData, v: &Validator) -> FsResult<()> {
+        let mut g = data.lock();
+        let Some(c) = g.cached else { return Ok(()) };
+        if c.ino == v.ino && c.size == v.size && c.mtime == v.mtime && c.ctime != v.ctime {
+            g.cached = Some(*v);
+            if let Some(disk) = &self.disk {
+                disk.set_validator(ino, v)?;
+            }
+        }
+        Ok(())
+    }
+
     /// One block, from memory, disk or NAS.
     fn block(&self, ino: u64, data: &FileData, idx: u64, fetch: &FetchFn) -> FsResult<Arc<[u8]>> {
         let epoch = data.epoch();

@@ -23,11 +23,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::backend::{
-    Attr, Backend, BackendError, Creds, FileKind, OpenMode, RenameFlags, SetAttr, StatFs,
+    Attr, Backend, BackendError, Creds, FileKind, OpenMode, RenameFlags, SetAttr, SetTime, StatFs,
 };
 use crate::data::{DataCache, FetchFn, FileData};
 use crate::error::{FsError, FsResult};
 use crate::stats::Stats;
+use crate::writeback::{LocalAttr, Start, WriteBack};
 
 /// The FUSE root inode number.
 pub const ROOT: u64 = 1;
@@ -129,6 +130,8 @@ struct DirHandle<B: Backend> {
     /// The listing as read at offset 0; offsets index into it, so they stay
     /// valid while the directory changes.
     items: Option<Vec<DirItem<B>>>,
+    /// [`Core::settle_gen`] before the listing was read.
+    settle_gen: u64,
 }
 
 enum Handle<B: Backend> {
@@ -146,6 +149,19 @@ pub struct Core<B: Backend> {
     next_fh: AtomicU64,
     data: Arc<DataCache>,
     stats: Arc<Stats>,
+    /// Write-back, unless writes go straight to the NAS (`-o sync`).
+    wb: Option<Arc<WriteBack<B>>>,
+}
+
+/// NAS inode number <-> FUSE inode number: the NAS root and 1 swap places.
+pub fn map_ino(root_nas_ino: u64, ino: u64) -> u64 {
+    if ino == root_nas_ino {
+        ROOT
+    } else if ino == ROOT {
+        root_nas_ino
+    } else {
+        ino
+    }
 }
 
 fn open_mode(flags: i32) -> OpenMode {
@@ -199,7 +215,26 @@ impl<B: Backend> Core<B> {
             next_fh: AtomicU64::new(1),
             data,
             stats,
+            wb: None,
         })
+    }
+
+    /// The NAS's inode number of the share's root.
+    pub fn root_nas_ino(&self) -> u64 {
+        self.root_nas_ino
+    }
+
+    pub fn backend(&self) -> &Arc<B> {
+        &self.backend
+    }
+
+    /// Turns write-back on: writes go to `wb` instead of the NAS.
+    pub fn set_writeback(&mut self, wb: Arc<WriteBack<B>>) {
+        self.wb = Some(wb);
+    }
+
+    pub fn writeback(&self) -> Option<&Arc<WriteBack<B>>> {
+        self.wb.as_ref()
     }
 
     pub fn config(&self) -> &FsConfig {
@@ -224,12 +259,178 @@ impl<B: Backend> Core<B> {
 
     /// NAS inode number -> FUSE inode number (and back: it is an involution).
     fn fuse_ino(&self, nas: u64) -> u64 {
-        if nas == self.root_nas_ino {
-            ROOT
-        } else if nas == ROOT {
-            self.root_nas_ino
-        } else {
-            nas
+        map_ino(self.root_nas_ino, nas)
+    }
+
+    /// The local attributes of a file with changes not yet on the NAS, laid
+    /// over the NAS's; returns whether it has some.
+    fn overlay(&self, ino: u64, attr: &mut Attr) -> bool {
+        let Some(wb) = &self.wb else { return false };
+        if attr.kind != FileKind::File {
+            return false;
+        }
+        match wb.local_attr(self.fuse_ino(ino)) {
+            Some(l) => {
+                l.apply(attr);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Write-back's settle count, to take before reading attributes from
+    /// the NAS (see [`Core::fresh`]).
+    fn settle_gen(&self) -> u64 {
+        self.wb.as_ref().map(|w| w.settle_gen()).unwrap_or(0)
+    }
+
+    /// Attributes read from the NAS while a write-back of the file was
+    /// finishing may show the middle of it; they are read again once it
+    /// is done (`g0`: [`Core::settle_gen`] before they were read).
+    fn fresh(&self, node: &B::Node, attr: &mut Attr, g0: u64) {
+        let Some(wb) = &self.wb else { return };
+        if attr.kind == FileKind::File && wb.settle_gen() != g0 && !wb.is_dirty(attr.ino) {
+            if let Ok(a) = self.backend.getattr(node) {
+                *attr = a;
+            }
+        }
+    }
+
+    /// Files whose changes all reached the NAS show the NAS's attributes
+    /// again: their cached ones expire.
+    fn drain_settled(&self) {
+        let Some(wb) = &self.wb else { return };
+        let settled = wb.take_settled();
+        if settled.is_empty() {
+            return;
+        }
+        let mut t = self.tables();
+        for nas in settled {
+            let ino = self.fuse_ino(nas);
+            self.expire_attr(&mut t, ino);
+        }
+    }
+
+    /// The path of `ino` from the share's root, as last known.
+    fn path_of(&self, ino: u64) -> Option<OsString> {
+        use std::os::unix::ffi::{OsStrExt, OsStringExt};
+        let t = self.tables();
+        let mut parts: Vec<Vec<u8>> = Vec::new();
+        let mut cur = ino;
+        while cur != ROOT {
+            let i = t.inodes.get(&cur)?;
+            parts.push(i.name.as_bytes().to_vec());
+            cur = i.parent;
+            if parts.len() > 4096 {
+                return None;
+            }
+        }
+        parts.reverse();
+        Some(OsString::from_vec(parts.join(&b'/')))
+    }
+
+    fn child_path(&self, parent: u64, name: &OsStr) -> Option<OsString> {
+        let mut p = self.path_of(parent)?;
+        if !p.is_empty() {
+            p.push("/");
+        }
+        p.push(name);
+        Some(p)
+    }
+
+    /// What write-back needs when a file first changes.
+    fn start_info(&self, ino: u64, data: &Arc<FileData>) -> FsResult<Start<B>> {
+        let (node, attr) = {
+            let t = self.tables();
+            let i = t.inodes.get(&ino).ok_or(FsError::UnknownInode(ino))?;
+            (i.node.clone(), i.attr)
+        };
+        let path = self.path_of(ino).unwrap_or_else(|| {
+            log::warn!(
+                "inode {ino}: path unknown; after a crash its changes would be kept at the root"
+            );
+            OsString::new()
+        });
+        let base = data.cached().unwrap_or_else(|| attr.validator());
+        Ok(Start {
+            fuse_ino: ino,
+            node,
+            path,
+            base,
+            data: data.clone(),
+        })
+    }
+
+    /// Stores local attributes of `ino` after a local change.
+    fn store_local(&self, ino: u64, l: &LocalAttr) -> Attr {
+        let mut t = self.tables();
+        match t.inodes.get_mut(&ino) {
+            Some(i) => {
+                l.apply(&mut i.attr);
+                i.attr
+            }
+            None => {
+                let mut a = self.placeholder_attr(ino);
+                l.apply(&mut a);
+                a
+            }
+        }
+    }
+
+    fn placeholder_attr(&self, ino: u64) -> Attr {
+        let now = std::time::SystemTime::now();
+        Attr {
+            ino,
+            kind: FileKind::File,
+            perm: 0,
+            nlink: 0,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            size: 0,
+            blocks: 0,
+            blksize: 4096,
+            atime: now,
+            mtime: now,
+            ctime: now,
+        }
+    }
+
+    /// After nassync changed metadata of `ino` on the NAS itself: a file
+    /// with pending changes keeps its base version (see
+    /// [`WriteBack::meta_changed`]).
+    fn own_meta_change(&self, ino: u64, attr: Option<&Attr>) {
+        let Some(wb) = &self.wb else { return };
+        let nas = self.fuse_ino(ino);
+        wb.own_meta_op(nas);
+        let Some((node, data)) = self
+            .tables()
+            .inodes
+            .get(&ino)
+            .filter(|i| i.kind == FileKind::File)
+            .map(|i| (i.node.clone(), i.data.clone()))
+        else {
+            return;
+        };
+        let dirty = wb.is_dirty(nas);
+        if !dirty && data.cached().is_none() {
+            return;
+        }
+        let fetched;
+        let attr = match attr {
+            Some(a) => a,
+            None => match self.backend.getattr(&node) {
+                Ok(a) => {
+                    fetched = a;
+                    &fetched
+                }
+                Err(_) => return,
+            },
+        };
+        if dirty {
+            wb.meta_changed(nas, attr);
+        } else if let Err(e) = self.data.own_ctime(ino, &data, &attr.validator()) {
+            log::warn!("cache: {e}");
         }
     }
 
@@ -285,7 +486,8 @@ impl<B: Backend> Core<B> {
 
     /// Fresh attributes of `ino` seen from the NAS: cache them, and drop
     /// cached data if the file changed.
-    fn saw_attr(&self, ino: u64, attr: &Attr) -> FsResult<()> {
+    fn saw_attr(&self, ino: u64, attr: &mut Attr) -> FsResult<()> {
+        let dirty = self.overlay(ino, attr);
         let data = {
             let mut t = self.tables();
             let Some(i) = t.inodes.get_mut(&ino) else {
@@ -295,7 +497,7 @@ impl<B: Backend> Core<B> {
             i.attr_until = Instant::now() + self.cfg.attr_timeout;
             i.data.clone()
         };
-        if attr.kind == FileKind::File {
+        if attr.kind == FileKind::File && !dirty {
             self.data.observe(ino, &data, &attr.validator())?;
         }
         Ok(())
@@ -308,10 +510,18 @@ impl<B: Backend> Core<B> {
         parent: u64,
         name: &OsStr,
         node: B::Node,
-        attr: Attr,
+        mut attr: Attr,
         count: bool,
+        g0: u64,
     ) -> FsResult<Entry> {
         let ino = self.fuse_ino(attr.ino);
+        self.fresh(&node, &mut attr, g0);
+        let dirty = self.overlay(ino, &mut attr);
+        let wb_data = if dirty {
+            self.wb.as_ref().and_then(|wb| wb.file_data(attr.ino))
+        } else {
+            None
+        };
         let now = Instant::now();
         let data = {
             let mut t = self.tables();
@@ -326,7 +536,7 @@ impl<B: Backend> Core<B> {
                 default_acl: None,
                 parent,
                 name: name.to_os_string(),
-                data: Arc::new(FileData::default()),
+                data: wb_data.clone().unwrap_or_default(),
             });
             if inode.kind != attr.kind {
                 // The NAS reused the number for another object.
@@ -351,7 +561,7 @@ impl<B: Backend> Core<B> {
             }
             data
         };
-        if attr.kind == FileKind::File {
+        if attr.kind == FileKind::File && !dirty {
             self.data.observe(ino, &data, &attr.validator())?;
         }
         Ok(self.entry(attr))
@@ -393,6 +603,7 @@ impl<B: Backend> Core<B> {
     }
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Entry> {
+        self.drain_settled();
         if name.len() > 255 {
             return Err(BackendError::errno("lookup", libc::ENAMETOOLONG).into());
         }
@@ -441,8 +652,9 @@ impl<B: Backend> Core<B> {
                 .node
                 .clone()
         };
+        let g0 = self.settle_gen();
         match self.backend.lookup(&dir_node, name) {
-            Ok((node, attr)) => self.remember(parent, name, node, attr, true),
+            Ok((node, attr)) => self.remember(parent, name, node, attr, true, g0),
             Err(e) => {
                 if e.raw_errno() == libc::ENOENT && !self.cfg.negative_timeout.is_zero() {
                     let mut t = self.tables();
@@ -483,6 +695,7 @@ impl<B: Backend> Core<B> {
     }
 
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> FsResult<(Attr, Duration)> {
+        self.drain_settled();
         let node = {
             let t = self.tables();
             let i = t.inodes.get(&ino).ok_or(FsError::UnknownInode(ino))?;
@@ -493,11 +706,13 @@ impl<B: Backend> Core<B> {
             i.node.clone()
         };
         let file = fh.and_then(|fh| self.file_handle(fh).ok());
-        let attr = match file {
+        let g0 = self.settle_gen();
+        let mut attr = match file {
             Some(h) => self.backend.fgetattr(&h.file)?,
             None => self.backend.getattr(&node)?,
         };
-        self.saw_attr(ino, &attr)?;
+        self.fresh(&node, &mut attr, g0);
+        self.saw_attr(ino, &mut attr)?;
         Ok((self.present(attr), self.cfg.attr_timeout))
     }
 
@@ -508,6 +723,9 @@ impl<B: Backend> Core<B> {
         changes: &SetAttr,
     ) -> FsResult<(Attr, Duration)> {
         let (node, kind, data) = self.node(ino)?;
+        if let (Some(wb), FileKind::File) = (&self.wb, kind) {
+            return self.setattr_local(wb, ino, fh, &node, &data, changes);
+        }
         let old_size = self.cached_size(ino);
         let file = fh.and_then(|fh| self.file_handle(fh).ok());
         let attr = self
@@ -529,6 +747,77 @@ impl<B: Backend> Core<B> {
                 i.attr_until = Instant::now() + self.cfg.attr_timeout;
             }
         }
+        Ok((self.present(attr), self.cfg.attr_timeout))
+    }
+
+    /// setattr with write-back: the size and mtime of a file change
+    /// locally (written back with its data), the rest on the NAS at once.
+    fn setattr_local(
+        &self,
+        wb: &Arc<WriteBack<B>>,
+        ino: u64,
+        fh: Option<u64>,
+        node: &B::Node,
+        data: &Arc<FileData>,
+        changes: &SetAttr,
+    ) -> FsResult<(Attr, Duration)> {
+        let nas = self.fuse_ino(ino);
+        let start = || self.start_info(ino, data);
+        let mut remote = *changes;
+        remote.size = None;
+        let mut local_mtime = None;
+        if let Some(size) = changes.size {
+            let unchanged = !wb.is_dirty(nas) && size == self.cached_size(ino);
+            if !unchanged {
+                let l = wb.truncate(nas, &start, size)?;
+                self.store_local(ino, &l);
+            }
+        }
+        if let Some(t) = changes.mtime {
+            if wb.is_dirty(nas) {
+                // The NAS gets it with the data; changing it there now
+                // would look like someone else's change.
+                remote.mtime = None;
+                local_mtime = Some(match t {
+                    SetTime::Now => std::time::SystemTime::now(),
+                    SetTime::At(t) => t,
+                });
+            }
+        }
+        let has_remote = remote.mode.is_some()
+            || remote.uid.is_some()
+            || remote.gid.is_some()
+            || remote.atime.is_some()
+            || remote.mtime.is_some();
+        if has_remote {
+            let file = fh.and_then(|fh| self.file_handle(fh).ok());
+            let mut attr = self
+                .backend
+                .setattr(node, file.as_ref().map(|h| &*h.file), &remote)?;
+            self.own_meta_change(ino, Some(&attr));
+            let dirty = self.overlay(ino, &mut attr);
+            if !dirty {
+                self.data.observe(ino, data, &attr.validator())?;
+            }
+            let mut t = self.tables();
+            if let Some(i) = t.inodes.get_mut(&ino) {
+                i.attr = attr;
+                i.attr_until = Instant::now() + self.cfg.attr_timeout;
+            }
+        }
+        if let Some(m) = local_mtime {
+            wb.set_mtime(nas, m);
+        }
+        let attr = {
+            let mut t = self.tables();
+            let i = t.inodes.get_mut(&ino).ok_or(FsError::UnknownInode(ino))?;
+            let mut a = i.attr;
+            if let Some(l) = wb.local_attr(nas) {
+                l.apply(&mut a);
+                i.attr = a;
+            }
+            a
+        };
         Ok((self.present(attr), self.cfg.attr_timeout))
     }
 
@@ -589,7 +878,7 @@ impl<B: Backend> Core<B> {
         let mode = self.creation_mode(parent, &dir, mode, creds);
         let (node, attr) = self.backend.mknod(&dir, name, mode, rdev, creds)?;
         self.added_name(parent);
-        self.remember(parent, name, node, attr, true)
+        self.remember(parent, name, node, attr, true, self.settle_gen())
     }
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, creds: Creds) -> FsResult<Entry> {
@@ -606,7 +895,7 @@ impl<B: Backend> Core<B> {
                 until: Instant::now() + self.cfg.entry_timeout,
             },
         );
-        self.remember(parent, name, node, attr, true)
+        self.remember(parent, name, node, attr, true, self.settle_gen())
     }
 
     pub fn symlink(
@@ -619,23 +908,57 @@ impl<B: Backend> Core<B> {
         let dir = self.parent_node(parent)?;
         let (node, attr) = self.backend.symlink(&dir, name, target, creds)?;
         self.added_name(parent);
-        self.remember(parent, name, node, attr, true)
+        self.remember(parent, name, node, attr, true, self.settle_gen())
     }
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Entry> {
         let (node, _, _) = self.node(ino)?;
         let dir = self.parent_node(newparent)?;
         let attr = self.backend.link(&node, &dir, newname)?;
+        self.own_meta_change(ino, Some(&attr));
         self.added_name(newparent);
-        self.remember(newparent, newname, node, attr, true)
+        self.remember(newparent, newname, node, attr, true, self.settle_gen())
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         let dir = self.parent_node(parent)?;
+        let victim = self.known_child(parent, name);
         self.backend.unlink(&dir, name)?;
-        let mut t = self.tables();
-        self.forget_name(&mut t, parent, name, true);
+        {
+            let mut t = self.tables();
+            self.forget_name(&mut t, parent, name, true);
+        }
+        if let Some(v) = victim {
+            self.link_removed(v);
+        }
         Ok(())
+    }
+
+    /// The inode `name` in `parent` leads to, if known (with its node).
+    fn known_child(&self, parent: u64, name: &OsStr) -> Option<(u64, B::Node)> {
+        self.wb.as_ref()?;
+        let t = self.tables();
+        let key = (parent, name.to_os_string());
+        let ino = t.names.get(&key).copied().or_else(|| {
+            t.listings
+                .get(&parent)
+                .and_then(|l| l.names.get(name).copied())
+        })?;
+        Some((ino, t.inodes.get(&ino)?.node.clone()))
+    }
+
+    /// A name of `victim` was removed on the NAS (unlink, or replaced by a
+    /// rename): if it was the last, its pending changes have nowhere to go.
+    fn link_removed(&self, (ino, node): (u64, B::Node)) {
+        let Some(wb) = &self.wb else { return };
+        let nas = self.fuse_ino(ino);
+        if !wb.is_dirty(nas) {
+            return;
+        }
+        match self.backend.getattr(&node) {
+            Ok(a) if a.nlink > 0 => wb.meta_changed(nas, &a),
+            _ => wb.unlinked(nas, self.is_open(ino)),
+        }
     }
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
@@ -659,7 +982,35 @@ impl<B: Backend> Core<B> {
     ) -> FsResult<()> {
         let dir = self.parent_node(parent)?;
         let newdir = self.parent_node(newparent)?;
+        let moved = self.known_child(parent, name);
+        let replaced = self.known_child(newparent, newname);
+        let paths = self.wb.as_ref().and_then(|_| {
+            Some((
+                self.child_path(parent, name)?,
+                self.child_path(newparent, newname)?,
+            ))
+        });
         self.backend.rename(&dir, name, &newdir, newname, flags)?;
+        if let (Some(wb), Some((old, new))) = (&self.wb, &paths) {
+            if flags.exchange {
+                // Through a temporary name, so that the two swap.
+                let tmp = OsString::from("\0nassync-exchange");
+                wb.renamed(old, &tmp);
+                wb.renamed(new, old);
+                wb.renamed(&tmp, new);
+            } else {
+                wb.renamed(old, new);
+            }
+        }
+        if let Some((ino, _)) = &moved {
+            // rename changes the ctime.
+            self.own_meta_change(*ino, None);
+        }
+        if let (Some(r), false) = (replaced, flags.exchange) {
+            if moved.as_ref().map(|m| m.0) != Some(r.0) {
+                self.link_removed(r);
+            }
+        }
         let mut t = self.tables();
         let t = &mut *t;
         let src_key = (parent, name.to_os_string());
@@ -726,9 +1077,26 @@ impl<B: Backend> Core<B> {
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
         let (node, kind, data) = self.node(ino)?;
         let mode = open_mode(flags);
+        let g0 = self.settle_gen();
         let file = self.backend.open(&node, mode)?;
         // Close-to-open: the attributes of what was just opened.
-        let attr = self.backend.fgetattr(&file)?;
+        let mut attr = self.backend.fgetattr(&file)?;
+        self.fresh(&node, &mut attr, g0);
+        if self.overlay(ino, &mut attr) {
+            // Changes not yet on the NAS: the local version is the one to
+            // show, and the kernel's cache of it is current.
+            let mut t = self.tables();
+            if let Some(i) = t.inodes.get_mut(&ino) {
+                i.attr = attr;
+                i.attr_until = Instant::now() + self.cfg.attr_timeout;
+            }
+            drop(t);
+            let fh = self.open_handle(ino, file, data, mode.append);
+            return Ok(Opened {
+                fh,
+                keep_cache: true,
+            });
+        }
         {
             let mut t = self.tables();
             if let Some(i) = t.inodes.get_mut(&ino) {
@@ -761,7 +1129,7 @@ impl<B: Backend> Core<B> {
             .backend
             .create(&dir, name, mode, omode, exclusive, creds)?;
         self.added_name(parent);
-        let entry = self.remember(parent, name, node, attr, true)?;
+        let entry = self.remember(parent, name, node, attr, true, self.settle_gen())?;
         let ino = entry.attr.ino;
         let (_, _, data) = self.node(ino)?;
         self.data.revalidate(ino, &data, &attr.validator())?;
@@ -777,6 +1145,12 @@ impl<B: Backend> Core<B> {
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let h = self.file_handle(fh)?;
+        if let Some(wb) = &self.wb {
+            let base = |o: u64, l: u32| self.data.read(h.ino, &h.data, o, l, &h.fetch);
+            if let Some(r) = wb.read(self.fuse_ino(h.ino), offset, size, &base) {
+                return r;
+            }
+        }
         let out = self.data.read(h.ino, &h.data, offset, size, &h.fetch)?;
         let end = offset + out.len() as u64;
         let prev = h.last_end.swap(end, Ordering::Relaxed);
@@ -797,6 +1171,12 @@ impl<B: Backend> Core<B> {
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         let h = self.file_handle(fh)?;
+        if let Some(wb) = &self.wb {
+            let start = || self.start_info(h.ino, &h.data);
+            let l = wb.write(self.fuse_ino(h.ino), &start, offset, data, h.append)?;
+            self.store_local(h.ino, &l);
+            return Ok(data.len() as u32);
+        }
         let old_size = self.cached_size(h.ino);
         let n = self.backend.write(&h.file, offset, data)? as u64;
         let after = self.backend.fgetattr(&h.file)?;
@@ -817,23 +1197,66 @@ impl<B: Backend> Core<B> {
     }
 
     pub fn flush(&self, fh: u64) -> FsResult<()> {
-        self.file_handle(fh).map(|_| ())
+        let h = self.file_handle(fh)?;
+        if let Some(wb) = &self.wb {
+            wb.flush_row(self.fuse_ino(h.ino))?;
+        }
+        Ok(())
     }
 
     pub fn release(&self, fh: u64) -> FsResult<()> {
-        match self.handles().remove(&fh) {
-            Some(_) => Ok(()),
-            None => Err(FsError::UnknownHandle(fh)),
+        let mut handles = self.handles();
+        let Some(h) = handles.remove(&fh) else {
+            return Err(FsError::UnknownHandle(fh));
+        };
+        if let (Some(wb), Handle::File(h)) = (&self.wb, &h) {
+            let ino = h.ino;
+            let open = handles
+                .values()
+                .any(|o| matches!(o, Handle::File(f) if f.ino == ino));
+            drop(handles);
+            if !open {
+                wb.closed(self.fuse_ino(ino));
+            }
         }
+        Ok(())
     }
 
+    fn is_open(&self, ino: u64) -> bool {
+        self.handles()
+            .values()
+            .any(|o| matches!(o, Handle::File(f) if f.ino == ino))
+    }
+
+    /// With write-back: durable on local disk (the NAS gets it later).
     pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
         let h = self.file_handle(fh)?;
+        if let Some(wb) = &self.wb {
+            return wb.fsync(self.fuse_ino(h.ino));
+        }
         Ok(self.backend.fsync(&h.file, datasync)?)
     }
 
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
         let h = self.file_handle(fh)?;
+        if let Some(wb) = &self.wb {
+            let nas = self.fuse_ino(h.ino);
+            let end = offset
+                .checked_add(len)
+                .ok_or(FsError::Invalid("fallocate past the largest offset"))?;
+            if mode == 0 {
+                // Allocation is the NAS's business; the size is ours.
+                if end > self.cached_size(h.ino) {
+                    let start = || self.start_info(h.ino, &h.data);
+                    let l = wb.truncate(nas, &start, end)?;
+                    self.store_local(h.ino, &l);
+                }
+                return Ok(());
+            }
+            // Holes and zeroed ranges are made by the NAS itself, on the
+            // file as written back.
+            wb.flush_file(nas)?;
+        }
         let old_size = self.cached_size(h.ino);
         self.backend.fallocate(&h.file, mode, offset, len)?;
         let after = self.backend.fgetattr(&h.file)?;
@@ -865,6 +1288,7 @@ impl<B: Backend> Core<B> {
         let fh = self.add_handle(Handle::Dir(Arc::new(Mutex::new(DirHandle {
             ino,
             items: None,
+            settle_gen: 0,
         }))));
         Ok(Opened {
             fh,
@@ -957,16 +1381,21 @@ impl<B: Backend> Core<B> {
         let h = self.dir_handle(fh)?;
         let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
         if offset == 0 || h.items.is_none() {
+            h.settle_gen = self.settle_gen();
             let items = self.list(h.ino, plus)?;
             h.items = Some(items);
         }
+        let g0 = h.settle_gen;
         let dir_ino = h.ino;
         let items = h.items.as_deref().unwrap_or_default();
         for (i, item) in items.iter().enumerate().skip(offset as usize) {
             let next = i as u64 + 1;
             match (&item.plus, plus) {
                 (Some((node, attr)), true) => {
-                    let provisional = self.entry(*attr);
+                    let mut shown = *attr;
+                    self.fresh(node, &mut shown, g0);
+                    self.overlay(item.ino, &mut shown);
+                    let provisional = self.entry(shown);
                     let full = add(DirOut {
                         ino: item.ino,
                         next,
@@ -977,7 +1406,7 @@ impl<B: Backend> Core<B> {
                     if full {
                         break;
                     }
-                    self.remember(dir_ino, &item.name, node.clone(), *attr, true)?;
+                    self.remember(dir_ino, &item.name, node.clone(), *attr, true, g0)?;
                 }
                 (None, true) => {
                     // "." and "..": the kernel takes no lookup for them.
@@ -1045,6 +1474,7 @@ impl<B: Backend> Core<B> {
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
         let (node, _, _) = self.node(ino)?;
         self.backend.setxattr(&node, name, value, flags)?;
+        self.own_meta_change(ino, None);
         // ctime changed (and the mode, for an ACL).
         let mut t = self.tables();
         self.expire_attr(&mut t, ino);
@@ -1057,6 +1487,7 @@ impl<B: Backend> Core<B> {
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
         let (node, _, _) = self.node(ino)?;
         self.backend.removexattr(&node, name)?;
+        self.own_meta_change(ino, None);
         let mut t = self.tables();
         self.expire_attr(&mut t, ino);
         if let Some(i) = t.inodes.get_mut(&ino) {

@@ -74,6 +74,26 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Cmd::Status { mountpoint } => {
+            let mp = mountpoint.canonicalize().unwrap_or(mountpoint);
+            match nassync::control::request(&mp, "status") {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("nassync: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::Flush { path } => match nassync::cli::flush(path.as_deref()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("nassync: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Cmd::Stats { mountpoint } => {
             let mp = mountpoint.canonicalize().unwrap_or(mountpoint);
             match nassync::control::request(&mp, "stats") {

@@ -12,6 +12,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 
@@ -26,11 +27,14 @@ use crate::fuse::FuseFs;
 use crate::mountinfo;
 use crate::options::MountOptions;
 use crate::stats::Stats;
+use crate::writeback::{WbConfig, WriteBack};
 
 /// Exit status of a failed mount, as mount(8) uses it.
 pub const EXIT_MOUNT_FAILURE: i32 = 32;
 /// Exit status of a bad command line or option.
 pub const EXIT_USAGE: i32 = 1;
+/// The daemon exited with changes still in the journal (EX_TEMPFAIL).
+pub const EXIT_PENDING: i32 = 75;
 
 /// The environment variable that carries the readiness pipe to the daemon.
 const READY_FD_ENV: &str = "NASSYNC_READY_FD";
@@ -366,10 +370,33 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
         gid: o.gid,
         umask: o.umask,
     };
-    let core = Arc::new(
-        Core::new(Arc::new(backend), cfg, data, stats)
-            .with_context(|| format!("source {}", plan.source.display()))?,
-    );
+    let backend = Arc::new(backend);
+    let mut core = Core::new(backend.clone(), cfg, data.clone(), stats)
+        .with_context(|| format!("source {}", plan.source.display()))?;
+    let wb = if o.writeback {
+        let root = core.root_nas_ino();
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "localhost".into());
+        let wb = WriteBack::open(
+            &plan.cache_dir,
+            backend,
+            data,
+            WbConfig {
+                delay: o.writeback_delay,
+                max_dirty: o.max_dirty(),
+                host,
+            },
+            Box::new(move |ino| crate::fs::map_ino(root, ino)),
+        )
+        .map_err(|e| anyhow!("{e}"))?;
+        core.set_writeback(wb.clone());
+        Some(wb)
+    } else {
+        None
+    };
+    let core = Arc::new(core);
     let fs = FuseFs::new(core.clone(), o.block_size.min(16 << 20) as u32);
     let mut config = fuser::Config::default();
     config.mount_options = mount_options(&plan);
@@ -420,9 +447,20 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
 
     let handler_core = core.clone();
     let source = plan.source.clone();
-    let handler: control::Handler = Arc::new(move |cmd: &str| match cmd {
-        "stats" => stats_text(&handler_core, &source),
-        other => format!("error unknown command {other:?}\n"),
+    let handler: control::Handler = Arc::new(move |cmd: &str, out: &mut dyn Write| {
+        let (verb, arg) = cmd.split_once(' ').unwrap_or((cmd, ""));
+        match verb {
+            "stats" => {
+                let _ = out.write_all(stats_text(&handler_core, &source).as_bytes());
+            }
+            "status" => {
+                let _ = out.write_all(status_text(&handler_core).as_bytes());
+            }
+            "flush" => flush_reply(&handler_core, arg, out),
+            other => {
+                let _ = writeln!(out, "error unknown command {other:?}");
+            }
+        }
     });
     let _control = control::Server::start(
         &control::socket_path(&plan.mountpoint),
@@ -462,8 +500,40 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
         plan.mountpoint.display()
     );
     ready.send("ready\n");
-    session.run().context("FUSE session")?;
+    let wb_thread = match &wb {
+        Some(wb) => Some(wb.start()?),
+        None => None,
+    };
+    let served = session.run().context("FUSE session");
     log::info!("unmounted {}", plan.mountpoint.display());
+    if let Some(wb) = &wb {
+        let (files, bytes) = wb.pending(None);
+        if files > 0 {
+            log::info!(
+                "writing back {files} files ({bytes} bytes) before exiting (at most {:?})",
+                o.unmount_flush_timeout
+            );
+        }
+        let (files, bytes) = wb.shutdown(o.unmount_flush_timeout);
+        if let Some(t) = wb_thread {
+            let _ = t.join();
+        }
+        if files > 0 {
+            return Err(MountError {
+                status: EXIT_PENDING,
+                error: anyhow!(
+                    "{files} files ({bytes} bytes) did not reach the NAS within \
+                     unmount_flush_timeout={:?}; they stay in the journal in {} and are \
+                     written back at the next mount of {}",
+                    o.unmount_flush_timeout,
+                    plan.cache_dir.display(),
+                    plan.source.display()
+                ),
+            });
+        }
+        log::info!("everything written is on the NAS");
+    }
+    served?;
     Ok(())
 }
 
@@ -543,6 +613,71 @@ fn kernel_flags(o: &MountOptions) -> [(bool, nix::mount::MsFlags, fuser::MountOp
         (o.sync, F::MS_SYNCHRONOUS, M::Sync),
         (o.dirsync, F::MS_DIRSYNC, M::DirSync),
     ]
+}
+
+/// `nassync status`: what is not on the NAS yet, and conflicts.
+fn status_text<B: Backend>(core: &Core<B>) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let Some(wb) = core.writeback() else {
+        return "writeback off\n".into();
+    };
+    let (pending, conflicts, [written, files, retries, nconflicts]) = wb.status();
+    let bytes: u64 = pending.iter().map(|p| p.bytes).sum();
+    let oldest = pending.iter().map(|p| p.age).max().unwrap_or_default();
+    let mut out = format!(
+        "writeback on\npending_files {}\npending_bytes {bytes}\noldest_pending_s {:.1}\n\
+         written_bytes {written}\nwritten_files {files}\nretries {retries}\nconflicts {nconflicts}\n",
+        pending.len(),
+        oldest.as_secs_f64()
+    );
+    let esc = |p: &std::ffi::OsStr| String::from_utf8_lossy(p.as_bytes()).replace('\n', "\\n");
+    for p in &pending {
+        out.push_str(&format!(
+            "pending {} bytes={} age_s={:.1} state={} attempts={}",
+            esc(&p.path),
+            p.bytes,
+            p.age.as_secs_f64(),
+            p.phase,
+            p.attempts
+        ));
+        if let Some(e) = &p.error {
+            out.push_str(&format!(" error={e:?}"));
+        }
+        out.push('\n');
+    }
+    for c in &conflicts {
+        let at =
+            c.at.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+        out.push_str(&format!(
+            "conflict {} kept_as={} at={at} reason={:?}\n",
+            esc(&c.path),
+            esc(&c.kept_as),
+            c.reason
+        ));
+    }
+    out
+}
+
+/// `nassync flush [PATH]`: streams `progress FILES BYTES` lines, then
+/// `done`.
+fn flush_reply<B: Backend>(core: &Core<B>, arg: &str, out: &mut dyn Write) {
+    let Some(wb) = core.writeback() else {
+        let _ = writeln!(out, "done 0 0");
+        return;
+    };
+    let prefix = arg.trim_matches('/');
+    let prefix = (!prefix.is_empty()).then(|| std::ffi::OsStr::new(prefix));
+    let mut last = std::time::Instant::now() - Duration::from_secs(1);
+    let left = wb.flush(prefix, None, &mut |files, bytes| {
+        if last.elapsed() < Duration::from_millis(200) {
+            return true;
+        }
+        last = std::time::Instant::now();
+        writeln!(out, "progress {files} {bytes}").is_ok()
+    });
+    let _ = writeln!(out, "done {} {}", left.0, left.1);
 }
 
 fn stats_text<B: Backend>(core: &Core<B>, source: &Path) -> String {

@@ -65,6 +65,27 @@ pub fn mounted_at(path: &Path) -> Option<MountEntry> {
     mounts().into_iter().rev().find(|m| m.mountpoint == path)
 }
 
+/// The nassync mount that holds `path` (canonical), and `path` relative to
+/// its mount point.
+pub fn nassync_mount_of(path: &Path) -> Option<(MountEntry, PathBuf)> {
+    mounts()
+        .into_iter()
+        .filter(|m| m.fstype == "fuse.nassync")
+        .filter_map(|m| {
+            let rel = path.strip_prefix(&m.mountpoint).ok()?.to_path_buf();
+            Some((m, rel))
+        })
+        .max_by_key(|(m, _)| m.mountpoint.as_os_str().len())
+}
+
+/// Every nassync mount.
+pub fn nassync_mounts() -> Vec<MountEntry> {
+    mounts()
+        .into_iter()
+        .filter(|m| m.fstype == "fuse.nassync")
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,6 +31,13 @@ pub struct MountOptions {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub umask: Option<u32>,
+    /// Writes land locally and reach the NAS in the background; off with
+    /// `writeback=off` or `sync`.
+    pub writeback: bool,
+    pub writeback_delay: Duration,
+    /// Pending bytes above which writers wait; default half of cache_size.
+    pub max_dirty: Option<u64>,
+    pub unmount_flush_timeout: Duration,
 }
 
 /// Every option: name, default, meaning (for --help and the man pages;
@@ -85,6 +92,26 @@ pub const OPTIONS: &[(&str, &str, &str)] = &[
         "none",
         "octal mask cleared from the permissions shown",
     ),
+    (
+        "writeback=on|off",
+        "on",
+        "write locally, reach the NAS in the background (off: write-through)",
+    ),
+    (
+        "writeback_delay=TIME",
+        "5s",
+        "a file is written back this long after its last change",
+    ),
+    (
+        "max_dirty=SIZE",
+        "half of cache_size",
+        "writers wait while more than this is not yet on the NAS",
+    ),
+    (
+        "unmount_flush_timeout=TIME",
+        "30s",
+        "at unmount, how long to wait for pending changes to reach the NAS",
+    ),
     ("fsname=NAME", "the source", "name shown in /proc/mounts"),
     (
         "log_level=LEVEL",
@@ -106,7 +133,7 @@ pub const OPTIONS: &[(&str, &str, &str)] = &[
     (
         "noatime, nodev, nosuid, noexec, dirsync, sync",
         "off",
-        "passed to the kernel",
+        "passed to the kernel; sync also turns write-back off",
     ),
 ];
 
@@ -140,7 +167,22 @@ impl Default for MountOptions {
             uid: None,
             gid: None,
             umask: None,
+            writeback: true,
+            writeback_delay: Duration::from_secs(5),
+            max_dirty: None,
+            unmount_flush_timeout: Duration::from_secs(30),
         }
+    }
+}
+
+impl MountOptions {
+    /// Pending bytes above which writers wait.
+    pub fn max_dirty(&self) -> u64 {
+        self.max_dirty.unwrap_or(if self.cache_size > 0 {
+            self.cache_size / 2
+        } else {
+            GIB
+        })
     }
 }
 
@@ -373,7 +415,8 @@ impl MountOptions {
             }
             "sync" => {
                 flag(opt)?;
-                self.sync = true
+                self.sync = true;
+                self.writeback = false;
             }
             "async" => {
                 flag(opt)?;
@@ -410,6 +453,16 @@ impl MountOptions {
                     .filter(|n| (1..=256).contains(n))
                     .ok_or_else(|| bad(opt, "expected a number of threads from 1 to 256"))?
             }
+            "writeback" => {
+                self.writeback = match need()? {
+                    "on" | "yes" | "1" => true,
+                    "off" | "no" | "0" => false,
+                    _ => return Err(bad(opt, "expected on or off")),
+                }
+            }
+            "writeback_delay" => self.writeback_delay = time()?,
+            "max_dirty" => self.max_dirty = Some(size()?),
+            "unmount_flush_timeout" => self.unmount_flush_timeout = time()?,
             "fsname" => self.fsname = Some(need()?.to_string()),
             "uid" => self.uid = Some(id(need()?, "user")?),
             "gid" => self.gid = Some(id(need()?, "group")?),

@@ -214,6 +214,7 @@ fn concurrent_readers_and_writers_see_consistent_data() {
     for (k, chunk) in all.chunks(4096).enumerate() {
         assert!(chunk.iter().all(|b| *b == (k % 4) as u8 + 1), "slot {k}");
     }
+    m.flush(None);
     assert_eq!(all, fs::read(m.n("shared")).unwrap());
 }
 

@@ -33,6 +33,14 @@ fn open(dir: &Path, name: &str) -> File {
 }
 
 fn run(seed: u64, ops: usize, options: &str) {
+    // Extra options, to replay a failure under other settings.
+    let extra = std::env::var("NASSYNC_MODEL_OPTIONS").unwrap_or_default();
+    let options = &[options, &extra]
+        .iter()
+        .filter(|o| !o.is_empty())
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(",");
     eprintln!("model test: seed {seed}, {ops} operations, options {options:?}");
     let m = Mount::new(options);
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -99,10 +107,24 @@ fn run(seed: u64, ops: usize, options: &str) {
                         .iter()
                         .zip(&f[start..end])
                         .position(|(a, b)| a != b);
+                    let a = at.unwrap_or(0);
+                    let run = buf[a..got]
+                        .iter()
+                        .zip(&f[start + a..end])
+                        .take_while(|(x, y)| x != y)
+                        .count();
+                    let log = m.log();
+                    let notable: Vec<&str> = log
+                        .lines()
+                        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                        .collect();
                     panic!(
-                        "{}: content differs at offset {:?}",
+                        "daemon warnings:\n{}\n{}: content differs at offset {} for {run} bytes (got {:?}, expected {:?})",
+                        notable.join("\n"),
                         ctx("read"),
-                        at.map(|a| off + a as u64)
+                        off + a as u64,
+                        &buf[a..(a + 8).min(got)],
+                        &f[start + a..(start + a + 8).min(end)],
                     );
                 }
             }
@@ -159,14 +181,30 @@ fn run(seed: u64, ops: usize, options: &str) {
             }
         }
     }
-    // The end state, through fresh opens and directly on the NAS.
+    // The end state, through fresh opens and directly on the NAS (once
+    // everything is written back).
     drop(handles);
+    m.flush(None);
     for i in 0..FILES {
         let through = std::fs::read(m.mnt.join(&model.names[i])).unwrap();
-        assert!(
-            through == model.files[i],
-            "seed {seed}: final content of file {i} through the mount"
-        );
+        if through != model.files[i] {
+            let at = through
+                .iter()
+                .zip(&model.files[i])
+                .position(|(a, b)| a != b);
+            let log = m.log();
+            let notable: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .collect();
+            panic!(
+                "seed {seed}: final content of file {i} through the mount: length {} vs {}, first difference at {at:?}\ndaemon warnings:\n{}\nrecent operations:\n{}",
+                through.len(),
+                model.files[i].len(),
+                notable.join("\n"),
+                trace[trace.len().saturating_sub(20)..].join("\n")
+            );
+        }
         let nas = std::fs::read(m.nas.join(&model.names[i])).unwrap();
         assert!(
             nas == model.files[i],

@@ -520,6 +520,7 @@ fn statfs_reports_the_nas_capacity() {
 fn changes_through_the_mount_reach_the_nas_and_back() {
     let m = Mount::new("");
     fs::write(m.m("x"), "through").unwrap();
+    m.flush(None);
     assert_eq!(fs::read_to_string(m.n("x")).unwrap(), "through");
     fs::create_dir(m.m("dir")).unwrap();
     assert!(m.n("dir").is_dir());

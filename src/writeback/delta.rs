@@ -167,3 +167,37 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+
+    #[test]
+    fn zeroed_and_rewritten_regions_are_reproduced() {
+        let mut rng = fastrand::Rng::with_seed(9);
+        for round in 0..300 {
+            let len = rng.usize(1..300_000);
+            let base: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
+            let mut new = base.clone();
+            for _ in 0..rng.usize(1..5) {
+                let a = rng.usize(0..new.len());
+                let b = rng.usize(a..=new.len().min(a + 100_000));
+                match rng.u8(0..3) {
+                    0 => new[a..b].fill(0),
+                    1 => new[a..b].iter_mut().for_each(|x| *x = rng.u8(..)),
+                    _ => {
+                        let n = rng.usize(0..=new.len());
+                        new.resize(n, 0)
+                    }
+                }
+            }
+            let runs = changed_runs(&base, &new);
+            let mut out = base.clone();
+            out.resize(new.len(), 0);
+            for &(o, l) in &runs {
+                out[o..o + l].copy_from_slice(&new[o..o + l]);
+            }
+            assert!(out == new, "round {round}");
+        }
+    }
+}

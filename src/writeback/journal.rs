@@ -315,6 +315,14 @@ impl Journal {
         Ok(())
     }
 
+    /// Folds the WAL into the database file (at a clean stop), so that
+    /// the journal is one self-contained file.
+    pub fn checkpoint(&self) -> Result<(), CacheError> {
+        self.conn()
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+
     /// Every data row, oldest first. A row that cannot be decoded is an
     /// error: nothing is dropped silently.
     pub fn load_data(&self) -> Result<Vec<DataRecord>, CacheError> {

@@ -104,6 +104,9 @@ struct DirtyInner<B: Backend> {
     removed: bool,
     /// The errno of the last failure.
     last_errno: i32,
+    /// [`WriteBack::meta_clock`] when `rec.base` was read from the NAS
+    /// (0: unknown).
+    base_clock: u64,
 }
 
 impl<B: Backend> DirtyInner<B> {
@@ -194,8 +197,14 @@ pub struct WriteBack<B: Backend> {
     /// (the file settled); `settled_any` says whether there are some.
     settled: Mutex<Vec<u64>>,
     settled_any: AtomicBool,
+    settle_count: AtomicU64,
     /// The NAS inode number -> FUSE inode number mapping of the core.
     fuse_ino: Box<dyn Fn(u64) -> u64 + Send + Sync>,
+    /// Counts nassync's own metadata changes on the NAS (rename, chmod,
+    /// link, xattrs), which move a file's ctime; `own_meta` holds the
+    /// count at the last one per file.
+    meta_clock: AtomicU64,
+    own_meta: Mutex<HashMap<u64, u64>>,
 }
 
 fn cache_err(e: CacheError) -> FsError {
@@ -235,7 +244,10 @@ impl<B: Backend> WriteBack<B> {
             counters: Counters::default(),
             settled: Mutex::new(Vec::new()),
             settled_any: AtomicBool::new(false),
+            settle_count: AtomicU64::new(0),
             fuse_ino,
+            meta_clock: AtomicU64::new(1),
+            own_meta: Mutex::new(HashMap::new()),
         });
         let mut known = std::collections::HashSet::new();
         for rec in records {
@@ -283,6 +295,7 @@ impl<B: Backend> WriteBack<B> {
                     row_stale: false,
                     removed: false,
                     last_errno: 0,
+                    base_clock: 0,
                 }),
             };
             wb.dirty_bytes
@@ -346,7 +359,13 @@ impl<B: Backend> WriteBack<B> {
         std::mem::take(&mut *self.settled.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// Counts files that stopped being dirty.
+    pub fn settle_gen(&self) -> u64 {
+        self.settle_count.load(Ordering::Acquire)
+    }
+
     fn settle(&self, nas_ino: u64) {
+        self.settle_count.fetch_add(1, Ordering::AcqRel);
         self.settled
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -415,6 +434,7 @@ impl<B: Backend> WriteBack<B> {
                 row_stale: false,
                 removed: false,
                 last_errno: 0,
+                base_clock: 0,
             }),
         });
         files.insert(nas_ino, d.clone());
@@ -508,6 +528,45 @@ impl<B: Backend> WriteBack<B> {
             mtime: g.rec.mtime,
             ctime: g.ctime,
         })
+    }
+
+    /// nassync itself changed a dirty file's metadata on the NAS (chmod,
+    /// link, rename...), which changed its ctime: if nothing else changed,
+    /// the new ctime is still the base version, not someone else's change.
+    pub fn meta_changed(&self, nas_ino: u64, attr: &Attr) {
+        let Some(d) = self.get(nas_ino) else { return };
+        let mut g = d.lock();
+        let b = g.rec.base;
+        if attr.ino == b.ino
+            && attr.size == b.size
+            && attr.mtime == b.mtime
+            && attr.ctime != b.ctime
+        {
+            g.rec.base.ctime = attr.ctime;
+            if self.journal.update_data(&g.row()).is_ok() {
+                g.row_stale = false;
+            }
+        }
+    }
+
+    /// nassync has just changed the metadata of a file on the NAS itself.
+    /// A ctime that moved since the base version then proves nothing
+    /// about other clients (see the conflict check in `write_back`).
+    pub fn own_meta_op(&self, nas_ino: u64) {
+        let t = self.meta_clock.fetch_add(1, Ordering::AcqRel) + 1;
+        self.own_meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(nas_ino, t);
+    }
+
+    /// Whether nassync changed the file's metadata since clock `since`.
+    fn own_meta_since(&self, nas_ino: u64, since: u64) -> bool {
+        self.own_meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&nas_ino)
+            .is_some_and(|t| *t > since)
     }
 
     /// The mtime a dirty file is to have on the NAS once written back
@@ -826,6 +885,21 @@ impl<B: Backend> WriteBack<B> {
         }
     }
 
+    /// One write-back attempt of every pending file, in the calling
+    /// thread, oldest first (the write-back thread does the same when
+    /// files are due).
+    pub fn write_back_now(&self) {
+        let mut files: Vec<(SystemTime, Arc<Dirty<B>>)> = self
+            .files_lock()
+            .values()
+            .map(|d| (d.lock().rec.created, d.clone()))
+            .collect();
+        files.sort_by_key(|(c, _)| *c);
+        for (_, d) in files {
+            self.apply(&d);
+        }
+    }
+
     /// Stops the write-back thread after flushing what it can before
     /// `deadline`; returns (files, bytes) left in the journal.
     pub fn shutdown(&self, timeout: Duration) -> (u64, u64) {
@@ -845,6 +919,9 @@ impl<B: Backend> WriteBack<B> {
             }
         }
         let _ = self.journal.commit_durable();
+        if let Err(e) = self.journal.checkpoint() {
+            log::warn!("journal: {e}");
+        }
         left
     }
 
@@ -977,13 +1054,15 @@ impl<B: Backend> WriteBack<B> {
                 node: g.node.clone(),
                 path: g.rec.path.clone(),
                 recovering: g.rec.state == RowState::Applying,
+                base_clock: g.base_clock,
             }
         };
         let result = self.write_back(d, &snap);
         let mut g = d.lock();
         let before = g.weight();
         match result {
-            Ok(Outcome::Written(after, written)) => {
+            Ok(Outcome::Written(after, written, clock)) => {
+                g.base_clock = clock;
                 self.counters
                     .written_bytes
                     .fetch_add(written, Ordering::Relaxed);
@@ -991,7 +1070,9 @@ impl<B: Backend> WriteBack<B> {
                 let applied = std::mem::take(&mut g.applying);
                 // The NAS now holds the snapshot: it is the new base, and
                 // cached base blocks of what changed are stale.
-                let mut stale = applied.clone();
+                // All of the snapshot was written, even what a truncate
+                // has dropped from `applied` since.
+                let mut stale = snap.ranges.clone();
                 if snap.size != snap.base.size || snap.trunc < snap.base.size {
                     stale.insert(snap.trunc.min(snap.base.size).min(snap.size), u64::MAX);
                 }
@@ -1142,7 +1223,14 @@ impl<B: Backend> WriteBack<B> {
                 .lost(d, snap, "another file is at its path on the NAS")
                 .map_err(e0);
         }
-        if !snap.recovering && attr.validator() != snap.base {
+        let v = attr.validator();
+        // Only the ctime moved, and nassync itself renamed, chmodded...
+        // the file since: that is not another client's change.
+        let own_ctime = v.ino == snap.base.ino
+            && v.size == snap.base.size
+            && v.mtime == snap.base.mtime
+            && self.own_meta_since(d.nas_ino, snap.base_clock);
+        if !snap.recovering && v != snap.base && !own_ctime {
             return self
                 .keep_both(d, snap, "changed on the NAS since nassync last saw it")
                 .map_err(e0);
@@ -1229,8 +1317,9 @@ impl<B: Backend> WriteBack<B> {
             .setattr(&node, Some(&file), &changes)
             .map_err(wrote)?;
         self.backend.fsync(&file, false).map_err(wrote)?;
+        let clock = self.meta_clock.load(Ordering::Acquire);
         let after = self.backend.fgetattr(&file).map_err(wrote)?;
-        Ok(Outcome::Written(after, written))
+        Ok(Outcome::Written(after, written, clock))
     }
 
     /// Copies `s..e` from the pending file into the NAS file.
@@ -1406,11 +1495,13 @@ struct Snap<B: Backend> {
     path: OsString,
     /// A previous attempt may have written part of the change already.
     recovering: bool,
+    base_clock: u64,
 }
 
 enum Outcome {
-    /// The NAS's new attributes and the bytes written.
-    Written(Attr, u64),
+    /// The NAS's new attributes, the bytes written, and the meta clock
+    /// before those attributes were read.
+    Written(Attr, u64, u64),
     /// The local version was kept as `kept_as`; `nas` is the NAS's version.
     Conflict {
         kept_as: OsString,

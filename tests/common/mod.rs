@@ -48,12 +48,22 @@ pub struct Mount {
     pub cache: PathBuf,
     pub options: String,
     child: Option<Child>,
+    /// How the daemon exited at the last unmount.
+    pub last_exit: Option<std::process::ExitStatus>,
 }
 
 impl Mount {
     /// A new empty NAS directory mounted with `options` (added to the
     /// test defaults).
     pub fn new(options: &str) -> Mount {
+        let mut m = Mount::prepare(options);
+        m.mount();
+        m
+    }
+
+    /// Like [`Mount::new`], without mounting yet (to set up the NAS
+    /// directory first).
+    pub fn prepare(options: &str) -> Mount {
         require_fuse();
         let dir = tempfile::Builder::new()
             .prefix("nassync-test")
@@ -64,16 +74,15 @@ impl Mount {
         let cache = dir.path().join("cache");
         std::fs::create_dir(&nas).unwrap();
         std::fs::create_dir(&mnt).unwrap();
-        let mut m = Mount {
+        Mount {
             dir,
             nas,
             mnt,
             cache,
             options: options.to_string(),
             child: None,
-        };
-        m.mount();
-        m
+            last_exit: None,
+        }
     }
 
     pub fn mount(&mut self) {
@@ -112,10 +121,14 @@ impl Mount {
         if is_mounted(&self.mnt) {
             let _ = nix::mount::umount2(&self.mnt, nix::mount::MntFlags::empty());
         }
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Write-back may flush for up to unmount_flush_timeout (30 s).
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             match child.try_wait() {
-                Ok(Some(_)) => break,
+                Ok(Some(status)) => {
+                    self.last_exit = Some(status);
+                    break;
+                }
                 _ if Instant::now() > deadline => {
                     let _ = child.kill();
                     let _ = child.wait();
@@ -175,6 +188,45 @@ impl Mount {
                 Some((k.to_string(), v.parse().ok()?))
             })
             .collect()
+    }
+
+    /// `nassync flush [PATH]` (the whole mount without a path); panics
+    /// if it fails.
+    pub fn flush(&self, path: Option<&Path>) {
+        let out = Command::new(NASSYNC)
+            .arg("flush")
+            .arg(path.unwrap_or(&self.mnt))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "nassync flush: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+    }
+
+    /// `nassync status`.
+    pub fn status(&self) -> String {
+        let out = Command::new(NASSYNC)
+            .arg("status")
+            .arg(&self.mnt)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A number from `nassync status`.
+    pub fn status_value(&self, key: &str) -> u64 {
+        self.status()
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in status"))
     }
 
     pub fn log(&self) -> String {

@@ -1,0 +1,316 @@
+//! Write-back through a real mount: what docs/WRITEBACK.md promises about
+//! when data reaches the NAS, fsync, unmount, crashes and conflicts.
+
+mod common;
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Mount, NASSYNC};
+
+fn write_file(p: &Path, data: &[u8]) {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(p)
+        .unwrap();
+    f.write_all(data).unwrap();
+}
+
+#[test]
+fn writes_stay_local_until_written_back_in_place() {
+    let m = Mount::new("writeback_delay=1h");
+    write_file(&m.n("doc.txt"), b"version one\n");
+    std::fs::hard_link(m.n("doc.txt"), m.n("doc-link.txt")).unwrap();
+    std::os::unix::fs::chown(m.n("doc.txt"), Some(1234), Some(1234)).unwrap();
+    let ino = std::fs::metadata(m.n("doc.txt")).unwrap().ino();
+
+    write_file(&m.m("doc.txt"), b"version two, longer\n");
+    // The NAS does not have it yet; every process here does.
+    assert_eq!(std::fs::read(m.n("doc.txt")).unwrap(), b"version one\n");
+    let cat = Command::new("cat").arg(m.m("doc.txt")).output().unwrap();
+    assert_eq!(cat.stdout, b"version two, longer\n");
+    assert_eq!(std::fs::metadata(m.m("doc.txt")).unwrap().len(), 20);
+    assert_eq!(m.status_value("pending_files"), 1);
+
+    m.flush(None);
+    assert_eq!(
+        std::fs::read(m.n("doc.txt")).unwrap(),
+        b"version two, longer\n"
+    );
+    // Written into the same file: inode, links and owner kept.
+    let md = std::fs::metadata(m.n("doc.txt")).unwrap();
+    assert_eq!(md.ino(), ino);
+    assert_eq!((md.uid(), md.gid()), (1234, 1234));
+    assert_eq!(
+        std::fs::read(m.n("doc-link.txt")).unwrap(),
+        b"version two, longer\n"
+    );
+    assert_eq!(m.status_value("pending_files"), 0);
+    // The NAS file carries the mtime the application saw.
+    let local = std::fs::metadata(m.m("doc.txt")).unwrap();
+    assert_eq!(md.mtime(), local.mtime());
+}
+
+#[test]
+fn changes_reach_the_nas_by_themselves_after_the_delay() {
+    let m = Mount::new("writeback_delay=1s");
+    write_file(&m.m("a"), b"first");
+    let f = OpenOptions::new().write(true).open(m.m("a")).unwrap();
+    f.write_all_at(b"FIRST and more", 0).unwrap();
+    drop(f);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read(m.n("a")).unwrap() != b"FIRST and more" {
+        assert!(Instant::now() < deadline, "not on the NAS after 30 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_sync_option_writes_through() {
+    let m = Mount::new("sync");
+    write_file(&m.m("a"), b"on the NAS at once");
+    assert_eq!(std::fs::read(m.n("a")).unwrap(), b"on the NAS at once");
+    assert!(m.status().starts_with("writeback off"));
+}
+
+#[test]
+fn what_fsync_confirmed_survives_a_crash_of_the_daemon() {
+    let mut m = Mount::new("writeback_delay=1h");
+    write_file(&m.n("f"), &vec![b'a'; 300_000]);
+    let f = OpenOptions::new().write(true).open(m.m("f")).unwrap();
+    f.write_all_at(&[b'b'; 5000], 100_000).unwrap();
+    f.set_len(250_000).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let mut expect = vec![b'a'; 250_000];
+    expect[100_000..105_000].fill(b'b');
+    m.kill();
+    assert_eq!(
+        std::fs::read(m.n("f")).unwrap().len(),
+        300_000,
+        "not yet written back"
+    );
+    m.mount();
+    // The journal is taken up at once: the local view has the change.
+    assert_eq!(std::fs::read(m.m("f")).unwrap(), expect);
+    m.flush(None);
+    assert_eq!(std::fs::read(m.n("f")).unwrap(), expect);
+}
+
+#[test]
+fn unmount_writes_back_what_is_pending() {
+    let mut m = Mount::new("writeback_delay=1h");
+    write_file(&m.m("new-file"), b"written just before unmount");
+    m.unmount();
+    assert!(m.last_exit.unwrap().success(), "{}", m.log());
+    assert_eq!(
+        std::fs::read(m.n("new-file")).unwrap(),
+        b"written just before unmount"
+    );
+    assert!(
+        m.log().contains("everything written is on the NAS"),
+        "{}",
+        m.log()
+    );
+}
+
+/// A small tmpfs standing in for a full NAS; unmounted when dropped.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(at: &Path, size: &str) -> SmallFs {
+        nix::mount::mount(
+            Some("tmpfs"),
+            at,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={size}").as_str()),
+        )
+        .expect("mount a tmpfs for the NAS");
+        SmallFs(at.to_path_buf())
+    }
+
+    fn resize(&self, size: &str) {
+        nix::mount::mount(
+            None::<&str>,
+            &self.0,
+            None::<&str>,
+            nix::mount::MsFlags::MS_REMOUNT,
+            Some(format!("size={size}").as_str()),
+        )
+        .expect("resize the tmpfs");
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[test]
+fn a_full_nas_keeps_changes_pending_across_unmount_and_remount() {
+    let mut m = Mount::prepare("writeback_delay=1h,unmount_flush_timeout=2s");
+    let nas = SmallFs::mount(&m.nas, "1m");
+    m.mount();
+    let data: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8).collect();
+    // Accepted locally although the NAS has no room for it.
+    write_file(&m.m("big"), &data);
+    let f = File::open(m.m("big")).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let flush = Command::new(NASSYNC)
+        .args(["flush".as_ref(), m.mnt.as_os_str()])
+        .spawn();
+    // Retried with backoff, and shown in status.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = m.status();
+        if s.contains("state=retrying") && s.contains("No space left") {
+            assert!(m.status_value("retries") >= 1);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no retry shown:\n{s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        std::fs::read(m.m("big")).unwrap(),
+        data,
+        "still readable here"
+    );
+    m.unmount();
+    if let Ok(mut c) = flush {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    assert_eq!(m.last_exit.unwrap().code(), Some(75), "{}", m.log());
+    assert!(m.log().contains("stay in the journal"), "{}", m.log());
+    // The NAS gets room again; the next mount finishes the job.
+    nas.resize("16m");
+    m.mount();
+    assert_eq!(std::fs::read(m.m("big")).unwrap(), data);
+    m.flush(None);
+    assert_eq!(std::fs::read(m.n("big")).unwrap(), data);
+    assert_eq!(m.status_value("conflicts"), 0);
+    m.unmount();
+}
+
+#[test]
+fn a_conflict_keeps_both_versions() {
+    let m = Mount::new("writeback_delay=1h");
+    write_file(&m.n("report.txt"), b"base version\n");
+    assert_eq!(std::fs::read(m.m("report.txt")).unwrap(), b"base version\n");
+    write_file(&m.m("report.txt"), b"edited here\n");
+    // Meanwhile another machine changes the NAS's copy.
+    std::thread::sleep(Duration::from_millis(20));
+    write_file(&m.n("report.txt"), b"edited on another machine\n");
+    m.flush(None);
+    assert_eq!(
+        std::fs::read(m.n("report.txt")).unwrap(),
+        b"edited on another machine\n"
+    );
+    let copies: Vec<_> = std::fs::read_dir(&m.nas)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("report.nassync-conflict-"))
+        .collect();
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+    assert!(
+        copies[0].ends_with(&format!("-{host}.txt")),
+        "{}",
+        copies[0]
+    );
+    assert_eq!(std::fs::read(m.n(&copies[0])).unwrap(), b"edited here\n");
+    let status = m.status();
+    assert!(
+        status.contains("conflict report.txt kept_as=report.nassync-conflict-"),
+        "{status}"
+    );
+    assert!(m.log().contains("conflict"), "{}", m.log());
+    // The mount shows the NAS's version under the name again.
+    assert_eq!(
+        std::fs::read(m.m("report.txt")).unwrap(),
+        b"edited on another machine\n"
+    );
+}
+
+#[test]
+fn only_changed_bytes_reach_the_nas() {
+    let m = Mount::new("writeback_delay=1h");
+    let mut rng = fastrand::Rng::with_seed(5);
+    let base: Vec<u8> = (0..8 << 20).map(|_| rng.u8(..)).collect();
+    write_file(&m.n("big"), &base);
+    // Rewritten whole (O_TRUNC), 64 KiB of it different.
+    let mut new = base.clone();
+    new[3 << 20..(3 << 20) + 65536].fill(7);
+    let before = m.stats()["nas_bytes_written"];
+    write_file(&m.m("big"), &new);
+    m.flush(None);
+    let written = m.stats()["nas_bytes_written"] - before;
+    assert_eq!(std::fs::read(m.n("big")).unwrap(), new);
+    assert!(
+        written <= 65536 + 8192,
+        "{written} bytes written for a 64 KiB change"
+    );
+    // In place: only the range written.
+    let f = OpenOptions::new().write(true).open(m.m("big")).unwrap();
+    f.write_all_at(&[1u8; 10_000], 5 << 20).unwrap();
+    drop(f);
+    new[5 << 20..(5 << 20) + 10_000].fill(1);
+    let before = m.stats()["nas_bytes_written"];
+    m.flush(None);
+    let written = m.stats()["nas_bytes_written"] - before;
+    assert_eq!(written, 10_000);
+    assert_eq!(std::fs::read(m.n("big")).unwrap(), new);
+}
+
+#[test]
+fn a_damaged_journal_is_refused_and_left_alone() {
+    let mut m = Mount::new("");
+    write_file(&m.m("x"), b"x");
+    m.unmount();
+    let journal = walk_find(&m.cache, "journal.sqlite").expect("journal");
+    // A clean stop leaves the journal as one file.
+    let wal = journal.with_extension("sqlite-wal");
+    assert!(std::fs::metadata(&wal).map_or(true, |m| m.len() == 0));
+    std::fs::write(&journal, b"garbage, but maybe someone's only copy").unwrap();
+    let before = std::fs::read(&journal).unwrap();
+    let out = Command::new(NASSYNC)
+        .arg("mount")
+        .arg(&m.nas)
+        .arg(&m.mnt)
+        .arg("-o")
+        .arg(format!("cache_dir={}", m.cache.display()))
+        .output()
+        .unwrap();
+    if common::is_mounted(&m.mnt) {
+        common::detach(&m.mnt);
+    }
+    assert_eq!(out.status.code(), Some(32));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("journal"), "{err}");
+    assert!(!common::is_mounted(&m.mnt));
+    assert_eq!(std::fs::read(&journal).unwrap(), before);
+}
+
+fn walk_find(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
+    for e in std::fs::read_dir(dir).ok()? {
+        let p = e.ok()?.path();
+        if p.file_name().is_some_and(|n| n == name) {
+            return Some(p);
+        }
+        if p.is_dir() {
+            if let Some(f) = walk_find(&p, name) {
+                return Some(f);
+            }
+        }
+    }
+    None
+}
