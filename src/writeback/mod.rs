@@ -262,17 +262,34 @@ impl<B: Backend> WriteBack<B> {
             known.insert(path);
             let fuse_ino = (wb.fuse_ino)(rec.nas_ino);
             let fd = Arc::new(FileData::default());
-            // The cached blocks must be the base's, or none.
+            // The cached blocks must be the base's, or none; after an
+            // interrupted attempt, blocks cached while it wrote may be
+            // neither.
+            let setup = |e: FsError| CacheError::Setup {
+                path: dir.display().to_string(),
+                reason: e.to_string(),
+            };
             wb.data
                 .revalidate(fuse_ino, &fd, &rec.base)
-                .map_err(|e| CacheError::Setup {
-                    path: dir.display().to_string(),
-                    reason: e.to_string(),
-                })?;
+                .map_err(setup)?;
+            if rec.state == RowState::Applying {
+                wb.data
+                    .replaced(fuse_ino, &fd, &[(0, u64::MAX)], &rec.base)
+                    .map_err(setup)?;
+            }
             log::info!(
                 "journal: {} bytes of {:?} still to write back",
                 rec.ranges.bytes(),
                 rec.path
+            );
+            log::debug!(
+                "journal row {}: size {} trunc {} base size {} state {:?} ranges {:?}",
+                rec.fid,
+                rec.size,
+                rec.trunc,
+                rec.base.size,
+                rec.state,
+                rec.ranges.iter().collect::<Vec<_>>()
             );
             let d = Dirty {
                 nas_ino: rec.nas_ino,
@@ -1057,6 +1074,20 @@ impl<B: Backend> WriteBack<B> {
                 base_clock: g.base_clock,
             }
         };
+        log::debug!(
+            "write-back of {:?}: {} bytes in {} ranges, size {}, trunc {}, base size {}{}",
+            snap.path,
+            snap.ranges.bytes(),
+            snap.ranges.iter().count(),
+            snap.size,
+            snap.trunc,
+            snap.base.size,
+            if snap.recovering {
+                ", after an interrupted attempt"
+            } else {
+                ""
+            }
+        );
         let result = self.write_back(d, &snap);
         let mut g = d.lock();
         let before = g.weight();
@@ -1073,7 +1104,10 @@ impl<B: Backend> WriteBack<B> {
                 // All of the snapshot was written, even what a truncate
                 // has dropped from `applied` since.
                 let mut stale = snap.ranges.clone();
-                if snap.size != snap.base.size || snap.trunc < snap.base.size {
+                if snap.recovering {
+                    // What an interrupted attempt left is unknown.
+                    stale.insert(0, u64::MAX);
+                } else if snap.size != snap.base.size || snap.trunc < snap.base.size {
                     stale.insert(snap.trunc.min(snap.base.size).min(snap.size), u64::MAX);
                 }
                 let stale: Vec<(u64, u64)> = stale.iter().collect();
@@ -1089,14 +1123,6 @@ impl<B: Backend> WriteBack<B> {
                 g.attempts = 0;
                 g.last_error = None;
                 g.phase = Phase::Waiting;
-                // Bytes written meanwhile stay in the pending file.
-                let mut punch = applied;
-                for (s, e) in g.rec.ranges.iter() {
-                    punch.remove(s, e);
-                }
-                for (s, e) in punch.iter() {
-                    punch_hole(&g.pending, s, e);
-                }
                 self.account(before, g.weight());
                 let settled = g.rec.ranges.is_empty()
                     && g.rec.trunc >= g.rec.size
@@ -1104,10 +1130,23 @@ impl<B: Backend> WriteBack<B> {
                     && g.rec.mtime == snap.mtime;
                 if settled {
                     self.remove_locked(d, &mut g);
-                } else if let Err(e) = self.journal.update_data(&g.row()) {
-                    log::warn!("journal: {e}");
                 } else {
-                    g.row_stale = false;
+                    // The row first: until it no longer names the applied
+                    // ranges, a restart may need their bytes.
+                    match self.journal.update_data(&g.row()) {
+                        Ok(()) => {
+                            g.row_stale = false;
+                            // Bytes written meanwhile stay.
+                            let mut punch = applied;
+                            for (s, e) in g.rec.ranges.iter() {
+                                punch.remove(s, e);
+                            }
+                            for (s, e) in punch.iter() {
+                                punch_hole(&g.pending, s, e);
+                            }
+                        }
+                        Err(e) => log::warn!("journal: {e}"),
+                    }
                 }
             }
             Ok(Outcome::Conflict {
@@ -1162,6 +1201,14 @@ impl<B: Backend> WriteBack<B> {
                 g.rec.ranges.union(&applying);
                 if wrote {
                     g.rec.state = RowState::Applying;
+                    // Blocks cached while it wrote may be neither the
+                    // base's nor the NAS's now.
+                    if let Err(e) =
+                        self.data
+                            .replaced(d.fuse_ino, &d.data, &[(0, u64::MAX)], &snap.base)
+                    {
+                        log::warn!("cache: {e}");
+                    }
                 }
                 g.phase = Phase::Retry {
                     at: Instant::now() + backoff,
@@ -1262,13 +1309,16 @@ impl<B: Backend> WriteBack<B> {
         let file = Arc::new(file);
         let base_fn = self.base_reader(d, Some(file.clone()));
         let mut written = 0u64;
-        let rewrite = snap.trunc < snap.base.size;
+        // How far the NAS file goes now: the base's size, or after an
+        // interrupted attempt whatever that attempt left.
+        let extent = attr.size;
+        let rewrite = snap.trunc < extent;
         if rewrite {
             // The base's tail was dropped and written again, perhaps
             // mostly the same: diff against the base, write what differs.
             const WINDOW: u64 = 4 << 20;
             let lo = snap.ranges.first().unwrap_or(u64::MAX).min(snap.trunc) / WINDOW * WINDOW;
-            let hi = snap.size.min(snap.base.size);
+            let hi = snap.size.min(extent);
             let mut pos = lo;
             while pos < hi {
                 let end = (pos + WINDOW).min(hi);
