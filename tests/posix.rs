@@ -577,6 +577,81 @@ fn ownership_and_permissions_hold_for_other_users() {
     compare("", permissions_as_another_user);
 }
 
+fn mode_of(p: &Path) -> String {
+    match fs::metadata(p) {
+        Ok(m) => format!("{:o}", m.mode() & 0o7777),
+        Err(e) => format!("errno {}", e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+/// Writes, truncates and fallocates on files with set-user-ID and
+/// set-group-ID bits, by a user outside the file's group, by a member and
+/// by root, and chowns: which bits survive (generic/683 to 685 and more).
+fn suid_sgid_clearing(r: &Path, log: &mut Log) {
+    let d = r.join("kp");
+    fs::create_dir(&d).unwrap();
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o777)).unwrap();
+    let f = d.join("f");
+    let reset = |mode: u32, owner: u32, group: u32| {
+        fs::write(&f, vec![b'a'; 16384]).unwrap();
+        std::os::unix::fs::chown(&f, Some(owner), Some(group)).unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let changes = [
+        (
+            "write",
+            "printf x | dd of=f bs=1 seek=3 conv=notrunc status=none",
+        ),
+        ("truncate", "truncate -s 100 f"),
+        ("open O_TRUNC", ": > f"),
+        ("fallocate", "fallocate -o 0 -l 32768 f"),
+        ("punch", "fallocate -p -o 0 -l 4096 f"),
+        ("zero", "fallocate -z -o 0 -l 4096 f"),
+    ];
+    let modes = [
+        0o6666, 0o6676, 0o6766, 0o6777, 0o2666, 0o2676, 0o4666, 0o0666,
+    ];
+    // (who, uid, the file's group): 4242 runs in group 4242 only.
+    let callers = [("user", 4242, 0), ("member", 4242, 4242), ("root", 0, 0)];
+    for (what, cmd) in changes {
+        for mode in modes {
+            for (who, uid, group) in callers {
+                reset(mode, 0, group);
+                let out = run_as(&d, cmd, uid);
+                log.push(format!(
+                    "{what} {mode:o} by {who}: {out} -> {}",
+                    mode_of(&f)
+                ));
+            }
+        }
+    }
+    // chown, chgrp and chown(f, -1, -1), by the owner and by root.
+    for mode in [0o6755, 0o6745, 0o2745, 0o4755, 0o2755] {
+        reset(mode, 4242, 0);
+        std::os::unix::fs::chown(&f, None, None).unwrap();
+        log.push(format!("root chown -1 -1 {mode:o}: {}", mode_of(&f)));
+        reset(mode, 4242, 0);
+        let out = run_as(&d, "chgrp 4242 f", 4242);
+        log.push(format!("owner chgrp {mode:o}: {out} -> {}", mode_of(&f)));
+        reset(mode, 4242, 0);
+        let out = run_as(&d, "chown 4242 f", 4242);
+        log.push(format!(
+            "owner chown self {mode:o}: {out} -> {}",
+            mode_of(&f)
+        ));
+        reset(mode, 4242, 0);
+        std::os::unix::fs::chown(&f, Some(4243), None).unwrap();
+        log.push(format!("root chown {mode:o}: {}", mode_of(&f)));
+    }
+}
+
+#[test]
+fn set_id_bits_are_cleared_as_on_a_local_filesystem() {
+    let m = compare("", suid_sgid_clearing);
+    // On the NAS itself, not only in what the kernel was shown.
+    assert_eq!(mode_of(&m.n("kp/f")), mode_of(&m.m("kp/f")));
+}
+
 #[test]
 fn inode_numbers_are_the_nas_ones_and_survive_a_remount() {
     let mut m = Mount::new("");
