@@ -32,6 +32,11 @@
 //!   in the file's group nor has CAP_FSETID. For the empty SETATTR sent
 //!   before a write, the caller lacks CAP_FSETID, so this is the same as
 //!   [`Change::Data`].
+//!
+//! One case comes out differently from a local filesystem: the kernel also
+//! sends the empty SETATTR when only file capabilities (security.capability)
+//! must go, even for root, and nassync then clears a set-user-ID bit too.
+//! A file with both is rare.
 
 /// What is being changed, which decides the rules (see the module
 /// documentation).
@@ -41,7 +46,8 @@ pub enum Change {
     Owner,
 }
 
-/// The process changing a file's data, as the FUSE request names it.
+/// The process changing a file's data, owner or group, as the FUSE request
+/// names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Modifier {
     /// Filesystem uid and gid of the caller.
