@@ -27,6 +27,7 @@ use crate::backend::{
 };
 use crate::data::{DataCache, FetchFn, FileData};
 use crate::error::{FsError, FsResult};
+use crate::killpriv::{self, Change, Modifier};
 use crate::stats::Stats;
 use crate::writeback::{LocalAttr, Start, WriteBack};
 
@@ -716,21 +717,51 @@ impl<B: Backend> Core<B> {
         Ok((self.present(attr), self.cfg.attr_timeout))
     }
 
+    /// Applies `changes` for `who` (the caller, if known), clearing the
+    /// set-user-ID and set-group-ID bits by the kernel's rules
+    /// ([`crate::killpriv`]) for a truncate, a chown, or a SETATTR that
+    /// changes nothing, which is how the kernel asks for them to go.
     pub fn setattr(
         &self,
         ino: u64,
         fh: Option<u64>,
         changes: &SetAttr,
+        who: Option<&Modifier>,
     ) -> FsResult<(Attr, Duration)> {
         let (node, kind, data) = self.node(ino)?;
+        let owner = changes.uid.is_some() || changes.gid.is_some();
+        let change = if changes.mode.is_some() || kind != FileKind::File {
+            None
+        } else if changes.size.is_some() {
+            Some(Change::Data)
+        } else if owner || (changes.atime.is_none() && changes.mtime.is_none()) {
+            Some(Change::Owner)
+        } else {
+            None
+        };
+        let kill = who.zip(change);
         if let (Some(wb), FileKind::File) = (&self.wb, kind) {
-            return self.setattr_local(wb, ino, fh, &node, &data, changes);
+            return self.setattr_local(wb, ino, fh, &node, &data, changes, kill);
         }
         let old_size = self.cached_size(ino);
         let file = fh.and_then(|fh| self.file_handle(fh).ok());
-        let attr = self
-            .backend
-            .setattr(&node, file.as_ref().map(|h| &*h.file), changes)?;
+        let file = file.as_ref().map(|h| &*h.file);
+        let mut changes = *changes;
+        if let (Some((who, change)), Some(cached)) = (kill, self.cached_attr(ino)) {
+            // In the same call, before the size or owner changes.
+            let bits = self.bits_to_clear(&cached, who, change);
+            if bits != 0 {
+                changes.mode = Some((cached.perm & !bits) as u32);
+            }
+        }
+        let mut attr = self.backend.setattr(&node, file, &changes)?;
+        if let Some((who, change)) = kill.filter(|_| !owner) {
+            // The cached attributes may have been out of date.
+            let bits = self.bits_to_clear(&attr, who, change);
+            if bits != 0 {
+                attr = self.kill_privs(&node, file, &attr, bits, who)?;
+            }
+        }
         if kind == FileKind::File {
             let v = attr.validator();
             match changes.size {
@@ -760,11 +791,20 @@ impl<B: Backend> Core<B> {
         node: &B::Node,
         data: &Arc<FileData>,
         changes: &SetAttr,
+        kill: Option<(&Modifier, Change)>,
     ) -> FsResult<(Attr, Duration)> {
         let nas = self.fuse_ino(ino);
         let start = || self.start_info(ino, data);
         let mut remote = *changes;
         remote.size = None;
+        let owner = changes.uid.is_some() || changes.gid.is_some();
+        if let (Some((who, change)), Some(cached)) = (kill, self.cached_attr(ino)) {
+            // setuid/setgid go on the NAS at once, in the same call.
+            let bits = self.bits_to_clear(&cached, who, change);
+            if bits != 0 {
+                remote.mode = Some((cached.perm & !bits) as u32);
+            }
+        }
         let mut local_mtime = None;
         if let Some(size) = changes.size {
             let unchanged = !wb.is_dirty(nas) && size == self.cached_size(ino);
@@ -791,9 +831,15 @@ impl<B: Backend> Core<B> {
             || remote.mtime.is_some();
         if has_remote {
             let file = fh.and_then(|fh| self.file_handle(fh).ok());
-            let mut attr = self
-                .backend
-                .setattr(node, file.as_ref().map(|h| &*h.file), &remote)?;
+            let file = file.as_ref().map(|h| &*h.file);
+            let mut attr = self.backend.setattr(node, file, &remote)?;
+            if let Some((who, change)) = kill.filter(|_| !owner) {
+                // The cached attributes may have been out of date.
+                let bits = self.bits_to_clear(&attr, who, change);
+                if bits != 0 {
+                    attr = self.kill_privs(node, file, &attr, bits, who)?;
+                }
+            }
             self.own_meta_change(ino, Some(&attr));
             let dirty = self.overlay(ino, &mut attr);
             if !dirty {
@@ -819,6 +865,101 @@ impl<B: Backend> Core<B> {
             a
         };
         Ok((self.present(attr), self.cfg.attr_timeout))
+    }
+
+    /// The set-user-ID and set-group-ID bits that `who` making `change` to
+    /// a file with attributes `attr` must clear, judged on what the kernel
+    /// is shown (the owner overrides of the mount).
+    fn bits_to_clear(&self, attr: &Attr, who: &Modifier, change: Change) -> u16 {
+        if attr.kind != FileKind::File {
+            return 0;
+        }
+        let shown = self.present(*attr);
+        killpriv::bits_to_clear(shown.perm, shown.gid, who, change)
+    }
+
+    /// Clears `bits` of `attr`'s mode on the NAS; returns the attributes
+    /// after the change.
+    fn kill_privs(
+        &self,
+        node: &B::Node,
+        file: Option<&B::File>,
+        attr: &Attr,
+        bits: u16,
+        who: &Modifier,
+    ) -> FsResult<Attr> {
+        log::debug!(
+            "inode {}: clearing mode bits {bits:o} for uid {} (pid {})",
+            attr.ino,
+            who.uid,
+            who.pid
+        );
+        let changes = SetAttr {
+            mode: Some((attr.perm & !bits) as u32),
+            ..Default::default()
+        };
+        Ok(self.backend.setattr(node, file, &changes)?)
+    }
+
+    /// Before a write or fallocate: clears the bits that the cached
+    /// attributes of `ino` say must go, and caches the result.
+    fn kill_privs_before(&self, ino: u64, file: &B::File, who: &Modifier) -> FsResult<()> {
+        let Some(cached) = self.cached_attr(ino) else {
+            return Ok(());
+        };
+        let bits = self.bits_to_clear(&cached, who, Change::Data);
+        if bits == 0 {
+            return Ok(());
+        }
+        let (node, _, _) = self.node(ino)?;
+        let attr = self.kill_privs(&node, Some(file), &cached, bits, who)?;
+        if let Some(i) = self.tables().inodes.get_mut(&ino) {
+            i.attr = attr;
+        }
+        Ok(())
+    }
+
+    /// After a write or fallocate: clears what the fresh attributes `after`
+    /// still show (the cached ones were out of date), and returns the
+    /// attributes to keep.
+    fn kill_privs_after(
+        &self,
+        ino: u64,
+        file: &B::File,
+        after: Attr,
+        who: &Modifier,
+    ) -> FsResult<Attr> {
+        let bits = self.bits_to_clear(&after, who, Change::Data);
+        if bits == 0 {
+            return Ok(after);
+        }
+        let (node, _, _) = self.node(ino)?;
+        self.kill_privs(&node, Some(file), &after, bits, who)
+    }
+
+    /// With write-back, before a local write or fallocate: clears on the
+    /// NAS the bits the cached attributes say must go (files with neither
+    /// bit cost nothing).
+    fn kill_privs_local(&self, ino: u64, file: &B::File, who: &Modifier) -> FsResult<()> {
+        let Some(cached) = self.cached_attr(ino) else {
+            return Ok(());
+        };
+        let bits = self.bits_to_clear(&cached, who, Change::Data);
+        if bits == 0 {
+            return Ok(());
+        }
+        let (node, _, _) = self.node(ino)?;
+        let mut attr = self.kill_privs(&node, Some(file), &cached, bits, who)?;
+        self.own_meta_change(ino, Some(&attr));
+        self.overlay(ino, &mut attr);
+        if let Some(i) = self.tables().inodes.get_mut(&ino) {
+            i.attr = attr;
+        }
+        Ok(())
+    }
+
+    fn cached_attr(&self, ino: u64) -> Option<Attr> {
+        self.tables().inodes.get(&ino).map(|i| i.attr)
     }
 
     fn cached_size(&self, ino: u64) -> u64 {
@@ -1169,17 +1310,35 @@ impl<B: Backend> Core<B> {
         Ok(out)
     }
 
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+    /// Writes `data` at `offset`. `who`, when the kernel asks for it
+    /// (FUSE_WRITE_KILL_SUIDGID), is the unprivileged caller, for whom the
+    /// set-user-ID and set-group-ID bits are cleared first.
+    pub fn write(
+        &self,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        who: Option<&Modifier>,
+    ) -> FsResult<u32> {
         let h = self.file_handle(fh)?;
         if let Some(wb) = &self.wb {
+            if let Some(who) = who {
+                self.kill_privs_local(h.ino, &h.file, who)?;
+            }
             let start = || self.start_info(h.ino, &h.data);
             let l = wb.write(self.fuse_ino(h.ino), &start, offset, data, h.append)?;
             self.store_local(h.ino, &l);
             return Ok(data.len() as u32);
         }
         let old_size = self.cached_size(h.ino);
+        if let Some(who) = who {
+            self.kill_privs_before(h.ino, &h.file, who)?;
+        }
         let n = self.backend.write(&h.file, offset, data)? as u64;
-        let after = self.backend.fgetattr(&h.file)?;
+        let mut after = self.backend.fgetattr(&h.file)?;
+        if let Some(who) = who {
+            after = self.kill_privs_after(h.ino, &h.file, after, who)?;
+        }
         let mut start = offset.min(old_size);
         let mut end = offset + n;
         if h.append {
@@ -1237,7 +1396,16 @@ impl<B: Backend> Core<B> {
         Ok(self.backend.fsync(&h.file, datasync)?)
     }
 
-    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
+    /// fallocate(2) on an open file, for `who`, who clears set-user-ID and
+    /// set-group-ID bits as a write does.
+    pub fn fallocate(
+        &self,
+        fh: u64,
+        offset: u64,
+        len: u64,
+        mode: i32,
+        who: &Modifier,
+    ) -> FsResult<()> {
         let h = self.file_handle(fh)?;
         if let Some(wb) = &self.wb {
             let nas = self.fuse_ino(h.ino);
@@ -1245,6 +1413,7 @@ impl<B: Backend> Core<B> {
                 .checked_add(len)
                 .ok_or(FsError::Invalid("fallocate past the largest offset"))?;
             if mode == 0 {
+                self.kill_privs_local(h.ino, &h.file, who)?;
                 // Allocation is the NAS's business; the size is ours.
                 if end > self.cached_size(h.ino) {
                     let start = || self.start_info(h.ino, &h.data);
@@ -1258,8 +1427,10 @@ impl<B: Backend> Core<B> {
             wb.flush_file(nas)?;
         }
         let old_size = self.cached_size(h.ino);
+        self.kill_privs_before(h.ino, &h.file, who)?;
         self.backend.fallocate(&h.file, mode, offset, len)?;
         let after = self.backend.fgetattr(&h.file)?;
+        let after = self.kill_privs_after(h.ino, &h.file, after, who)?;
         let end = if mode == 0 {
             offset.saturating_add(len)
         } else {

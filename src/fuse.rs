@@ -16,6 +16,7 @@ use fuser::{
 use crate::backend::{Attr, Backend, Creds, FileKind, RenameFlags, SetAttr, SetTime};
 use crate::error::FsError;
 use crate::fs::{Core, Entry, Opened};
+use crate::killpriv::Modifier;
 use crate::stats::Stats;
 
 /// The fuser filesystem over a core.
@@ -151,6 +152,17 @@ fn creds(req: &Request, umask: u32) -> Creds {
     }
 }
 
+/// The caller as the one changing a file's data; `privileged` as in
+/// [`Modifier`].
+fn modifier(req: &Request, privileged: Option<bool>) -> Modifier {
+    Modifier {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+        privileged,
+    }
+}
+
 fn reply_xattr(reply: ReplyXattr, size: u32, r: Result<Vec<u8>, FsError>) {
     match r {
         Ok(v) if size == 0 => reply.size(v.len() as u32),
@@ -171,7 +183,11 @@ impl<B: Backend> Filesystem for FuseFs<B> {
             // and leaves the umask to nassync, which must not apply it
             // under a directory with a default ACL.
             | InitFlags::FUSE_POSIX_ACL
-            | InitFlags::FUSE_DONT_MASK;
+            | InitFlags::FUSE_DONT_MASK
+            // nassync clears set-user-ID and set-group-ID bits on write,
+            // truncate, fallocate and chown (crate::killpriv): the kernel's
+            // own fallback misses a set-group-ID case of the local rules.
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         let supported = config.capabilities() & wanted;
         let _ = config.add_capabilities(supported);
         let _ = config.set_max_write(self.max_write);
@@ -226,8 +242,12 @@ impl<B: Backend> Filesystem for FuseFs<B> {
             atime: set_time(atime),
             mtime: set_time(mtime),
         };
+        // Whether the caller has CAP_FSETID is not said here (fuser does
+        // not pass FATTR_KILL_SUIDGID on): nassync asks /proc if it matters.
+        let who = modifier(req, None);
         match self.op("setattr", ino.0, req, || {
-            self.core.setattr(ino.0, fh.map(|f| f.0), &changes)
+            self.core
+                .setattr(ino.0, fh.map(|f| f.0), &changes, Some(&who))
         }) {
             Ok((a, ttl)) => reply.attr(&ttl, &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
@@ -366,12 +386,18 @@ impl<B: Backend> Filesystem for FuseFs<B> {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.op("write", ino.0, req, || self.core.write(fh.0, offset, data)) {
+        // Set by the kernel when the caller lacks CAP_FSETID.
+        let who = write_flags
+            .contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            .then(|| modifier(req, Some(false)));
+        match self.op("write", ino.0, req, || {
+            self.core.write(fh.0, offset, data, who.as_ref())
+        }) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
         }
@@ -576,7 +602,9 @@ impl<B: Backend> Filesystem for FuseFs<B> {
         reply: ReplyEmpty,
     ) {
         let r = self.op("fallocate", ino.0, req, || {
-            self.core.fallocate(fh.0, offset, length, mode)
+            // No flag from the kernel here: nassync asks /proc.
+            self.core
+                .fallocate(fh.0, offset, length, mode, &modifier(req, None))
         });
         reply_empty(reply, r);
     }

@@ -12,6 +12,7 @@ pub mod data;
 pub mod error;
 pub mod fs;
 pub mod fuse;
+pub mod killpriv;
 pub mod mount;
 pub mod mountinfo;
 pub mod options;

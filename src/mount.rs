@@ -19,6 +19,7 @@ use anyhow::{Context, anyhow, bail};
 use crate::backend::Backend;
 use crate::backend::dir::DirBackend;
 use crate::backend::instrumented::Instrumented;
+use crate::cache::CacheError;
 use crate::cache::disk::DiskCache;
 use crate::control;
 use crate::data::DataCache;
@@ -39,6 +40,10 @@ pub const EXIT_PENDING: i32 = 75;
 /// The environment variable that carries the readiness pipe to the daemon.
 const READY_FD_ENV: &str = "NASSYNC_READY_FD";
 
+/// How many cache directories a source may use at once without cache_dir=
+/// (one per daemon: mounts of the same source at several mount points).
+const DEFAULT_CACHE_DIRS: u32 = 16;
+
 /// A mount request, checked.
 #[derive(Debug)]
 pub struct Plan {
@@ -47,6 +52,28 @@ pub struct Plan {
     pub options: MountOptions,
     /// This source's own directory under `cache_dir`.
     pub cache_dir: PathBuf,
+}
+
+impl Plan {
+    /// The cache directories this mount may use, in order. A directory is
+    /// locked by one daemon, so a second mount of the same source needs
+    /// another: with cache_dir= given, the one it names is the only choice
+    /// (a second mount fails, saying so); without it, the source's own
+    /// directory is followed by siblings "NAME+2", "NAME+3", ... ('+' never
+    /// appears in an escaped source name, so no other source's directory
+    /// can be taken).
+    pub fn cache_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = vec![self.cache_dir.clone()];
+        if self.options.cache_dir.is_none() {
+            let name = self.cache_dir.file_name().unwrap_or_default();
+            for n in 2..=DEFAULT_CACHE_DIRS {
+                let mut sibling = name.to_os_string();
+                sibling.push(format!("+{n}"));
+                dirs.push(self.cache_dir.with_file_name(sibling));
+            }
+        }
+        dirs
+    }
 }
 
 /// A failure with the exit status it calls for.
@@ -195,19 +222,21 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 /// Mounts in the background: starts the daemon attached to a readiness
 /// pipe and returns once it reports the mount ready, or its error.
 pub fn mount_detached(plan: &Plan, args: &[OsString]) -> Result<(), MountError> {
-    create_private_dir(&plan.cache_dir)?;
-    let log_path = plan.cache_dir.join("daemon.log");
+    // The daemon's log goes where its cache will be: the first directory
+    // no other daemon holds (the daemon chooses again, the same way).
+    let dirs = plan.cache_dirs();
+    let cache_dir = dirs
+        .iter()
+        .find(|d| !DiskCache::in_use(d))
+        .unwrap_or(&dirs[0]);
+    create_private_dir(cache_dir)?;
+    let log_path = cache_dir.join("daemon.log");
     let log = OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
         .open(&log_path)
-        .with_context(|| {
-            format!(
-                "cache directory {} is not writable",
-                plan.cache_dir.display()
-            )
-        })?;
+        .with_context(|| format!("cache directory {} is not writable", cache_dir.display()))?;
     // Under systemd (a .mount unit runs mount(8), which runs us), stderr is
     // the journal: the daemon keeps it, so journalctl has its log.
     // Otherwise it logs to daemon.log (a terminal or a pipe must not be
@@ -348,10 +377,7 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
 
     let stats = Arc::new(Stats::default());
     let disk = if o.cache_size > 0 {
-        Some(
-            DiskCache::open(&plan.cache_dir, o.block_size, o.cache_size)
-                .map_err(|e| anyhow!("cache directory {}: {e}", plan.cache_dir.display()))?,
-        )
+        Some(open_disk_cache(&plan)?)
     } else {
         None
     };
@@ -360,6 +386,11 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
             .with_context(|| format!("source {}", plan.source.display()))?,
         stats.clone(),
     );
+    // The journal lives beside the disk cache this daemon holds.
+    let wb_dir = disk
+        .as_ref()
+        .map(|d| d.root().to_path_buf())
+        .unwrap_or_else(|| plan.cache_dir.clone());
     let data = DataCache::new(o.mem_cache_size, disk, o.block_size, 4, stats.clone());
     let cfg = FsConfig {
         attr_timeout: o.attr_timeout,
@@ -380,7 +411,7 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
             .and_then(|h| h.into_string().ok())
             .unwrap_or_else(|| "localhost".into());
         let wb = WriteBack::open(
-            &plan.cache_dir,
+            &wb_dir,
             backend,
             data,
             WbConfig {
@@ -526,7 +557,7 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
                      unmount_flush_timeout={:?}; they stay in the journal in {} and are \
                      written back at the next mount of {}",
                     o.unmount_flush_timeout,
-                    plan.cache_dir.display(),
+                    wb_dir.display(),
                     plan.source.display()
                 ),
             });
@@ -535,6 +566,47 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
     }
     served?;
     Ok(())
+}
+
+/// Opens the first of the plan's cache directories that no other daemon
+/// holds (see [`Plan::cache_dirs`]).
+fn open_disk_cache(plan: &Plan) -> anyhow::Result<DiskCache> {
+    let o = &plan.options;
+    let dirs = plan.cache_dirs();
+    for (i, dir) in dirs.iter().enumerate() {
+        match DiskCache::open(dir, o.block_size, o.cache_size) {
+            Ok(cache) => {
+                if i > 0 {
+                    log::info!(
+                        "cache directory {} is in use by another nassync daemon \
+                         (another mount of {}); using {}",
+                        dirs[0].display(),
+                        plan.source.display(),
+                        dir.display()
+                    );
+                }
+                return Ok(cache);
+            }
+            Err(CacheError::InUse { .. }) if i + 1 < dirs.len() => continue,
+            Err(e @ CacheError::InUse { .. }) if o.cache_dir.is_some() => {
+                bail!(
+                    "{e} (each mount of a source needs its own cache directory: give \
+                     this one another cache_dir=, or leave cache_dir= out and nassync \
+                     picks a free one)"
+                )
+            }
+            Err(e @ CacheError::InUse { .. }) => {
+                bail!(
+                    "{e}, as are the other {} for {}",
+                    dirs.len() - 1,
+                    plan.source.display()
+                )
+            }
+            Err(e @ CacheError::Setup { .. }) => return Err(e.into()),
+            Err(e) => bail!("cache directory {}: {e}", dir.display()),
+        }
+    }
+    unreachable!("the list of cache directories is never empty")
 }
 
 /// Mounts a new FUSE connection at the mount point (root only) and returns
@@ -682,8 +754,11 @@ fn flush_reply<B: Backend>(core: &Core<B>, arg: &str, out: &mut dyn Write) {
 
 fn stats_text<B: Backend>(core: &Core<B>, source: &Path) -> String {
     let mut out = format!("source {}\npid {}\n", source.display(), std::process::id());
-    out.push_str(&core.stats().render());
     let data = core.data_cache();
+    if let Some(d) = data.disk() {
+        out.push_str(&format!("cache_dir {}\n", d.root().display()));
+    }
+    out.push_str(&core.stats().render());
     out.push_str(&format!("mem_cache_bytes {}\n", data.mem_bytes()));
     if let Some(d) = data.disk() {
         out.push_str(&format!("disk_cache_bytes {}\n", d.used_bytes()));
@@ -766,6 +841,29 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_without_cache_dir_may_use_siblings() {
+        let plan = |cache_dir: Option<&str>| Plan {
+            source: PathBuf::from("/srv/nas"),
+            mountpoint: PathBuf::from("/mnt"),
+            options: MountOptions {
+                cache_dir: cache_dir.map(PathBuf::from),
+                ..MountOptions::default()
+            },
+            cache_dir: PathBuf::from(cache_dir.unwrap_or("/var/cache/nassync")).join("srv-nas"),
+        };
+        assert_eq!(
+            plan(Some("/c")).cache_dirs(),
+            vec![PathBuf::from("/c/srv-nas")]
+        );
+        let dirs = plan(None).cache_dirs();
+        assert_eq!(dirs.len(), DEFAULT_CACHE_DIRS as usize);
+        assert_eq!(dirs[0], PathBuf::from("/var/cache/nassync/srv-nas"));
+        assert_eq!(dirs[1], PathBuf::from("/var/cache/nassync/srv-nas+2"));
+        // No escaped source name has a '+': a sibling is nobody else's.
+        assert!(!escape_source(Path::new("/srv/nas+2")).contains('+'));
+    }
 
     #[test]
     fn source_names_are_file_names() {

@@ -222,6 +222,94 @@ fn a_stale_mount_left_by_a_killed_daemon_is_explained_and_can_be_cleaned() {
     assert!(ok, "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// The cache directory `nassync stats` names for the mount at `mnt`.
+fn cache_dir_of(mnt: &Path) -> Option<std::path::PathBuf> {
+    let out = nassync(&["stats", s(mnt)]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("cache_dir ").map(Into::into))
+}
+
+/// Removes directories when dropped (declared before the mounts that use
+/// them, so it runs after they are unmounted).
+struct RemoveOnDrop(Vec<std::path::PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = fs::remove_dir_all(d);
+        }
+    }
+}
+
+#[test]
+fn the_same_source_mounts_twice_without_cache_dir() {
+    require_fuse();
+    let nas = tempfile::tempdir().unwrap();
+    // The cache directories nassync may choose for this source (root:
+    // under /var/cache/nassync), removed at the end.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let dirs = nassync::mount::plan(nas.path(), elsewhere.path(), &[], false)
+        .unwrap()
+        .cache_dirs();
+    let _cleanup = RemoveOnDrop(dirs.clone());
+    let a = Mount::of_source(nas.path(), "", false);
+    let mut b = Mount::of_source(nas.path(), "", false);
+    // Two clients of the NAS: what one writes, the other sees once it
+    // has reached the NAS.
+    fs::write(a.m("f"), "through a").unwrap();
+    a.flush(None);
+    assert_eq!(fs::read_to_string(b.m("f")).unwrap(), "through a");
+    fs::write(b.m("g"), "through b").unwrap();
+    b.flush(None);
+    assert_eq!(fs::read_to_string(a.m("g")).unwrap(), "through b");
+    // The second daemon took the next directory, and said so.
+    assert_eq!(cache_dir_of(&a.mnt).as_ref(), Some(&dirs[0]));
+    assert_eq!(cache_dir_of(&b.mnt).as_ref(), Some(&dirs[1]));
+    assert!(
+        b.log().contains("in use by another nassync daemon"),
+        "{}",
+        b.log()
+    );
+    // Both unmount cleanly, each waiting for its own daemon.
+    for m in [&a.mnt, &b.mnt] {
+        let out = nassync(&["umount", s(m)]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!is_mounted(m));
+    }
+    b.unmount();
+    // The source's own directory is free again for the next mount.
+    let c = Mount::of_source(nas.path(), "", false);
+    assert_eq!(cache_dir_of(&c.mnt).as_ref(), Some(&dirs[0]));
+}
+
+#[test]
+fn a_cache_dir_given_twice_for_one_source_is_refused() {
+    let m = Mount::new("");
+    let mnt2 = m.dir.path().join("mnt2");
+    fs::create_dir(&mnt2).unwrap();
+    let cache = format!("cache_dir={}", s(&m.cache));
+    assert_refused(
+        &["mount", s(&m.nas), s(&mnt2), "-o", &cache],
+        32,
+        "in use by another nassync daemon",
+        &mnt2,
+    );
+    assert_refused(
+        &["mount", s(&m.nas), s(&mnt2), "-o", &cache, "--foreground"],
+        32,
+        "cache_dir=",
+        &mnt2,
+    );
+    // The first mount is untouched.
+    fs::write(m.n("still"), "here").unwrap();
+    assert_eq!(fs::read_to_string(m.m("still")).unwrap(), "here");
+}
+
 #[test]
 fn sigterm_unmounts_cleanly() {
     let mut m = Mount::new("");

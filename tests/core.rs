@@ -101,7 +101,7 @@ fn nas_errors_keep_their_errno() {
     let f = core.lookup(ROOT, OsStr::new("f")).unwrap().attr.ino;
     let fh = core.open(f, libc::O_RDWR).unwrap().fh;
     faults.set(Fault::Fail(libc::ENOSPC), Some("write"));
-    assert_eq!(errno(core.write(fh, 0, b"abc")), libc::ENOSPC);
+    assert_eq!(errno(core.write(fh, 0, b"abc", None)), libc::ENOSPC);
     faults.set(Fault::Fail(libc::EIO), Some("read"));
     assert_eq!(errno(core.read(fh, 0, 1)), libc::EIO);
     faults.set(Fault::Fail(libc::EACCES), None);
@@ -112,10 +112,64 @@ fn nas_errors_keep_their_errno() {
             &SetAttr {
                 mode: Some(0o600),
                 ..Default::default()
-            }
+            },
+            None
         )),
         libc::EACCES
     );
     faults.set(Fault::None, None);
     assert_eq!(core.read(fh, 0, 1).unwrap(), b"x");
+}
+
+#[test]
+fn clearing_set_id_bits_costs_no_nas_call_when_there_are_none() {
+    use nassync::killpriv::Modifier;
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let mode = |name: &str| {
+        std::fs::metadata(dir.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    std::fs::write(dir.path().join("plain"), "x").unwrap();
+    std::fs::write(dir.path().join("setid"), "x").unwrap();
+    std::fs::set_permissions(
+        dir.path().join("setid"),
+        std::fs::Permissions::from_mode(0o6766),
+    )
+    .unwrap();
+    let plain_mode = mode("plain");
+    let (core, _) = core(dir.path());
+    // An unprivileged writer, as the kernel flags it (FUSE_WRITE_KILL_SUIDGID).
+    let user = Modifier {
+        uid: 4242,
+        gid: 4242,
+        pid: 0,
+        privileged: Some(false),
+    };
+    let nas_ops = || core.stats().nas_ops.load(Ordering::Relaxed);
+    let plain = core.lookup(ROOT, OsStr::new("plain")).unwrap().attr.ino;
+    let fh = core.open(plain, libc::O_RDWR).unwrap().fh;
+    let before = nas_ops();
+    core.write(fh, 0, b"a", None).unwrap();
+    let privileged = nas_ops() - before;
+    let before = nas_ops();
+    core.write(fh, 0, b"b", Some(&user)).unwrap();
+    assert_eq!(nas_ops() - before, privileged, "no extra NAS call");
+    let before = nas_ops();
+    core.fallocate(fh, 0, 10, 0, &user).unwrap();
+    let fallocate = nas_ops() - before;
+    assert_eq!(fallocate, 2, "fallocate and its getattr only");
+    assert_eq!(mode("plain"), plain_mode);
+
+    let setid = core.lookup(ROOT, OsStr::new("setid")).unwrap().attr.ino;
+    let fh = core.open(setid, libc::O_RDWR).unwrap().fh;
+    core.write(fh, 0, b"y", Some(&user)).unwrap();
+    // S_ISUID always, S_ISGID for a caller outside the group (root's).
+    assert_eq!(mode("setid"), 0o766);
+    let (attr, _) = core.getattr(setid, None).unwrap();
+    assert_eq!(attr.perm, 0o766, "the cached attributes follow");
 }

@@ -408,6 +408,103 @@ fn xattrs_match_a_plain_directory() {
     compare("", xattrs);
 }
 
+/// The l* xattr calls (the object itself, never a symlink's target), each
+/// as "ok", "errno N" or the value / sorted names.
+fn lset(p: &Path, name: &str, v: &[u8], flags: libc::c_int) -> String {
+    let n = CString::new(name).unwrap();
+    // SAFETY: valid C strings and buffer.
+    ret(unsafe { libc::lsetxattr(c(p).as_ptr(), n.as_ptr(), v.as_ptr().cast(), v.len(), flags) })
+}
+
+fn lget(p: &Path, name: &str) -> String {
+    let n = CString::new(name).unwrap();
+    let mut buf = [0u8; 64];
+    // SAFETY: valid C strings and buffer.
+    let len = unsafe {
+        libc::lgetxattr(
+            c(p).as_ptr(),
+            n.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if len < 0 {
+        ret(-1)
+    } else {
+        String::from_utf8_lossy(&buf[..len as usize]).into_owned()
+    }
+}
+
+fn llist(p: &Path) -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: valid C string and buffer.
+    let len = unsafe { libc::llistxattr(c(p).as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if len < 0 {
+        return ret(-1);
+    }
+    let mut names: Vec<String> = buf[..len as usize]
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .filter(|s| s.starts_with("user.") || s.starts_with("trusted."))
+        .collect();
+    names.sort();
+    names.join(",")
+}
+
+fn lremove(p: &Path, name: &str) -> String {
+    let n = CString::new(name).unwrap();
+    // SAFETY: valid C strings.
+    ret(unsafe { libc::lremovexattr(c(p).as_ptr(), n.as_ptr()) })
+}
+
+/// xattrs on symlinks themselves (generic/062): trusted.* works for root,
+/// user.* is refused by the kernel, and the target is never touched. A
+/// directory goes through the same steps for comparison.
+fn symlink_xattrs(r: &Path, log: &mut Log) {
+    fs::write(r.join("target"), "t").unwrap();
+    std::os::unix::fs::symlink("target", r.join("link")).unwrap();
+    std::os::unix::fs::symlink("nowhere", r.join("dangling")).unwrap();
+    fs::create_dir(r.join("dir")).unwrap();
+    for name in ["link", "dangling", "dir"] {
+        let p = r.join(name);
+        log.push(format!("{name}: list {}", llist(&p)));
+        log.push(format!("{name}: set {}", lset(&p, "trusted.t", b"one", 0)));
+        log.push(format!(
+            "{name}: create again {}",
+            lset(&p, "trusted.t", b"x", libc::XATTR_CREATE)
+        ));
+        log.push(format!(
+            "{name}: replace {}",
+            lset(&p, "trusted.t", b"two", libc::XATTR_REPLACE)
+        ));
+        log.push(format!("{name}: get {}", lget(&p, "trusted.t")));
+        log.push(format!("{name}: get absent {}", lget(&p, "trusted.none")));
+        log.push(format!("{name}: set user {}", lset(&p, "user.u", b"u", 0)));
+        log.push(format!("{name}: get user {}", lget(&p, "user.u")));
+        log.push(format!("{name}: list {}", llist(&p)));
+        log.push(format!("{name}: remove {}", lremove(&p, "trusted.t")));
+        log.push(format!("{name}: remove again {}", lremove(&p, "trusted.t")));
+        log.push(format!("{name}: list {}", llist(&p)));
+        log.push(format!(
+            "{name}: set to keep {}",
+            lset(&p, "trusted.k", b"k", 0)
+        ));
+    }
+    // What was set on the link stayed on the link.
+    log.push(format!("target: {}", llist(&r.join("target"))));
+    log.push(format!("link: {}", llist(&r.join("link"))));
+    log.push(format!("link: {}", lget(&r.join("link"), "trusted.k")));
+}
+
+#[test]
+fn symlink_xattrs_match_a_plain_directory() {
+    let m = compare("", symlink_xattrs);
+    // And they are on the NAS's symlink itself.
+    assert_eq!(lget(&m.n("link"), "trusted.k"), "k");
+    assert_eq!(llist(&m.n("target")), "");
+}
+
 fn open_unlinked(r: &Path, log: &mut Log) {
     let a = r.join("a");
     fs::write(&a, "before").unwrap();
@@ -478,6 +575,81 @@ fn permissions_as_another_user(r: &Path, log: &mut Log) {
 #[test]
 fn ownership_and_permissions_hold_for_other_users() {
     compare("", permissions_as_another_user);
+}
+
+fn mode_of(p: &Path) -> String {
+    match fs::metadata(p) {
+        Ok(m) => format!("{:o}", m.mode() & 0o7777),
+        Err(e) => format!("errno {}", e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+/// Writes, truncates and fallocates on files with set-user-ID and
+/// set-group-ID bits, by a user outside the file's group, by a member and
+/// by root, and chowns: which bits survive (generic/683 to 685 and more).
+fn suid_sgid_clearing(r: &Path, log: &mut Log) {
+    let d = r.join("kp");
+    fs::create_dir(&d).unwrap();
+    fs::set_permissions(&d, fs::Permissions::from_mode(0o777)).unwrap();
+    let f = d.join("f");
+    let reset = |mode: u32, owner: u32, group: u32| {
+        fs::write(&f, vec![b'a'; 16384]).unwrap();
+        std::os::unix::fs::chown(&f, Some(owner), Some(group)).unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let changes = [
+        (
+            "write",
+            "printf x | dd of=f bs=1 seek=3 conv=notrunc status=none",
+        ),
+        ("truncate", "truncate -s 100 f"),
+        ("open O_TRUNC", ": > f"),
+        ("fallocate", "fallocate -o 0 -l 32768 f"),
+        ("punch", "fallocate -p -o 0 -l 4096 f"),
+        ("zero", "fallocate -z -o 0 -l 4096 f"),
+    ];
+    let modes = [
+        0o6666, 0o6676, 0o6766, 0o6777, 0o2666, 0o2676, 0o4666, 0o0666,
+    ];
+    // (who, uid, the file's group): 4242 runs in group 4242 only.
+    let callers = [("user", 4242, 0), ("member", 4242, 4242), ("root", 0, 0)];
+    for (what, cmd) in changes {
+        for mode in modes {
+            for (who, uid, group) in callers {
+                reset(mode, 0, group);
+                let out = run_as(&d, cmd, uid);
+                log.push(format!(
+                    "{what} {mode:o} by {who}: {out} -> {}",
+                    mode_of(&f)
+                ));
+            }
+        }
+    }
+    // chown, chgrp and chown(f, -1, -1), by the owner and by root.
+    for mode in [0o6755, 0o6745, 0o2745, 0o4755, 0o2755] {
+        reset(mode, 4242, 0);
+        std::os::unix::fs::chown(&f, None, None).unwrap();
+        log.push(format!("root chown -1 -1 {mode:o}: {}", mode_of(&f)));
+        reset(mode, 4242, 0);
+        let out = run_as(&d, "chgrp 4242 f", 4242);
+        log.push(format!("owner chgrp {mode:o}: {out} -> {}", mode_of(&f)));
+        reset(mode, 4242, 0);
+        let out = run_as(&d, "chown 4242 f", 4242);
+        log.push(format!(
+            "owner chown self {mode:o}: {out} -> {}",
+            mode_of(&f)
+        ));
+        reset(mode, 4242, 0);
+        std::os::unix::fs::chown(&f, Some(4243), None).unwrap();
+        log.push(format!("root chown {mode:o}: {}", mode_of(&f)));
+    }
+}
+
+#[test]
+fn set_id_bits_are_cleared_as_on_a_local_filesystem() {
+    let m = compare("", suid_sgid_clearing);
+    // On the NAS itself, not only in what the kernel was shown.
+    assert_eq!(mode_of(&m.n("kp/f")), mode_of(&m.m("kp/f")));
 }
 
 #[test]

@@ -12,6 +12,7 @@ use nassync::backend::{Creds, SetAttr};
 use nassync::cache::disk::DiskCache;
 use nassync::data::DataCache;
 use nassync::fs::{Core, FsConfig, ROOT, map_ino};
+use nassync::killpriv::Modifier;
 use nassync::stats::Stats;
 use nassync::writeback::{WbConfig, WriteBack};
 
@@ -85,6 +86,13 @@ fn setup_in(
     }
 }
 
+const ROOT_WHO: Modifier = Modifier {
+    uid: 0,
+    gid: 0,
+    pid: 0,
+    privileged: Some(true),
+};
+
 const ROOT_CREDS: Creds = Creds {
     uid: 0,
     gid: 0,
@@ -147,7 +155,7 @@ fn random_operations(thread: bool) {
                 let n = rng.usize(1..20_000);
                 let data: Vec<u8> = (0..n).map(|_| rng.u8(1..)).collect();
                 trace.push(format!("{step}: write {i} {off}+{n}"));
-                s.core.write(fhs[i], off, &data).unwrap();
+                s.core.write(fhs[i], off, &data, None).unwrap();
                 let f = &mut model[i];
                 if f.len() < off as usize + n {
                     f.resize(off as usize + n, 0);
@@ -179,14 +187,16 @@ fn random_operations(thread: bool) {
                     size: Some(size),
                     ..Default::default()
                 };
-                s.core.setattr(inos[i], Some(fhs[i]), &changes).unwrap();
+                s.core
+                    .setattr(inos[i], Some(fhs[i]), &changes, None)
+                    .unwrap();
                 model[i].resize(size as usize, 0);
             }
             85..=86 => {
                 let off = rng.u64(..max);
                 let n = rng.u64(1..max / 2);
                 trace.push(format!("{step}: fallocate {i} {off}+{n} (was {len})"));
-                s.core.fallocate(fhs[i], off, n, 0).unwrap();
+                s.core.fallocate(fhs[i], off, n, 0, &ROOT_WHO).unwrap();
                 if model[i].len() < (off + n) as usize {
                     model[i].resize((off + n) as usize, 0);
                 }
@@ -290,7 +300,7 @@ fn nas_errors_keep_changes_pending_retried_and_shown() {
         let s = setup(Duration::ZERO, 4096, 1 << 20);
         std::fs::write(s.nas.path().join("f"), b"old").unwrap();
         let (_, fh) = open_file(&s.core, "f");
-        s.core.write(fh, 0, b"new content").unwrap();
+        s.core.write(fh, 0, b"new content", None).unwrap();
         s.faults.set(Fault::Fail(errno), Some("write"));
         assert_eq!(flush(&s.wb, Duration::from_secs(2)).0, 1, "errno {errno}");
         let (pending, _, counters) = s.wb.status();
@@ -319,7 +329,7 @@ fn a_hung_nas_stalls_neither_reads_nor_writes() {
     let (_, fh) = open_file(&s.core, "f");
     assert_eq!(s.core.read(fh, 0, 10).unwrap(), b"oooooooooo");
     s.faults.set(Fault::Stall, Some("write"));
-    s.core.write(fh, 0, b"first").unwrap();
+    s.core.write(fh, 0, b"first", None).unwrap();
     // Write-back is now stuck in the NAS.
     let deadline = Instant::now() + Duration::from_secs(10);
     while s.faults.stalled() == 0 {
@@ -330,7 +340,7 @@ fn a_hung_nas_stalls_neither_reads_nor_writes() {
         std::thread::sleep(Duration::from_millis(10));
     }
     // Local work goes on.
-    s.core.write(fh, 5000, b"second").unwrap();
+    s.core.write(fh, 5000, b"second", None).unwrap();
     let got = s.core.read(fh, 0, 10_000).unwrap();
     assert_eq!(&got[..5], b"first");
     assert_eq!(&got[5000..5006], b"second");
@@ -361,7 +371,7 @@ fn only_what_changed_reaches_the_nas() {
     let (_, fh) = open_file(&s.core, "huge");
     let change: Vec<u8> = (0..MIB).map(|_| rng.u8(..)).collect();
     let before = written();
-    s.core.write(fh, 512 * MIB + 12345, &change).unwrap();
+    s.core.write(fh, 512 * MIB + 12345, &change, None).unwrap();
     assert_eq!(flush(&s.wb, Duration::from_secs(120)).0, 0);
     let in_place = written() - before;
     eprintln!("1 MiB changed in a 1 GiB file: {in_place} bytes written to the NAS");
@@ -381,9 +391,9 @@ fn only_what_changed_reaches_the_nas() {
         size: Some(0),
         ..Default::default()
     };
-    s.core.setattr(ino, Some(fh), &truncate).unwrap();
+    s.core.setattr(ino, Some(fh), &truncate, None).unwrap();
     for (i, chunk) in new.chunks(MIB as usize).enumerate() {
-        s.core.write(fh, i as u64 * MIB, chunk).unwrap();
+        s.core.write(fh, i as u64 * MIB, chunk, None).unwrap();
     }
     assert_eq!(flush(&s.wb, Duration::from_secs(300)).0, 0);
     let rewrite = written() - before;

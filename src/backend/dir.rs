@@ -5,6 +5,10 @@
 //! valid when the object is renamed (by nassync or by another client), hard
 //! links need no path bookkeeping, and the inode number is the NAS's own.
 //! Operations that need a path use the descriptor's `/proc/self/fd/N` link.
+//! Following that link (as the xattr calls do) lands on the object the
+//! descriptor holds, and stops there: for a symlink, the symlink itself, not
+//! its target (what virtiofsd relies on too). The `*xattrat` calls of
+//! Linux 6.13 would not help: they refuse `O_PATH` descriptors (EBADF).
 //!
 //! Objects are created with the caller's filesystem uid and gid
 //! (setfsuid/setfsgid, per thread), so that a NAS that squashes root still
@@ -303,15 +307,6 @@ impl DirBackend {
             self.give_to_caller(dir, fd.as_raw_fd(), creds)?;
         }
         self.node(op, fd)
-    }
-
-    fn xattr_path(&self, op: &'static str, node: &DirNode) -> BResult<CString> {
-        match node.kind {
-            // The /proc link of a symlink cannot name the symlink itself for
-            // the xattr calls; Linux refuses user xattrs on symlinks anyway.
-            FileKind::Symlink => Err(BackendError::errno(op, libc::EPERM)),
-            _ => Ok(node.proc_path()),
-        }
     }
 }
 
@@ -720,10 +715,7 @@ impl Backend for DirBackend {
 
     fn getxattr(&self, node: &Self::Node, name: &OsStr) -> BResult<Vec<u8>> {
         let op = "getxattr";
-        let path = match self.xattr_path(op, node) {
-            Ok(p) => p,
-            Err(_) => return Err(BackendError::errno(op, libc::ENODATA)),
-        };
+        let path = node.proc_path();
         let c = cstr(op, name)?;
         xattr_read(op, |buf, len| {
             // SAFETY: buf is writable for len bytes (or null with len 0).
@@ -733,10 +725,7 @@ impl Backend for DirBackend {
 
     fn listxattr(&self, node: &Self::Node) -> BResult<Vec<u8>> {
         let op = "listxattr";
-        let path = match self.xattr_path(op, node) {
-            Ok(p) => p,
-            Err(_) => return Ok(Vec::new()),
-        };
+        let path = node.proc_path();
         xattr_read(op, |buf, len| {
             // SAFETY: buf is writable for len bytes (or null with len 0).
             unsafe { libc::listxattr(path.as_ptr(), buf.cast(), len) }
@@ -745,7 +734,7 @@ impl Backend for DirBackend {
 
     fn setxattr(&self, node: &Self::Node, name: &OsStr, value: &[u8], flags: i32) -> BResult<()> {
         let op = "setxattr";
-        let path = self.xattr_path(op, node)?;
+        let path = node.proc_path();
         let c = cstr(op, name)?;
         // SAFETY: value is readable for its length.
         check(op, unsafe {
@@ -762,7 +751,7 @@ impl Backend for DirBackend {
 
     fn removexattr(&self, node: &Self::Node, name: &OsStr) -> BResult<()> {
         let op = "removexattr";
-        let path = self.xattr_path(op, node)?;
+        let path = node.proc_path();
         let c = cstr(op, name)?;
         // SAFETY: valid C strings.
         check(op, unsafe { libc::removexattr(path.as_ptr(), c.as_ptr()) })?;

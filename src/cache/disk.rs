@@ -56,7 +56,23 @@ fn setup_err(path: &Path, reason: impl ToString) -> CacheError {
     }
 }
 
+/// Takes the directory's lock, if no other daemon holds it.
+fn try_lock(lock: &File) -> bool {
+    // SAFETY: plain syscall on a descriptor we own.
+    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
 impl DiskCache {
+    /// Whether a daemon holds the cache directory `root` now (it may take
+    /// or let go of it at any moment: only a hint, for choosing one).
+    pub fn in_use(root: &Path) -> bool {
+        match File::open(root.join("lock")) {
+            // The probe's own lock goes with the descriptor.
+            Ok(f) => !try_lock(&f),
+            Err(_) => false,
+        }
+    }
+
     /// Opens (creating if needed, mode 0700) the cache directory `root`.
     /// Fails if it cannot be written or is in use by another daemon.
     pub fn open(root: &Path, block_size: u64, capacity: u64) -> Result<DiskCache, CacheError> {
@@ -74,12 +90,10 @@ impl DiskCache {
             .mode(0o600)
             .open(root.join("lock"))
             .map_err(|e| setup_err(root, format!("not writable: {e}")))?;
-        // SAFETY: plain syscall on a descriptor we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(setup_err(
-                root,
-                "in use by another nassync daemon (give each mount its own cache_dir)",
-            ));
+        if !try_lock(&lock) {
+            return Err(CacheError::InUse {
+                path: root.display().to_string(),
+            });
         }
         let conn = Connection::open(root.join("index.sqlite"))
             .map_err(|e| setup_err(root, format!("cannot open the index: {e}")))?;
@@ -326,6 +340,11 @@ impl DiskCache {
         Ok(())
     }
 
+    /// The cache directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     pub fn used_bytes(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
     }
@@ -409,9 +428,14 @@ mod tests {
     #[test]
     fn a_second_daemon_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let _a = DiskCache::open(dir.path(), 4096, 1 << 20).unwrap();
+        assert!(!DiskCache::in_use(dir.path()), "never used");
+        let a = DiskCache::open(dir.path(), 4096, 1 << 20).unwrap();
+        assert!(DiskCache::in_use(dir.path()));
         let b = DiskCache::open(dir.path(), 4096, 1 << 20);
-        assert!(b.is_err());
+        assert!(matches!(b, Err(CacheError::InUse { .. })));
+        drop(a);
+        assert!(!DiskCache::in_use(dir.path()), "free again");
+        assert!(DiskCache::open(dir.path(), 4096, 1 << 20).is_ok());
     }
 
     #[test]

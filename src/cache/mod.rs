@@ -20,6 +20,9 @@ pub enum CacheError {
     Io(#[from] std::io::Error),
     #[error("cache directory {path}: {reason}")]
     Setup { path: String, reason: String },
+    /// Another daemon holds the directory's lock.
+    #[error("cache directory {path}: in use by another nassync daemon")]
+    InUse { path: String },
 }
 
 impl CacheError {
@@ -29,7 +32,7 @@ impl CacheError {
                 Some(libc::ENOSPC) => libc::ENOSPC,
                 _ => libc::EIO,
             },
-            CacheError::Index(_) | CacheError::Setup { .. } => libc::EIO,
+            CacheError::Index(_) | CacheError::Setup { .. } | CacheError::InUse { .. } => libc::EIO,
         }
     }
 }

@@ -40,13 +40,15 @@ pub fn wait_mounted(path: &Path, mounted: bool, child: Option<&mut Child>) {
     }
 }
 
-/// A nassync mount of `nas` at `mnt` with a cache in `cache`.
+/// A nassync mount of `nas` at `mnt` with a cache in `cache` (or, for
+/// [`Mount::of_source`] without `own_cache`, where nassync chooses).
 pub struct Mount {
     pub dir: tempfile::TempDir,
     pub nas: PathBuf,
     pub mnt: PathBuf,
     pub cache: PathBuf,
     pub options: String,
+    own_cache: bool,
     child: Option<Child>,
     /// How the daemon exited at the last unmount.
     pub last_exit: Option<std::process::ExitStatus>,
@@ -64,15 +66,32 @@ impl Mount {
     /// Like [`Mount::new`], without mounting yet (to set up the NAS
     /// directory first).
     pub fn prepare(options: &str) -> Mount {
-        require_fuse();
         let dir = tempfile::Builder::new()
             .prefix("nassync-test")
             .tempdir()
             .unwrap();
         let nas = dir.path().join("nas");
+        std::fs::create_dir(&nas).unwrap();
+        Mount::build(dir, nas, options, true)
+    }
+
+    /// Another mount of the NAS directory `nas` (which it does not own),
+    /// with its own cache directory, or with none given (`own_cache`
+    /// false: nassync's default choice, under /var/cache/nassync for root).
+    pub fn of_source(nas: &Path, options: &str, own_cache: bool) -> Mount {
+        let dir = tempfile::Builder::new()
+            .prefix("nassync-test")
+            .tempdir()
+            .unwrap();
+        let mut m = Mount::build(dir, nas.to_path_buf(), options, own_cache);
+        m.mount();
+        m
+    }
+
+    fn build(dir: tempfile::TempDir, nas: PathBuf, options: &str, own_cache: bool) -> Mount {
+        require_fuse();
         let mnt = dir.path().join("mnt");
         let cache = dir.path().join("cache");
-        std::fs::create_dir(&nas).unwrap();
         std::fs::create_dir(&mnt).unwrap();
         Mount {
             dir,
@@ -80,6 +99,7 @@ impl Mount {
             mnt,
             cache,
             options: options.to_string(),
+            own_cache,
             child: None,
             last_exit: None,
         }
@@ -92,17 +112,19 @@ impl Mount {
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .unwrap();
-        let mut opts = format!("cache_dir={}", self.cache.display());
-        if !self.options.is_empty() {
-            opts.push(',');
-            opts.push_str(&self.options);
+        let mut opts = Vec::new();
+        if self.own_cache {
+            opts.push(format!("cache_dir={}", self.cache.display()));
         }
-        let mut child = Command::new(NASSYNC)
-            .arg("mount")
-            .arg(&self.nas)
-            .arg(&self.mnt)
-            .arg("-o")
-            .arg(opts)
+        if !self.options.is_empty() {
+            opts.push(self.options.clone());
+        }
+        let mut cmd = Command::new(NASSYNC);
+        cmd.arg("mount").arg(&self.nas).arg(&self.mnt);
+        if !opts.is_empty() {
+            cmd.arg("-o").arg(opts.join(","));
+        }
+        let mut child = cmd
             .arg("--foreground")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
