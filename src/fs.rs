@@ -741,7 +741,7 @@ impl<B: Backend> Core<B> {
         };
         let kill = who.zip(change);
         if let (Some(wb), FileKind::File) = (&self.wb, kind) {
-            return self.setattr_local(wb, ino, fh, &node, &data, changes, kill);
+            return self.setattr_local(wb, ino, fh, (&node, &data), changes, kill);
         }
         let old_size = self.cached_size(ino);
         let file = fh.and_then(|fh| self.file_handle(fh).ok());
@@ -788,8 +788,7 @@ impl<B: Backend> Core<B> {
         wb: &Arc<WriteBack<B>>,
         ino: u64,
         fh: Option<u64>,
-        node: &B::Node,
-        data: &Arc<FileData>,
+        (node, data): (&B::Node, &Arc<FileData>),
         changes: &SetAttr,
         kill: Option<(&Modifier, Change)>,
     ) -> FsResult<(Attr, Duration)> {
