@@ -1581,6 +1581,9 @@ fn punch_hole(f: &File, start: u64, end: u64) {
 }
 
 /// `YYYYMMDD-HHMMSS` in local time.
+// libc marks time_t deprecated on musl (its width changes with musl 1.2);
+// it is what localtime_r takes either way.
+#[allow(deprecated)]
 fn conflict_stamp(t: SystemTime) -> String {
     let secs = t
         .duration_since(std::time::UNIX_EPOCH)
