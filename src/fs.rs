@@ -1074,6 +1074,90 @@ impl<B: Backend> Core<B> {
         Ok(())
     }
 
+    /// A file written from scratch renamed over an existing file (how
+    /// editors save): rather than replace the NAS file, write-back writes
+    /// the new content into it as a delta (see [`WriteBack::retarget`]),
+    /// and only the temporary name goes from the NAS. Returns false, having
+    /// changed nothing, when the rename does not qualify: the new file must
+    /// be all local and closed, the old one a regular file with one link
+    /// and nothing pending (else the rename goes to the NAS as usual).
+    #[allow(clippy::too_many_arguments)]
+    fn save_over(
+        &self,
+        dir: &B::Node,
+        name: &OsStr,
+        src: u64,
+        (dst, dst_node): &(u64, B::Node),
+        dst_path: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+    ) -> FsResult<bool> {
+        let Some(wb) = &self.wb else { return Ok(false) };
+        let (src_nas, dst_nas) = (self.fuse_ino(src), self.fuse_ino(*dst));
+        if src == *dst || !wb.is_dirty(src_nas) || wb.is_dirty(dst_nas) || self.is_open(src) {
+            return Ok(false);
+        }
+        let (src_kind, src_links, dst_data) = {
+            let t = self.tables();
+            let (Some(si), Some(di)) = (t.inodes.get(&src), t.inodes.get(dst)) else {
+                return Ok(false);
+            };
+            (si.kind, si.attr.nlink, di.data.clone())
+        };
+        if src_kind != FileKind::File || src_links != 1 {
+            return Ok(false);
+        }
+        // The file to be replaced, as the NAS has it now.
+        let attr = match self.backend.getattr(dst_node) {
+            Ok(a) if a.kind == FileKind::File && a.nlink == 1 => a,
+            _ => return Ok(false),
+        };
+        let start = Start {
+            fuse_ino: *dst,
+            node: dst_node.clone(),
+            path: dst_path.to_os_string(),
+            base: attr.validator(),
+            data: dst_data.clone(),
+        };
+        // Atomic with write-back: if it has started on the file, the
+        // rename goes to the NAS as usual.
+        if !wb.retarget(src_nas, start, dst_nas)? {
+            return Ok(false);
+        }
+        // The content is safe in the journal under the old file's name; the
+        // temporary name goes from the NAS (if that fails, it stays there,
+        // an empty or partial stray file, and nothing is lost).
+        if let Err(e) = self.backend.unlink(dir, name) {
+            log::warn!("save over {dst_path:?}: could not remove {name:?} from the NAS: {e}");
+        }
+        log::debug!("save over {dst_path:?}: written back as a delta into the existing file");
+        let mut t = self.tables();
+        let t = &mut *t;
+        self.forget_name(t, newparent, newname, false);
+        let parent_of_src = t.inodes.get(&src).map(|i| i.parent);
+        if let Some(p) = parent_of_src {
+            self.forget_name(t, p, name, true);
+        }
+        // The name stays the NAS's file; the kernel's inode for the new
+        // file (until it looks the name up again) reaches the same one.
+        t.names.insert((newparent, newname.to_os_string()), *dst);
+        if let Some(l) = t.listings.get_mut(&newparent) {
+            l.names.insert(newname.to_os_string(), *dst);
+        }
+        let now = Instant::now();
+        if let Some(i) = t.inodes.get_mut(&src) {
+            i.node = dst_node.clone();
+            i.data = dst_data;
+            i.parent = newparent;
+            i.name = newname.to_os_string();
+            i.attr_until = now;
+        }
+        if let Some(i) = t.inodes.get_mut(dst) {
+            i.attr_until = now;
+        }
+        Ok(true)
+    }
+
     /// The inode `name` in `parent` leads to, if known (with its node).
     fn known_child(&self, parent: u64, name: &OsStr) -> Option<(u64, B::Node)> {
         self.wb.as_ref()?;
@@ -1130,6 +1214,13 @@ impl<B: Backend> Core<B> {
                 self.child_path(newparent, newname)?,
             ))
         });
+        if let (Some((s, _)), Some(d), Some((_, dst_path)), false, false) =
+            (&moved, &replaced, &paths, flags.exchange, flags.noreplace)
+        {
+            if self.save_over(&dir, name, *s, d, dst_path, newparent, newname)? {
+                return Ok(());
+            }
+        }
         self.backend.rename(&dir, name, &newdir, newname, flags)?;
         if let (Some(wb), Some((old, new))) = (&self.wb, &paths) {
             if flags.exchange {

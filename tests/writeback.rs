@@ -314,3 +314,94 @@ fn walk_find(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
     }
     None
 }
+
+#[test]
+fn a_save_through_a_temporary_file_is_written_back_as_a_delta() {
+    let m = Mount::new("writeback_delay=1h");
+    let mut rng = fastrand::Rng::with_seed(8);
+    let base: Vec<u8> = (0..8 << 20).map(|_| rng.u8(..)).collect();
+    write_file(&m.n("doc.odt"), &base);
+    std::os::unix::fs::chown(m.n("doc.odt"), Some(1234), Some(1234)).unwrap();
+    let ino = std::fs::metadata(m.n("doc.odt")).unwrap().ino();
+    let mut new = base.clone();
+    new[5 << 20..(5 << 20) + 65536].fill(3);
+    // As editors save: a new file, synced and closed, renamed over.
+    let tmp = m.m(".doc.odt.tmp");
+    let mut f = File::create(&tmp).unwrap();
+    f.write_all(&new).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    std::fs::rename(&tmp, m.m("doc.odt")).unwrap();
+    assert_eq!(std::fs::read(m.m("doc.odt")).unwrap(), new);
+    assert!(!tmp.exists());
+    assert!(
+        !m.n(".doc.odt.tmp").exists(),
+        "the temporary name is gone from the NAS"
+    );
+    assert_eq!(
+        std::fs::read(m.n("doc.odt")).unwrap(),
+        base,
+        "not written back yet"
+    );
+    let before = m.stats()["nas_bytes_written"];
+    m.flush(None);
+    let written = m.stats()["nas_bytes_written"] - before;
+    assert_eq!(std::fs::read(m.n("doc.odt")).unwrap(), new);
+    assert!(
+        written <= 65536 + 8192,
+        "{written} bytes written for a 64 KiB change"
+    );
+    // The same NAS file: inode and owner kept.
+    let md = std::fs::metadata(m.n("doc.odt")).unwrap();
+    assert_eq!(md.ino(), ino);
+    assert_eq!((md.uid(), md.gid()), (1234, 1234));
+    assert_eq!(m.status_value("conflicts"), 0);
+    // And it goes on as a file like any other.
+    std::thread::sleep(Duration::from_millis(3500));
+    let f = OpenOptions::new().write(true).open(m.m("doc.odt")).unwrap();
+    f.write_all_at(b"again", 0).unwrap();
+    drop(f);
+    new[..5].copy_from_slice(b"again");
+    m.flush(None);
+    assert_eq!(std::fs::read(m.n("doc.odt")).unwrap(), new);
+    assert_eq!(std::fs::read(m.m("doc.odt")).unwrap(), new);
+}
+
+#[test]
+fn a_save_over_a_file_with_two_links_leaves_the_other_link_alone() {
+    let m = Mount::new("writeback_delay=1h");
+    write_file(&m.n("doc"), b"old content");
+    std::fs::hard_link(m.n("doc"), m.n("other-link")).unwrap();
+    // Known to the mount first, as an editor would have read it.
+    assert_eq!(std::fs::read(m.m("doc")).unwrap(), b"old content");
+    write_file(&m.m("doc.tmp"), b"new content");
+    std::fs::rename(m.m("doc.tmp"), m.m("doc")).unwrap();
+    m.flush(None);
+    // As on a local filesystem: the name gets the new file, the other
+    // link keeps the old one.
+    assert_eq!(std::fs::read(m.n("doc")).unwrap(), b"new content");
+    assert_eq!(std::fs::read(m.n("other-link")).unwrap(), b"old content");
+}
+
+#[test]
+fn a_save_over_survives_a_crash_before_write_back() {
+    let mut m = Mount::new("writeback_delay=1h");
+    write_file(&m.n("doc"), &vec![b'o'; 100_000]);
+    let ino = std::fs::metadata(m.n("doc")).unwrap().ino();
+    assert_eq!(std::fs::read(m.m("doc")).unwrap().len(), 100_000);
+    let mut new = vec![b'o'; 100_000];
+    new[50_000..50_100].fill(b'n');
+    let mut f = File::create(m.m("doc.tmp")).unwrap();
+    f.write_all(&new).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    std::fs::rename(m.m("doc.tmp"), m.m("doc")).unwrap();
+    m.kill();
+    m.mount();
+    assert_eq!(std::fs::read(m.m("doc")).unwrap(), new);
+    m.flush(None);
+    assert_eq!(std::fs::read(m.n("doc")).unwrap(), new);
+    assert_eq!(std::fs::metadata(m.n("doc")).unwrap().ino(), ino);
+    assert!(!m.n("doc.tmp").exists());
+    assert_eq!(m.status_value("conflicts"), 0);
+}

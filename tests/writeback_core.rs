@@ -402,4 +402,48 @@ fn only_what_changed_reaches_the_nas() {
     );
     assert!(rewrite <= 8 * MIB, "{rewrite}");
     assert!(std::fs::read(s.nas.path().join("doc")).unwrap() == new);
+
+    // The same saved through a temporary file renamed over the original.
+    std::fs::write(s.nas.path().join("doc2"), &base).unwrap();
+    let (doc2, _) = open_file(&s.core, "doc2");
+    let (e, o) = s
+        .core
+        .create(
+            ROOT,
+            OsStr::new("doc2.tmp"),
+            0o644,
+            libc::O_RDWR,
+            ROOT_CREDS,
+        )
+        .unwrap();
+    let before = written();
+    for (i, chunk) in new.chunks(MIB as usize).enumerate() {
+        s.core.write(o.fh, i as u64 * MIB, chunk, None).unwrap();
+    }
+    s.core.fsync(o.fh, false).unwrap();
+    s.core.release(o.fh).unwrap();
+    let _ = e;
+    let plain = Default::default();
+    s.core
+        .rename(
+            ROOT,
+            OsStr::new("doc2.tmp"),
+            ROOT,
+            OsStr::new("doc2"),
+            plain,
+        )
+        .unwrap();
+    assert_eq!(flush(&s.wb, Duration::from_secs(300)).0, 0);
+    let renamed = written() - before;
+    eprintln!(
+        "256 MiB saved through a temporary file and a rename, 1 MiB different: {renamed} bytes written to the NAS"
+    );
+    assert!(renamed <= 8 * MIB, "{renamed}");
+    assert!(std::fs::read(s.nas.path().join("doc2")).unwrap() == new);
+    assert!(!s.nas.path().join("doc2.tmp").exists());
+    let nas_ino = std::fs::metadata(s.nas.path().join("doc2")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&nas_ino),
+        map_ino(s.core.root_nas_ino(), doc2)
+    );
 }

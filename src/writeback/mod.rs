@@ -727,6 +727,65 @@ impl<B: Backend> WriteBack<B> {
         }
     }
 
+    /// A file written from scratch (`from`, truncated to nothing since its
+    /// base, not open) was renamed over the regular file `to`: instead of
+    /// replacing `to` on the NAS, its content is written back into `to`
+    /// as a delta against `to`'s version, keeping `to`'s inode, links and
+    /// owner. The caller removes `from`'s name on the NAS. `from` stays a
+    /// second key of the same changes, for the kernel's old inode.
+    /// Returns false (nothing changed) when `from` does not qualify.
+    pub fn retarget(&self, from: u64, to: Start<B>, to_nas: u64) -> FsResult<bool> {
+        let Some(old) = self.get(from) else {
+            return Ok(false);
+        };
+        if self.is_dirty(to_nas) {
+            return Ok(false);
+        }
+        self.data.revalidate(to.fuse_ino, &to.data, &to.base)?;
+        let mut g = old.lock();
+        if g.orphan || g.removed || g.phase == Phase::Applying || g.rec.trunc != 0 {
+            return Ok(false);
+        }
+        let mut rec = g.row();
+        rec.nas_ino = to_nas;
+        rec.base = to.base;
+        rec.path = to.path;
+        rec.state = RowState::Pending;
+        let inner = DirtyInner {
+            rec,
+            ctime: g.ctime,
+            pending: g.pending.try_clone().map_err(io_err)?,
+            node: Some(to.node),
+            phase: Phase::Waiting,
+            applying: RangeSet::new(),
+            trunc_live: g.rec.size,
+            last_change: g.last_change,
+            due: g.due,
+            attempts: 0,
+            last_error: None,
+            orphan: false,
+            dir_synced: g.dir_synced,
+            row_stale: false,
+            removed: false,
+            last_errno: 0,
+            base_clock: 0,
+        };
+        self.journal.update_data(&inner.rec).map_err(cache_err)?;
+        self.journal.commit_durable().map_err(cache_err)?;
+        let d = Arc::new(Dirty {
+            nas_ino: to_nas,
+            fuse_ino: to.fuse_ino,
+            data: to.data,
+            inner: Mutex::new(inner),
+        });
+        // Whoever holds the old one looks again and finds the new one.
+        g.removed = true;
+        let mut files = self.files_lock();
+        files.insert(from, d.clone());
+        files.insert(to_nas, d);
+        Ok(true)
+    }
+
     /// The file's last name was removed on the NAS: its changes have
     /// nowhere to go. Kept for reading while `open` handles remain.
     pub fn unlinked(&self, nas_ino: u64, open: bool) {
@@ -1230,13 +1289,19 @@ impl<B: Backend> WriteBack<B> {
             log::warn!("journal: {e}");
         }
         let _ = std::fs::remove_file(self.journal.pending_path(g.rec.fid));
-        {
+        let keys: Vec<u64> = {
             let mut files = self.files_lock();
-            if files.get(&d.nas_ino).is_some_and(|x| Arc::ptr_eq(x, d)) {
-                files.remove(&d.nas_ino);
-            }
+            let keys = files
+                .iter()
+                .filter(|(_, x)| Arc::ptr_eq(x, d))
+                .map(|(k, _)| *k)
+                .collect::<Vec<_>>();
+            files.retain(|_, x| !Arc::ptr_eq(x, d));
+            keys
+        };
+        for k in keys {
+            self.settle(k);
         }
-        self.settle(d.nas_ino);
     }
 
     /// Writes the snapshot into the NAS file. Err carries whether the NAS
