@@ -1080,7 +1080,8 @@ impl<B: Backend> Core<B> {
     /// and only the temporary name goes from the NAS. Returns false, having
     /// changed nothing, when the rename does not qualify: the new file must
     /// be all local and closed, the old one a regular file with one link
-    /// and nothing pending (else the rename goes to the NAS as usual).
+    /// and nothing pending, open nowhere on this machine (else the rename
+    /// goes to the NAS as usual).
     #[allow(clippy::too_many_arguments)]
     fn save_over(
         &self,
@@ -1094,7 +1095,14 @@ impl<B: Backend> Core<B> {
     ) -> FsResult<bool> {
         let Some(wb) = &self.wb else { return Ok(false) };
         let (src_nas, dst_nas) = (self.fuse_ino(src), self.fuse_ino(*dst));
-        if src == *dst || !wb.is_dirty(src_nas) || wb.is_dirty(dst_nas) || self.is_open(src) {
+        // An open replaced file keeps its old content for whoever has it
+        // open, as on a local filesystem: then the rename goes to the NAS.
+        if src == *dst
+            || !wb.is_dirty(src_nas)
+            || wb.is_dirty(dst_nas)
+            || self.is_open(src)
+            || self.is_open(*dst)
+        {
             return Ok(false);
         }
         let (src_kind, src_links, dst_data) = {

@@ -405,3 +405,20 @@ fn a_save_over_survives_a_crash_before_write_back() {
     assert!(!m.n("doc.tmp").exists());
     assert_eq!(m.status_value("conflicts"), 0);
 }
+
+#[test]
+fn a_file_open_while_saved_over_keeps_its_old_content() {
+    let m = Mount::new("writeback_delay=1h");
+    write_file(&m.n("conf"), b"old settings");
+    let reader = File::open(m.m("conf")).unwrap();
+    write_file(&m.m("conf.tmp"), b"new settings");
+    std::fs::rename(m.m("conf.tmp"), m.m("conf")).unwrap();
+    // As on a local filesystem: the name has the new file, the open one
+    // the old content.
+    let mut buf = vec![0u8; 12];
+    reader.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, b"old settings");
+    assert_eq!(std::fs::read(m.m("conf")).unwrap(), b"new settings");
+    m.flush(None);
+    assert_eq!(std::fs::read(m.n("conf")).unwrap(), b"new settings");
+}
