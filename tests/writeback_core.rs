@@ -33,6 +33,10 @@ fn setup(delay: Duration, block: u64, disk: u64) -> Setup {
     setup_in(nas, cache, delay, block, disk, true)
 }
 
+thread_local! {
+    static MAX_DIRTY: std::cell::Cell<u64> = const { std::cell::Cell::new(1 << 40) };
+}
+
 fn setup_in(
     nas: tempfile::TempDir,
     cache: tempfile::TempDir,
@@ -66,7 +70,7 @@ fn setup_in(
         data,
         WbConfig {
             delay,
-            max_dirty: 1 << 40,
+            max_dirty: MAX_DIRTY.with(|m| m.get()),
             host: "testhost".into(),
         },
         Box::new(move |i| map_ino(root, i)),
@@ -446,4 +450,51 @@ fn only_what_changed_reaches_the_nas() {
         std::os::unix::fs::MetadataExt::ino(&nas_ino),
         map_ino(s.core.root_nas_ino(), doc2)
     );
+}
+
+#[test]
+fn writers_wait_while_too_much_is_pending() {
+    const LIMIT: u64 = 256 << 10;
+    const CHUNK: usize = 64 << 10;
+    MAX_DIRTY.with(|m| m.set(LIMIT));
+    let s = setup(Duration::from_secs(3600), 4096, 1 << 20);
+    MAX_DIRTY.with(|m| m.set(1 << 40));
+    std::fs::write(s.nas.path().join("f"), b"").unwrap();
+    let (_, fh) = open_file(&s.core, "f");
+    // The NAS hangs: nothing can be written back.
+    s.faults.set(Fault::Stall, Some("write"));
+    let writer = {
+        let core = s.core.clone();
+        std::thread::spawn(move || {
+            for i in 0..32u64 {
+                core.write(fh, i * CHUNK as u64, &[i as u8 + 1; CHUNK], None)
+                    .unwrap();
+            }
+        })
+    };
+    // The writer is held back: what is pending never goes much past the
+    // limit (one write beyond it), however long it tries.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.faults.stalled() == 0 {
+        assert!(Instant::now() < deadline, "write-back never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for _ in 0..20 {
+        assert!(
+            s.wb.dirty_bytes() <= LIMIT + CHUNK as u64,
+            "{}",
+            s.wb.dirty_bytes()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!writer.is_finished());
+    // The NAS is back: the writer finishes and everything arrives.
+    s.faults.set(Fault::None, None);
+    writer.join().unwrap();
+    assert_eq!(flush(&s.wb, Duration::from_secs(60)).0, 0);
+    let nas = std::fs::read(s.nas.path().join("f")).unwrap();
+    assert_eq!(nas.len(), 32 * CHUNK);
+    for (i, c) in nas.chunks(CHUNK).enumerate() {
+        assert!(c.iter().all(|b| *b == i as u8 + 1), "chunk {i}");
+    }
 }
