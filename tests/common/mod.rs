@@ -140,8 +140,16 @@ impl Mount {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        if is_mounted(&self.mnt) {
-            let _ = nix::mount::umount2(&self.mnt, nix::mount::MntFlags::empty());
+        // EBUSY while another process is still walking a path through the
+        // mount (a `nassync flush` starting up): try again for a while.
+        let busy_until = Instant::now() + Duration::from_secs(10);
+        while is_mounted(&self.mnt) {
+            match nix::mount::umount2(&self.mnt, nix::mount::MntFlags::empty()) {
+                Err(nix::errno::Errno::EBUSY) if Instant::now() < busy_until => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                _ => break,
+            }
         }
         // Write-back may flush for up to unmount_flush_timeout (30 s).
         let deadline = Instant::now() + Duration::from_secs(60);
