@@ -498,3 +498,33 @@ fn writers_wait_while_too_much_is_pending() {
         assert!(c.iter().all(|b| *b == i as u8 + 1), "chunk {i}");
     }
 }
+
+#[test]
+fn a_file_unlinked_while_written_back_is_not_counted_twice() {
+    const LIMIT: u64 = 64 << 10;
+    MAX_DIRTY.with(|m| m.set(LIMIT));
+    let s = setup(Duration::ZERO, 4096, 1 << 20);
+    MAX_DIRTY.with(|m| m.set(1 << 40));
+    std::fs::write(s.nas.path().join("f"), b"").unwrap();
+    let (_, fh) = open_file(&s.core, "f");
+    s.faults.set(Fault::Stall, Some("write"));
+    s.core.write(fh, 0, &[1u8; 40_000], None).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.faults.stalled() == 0 {
+        assert!(Instant::now() < deadline, "write-back never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Removed while its write-back is in the NAS.
+    s.core.release(fh).unwrap();
+    s.core.unlink(ROOT, OsStr::new("f")).unwrap();
+    s.faults.set(Fault::None, None);
+    assert_eq!(flush(&s.wb, Duration::from_secs(60)).0, 0);
+    assert_eq!(s.wb.dirty_bytes(), 0);
+    // Writers are not held back by bytes that are no longer pending.
+    std::fs::write(s.nas.path().join("g"), b"").unwrap();
+    let (_, fh) = open_file(&s.core, "g");
+    s.core.write(fh, 0, &[2u8; 40_000], None).unwrap();
+    assert_eq!(s.wb.dirty_bytes(), 40_000);
+    assert_eq!(flush(&s.wb, Duration::from_secs(60)).0, 0);
+    assert_eq!(s.wb.dirty_bytes(), 0);
+}

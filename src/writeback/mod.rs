@@ -463,8 +463,13 @@ impl<B: Backend> WriteBack<B> {
             self.dirty_bytes
                 .fetch_add(after - before, Ordering::Relaxed);
         } else {
-            self.dirty_bytes
-                .fetch_sub(before - after, Ordering::Relaxed);
+            // Saturating: a miscount must never wrap into "everything is
+            // pending", which would hold every writer forever.
+            let _ = self
+                .dirty_bytes
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                    Some(v.saturating_sub(before - after))
+                });
         }
     }
 
@@ -818,6 +823,10 @@ impl<B: Backend> WriteBack<B> {
         }
         let w = g.weight();
         self.account(w, 0);
+        // Counted out: an attempt still running on it must not count it
+        // out again.
+        g.rec.ranges = RangeSet::new();
+        g.applying = RangeSet::new();
         self.remove_locked(d, &mut g);
         drop(g);
         self.notify_progress();
@@ -1150,6 +1159,17 @@ impl<B: Backend> WriteBack<B> {
         let result = self.write_back(d, &snap);
         let mut g = d.lock();
         let before = g.weight();
+        if g.orphan || g.removed {
+            // Unlinked (or dropped) meanwhile: nothing to record; an open
+            // orphan keeps its bytes for reading.
+            let applying = std::mem::take(&mut g.applying);
+            g.rec.ranges.union(&applying);
+            g.phase = Phase::Waiting;
+            self.account(before, g.weight());
+            drop(g);
+            self.notify_progress();
+            return;
+        }
         match result {
             Ok(Outcome::Written(after, written, clock)) => {
                 g.base_clock = clock;
