@@ -409,7 +409,10 @@ fn only_what_changed_reaches_the_nas() {
 
     // The same saved through a temporary file renamed over the original.
     std::fs::write(s.nas.path().join("doc2"), &base).unwrap();
-    let (doc2, _) = open_file(&s.core, "doc2");
+    let (doc2, fh2) = open_file(&s.core, "doc2");
+    // Closed, as an editor has it when it saves (a replaced file still
+    // open keeps its old content, so is replaced the usual way).
+    s.core.release(fh2).unwrap();
     let (e, o) = s
         .core
         .create(
