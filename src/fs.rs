@@ -1512,7 +1512,18 @@ impl<B: Backend> Core<B> {
                 .ok_or(FsError::Invalid("fallocate past the largest offset"))?;
             if mode == 0 {
                 self.kill_privs_local(h.ino, &h.file, who)?;
-                // Allocation is the NAS's business; the size is ours.
+                // Allocation is the NAS's business; the size is ours. But
+                // space that the NAS does not have is refused now, as
+                // fallocate promises, not found missing at write-back.
+                let grow = end.saturating_sub(self.cached_size(h.ino));
+                if grow > 0 {
+                    let (root, _, _) = self.node(ROOT)?;
+                    let st = self.backend.statfs(&root)?;
+                    let room = st.bavail.saturating_mul(st.frsize.max(1) as u64);
+                    if grow > room.saturating_sub(wb.dirty_bytes()) {
+                        return Err(BackendError::errno("fallocate", libc::ENOSPC).into());
+                    }
+                }
                 if end > self.cached_size(h.ino) {
                     let start = || self.start_info(h.ino, &h.data);
                     let l = wb.truncate(nas, &start, end)?;

@@ -422,3 +422,24 @@ fn a_file_open_while_saved_over_keeps_its_old_content() {
     m.flush(None);
     assert_eq!(std::fs::read(m.n("conf")).unwrap(), b"new settings");
 }
+
+#[test]
+fn fallocate_beyond_the_nas_free_space_is_refused() {
+    let mut m = Mount::prepare("writeback_delay=1h");
+    let _nas = SmallFs::mount(&m.nas, "2m");
+    m.mount();
+    let f = File::create(m.m("f")).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    // SAFETY: plain syscalls on a descriptor we own.
+    let big = unsafe { libc::fallocate(fd, 0, 0, 64 << 20) };
+    assert_eq!(big, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENOSPC)
+    );
+    let small = unsafe { libc::fallocate(fd, 0, 0, 64 << 10) };
+    assert_eq!(small, 0);
+    assert_eq!(f.metadata().unwrap().len(), 64 << 10);
+    drop(f);
+    m.unmount();
+}
