@@ -29,7 +29,10 @@ impl CacheError {
     pub fn errno(&self) -> i32 {
         match self {
             CacheError::Io(e) => match e.raw_os_error() {
-                Some(libc::ENOSPC) => libc::ENOSPC,
+                // The local disk is full, or the offset is past what the
+                // cache's filesystem can hold: the application can act on
+                // these, unlike a generic EIO.
+                Some(e @ (libc::ENOSPC | libc::EDQUOT | libc::EFBIG)) => e,
                 _ => libc::EIO,
             },
             CacheError::Index(_) | CacheError::Setup { .. } | CacheError::InUse { .. } => libc::EIO,
