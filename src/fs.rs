@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use crate::backend::{
     Attr, Backend, BackendError, Creds, FileKind, OpenMode, RenameFlags, SetAttr, SetTime, StatFs,
 };
+use crate::cache::CacheError;
 use crate::data::{DataCache, FetchFn, FileData};
 use crate::error::{FsError, FsResult};
 use crate::killpriv::{self, Change, Modifier};
@@ -488,6 +489,7 @@ impl<B: Backend> Core<B> {
     /// Fresh attributes of `ino` seen from the NAS: cache them, and drop
     /// cached data if the file changed.
     fn saw_attr(&self, ino: u64, attr: &mut Attr) -> FsResult<()> {
+        crate::clock::observe(attr.ctime);
         let dirty = self.overlay(ino, attr);
         let data = {
             let mut t = self.tables();
@@ -517,6 +519,7 @@ impl<B: Backend> Core<B> {
     ) -> FsResult<Entry> {
         let ino = self.fuse_ino(attr.ino);
         self.fresh(&node, &mut attr, g0);
+        crate::clock::observe(attr.ctime);
         let dirty = self.overlay(ino, &mut attr);
         let wb_data = if dirty {
             self.wb.as_ref().and_then(|wb| wb.file_data(attr.ino))
@@ -818,7 +821,7 @@ impl<B: Backend> Core<B> {
                 // would look like someone else's change.
                 remote.mtime = None;
                 local_mtime = Some(match t {
-                    SetTime::Now => std::time::SystemTime::now(),
+                    SetTime::Now => crate::clock::now(),
                     SetTime::At(t) => t,
                 });
             }
@@ -1424,9 +1427,22 @@ impl<B: Backend> Core<B> {
                 self.kill_privs_local(h.ino, &h.file, who)?;
             }
             let start = || self.start_info(h.ino, &h.data);
-            let l = wb.write(self.fuse_ino(h.ino), &start, offset, data, h.append)?;
-            self.store_local(h.ino, &l);
-            return Ok(data.len() as u32);
+            let nas = self.fuse_ino(h.ino);
+            match wb.write(nas, &start, offset, data, h.append) {
+                Ok(l) => {
+                    self.store_local(h.ino, &l);
+                    return Ok(data.len() as u32);
+                }
+                // The pending file keeps bytes at their own offset, and the
+                // cache's filesystem may not reach offsets the NAS's does
+                // (ext4 stops at 16 TiB, a file can reach 2^63): such a write
+                // goes to the NAS itself, after what is pending there.
+                Err(FsError::Cache(CacheError::Io(e))) if e.raw_os_error() == Some(libc::EFBIG) => {
+                    log::debug!("write at {offset}: beyond the cache's reach, written through");
+                    wb.flush_file(nas)?;
+                }
+                Err(e) => return Err(e),
+            }
         }
         let old_size = self.cached_size(h.ino);
         if let Some(who) = who {

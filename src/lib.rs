@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod cache;
 pub mod cli;
+pub mod clock;
 pub mod control;
 pub mod data;
 pub mod error;

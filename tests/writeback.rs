@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Mount, NASSYNC};
+use common::{Mount, NASSYNC, errno};
 
 fn write_file(p: &Path, data: &[u8]) {
     let mut f = OpenOptions::new()
@@ -441,5 +441,87 @@ fn fallocate_beyond_the_nas_free_space_is_refused() {
     assert_eq!(small, 0);
     assert_eq!(f.metadata().unwrap().len(), 64 << 10);
     drop(f);
+    m.unmount();
+}
+
+#[test]
+fn offsets_beyond_the_cache_filesystem_reach_a_nas_that_holds_them() {
+    // The NAS (tmpfs) holds files up to 2^63-1 bytes; the cache directory's
+    // ext4 stops at 16 TiB. fstests generic/525 writes at 2^63-2.
+    let mut m = Mount::prepare("writeback_delay=1h");
+    let _nas = SmallFs::mount(&m.nas, "16m");
+    m.mount();
+    let off = (1u64 << 63) - 2;
+    let f = File::create(m.m("huge")).unwrap();
+    f.write_all_at(b"x", 0).unwrap();
+    f.write_all_at(b"a", off).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let check = |p: &Path| {
+        let f = File::open(p).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), off + 1, "{p:?}");
+        let mut b = [0u8; 2];
+        f.read_exact_at(&mut b[..1], 0).unwrap();
+        f.read_exact_at(&mut b[1..], off).unwrap();
+        assert_eq!(&b, b"xa", "{p:?}");
+    };
+    check(&m.m("huge"));
+    // Written through, after what was pending before it.
+    check(&m.n("huge"));
+    m.remount();
+    check(&m.m("huge"));
+}
+
+#[test]
+fn sizes_the_nas_cannot_hold_are_refused_at_once() {
+    // The NAS is ext4 here (16 TiB at most): with write-back, such a size
+    // must fail now, as on the NAS itself, not at every write-back later.
+    let mut m = Mount::new("writeback_delay=1h");
+    let f = File::create(m.m("f")).unwrap();
+    assert_eq!(errno(&f.set_len((1u64 << 63) - 1)), libc::EFBIG);
+    assert_eq!(errno(&f.write_all_at(b"a", 1 << 50)), libc::EFBIG);
+    f.write_all_at(b"ok", 0).unwrap();
+    drop(f);
+    assert_eq!(std::fs::read(m.m("f")).unwrap(), b"ok");
+    m.flush(None);
+    assert_eq!(std::fs::read(m.n("f")).unwrap(), b"ok");
+    assert!(m.status().contains("pending_files 0"), "{}", m.status());
+    m.unmount();
+}
+
+#[test]
+fn timestamps_of_local_and_nas_changes_keep_their_order() {
+    // Write-back stamps a write with nassync's clock; a symlink or link is
+    // made on the NAS and stamped by its filesystem. Order must hold
+    // across the two (fstests generic/423), also within one clock tick.
+    let mut m = Mount::new("writeback_delay=1h");
+    let t = |p: &Path| {
+        let md = std::fs::symlink_metadata(p).unwrap();
+        ((md.mtime(), md.mtime_nsec()), (md.ctime(), md.ctime_nsec()))
+    };
+    for i in 0..200 {
+        let file = m.m(&format!("f{i}"));
+        write_file(&file, b"data");
+        let (fm, fc) = t(&file);
+        let sym = m.m(&format!("s{i}"));
+        std::os::unix::fs::symlink("f", &sym).unwrap();
+        let (sm, sc) = t(&sym);
+        assert!(sm >= fm && sc >= fc, "symlink {i} stamped before the write");
+        write_file(&file, b"more data");
+        let (fm2, fc2) = t(&file);
+        assert!(
+            fm2 >= sm && fc2 >= sc,
+            "write {i} stamped before the symlink"
+        );
+        let q = m.m(&format!("q{i}"));
+        std::os::unix::fs::symlink("f", &q).unwrap();
+        let (_, qc) = t(&q);
+        std::fs::hard_link(&file, m.m(&format!("l{i}"))).unwrap();
+        let (_, fc3) = t(&file);
+        assert!(
+            fc3 >= fc2 && fc3 >= qc,
+            "link {i} did not move the ctime on"
+        );
+    }
     m.unmount();
 }

@@ -21,7 +21,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -62,6 +62,45 @@ pub struct DirBackend {
     /// The device of the source; objects on another (a filesystem mounted
     /// inside the source) get inode numbers that cannot collide.
     root_dev: u64,
+    /// The source filesystem's largest file size (see [`probe_max_size`]).
+    max_size: u64,
+}
+
+/// The largest size a file can have on the filesystem of `dir`, found by
+/// truncating an unnamed temporary file (O_TMPFILE: never visible on the
+/// NAS, gone when closed). Filesystems without O_TMPFILE (NFS among them)
+/// and a read-only source give the largest `off_t`.
+fn probe_max_size(dir: &Path) -> u64 {
+    let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+    else {
+        return i64::MAX as u64;
+    };
+    // Only EFBIG says "too large"; any other failure leaves the limit
+    // unknown rather than guessed.
+    let fits = |size: u64| match f.set_len(size) {
+        Ok(()) => Some(true),
+        Err(e) if e.raw_os_error() == Some(libc::EFBIG) => Some(false),
+        Err(_) => None,
+    };
+    let (mut lo, mut hi) = (0u64, i64::MAX as u64);
+    match fits(hi) {
+        Some(false) => {}
+        _ => return hi,
+    }
+    // lo fits, hi does not.
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        match fits(mid) {
+            Some(true) => lo = mid,
+            Some(false) => hi = mid,
+            None => return i64::MAX as u64,
+        }
+    }
+    lo
 }
 
 fn err(op: &'static str) -> BackendError {
@@ -226,6 +265,7 @@ impl DirBackend {
             root: root.to_path_buf(),
             is_root: nix::unistd::geteuid().is_root(),
             root_dev: std::os::unix::fs::MetadataExt::dev(&meta),
+            max_size: probe_max_size(root),
         })
     }
 
@@ -635,6 +675,11 @@ impl Backend for DirBackend {
     }
 
     fn read(&self, file: &Self::File, offset: u64, buf: &mut [u8]) -> BResult<usize> {
+        // A block read near the largest offset would end past it, which
+        // pread refuses (EINVAL) although there is nothing there to read.
+        let reach = (i64::MAX as u64).saturating_sub(offset);
+        let len = usize::try_from(reach).unwrap_or(usize::MAX).min(buf.len());
+        let buf = &mut buf[..len];
         let mut done = 0;
         while done < buf.len() {
             match file.file.read_at(&mut buf[done..], offset + done as u64) {
@@ -693,6 +738,10 @@ impl Backend for DirBackend {
         File::from(f)
             .sync_all()
             .map_err(|e| BackendError::new("fsyncdir", e))
+    }
+
+    fn max_file_size(&self) -> u64 {
+        self.max_size
     }
 
     fn statfs(&self, node: &Self::Node) -> BResult<StatFs> {
@@ -794,5 +843,25 @@ fn xattr_read(
         }
         buf.truncate(m as usize);
         return Ok(buf);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_probed_size_is_the_filesystems_exact_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let max = probe_max_size(dir.path());
+        let f = std::fs::File::create(dir.path().join("f")).unwrap();
+        f.set_len(max).unwrap();
+        if max < i64::MAX as u64 {
+            let e = f.set_len(max + 1).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EFBIG));
+        }
+        // Nothing is left behind in the directory.
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1);
     }
 }

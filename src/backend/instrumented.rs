@@ -213,6 +213,9 @@ impl<B: Backend> Backend for Instrumented<B> {
     fn statfs(&self, node: &Self::Node) -> BResult<StatFs> {
         self.call("statfs", || self.inner.statfs(node))
     }
+    fn max_file_size(&self) -> u64 {
+        self.inner.max_file_size()
+    }
     fn getxattr(&self, node: &Self::Node, name: &OsStr) -> BResult<Vec<u8>> {
         self.call("getxattr", || self.inner.getxattr(node, name))
     }

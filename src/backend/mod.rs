@@ -277,4 +277,11 @@ pub trait Backend: Send + Sync + 'static {
     fn listxattr(&self, node: &Self::Node) -> BResult<Vec<u8>>;
     fn setxattr(&self, node: &Self::Node, name: &OsStr, value: &[u8], flags: i32) -> BResult<()>;
     fn removexattr(&self, node: &Self::Node, name: &OsStr) -> BResult<()>;
+
+    /// The largest size a file can have on the share, as far as the
+    /// backend knows (the largest `off_t` when it does not). Write-back
+    /// refuses a size beyond it at once, as the NAS itself would.
+    fn max_file_size(&self) -> u64 {
+        i64::MAX as u64
+    }
 }

@@ -494,6 +494,7 @@ impl<B: Backend> WriteBack<B> {
             let end = at
                 .checked_add(data.len() as u64)
                 .ok_or(FsError::Invalid("write past the largest offset"))?;
+            self.fits("write", end)?;
             g.pending.write_all_at(data, at).map_err(io_err)?;
             g.rec.ranges.insert(at, end);
             g.rec.size = g.rec.size.max(end);
@@ -510,11 +511,20 @@ impl<B: Backend> WriteBack<B> {
     }
 
     fn changed(&self, g: &mut DirtyInner<B>) {
-        let now = SystemTime::now();
+        let now = crate::clock::now();
         g.rec.mtime = now;
         g.ctime = now;
         g.last_change = Instant::now();
         g.row_stale = true;
+    }
+
+    /// A file may not grow past what the NAS can hold: that would be
+    /// accepted here and fail at every write-back.
+    fn fits(&self, op: &'static str, end: u64) -> FsResult<()> {
+        if end > self.backend.max_file_size() {
+            return Err(BackendError::errno(op, libc::EFBIG).into());
+        }
+        Ok(())
     }
 
     /// Sets the local size of a file (truncate or extend).
@@ -524,6 +534,7 @@ impl<B: Backend> WriteBack<B> {
         start: &dyn Fn() -> FsResult<Start<B>>,
         size: u64,
     ) -> FsResult<LocalAttr> {
+        self.fits("truncate", size)?;
         let d = loop {
             let d = self.get_or_start(nas_ino, start)?;
             if !d.lock().removed {
@@ -558,6 +569,8 @@ impl<B: Backend> WriteBack<B> {
     pub fn meta_changed(&self, nas_ino: u64, attr: &Attr) {
         let Some(d) = self.get(nas_ino) else { return };
         let mut g = d.lock();
+        // The operation changed the file's ctime: the local view shows it.
+        g.ctime = g.ctime.max(attr.ctime);
         let b = g.rec.base;
         if attr.ino == b.ino
             && attr.size == b.size
@@ -597,7 +610,7 @@ impl<B: Backend> WriteBack<B> {
         if let Some(d) = self.get(nas_ino) {
             let mut g = d.lock();
             g.rec.mtime = mtime;
-            g.ctime = SystemTime::now();
+            g.ctime = crate::clock::now();
             g.row_stale = true;
         }
     }
