@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::backend::bounded::is_unreachable;
 use crate::backend::{
     Attr, Backend, BackendError, Creds, FileKind, OpenMode, RenameFlags, SetAttr, SetTime, StatFs,
 };
@@ -94,11 +95,18 @@ struct Inode<B: Backend> {
     parent: u64,
     name: OsString,
     data: Arc<FileData>,
+    /// A symlink's target, once read: served while the NAS is offline.
+    target: Option<OsString>,
 }
 
 struct Listing {
     names: HashMap<OsString, u64>,
+    /// The kinds of the inodes listed, for a listing served offline.
+    kinds: HashMap<u64, FileKind>,
     until: Instant,
+    /// False once a name may be missing from `names` (a rename from a name
+    /// nassync did not know): it is then not served offline.
+    complete: bool,
 }
 
 struct Tables<B: Backend> {
@@ -153,6 +161,8 @@ pub struct Core<B: Backend> {
     stats: Arc<Stats>,
     /// Write-back, unless writes go straight to the NAS (`-o sync`).
     wb: Option<Arc<WriteBack<B>>>,
+    /// The NAS's capacity as last seen, for `df` while it is offline.
+    last_statfs: Mutex<Option<StatFs>>,
 }
 
 /// NAS inode number <-> FUSE inode number: the NAS root and 1 swap places.
@@ -185,6 +195,7 @@ impl<B: Backend> Core<B> {
         stats: Arc<Stats>,
     ) -> FsResult<Core<B>> {
         let (node, attr) = backend.root()?;
+        let backend_statfs = backend.statfs(&node).ok();
         let root_nas_ino = attr.ino;
         let now = Instant::now();
         let mut inodes = HashMap::new();
@@ -201,6 +212,7 @@ impl<B: Backend> Core<B> {
                 parent: ROOT,
                 name: OsString::new(),
                 data: Arc::new(FileData::default()),
+                target: None,
             },
         );
         Ok(Core {
@@ -218,6 +230,8 @@ impl<B: Backend> Core<B> {
             data,
             stats,
             wb: None,
+            // For `df` while offline, should that come before any statfs.
+            last_statfs: Mutex::new(backend_statfs),
         })
     }
 
@@ -237,6 +251,11 @@ impl<B: Backend> Core<B> {
 
     pub fn writeback(&self) -> Option<&Arc<WriteBack<B>>> {
         self.wb.as_ref()
+    }
+
+    /// Since when the NAS has not been answering, if it is not.
+    pub fn nas_offline_since(&self) -> Option<std::time::SystemTime> {
+        self.backend.offline_since()
     }
 
     pub fn config(&self) -> &FsConfig {
@@ -541,12 +560,14 @@ impl<B: Backend> Core<B> {
                 parent,
                 name: name.to_os_string(),
                 data: wb_data.clone().unwrap_or_default(),
+                target: None,
             });
             if inode.kind != attr.kind {
                 // The NAS reused the number for another object.
                 inode.node = node;
                 inode.kind = attr.kind;
                 inode.data = Arc::new(FileData::default());
+                inode.target = None;
             }
             inode.attr = attr;
             inode.attr_until = now + self.cfg.attr_timeout;
@@ -562,6 +583,7 @@ impl<B: Backend> Core<B> {
             t.negatives.remove(&(parent, name.to_os_string()));
             if let Some(l) = t.listings.get_mut(&parent) {
                 l.names.insert(name.to_os_string(), ino);
+                l.kinds.insert(ino, attr.kind);
             }
             data
         };
@@ -650,15 +672,35 @@ impl<B: Backend> Core<B> {
                     }
                 }
             }
-            t.inodes
+            let listed = t.listings.get(&parent).is_some_and(|l| l.complete);
+            let node = t
+                .inodes
                 .get(&parent)
                 .ok_or(FsError::UnknownInode(parent))?
                 .node
-                .clone()
+                .clone();
+            (node, known, listed)
         };
+        let (dir_node, known, listed) = dir_node;
         let g0 = self.settle_gen();
         match self.backend.lookup(&dir_node, name) {
             Ok((node, attr)) => self.remember(parent, name, node, attr, true, g0),
+            Err(e) if is_unreachable(&e) => {
+                // Offline: what the cache knows, however old.
+                let mut t = self.tables();
+                if let Some(i) = known.and_then(|ino| t.inodes.get_mut(&ino)) {
+                    i.lookups += 1;
+                    let attr = i.attr;
+                    drop(t);
+                    Stats::inc(&self.stats.offline_hits);
+                    return Ok(self.entry(attr));
+                }
+                if listed && known.is_none() {
+                    Stats::inc(&self.stats.offline_hits);
+                    return Err(FsError::NotFound);
+                }
+                Err(e.into())
+            }
             Err(e) => {
                 if e.raw_errno() == libc::ENOENT && !self.cfg.negative_timeout.is_zero() {
                     let mut t = self.tables();
@@ -711,9 +753,20 @@ impl<B: Backend> Core<B> {
         };
         let file = fh.and_then(|fh| self.file_handle(fh).ok());
         let g0 = self.settle_gen();
-        let mut attr = match file {
-            Some(h) => self.backend.fgetattr(&h.file)?,
-            None => self.backend.getattr(&node)?,
+        let got = match file {
+            Some(h) => self.backend.fgetattr(&h.file),
+            None => self.backend.getattr(&node),
+        };
+        let mut attr = match got {
+            Ok(a) => a,
+            Err(e) if is_unreachable(&e) => {
+                // Offline: the attributes last seen.
+                let t = self.tables();
+                let i = t.inodes.get(&ino).ok_or(e)?;
+                Stats::inc(&self.stats.offline_hits);
+                return Ok((self.present(i.attr), self.cfg.attr_timeout));
+            }
+            Err(e) => return Err(e.into()),
         };
         self.fresh(&node, &mut attr, g0);
         self.saw_attr(ino, &mut attr)?;
@@ -974,7 +1027,20 @@ impl<B: Backend> Core<B> {
 
     pub fn readlink(&self, ino: u64) -> FsResult<OsString> {
         let (node, _, _) = self.node(ino)?;
-        Ok(self.backend.readlink(&node)?)
+        match self.backend.readlink(&node) {
+            Ok(target) => {
+                if let Some(i) = self.tables().inodes.get_mut(&ino) {
+                    i.target = Some(target.clone());
+                }
+                Ok(target)
+            }
+            Err(e) if is_unreachable(&e) => {
+                let t = self.tables();
+                let target = t.inodes.get(&ino).and_then(|i| i.target.clone());
+                target.ok_or(FsError::Backend(e))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn parent_node(&self, parent: u64) -> FsResult<B::Node> {
@@ -1035,7 +1101,9 @@ impl<B: Backend> Core<B> {
             ino,
             Listing {
                 names: HashMap::new(),
+                kinds: HashMap::new(),
                 until: Instant::now() + self.cfg.entry_timeout,
+                complete: true,
             },
         );
         self.remember(parent, name, node, attr, true, self.settle_gen())
@@ -1291,6 +1359,7 @@ impl<B: Backend> Core<B> {
             // unknown too.
             if let Some(l) = t.listings.get_mut(&newparent) {
                 l.until = Instant::now();
+                l.complete = false;
             }
         }
         Ok(())
@@ -1322,7 +1391,24 @@ impl<B: Backend> Core<B> {
         let g0 = self.settle_gen();
         let file = self.backend.open(&node, mode)?;
         // Close-to-open: the attributes of what was just opened.
-        let mut attr = self.backend.fgetattr(&file)?;
+        let mut attr = match self.backend.fgetattr(&file) {
+            Ok(a) => a,
+            Err(e) if is_unreachable(&e) => {
+                // Offline: the cached version is the one there is; the NAS
+                // is asked again at the next open once it answers.
+                let known = self.tables().inodes.contains_key(&ino);
+                if !known {
+                    return Err(e.into());
+                }
+                Stats::inc(&self.stats.offline_hits);
+                let fh = self.open_handle(ino, file, data, mode.append);
+                return Ok(Opened {
+                    fh,
+                    keep_cache: true,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
         self.fresh(&node, &mut attr, g0);
         if self.overlay(ino, &mut attr) {
             // Changes not yet on the NAS: the local version is the one to
@@ -1613,6 +1699,7 @@ impl<B: Backend> Core<B> {
             plus: None,
         });
         let mut names = HashMap::with_capacity(listing.len());
+        let mut kinds = HashMap::with_capacity(listing.len());
         for e in listing {
             let fino = self.fuse_ino(e.ino);
             // A name whose inode is held already reuses its node (for the
@@ -1647,6 +1734,7 @@ impl<B: Backend> Core<B> {
                 None => (fino, e.kind),
             };
             names.insert(e.name.clone(), fino);
+            kinds.insert(fino, kind);
             items.push(DirItem {
                 name: e.name,
                 ino: fino,
@@ -1659,10 +1747,56 @@ impl<B: Backend> Core<B> {
             ino,
             Listing {
                 names,
+                kinds,
                 until: Instant::now() + self.cfg.entry_timeout,
+                complete: true,
             },
         );
         Ok(items)
+    }
+
+    /// The listing of `ino` as last seen, however old, while the NAS is
+    /// offline. With `plus`, only the entries whose inode is still known
+    /// (the kernel holds it): the others have no attributes to give.
+    fn list_cached(&self, ino: u64, plus: bool) -> Option<Vec<DirItem<B>>> {
+        let t = self.tables();
+        let l = t.listings.get(&ino).filter(|l| l.complete)?;
+        let parent = t.inodes.get(&ino).map(|i| i.parent).unwrap_or(ROOT);
+        let mut items = vec![
+            DirItem {
+                name: ".".into(),
+                ino,
+                kind: FileKind::Dir,
+                plus: None,
+            },
+            DirItem {
+                name: "..".into(),
+                ino: parent,
+                kind: FileKind::Dir,
+                plus: None,
+            },
+        ];
+        let mut names: Vec<(&OsString, &u64)> = l.names.iter().collect();
+        names.sort();
+        for (name, fino) in names {
+            let inode = t.inodes.get(fino);
+            let Some(kind) = inode.map(|i| i.kind).or_else(|| l.kinds.get(fino).copied()) else {
+                continue;
+            };
+            let plus = match (plus, inode) {
+                (true, Some(i)) => Some((i.node.clone(), i.attr)),
+                (true, None) => continue,
+                (false, _) => None,
+            };
+            items.push(DirItem {
+                name: name.clone(),
+                ino: *fino,
+                kind,
+                plus,
+            });
+        }
+        Stats::inc(&self.stats.offline_hits);
+        Some(items)
     }
 
     /// Hands entries from `offset` on to `add`, which returns true when it
@@ -1678,7 +1812,13 @@ impl<B: Backend> Core<B> {
         let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
         if offset == 0 || h.items.is_none() {
             h.settle_gen = self.settle_gen();
-            let items = self.list(h.ino, plus)?;
+            let items = match self.list(h.ino, plus) {
+                Ok(items) => items,
+                Err(FsError::Backend(e)) if is_unreachable(&e) => {
+                    self.list_cached(h.ino, plus).ok_or(FsError::Backend(e))?
+                }
+                Err(e) => return Err(e),
+            };
             h.items = Some(items);
         }
         let g0 = h.settle_gen;
@@ -1754,7 +1894,19 @@ impl<B: Backend> Core<B> {
             Ok((n, _, _)) => n,
             Err(_) => self.node(ROOT)?.0,
         };
-        Ok(self.backend.statfs(&node)?)
+        match self.backend.statfs(&node) {
+            Ok(st) => {
+                *self.last_statfs.lock().unwrap_or_else(|e| e.into_inner()) = Some(st);
+                Ok(st)
+            }
+            // Offline: the figures last seen (df must not fail).
+            Err(e) if is_unreachable(&e) => self
+                .last_statfs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .ok_or(FsError::Backend(e)),
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub fn getxattr(&self, ino: u64, name: &OsStr) -> FsResult<Vec<u8>> {

@@ -17,6 +17,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 
 use crate::backend::Backend;
+use crate::backend::bounded::BoundedBackend;
 use crate::backend::dir::DirBackend;
 use crate::backend::instrumented::Instrumented;
 use crate::cache::CacheError;
@@ -381,9 +382,13 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
     } else {
         None
     };
-    let backend = Instrumented::new(
-        DirBackend::new(&plan.source)
-            .with_context(|| format!("source {}", plan.source.display()))?,
+    let backend = BoundedBackend::new(
+        Instrumented::new(
+            DirBackend::new(&plan.source)
+                .with_context(|| format!("source {}", plan.source.display()))?,
+            stats.clone(),
+        ),
+        o.timeo,
         stats.clone(),
     );
     // The journal lives beside the disk cache this daemon holds.
@@ -690,15 +695,26 @@ fn kernel_flags(o: &MountOptions) -> [(bool, nix::mount::MsFlags, fuser::MountOp
 /// `nassync status`: what is not on the NAS yet, and conflicts.
 fn status_text<B: Backend>(core: &Core<B>) -> String {
     use std::os::unix::ffi::OsStrExt;
+    let nas = match core.nas_offline_since() {
+        None => "nas online\n".to_string(),
+        Some(since) => {
+            let epoch = since
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let for_s = since.elapsed().unwrap_or_default().as_secs_f64();
+            format!("nas offline\noffline_since {epoch}\noffline_s {for_s:.1}\n")
+        }
+    };
     let Some(wb) = core.writeback() else {
-        return "writeback off\n".into();
+        return format!("writeback off\n{nas}");
     };
     let (pending, conflicts, [written, files, retries, nconflicts]) = wb.status();
     let bytes: u64 = pending.iter().map(|p| p.bytes).sum();
     let oldest = pending.iter().map(|p| p.age).max().unwrap_or_default();
     let mut out = format!(
         "writeback on\npending_files {}\npending_bytes {bytes}\noldest_pending_s {:.1}\n\
-         written_bytes {written}\nwritten_files {files}\nretries {retries}\nconflicts {nconflicts}\n",
+         written_bytes {written}\nwritten_files {files}\nretries {retries}\nconflicts {nconflicts}\n{nas}",
         pending.len(),
         oldest.as_secs_f64()
     );

@@ -38,6 +38,9 @@ pub struct MountOptions {
     /// Pending bytes above which writers wait; default half of cache_size.
     pub max_dirty: Option<u64>,
     pub unmount_flush_timeout: Duration,
+    /// How long a call to the NAS may take before nassync gives up on it
+    /// and goes offline.
+    pub timeo: Duration,
 }
 
 /// Every option: name, default, meaning (for --help and the man pages;
@@ -112,6 +115,11 @@ pub const OPTIONS: &[(&str, &str, &str)] = &[
         "30s",
         "at unmount, how long to wait for pending changes to reach the NAS",
     ),
+    (
+        "timeo=TIME",
+        "10s",
+        "a NAS call unanswered this long is abandoned and nassync goes offline",
+    ),
     ("fsname=NAME", "the source", "name shown in /proc/mounts"),
     (
         "log_level=LEVEL",
@@ -171,6 +179,7 @@ impl Default for MountOptions {
             writeback_delay: Duration::from_secs(5),
             max_dirty: None,
             unmount_flush_timeout: Duration::from_secs(30),
+            timeo: Duration::from_secs(10),
         }
     }
 }
@@ -463,6 +472,12 @@ impl MountOptions {
             "writeback_delay" => self.writeback_delay = time()?,
             "max_dirty" => self.max_dirty = Some(size()?),
             "unmount_flush_timeout" => self.unmount_flush_timeout = time()?,
+            "timeo" => {
+                self.timeo = time()?;
+                if self.timeo.is_zero() {
+                    return Err(bad(opt, "must be more than 0"));
+                }
+            }
             "fsname" => self.fsname = Some(need()?.to_string()),
             "uid" => self.uid = Some(id(need()?, "user")?),
             "gid" => self.gid = Some(id(need()?, "group")?),

@@ -6,57 +6,13 @@ mod common;
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::simnas::{SimNas, ctl};
 use common::{NASSYNC, is_mounted, require_fuse, wait_mounted};
-
-fn simnas() -> PathBuf {
-    let p = Path::new(NASSYNC).parent().unwrap().join("simnas");
-    assert!(
-        p.exists(),
-        "build the workspace first (cargo build --workspace): {p:?}"
-    );
-    p
-}
-
-/// A command to simnas's control socket, spoken in-process: a child
-/// process would inherit (and, at exec, close) descriptors on the mount,
-/// which needs a free daemon thread.
-fn ctl(sock: &Path, cmd: &str) -> String {
-    use std::io::{BufRead, BufReader, Write};
-    let mut conn = std::os::unix::net::UnixStream::connect(sock).unwrap();
-    writeln!(conn, "{cmd}").unwrap();
-    let mut reply = String::new();
-    for line in BufReader::new(conn).lines() {
-        let line = line.unwrap();
-        let last = line == "end" || line == "ok" || line.starts_with("err");
-        reply.push_str(&line);
-        reply.push('\n');
-        if last {
-            break;
-        }
-    }
-    assert!(!reply.starts_with("err"), "simnas ctl {cmd}: {reply}");
-    reply
-}
-
-/// simnas at `nas` over `backing`, thawed and unmounted in Drop.
-struct SimNas {
-    nas: PathBuf,
-    sock: PathBuf,
-}
-
-impl Drop for SimNas {
-    fn drop(&mut self) {
-        if let Ok(mut c) = std::os::unix::net::UnixStream::connect(&self.sock) {
-            let _ = std::io::Write::write_all(&mut c, b"thaw\n");
-        }
-        let _ = nix::mount::umount2(&self.nas, nix::mount::MntFlags::MNT_DETACH);
-    }
-}
 
 /// The nassync mount, unmounted in Drop (before simnas, declared after it).
 struct Nassync(PathBuf);
@@ -76,33 +32,12 @@ impl Drop for Nassync {
 fn a_cached_read_completes_while_the_nas_hangs() {
     require_fuse();
     let t = tempfile::tempdir().unwrap();
-    let (backing, nas, mnt) = (
-        t.path().join("backing"),
-        t.path().join("nas"),
-        t.path().join("mnt"),
-    );
-    for d in [&backing, &nas, &mnt] {
-        std::fs::create_dir(d).unwrap();
-    }
+    let sim = SimNas::start(t.path(), &[]);
+    let (backing, nas, sock) = (sim.backing.clone(), sim.nas.clone(), sim.sock.clone());
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
     std::fs::write(backing.join("cached"), vec![1u8; 1 << 20]).unwrap();
     std::fs::write(backing.join("cold"), vec![2u8; 1 << 20]).unwrap();
-    let sock = t.path().join("simnas.sock");
-    let out = Command::new(simnas())
-        .arg(&backing)
-        .arg(&nas)
-        .arg("--control")
-        .arg(&sock)
-        .output()
-        .unwrap();
-    let _simnas = SimNas {
-        nas: nas.clone(),
-        sock: sock.clone(),
-    };
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let out = Command::new(NASSYNC)
         .arg("mount")
         .arg(&nas)

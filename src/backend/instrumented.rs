@@ -216,6 +216,12 @@ impl<B: Backend> Backend for Instrumented<B> {
     fn max_file_size(&self) -> u64 {
         self.inner.max_file_size()
     }
+    fn online(&self) -> bool {
+        self.inner.online()
+    }
+    fn offline_since(&self) -> Option<std::time::SystemTime> {
+        self.inner.offline_since()
+    }
     fn getxattr(&self, node: &Self::Node, name: &OsStr) -> BResult<Vec<u8>> {
         self.call("getxattr", || self.inner.getxattr(node, name))
     }

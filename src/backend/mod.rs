@@ -11,6 +11,7 @@
 //! nassync lock held. Errors are [`BackendError`]: the errno the NAS gave
 //! plus what was being done, so that the meaning survives to the FUSE reply.
 
+pub mod bounded;
 pub mod dir;
 pub mod instrumented;
 
@@ -283,5 +284,17 @@ pub trait Backend: Send + Sync + 'static {
     /// refuses a size beyond it at once, as the NAS itself would.
     fn max_file_size(&self) -> u64 {
         i64::MAX as u64
+    }
+
+    /// Whether the NAS is answering, as far as the backend knows; while it
+    /// is not, calls fail at once ([`bounded::is_unreachable`]) and
+    /// write-back waits.
+    fn online(&self) -> bool {
+        true
+    }
+
+    /// Since when the NAS has not been answering, if it is not.
+    fn offline_since(&self) -> Option<std::time::SystemTime> {
+        None
     }
 }

@@ -1062,6 +1062,7 @@ impl<B: Backend> WriteBack<B> {
 
     /// The write-back thread.
     fn run(&self) {
+        let mut was_online = true;
         loop {
             {
                 let mut s = self.sched();
@@ -1080,8 +1081,24 @@ impl<B: Backend> WriteBack<B> {
                 }
                 s.kick = false;
             }
+            // While the NAS does not answer, nothing is tried; when it is
+            // back, everything waiting for a retry goes at once.
+            let online = self.backend.online();
+            let back = online && !was_online;
+            was_online = online;
+            if !online {
+                continue;
+            }
             let now = Instant::now();
             let files: Vec<_> = self.files_lock().values().cloned().collect();
+            if back {
+                for d in &files {
+                    let mut g = d.lock();
+                    if let Phase::Retry { .. } = g.phase {
+                        g.phase = Phase::Retry { at: now };
+                    }
+                }
+            }
             let mut due: Vec<(SystemTime, Arc<Dirty<B>>)> = files
                 .into_iter()
                 .filter_map(|d| {
@@ -1273,12 +1290,23 @@ impl<B: Backend> WriteBack<B> {
                 self.remove_locked(d, &mut g);
             }
             Err((e, wrote)) => {
-                self.counters.retries.fetch_add(1, Ordering::Relaxed);
-                g.attempts += 1;
-                let backoff = Duration::from_millis(250)
-                    .saturating_mul(1 << g.attempts.min(7))
-                    .min(Duration::from_secs(30));
-                if g.attempts == 1 {
+                // An offline NAS is waited for (see `run`), not counted
+                // as a failed attempt.
+                let offline = !self.backend.online();
+                if !offline {
+                    self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    g.attempts += 1;
+                }
+                let backoff = if offline {
+                    Duration::ZERO
+                } else {
+                    Duration::from_millis(250)
+                        .saturating_mul(1 << g.attempts.min(7))
+                        .min(Duration::from_secs(30))
+                };
+                if offline {
+                    log::info!("write-back of {:?} waits for the NAS: {e}", snap.path);
+                } else if g.attempts == 1 {
                     log::warn!("write-back of {:?} failed, will retry: {e}", snap.path);
                 } else {
                     log::debug!(

@@ -2,6 +2,8 @@
 //! directory, unmounted in Drop even when the test fails, and helpers.
 #![allow(dead_code)]
 
+pub mod simnas;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,0 +1,145 @@
+//! Offline operation (docs/SEMANTICS.md, "When the NAS does not answer"):
+//! the NAS is simnas, frozen (a hung NAS) or failing (a lost mount); calls
+//! to it are abandoned after `timeo`, nassync serves what it has cached,
+//! accepts writes to cached files, fails the rest promptly with EIO, and
+//! writes back by itself once the NAS answers again.
+
+mod common;
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::simnas::SimNas;
+use common::{Mount, errno};
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A mount of simnas with a tree on it; the tree is read once through the
+/// mount so that it is cached (file `a`, the listing of `d`, symlink `l`);
+/// `d/cold` is never read.
+fn setup(options: &str) -> (Mount, SimNas, Vec<u8>) {
+    let mut m = Mount::prepare(options);
+    let sim = SimNas::start(m.dir.path(), &["--attr-ttl", "0"]);
+    m.nas = sim.nas.clone();
+    let a = pattern(3 << 20, 7);
+    std::fs::create_dir(sim.backing.join("d")).unwrap();
+    std::fs::write(sim.backing.join("d/a"), &a).unwrap();
+    std::fs::write(sim.backing.join("d/cold"), pattern(1 << 20, 9)).unwrap();
+    std::os::unix::fs::symlink("a", sim.backing.join("d/l")).unwrap();
+    std::fs::create_dir(sim.backing.join("d/sub")).unwrap();
+    m.mount();
+    assert_eq!(std::fs::read(m.m("d/a")).unwrap(), a);
+    assert_eq!(names(&m.m("d")), ["a", "cold", "l", "sub"]);
+    for n in ["a", "cold", "l", "sub"] {
+        std::fs::symlink_metadata(m.m(&format!("d/{n}"))).unwrap();
+    }
+    assert_eq!(std::fs::read_link(m.m("d/l")).unwrap(), Path::new("a"));
+    (m, sim, a)
+}
+
+fn wait_status(m: &Mount, want: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = m.status();
+        if s.lines().any(|l| l == want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {want:?} in status:\n{s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_hung_nas_is_worked_around_and_caught_up_with() {
+    let (mut m, sim, mut a) =
+        setup("timeo=1,actimeo=1,writeback_delay=1h,unmount_flush_timeout=5s");
+    assert!(m.status().lines().any(|l| l == "nas online"));
+    sim.ctl("freeze");
+    // Let every cached attribute and listing expire: what follows needs
+    // the NAS, which does not answer.
+    std::thread::sleep(Duration::from_millis(1200));
+
+    // The first request that needs the NAS waits at most timeo, then
+    // nassync is offline and everything cached is served at once.
+    let t0 = Instant::now();
+    assert_eq!(std::fs::read(m.m("d/a")).unwrap(), a, "cached file");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    wait_status(&m, "nas offline", Duration::from_secs(5));
+    let t0 = Instant::now();
+    assert_eq!(names(&m.m("d")), ["a", "cold", "l", "sub"]);
+    for n in ["a", "cold", "l", "sub"] {
+        std::fs::symlink_metadata(m.m(&format!("d/{n}"))).unwrap();
+    }
+    assert_eq!(std::fs::read_link(m.m("d/l")).unwrap(), Path::new("a"));
+    assert!(std::fs::metadata(m.m("d/sub")).unwrap().is_dir());
+    nix::sys::statvfs::statvfs(&m.mnt).expect("df while offline");
+    // A name the complete listing does not have is known to be absent.
+    assert_eq!(errno(&std::fs::metadata(m.m("d/nothing"))), libc::ENOENT);
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+
+    // Data that is not cached: EIO, promptly.
+    let t0 = Instant::now();
+    let cold = std::fs::read(m.m("d/cold"));
+    assert_eq!(errno(&cold), libc::EIO);
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+
+    // Writes to a cached file are taken, survive fsync, and read back.
+    let f = OpenOptions::new().write(true).open(m.m("d/a")).unwrap();
+    f.write_all_at(b"written while offline", 1 << 20).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    a[1 << 20..(1 << 20) + 21].copy_from_slice(b"written while offline");
+    assert_eq!(std::fs::read(m.m("d/a")).unwrap(), a);
+    assert!(m.status_value("pending_files") == 1, "{}", m.status());
+    let s = m.stats();
+    assert!(s["nas_timeouts"] >= 1 && s["offline_hits"] > 0, "{s:?}");
+
+    // The NAS answers again: nassync notices by itself and writes back.
+    sim.ctl("thaw");
+    wait_status(&m, "nas online", Duration::from_secs(20));
+    m.flush(None);
+    assert_eq!(std::fs::read(sim.backing.join("d/a")).unwrap(), a);
+    assert_eq!(std::fs::read(m.m("d/cold")).unwrap(), pattern(1 << 20, 9));
+    m.unmount();
+    assert!(m.last_exit.unwrap().success());
+}
+
+#[test]
+fn a_nas_that_went_away_is_offline_at_once() {
+    // A lost NFS mount answers ENOTCONN (or the kernel's soft-mount
+    // ETIMEDOUT) at once: no waiting for timeo.
+    let (mut m, sim, a) = setup("timeo=30,actimeo=1,writeback_delay=1h,unmount_flush_timeout=5s");
+    sim.ctl("fail ENOTCONN");
+    std::thread::sleep(Duration::from_millis(1200));
+    let t0 = Instant::now();
+    assert_eq!(std::fs::read(m.m("d/a")).unwrap(), a);
+    assert_eq!(names(&m.m("d")), ["a", "cold", "l", "sub"]);
+    assert_eq!(
+        errno(&File::open(m.m("d/cold")).and_then(|f| {
+            let mut b = [0u8; 1];
+            f.read_at(&mut b, 0)
+        })),
+        libc::EIO
+    );
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    wait_status(&m, "nas offline", Duration::from_secs(1));
+    sim.ctl("fail off");
+    wait_status(&m, "nas online", Duration::from_secs(20));
+    assert_eq!(std::fs::read(m.m("d/cold")).unwrap(), pattern(1 << 20, 9));
+    m.unmount();
+}
