@@ -80,6 +80,20 @@ pub enum Cmd {
     /// NAS: for every nassync mount, or only for files under PATH. Shows a
     /// progress bar on a terminal.
     Flush { path: Option<PathBuf> },
+    /// Make files available offline: fetch each PATH (a file, or a
+    /// directory and everything under it) whole into the disk cache and
+    /// keep it there regardless of eviction; pinned files changed on the
+    /// NAS are fetched again (pin_refresh). Shows a progress bar on a
+    /// terminal; `nassync status` lists pins and how much of each is cached.
+    Pin {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Undo `nassync pin PATH`: the files stay cached until evicted.
+    Unpin {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Write the man pages and shell completions into DIR (for packaging).
     #[command(hide = true)]
     GenerateAssets { dir: PathBuf },
@@ -196,18 +210,88 @@ pub fn generate_assets(dir: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The nassync mount holding `p`, and `p` relative to its root.
+fn inside_mount(p: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let canon = p
+        .canonicalize()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    let (m, rel) = crate::mountinfo::nassync_mount_of(&canon)
+        .ok_or_else(|| anyhow::anyhow!("{} is not inside a nassync mount", p.display()))?;
+    Ok((m.mountpoint, rel))
+}
+
+/// `nassync pin PATH...`.
+pub fn pin(paths: &[PathBuf]) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    for p in paths {
+        let (mp, rel) = inside_mount(p)?;
+        let bar = tty.then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {bytes}/{total_bytes} {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            b.set_prefix(p.display().to_string());
+            b
+        });
+        let mut done = None;
+        let mut error = None;
+        let cmd = format!("pin {}", rel.display());
+        crate::control::request_lines(&mp, cmd.trim_end(), None, &mut |line| {
+            let mut w = line.split(' ');
+            let verb = w.next();
+            let n: Vec<u64> = w.filter_map(|x| x.parse().ok()).collect();
+            match (verb, n.as_slice()) {
+                (Some("progress"), [f, b, tf, tb]) => {
+                    if let Some(bar) = &bar {
+                        bar.set_length(*tb);
+                        bar.set_position(*b);
+                        bar.set_message(format!("{f}/{tf} files"));
+                    }
+                }
+                (Some("done"), [f, b]) => done = Some((*f, *b)),
+                _ => error = Some(line.strip_prefix("error ").unwrap_or(line).to_string()),
+            }
+        })?;
+        if let Some(bar) = &bar {
+            bar.finish_and_clear();
+        }
+        match (done, error) {
+            (Some((f, b)), _) => {
+                if tty {
+                    eprintln!("{}: pinned, {f} files, {b} bytes", p.display());
+                }
+            }
+            (None, Some(e)) => anyhow::bail!("{}: {e}", p.display()),
+            (None, None) => anyhow::bail!("{}: the daemon stopped answering", p.display()),
+        }
+    }
+    Ok(())
+}
+
+/// `nassync unpin PATH...`.
+pub fn unpin(paths: &[PathBuf]) -> anyhow::Result<()> {
+    for p in paths {
+        let (mp, rel) = inside_mount(p)?;
+        let cmd = format!("unpin {}", rel.display());
+        let reply = crate::control::request(&mp, cmd.trim_end())?;
+        if reply.trim_end() != "done" {
+            let e = reply.trim_end();
+            anyhow::bail!("{}: {}", p.display(), e.strip_prefix("error ").unwrap_or(e));
+        }
+    }
+    Ok(())
+}
+
 /// `nassync flush [PATH]`.
 pub fn flush(path: Option<&Path>) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     let targets: Vec<(PathBuf, PathBuf)> = match path {
-        Some(p) => {
-            let canon = p
-                .canonicalize()
-                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-            let (m, rel) = crate::mountinfo::nassync_mount_of(&canon)
-                .ok_or_else(|| anyhow::anyhow!("{} is not inside a nassync mount", p.display()))?;
-            vec![(m.mountpoint, rel)]
-        }
+        Some(p) => vec![inside_mount(p)?],
         None => crate::mountinfo::nassync_mounts()
             .into_iter()
             .map(|m| (m.mountpoint, PathBuf::new()))

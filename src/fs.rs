@@ -97,6 +97,8 @@ struct Inode<B: Backend> {
     data: Arc<FileData>,
     /// A symlink's target, once read: served while the NAS is offline.
     target: Option<OsString>,
+    /// Kept when the kernel forgets it: under a pin, for offline use.
+    kept: bool,
 }
 
 struct Listing {
@@ -213,6 +215,7 @@ impl<B: Backend> Core<B> {
                 name: OsString::new(),
                 data: Arc::new(FileData::default()),
                 target: None,
+                kept: true,
             },
         );
         Ok(Core {
@@ -268,6 +271,55 @@ impl<B: Backend> Core<B> {
 
     pub fn data_cache(&self) -> &Arc<DataCache> {
         &self.data
+    }
+
+    /// Records `name` in `parent` as the NAS has it, without a kernel
+    /// lookup, and keeps the inode when the kernel forgets it (pinned
+    /// trees stay known for offline use). Returns the FUSE inode number.
+    pub fn adopt(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        node: B::Node,
+        attr: Attr,
+        target: Option<OsString>,
+    ) -> FsResult<u64> {
+        let entry = self.remember(parent, name, node, attr, false, self.settle_gen())?;
+        let ino = entry.attr.ino;
+        if let Some(i) = self.tables().inodes.get_mut(&ino) {
+            i.kept = true;
+            if target.is_some() {
+                i.target = target;
+            }
+        }
+        Ok(ino)
+    }
+
+    /// Records the complete listing of directory `ino` (adopted entries),
+    /// for offline use; it is not taken as fresh while the NAS answers.
+    pub fn adopt_listing(&self, ino: u64, entries: Vec<(OsString, u64, FileKind)>) {
+        let mut names = HashMap::with_capacity(entries.len());
+        let mut kinds = HashMap::with_capacity(entries.len());
+        for (name, fino, kind) in entries {
+            names.insert(name, fino);
+            kinds.insert(fino, kind);
+        }
+        let mut t = self.tables();
+        let until = t.listings.get(&ino).map_or_else(Instant::now, |l| l.until);
+        t.listings.insert(
+            ino,
+            Listing {
+                names,
+                kinds,
+                until,
+                complete: true,
+            },
+        );
+    }
+
+    /// The data state of `ino` (a FUSE inode number) if the core holds it.
+    pub fn file_data(&self, ino: u64) -> Option<Arc<FileData>> {
+        self.tables().inodes.get(&ino).map(|i| i.data.clone())
     }
 
     fn tables(&self) -> MutexGuard<'_, Tables<B>> {
@@ -561,6 +613,7 @@ impl<B: Backend> Core<B> {
                 name: name.to_os_string(),
                 data: wb_data.clone().unwrap_or_default(),
                 target: None,
+                kept: false,
             });
             if inode.kind != attr.kind {
                 // The NAS reused the number for another object.
@@ -730,7 +783,7 @@ impl<B: Backend> Core<B> {
             return;
         };
         i.lookups = i.lookups.saturating_sub(n);
-        if i.lookups == 0 {
+        if i.lookups == 0 && !i.kept {
             if let Some(i) = t.inodes.remove(&ino) {
                 let key = (i.parent, i.name);
                 if t.names.get(&key) == Some(&ino) {

@@ -17,5 +17,6 @@ pub mod killpriv;
 pub mod mount;
 pub mod mountinfo;
 pub mod options;
+pub mod pin;
 pub mod stats;
 pub mod writeback;

@@ -87,6 +87,20 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Pin { paths } => match nassync::cli::pin(&paths) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("nassync: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+        Cmd::Unpin { paths } => match nassync::cli::unpin(&paths) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("nassync: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Cmd::Flush { path } => match nassync::cli::flush(path.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -481,6 +481,18 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
         (session, Some(unmounter))
     };
 
+    // Pins are completed after the mount, then kept current.
+    let pin_core = core.clone();
+    let pin_every = o.pin_refresh;
+    let _ = std::thread::Builder::new()
+        .name("pins".into())
+        .spawn(move || {
+            std::thread::sleep(Duration::from_secs(2).min(pin_every));
+            loop {
+                crate::pin::refresh(&pin_core);
+                std::thread::sleep(pin_every);
+            }
+        });
     let handler_core = core.clone();
     let source = plan.source.clone();
     let handler: control::Handler = Arc::new(move |cmd: &str, out: &mut dyn Write| {
@@ -493,6 +505,15 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
                 let _ = out.write_all(status_text(&handler_core).as_bytes());
             }
             "flush" => flush_reply(&handler_core, arg, out),
+            "pin" => pin_reply(&handler_core, arg, out),
+            "unpin" => match crate::pin::unpin(&handler_core, std::ffi::OsStr::new(arg)) {
+                Ok(()) => {
+                    let _ = writeln!(out, "done");
+                }
+                Err(e) => {
+                    let _ = writeln!(out, "error {e}");
+                }
+            },
             other => {
                 let _ = writeln!(out, "error unknown command {other:?}");
             }
@@ -706,6 +727,23 @@ fn status_text<B: Backend>(core: &Core<B>) -> String {
             format!("nas offline\noffline_since {epoch}\noffline_s {for_s:.1}\n")
         }
     };
+    let mut nas = nas;
+    if let Some(disk) = core.data_cache().disk() {
+        for p in disk.pins().unwrap_or_default() {
+            let cached = p.cached.min(p.bytes);
+            let pct = if p.bytes == 0 {
+                100.0
+            } else {
+                cached as f64 * 100.0 / p.bytes as f64
+            };
+            nas.push_str(&format!(
+                "pin /{} files={} bytes={} cached_bytes={cached} cached={pct:.1}%\n",
+                String::from_utf8_lossy(&p.path).replace('\n', "\\n"),
+                p.files,
+                p.bytes,
+            ));
+        }
+    }
     let Some(wb) = core.writeback() else {
         return format!("writeback off\n{nas}");
     };
@@ -766,6 +804,33 @@ fn flush_reply<B: Backend>(core: &Core<B>, arg: &str, out: &mut dyn Write) {
         writeln!(out, "progress {files} {bytes}").is_ok()
     });
     let _ = writeln!(out, "done {} {}", left.0, left.1);
+}
+
+/// `nassync pin PATH`: streams `progress FILES BYTES TOTAL_FILES
+/// TOTAL_BYTES` lines, then `done FILES BYTES` or `error MESSAGE`.
+fn pin_reply<B: Backend>(core: &Core<B>, arg: &str, out: &mut dyn Write) {
+    let mut last = std::time::Instant::now() - Duration::from_secs(1);
+    let mut report = |p: crate::pin::PinProgress| {
+        if last.elapsed() < Duration::from_millis(200) {
+            return true;
+        }
+        last = std::time::Instant::now();
+        writeln!(
+            out,
+            "progress {} {} {} {}",
+            p.files, p.bytes, p.total_files, p.total_bytes
+        )
+        .is_ok()
+    };
+    let r = crate::pin::pin(core, std::ffi::OsStr::new(arg), &mut report);
+    match r {
+        Ok(p) => {
+            let _ = writeln!(out, "done {} {}", p.files, p.bytes);
+        }
+        Err(e) => {
+            let _ = writeln!(out, "error {e}");
+        }
+    }
 }
 
 fn stats_text<B: Backend>(core: &Core<B>, source: &Path) -> String {

@@ -41,6 +41,8 @@ pub struct MountOptions {
     /// How long a call to the NAS may take before nassync gives up on it
     /// and goes offline.
     pub timeo: Duration,
+    /// How often pinned files are checked against the NAS and completed.
+    pub pin_refresh: Duration,
 }
 
 /// Every option: name, default, meaning (for --help and the man pages;
@@ -120,6 +122,11 @@ pub const OPTIONS: &[(&str, &str, &str)] = &[
         "10s",
         "a NAS call unanswered this long is abandoned and nassync goes offline",
     ),
+    (
+        "pin_refresh=TIME",
+        "10m",
+        "how often pinned files are checked against the NAS and fetched again if changed",
+    ),
     ("fsname=NAME", "the source", "name shown in /proc/mounts"),
     (
         "log_level=LEVEL",
@@ -180,6 +187,7 @@ impl Default for MountOptions {
             max_dirty: None,
             unmount_flush_timeout: Duration::from_secs(30),
             timeo: Duration::from_secs(10),
+            pin_refresh: Duration::from_secs(600),
         }
     }
 }
@@ -472,6 +480,12 @@ impl MountOptions {
             "writeback_delay" => self.writeback_delay = time()?,
             "max_dirty" => self.max_dirty = Some(size()?),
             "unmount_flush_timeout" => self.unmount_flush_timeout = time()?,
+            "pin_refresh" => {
+                self.pin_refresh = time()?;
+                if self.pin_refresh.is_zero() {
+                    return Err(bad(opt, "must be more than 0"));
+                }
+            }
             "timeo" => {
                 self.timeo = time()?;
                 if self.timeo.is_zero() {

@@ -143,3 +143,107 @@ fn a_nas_that_went_away_is_offline_at_once() {
     assert_eq!(std::fs::read(m.m("d/cold")).unwrap(), pattern(1 << 20, 9));
     m.unmount();
 }
+
+fn nassync(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    std::process::Command::new(common::NASSYNC)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn pin_line(m: &Mount, path: &str) -> Option<String> {
+    m.status()
+        .lines()
+        .find(|l| l.starts_with(&format!("pin {path} ")))
+        .map(str::to_string)
+}
+
+#[test]
+fn pinned_files_stay_cached_and_are_there_offline() {
+    let mut m = Mount::prepare(
+        "timeo=1,actimeo=1,cache_size=12M,mem_cache_size=4M,block_size=1M,pin_refresh=1s,\
+         unmount_flush_timeout=5s",
+    );
+    let sim = SimNas::start(m.dir.path(), &["--attr-ttl", "0"]);
+    m.nas = sim.nas.clone();
+    std::fs::create_dir_all(sim.backing.join("p/q")).unwrap();
+    let files = [("p/a", 7u8), ("p/b", 8), ("p/q/c", 9)];
+    for (name, seed) in files {
+        std::fs::write(sim.backing.join(name), pattern(2 << 20, seed)).unwrap();
+    }
+    for i in 0..3 {
+        std::fs::write(sim.backing.join(format!("big{i}")), pattern(8 << 20, i)).unwrap();
+    }
+    m.mount();
+    // Past the refresh that follows the mount: the one below is periodic.
+    std::thread::sleep(Duration::from_millis(2500));
+
+    let out = nassync(&[std::ffi::OsStr::new("pin"), m.m("p").as_os_str()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = pin_line(&m, "/p").unwrap_or_else(|| m.status());
+    assert!(
+        line.contains("files=3 bytes=6291456") && line.ends_with("cached=100.0%"),
+        "{line}"
+    );
+
+    // 24 MiB read through a 12 MiB cache: everything not pinned is evicted.
+    for i in 0..3 {
+        assert_eq!(
+            std::fs::read(m.m(&format!("big{i}"))).unwrap(),
+            pattern(8 << 20, i)
+        );
+    }
+    let line = pin_line(&m, "/p").unwrap();
+    assert!(line.ends_with("cached=100.0%"), "{line}");
+
+    // More than the cache can hold for pins: refused, nothing recorded.
+    let out = nassync(&[std::ffi::OsStr::new("pin"), m.mnt.as_os_str()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("left for pins"),
+        "{out:?}"
+    );
+    assert!(pin_line(&m, "/").is_none());
+
+    // A pinned file changed on the NAS is fetched again by the refresh.
+    std::fs::write(sim.backing.join("p/a"), pattern(2 << 20, 77)).unwrap();
+    std::thread::sleep(Duration::from_millis(3500));
+    std::fs::metadata(m.m("p/a")).unwrap();
+
+    // Offline: the pinned tree is all there (the kernel's page cache is
+    // dropped so that the daemon has to answer).
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    sim.ctl("freeze");
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(std::fs::read(m.m("p/a")).unwrap(), pattern(2 << 20, 77));
+    wait_status(&m, "nas offline", Duration::from_secs(5));
+    for (name, seed) in &files[1..] {
+        assert_eq!(
+            std::fs::read(m.m(name)).unwrap(),
+            pattern(2 << 20, *seed),
+            "{name}"
+        );
+    }
+    assert_eq!(errno(&std::fs::read(m.m("big0"))), libc::EIO, "evicted");
+    sim.ctl("thaw");
+    wait_status(&m, "nas online", Duration::from_secs(20));
+
+    let out = nassync(&[std::ffi::OsStr::new("unpin"), m.m("p").as_os_str()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(pin_line(&m, "/p").is_none());
+    let out = nassync(&[std::ffi::OsStr::new("unpin"), m.m("p").as_os_str()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not pinned"),
+        "{out:?}"
+    );
+    m.unmount();
+}

@@ -26,6 +26,18 @@ use crate::backend::Validator;
 /// On-disk format version; a directory of another version is emptied.
 pub const FORMAT: i64 = 1;
 
+/// One pin, for `nassync status`.
+#[derive(Clone, Debug)]
+pub struct PinInfo {
+    /// From the share's root, without a leading "/".
+    pub path: Vec<u8>,
+    pub files: u64,
+    /// The size of the pinned files' current versions.
+    pub bytes: u64,
+    /// How much of that is in the cache.
+    pub cached: u64,
+}
+
 /// See the module documentation.
 pub struct DiskCache {
     root: PathBuf,
@@ -111,7 +123,11 @@ impl DiskCache {
                  ino INTEGER NOT NULL, idx INTEGER NOT NULL, len INTEGER NOT NULL,
                  crc INTEGER NOT NULL, used_ms INTEGER NOT NULL,
                  PRIMARY KEY (ino, idx));
-             CREATE INDEX IF NOT EXISTS blocks_lru ON blocks (used_ms);",
+             CREATE INDEX IF NOT EXISTS blocks_lru ON blocks (used_ms);
+             CREATE TABLE IF NOT EXISTS pins (path BLOB PRIMARY KEY, created_ms INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS pinned (
+                 pin BLOB NOT NULL, ino INTEGER NOT NULL, PRIMARY KEY (pin, ino));
+             CREATE INDEX IF NOT EXISTS pinned_ino ON pinned (ino);",
         )?;
         let meta = |conn: &Connection, key: &str| -> rusqlite::Result<Option<i64>> {
             conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
@@ -126,7 +142,9 @@ impl DiskCache {
                     root.display()
                 );
             }
-            conn.execute_batch("DELETE FROM blocks; DELETE FROM files;")?;
+            conn.execute_batch(
+                "DELETE FROM blocks; DELETE FROM files; DELETE FROM pinned; DELETE FROM pins;",
+            )?;
             for entry in fs::read_dir(root.join("data"))? {
                 let _ = fs::remove_file(entry?.path());
             }
@@ -320,7 +338,10 @@ impl DiskCache {
         let conn = self.conn();
         while self.used.load(Ordering::Relaxed) > target {
             let victims: Vec<(i64, i64)> = conn
-                .prepare("SELECT ino, idx FROM blocks ORDER BY used_ms LIMIT 64")?
+                .prepare(
+                    "SELECT ino, idx FROM blocks WHERE ino NOT IN (SELECT ino FROM pinned)
+                     ORDER BY used_ms LIMIT 64",
+                )?
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<_, _>>()?;
             if victims.is_empty() {
@@ -338,6 +359,73 @@ impl DiskCache {
             }
         }
         Ok(())
+    }
+
+    /// Pins `inos` under the pin `path` (they are never evicted), in
+    /// place of what that pin held before. Refused if the pinned files
+    /// (`bytes` for these) would take more than 90% of the capacity: the
+    /// cache must keep room to work.
+    pub fn pin(&self, path: &[u8], inos: &[u64], bytes: u64) -> Result<(), CacheError> {
+        let mut conn = self.conn();
+        let others: i64 = conn.query_row(
+            "SELECT COALESCE(SUM(f.size), 0) FROM files f
+             WHERE f.ino IN (SELECT ino FROM pinned WHERE pin != ?1)",
+            [path],
+            |r| r.get(0),
+        )?;
+        let room = self.capacity / 10 * 9;
+        if (others as u64).saturating_add(bytes) > room {
+            return Err(CacheError::NoRoom {
+                needed: bytes,
+                room: room.saturating_sub(others as u64),
+            });
+        }
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT OR IGNORE INTO pins VALUES (?1, ?2)",
+            params![path, now_ms()],
+        )?;
+        tx.execute("DELETE FROM pinned WHERE pin = ?1", [path])?;
+        {
+            let mut add = tx.prepare("INSERT OR IGNORE INTO pinned VALUES (?1, ?2)")?;
+            for ino in inos {
+                add.execute(params![path, *ino as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Removes the pin `path`; false if there was none.
+    pub fn unpin(&self, path: &[u8]) -> Result<bool, CacheError> {
+        let conn = self.conn();
+        conn.execute("DELETE FROM pinned WHERE pin = ?1", [path])?;
+        Ok(conn.execute("DELETE FROM pins WHERE path = ?1", [path])? > 0)
+    }
+
+    /// Every pin.
+    pub fn pins(&self) -> Result<Vec<PinInfo>, CacheError> {
+        let conn = self.conn();
+        let mut q = conn.prepare(
+            "SELECT p.path,
+                (SELECT COUNT(*) FROM pinned x WHERE x.pin = p.path),
+                (SELECT COALESCE(SUM(f.size), 0) FROM files f
+                    WHERE f.ino IN (SELECT ino FROM pinned x WHERE x.pin = p.path)),
+                (SELECT COALESCE(SUM(b.len), 0) FROM blocks b
+                    WHERE b.ino IN (SELECT ino FROM pinned x WHERE x.pin = p.path))
+             FROM pins p ORDER BY p.path",
+        )?;
+        let rows = q
+            .query_map([], |r| {
+                Ok(PinInfo {
+                    path: r.get(0)?,
+                    files: r.get::<_, i64>(1)? as u64,
+                    bytes: r.get::<_, i64>(2)? as u64,
+                    cached: r.get::<_, i64>(3)? as u64,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
     }
 
     /// The cache directory.

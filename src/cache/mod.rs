@@ -23,6 +23,9 @@ pub enum CacheError {
     /// Another daemon holds the directory's lock.
     #[error("cache directory {path}: in use by another nassync daemon")]
     InUse { path: String },
+    /// Pinning would leave the cache no room to work.
+    #[error("{needed} bytes to pin, but only {room} bytes of cache_size are left for pins")]
+    NoRoom { needed: u64, room: u64 },
 }
 
 impl CacheError {
@@ -35,6 +38,7 @@ impl CacheError {
                 Some(e @ (libc::ENOSPC | libc::EDQUOT | libc::EFBIG)) => e,
                 _ => libc::EIO,
             },
+            CacheError::NoRoom { .. } => libc::ENOSPC,
             CacheError::Index(_) | CacheError::Setup { .. } | CacheError::InUse { .. } => libc::EIO,
         }
     }
