@@ -338,7 +338,11 @@ pub fn flush(path: Option<&Path>) -> anyhow::Result<()> {
         }
         match (left, error) {
             (Some((0, _)), _) => {}
-            (Some((f, b)), _) => {
+            (Some(_), Some(e)) => {
+                let e = e.strip_prefix("error ").unwrap_or(&e);
+                anyhow::bail!("{}: {e}", mp.display())
+            }
+            (Some((f, b)), None) => {
                 anyhow::bail!("{}: {f} files ({b} bytes) still pending", mp.display())
             }
             (None, Some(e)) => anyhow::bail!("{}: {e}", mp.display()),

@@ -803,6 +803,14 @@ fn flush_reply<B: Backend>(core: &Core<B>, arg: &str, out: &mut dyn Write) {
         last = std::time::Instant::now();
         writeln!(out, "progress {files} {bytes}").is_ok()
     });
+    if left.0 > 0 && core.nas_offline_since().is_some() {
+        let _ = writeln!(
+            out,
+            "error the NAS is offline: {} files ({} bytes) stay pending and are written back \
+             when it answers again",
+            left.0, left.1
+        );
+    }
     let _ = writeln!(out, "done {} {}", left.0, left.1);
 }
 

@@ -108,6 +108,13 @@ fn a_hung_nas_is_worked_around_and_caught_up_with() {
     assert!(m.status_value("pending_files") == 1, "{}", m.status());
     let s = m.stats();
     assert!(s["nas_timeouts"] >= 1 && s["offline_hits"] > 0, "{s:?}");
+    // `nassync flush` says so instead of waiting for the NAS.
+    let t0 = Instant::now();
+    let out = nassync(&[std::ffi::OsStr::new("flush"), m.mnt.as_os_str()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("offline") && err.contains("1 files"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
 
     // The NAS answers again: nassync notices by itself and writes back.
     sim.ctl("thaw");

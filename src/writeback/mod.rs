@@ -938,6 +938,12 @@ impl<B: Backend> WriteBack<B> {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return left;
             }
+            // Offline: the changes wait for the NAS, not the caller (a
+            // short grace for a NAS that just came back and whose
+            // abandoned calls are finishing).
+            if !self.backend.online() && last_mark.elapsed() > Duration::from_millis(300) {
+                return self.pending(prefix);
+            }
             // Changes made while flushing are flushed too.
             if last_mark.elapsed() > Duration::from_millis(500) {
                 self.mark_due(prefix);
