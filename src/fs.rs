@@ -40,7 +40,11 @@ pub const ROOT: u64 = 1;
 #[derive(Clone, Debug)]
 pub struct FsConfig {
     pub attr_timeout: Duration,
+    /// Attributes of objects unchanged for long are kept up to this
+    /// (see `attr_ttl`); at most `attr_timeout` when not above it.
+    pub attr_timeout_max: Duration,
     pub entry_timeout: Duration,
+    pub entry_timeout_max: Duration,
     pub negative_timeout: Duration,
     /// Bytes to prefetch ahead of a sequential reader.
     pub readahead: u64,
@@ -50,6 +54,18 @@ pub struct FsConfig {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub umask: Option<u32>,
+}
+
+/// A tenth of the time since `attr` last changed, within `min..=max`.
+fn adaptive(min: Duration, max: Duration, attr: &Attr) -> Duration {
+    if max <= min {
+        return min;
+    }
+    let changed = attr.mtime.max(attr.ctime);
+    let age = std::time::SystemTime::now()
+        .duration_since(changed)
+        .unwrap_or_default();
+    (age / 10).clamp(min, max)
 }
 
 /// A name resolved to an inode, with how long the kernel may keep it.
@@ -99,6 +115,18 @@ struct Inode<B: Backend> {
     target: Option<OsString>,
     /// Kept when the kernel forgets it: under a pin, for offline use.
     kept: bool,
+    /// Extended attributes read, valid while the attributes are fresh and
+    /// the ctime the same (an xattr change on the NAS moves the ctime).
+    xattrs: Option<Box<XattrCache>>,
+}
+
+/// The extended attributes of one inode as last read from the NAS.
+struct XattrCache {
+    ctime: std::time::SystemTime,
+    /// `listxattr`'s answer.
+    list: Option<Vec<u8>>,
+    /// `getxattr`'s answers: a value, or the errno (ENODATA, ENOTSUP).
+    values: HashMap<OsString, Result<Vec<u8>, i32>>,
 }
 
 struct Listing {
@@ -216,6 +244,7 @@ impl<B: Backend> Core<B> {
                 data: Arc::new(FileData::default()),
                 target: None,
                 kept: true,
+                xattrs: None,
             },
         );
         Ok(Core {
@@ -526,9 +555,22 @@ impl<B: Backend> Core<B> {
     fn entry(&self, attr: Attr) -> Entry {
         Entry {
             attr: self.present(attr),
-            attr_ttl: self.cfg.attr_timeout,
-            entry_ttl: self.cfg.entry_timeout,
+            attr_ttl: self.attr_ttl(&attr),
+            entry_ttl: self.entry_ttl(&attr),
         }
+    }
+
+    /// How long `attr` may be trusted: like an NFS client's attribute
+    /// cache, a tenth of the time since the object last changed, between
+    /// `attr_timeout` and `attr_timeout_max` (acregmin and acregmax).
+    fn attr_ttl(&self, attr: &Attr) -> Duration {
+        adaptive(self.cfg.attr_timeout, self.cfg.attr_timeout_max, attr)
+    }
+
+    /// How long a name leading to `attr` may be trusted (the same rule,
+    /// between `entry_timeout` and `entry_timeout_max`).
+    fn entry_ttl(&self, attr: &Attr) -> Duration {
+        adaptive(self.cfg.entry_timeout, self.cfg.entry_timeout_max, attr)
     }
 
     fn node(&self, ino: u64) -> FsResult<(B::Node, FileKind, Arc<FileData>)> {
@@ -568,7 +610,7 @@ impl<B: Backend> Core<B> {
                 return Ok(());
             };
             i.attr = *attr;
-            i.attr_until = Instant::now() + self.cfg.attr_timeout;
+            i.attr_until = Instant::now() + self.attr_ttl(&i.attr);
             i.data.clone()
         };
         if attr.kind == FileKind::File && !dirty {
@@ -614,6 +656,7 @@ impl<B: Backend> Core<B> {
                 data: wb_data.clone().unwrap_or_default(),
                 target: None,
                 kept: false,
+                xattrs: None,
             });
             if inode.kind != attr.kind {
                 // The NAS reused the number for another object.
@@ -623,8 +666,8 @@ impl<B: Backend> Core<B> {
                 inode.target = None;
             }
             inode.attr = attr;
-            inode.attr_until = now + self.cfg.attr_timeout;
-            inode.entry_until = now + self.cfg.entry_timeout;
+            inode.attr_until = now + self.attr_ttl(&inode.attr);
+            inode.entry_until = now + self.entry_ttl(&inode.attr);
             if count {
                 inode.lookups += 1;
             }
@@ -798,9 +841,10 @@ impl<B: Backend> Core<B> {
         let node = {
             let t = self.tables();
             let i = t.inodes.get(&ino).ok_or(FsError::UnknownInode(ino))?;
-            if i.attr_until > Instant::now() {
+            let now = Instant::now();
+            if i.attr_until > now {
                 Stats::inc(&self.stats.attr_hits);
-                return Ok((self.present(i.attr), self.cfg.attr_timeout));
+                return Ok((self.present(i.attr), i.attr_until - now));
             }
             i.node.clone()
         };
@@ -823,7 +867,7 @@ impl<B: Backend> Core<B> {
         };
         self.fresh(&node, &mut attr, g0);
         self.saw_attr(ino, &mut attr)?;
-        Ok((self.present(attr), self.cfg.attr_timeout))
+        Ok((self.present(attr), self.attr_ttl(&attr)))
     }
 
     /// Applies `changes` for `who` (the caller, if known), clearing the
@@ -884,10 +928,10 @@ impl<B: Backend> Core<B> {
             let mut t = self.tables();
             if let Some(i) = t.inodes.get_mut(&ino) {
                 i.attr = attr;
-                i.attr_until = Instant::now() + self.cfg.attr_timeout;
+                i.attr_until = Instant::now() + self.attr_ttl(&i.attr);
             }
         }
-        Ok((self.present(attr), self.cfg.attr_timeout))
+        Ok((self.present(attr), self.attr_ttl(&attr)))
     }
 
     /// setattr with write-back: the size and mtime of a file change
@@ -956,7 +1000,7 @@ impl<B: Backend> Core<B> {
             let mut t = self.tables();
             if let Some(i) = t.inodes.get_mut(&ino) {
                 i.attr = attr;
-                i.attr_until = Instant::now() + self.cfg.attr_timeout;
+                i.attr_until = Instant::now() + self.attr_ttl(&i.attr);
             }
         }
         if let Some(m) = local_mtime {
@@ -972,7 +1016,7 @@ impl<B: Backend> Core<B> {
             }
             a
         };
-        Ok((self.present(attr), self.cfg.attr_timeout))
+        Ok((self.present(attr), self.attr_ttl(&attr)))
     }
 
     /// The set-user-ID and set-group-ID bits that `who` making `change` to
@@ -1469,7 +1513,7 @@ impl<B: Backend> Core<B> {
             let mut t = self.tables();
             if let Some(i) = t.inodes.get_mut(&ino) {
                 i.attr = attr;
-                i.attr_until = Instant::now() + self.cfg.attr_timeout;
+                i.attr_until = Instant::now() + self.attr_ttl(&i.attr);
             }
             drop(t);
             let fh = self.open_handle(ino, file, data, mode.append);
@@ -1482,7 +1526,7 @@ impl<B: Backend> Core<B> {
             let mut t = self.tables();
             if let Some(i) = t.inodes.get_mut(&ino) {
                 i.attr = attr;
-                i.attr_until = Instant::now() + self.cfg.attr_timeout;
+                i.attr_until = Instant::now() + self.attr_ttl(&i.attr);
             }
         }
         let keep_cache = if kind == FileKind::File {
@@ -1603,7 +1647,7 @@ impl<B: Backend> Core<B> {
         let mut t = self.tables();
         if let Some(i) = t.inodes.get_mut(&h.ino) {
             i.attr = after;
-            i.attr_until = Instant::now() + self.cfg.attr_timeout;
+            i.attr_until = Instant::now() + self.attr_ttl(&i.attr);
         }
         Ok(n as u32)
     }
@@ -1710,7 +1754,7 @@ impl<B: Backend> Core<B> {
         let mut t = self.tables();
         if let Some(i) = t.inodes.get_mut(&h.ino) {
             i.attr = after;
-            i.attr_until = Instant::now() + self.cfg.attr_timeout;
+            i.attr_until = Instant::now() + self.attr_ttl(&i.attr);
         }
         Ok(())
     }
@@ -1796,16 +1840,44 @@ impl<B: Backend> Core<B> {
             });
         }
         let mut t = self.tables();
+        let dir_ttl = t
+            .inodes
+            .get(&ino)
+            .map_or(self.cfg.entry_timeout, |i| self.entry_ttl(&i.attr));
         t.listings.insert(
             ino,
             Listing {
                 names,
                 kinds,
-                until: Instant::now() + self.cfg.entry_timeout,
+                until: Instant::now() + dir_ttl,
                 complete: true,
             },
         );
         Ok(items)
+    }
+
+    /// The listing of `ino` from the tables, if it and (with `plus`) the
+    /// attributes of every entry are fresh: a warm `ls -l` or `find` does
+    /// not ask the NAS about every entry again.
+    fn list_fresh(&self, ino: u64, plus: bool) -> Option<Vec<DirItem<B>>> {
+        let now = Instant::now();
+        {
+            let t = self.tables();
+            let l = t.listings.get(&ino)?;
+            if !l.complete || l.until <= now {
+                return None;
+            }
+            if plus
+                && l.names
+                    .values()
+                    .any(|f| t.inodes.get(f).is_none_or(|i| i.attr_until <= now))
+            {
+                return None;
+            }
+        }
+        let items = self.list_cached(ino, plus)?;
+        Stats::inc(&self.stats.entry_hits);
+        Some(items)
     }
 
     /// The listing of `ino` as last seen, however old, while the NAS is
@@ -1848,7 +1920,6 @@ impl<B: Backend> Core<B> {
                 plus,
             });
         }
-        Stats::inc(&self.stats.offline_hits);
         Some(items)
     }
 
@@ -1865,10 +1936,16 @@ impl<B: Backend> Core<B> {
         let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
         if offset == 0 || h.items.is_none() {
             h.settle_gen = self.settle_gen();
-            let items = match self.list(h.ino, plus) {
+            let listed = match self.list_fresh(h.ino, plus) {
+                Some(items) => Ok(items),
+                None => self.list(h.ino, plus),
+            };
+            let items = match listed {
                 Ok(items) => items,
                 Err(FsError::Backend(e)) if is_unreachable(&e) => {
-                    self.list_cached(h.ino, plus).ok_or(FsError::Backend(e))?
+                    let items = self.list_cached(h.ino, plus).ok_or(FsError::Backend(e))?;
+                    Stats::inc(&self.stats.offline_hits);
+                    items
                 }
                 Err(e) => return Err(e),
             };
@@ -1962,14 +2039,89 @@ impl<B: Backend> Core<B> {
         }
     }
 
+    /// The xattr cache of `ino` if it may answer now (any age offline).
+    fn xattr_cache<T>(
+        &self,
+        ino: u64,
+        offline: bool,
+        f: impl FnOnce(&XattrCache) -> Option<T>,
+    ) -> Option<T> {
+        let t = self.tables();
+        let i = t.inodes.get(&ino)?;
+        let c = i.xattrs.as_deref()?;
+        if !offline && (i.attr_until <= Instant::now() || c.ctime != i.attr.ctime) {
+            return None;
+        }
+        f(c)
+    }
+
+    /// Records an xattr answer of the NAS for `ino`.
+    fn xattr_store(&self, ino: u64, f: impl FnOnce(&mut XattrCache)) {
+        let mut t = self.tables();
+        let Some(i) = t.inodes.get_mut(&ino) else {
+            return;
+        };
+        let ctime = i.attr.ctime;
+        let fresh = || {
+            Box::new(XattrCache {
+                ctime,
+                list: None,
+                values: HashMap::new(),
+            })
+        };
+        let c = i.xattrs.get_or_insert_with(fresh);
+        if c.ctime != ctime {
+            *c = fresh();
+        }
+        f(c);
+    }
+
     pub fn getxattr(&self, ino: u64, name: &OsStr) -> FsResult<Vec<u8>> {
+        let cached = |c: &XattrCache| c.values.get(name).cloned();
+        let answer = |r: Result<Vec<u8>, i32>| match r {
+            Ok(v) => Ok(v),
+            Err(errno) => Err(BackendError::errno("getxattr", errno).into()),
+        };
+        if let Some(r) = self.xattr_cache(ino, false, cached) {
+            Stats::inc(&self.stats.attr_hits);
+            return answer(r);
+        }
         let (node, _, _) = self.node(ino)?;
-        Ok(self.backend.getxattr(&node, name)?)
+        let r = match self.backend.getxattr(&node, name) {
+            Ok(v) => Ok(v),
+            Err(e) if is_unreachable(&e) => {
+                return match self.xattr_cache(ino, true, cached) {
+                    Some(r) => answer(r),
+                    None => Err(e.into()),
+                };
+            }
+            Err(e) if matches!(e.raw_errno(), libc::ENODATA | libc::EOPNOTSUPP) => {
+                Err(e.raw_errno())
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.xattr_store(ino, |c| {
+            c.values.insert(name.to_os_string(), r.clone());
+        });
+        answer(r)
     }
 
     pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
+        if let Some(l) = self.xattr_cache(ino, false, |c| c.list.clone()) {
+            Stats::inc(&self.stats.attr_hits);
+            return Ok(l);
+        }
         let (node, _, _) = self.node(ino)?;
-        Ok(self.backend.listxattr(&node)?)
+        match self.backend.listxattr(&node) {
+            Ok(l) => {
+                self.xattr_store(ino, |c| c.list = Some(l.clone()));
+                Ok(l)
+            }
+            Err(e) if is_unreachable(&e) => self
+                .xattr_cache(ino, true, |c| c.list.clone())
+                .ok_or_else(|| e.into()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
@@ -1981,6 +2133,7 @@ impl<B: Backend> Core<B> {
         self.expire_attr(&mut t, ino);
         if let Some(i) = t.inodes.get_mut(&ino) {
             i.default_acl = None;
+            i.xattrs = None;
         }
         Ok(())
     }
@@ -1993,6 +2146,7 @@ impl<B: Backend> Core<B> {
         self.expire_attr(&mut t, ino);
         if let Some(i) = t.inodes.get_mut(&ino) {
             i.default_acl = None;
+            i.xattrs = None;
         }
         Ok(())
     }
@@ -2005,5 +2159,58 @@ impl<B: Backend> Core<B> {
     /// Open file and directory handles (for stats).
     pub fn handle_count(&self) -> usize {
         self.handles().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn changed(ago: Duration) -> Attr {
+        let t = SystemTime::now() - ago;
+        Attr {
+            ino: 2,
+            kind: FileKind::File,
+            perm: 0o644,
+            nlink: 1,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            size: 0,
+            blocks: 0,
+            blksize: 4096,
+            atime: t,
+            mtime: t,
+            ctime: t,
+        }
+    }
+
+    #[test]
+    fn attributes_live_a_tenth_of_their_age_within_the_limits() {
+        let (min, max) = (Duration::from_secs(3), Duration::from_secs(60));
+        let ttl = |ago| adaptive(min, max, &changed(ago));
+        assert_eq!(ttl(Duration::ZERO), min);
+        assert_eq!(ttl(Duration::from_secs(20)), min);
+        let mid = ttl(Duration::from_secs(300));
+        assert!(
+            mid >= Duration::from_secs(30) && mid < Duration::from_secs(31),
+            "{mid:?}"
+        );
+        assert_eq!(ttl(Duration::from_secs(86400)), max);
+        // The later of mtime and ctime counts: a chmod is a change.
+        let mut a = changed(Duration::from_secs(86400));
+        a.ctime = SystemTime::now();
+        assert_eq!(adaptive(min, max, &a), min);
+        // A NAS clock ahead of ours: no age at all.
+        let mut a = changed(Duration::ZERO);
+        a.mtime = SystemTime::now() + Duration::from_secs(3600);
+        a.ctime = a.mtime;
+        assert_eq!(adaptive(min, max, &a), min);
+        // actimeo: a fixed lifetime.
+        assert_eq!(
+            adaptive(min, min, &changed(Duration::from_secs(86400))),
+            min
+        );
     }
 }

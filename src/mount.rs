@@ -399,7 +399,9 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
     let data = DataCache::new(o.mem_cache_size, disk, o.block_size, 4, stats.clone());
     let cfg = FsConfig {
         attr_timeout: o.attr_timeout,
+        attr_timeout_max: o.attr_timeout_max.max(o.attr_timeout),
         entry_timeout: o.entry_timeout,
+        entry_timeout_max: o.entry_timeout_max.max(o.entry_timeout),
         negative_timeout: o.negative_timeout,
         readahead: o.readahead,
         uid: o.uid,

@@ -14,7 +14,9 @@ pub struct MountOptions {
     pub block_size: u64,
     pub readahead: u64,
     pub attr_timeout: Duration,
+    pub attr_timeout_max: Duration,
     pub entry_timeout: Duration,
+    pub entry_timeout_max: Duration,
     pub negative_timeout: Duration,
     pub threads: usize,
     pub allow_other: Option<bool>,
@@ -76,13 +78,27 @@ pub const OPTIONS: &[(&str, &str, &str)] = &[
     (
         "actimeo=TIME",
         "-",
-        "sets attr_timeout, entry_timeout and negative_timeout",
+        "sets every *_timeout and *_timeout_max below to one fixed lifetime",
     ),
-    ("attr_timeout=TIME", "3s", "how long attributes are cached"),
+    (
+        "attr_timeout=TIME",
+        "3s",
+        "how long attributes are cached (at least)",
+    ),
+    (
+        "attr_timeout_max=TIME",
+        "60s",
+        "attributes of a file unchanged for long are cached up to this (a tenth of its age)",
+    ),
     (
         "entry_timeout=TIME",
         "3s",
-        "how long names and listings are cached",
+        "how long names and listings are cached (at least)",
+    ),
+    (
+        "entry_timeout_max=TIME",
+        "60s",
+        "names of objects unchanged for long are cached up to this (a tenth of their age)",
     ),
     (
         "negative_timeout=TIME",
@@ -165,7 +181,9 @@ impl Default for MountOptions {
             block_size: MIB,
             readahead: 8 * MIB,
             attr_timeout: Duration::from_secs(3),
+            attr_timeout_max: Duration::from_secs(60),
             entry_timeout: Duration::from_secs(3),
+            entry_timeout_max: Duration::from_secs(60),
             negative_timeout: Duration::from_secs(3),
             threads: 16,
             allow_other: None,
@@ -457,11 +475,15 @@ impl MountOptions {
             "actimeo" => {
                 let t = time()?;
                 self.attr_timeout = t;
+                self.attr_timeout_max = t;
                 self.entry_timeout = t;
+                self.entry_timeout_max = t;
                 self.negative_timeout = t;
             }
             "attr_timeout" => self.attr_timeout = time()?,
+            "attr_timeout_max" => self.attr_timeout_max = time()?,
             "entry_timeout" => self.entry_timeout = time()?,
+            "entry_timeout_max" => self.entry_timeout_max = time()?,
             "negative_timeout" => self.negative_timeout = time()?,
             "threads" => {
                 self.threads = need()?

@@ -257,3 +257,122 @@ fn the_kernel_page_cache_is_kept_across_opens_of_an_unchanged_file() {
     fs::write(m.n("f"), vec![4u8; 500_000]).unwrap();
     assert!(fs::read(m.m("f")).unwrap().iter().all(|b| *b == 4));
 }
+
+#[test]
+fn attributes_of_recently_changed_files_stay_short_lived() {
+    // With a long attr_timeout_max, a file that changed moments ago is
+    // still revalidated after attr_timeout (its age is tiny); the rule
+    // itself is unit-tested in src/fs.rs.
+    let m = Mount::new("attr_timeout=300ms,attr_timeout_max=1h,entry_timeout=300ms");
+    fs::write(m.n("f"), "short").unwrap();
+    let stat = || fs::symlink_metadata(m.m("f")).unwrap().len();
+    assert_eq!(stat(), 5);
+    fs::write(m.n("f"), "much longer now").unwrap();
+    assert!(eventually(Duration::from_secs(5), || stat() == 15));
+}
+
+fn getx(p: &std::path::Path, name: &str) -> Result<Vec<u8>, i32> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    let name = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 256];
+    // SAFETY: valid C strings and a buffer of the given length.
+    let n = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+fn setx(p: &std::path::Path, name: &str, value: &[u8]) {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    let name = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid C strings and a value of the given length.
+    let r = unsafe {
+        libc::lsetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn xattrs_are_cached_with_the_attributes() {
+    let m = Mount::new("actimeo=1");
+    fs::write(m.n("f"), "x").unwrap();
+    setx(&m.n("f"), "user.k", b"one");
+    assert_eq!(getx(&m.m("f"), "user.k"), Ok(b"one".to_vec()));
+    assert_eq!(getx(&m.m("f"), "user.none"), Err(libc::ENODATA));
+    // Asked again while fresh: answered without the NAS (an `ls -l`
+    // asks for two attributes of every file).
+    let before = m.stats()["nas_ops"];
+    for _ in 0..10 {
+        assert_eq!(getx(&m.m("f"), "user.k"), Ok(b"one".to_vec()));
+        assert_eq!(getx(&m.m("f"), "user.none"), Err(libc::ENODATA));
+    }
+    assert_eq!(m.stats()["nas_ops"], before);
+    // Changed on the NAS (its ctime moves): seen once the attributes expire.
+    setx(&m.n("f"), "user.k", b"two");
+    assert!(eventually(Duration::from_secs(5), || getx(
+        &m.m("f"),
+        "user.k"
+    ) == Ok(
+        b"two".to_vec()
+    )));
+    // Changed through the mount: seen at once.
+    setx(&m.m("f"), "user.k", b"three");
+    assert_eq!(getx(&m.m("f"), "user.k"), Ok(b"three".to_vec()));
+    setx(&m.m("f"), "user.none", b"now");
+    assert_eq!(getx(&m.m("f"), "user.none"), Ok(b"now".to_vec()));
+}
+
+#[test]
+fn a_fresh_listing_is_served_without_the_nas() {
+    let m = Mount::new("actimeo=60");
+    fs::create_dir(m.n("d")).unwrap();
+    for i in 0..50 {
+        fs::write(m.n(&format!("d/f{i}")), "x").unwrap();
+    }
+    let list = || {
+        let mut v: Vec<(String, u64)> = fs::read_dir(m.m("d"))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().into_string().unwrap(),
+                    e.metadata().unwrap().len(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let first = list();
+    assert_eq!(first.len(), 50);
+    let s = m.stats();
+    assert_eq!(list(), first);
+    let t = m.stats();
+    assert_eq!(
+        t["nas_readdirs"], s["nas_readdirs"],
+        "listed again on the NAS"
+    );
+    assert_eq!(t["nas_getattrs"], s["nas_getattrs"]);
+    // A name added through the mount is in the next listing at once.
+    fs::write(m.m("d/new"), "y").unwrap();
+    assert!(list().iter().any(|(n, _)| n == "new"));
+    fs::remove_file(m.m("d/f0")).unwrap();
+    assert!(!list().iter().any(|(n, _)| n == "f0"));
+}

@@ -26,7 +26,9 @@ fn core(
     let data = DataCache::new(8 << 20, None, 64 << 10, 0, stats.clone());
     let cfg = FsConfig {
         attr_timeout: Duration::from_secs(1),
+        attr_timeout_max: Duration::from_secs(1),
         entry_timeout: Duration::from_secs(1),
+        entry_timeout_max: Duration::from_secs(1),
         negative_timeout: Duration::from_secs(1),
         readahead: 0,
         uid: None,

@@ -55,7 +55,9 @@ fn setup_in(
     let data = DataCache::new(1 << 20, disk, block, 0, stats.clone());
     let cfg = FsConfig {
         attr_timeout: Duration::from_millis(50),
+        attr_timeout_max: Duration::from_millis(50),
         entry_timeout: Duration::from_millis(50),
+        entry_timeout_max: Duration::from_millis(50),
         negative_timeout: Duration::ZERO,
         readahead: 0,
         uid: None,
