@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 
 use crate::backend::bounded::is_unreachable;
 use crate::backend::{
-    Attr, Backend, BackendError, Creds, FileKind, OpenMode, RenameFlags, SetAttr, SetTime, StatFs,
+    Attr, BResult, Backend, BackendError, Creds, FileKind, OpenMode, RenameFlags, SetAttr, SetTime,
+    StatFs,
 };
 use crate::cache::CacheError;
 use crate::data::{DataCache, FetchFn, FileData};
@@ -1795,36 +1796,118 @@ impl<B: Backend> Core<B> {
             kind: FileKind::Dir,
             plus: None,
         });
+        // What each entry needs from the NAS. A name whose inode is held
+        // reuses its node (for the directory backend, its descriptor: a
+        // listing of 10,000 files must not open 10,000 more), and its
+        // attributes if they are fresh.
+        enum Need<N> {
+            Nothing,
+            Have(N, Attr),
+            GetAttr(N),
+            Lookup,
+        }
+        let needs: Vec<Need<B::Node>> = {
+            let t = self.tables();
+            let now = Instant::now();
+            listing
+                .iter()
+                .map(|e| {
+                    if !plus {
+                        return Need::Nothing;
+                    }
+                    let held = t
+                        .names
+                        .get(&(ino, e.name.clone()))
+                        // Only if the name still leads to that inode.
+                        .filter(|f| **f == self.fuse_ino(e.ino))
+                        .and_then(|f| t.inodes.get(f));
+                    match held {
+                        Some(i) if i.attr_until > now => Need::Have(i.node.clone(), i.attr),
+                        Some(i) => Need::GetAttr(i.node.clone()),
+                        None => Need::Lookup,
+                    }
+                })
+                .collect()
+        };
+        // Files with local changes show the NAS's attributes under the
+        // local ones: those are asked for (outside the tables' lock).
+        let needs: Vec<Need<B::Node>> = needs
+            .into_iter()
+            .map(|n| match n {
+                Need::Have(node, a) if self.wb.as_ref().is_some_and(|wb| wb.is_dirty(a.ino)) => {
+                    Need::GetAttr(node)
+                }
+                n => n,
+            })
+            .collect();
+        // Batches of names looked up in one backend call each (READDIRPLUS
+        // over NFS), side by side: a cold listing costs a few round trips,
+        // not one per entry.
+        type Got<N> = Option<BResult<(N, Attr)>>;
+        let mut batches: Vec<Vec<usize>> = Vec::new();
+        for (i, n) in needs.iter().enumerate() {
+            if matches!(n, Need::GetAttr(_) | Need::Lookup) {
+                match batches.last_mut() {
+                    Some(b) if b.len() < 128 => b.push(i),
+                    _ => batches.push(vec![i]),
+                }
+            }
+        }
+        let run = |batch: &Vec<usize>| -> Vec<(usize, Got<B::Node>)> {
+            let names: Vec<OsString> = batch
+                .iter()
+                .filter(|i| matches!(needs[**i], Need::Lookup))
+                .map(|i| listing[*i].name.clone())
+                .collect();
+            let mut found = self.backend.lookup_many(&node, &names).into_iter();
+            batch
+                .iter()
+                .map(|i| match &needs[*i] {
+                    Need::GetAttr(n) => (*i, Some(self.backend.getattr(n).map(|a| (n.clone(), a)))),
+                    _ => (*i, found.next()),
+                })
+                .collect()
+        };
+        let parts: Vec<Vec<(usize, Got<B::Node>)>> = if batches.len() < 2 {
+            batches.iter().map(run).collect()
+        } else {
+            let workers = batches.len().min(4);
+            std::thread::scope(|sc| {
+                let handles: Vec<_> = (0..workers)
+                    .map(|k| {
+                        let (run, batches) = (&run, &batches);
+                        sc.spawn(move || {
+                            batches
+                                .iter()
+                                .skip(k)
+                                .step_by(workers)
+                                .flat_map(run)
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_default())
+                    .collect()
+            })
+        };
+        let mut fetched: Vec<Got<B::Node>> = Vec::new();
+        fetched.resize_with(listing.len(), || None);
+        for (i, r) in parts.into_iter().flatten() {
+            fetched[i] = r;
+        }
         let mut names = HashMap::with_capacity(listing.len());
         let mut kinds = HashMap::with_capacity(listing.len());
-        for e in listing {
+        for ((e, need), got) in listing.into_iter().zip(needs).zip(fetched) {
             let fino = self.fuse_ino(e.ino);
-            // A name whose inode is held already reuses its node (for the
-            // directory backend, its descriptor: a listing of 10,000 files
-            // must not open 10,000 more).
-            let held = plus
-                .then(|| {
-                    let t = self.tables();
-                    let fino = *t.names.get(&(ino, e.name.clone()))?;
-                    // Only if the name still leads to that inode.
-                    (fino == self.fuse_ino(e.ino)).then_some(())?;
-                    Some(t.inodes.get(&fino)?.node.clone())
-                })
-                .flatten();
-            let plus = if let Some(held) = held {
-                match self.backend.getattr(&held) {
-                    Ok(attr) => Some((held, attr)),
-                    Err(err) if err.raw_errno() == libc::ENOENT => continue,
-                    Err(err) => return Err(err.into()),
-                }
-            } else if plus {
-                match self.backend.lookup(&node, &e.name) {
-                    Ok(found) => Some(found),
-                    Err(err) if err.raw_errno() == libc::ENOENT => continue, // gone
-                    Err(err) => return Err(err.into()),
-                }
-            } else {
-                None
+            let plus = match (need, got) {
+                (Need::Have(n, a), _) => Some((n, a)),
+                (_, Some(Ok(found))) => Some(found),
+                // Gone meanwhile.
+                (_, Some(Err(err))) if err.raw_errno() == libc::ENOENT => continue,
+                (_, Some(Err(err))) => return Err(err.into()),
+                (_, None) => None,
             };
             let (fino, kind) = match &plus {
                 Some((_, a)) => (self.fuse_ino(a.ino), a.kind),

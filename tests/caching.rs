@@ -376,3 +376,37 @@ fn a_fresh_listing_is_served_without_the_nas() {
     fs::remove_file(m.m("d/f0")).unwrap();
     assert!(!list().iter().any(|(n, _)| n == "f0"));
 }
+
+#[test]
+fn a_large_directory_is_listed_whole_and_right() {
+    // More entries than one lookup batch (128): batches run side by side.
+    let m = Mount::new("");
+    fs::create_dir(m.n("big")).unwrap();
+    for i in 0..700 {
+        fs::write(m.n(&format!("big/f{i:03}")), "x".repeat(i % 17)).unwrap();
+    }
+    fs::create_dir(m.n("big/sub")).unwrap();
+    std::os::unix::fs::symlink("f001", m.n("big/link")).unwrap();
+    let list = |dir: &std::path::Path| {
+        let mut v: Vec<(String, u64, bool, u64)> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let md = fs::symlink_metadata(e.path()).unwrap();
+                let ino = std::os::unix::fs::MetadataExt::ino(&md);
+                (
+                    e.file_name().into_string().unwrap(),
+                    md.len(),
+                    md.is_dir(),
+                    ino,
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let through = list(&m.m("big"));
+    let direct = list(&m.n("big"));
+    assert_eq!(through.len(), 702);
+    assert_eq!(through, direct);
+}

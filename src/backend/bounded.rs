@@ -70,6 +70,18 @@ fn means_gone(e: &BackendError) -> bool {
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// A copy of `e` (io::Error is not Clone), keeping what `is_unreachable`
+/// and `raw_errno` look at.
+fn clone_io(e: &std::io::Error) -> std::io::Error {
+    if e.get_ref().is_some_and(|s| s.is::<Unreachable>()) {
+        return std::io::Error::new(std::io::ErrorKind::TimedOut, Unreachable);
+    }
+    match e.raw_os_error() {
+        Some(n) => std::io::Error::from_raw_os_error(n),
+        None => std::io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
 #[derive(Default)]
 struct PoolState {
     jobs: VecDeque<Job>,
@@ -439,6 +451,20 @@ impl<B: Backend> Backend for BoundedBackend<B> {
         let (dir, name) = (dir.clone(), name.to_os_string());
         self.call("lookup", false, move |b| b.lookup(&dir, &name))
     }
+    fn lookup_many(
+        &self,
+        dir: &Self::Node,
+        names: &[OsString],
+    ) -> Vec<BResult<(Self::Node, Attr)>> {
+        let (d, n) = (dir.clone(), names.to_vec());
+        match self.call("lookup", false, move |b| Ok(b.lookup_many(&d, &n))) {
+            Ok(v) => v,
+            Err(e) => names
+                .iter()
+                .map(|_| Err(BackendError::new(e.op, clone_io(&e.source))))
+                .collect(),
+        }
+    }
     fn getattr(&self, node: &Self::Node) -> BResult<Attr> {
         let node = node.clone();
         self.call("getattr", false, move |b| b.getattr(&node))
@@ -693,6 +719,22 @@ mod tests {
         let mut buf = [0u8; 5];
         assert_eq!(b.read(&f, 0, &mut buf).unwrap(), 5);
         assert_eq!(&buf, b"HELLO", "the abandoned write landed");
+    }
+
+    #[test]
+    fn names_are_looked_up_in_one_bounded_call() {
+        let (d, b, faults) = setup();
+        std::fs::write(d.path().join("g"), b"x").unwrap();
+        let (root, _) = b.root().unwrap();
+        let names: Vec<OsString> = ["f", "none", "g"].iter().map(OsString::from).collect();
+        let got = b.lookup_many(&root, &names);
+        assert_eq!(got[0].as_ref().unwrap().1.size, 5);
+        assert_eq!(got[1].as_ref().unwrap_err().raw_errno(), libc::ENOENT);
+        assert_eq!(got[2].as_ref().unwrap().1.size, 1);
+        faults.set(Fault::Stall, None);
+        let got = b.lookup_many(&root, &names);
+        assert!(got.iter().all(|r| r.as_ref().is_err_and(is_unreachable)));
+        faults.set(Fault::None, None);
     }
 
     #[test]

@@ -203,6 +203,16 @@ pub trait Backend: Send + Sync + 'static {
     /// The root of the share.
     fn root(&self) -> BResult<(Self::Node, Attr)>;
     fn lookup(&self, dir: &Self::Node, name: &OsStr) -> BResult<(Self::Node, Attr)>;
+    /// Looks up several names of `dir` (a listing's entries) in one call,
+    /// so that a backend can batch them (NFS's READDIRPLUS) and a wrapper
+    /// pays its per-call cost once. One answer per name, in order.
+    fn lookup_many(
+        &self,
+        dir: &Self::Node,
+        names: &[OsString],
+    ) -> Vec<BResult<(Self::Node, Attr)>> {
+        names.iter().map(|n| self.lookup(dir, n)).collect()
+    }
     fn getattr(&self, node: &Self::Node) -> BResult<Attr>;
     /// Applies `changes`; `file`, when given, is an open file of `node`
     /// (a truncate through it works where the path would be refused).
