@@ -272,6 +272,21 @@ impl DataCache {
         }
     }
 
+    /// Whether every block of `offset..offset+size` is cached, in memory
+    /// or on disk.
+    pub fn covered(&self, ino: u64, data: &FileData, offset: u64, size: u32) -> bool {
+        let bs = self.block_size;
+        let epoch = data.epoch();
+        let last = offset.saturating_add(size.max(1) as u64 - 1) / bs;
+        (offset / bs..=last).all(|idx| {
+            self.mem.contains(&(ino, epoch, idx))
+                || self
+                    .disk
+                    .as_ref()
+                    .is_some_and(|d| d.has(ino, idx).unwrap_or(false))
+        })
+    }
+
     /// Reads `size` bytes at `offset` (fewer at end of file).
     pub fn read(
         &self,

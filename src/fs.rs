@@ -1571,16 +1571,30 @@ impl<B: Backend> Core<B> {
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let h = self.file_handle(fh)?;
+        let sequential = h.last_end.load(Ordering::Relaxed) == offset;
+        // A read that does not follow the previous one and needs the NAS
+        // fetches only what it asks for: a 4 KiB random read must not cost
+        // a whole block over the link (random reads are then not kept on
+        // disk, only in the kernel's page cache).
+        let base = |o: u64, l: u32| {
+            if sequential || self.data.covered(h.ino, &h.data, o, l) {
+                return self.data.read(h.ino, &h.data, o, l, &h.fetch);
+            }
+            Stats::inc(&self.stats.direct_reads);
+            let mut buf = vec![0u8; l as usize];
+            let n = self.backend.read(&h.file, o, &mut buf)?;
+            buf.truncate(n);
+            Ok(buf)
+        };
         if let Some(wb) = &self.wb {
-            let base = |o: u64, l: u32| self.data.read(h.ino, &h.data, o, l, &h.fetch);
             if let Some(r) = wb.read(self.fuse_ino(h.ino), offset, size, &base) {
                 return r;
             }
         }
-        let out = self.data.read(h.ino, &h.data, offset, size, &h.fetch)?;
+        let out = base(offset, size)?;
         let end = offset + out.len() as u64;
-        let prev = h.last_end.swap(end, Ordering::Relaxed);
-        if self.cfg.readahead > 0 && prev == offset && !out.is_empty() {
+        h.last_end.store(end, Ordering::Relaxed);
+        if self.cfg.readahead > 0 && sequential && !out.is_empty() {
             let bs = self.data.block_size();
             let size = self.cached_size(h.ino);
             self.data.prefetch(

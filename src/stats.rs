@@ -48,6 +48,7 @@ counters! {
     misses: "blocks read from the NAS",
     disk_corrupt: "disk cache blocks that failed their checksum and were fetched again",
     readahead_blocks: "blocks prefetched by readahead",
+    direct_reads: "random reads of uncached data served from the NAS without a whole block",
     attr_hits: "attribute requests answered from the metadata cache",
     entry_hits: "lookups answered from a cached directory listing",
     negative_hits: "lookups answered by a cached negative entry",

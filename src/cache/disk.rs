@@ -210,6 +210,19 @@ impl DiskCache {
         Ok(())
     }
 
+    /// Whether block `idx` of `ino` is cached (not checked against its CRC).
+    pub fn has(&self, ino: u64, idx: u64) -> Result<bool, CacheError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT 1 FROM blocks WHERE ino = ?1 AND idx = ?2",
+                params![ino as i64, idx as i64],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
     /// Block `idx` of `ino`, if cached and intact.
     pub fn get(&self, ino: u64, idx: u64) -> Result<Option<Vec<u8>>, CacheError> {
         let row: Option<(i64, i64)> = self
