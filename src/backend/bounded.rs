@@ -293,27 +293,45 @@ impl<B: Backend> Bounded<B> {
         }
     }
 
-    /// Asks the NAS, with the time limit, until it answers as the same
-    /// share; then marks it online.
+    /// Asks the NAS until it answers as the same share; then marks it
+    /// online. One probe at a time: a probe stuck in a hung NAS is waited
+    /// for, not repeated, so that an outage of hours does not pile up
+    /// stuck threads. Write-back (`online`) also waits for abandoned calls
+    /// that change the NAS; reads do not.
     fn probe_loop(self: Arc<Self>) {
         let mut pause = Duration::from_millis(200);
+        let max_pause = self
+            .timeo
+            .clamp(Duration::from_secs(1), Duration::from_secs(5));
         loop {
             std::thread::sleep(pause);
-            pause = (pause * 2).min(
-                self.timeo
-                    .clamp(Duration::from_secs(1), Duration::from_secs(5)),
-            );
+            pause = (pause * 2).min(max_pause);
+            let slot: Arc<(Mutex<Option<BResult<u64>>>, Condvar)> =
+                Arc::new((Mutex::new(None), Condvar::new()));
+            let (inner, s2) = (self.inner.clone(), slot.clone());
+            self.pool.submit(Box::new(move || {
+                let r = inner.root().and_then(|(root, attr)| {
+                    inner.statfs(&root)?;
+                    Ok(attr.ino)
+                });
+                *s2.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                s2.1.notify_all();
+            }));
+            let mut g = slot.0.lock().unwrap_or_else(|e| e.into_inner());
+            let r = loop {
+                if let Some(r) = g.take() {
+                    break r;
+                }
+                g = slot
+                    .1
+                    .wait_timeout(g, max_pause)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            };
+            drop(g);
             let want = *self.root_ino.lock().unwrap_or_else(|e| e.into_inner());
-            let r = self.run("probe", false, |b: &B| {
-                let (root, attr) = b.root()?;
-                b.statfs(&root)?;
-                Ok(attr.ino)
-            });
             match r {
-                Ok(ino)
-                    if want.is_none_or(|w| w == ino)
-                        && self.stuck_changes.load(Ordering::Acquire) == 0 =>
-                {
+                Ok(ino) if want.is_none_or(|w| w == ino) => {
                     self.go_online();
                     self.probing.store(false, Ordering::Release);
                     // A timeout may have raced with the flag: look again.
@@ -322,12 +340,12 @@ impl<B: Backend> Bounded<B> {
                     }
                     return;
                 }
-                Ok(ino) if want.is_some_and(|w| w != ino) => {
+                Ok(ino) => {
                     log::warn!(
                         "the source is not the share it was (root inode {ino}); still offline"
                     );
                 }
-                _ => {}
+                Err(e) => log::debug!("NAS probe: {e}"),
             }
         }
     }
@@ -693,7 +711,28 @@ mod tests {
     }
 
     #[test]
-    fn an_abandoned_change_keeps_the_nas_offline_until_it_has_finished() {
+    fn a_probe_stuck_in_a_hung_nas_is_not_repeated() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(Stats::default());
+        let inner = Instrumented::new(DirBackend::new(dir.path()).unwrap(), stats.clone());
+        let faults = inner.faults();
+        let b = BoundedBackend::new(inner, Duration::from_millis(200), stats.clone());
+        let (root, _) = b.root().unwrap();
+        faults.set(Fault::Stall, None);
+        assert!(is_unreachable(&b.getattr(&root).unwrap_err()));
+        let calls = || stats.nas_ops.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(500));
+        let before = calls();
+        // Probes would come every 200 ms to 1 s: one is stuck, no more.
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(calls(), before, "probes piled up");
+        assert_eq!(faults.stalled(), 2, "the first call and one probe");
+        faults.set(Fault::None, None);
+        wait_online(&b);
+    }
+
+    #[test]
+    fn an_abandoned_change_holds_write_back_until_it_has_finished() {
         let (_d, b, faults) = setup();
         let (root, _) = b.root().unwrap();
         let (node, _) = b.lookup(&root, OsStr::new("f")).unwrap();
@@ -710,9 +749,11 @@ mod tests {
             .unwrap();
         faults.set(Fault::Stall, Some("write"));
         assert!(is_unreachable(&b.write(&f, 0, b"HELLO").unwrap_err()));
-        // The probe gets answers (only writes hang), but the hung write
-        // could still land: write-back must not go on before it did.
-        std::thread::sleep(Duration::from_millis(1500));
+        // The probe gets answers (only writes hang): reads go on, but the
+        // hung write could still land, so write-back must wait for it.
+        assert!(b.0.wait_online(Duration::from_secs(10)));
+        assert_eq!(b.lookup(&root, OsStr::new("f")).unwrap().1.size, 5);
+        std::thread::sleep(Duration::from_millis(500));
         assert!(!b.online());
         faults.set(Fault::None, None);
         wait_online(&b);
