@@ -138,6 +138,20 @@ fn stat_no_automount(path: &Path) -> std::io::Result<u32> {
     Ok(st.st_mode)
 }
 
+/// Runs `f` on a thread of its own and waits for it at most `limit`: a
+/// call stuck in a hung NFS mount is left behind (the process can still
+/// exit: NFS waits are killable).
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("nas-check".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .ok()?;
+    rx.recv_timeout(limit).ok()
+}
+
 /// Checks the request without changing anything: options, source, mount
 /// point. The cache directory is checked when it is opened.
 pub fn plan(
@@ -150,13 +164,24 @@ pub fn plan(
         status: EXIT_USAGE,
         error: e.into(),
     })?;
-    let meta = std::fs::metadata(source).with_context(|| format!("source {}", source.display()))?;
-    if !meta.is_dir() {
+    // The source is the NAS (its NFS mount): it may not answer at all.
+    let src = source.to_path_buf();
+    let checked = within(options.timeo, move || {
+        let meta = std::fs::metadata(&src)?;
+        Ok::<_, std::io::Error>((meta.is_dir(), src.canonicalize()?))
+    })
+    .ok_or_else(|| {
+        anyhow!(
+            "source {}: no answer within timeo={:?} (is the NAS reachable?)",
+            source.display(),
+            options.timeo
+        )
+    })?;
+    let (is_dir, canonical) = checked.with_context(|| format!("source {}", source.display()))?;
+    if !is_dir {
         return Err(anyhow!("source {} is not a directory", source.display()).into());
     }
-    let source = source
-        .canonicalize()
-        .with_context(|| format!("source {}", source.display()))?;
+    let source = canonical;
     let mountpoint = match stat_no_automount(mountpoint) {
         Ok(mode) if mode & libc::S_IFMT == libc::S_IFDIR => mountpoint
             .canonicalize()
@@ -384,8 +409,18 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
     };
     let backend = BoundedBackend::new(
         Instrumented::new(
-            DirBackend::new(&plan.source)
-                .with_context(|| format!("source {}", plan.source.display()))?,
+            {
+                let src = plan.source.clone();
+                within(o.timeo, move || DirBackend::new(&src))
+                    .ok_or_else(|| {
+                        anyhow!(
+                            "source {}: no answer within timeo={:?} (is the NAS reachable?)",
+                            plan.source.display(),
+                            o.timeo
+                        )
+                    })?
+                    .with_context(|| format!("source {}", plan.source.display()))?
+            },
             stats.clone(),
         ),
         o.timeo,

@@ -254,3 +254,41 @@ fn pinned_files_stay_cached_and_are_there_offline() {
     );
     m.unmount();
 }
+
+#[test]
+fn mounting_a_nas_that_does_not_answer_fails_within_timeo() {
+    let m = Mount::prepare("");
+    let sim = SimNas::start(m.dir.path(), &[]);
+    sim.ctl("freeze");
+    let err_path = m.dir.path().join("mount.err");
+    let t0 = Instant::now();
+    let mut child = std::process::Command::new(common::NASSYNC)
+        .arg("mount")
+        .arg(&sim.nas)
+        .arg(&m.mnt)
+        .arg("-o")
+        .arg(format!("timeo=1,cache_dir={}", m.cache.display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    // The error comes within timeo. (The process itself cannot finish
+    // before the NAS answers: its abandoned call is stuck in simnas, and a
+    // FUSE request already sent cannot be killed. A hard NFS mount's can.)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let err = loop {
+        let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+        if err.contains("no answer within timeo") || Instant::now() > deadline {
+            break err;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let took = t0.elapsed();
+    sim.ctl("thaw");
+    let status = child.wait().unwrap();
+    assert!(err.contains("no answer within timeo"), "{err}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert_eq!(status.code(), Some(32), "{err}");
+    assert!(!common::is_mounted(&m.mnt));
+}
