@@ -146,6 +146,9 @@ struct Tables<B: Backend> {
     names: HashMap<(u64, OsString), u64>,
     /// Complete listings of directories, name -> FUSE inode.
     listings: HashMap<u64, Listing>,
+    /// Counts names removed, so that a listing read before a removal is
+    /// not taken as current after it.
+    names_gen: u64,
     negatives: HashMap<(u64, OsString), Instant>,
 }
 
@@ -173,6 +176,8 @@ struct DirHandle<B: Backend> {
     items: Option<Vec<DirItem<B>>>,
     /// [`Core::settle_gen`] before the listing was read.
     settle_gen: u64,
+    /// The tables' `names_gen` when the listing was taken.
+    names_gen: u64,
 }
 
 enum Handle<B: Backend> {
@@ -256,6 +261,7 @@ impl<B: Backend> Core<B> {
                 inodes,
                 names: HashMap::new(),
                 listings: HashMap::new(),
+                names_gen: 0,
                 negatives: HashMap::new(),
             }),
             handles: Mutex::new(HashMap::new()),
@@ -627,9 +633,28 @@ impl<B: Backend> Core<B> {
         parent: u64,
         name: &OsStr,
         node: B::Node,
+        attr: Attr,
+        count: bool,
+        g0: u64,
+    ) -> FsResult<Entry> {
+        self.remember_at(parent, name, node, attr, count, g0, None)
+    }
+
+    /// [`Core::remember`] for an entry of a listing taken when the tables'
+    /// `names_gen` was `snapshot`: if a name has been removed since, the
+    /// entry may be one of them and does not bind its name again (a
+    /// directory read on through an old handle must not bring an unlinked
+    /// name back into the tables).
+    #[allow(clippy::too_many_arguments)]
+    fn remember_at(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        node: B::Node,
         mut attr: Attr,
         count: bool,
         g0: u64,
+        snapshot: Option<u64>,
     ) -> FsResult<Entry> {
         let ino = self.fuse_ino(attr.ino);
         self.fresh(&node, &mut attr, g0);
@@ -672,15 +697,17 @@ impl<B: Backend> Core<B> {
             if count {
                 inode.lookups += 1;
             }
-            // Other links of the same inode keep their own name entries.
-            inode.parent = parent;
-            inode.name = name.to_os_string();
             let data = inode.data.clone();
-            t.names.insert((parent, name.to_os_string()), ino);
-            t.negatives.remove(&(parent, name.to_os_string()));
-            if let Some(l) = t.listings.get_mut(&parent) {
-                l.names.insert(name.to_os_string(), ino);
-                l.kinds.insert(ino, attr.kind);
+            if snapshot.is_none_or(|g| g == t.names_gen) {
+                // Other links of the same inode keep their own name entries.
+                inode.parent = parent;
+                inode.name = name.to_os_string();
+                t.names.insert((parent, name.to_os_string()), ino);
+                t.negatives.remove(&(parent, name.to_os_string()));
+                if let Some(l) = t.listings.get_mut(&parent) {
+                    l.names.insert(name.to_os_string(), ino);
+                    l.kinds.insert(ino, attr.kind);
+                }
             }
             data
         };
@@ -693,6 +720,7 @@ impl<B: Backend> Core<B> {
     /// The name is gone from `parent`: forget it, and expire the attributes
     /// of the inode it named (its link count and ctime changed).
     fn forget_name(&self, t: &mut Tables<B>, parent: u64, name: &OsStr, negative: bool) {
+        t.names_gen += 1;
         let key = (parent, name.to_os_string());
         if let Some(ino) = t.names.remove(&key) {
             if let Some(i) = t.inodes.get_mut(&ino) {
@@ -1783,6 +1811,7 @@ impl<B: Backend> Core<B> {
             ino,
             items: None,
             settle_gen: 0,
+            names_gen: 0,
         }))));
         Ok(Opened {
             fh,
@@ -1796,6 +1825,7 @@ impl<B: Backend> Core<B> {
             let t = self.tables();
             t.inodes.get(&ino).map(|i| i.parent).unwrap_or(ROOT)
         };
+        let gen_before = self.tables().names_gen;
         let listing = self.backend.readdir(&node)?;
         let mut items = Vec::with_capacity(listing.len() + 2);
         items.push(DirItem {
@@ -1941,13 +1971,15 @@ impl<B: Backend> Core<B> {
             .inodes
             .get(&ino)
             .map_or(self.cfg.entry_timeout, |i| self.entry_ttl(&i.attr));
+        // A name removed while the NAS was being read may be in it.
+        let complete = t.names_gen == gen_before;
         t.listings.insert(
             ino,
             Listing {
                 names,
                 kinds,
-                until: Instant::now() + dir_ttl,
-                complete: true,
+                until: Instant::now() + if complete { dir_ttl } else { Duration::ZERO },
+                complete,
             },
         );
         Ok(items)
@@ -2033,6 +2065,7 @@ impl<B: Backend> Core<B> {
         let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
         if offset == 0 || h.items.is_none() {
             h.settle_gen = self.settle_gen();
+            h.names_gen = self.tables().names_gen;
             let listed = match self.list_fresh(h.ino, plus) {
                 Some(items) => Ok(items),
                 None => self.list(h.ino, plus),
@@ -2049,6 +2082,7 @@ impl<B: Backend> Core<B> {
             h.items = Some(items);
         }
         let g0 = h.settle_gen;
+        let names_gen = h.names_gen;
         let dir_ino = h.ino;
         let items = h.items.as_deref().unwrap_or_default();
         for (i, item) in items.iter().enumerate().skip(offset as usize) {
@@ -2058,7 +2092,13 @@ impl<B: Backend> Core<B> {
                     let mut shown = *attr;
                     self.fresh(node, &mut shown, g0);
                     self.overlay(item.ino, &mut shown);
-                    let provisional = self.entry(shown);
+                    let mut provisional = self.entry(shown);
+                    if self.tables().names_gen != names_gen {
+                        // A name was removed since the listing was taken,
+                        // perhaps this one: the kernel must not keep it.
+                        provisional.entry_ttl = Duration::ZERO;
+                        provisional.attr_ttl = Duration::ZERO;
+                    }
                     let full = add(DirOut {
                         ino: item.ino,
                         next,
@@ -2069,7 +2109,15 @@ impl<B: Backend> Core<B> {
                     if full {
                         break;
                     }
-                    self.remember(dir_ino, &item.name, node.clone(), *attr, true, g0)?;
+                    self.remember_at(
+                        dir_ino,
+                        &item.name,
+                        node.clone(),
+                        *attr,
+                        true,
+                        g0,
+                        Some(names_gen),
+                    )?;
                 }
                 (None, true) => {
                     // "." and "..": the kernel takes no lookup for them.
