@@ -811,16 +811,28 @@ impl<B: Backend> Core<B> {
         match self.backend.lookup(&dir_node, name) {
             Ok((node, attr)) => self.remember(parent, name, node, attr, true, g0),
             Err(e) if is_unreachable(&e) => {
-                // Offline: what the cache knows, however old.
+                // Offline: what the cache knows, however old. A name that
+                // a complete listing has but whose inode is no longer held
+                // is EIO, never ENOENT: it must not look deleted.
+                let _ = listed;
                 let mut t = self.tables();
-                if let Some(i) = known.and_then(|ino| t.inodes.get_mut(&ino)) {
+                let in_listing = t
+                    .listings
+                    .get(&parent)
+                    .filter(|l| l.complete)
+                    .map(|l| l.names.get(name).copied());
+                let ino = known.or(in_listing.flatten());
+                if let Some(i) = ino.and_then(|ino| t.inodes.get_mut(&ino)) {
                     i.lookups += 1;
                     let attr = i.attr;
                     drop(t);
                     Stats::inc(&self.stats.offline_hits);
-                    return Ok(self.entry(attr));
+                    let mut entry = self.entry(attr);
+                    entry.attr_ttl = self.cfg.attr_timeout;
+                    entry.entry_ttl = self.cfg.entry_timeout;
+                    return Ok(entry);
                 }
-                if listed && known.is_none() {
+                if in_listing == Some(None) {
                     Stats::inc(&self.stats.offline_hits);
                     return Err(FsError::NotFound);
                 }
@@ -2039,7 +2051,9 @@ impl<B: Backend> Core<B> {
             };
             let plus = match (plus, inode) {
                 (true, Some(i)) => Some((i.node.clone(), i.attr)),
-                (true, None) => continue,
+                // No attributes to give for it: the listing cannot be
+                // served whole, and a partial one would look like deletions.
+                (true, None) => return None,
                 (false, _) => None,
             };
             items.push(DirItem {

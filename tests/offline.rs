@@ -292,3 +292,36 @@ fn mounting_a_nas_that_does_not_answer_fails_within_timeo() {
     assert_eq!(status.code(), Some(32), "{err}");
     assert!(!common::is_mounted(&m.mnt));
 }
+
+#[test]
+fn offline_names_the_kernel_forgot_do_not_look_deleted() {
+    let (mut m, sim, _) = setup("timeo=1,actimeo=1,writeback_delay=1h,unmount_flush_timeout=5s");
+    let d = File::open(m.m("d")).unwrap();
+    // The kernel forgets the inodes (nassync then no longer holds them).
+    std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    sim.ctl("freeze");
+    std::thread::sleep(Duration::from_millis(1200));
+    let _ = std::fs::metadata(m.m("d/a"));
+    wait_status(&m, "nas offline", Duration::from_secs(5));
+    for n in ["a", "cold", "l", "sub"] {
+        let r = std::fs::symlink_metadata(m.m(&format!("d/{n}")));
+        assert_ne!(errno(&r), libc::ENOENT, "d/{n} looks deleted offline");
+    }
+    match std::fs::read_dir(m.m("d")) {
+        Ok(it) => {
+            let got: Result<Vec<_>, _> = it.collect();
+            if let Ok(v) = got {
+                assert_eq!(v.len(), 4, "a partial listing looks like deletions");
+            }
+        }
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO)),
+    }
+    drop(d);
+    sim.ctl("thaw");
+    wait_status(&m, "nas online", Duration::from_secs(20));
+    assert!(
+        m.m("d/cold").exists(),
+        "still a negative entry after the outage"
+    );
+    m.unmount();
+}

@@ -555,9 +555,13 @@ impl<B: Backend> Backend for BoundedBackend<B> {
             None
         } else {
             let n = node.clone();
-            Some(Arc::new(
-                self.call("open", false, move |b| b.open(&n, mode))?,
-            ))
+            // An open that finds the NAS gone is completed at first use,
+            // like one made while offline.
+            match self.call("open", false, move |b| b.open(&n, mode)) {
+                Ok(f) => Some(Arc::new(f)),
+                Err(e) if is_unreachable(&e) => None,
+                Err(e) => return Err(e),
+            }
         };
         Ok(BoundedFile {
             file: Mutex::new(file),

@@ -959,6 +959,11 @@ impl<B: Backend> WriteBack<B> {
     /// itself); fails with the NAS's error if that fails.
     pub fn flush_file(&self, nas_ino: u64) -> FsResult<()> {
         loop {
+            // Not while the NAS is offline or an abandoned change may still
+            // land on it: that write could overtake this one.
+            if !self.backend.online() && self.is_dirty(nas_ino) {
+                return Err(BackendError::errno("write-back", libc::EIO).into());
+            }
             let Some(d) = self.get(nas_ino) else {
                 return Ok(());
             };
