@@ -167,6 +167,9 @@ struct DirItem<B: Backend> {
     ino: u64,
     kind: FileKind,
     plus: Option<(B::Node, Attr)>,
+    /// `plus` came from the tables, not from the NAS: handing it out must
+    /// not make it look fresh for longer.
+    cached: bool,
 }
 
 struct DirHandle<B: Backend> {
@@ -637,7 +640,7 @@ impl<B: Backend> Core<B> {
         count: bool,
         g0: u64,
     ) -> FsResult<Entry> {
-        self.remember_at(parent, name, node, attr, count, g0, None)
+        self.remember_at(parent, name, node, attr, count, g0, None, true)
     }
 
     /// [`Core::remember`] for an entry of a listing taken when the tables'
@@ -655,6 +658,7 @@ impl<B: Backend> Core<B> {
         count: bool,
         g0: u64,
         snapshot: Option<u64>,
+        stamp: bool,
     ) -> FsResult<Entry> {
         let ino = self.fuse_ino(attr.ino);
         self.fresh(&node, &mut attr, g0);
@@ -691,9 +695,13 @@ impl<B: Backend> Core<B> {
                 inode.data = Arc::new(FileData::default());
                 inode.target = None;
             }
-            inode.attr = attr;
-            inode.attr_until = now + self.attr_ttl(&inode.attr);
-            inode.entry_until = now + self.entry_ttl(&inode.attr);
+            // Attributes the tables gave out keep their expiry: only an
+            // answer of the NAS makes them fresh again.
+            if stamp {
+                inode.attr = attr;
+                inode.attr_until = now + self.attr_ttl(&inode.attr);
+                inode.entry_until = now + self.entry_ttl(&inode.attr);
+            }
             if count {
                 inode.lookups += 1;
             }
@@ -1845,12 +1853,14 @@ impl<B: Backend> Core<B> {
             ino,
             kind: FileKind::Dir,
             plus: None,
+            cached: false,
         });
         items.push(DirItem {
             name: "..".into(),
             ino: parent,
             kind: FileKind::Dir,
             plus: None,
+            cached: false,
         });
         // What each entry needs from the NAS. A name whose inode is held
         // reuses its node (for the directory backend, its descriptor: a
@@ -1957,6 +1967,7 @@ impl<B: Backend> Core<B> {
         let mut kinds = HashMap::with_capacity(listing.len());
         for ((e, need), got) in listing.into_iter().zip(needs).zip(fetched) {
             let fino = self.fuse_ino(e.ino);
+            let cached = matches!(need, Need::Have(..));
             let plus = match (need, got) {
                 (Need::Have(n, a), _) => Some((n, a)),
                 (_, Some(Ok(found))) => Some(found),
@@ -1976,6 +1987,7 @@ impl<B: Backend> Core<B> {
                 ino: fino,
                 kind,
                 plus,
+                cached,
             });
         }
         let mut t = self.tables();
@@ -2034,12 +2046,14 @@ impl<B: Backend> Core<B> {
                 ino,
                 kind: FileKind::Dir,
                 plus: None,
+                cached: false,
             },
             DirItem {
                 name: "..".into(),
                 ino: parent,
                 kind: FileKind::Dir,
                 plus: None,
+                cached: false,
             },
         ];
         let mut names: Vec<(&OsString, &u64)> = l.names.iter().collect();
@@ -2060,6 +2074,7 @@ impl<B: Backend> Core<B> {
                 name: name.clone(),
                 ino: *fino,
                 kind,
+                cached: plus.is_some(),
                 plus,
             });
         }
@@ -2131,6 +2146,7 @@ impl<B: Backend> Core<B> {
                         true,
                         g0,
                         Some(names_gen),
+                        !item.cached,
                     )?;
                 }
                 (None, true) => {

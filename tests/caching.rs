@@ -491,3 +491,28 @@ fn a_name_unlinked_while_a_directory_is_read_does_not_come_back() {
         assert!(!m.m(&format!("d/{victim}")).exists());
     }
 }
+
+#[test]
+fn listing_again_and_again_does_not_keep_attributes_fresh() {
+    // A directory polled faster than attr_timeout must still see a change
+    // made on the NAS once the attributes expire.
+    let m = Mount::new("actimeo=1");
+    fs::create_dir(m.n("d")).unwrap();
+    fs::write(m.n("d/f"), "short").unwrap();
+    let size = || {
+        fs::read_dir(m.m("d"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .next()
+    };
+    assert_eq!(size(), Some(5));
+    fs::write(m.n("d/f"), "much longer now").unwrap();
+    let seen = eventually(Duration::from_secs(6), || {
+        std::thread::sleep(Duration::from_millis(250));
+        size() == Some(15)
+    });
+    assert!(
+        seen,
+        "the change was never seen while the directory was polled"
+    );
+}
