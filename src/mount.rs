@@ -754,7 +754,11 @@ fn kernel_flags(o: &MountOptions) -> [(bool, nix::mount::MsFlags, fuser::MountOp
 fn status_text<B: Backend>(core: &Core<B>) -> String {
     use std::os::unix::ffi::OsStrExt;
     let nas = match core.nas_offline_since() {
-        None => "nas online\n".to_string(),
+        None => match core.nas_unfinished_changes() {
+            0 => "nas online\n".to_string(),
+            // Answering again, but write-back waits until these are done.
+            n => format!("nas online\nnas_unfinished_changes {n}\n"),
+        },
         Some(since) => {
             let epoch = since
                 .duration_since(std::time::UNIX_EPOCH)
@@ -846,6 +850,15 @@ fn flush_reply<B: Backend>(core: &Core<B>, arg: &str, out: &mut dyn Write) {
             "error the NAS is offline: {} files ({} bytes) stay pending and are written back \
              when it answers again",
             left.0, left.1
+        );
+    } else if left.0 > 0 && core.nas_unfinished_changes() > 0 {
+        let _ = writeln!(
+            out,
+            "error {} earlier NAS calls that change it have not finished (the NAS stopped \
+             answering them): {} files ({} bytes) stay pending until they have",
+            core.nas_unfinished_changes(),
+            left.0,
+            left.1
         );
     }
     let _ = writeln!(out, "done {} {}", left.0, left.1);

@@ -123,7 +123,8 @@ impl Pool {
         loop {
             if let Some(job) = s.jobs.pop_front() {
                 drop(s);
-                job();
+                // Keeps the thread (and the pool's count of them) alive.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
                 s = self.lock();
                 continue;
             }
@@ -365,7 +366,13 @@ impl<B: Backend> Bounded<B> {
         let stuck = self.stuck_changes.clone();
         let s2 = slot.clone();
         self.pool.submit(Box::new(move || {
-            let r = f(&inner);
+            // A panic in a backend is a bug, but it must not look like a
+            // hung NAS (its caller would wait out timeo and go offline).
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&inner)))
+                .unwrap_or_else(|_| {
+                    log::error!("a NAS call ({op}) panicked");
+                    Err(BackendError::errno(op, libc::EIO))
+                });
             let mut a = s2.answer.lock().unwrap_or_else(|e| e.into_inner());
             if a.1 {
                 // Abandoned by its caller.
@@ -657,6 +664,9 @@ impl<B: Backend> Backend for BoundedBackend<B> {
     fn offline_since(&self) -> Option<SystemTime> {
         self.0.offline_since()
     }
+    fn unfinished_changes(&self) -> usize {
+        self.0.stuck_changes.load(Ordering::Acquire)
+    }
 }
 
 #[cfg(test)]
@@ -715,6 +725,22 @@ mod tests {
     }
 
     #[test]
+    fn a_backend_that_panics_gives_eio_at_once_and_the_nas_stays_online() {
+        let (_d, b, faults) = setup();
+        let (root, _) = b.root().unwrap();
+        faults.set(Fault::Panic, Some("lookup"));
+        for _ in 0..(MIN_THREADS + 2) {
+            let t0 = Instant::now();
+            let e = b.lookup(&root, OsStr::new("f")).unwrap_err();
+            assert!(!is_unreachable(&e) && e.raw_errno() == libc::EIO, "{e}");
+            assert!(t0.elapsed() < Duration::from_millis(200));
+        }
+        assert!(b.online());
+        faults.set(Fault::None, None);
+        assert_eq!(b.lookup(&root, OsStr::new("f")).unwrap().1.size, 5);
+    }
+
+    #[test]
     fn a_probe_stuck_in_a_hung_nas_is_not_repeated() {
         let dir = tempfile::tempdir().unwrap();
         let stats = Arc::new(Stats::default());
@@ -759,8 +785,10 @@ mod tests {
         assert_eq!(b.lookup(&root, OsStr::new("f")).unwrap().1.size, 5);
         std::thread::sleep(Duration::from_millis(500));
         assert!(!b.online());
+        assert_eq!(b.unfinished_changes(), 1);
         faults.set(Fault::None, None);
         wait_online(&b);
+        assert_eq!(b.unfinished_changes(), 0);
         let mut buf = [0u8; 5];
         assert_eq!(b.read(&f, 0, &mut buf).unwrap(), 5);
         assert_eq!(&buf, b"HELLO", "the abandoned write landed");

@@ -23,6 +23,8 @@ pub enum Fault {
     Fail(i32),
     /// Block until the fault is changed.
     Stall,
+    /// Panic, as a backend with a bug would.
+    Panic,
 }
 
 /// Armed faults, shared with whoever controls them.
@@ -52,6 +54,10 @@ impl FaultControl {
             let applies = s.1.is_none_or(|o| o == op);
             match (&s.0, applies) {
                 (Fault::Fail(errno), true) => return Err(BackendError::errno(op, *errno)),
+                (Fault::Panic, true) => {
+                    drop(s);
+                    panic!("injected panic in {op}");
+                }
                 (Fault::Stall, true) => {
                     s.2 += 1;
                     s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
@@ -221,6 +227,9 @@ impl<B: Backend> Backend for Instrumented<B> {
     }
     fn offline_since(&self) -> Option<std::time::SystemTime> {
         self.inner.offline_since()
+    }
+    fn unfinished_changes(&self) -> usize {
+        self.inner.unfinished_changes()
     }
     fn getxattr(&self, node: &Self::Node, name: &OsStr) -> BResult<Vec<u8>> {
         self.call("getxattr", || self.inner.getxattr(node, name))

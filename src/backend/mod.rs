@@ -307,4 +307,10 @@ pub trait Backend: Send + Sync + 'static {
     fn offline_since(&self) -> Option<std::time::SystemTime> {
         None
     }
+
+    /// Calls that change the NAS, abandoned after `timeo` and not finished
+    /// yet: write-back waits for them (they could still land).
+    fn unfinished_changes(&self) -> usize {
+        0
+    }
 }
