@@ -300,6 +300,11 @@ impl<B: Backend> Core<B> {
         self.backend.offline_since()
     }
 
+    /// NAS calls that change it, abandoned and not finished yet.
+    pub fn nas_unfinished_changes(&self) -> usize {
+        self.backend.unfinished_changes()
+    }
+
     pub fn config(&self) -> &FsConfig {
         &self.cfg
     }
@@ -332,6 +337,62 @@ impl<B: Backend> Core<B> {
             }
         }
         Ok(ino)
+    }
+
+    /// Lets go of the inodes kept for pins whose path `pinned` no longer
+    /// covers (after an unpin), or whose name is gone (unlinked, renamed,
+    /// replaced): the kernel's lookups alone decide about them from now
+    /// on. Returns how many inodes were dropped.
+    pub fn release_kept(&self, pinned: &dyn Fn(&[u8]) -> bool) -> usize {
+        let mut t = self.tables();
+        let paths: Vec<(u64, Option<Vec<u8>>)> = t
+            .inodes
+            .iter()
+            .filter(|(ino, i)| i.kept && **ino != ROOT)
+            .map(|(&ino, _)| (ino, Self::path_in(&t, ino)))
+            .collect();
+        let mut dropped = 0;
+        for (ino, path) in paths {
+            let Some(i) = t.inodes.get(&ino) else {
+                continue;
+            };
+            let named = t.names.get(&(i.parent, i.name.clone())) == Some(&ino);
+            if named && path.is_some_and(|p| pinned(p.as_slice())) {
+                continue;
+            }
+            let Some(i) = t.inodes.get_mut(&ino) else {
+                continue;
+            };
+            i.kept = false;
+            if i.lookups == 0 {
+                if let Some(i) = t.inodes.remove(&ino) {
+                    let key = (i.parent, i.name);
+                    if t.names.get(&key) == Some(&ino) {
+                        t.names.remove(&key);
+                    }
+                }
+                t.listings.remove(&ino);
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    /// `path_of` within tables already locked; None if the chain is broken.
+    fn path_in(t: &Tables<B>, ino: u64) -> Option<Vec<u8>> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut parts: Vec<&[u8]> = Vec::new();
+        let mut cur = ino;
+        while cur != ROOT {
+            let i = t.inodes.get(&cur)?;
+            parts.push(i.name.as_bytes());
+            cur = i.parent;
+            if parts.len() > 4096 {
+                return None;
+            }
+        }
+        parts.reverse();
+        Some(parts.join(&b'/'))
     }
 
     /// Records the complete listing of directory `ino` (adopted entries),
@@ -425,20 +486,8 @@ impl<B: Backend> Core<B> {
 
     /// The path of `ino` from the share's root, as last known.
     fn path_of(&self, ino: u64) -> Option<OsString> {
-        use std::os::unix::ffi::{OsStrExt, OsStringExt};
-        let t = self.tables();
-        let mut parts: Vec<Vec<u8>> = Vec::new();
-        let mut cur = ino;
-        while cur != ROOT {
-            let i = t.inodes.get(&cur)?;
-            parts.push(i.name.as_bytes().to_vec());
-            cur = i.parent;
-            if parts.len() > 4096 {
-                return None;
-            }
-        }
-        parts.reverse();
-        Some(OsString::from_vec(parts.join(&b'/')))
+        use std::os::unix::ffi::OsStringExt;
+        Self::path_in(&self.tables(), ino).map(OsString::from_vec)
     }
 
     fn child_path(&self, parent: u64, name: &OsStr) -> Option<OsString> {

@@ -107,13 +107,17 @@ pub fn pin<B: Backend>(
     let path = normalize(rel)?;
     let backend = core.backend();
     let items = walk(core, &path)?;
-    let inos: Vec<u64> = items.iter().map(|i| i.ino).collect();
+    let files: Vec<(u64, u64)> = items.iter().map(|i| (i.ino, i.attr.size)).collect();
     let mut p = PinProgress {
         total_files: items.len() as u64,
         total_bytes: items.iter().map(|i| i.attr.size).sum(),
         ..Default::default()
     };
-    disk.pin(&path, &inos, p.total_bytes)?;
+    if let Err(e) = disk.pin(&path, &files) {
+        drop(items);
+        release(core); // the walk adopted the tree for nothing
+        return Err(e.into());
+    }
     let bs = data.block_size();
     for item in &items {
         let (ino, v) = (item.ino, item.attr.validator());
@@ -183,7 +187,36 @@ pub fn unpin<B: Backend>(core: &Core<B>, rel: &OsStr) -> FsResult<()> {
     if !disk.unpin(&path)? {
         return Err(FsError::Invalid("not pinned"));
     }
+    release(core);
     Ok(())
+}
+
+/// Whether `path` is a pin, under one, or on the way to one.
+fn covered(pins: &[Vec<u8>], path: &[u8]) -> bool {
+    let under = |a: &[u8], b: &[u8]| {
+        b.is_empty() || a == b || (a.starts_with(b) && a.get(b.len()) == Some(&b'/'))
+    };
+    pins.iter()
+        .any(|p| under(path, p) || under(p.as_slice(), path))
+}
+
+/// Lets the core forget what it kept for pins that are gone, or for names
+/// that are (unlinked or renamed on the NAS or through the mount).
+fn release<B: Backend>(core: &Core<B>) {
+    let Some(disk) = core.data_cache().disk() else {
+        return;
+    };
+    let pins: Vec<Vec<u8>> = match disk.pins() {
+        Ok(p) => p.into_iter().map(|p| p.path).collect(),
+        Err(e) => {
+            log::warn!("pins: {e}");
+            return;
+        }
+    };
+    let n = core.release_kept(&|path| covered(&pins, path));
+    if n > 0 {
+        log::debug!("pins: {n} inodes no longer kept");
+    }
 }
 
 /// Fetches what the pins are missing (a file changed on the NAS, a file
@@ -209,6 +242,7 @@ pub fn refresh<B: Backend>(core: &Core<B>) {
             Err(e) => log::warn!("pin /{name}: cannot refresh it: {e}"),
         }
     }
+    release(core);
 }
 
 #[cfg(test)]
@@ -221,5 +255,18 @@ mod tests {
         assert_eq!(normalize(OsStr::new("")).unwrap(), b"");
         assert_eq!(normalize(OsStr::new("/")).unwrap(), b"");
         assert!(normalize(OsStr::new("a/../b")).is_err());
+    }
+
+    #[test]
+    fn a_path_is_covered_under_a_pin_and_on_the_way_to_one() {
+        let pins = vec![b"music/jazz".to_vec(), b"docs".to_vec()];
+        for yes in ["music", "music/jazz", "music/jazz/a.flac", "docs/x/y"] {
+            assert!(covered(&pins, yes.as_bytes()), "{yes}");
+        }
+        for no in ["musical", "music/rock", "music/jazzy", "doc", "docsx/a"] {
+            assert!(!covered(&pins, no.as_bytes()), "{no}");
+        }
+        assert!(covered(&[Vec::new()], b"anything/at/all"));
+        assert!(covered(&pins, b""), "the root is on the way to every pin");
     }
 }

@@ -325,3 +325,42 @@ fn offline_names_the_kernel_forgot_do_not_look_deleted() {
     );
     m.unmount();
 }
+
+#[test]
+fn what_a_pin_keeps_in_memory_is_let_go_by_unpin_and_by_removal() {
+    let mut m = Mount::prepare("cache_size=64M,pin_refresh=1h");
+    for d in ["p", "r", "q"] {
+        std::fs::create_dir(m.n(d)).unwrap();
+        for i in 0..200 {
+            std::fs::write(m.n(&format!("{d}/f{i}")), b"x").unwrap();
+        }
+    }
+    std::fs::write(m.n("q/huge"), vec![1u8; 100 << 20]).unwrap();
+    m.mount();
+    // The kernel forgets what it is not using: only what nassync keeps stays.
+    let forgotten = |m: &Mount| {
+        std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        m.stats()["inodes"]
+    };
+    let pin = |what: &str, path: &Path| nassync(&[std::ffi::OsStr::new(what), path.as_os_str()]);
+    assert!(pin("pin", &m.m("p")).status.success());
+    assert!(pin("pin", &m.m("r")).status.success());
+    assert!(forgotten(&m) >= 400, "{}", forgotten(&m));
+
+    // A pin refused for want of room does not keep its tree.
+    assert!(!pin("pin", &m.m("q")).status.success());
+    let n = forgotten(&m);
+    assert!((400..420).contains(&n), "{n}");
+
+    // Removed under a pin: let go at the next refresh (here: an unpin).
+    for i in 0..100 {
+        std::fs::remove_file(m.m(&format!("r/f{i}"))).unwrap();
+    }
+    assert!(pin("unpin", &m.m("p")).status.success());
+    let n = forgotten(&m);
+    assert!((100..120).contains(&n), "only r's remaining 100: {n}");
+    assert!(pin("unpin", &m.m("r")).status.success());
+    assert!(forgotten(&m) < 20, "{}", forgotten(&m));
+    m.unmount();
+}

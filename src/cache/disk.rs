@@ -378,7 +378,7 @@ impl DiskCache {
     /// place of what that pin held before. Refused if the pinned files
     /// (`bytes` for these) would take more than 90% of the capacity: the
     /// cache must keep room to work.
-    pub fn pin(&self, path: &[u8], inos: &[u64], bytes: u64) -> Result<(), CacheError> {
+    pub fn pin(&self, path: &[u8], files: &[(u64, u64)]) -> Result<(), CacheError> {
         let mut conn = self.conn();
         let others: i64 = conn.query_row(
             "SELECT COALESCE(SUM(f.size), 0) FROM files f
@@ -386,6 +386,19 @@ impl DiskCache {
             [path],
             |r| r.get(0),
         )?;
+        // Files also under another pin (nested pins) are counted there.
+        let mut shared = std::collections::HashSet::new();
+        {
+            let mut q = conn.prepare("SELECT DISTINCT ino FROM pinned WHERE pin != ?1")?;
+            for ino in q.query_map([path], |r| r.get::<_, i64>(0))? {
+                shared.insert(ino? as u64);
+            }
+        }
+        let bytes: u64 = files
+            .iter()
+            .filter(|(ino, _)| !shared.contains(ino))
+            .map(|(_, size)| size)
+            .sum();
         let room = self.capacity / 10 * 9;
         if (others as u64).saturating_add(bytes) > room {
             return Err(CacheError::NoRoom {
@@ -401,7 +414,7 @@ impl DiskCache {
         tx.execute("DELETE FROM pinned WHERE pin = ?1", [path])?;
         {
             let mut add = tx.prepare("INSERT OR IGNORE INTO pinned VALUES (?1, ?2)")?;
-            for ino in inos {
+            for (ino, _) in files {
                 add.execute(params![path, *ino as i64])?;
             }
         }
