@@ -689,6 +689,17 @@ impl Backend for DirBackend {
                 Err(e) => return Err(BackendError::new("read", e)),
             }
         }
+        // nassync keeps what it read in its own caches: the kernel's copy
+        // of the NAS file (NFS page cache) would be a second one, and
+        // dropping it later costs the next open of the file dearly.
+        if done > 0 {
+            let _ = nix::fcntl::posix_fadvise(
+                &file.file,
+                offset as i64,
+                done as i64,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            );
+        }
         Ok(done)
     }
 
@@ -827,6 +838,18 @@ fn xattr_read(
     op: &'static str,
     call: impl Fn(*mut libc::c_void, usize) -> isize,
 ) -> BResult<Vec<u8>> {
+    // The VFS caps values and lists at 64 KiB: one call with that room is
+    // one NAS round trip where asking for the size first takes two.
+    let mut buf = vec![0u8; 1 << 16];
+    let m = call(buf.as_mut_ptr().cast(), buf.len());
+    if m >= 0 {
+        // An exact copy: the answers are cached, 64 KiB each would add up.
+        return Ok(buf[..m as usize].to_vec());
+    }
+    let e = err(op);
+    if e.raw_errno() != libc::ERANGE {
+        return Err(e);
+    }
     loop {
         let n = call(std::ptr::null_mut(), 0);
         if n < 0 {
