@@ -119,6 +119,9 @@ struct Inode<B: Backend> {
     /// Extended attributes read, valid while the attributes are fresh and
     /// the ctime the same (an xattr change on the NAS moves the ctime).
     xattrs: Option<Box<XattrCache>>,
+    /// A directory's listing as the kernel last cached it (FOPEN_CACHE_DIR),
+    /// as a [`fingerprint`]; None when unknown or possibly mixed.
+    kernel_listing: Option<u64>,
 }
 
 /// The extended attributes of one inode as last read from the NAS.
@@ -181,6 +184,8 @@ struct DirHandle<B: Backend> {
     settle_gen: u64,
     /// The tables' `names_gen` when the listing was taken.
     names_gen: u64,
+    /// The [`fingerprint`] of `items`.
+    fingerprint: u64,
 }
 
 enum Handle<B: Backend> {
@@ -196,6 +201,9 @@ pub struct Core<B: Backend> {
     tables: Mutex<Tables<B>>,
     handles: Mutex<HashMap<u64, Handle<B>>>,
     next_fh: AtomicU64,
+    /// Counts nassync's own xattr changes: an answer read from the NAS
+    /// before one is not stored after it.
+    xattr_gen: AtomicU64,
     data: Arc<DataCache>,
     stats: Arc<Stats>,
     /// Write-back, unless writes go straight to the NAS (`-o sync`).
@@ -254,6 +262,7 @@ impl<B: Backend> Core<B> {
                 target: None,
                 kept: true,
                 xattrs: None,
+                kernel_listing: None,
             },
         );
         Ok(Core {
@@ -269,6 +278,7 @@ impl<B: Backend> Core<B> {
             }),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            xattr_gen: AtomicU64::new(0),
             data,
             stats,
             wb: None,
@@ -736,6 +746,7 @@ impl<B: Backend> Core<B> {
                 target: None,
                 kept: false,
                 xattrs: None,
+                kernel_listing: None,
             });
             if inode.kind != attr.kind {
                 // The NAS reused the number for another object.
@@ -1876,16 +1887,49 @@ impl<B: Backend> Core<B> {
         if kind != FileKind::Dir {
             return Err(BackendError::errno("opendir", libc::ENOTDIR).into());
         }
+        let keep_cache = self.kernel_listing_current(ino);
         let fh = self.add_handle(Handle::Dir(Arc::new(Mutex::new(DirHandle {
             ino,
             items: None,
             settle_gen: 0,
             names_gen: 0,
+            fingerprint: 0,
         }))));
-        Ok(Opened {
-            fh,
-            keep_cache: false,
-        })
+        Ok(Opened { fh, keep_cache })
+    }
+
+    /// Whether the listing the kernel cached for directory `ino` is still
+    /// the one nassync would serve now, without asking the NAS: then the
+    /// kernel may answer readdir itself. Like NFS's close-to-open, each
+    /// opendir after the listing's time to live goes back to the NAS.
+    fn kernel_listing_current(&self, ino: u64) -> bool {
+        let t = self.tables();
+        let (Some(i), Some(l)) = (t.inodes.get(&ino), t.listings.get(&ino)) else {
+            return false;
+        };
+        if !l.complete || l.until <= Instant::now() || i.kernel_listing.is_none() {
+            return false;
+        }
+        let entries = l.names.iter().map(|(n, &e)| (n.as_os_str(), e));
+        let dots = [(OsStr::new("."), ino), (OsStr::new(".."), i.parent)];
+        i.kernel_listing == Some(fingerprint(dots.into_iter().chain(entries)))
+    }
+
+    /// Notes what a directory handle served from the start to the end: the
+    /// kernel's cache of the directory now holds that. Two handles that
+    /// served different listings at once may have left the kernel a mix of
+    /// both: nothing is then taken as known.
+    fn kernel_listed(&self, ino: u64, fp: u64, starting: bool) {
+        let mut t = self.tables();
+        let Some(i) = t.inodes.get_mut(&ino) else {
+            return;
+        };
+        i.kernel_listing = match (starting, i.kernel_listing) {
+            (true, Some(k)) if k != fp => None,
+            (true, k) => k,
+            (false, None) => Some(fp),
+            (false, Some(k)) => (k == fp).then_some(k),
+        };
     }
 
     fn list(&self, ino: u64, plus: bool) -> FsResult<Vec<DirItem<B>>> {
@@ -2157,12 +2201,15 @@ impl<B: Backend> Core<B> {
                 }
                 Err(e) => return Err(e),
             };
+            h.fingerprint = fingerprint(items.iter().map(|i| (i.name.as_os_str(), i.ino)));
+            self.kernel_listed(h.ino, h.fingerprint, true);
             h.items = Some(items);
         }
         let g0 = h.settle_gen;
         let names_gen = h.names_gen;
         let dir_ino = h.ino;
         let items = h.items.as_deref().unwrap_or_default();
+        let mut ended = true;
         for (i, item) in items.iter().enumerate().skip(offset as usize) {
             let next = i as u64 + 1;
             match (&item.plus, plus) {
@@ -2185,6 +2232,7 @@ impl<B: Backend> Core<B> {
                         entry: Some(&provisional),
                     });
                     if full {
+                        ended = false;
                         break;
                     }
                     self.remember_at(
@@ -2215,6 +2263,7 @@ impl<B: Backend> Core<B> {
                         name: &item.name,
                         entry: Some(&e),
                     }) {
+                        ended = false;
                         break;
                     }
                 }
@@ -2226,8 +2275,20 @@ impl<B: Backend> Core<B> {
                         name: &item.name,
                         entry: None,
                     }) {
+                        ended = false;
                         break;
                     }
+                }
+            }
+        }
+        if ended {
+            let fp = h.fingerprint;
+            if self.tables().names_gen == names_gen {
+                self.kernel_listed(dir_ino, fp, false);
+            } else {
+                // Served names may have been removed meanwhile.
+                if let Some(i) = self.tables().inodes.get_mut(&dir_ino) {
+                    i.kernel_listing = None;
                 }
             }
         }
@@ -2280,8 +2341,11 @@ impl<B: Backend> Core<B> {
     }
 
     /// Records an xattr answer of the NAS for `ino`.
-    fn xattr_store(&self, ino: u64, f: impl FnOnce(&mut XattrCache)) {
+    fn xattr_store(&self, ino: u64, xgen: u64, f: impl FnOnce(&mut XattrCache)) {
         let mut t = self.tables();
+        if self.xattr_gen.load(Ordering::SeqCst) != xgen {
+            return;
+        }
         let Some(i) = t.inodes.get_mut(&ino) else {
             return;
         };
@@ -2301,7 +2365,12 @@ impl<B: Backend> Core<B> {
     }
 
     pub fn getxattr(&self, ino: u64, name: &OsStr) -> FsResult<Vec<u8>> {
-        let cached = |c: &XattrCache| c.values.get(name).cloned();
+        let cached = |c: &XattrCache| {
+            c.values.get(name).cloned().or_else(|| {
+                let list = c.list.as_deref()?;
+                (always_listed(name) && !xattr_listed(list, name)).then_some(Err(libc::ENODATA))
+            })
+        };
         let answer = |r: Result<Vec<u8>, i32>| match r {
             Ok(v) => Ok(v),
             Err(errno) => Err(BackendError::errno("getxattr", errno).into()),
@@ -2310,7 +2379,19 @@ impl<B: Backend> Core<B> {
             Stats::inc(&self.stats.attr_hits);
             return answer(r);
         }
+        let xgen = self.xattr_gen.load(Ordering::SeqCst);
         let (node, _, _) = self.node(ino)?;
+        // `ls -l` asks each file for security.selinux and its ACL, which
+        // NAS files rarely have: one listxattr answers both.
+        if always_listed(name) && self.xattr_cache(ino, false, |c| c.list.clone()).is_none() {
+            if let Ok(list) = self.backend.listxattr(&node) {
+                let absent = !xattr_listed(&list, name);
+                self.xattr_store(ino, xgen, |c| c.list = Some(list));
+                if absent {
+                    return answer(Err(libc::ENODATA));
+                }
+            }
+        }
         let r = match self.backend.getxattr(&node, name) {
             Ok(v) => Ok(v),
             Err(e) if is_unreachable(&e) => {
@@ -2324,7 +2405,7 @@ impl<B: Backend> Core<B> {
             }
             Err(e) => return Err(e.into()),
         };
-        self.xattr_store(ino, |c| {
+        self.xattr_store(ino, xgen, |c| {
             c.values.insert(name.to_os_string(), r.clone());
         });
         answer(r)
@@ -2335,10 +2416,11 @@ impl<B: Backend> Core<B> {
             Stats::inc(&self.stats.attr_hits);
             return Ok(l);
         }
+        let xgen = self.xattr_gen.load(Ordering::SeqCst);
         let (node, _, _) = self.node(ino)?;
         match self.backend.listxattr(&node) {
             Ok(l) => {
-                self.xattr_store(ino, |c| c.list = Some(l.clone()));
+                self.xattr_store(ino, xgen, |c| c.list = Some(l.clone()));
                 Ok(l)
             }
             Err(e) if is_unreachable(&e) => self
@@ -2350,7 +2432,10 @@ impl<B: Backend> Core<B> {
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
         let (node, _, _) = self.node(ino)?;
-        self.backend.setxattr(&node, name, value, flags)?;
+        self.xattr_gen.fetch_add(1, Ordering::SeqCst);
+        let r = self.backend.setxattr(&node, name, value, flags);
+        self.xattr_gen.fetch_add(1, Ordering::SeqCst);
+        r?;
         self.own_meta_change(ino, None);
         // ctime changed (and the mode, for an ACL).
         let mut t = self.tables();
@@ -2364,7 +2449,10 @@ impl<B: Backend> Core<B> {
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
         let (node, _, _) = self.node(ino)?;
-        self.backend.removexattr(&node, name)?;
+        self.xattr_gen.fetch_add(1, Ordering::SeqCst);
+        let r = self.backend.removexattr(&node, name);
+        self.xattr_gen.fetch_add(1, Ordering::SeqCst);
+        r?;
         self.own_meta_change(ino, None);
         let mut t = self.tables();
         self.expire_attr(&mut t, ino);
@@ -2384,6 +2472,32 @@ impl<B: Backend> Core<B> {
     pub fn handle_count(&self) -> usize {
         self.handles().len()
     }
+}
+
+/// An order-independent digest of a directory listing's (name, inode)
+/// pairs: equal listings give equal digests, whatever the hash map order.
+fn fingerprint<'a>(entries: impl Iterator<Item = (&'a OsStr, u64)>) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    let h = BuildHasherDefault::<DefaultHasher>::default();
+    entries.fold(0u64, |acc, e| acc.wrapping_add(h.hash_one(e)))
+}
+
+/// Whether listxattr names `name` whenever it exists. Not so for some
+/// virtual attributes of the system namespace (NFSv4's system.nfs4_acl).
+fn always_listed(name: &OsStr) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let n = name.as_bytes();
+    [&b"user."[..], b"trusted.", b"security."]
+        .iter()
+        .any(|p| n.starts_with(p))
+        || n == b"system.posix_acl_access"
+        || n == b"system.posix_acl_default"
+}
+
+/// Whether a listxattr answer (NUL-terminated names) holds `name`.
+fn xattr_listed(list: &[u8], name: &OsStr) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    list.split(|&b| b == 0).any(|n| n == name.as_bytes())
 }
 
 #[cfg(test)]
@@ -2436,5 +2550,26 @@ mod tests {
             adaptive(min, min, &changed(Duration::from_secs(86400))),
             min
         );
+    }
+
+    #[test]
+    fn a_listing_digest_ignores_order_and_sees_any_change() {
+        let a = [("x", 1), ("y", 2), ("z", 3)];
+        let fp = |v: &[(&str, u64)]| fingerprint(v.iter().map(|(n, i)| (OsStr::new(*n), *i)));
+        assert_eq!(fp(&a), fp(&[("z", 3), ("x", 1), ("y", 2)]));
+        assert_ne!(fp(&a), fp(&[("x", 1), ("y", 2)]));
+        assert_ne!(fp(&a), fp(&[("x", 1), ("y", 2), ("z", 4)]));
+        assert_ne!(fp(&a), fp(&[("x", 1), ("y", 2), ("w", 3)]));
+    }
+
+    #[test]
+    fn only_names_that_listxattr_always_shows_are_answered_from_it() {
+        let list = b"user.a\0security.selinux\0";
+        assert!(xattr_listed(list, OsStr::new("user.a")));
+        assert!(!xattr_listed(list, OsStr::new("user.")));
+        assert!(!xattr_listed(list, OsStr::new("user.b")));
+        assert!(always_listed(OsStr::new("user.b")));
+        assert!(always_listed(OsStr::new("system.posix_acl_default")));
+        assert!(!always_listed(OsStr::new("system.nfs4_acl")));
     }
 }

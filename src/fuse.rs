@@ -443,7 +443,15 @@ impl<B: Backend> Filesystem for FuseFs<B> {
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.op("opendir", ino.0, req, || self.core.opendir(ino.0)) {
-            Ok(o) => reply.opened(FileHandle(o.fh), FopenFlags::empty()),
+            Ok(o) => {
+                // The kernel keeps what readdir returned, and uses it
+                // again only while the core says it is current.
+                let mut flags = FopenFlags::FOPEN_CACHE_DIR;
+                if o.keep_cache {
+                    flags |= FopenFlags::FOPEN_KEEP_CACHE;
+                }
+                reply.opened(FileHandle(o.fh), flags)
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }

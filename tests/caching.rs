@@ -327,6 +327,17 @@ fn xattrs_are_cached_with_the_attributes() {
         assert_eq!(getx(&m.m("f"), "user.none"), Err(libc::ENODATA));
     }
     assert_eq!(m.stats()["nas_ops"], before + own);
+    // A file's first questions: one listxattr answers every name that is
+    // not there, whatever the number of questions.
+    fs::write(m.n("g"), "x").unwrap();
+    setx(&m.n("g"), "user.k", b"gee");
+    assert!(m.m("g").exists());
+    let before = m.stats()["nas_ops"];
+    for name in ["user.none", "security.selinux", "system.posix_acl_access"] {
+        assert_eq!(getx(&m.m("g"), name), Err(libc::ENODATA), "{name}");
+    }
+    assert_eq!(m.stats()["nas_ops"], before + own + 1);
+    assert_eq!(getx(&m.m("g"), "user.k"), Ok(b"gee".to_vec()));
     drop(m);
     // Changed on the NAS (its ctime moves): seen once the attributes expire.
     let m = Mount::new("actimeo=1");
@@ -383,6 +394,51 @@ fn a_fresh_listing_is_served_without_the_nas() {
     assert!(list().iter().any(|(n, _)| n == "new"));
     fs::remove_file(m.m("d/f0")).unwrap();
     assert!(!list().iter().any(|(n, _)| n == "f0"));
+}
+
+#[test]
+fn the_kernel_serves_a_listing_again_only_while_it_is_current() {
+    let m = Mount::new("actimeo=60");
+    fs::create_dir(m.n("d")).unwrap();
+    for i in 0..50 {
+        fs::write(m.n(&format!("d/f{i}")), "x").unwrap();
+    }
+    let list = |m: &Mount| {
+        let mut v: Vec<String> = fs::read_dir(m.m("d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(list(&m).len(), 50);
+    // Listed again: the kernel's copy. Only opendir, releasedir and perhaps
+    // a getattr of the directory (just changed: short-lived attributes)
+    // reach nassync, no readdir (`nassync stats` makes no FUSE request).
+    let before = m.stats()["fuse_ops"];
+    assert_eq!(list(&m).len(), 50);
+    assert!(m.stats()["fuse_ops"] - before <= 3);
+    // Changes through the mount are in the next listing at once.
+    fs::remove_file(m.m("d/f0")).unwrap();
+    fs::write(m.m("d/own"), "z").unwrap();
+    let l = list(&m);
+    assert!(!l.contains(&"f0".to_string()) && l.contains(&"own".to_string()));
+    drop(m);
+    // Short time limits: a name added on the NAS shows up by itself.
+    let m = Mount::new("actimeo=1");
+    fs::create_dir_all(m.n("d")).unwrap();
+    assert!(!list(&m).contains(&"late".to_string()));
+    assert!(!list(&m).contains(&"late".to_string()));
+    // Even when the directory's mtime is put back (as tar and rsync do),
+    // which the kernel's own check of its copy would not notice.
+    let mtime = fs::metadata(m.n("d")).unwrap().modified().unwrap();
+    fs::write(m.n("d/late"), "w").unwrap();
+    fs::File::open(m.n("d"))
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    assert!(eventually(Duration::from_secs(5), || list(&m)
+        .contains(&"late".to_string())));
 }
 
 #[test]
