@@ -16,7 +16,7 @@
 //! Lock order: `tables`, then `handles`; neither is held across a NAS call,
 //! so one slow NAS call stalls only the request that made it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -122,6 +122,11 @@ struct Inode<B: Backend> {
     /// A directory's listing as the kernel last cached it (FOPEN_CACHE_DIR),
     /// as a [`fingerprint`]; None when unknown or possibly mixed.
     kernel_listing: Option<u64>,
+    /// Directory handles now serving a listing from offset 0 on, which the
+    /// kernel may be adding to its cache: (handle, fingerprint, epoch).
+    kernel_fills: Vec<(u64, u64, u64)>,
+    /// Moves on whenever another listing may have gone into that cache.
+    kernel_epoch: u64,
 }
 
 /// The extended attributes of one inode as last read from the NAS.
@@ -131,6 +136,12 @@ struct XattrCache {
     list: Option<Vec<u8>>,
     /// `getxattr`'s answers: a value, or the errno (ENODATA, ENOTSUP).
     values: HashMap<OsString, Result<Vec<u8>, i32>>,
+}
+
+#[derive(Clone, Copy)]
+struct XattrStamp {
+    xgen: u64,
+    ctime: Option<std::time::SystemTime>,
 }
 
 struct Listing {
@@ -186,6 +197,23 @@ struct DirHandle<B: Backend> {
     names_gen: u64,
     /// The [`fingerprint`] of `items`.
     fingerprint: u64,
+    /// The offset the next readdir continues at if the handle reads on
+    /// straight, as the kernel does while filling its cache.
+    next: u64,
+    /// Serving `items` from offset 0 on without a jump so far.
+    filling: bool,
+}
+
+/// A step of a directory handle that may fill the kernel's listing cache.
+enum Fill {
+    /// It serves a listing from offset 0.
+    Start,
+    /// It served the listing to its end.
+    End,
+    /// It served it to the end, but the listing may be out of date.
+    Unsure,
+    /// It jumped elsewhere or was closed before the end.
+    Stop,
 }
 
 enum Handle<B: Backend> {
@@ -210,6 +238,10 @@ pub struct Core<B: Backend> {
     wb: Option<Arc<WriteBack<B>>>,
     /// The NAS's capacity as last seen, for `df` while it is offline.
     last_statfs: Mutex<Option<StatFs>>,
+    /// Held by a pin from its walk (which keeps the inodes it meets) until
+    /// the pin is recorded, and by a release of kept inodes: a release in
+    /// between would let go of the tree being pinned.
+    pin_lock: Mutex<()>,
 }
 
 /// NAS inode number <-> FUSE inode number: the NAS root and 1 swap places.
@@ -263,6 +295,8 @@ impl<B: Backend> Core<B> {
                 kept: true,
                 xattrs: None,
                 kernel_listing: None,
+                kernel_fills: Vec::new(),
+                kernel_epoch: 0,
             },
         );
         Ok(Core {
@@ -284,6 +318,7 @@ impl<B: Backend> Core<B> {
             wb: None,
             // For `df` while offline, should that come before any statfs.
             last_statfs: Mutex::new(backend_statfs),
+            pin_lock: Mutex::new(()),
         })
     }
 
@@ -327,6 +362,11 @@ impl<B: Backend> Core<B> {
         &self.data
     }
 
+    /// See the field.
+    pub fn pin_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.pin_lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Records `name` in `parent` as the NAS has it, without a kernel
     /// lookup, and keeps the inode when the kernel forgets it (pinned
     /// trees stay known for offline use). Returns the FUSE inode number.
@@ -354,22 +394,34 @@ impl<B: Backend> Core<B> {
     /// replaced): the kernel's lookups alone decide about them from now
     /// on. Returns how many inodes were dropped.
     pub fn release_kept(&self, pinned: &dyn Fn(&[u8]) -> bool) -> usize {
+        use std::os::unix::ffi::OsStrExt;
         let mut t = self.tables();
-        let paths: Vec<(u64, Option<Vec<u8>>)> = t
-            .inodes
-            .iter()
-            .filter(|(ino, i)| i.kept && **ino != ROOT)
-            .map(|(&ino, _)| (ino, Self::path_in(&t, ino)))
-            .collect();
-        let mut dropped = 0;
-        for (ino, path) in paths {
-            let Some(i) = t.inodes.get(&ino) else {
-                continue;
-            };
-            let named = t.names.get(&(i.parent, i.name.clone())) == Some(&ino);
-            if named && path.is_some_and(|p| pinned(p.as_slice())) {
+        // A file with hard links stays kept if any of its names is pinned.
+        let mut covered: HashSet<u64> = HashSet::new();
+        for ((parent, name), ino) in &t.names {
+            let kept = t.inodes.get(ino).is_some_and(|i| i.kept);
+            if !kept || *ino == ROOT || covered.contains(ino) {
                 continue;
             }
+            let Some(mut path) = Self::path_in(&t, *parent) else {
+                continue;
+            };
+            if !path.is_empty() {
+                path.push(b'/');
+            }
+            path.extend_from_slice(name.as_bytes());
+            if pinned(&path) {
+                covered.insert(*ino);
+            }
+        }
+        let released: Vec<u64> = t
+            .inodes
+            .iter()
+            .filter(|(ino, i)| i.kept && **ino != ROOT && !covered.contains(ino))
+            .map(|(&ino, _)| ino)
+            .collect();
+        let mut dropped = 0;
+        for ino in released {
             let Some(i) = t.inodes.get_mut(&ino) else {
                 continue;
             };
@@ -747,6 +799,8 @@ impl<B: Backend> Core<B> {
                 kept: false,
                 xattrs: None,
                 kernel_listing: None,
+                kernel_fills: Vec::new(),
+                kernel_epoch: 0,
             });
             if inode.kind != attr.kind {
                 // The NAS reused the number for another object.
@@ -1894,6 +1948,8 @@ impl<B: Backend> Core<B> {
             settle_gen: 0,
             names_gen: 0,
             fingerprint: 0,
+            next: 0,
+            filling: false,
         }))));
         Ok(Opened { fh, keep_cache })
     }
@@ -1910,26 +1966,60 @@ impl<B: Backend> Core<B> {
         if !l.complete || l.until <= Instant::now() || i.kernel_listing.is_none() {
             return false;
         }
-        let entries = l.names.iter().map(|(n, &e)| (n.as_os_str(), e));
-        let dots = [(OsStr::new("."), ino), (OsStr::new(".."), i.parent)];
+        // What list_cached would serve.
+        let entries = l.names.iter().filter_map(|(n, f)| {
+            let kind = t
+                .inodes
+                .get(f)
+                .map(|i| i.kind)
+                .or_else(|| l.kinds.get(f).copied())?;
+            Some((n.as_os_str(), *f, kind))
+        });
+        let dots = [
+            (OsStr::new("."), ino, FileKind::Dir),
+            (OsStr::new(".."), i.parent, FileKind::Dir),
+        ];
         i.kernel_listing == Some(fingerprint(dots.into_iter().chain(entries)))
     }
 
-    /// Notes what a directory handle served from the start to the end: the
-    /// kernel's cache of the directory now holds that. Two handles that
-    /// served different listings at once may have left the kernel a mix of
-    /// both: nothing is then taken as known.
-    fn kernel_listed(&self, ino: u64, fp: u64, starting: bool) {
+    /// Follows what the kernel may add to its cache of directory `ino`: it
+    /// adds what a handle reads from offset 0 straight on, whichever handle
+    /// reads at the position the cache has reached, and serves the cache
+    /// once complete. Listings are served in one order (by name), so
+    /// handles serving equal listings fill it alike; once another listing
+    /// may have gone in, only a fill started after that vouches for it.
+    fn kernel_fill(&self, ino: u64, fh: u64, fp: u64, step: Fill) {
         let mut t = self.tables();
         let Some(i) = t.inodes.get_mut(&ino) else {
             return;
         };
-        i.kernel_listing = match (starting, i.kernel_listing) {
-            (true, Some(k)) if k != fp => None,
-            (true, k) => k,
-            (false, None) => Some(fp),
-            (false, Some(k)) => (k == fp).then_some(k),
-        };
+        let mine = i.kernel_fills.iter().find(|f| f.0 == fh).map(|f| f.2);
+        i.kernel_fills.retain(|f| f.0 != fh);
+        match step {
+            Fill::Start => {
+                if i.kernel_listing != Some(fp) {
+                    i.kernel_listing = None;
+                    i.kernel_epoch += 1;
+                }
+                i.kernel_fills.push((fh, fp, i.kernel_epoch));
+            }
+            // What it served may be in the kernel's cache, but it started
+            // as one of the listings the cache could hold.
+            Fill::Stop => {}
+            Fill::End => {
+                let vouches = mine == Some(i.kernel_epoch)
+                    && i.kernel_fills.iter().all(|f| f.1 == fp)
+                    && i.kernel_listing.is_none_or(|k| k == fp);
+                // Any other listing that went in meanwhile moved the epoch
+                // when it started.
+                i.kernel_listing = vouches.then_some(fp);
+            }
+            // Served names may have been removed meanwhile.
+            Fill::Unsure => {
+                i.kernel_listing = None;
+                i.kernel_epoch += 1;
+            }
+        }
     }
 
     fn list(&self, ino: u64, plus: bool) -> FsResult<Vec<DirItem<B>>> {
@@ -2083,6 +2173,8 @@ impl<B: Backend> Core<B> {
                 cached,
             });
         }
+        // The order list_cached serves: see kernel_fill.
+        items[2..].sort_unstable_by(|a, b| a.name.cmp(&b.name));
         let mut t = self.tables();
         let dir_ttl = t
             .inodes
@@ -2185,7 +2277,12 @@ impl<B: Backend> Core<B> {
     ) -> FsResult<()> {
         let h = self.dir_handle(fh)?;
         let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
-        if offset == 0 || h.items.is_none() {
+        let start = offset == 0 || h.items.is_none();
+        if h.filling && (start || offset != h.next) {
+            h.filling = false;
+            self.kernel_fill(h.ino, fh, h.fingerprint, Fill::Stop);
+        }
+        if start {
             h.settle_gen = self.settle_gen();
             h.names_gen = self.tables().names_gen;
             let listed = match self.list_fresh(h.ino, plus) {
@@ -2201,17 +2298,23 @@ impl<B: Backend> Core<B> {
                 }
                 Err(e) => return Err(e),
             };
-            h.fingerprint = fingerprint(items.iter().map(|i| (i.name.as_os_str(), i.ino)));
-            self.kernel_listed(h.ino, h.fingerprint, true);
+            h.fingerprint = fingerprint(items.iter().map(|i| (i.name.as_os_str(), i.ino, i.kind)));
             h.items = Some(items);
+            // Only a listing served from its start can fill the kernel's cache.
+            if offset == 0 {
+                h.filling = true;
+                self.kernel_fill(h.ino, fh, h.fingerprint, Fill::Start);
+            }
         }
         let g0 = h.settle_gen;
         let names_gen = h.names_gen;
         let dir_ino = h.ino;
         let items = h.items.as_deref().unwrap_or_default();
         let mut ended = true;
+        let mut reached = offset;
         for (i, item) in items.iter().enumerate().skip(offset as usize) {
             let next = i as u64 + 1;
+            reached = i as u64;
             match (&item.plus, plus) {
                 (Some((node, attr)), true) => {
                     let mut shown = *attr;
@@ -2282,20 +2385,28 @@ impl<B: Backend> Core<B> {
             }
         }
         if ended {
-            let fp = h.fingerprint;
-            if self.tables().names_gen == names_gen {
-                self.kernel_listed(dir_ino, fp, false);
+            reached = items.len() as u64;
+        }
+        h.next = reached;
+        if ended && h.filling {
+            h.filling = false;
+            let step = if self.tables().names_gen == names_gen {
+                Fill::End
             } else {
-                // Served names may have been removed meanwhile.
-                if let Some(i) = self.tables().inodes.get_mut(&dir_ino) {
-                    i.kernel_listing = None;
-                }
-            }
+                Fill::Unsure
+            };
+            self.kernel_fill(dir_ino, fh, h.fingerprint, step);
         }
         Ok(())
     }
 
     pub fn releasedir(&self, fh: u64) -> FsResult<()> {
+        if let Ok(h) = self.dir_handle(fh) {
+            let h = h.lock().unwrap_or_else(|e| e.into_inner());
+            if h.filling {
+                self.kernel_fill(h.ino, fh, h.fingerprint, Fill::Stop);
+            }
+        }
         self.release(fh)
     }
 
@@ -2340,16 +2451,30 @@ impl<B: Backend> Core<B> {
         f(c)
     }
 
-    /// Records an xattr answer of the NAS for `ino`.
-    fn xattr_store(&self, ino: u64, xgen: u64, f: impl FnOnce(&mut XattrCache)) {
+    /// Taken before asking the NAS about xattrs, for [`Self::xattr_store`].
+    fn xattr_stamp(&self, ino: u64) -> XattrStamp {
+        let t = self.tables();
+        XattrStamp {
+            xgen: self.xattr_gen.load(Ordering::SeqCst),
+            ctime: t.inodes.get(&ino).map(|i| i.attr.ctime),
+        }
+    }
+
+    /// Records an xattr answer of the NAS for `ino`, unless nassync changed
+    /// xattrs or saw the inode change since `stamp`: the answer may then
+    /// be older than the ctime it would be filed under.
+    fn xattr_store(&self, ino: u64, stamp: XattrStamp, f: impl FnOnce(&mut XattrCache)) {
         let mut t = self.tables();
-        if self.xattr_gen.load(Ordering::SeqCst) != xgen {
+        if self.xattr_gen.load(Ordering::SeqCst) != stamp.xgen {
             return;
         }
         let Some(i) = t.inodes.get_mut(&ino) else {
             return;
         };
         let ctime = i.attr.ctime;
+        if stamp.ctime != Some(ctime) {
+            return;
+        }
         let fresh = || {
             Box::new(XattrCache {
                 ctime,
@@ -2379,14 +2504,14 @@ impl<B: Backend> Core<B> {
             Stats::inc(&self.stats.attr_hits);
             return answer(r);
         }
-        let xgen = self.xattr_gen.load(Ordering::SeqCst);
+        let stamp = self.xattr_stamp(ino);
         let (node, _, _) = self.node(ino)?;
-        // `ls -l` asks each file for security.selinux and its ACL, which
-        // NAS files rarely have: one listxattr answers both.
+        // `ls -l` asks each file for security.selinux, which NAS files
+        // rarely have: one listxattr answers that and any user.* name.
         if always_listed(name) && self.xattr_cache(ino, false, |c| c.list.clone()).is_none() {
             if let Ok(list) = self.backend.listxattr(&node) {
                 let absent = !xattr_listed(&list, name);
-                self.xattr_store(ino, xgen, |c| c.list = Some(list));
+                self.xattr_store(ino, stamp, |c| c.list = Some(list));
                 if absent {
                     return answer(Err(libc::ENODATA));
                 }
@@ -2405,7 +2530,7 @@ impl<B: Backend> Core<B> {
             }
             Err(e) => return Err(e.into()),
         };
-        self.xattr_store(ino, xgen, |c| {
+        self.xattr_store(ino, stamp, |c| {
             c.values.insert(name.to_os_string(), r.clone());
         });
         answer(r)
@@ -2416,11 +2541,11 @@ impl<B: Backend> Core<B> {
             Stats::inc(&self.stats.attr_hits);
             return Ok(l);
         }
-        let xgen = self.xattr_gen.load(Ordering::SeqCst);
+        let stamp = self.xattr_stamp(ino);
         let (node, _, _) = self.node(ino)?;
         match self.backend.listxattr(&node) {
             Ok(l) => {
-                self.xattr_store(ino, xgen, |c| c.list = Some(l.clone()));
+                self.xattr_store(ino, stamp, |c| c.list = Some(l.clone()));
                 Ok(l)
             }
             Err(e) if is_unreachable(&e) => self
@@ -2474,24 +2599,23 @@ impl<B: Backend> Core<B> {
     }
 }
 
-/// An order-independent digest of a directory listing's (name, inode)
-/// pairs: equal listings give equal digests, whatever the hash map order.
-fn fingerprint<'a>(entries: impl Iterator<Item = (&'a OsStr, u64)>) -> u64 {
+/// An order-independent digest of a directory listing's (name, inode,
+/// kind) entries: equal listings give equal digests, whatever the hash map order.
+fn fingerprint<'a>(entries: impl Iterator<Item = (&'a OsStr, u64, FileKind)>) -> u64 {
     use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
     let h = BuildHasherDefault::<DefaultHasher>::default();
     entries.fold(0u64, |acc, e| acc.wrapping_add(h.hash_one(e)))
 }
 
-/// Whether listxattr names `name` whenever it exists. Not so for some
-/// virtual attributes of the system namespace (NFSv4's system.nfs4_acl).
+/// Whether listxattr names `name` whenever getxattr would find it. Not so
+/// for the system namespace (NFSv4's system.nfs4_acl is never listed, cifs
+/// serves ACLs it does not list), nor for trusted.* (listed to
+/// CAP_SYS_ADMIN only). A security.* name that an LSM answers for never
+/// reaches nassync.
 fn always_listed(name: &OsStr) -> bool {
     use std::os::unix::ffi::OsStrExt;
     let n = name.as_bytes();
-    [&b"user."[..], b"trusted.", b"security."]
-        .iter()
-        .any(|p| n.starts_with(p))
-        || n == b"system.posix_acl_access"
-        || n == b"system.posix_acl_default"
+    n.starts_with(b"user.") || n.starts_with(b"security.")
 }
 
 /// Whether a listxattr answer (NUL-terminated names) holds `name`.
@@ -2554,12 +2678,19 @@ mod tests {
 
     #[test]
     fn a_listing_digest_ignores_order_and_sees_any_change() {
-        let a = [("x", 1), ("y", 2), ("z", 3)];
-        let fp = |v: &[(&str, u64)]| fingerprint(v.iter().map(|(n, i)| (OsStr::new(*n), *i)));
-        assert_eq!(fp(&a), fp(&[("z", 3), ("x", 1), ("y", 2)]));
-        assert_ne!(fp(&a), fp(&[("x", 1), ("y", 2)]));
-        assert_ne!(fp(&a), fp(&[("x", 1), ("y", 2), ("z", 4)]));
-        assert_ne!(fp(&a), fp(&[("x", 1), ("y", 2), ("w", 3)]));
+        use FileKind::{Dir, File};
+        let a = [("x", 1, File), ("y", 2, File), ("z", 3, Dir)];
+        let fp = |v: &[(&str, u64, FileKind)]| {
+            fingerprint(v.iter().map(|(n, i, k)| (OsStr::new(*n), *i, *k)))
+        };
+        assert_eq!(fp(&a), fp(&[("z", 3, Dir), ("x", 1, File), ("y", 2, File)]));
+        assert_ne!(fp(&a), fp(&[("x", 1, File), ("y", 2, File)]));
+        assert_ne!(fp(&a), fp(&[("x", 1, File), ("y", 2, File), ("z", 4, Dir)]));
+        assert_ne!(fp(&a), fp(&[("x", 1, File), ("y", 2, File), ("w", 3, Dir)]));
+        assert_ne!(
+            fp(&a),
+            fp(&[("x", 1, File), ("y", 2, File), ("z", 3, File)])
+        );
     }
 
     #[test]
@@ -2569,7 +2700,11 @@ mod tests {
         assert!(!xattr_listed(list, OsStr::new("user.")));
         assert!(!xattr_listed(list, OsStr::new("user.b")));
         assert!(always_listed(OsStr::new("user.b")));
-        assert!(always_listed(OsStr::new("system.posix_acl_default")));
+        assert!(always_listed(OsStr::new("security.selinux")));
+        // Served by some NAS clients (cifs) without being listed.
+        assert!(!always_listed(OsStr::new("system.posix_acl_access")));
         assert!(!always_listed(OsStr::new("system.nfs4_acl")));
+        // Hidden from listxattr for a daemon without CAP_SYS_ADMIN.
+        assert!(!always_listed(OsStr::new("trusted.a")));
     }
 }

@@ -106,7 +106,14 @@ pub fn pin<B: Backend>(
     };
     let path = normalize(rel)?;
     let backend = core.backend();
-    let items = walk(core, &path)?;
+    let pinning = core.pin_lock();
+    let items = match walk(core, &path) {
+        Ok(items) => items,
+        Err(e) => {
+            release_locked(core); // what the walk adopted, unless pinned before
+            return Err(e);
+        }
+    };
     let files: Vec<(u64, u64)> = items.iter().map(|i| (i.ino, i.attr.size)).collect();
     let mut p = PinProgress {
         total_files: items.len() as u64,
@@ -115,9 +122,10 @@ pub fn pin<B: Backend>(
     };
     if let Err(e) = disk.pin(&path, &files) {
         drop(items);
-        release(core); // the walk adopted the tree for nothing
+        release_locked(core); // the walk adopted the tree for nothing
         return Err(e.into());
     }
+    drop(pinning);
     let bs = data.block_size();
     for item in &items {
         let (ino, v) = (item.ino, item.attr.validator());
@@ -203,6 +211,11 @@ fn covered(pins: &[Vec<u8>], path: &[u8]) -> bool {
 /// Lets the core forget what it kept for pins that are gone, or for names
 /// that are (unlinked or renamed on the NAS or through the mount).
 fn release<B: Backend>(core: &Core<B>) {
+    let _pinning = core.pin_lock();
+    release_locked(core);
+}
+
+fn release_locked<B: Backend>(core: &Core<B>) {
     let Some(disk) = core.data_cache().disk() else {
         return;
     };

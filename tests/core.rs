@@ -175,3 +175,90 @@ fn clearing_set_id_bits_costs_no_nas_call_when_there_are_none() {
     let (attr, _) = core.getattr(setid, None).unwrap();
     assert_eq!(attr.perm, 0o766, "the cached attributes follow");
 }
+
+/// Reads directory handle `fh` from `offset`, taking at most `max` entries
+/// (the kernel's buffer filling up).
+fn list_some(
+    core: &Core<Instrumented<DirBackend>>,
+    fh: u64,
+    offset: u64,
+    max: usize,
+) -> Vec<String> {
+    let mut names = Vec::new();
+    core.readdir(fh, offset, false, &mut |e| {
+        if names.len() == max {
+            return true;
+        }
+        names.push(e.name.to_string_lossy().into_owned());
+        false
+    })
+    .unwrap();
+    names
+}
+
+#[test]
+fn the_kernel_is_told_to_keep_a_listing_only_when_its_cache_holds_that_listing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("d");
+    std::fs::create_dir(&d).unwrap();
+    for i in 0..40 {
+        std::fs::write(d.join(format!("n{:02}", (i * 7) % 40)), b"x").unwrap();
+    }
+    let (core, _) = core(dir.path());
+    let ino = core.lookup(ROOT, OsStr::new("d")).unwrap().attr.ino;
+    let all = |core: &Core<_>| {
+        let h = core.opendir(ino).unwrap();
+        let names = list_some(core, h.fh, 0, usize::MAX);
+        core.releasedir(h.fh).unwrap();
+        (h.keep_cache, names)
+    };
+    let kept = |core: &Core<_>| {
+        let h = core.opendir(ino).unwrap();
+        core.releasedir(h.fh).unwrap();
+        h.keep_cache
+    };
+    // Read from the NAS, then from the tables: one order, whoever serves
+    // it, or handles filling the kernel's cache together would mix two.
+    let (keep, first) = all(&core);
+    assert!(!keep);
+    let mut sorted = first[2..].to_vec();
+    sorted.sort();
+    assert_eq!(first[2..], sorted[..], "served in name order");
+    let (keep, again) = all(&core);
+    assert!(keep, "a listing served whole and unchanged may be kept");
+    assert_eq!(again, first);
+
+    // A handle that starts elsewhere than offset 0 fills nothing.
+    std::fs::write(d.join("late"), b"z").unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let h = core.opendir(ino).unwrap();
+    assert!(!h.keep_cache, "the listing's time to live has passed");
+    list_some(&core, h.fh, 5, usize::MAX);
+    core.releasedir(h.fh).unwrap();
+    assert!(
+        !kept(&core),
+        "the kernel's cache holds the listing without late"
+    );
+    let (keep, first) = all(&core);
+    assert!(!keep);
+    assert!(first.contains(&"late".to_string()));
+
+    // An old handle part way through when another listing went in does
+    // not vouch for the cache, even once the directory is as it read it.
+    assert!(kept(&core));
+    let old = core.opendir(ino).unwrap();
+    assert_eq!(list_some(&core, old.fh, 0, 3), first[..3]);
+    std::fs::write(d.join("new"), b"y").unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let (keep, other) = all(&core);
+    assert!(!keep && other.len() == first.len() + 1);
+    std::fs::remove_file(d.join("new")).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let partial = core.opendir(ino).unwrap();
+    assert!(!partial.keep_cache);
+    assert_eq!(list_some(&core, partial.fh, 0, 10), first[..10]);
+    core.releasedir(partial.fh).unwrap();
+    assert_eq!(list_some(&core, old.fh, 3, usize::MAX), first[3..]);
+    core.releasedir(old.fh).unwrap();
+    assert!(!kept(&core), "the kernel's cache may hold a mix");
+}
