@@ -510,6 +510,13 @@ fn uid_gid_and_umask_change_what_is_shown_not_the_nas() {
 #[test]
 fn mounting_over_a_systemd_style_autofs_placeholder_works() {
     use std::os::fd::AsRawFd;
+    let filesystems = fs::read_to_string("/proc/filesystems").unwrap();
+    if !filesystems.split_whitespace().any(|f| f == "autofs") {
+        // Built without autofs (some container kernels): there is no
+        // placeholder to mount over, so nothing here could go wrong.
+        eprintln!("SKIPPED: this kernel has no autofs");
+        return;
+    }
     let d = dirs();
     fs::write(d.nas.join("f"), "behind autofs").unwrap();
     // An autofs direct mount like systemd's, owned by a process group that
