@@ -98,6 +98,16 @@ pub fn pin<B: Backend>(
     rel: &OsStr,
     progress: &mut dyn FnMut(PinProgress) -> bool,
 ) -> FsResult<PinProgress> {
+    pin_as(core, rel, progress, false)
+}
+
+/// [`pin`]; a `refresh` does nothing for a pin removed since it started.
+fn pin_as<B: Backend>(
+    core: &Core<B>,
+    rel: &OsStr,
+    progress: &mut dyn FnMut(PinProgress) -> bool,
+    refresh: bool,
+) -> FsResult<PinProgress> {
     let data = core.data_cache().clone();
     let Some(disk) = data.disk() else {
         return Err(FsError::Invalid(
@@ -107,6 +117,9 @@ pub fn pin<B: Backend>(
     let path = normalize(rel)?;
     let backend = core.backend();
     let pinning = core.pin_lock();
+    if refresh && !disk.pins()?.iter().any(|p| p.path == path) {
+        return Ok(PinProgress::default()); // unpinned meanwhile
+    }
     let items = match walk(core, &path) {
         Ok(items) => items,
         Err(e) => {
@@ -192,10 +205,11 @@ pub fn unpin<B: Backend>(core: &Core<B>, rel: &OsStr) -> FsResult<()> {
         return Err(FsError::Invalid("no disk cache, so nothing is pinned"));
     };
     let path = normalize(rel)?;
+    let _pinning = core.pin_lock();
     if !disk.unpin(&path)? {
         return Err(FsError::Invalid("not pinned"));
     }
-    release(core);
+    release_locked(core);
     Ok(())
 }
 
@@ -250,7 +264,7 @@ pub fn refresh<B: Backend>(core: &Core<B>) {
             return;
         }
         let name = String::from_utf8_lossy(&path).into_owned();
-        match pin(core, OsStr::from_bytes(&path), &mut |_| true) {
+        match pin_as(core, OsStr::from_bytes(&path), &mut |_| true, true) {
             Ok(p) => log::debug!("pin /{name}: {} files, {} bytes", p.files, p.bytes),
             Err(e) => log::warn!("pin /{name}: cannot refresh it: {e}"),
         }
