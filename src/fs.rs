@@ -119,14 +119,11 @@ struct Inode<B: Backend> {
     /// Extended attributes read, valid while the attributes are fresh and
     /// the ctime the same (an xattr change on the NAS moves the ctime).
     xattrs: Option<Box<XattrCache>>,
-    /// A directory's listing as the kernel last cached it (FOPEN_CACHE_DIR),
-    /// as a [`fingerprint`]; None when unknown or possibly mixed.
-    kernel_listing: Option<u64>,
-    /// Directory handles now serving a listing from offset 0 on, which the
-    /// kernel may be adding to its cache: (handle, fingerprint, epoch).
-    kernel_fills: Vec<(u64, u64, u64)>,
-    /// Moves on whenever another listing may have gone into that cache.
-    kernel_epoch: u64,
+    /// The listings (as [`fingerprint`]s, with when last served) that
+    /// readdir replies gave the kernel since it last dropped its cache of
+    /// this directory (FOPEN_CACHE_DIR): all it can hold. See
+    /// [`Core::kernel_listing_current`].
+    kernel_served: Vec<(u64, Instant)>,
 }
 
 /// The extended attributes of one inode as last read from the NAS.
@@ -197,23 +194,6 @@ struct DirHandle<B: Backend> {
     names_gen: u64,
     /// The [`fingerprint`] of `items`.
     fingerprint: u64,
-    /// The offset the next readdir continues at if the handle reads on
-    /// straight, as the kernel does while filling its cache.
-    next: u64,
-    /// Serving `items` from offset 0 on without a jump so far.
-    filling: bool,
-}
-
-/// A step of a directory handle that may fill the kernel's listing cache.
-enum Fill {
-    /// It serves a listing from offset 0.
-    Start,
-    /// It served the listing to its end.
-    End,
-    /// It served it to the end, but the listing may be out of date.
-    Unsure,
-    /// It jumped elsewhere or was closed before the end.
-    Stop,
 }
 
 enum Handle<B: Backend> {
@@ -294,9 +274,7 @@ impl<B: Backend> Core<B> {
                 target: None,
                 kept: true,
                 xattrs: None,
-                kernel_listing: None,
-                kernel_fills: Vec::new(),
-                kernel_epoch: 0,
+                kernel_served: Vec::new(),
             },
         );
         Ok(Core {
@@ -798,9 +776,7 @@ impl<B: Backend> Core<B> {
                 target: None,
                 kept: false,
                 xattrs: None,
-                kernel_listing: None,
-                kernel_fills: Vec::new(),
-                kernel_epoch: 0,
+                kernel_served: Vec::new(),
             });
             if inode.kind != attr.kind {
                 // The NAS reused the number for another object.
@@ -1948,23 +1924,45 @@ impl<B: Backend> Core<B> {
             settle_gen: 0,
             names_gen: 0,
             fingerprint: 0,
-            next: 0,
-            filling: false,
         }))));
         Ok(Opened { fh, keep_cache })
     }
 
-    /// Whether the listing the kernel cached for directory `ino` is still
-    /// the one nassync would serve now, without asking the NAS: then the
-    /// kernel may answer readdir itself. Like NFS's close-to-open, each
-    /// opendir after the listing's time to live goes back to the NAS.
+    /// Whether the listing the kernel may have cached for directory `ino`
+    /// is the one nassync would serve now, without asking the NAS: then
+    /// the kernel may answer readdir itself. Like NFS's close-to-open, each
+    /// opendir after the listing's time to live goes back to the NAS. When
+    /// not, the kernel drops the pages of its cache at this opendir.
+    ///
+    /// The kernel fills its cache from the replies of any handle that reads
+    /// at the position the cache has reached, from offset 0 on, so a
+    /// complete cache may be stitched from several replies. Every listing
+    /// is served in one order (by name), so if every reply since the pages
+    /// were last dropped served the same listing, the cache holds that
+    /// listing (or is incomplete, and the kernel asks again).
     fn kernel_listing_current(&self, ino: u64) -> bool {
-        let t = self.tables();
-        let (Some(i), Some(l)) = (t.inodes.get(&ino), t.listings.get(&ino)) else {
+        let mut t = self.tables();
+        let current = Self::listing_fingerprint(&t, ino);
+        let Some(i) = t.inodes.get_mut(&ino) else {
             return false;
         };
-        if !l.complete || l.until <= Instant::now() || i.kernel_listing.is_none() {
-            return false;
+        if current.is_some() && matches!(i.kernel_served[..], [(fp, _)] if Some(fp) == current) {
+            return true;
+        }
+        // A reply sent just before may reach the kernel's cache just after
+        // it drops its pages: such replies stay counted.
+        let now = Instant::now();
+        i.kernel_served
+            .retain(|(_, at)| now.saturating_duration_since(*at) < Duration::from_secs(1));
+        false
+    }
+
+    /// The [`fingerprint`] of what list_cached would serve for `ino`, if
+    /// its listing is fresh and complete.
+    fn listing_fingerprint(t: &Tables<B>, ino: u64) -> Option<u64> {
+        let (i, l) = (t.inodes.get(&ino)?, t.listings.get(&ino)?);
+        if !l.complete || l.until <= Instant::now() {
+            return None;
         }
         // What list_cached would serve.
         let entries = l.names.iter().filter_map(|(n, f)| {
@@ -1979,45 +1977,17 @@ impl<B: Backend> Core<B> {
             (OsStr::new("."), ino, FileKind::Dir),
             (OsStr::new(".."), i.parent, FileKind::Dir),
         ];
-        i.kernel_listing == Some(fingerprint(dots.into_iter().chain(entries)))
+        Some(fingerprint(dots.into_iter().chain(entries)))
     }
 
-    /// Follows what the kernel may add to its cache of directory `ino`: it
-    /// adds what a handle reads from offset 0 straight on, whichever handle
-    /// reads at the position the cache has reached, and serves the cache
-    /// once complete. Listings are served in one order (by name), so
-    /// handles serving equal listings fill it alike; once another listing
-    /// may have gone in, only a fill started after that vouches for it.
-    fn kernel_fill(&self, ino: u64, fh: u64, fp: u64, step: Fill) {
+    /// Notes that a readdir reply served listing `fp` of directory `ino`.
+    fn kernel_served(&self, ino: u64, fp: u64) {
         let mut t = self.tables();
-        let Some(i) = t.inodes.get_mut(&ino) else {
-            return;
-        };
-        let mine = i.kernel_fills.iter().find(|f| f.0 == fh).map(|f| f.2);
-        i.kernel_fills.retain(|f| f.0 != fh);
-        match step {
-            Fill::Start => {
-                if i.kernel_listing != Some(fp) {
-                    i.kernel_listing = None;
-                    i.kernel_epoch += 1;
-                }
-                i.kernel_fills.push((fh, fp, i.kernel_epoch));
-            }
-            // What it served may be in the kernel's cache, but it started
-            // as one of the listings the cache could hold.
-            Fill::Stop => {}
-            Fill::End => {
-                let vouches = mine == Some(i.kernel_epoch)
-                    && i.kernel_fills.iter().all(|f| f.1 == fp)
-                    && i.kernel_listing.is_none_or(|k| k == fp);
-                // Any other listing that went in meanwhile moved the epoch
-                // when it started.
-                i.kernel_listing = vouches.then_some(fp);
-            }
-            // Served names may have been removed meanwhile.
-            Fill::Unsure => {
-                i.kernel_listing = None;
-                i.kernel_epoch += 1;
+        if let Some(i) = t.inodes.get_mut(&ino) {
+            let now = Instant::now();
+            match i.kernel_served.iter_mut().find(|(f, _)| *f == fp) {
+                Some(s) => s.1 = now,
+                None => i.kernel_served.push((fp, now)),
             }
         }
     }
@@ -2173,7 +2143,7 @@ impl<B: Backend> Core<B> {
                 cached,
             });
         }
-        // The order list_cached serves: see kernel_fill.
+        // The order list_cached serves: see kernel_listing_current.
         items[2..].sort_unstable_by(|a, b| a.name.cmp(&b.name));
         let mut t = self.tables();
         let dir_ttl = t
@@ -2277,12 +2247,7 @@ impl<B: Backend> Core<B> {
     ) -> FsResult<()> {
         let h = self.dir_handle(fh)?;
         let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
-        let start = offset == 0 || h.items.is_none();
-        if h.filling && (start || offset != h.next) {
-            h.filling = false;
-            self.kernel_fill(h.ino, fh, h.fingerprint, Fill::Stop);
-        }
-        if start {
+        if offset == 0 || h.items.is_none() {
             h.settle_gen = self.settle_gen();
             h.names_gen = self.tables().names_gen;
             let listed = match self.list_fresh(h.ino, plus) {
@@ -2300,21 +2265,16 @@ impl<B: Backend> Core<B> {
             };
             h.fingerprint = fingerprint(items.iter().map(|i| (i.name.as_os_str(), i.ino, i.kind)));
             h.items = Some(items);
-            // Only a listing served from its start can fill the kernel's cache.
-            if offset == 0 {
-                h.filling = true;
-                self.kernel_fill(h.ino, fh, h.fingerprint, Fill::Start);
-            }
         }
         let g0 = h.settle_gen;
         let names_gen = h.names_gen;
         let dir_ino = h.ino;
         let items = h.items.as_deref().unwrap_or_default();
-        let mut ended = true;
-        let mut reached = offset;
+        if offset < items.len() as u64 {
+            self.kernel_served(dir_ino, h.fingerprint);
+        }
         for (i, item) in items.iter().enumerate().skip(offset as usize) {
             let next = i as u64 + 1;
-            reached = i as u64;
             match (&item.plus, plus) {
                 (Some((node, attr)), true) => {
                     let mut shown = *attr;
@@ -2335,7 +2295,6 @@ impl<B: Backend> Core<B> {
                         entry: Some(&provisional),
                     });
                     if full {
-                        ended = false;
                         break;
                     }
                     self.remember_at(
@@ -2366,7 +2325,6 @@ impl<B: Backend> Core<B> {
                         name: &item.name,
                         entry: Some(&e),
                     }) {
-                        ended = false;
                         break;
                     }
                 }
@@ -2378,35 +2336,15 @@ impl<B: Backend> Core<B> {
                         name: &item.name,
                         entry: None,
                     }) {
-                        ended = false;
                         break;
                     }
                 }
             }
         }
-        if ended {
-            reached = items.len() as u64;
-        }
-        h.next = reached;
-        if ended && h.filling {
-            h.filling = false;
-            let step = if self.tables().names_gen == names_gen {
-                Fill::End
-            } else {
-                Fill::Unsure
-            };
-            self.kernel_fill(dir_ino, fh, h.fingerprint, step);
-        }
         Ok(())
     }
 
     pub fn releasedir(&self, fh: u64) -> FsResult<()> {
-        if let Ok(h) = self.dir_handle(fh) {
-            let h = h.lock().unwrap_or_else(|e| e.into_inner());
-            if h.filling {
-                self.kernel_fill(h.ino, fh, h.fingerprint, Fill::Stop);
-            }
-        }
         self.release(fh)
     }
 
@@ -2493,7 +2431,8 @@ impl<B: Backend> Core<B> {
         let cached = |c: &XattrCache| {
             c.values.get(name).cloned().or_else(|| {
                 let list = c.list.as_deref()?;
-                (always_listed(name) && !xattr_listed(list, name)).then_some(Err(libc::ENODATA))
+                (always_listed(name, self.backend.lists_acls()) && !xattr_listed(list, name))
+                    .then_some(Err(libc::ENODATA))
             })
         };
         let answer = |r: Result<Vec<u8>, i32>| match r {
@@ -2508,7 +2447,9 @@ impl<B: Backend> Core<B> {
         let (node, _, _) = self.node(ino)?;
         // `ls -l` asks each file for security.selinux, which NAS files
         // rarely have: one listxattr answers that and any user.* name.
-        if always_listed(name) && self.xattr_cache(ino, false, |c| c.list.clone()).is_none() {
+        if always_listed(name, self.backend.lists_acls())
+            && self.xattr_cache(ino, false, |c| c.list.clone()).is_none()
+        {
             if let Ok(list) = self.backend.listxattr(&node) {
                 let absent = !xattr_listed(&list, name);
                 self.xattr_store(ino, stamp, |c| c.list = Some(list));
@@ -2608,14 +2549,16 @@ fn fingerprint<'a>(entries: impl Iterator<Item = (&'a OsStr, u64, FileKind)>) ->
 }
 
 /// Whether listxattr names `name` whenever getxattr would find it. Not so
-/// for the system namespace (NFSv4's system.nfs4_acl is never listed, cifs
-/// serves ACLs it does not list), nor for trusted.* (listed to
-/// CAP_SYS_ADMIN only). A security.* name that an LSM answers for never
-/// reaches nassync.
-fn always_listed(name: &OsStr) -> bool {
+/// for the rest of the system namespace (NFSv4's system.nfs4_acl is never
+/// listed), nor for trusted.* (listed to CAP_SYS_ADMIN only), nor for POSIX
+/// ACLs unless the backend says so. A security.* name that an LSM answers
+/// for never reaches nassync.
+fn always_listed(name: &OsStr, lists_acls: bool) -> bool {
     use std::os::unix::ffi::OsStrExt;
     let n = name.as_bytes();
-    n.starts_with(b"user.") || n.starts_with(b"security.")
+    n.starts_with(b"user.")
+        || n.starts_with(b"security.")
+        || (lists_acls && (n == b"system.posix_acl_access" || n == b"system.posix_acl_default"))
 }
 
 /// Whether a listxattr answer (NUL-terminated names) holds `name`.
@@ -2699,12 +2642,14 @@ mod tests {
         assert!(xattr_listed(list, OsStr::new("user.a")));
         assert!(!xattr_listed(list, OsStr::new("user.")));
         assert!(!xattr_listed(list, OsStr::new("user.b")));
-        assert!(always_listed(OsStr::new("user.b")));
-        assert!(always_listed(OsStr::new("security.selinux")));
-        // Served by some NAS clients (cifs) without being listed.
-        assert!(!always_listed(OsStr::new("system.posix_acl_access")));
-        assert!(!always_listed(OsStr::new("system.nfs4_acl")));
+        let listed = |n: &str| always_listed(OsStr::new(n), true);
+        assert!(listed("user.b"));
+        assert!(listed("security.selinux"));
+        assert!(listed("system.posix_acl_access"));
+        // Served by cifs without being listed.
+        assert!(!always_listed(OsStr::new("system.posix_acl_access"), false));
+        assert!(!listed("system.nfs4_acl"));
         // Hidden from listxattr for a daemon without CAP_SYS_ADMIN.
-        assert!(!always_listed(OsStr::new("trusted.a")));
+        assert!(!listed("trusted.a"));
     }
 }

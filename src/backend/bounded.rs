@@ -640,6 +640,9 @@ impl<B: Backend> Backend for BoundedBackend<B> {
     fn max_file_size(&self) -> u64 {
         self.0.inner.max_file_size()
     }
+    fn lists_acls(&self) -> bool {
+        self.0.inner.lists_acls()
+    }
     fn getxattr(&self, node: &Self::Node, name: &OsStr) -> BResult<Vec<u8>> {
         let (node, name) = (node.clone(), name.to_os_string());
         self.call("getxattr", false, move |b| b.getxattr(&node, &name))

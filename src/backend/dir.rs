@@ -64,6 +64,25 @@ pub struct DirBackend {
     root_dev: u64,
     /// The source filesystem's largest file size (see [`probe_max_size`]).
     max_size: u64,
+    /// See [`Backend::lists_acls`].
+    lists_acls: bool,
+}
+
+/// Whether `dir` is on cifs/smb3, whose listxattr leaves out the POSIX
+/// ACLs its getxattr serves.
+fn is_smb(dir: &Path) -> bool {
+    const CIFS_MAGIC_NUMBER: i64 = 0xFF53_4D42;
+    const SMB2_MAGIC_NUMBER: i64 = 0xFE53_4D42;
+    const SMB_SUPER_MAGIC: i64 = 0x517B;
+    match nix::sys::statfs::statfs(dir) {
+        Ok(s) => {
+            // i64 with glibc, u64 with musl.
+            #[allow(clippy::unnecessary_cast)]
+            let t = s.filesystem_type().0 as i64;
+            [CIFS_MAGIC_NUMBER, SMB2_MAGIC_NUMBER, SMB_SUPER_MAGIC].contains(&t)
+        }
+        Err(_) => true, // unknown: do not count on listxattr
+    }
 }
 
 /// The largest size a file can have on the filesystem of `dir`, found by
@@ -266,6 +285,7 @@ impl DirBackend {
             is_root: nix::unistd::geteuid().is_root(),
             root_dev: std::os::unix::fs::MetadataExt::dev(&meta),
             max_size: probe_max_size(root),
+            lists_acls: !is_smb(root),
         })
     }
 
@@ -751,6 +771,9 @@ impl Backend for DirBackend {
             .map_err(|e| BackendError::new("fsyncdir", e))
     }
 
+    fn lists_acls(&self) -> bool {
+        self.lists_acls
+    }
     fn max_file_size(&self) -> u64 {
         self.max_size
     }

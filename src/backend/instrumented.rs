@@ -222,6 +222,9 @@ impl<B: Backend> Backend for Instrumented<B> {
     fn max_file_size(&self) -> u64 {
         self.inner.max_file_size()
     }
+    fn lists_acls(&self) -> bool {
+        self.inner.lists_acls()
+    }
     fn online(&self) -> bool {
         self.inner.online()
     }
