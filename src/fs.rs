@@ -119,11 +119,23 @@ struct Inode<B: Backend> {
     /// Extended attributes read, valid while the attributes are fresh and
     /// the ctime the same (an xattr change on the NAS moves the ctime).
     xattrs: Option<Box<XattrCache>>,
-    /// The listings (as [`fingerprint`]s, with when last served) that
-    /// readdir replies gave the kernel since it last dropped its cache of
-    /// this directory (FOPEN_CACHE_DIR): all it can hold. See
-    /// [`Core::kernel_listing_current`].
-    kernel_served: Vec<(u64, Instant)>,
+    /// What readdir replies gave the kernel since it last dropped its
+    /// cache of this directory (FOPEN_CACHE_DIR): all that cache can hold.
+    /// See [`Core::kernel_listing_current`]. Boxed: most inodes are files.
+    kernel: Option<Box<KernelListings>>,
+}
+
+/// See [`Inode::kernel`].
+#[derive(Default)]
+struct KernelListings {
+    /// The listings served, as [`fingerprint`]s: when last served, and
+    /// whether a reply reached the end (it may have completed the cache).
+    served: Vec<(u64, Instant, bool)>,
+    /// More listings went in than are worth following: keep nothing.
+    mixed: bool,
+    /// Open handles and the listing each serves: what their replies may
+    /// still add, however late the kernel takes them in.
+    open: Vec<(u64, u64)>,
 }
 
 /// The extended attributes of one inode as last read from the NAS.
@@ -131,6 +143,8 @@ struct XattrCache {
     ctime: std::time::SystemTime,
     /// `listxattr`'s answer.
     list: Option<Vec<u8>>,
+    /// Whether it names every POSIX ACL ([`Backend::lists_acls`]).
+    acls_listed: bool,
     /// `getxattr`'s answers: a value, or the errno (ENODATA, ENOTSUP).
     values: HashMap<OsString, Result<Vec<u8>, i32>>,
 }
@@ -274,7 +288,7 @@ impl<B: Backend> Core<B> {
                 target: None,
                 kept: true,
                 xattrs: None,
-                kernel_served: Vec::new(),
+                kernel: None,
             },
         );
         Ok(Core {
@@ -776,7 +790,7 @@ impl<B: Backend> Core<B> {
                 target: None,
                 kept: false,
                 xattrs: None,
-                kernel_served: Vec::new(),
+                kernel: None,
             });
             if inode.kind != attr.kind {
                 // The NAS reused the number for another object.
@@ -1946,14 +1960,27 @@ impl<B: Backend> Core<B> {
         let Some(i) = t.inodes.get_mut(&ino) else {
             return false;
         };
-        if current.is_some() && matches!(i.kernel_served[..], [(fp, _)] if Some(fp) == current) {
+        let k = i.kernel.get_or_insert_with(Default::default);
+        // Served whole, so the cache is complete and takes no more.
+        let whole = matches!(k.served[..], [(fp, _, true)] if Some(fp) == current);
+        if whole && !k.mixed {
             return true;
         }
-        // A reply sent just before may reach the kernel's cache just after
-        // it drops its pages: such replies stay counted.
+        // The kernel drops the pages now. A reply of an open handle (or
+        // one just sent) may still reach the cache after that.
+        // Whatever completes the cache from now on is a reply after this.
         let now = Instant::now();
-        i.kernel_served
-            .retain(|(_, at)| now.saturating_duration_since(*at) < Duration::from_secs(1));
+        k.served
+            .retain(|s| now.saturating_duration_since(s.1) < Duration::from_secs(1));
+        for &(_, fp) in &k.open {
+            if !k.served.iter().any(|s| s.0 == fp) {
+                k.served.push((fp, now, false));
+            }
+        }
+        for s in &mut k.served {
+            s.2 = false;
+        }
+        k.mixed = false;
         false
     }
 
@@ -1980,15 +2007,29 @@ impl<B: Backend> Core<B> {
         Some(fingerprint(dots.into_iter().chain(entries)))
     }
 
-    /// Notes that a readdir reply served listing `fp` of directory `ino`.
-    fn kernel_served(&self, ino: u64, fp: u64) {
+    /// Notes that handle `fh` replied to a readdir of directory `ino` with
+    /// listing `fp`, up to its end or not.
+    fn kernel_served(&self, ino: u64, fh: u64, fp: u64, to_end: bool) {
         let mut t = self.tables();
-        if let Some(i) = t.inodes.get_mut(&ino) {
-            let now = Instant::now();
-            match i.kernel_served.iter_mut().find(|(f, _)| *f == fp) {
-                Some(s) => s.1 = now,
-                None => i.kernel_served.push((fp, now)),
+        let Some(i) = t.inodes.get_mut(&ino) else {
+            return;
+        };
+        let k = i.kernel.get_or_insert_with(Default::default);
+        let now = Instant::now();
+        let full = k.served.len() >= 8;
+        match k.served.iter_mut().find(|s| s.0 == fp) {
+            Some(s) => {
+                s.1 = now;
+                s.2 |= to_end;
             }
+            // A directory changing under a reader that rewinds: no point
+            // following every listing (the open handles' are kept).
+            None if full => k.mixed = true,
+            None => k.served.push((fp, now, to_end)),
+        }
+        match k.open.iter_mut().find(|o| o.0 == fh) {
+            Some(o) => o.1 = fp,
+            None => k.open.push((fh, fp)),
         }
     }
 
@@ -2270,9 +2311,7 @@ impl<B: Backend> Core<B> {
         let names_gen = h.names_gen;
         let dir_ino = h.ino;
         let items = h.items.as_deref().unwrap_or_default();
-        if offset < items.len() as u64 {
-            self.kernel_served(dir_ino, h.fingerprint);
-        }
+        let mut to_end = true;
         for (i, item) in items.iter().enumerate().skip(offset as usize) {
             let next = i as u64 + 1;
             match (&item.plus, plus) {
@@ -2295,6 +2334,7 @@ impl<B: Backend> Core<B> {
                         entry: Some(&provisional),
                     });
                     if full {
+                        to_end = false;
                         break;
                     }
                     self.remember_at(
@@ -2309,14 +2349,28 @@ impl<B: Backend> Core<B> {
                     )?;
                 }
                 (None, true) => {
-                    // "." and "..": the kernel takes no lookup for them.
-                    let (attr, _) = self
-                        .getattr(item.ino, None)
-                        .or_else(|_| self.getattr(dir_ino, None))?;
-                    let e = Entry {
-                        attr,
-                        attr_ttl: Duration::ZERO,
-                        entry_ttl: Duration::ZERO,
+                    let dot = item.name == "." || item.name == "..";
+                    let e = if dot {
+                        // The kernel takes no lookup for them. The entry's
+                        // inode number is its attributes'.
+                        let (mut attr, _) = self
+                            .getattr(item.ino, None)
+                            .or_else(|_| self.getattr(dir_ino, None))?;
+                        attr.ino = item.ino;
+                        Entry {
+                            attr,
+                            attr_ttl: Duration::ZERO,
+                            entry_ttl: Duration::ZERO,
+                        }
+                    } else {
+                        // Listed without attributes (the handle's first
+                        // readdir was not plus): looked up now, which
+                        // counts as the kernel's lookup.
+                        match self.lookup(dir_ino, &item.name) {
+                            Ok(e) => e,
+                            Err(e) if e.errno() == libc::ENOENT => continue,
+                            Err(e) => return Err(e),
+                        }
                     };
                     if add(DirOut {
                         ino: item.ino,
@@ -2325,6 +2379,10 @@ impl<B: Backend> Core<B> {
                         name: &item.name,
                         entry: Some(&e),
                     }) {
+                        if !dot {
+                            self.forget(e.attr.ino, 1);
+                        }
+                        to_end = false;
                         break;
                     }
                 }
@@ -2336,15 +2394,30 @@ impl<B: Backend> Core<B> {
                         name: &item.name,
                         entry: None,
                     }) {
+                        to_end = false;
                         break;
                     }
                 }
             }
         }
+        // After the entries: the kernel takes them in once the reply is
+        // sent. An empty reply at the end counts, as it completes a cache.
+        self.kernel_served(dir_ino, fh, h.fingerprint, to_end);
         Ok(())
     }
 
     pub fn releasedir(&self, fh: u64) -> FsResult<()> {
+        if let Ok(h) = self.dir_handle(fh) {
+            let ino = h.lock().unwrap_or_else(|e| e.into_inner()).ino;
+            if let Some(k) = self
+                .tables()
+                .inodes
+                .get_mut(&ino)
+                .and_then(|i| i.kernel.as_mut())
+            {
+                k.open.retain(|o| o.0 != fh);
+            }
+        }
         self.release(fh)
     }
 
@@ -2417,6 +2490,7 @@ impl<B: Backend> Core<B> {
             Box::new(XattrCache {
                 ctime,
                 list: None,
+                acls_listed: false,
                 values: HashMap::new(),
             })
         };
@@ -2431,7 +2505,7 @@ impl<B: Backend> Core<B> {
         let cached = |c: &XattrCache| {
             c.values.get(name).cloned().or_else(|| {
                 let list = c.list.as_deref()?;
-                (always_listed(name, self.backend.lists_acls()) && !xattr_listed(list, name))
+                (always_listed(name, c.acls_listed) && !xattr_listed(list, name))
                     .then_some(Err(libc::ENODATA))
             })
         };
@@ -2447,12 +2521,16 @@ impl<B: Backend> Core<B> {
         let (node, _, _) = self.node(ino)?;
         // `ls -l` asks each file for security.selinux, which NAS files
         // rarely have: one listxattr answers that and any user.* name.
-        if always_listed(name, self.backend.lists_acls())
+        let acls_listed = self.backend.lists_acls(&node);
+        if always_listed(name, acls_listed)
             && self.xattr_cache(ino, false, |c| c.list.clone()).is_none()
         {
             if let Ok(list) = self.backend.listxattr(&node) {
                 let absent = !xattr_listed(&list, name);
-                self.xattr_store(ino, stamp, |c| c.list = Some(list));
+                self.xattr_store(ino, stamp, |c| {
+                    c.list = Some(list);
+                    c.acls_listed = acls_listed;
+                });
                 if absent {
                     return answer(Err(libc::ENODATA));
                 }
@@ -2486,7 +2564,11 @@ impl<B: Backend> Core<B> {
         let (node, _, _) = self.node(ino)?;
         match self.backend.listxattr(&node) {
             Ok(l) => {
-                self.xattr_store(ino, stamp, |c| c.list = Some(l.clone()));
+                let acls_listed = self.backend.lists_acls(&node);
+                self.xattr_store(ino, stamp, |c| {
+                    c.list = Some(l.clone());
+                    c.acls_listed = acls_listed;
+                });
                 Ok(l)
             }
             Err(e) if is_unreachable(&e) => self

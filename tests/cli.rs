@@ -225,9 +225,20 @@ fn a_stale_mount_left_by_a_killed_daemon_is_explained_and_can_be_cleaned() {
 /// The cache directory `nassync stats` names for the mount at `mnt`.
 fn cache_dir_of(mnt: &Path) -> Option<std::path::PathBuf> {
     let out = nassync(&["stats", s(mnt)]);
-    String::from_utf8_lossy(&out.stdout)
+    let found = String::from_utf8_lossy(&out.stdout)
         .lines()
-        .find_map(|l| l.strip_prefix("cache_dir ").map(Into::into))
+        .find_map(|l| l.strip_prefix("cache_dir ").map(Into::into));
+    if found.is_none() {
+        // Seen once under load in the whole suite: say what stats said.
+        eprintln!(
+            "nassync stats {}: {}\nstdout: {}\nstderr: {}",
+            mnt.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    found
 }
 
 /// Removes directories when dropped (declared before the mounts that use

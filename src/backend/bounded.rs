@@ -640,8 +640,8 @@ impl<B: Backend> Backend for BoundedBackend<B> {
     fn max_file_size(&self) -> u64 {
         self.0.inner.max_file_size()
     }
-    fn lists_acls(&self) -> bool {
-        self.0.inner.lists_acls()
+    fn lists_acls(&self, node: &Self::Node) -> bool {
+        self.0.inner.lists_acls(node)
     }
     fn getxattr(&self, node: &Self::Node, name: &OsStr) -> BResult<Vec<u8>> {
         let (node, name) = (node.clone(), name.to_os_string());

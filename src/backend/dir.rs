@@ -36,6 +36,8 @@ use super::{
 pub struct DirNode {
     fd: OwnedFd,
     kind: FileKind,
+    /// On another filesystem than the source's root (mounted inside it).
+    foreign: bool,
 }
 
 impl DirNode {
@@ -68,20 +70,17 @@ pub struct DirBackend {
     lists_acls: bool,
 }
 
-/// Whether `dir` is on cifs/smb3, whose listxattr leaves out the POSIX
-/// ACLs its getxattr serves.
-fn is_smb(dir: &Path) -> bool {
-    const CIFS_MAGIC_NUMBER: i64 = 0xFF53_4D42;
-    const SMB2_MAGIC_NUMBER: i64 = 0xFE53_4D42;
-    const SMB_SUPER_MAGIC: i64 = 0x517B;
-    match nix::sys::statfs::statfs(dir) {
-        Ok(s) => {
-            // i64 with glibc, u64 with musl.
-            #[allow(clippy::unnecessary_cast)]
-            let t = s.filesystem_type().0 as i64;
-            [CIFS_MAGIC_NUMBER, SMB2_MAGIC_NUMBER, SMB_SUPER_MAGIC].contains(&t)
-        }
-        Err(_) => true, // unknown: do not count on listxattr
+/// Whether a filesystem (its statfs) is cifs/smb3, whose listxattr
+/// leaves out the POSIX ACLs its getxattr serves. Unknown: taken as so.
+fn is_smb(fs: nix::Result<nix::sys::statfs::Statfs>) -> bool {
+    const CIFS_MAGIC_NUMBER: u32 = 0xFF53_4D42;
+    const SMB2_MAGIC_NUMBER: u32 = 0xFE53_4D42;
+    const SMB_SUPER_MAGIC: u32 = 0x517B;
+    match fs {
+        // The magic numbers are 32 bits; f_type is i64, u64 or i32.
+        Ok(s) => [CIFS_MAGIC_NUMBER, SMB2_MAGIC_NUMBER, SMB_SUPER_MAGIC]
+            .contains(&(s.filesystem_type().0 as u32)),
+        Err(_) => true,
     }
 }
 
@@ -285,28 +284,34 @@ impl DirBackend {
             is_root: nix::unistd::geteuid().is_root(),
             root_dev: std::os::unix::fs::MetadataExt::dev(&meta),
             max_size: probe_max_size(root),
-            lists_acls: !is_smb(root),
+            lists_acls: !is_smb(nix::sys::statfs::statfs(root)),
         })
     }
 
     /// Attributes of `fd`, with an inode number unique across the
     /// filesystems under the source.
     fn attr(&self, op: &'static str, fd: RawFd) -> BResult<Attr> {
+        Ok(self.attr_dev(op, fd)?.0)
+    }
+
+    /// [`Self::attr`], and whether `fd` is on another filesystem.
+    fn attr_dev(&self, op: &'static str, fd: RawFd) -> BResult<(Attr, bool)> {
         let (mut attr, dev) = stat_fd(op, fd)?;
         if dev != self.root_dev {
             let mut key = dev.to_le_bytes().to_vec();
             key.extend_from_slice(&attr.ino.to_le_bytes());
             attr.ino = crate::control::fnv64(&key) | (1 << 63);
         }
-        Ok(attr)
+        Ok((attr, dev != self.root_dev))
     }
 
     fn node(&self, op: &'static str, fd: OwnedFd) -> BResult<(Arc<DirNode>, Attr)> {
-        let attr = self.attr(op, fd.as_raw_fd())?;
+        let (attr, foreign) = self.attr_dev(op, fd.as_raw_fd())?;
         Ok((
             Arc::new(DirNode {
                 fd,
                 kind: attr.kind,
+                foreign,
             }),
             attr,
         ))
@@ -771,8 +776,12 @@ impl Backend for DirBackend {
             .map_err(|e| BackendError::new("fsyncdir", e))
     }
 
-    fn lists_acls(&self) -> bool {
-        self.lists_acls
+    fn lists_acls(&self, node: &Self::Node) -> bool {
+        if node.foreign {
+            !is_smb(nix::sys::statfs::fstatfs(&node.fd))
+        } else {
+            self.lists_acls
+        }
     }
     fn max_file_size(&self) -> u64 {
         self.max_size

@@ -222,8 +222,8 @@ impl<B: Backend> Backend for Instrumented<B> {
     fn max_file_size(&self) -> u64 {
         self.inner.max_file_size()
     }
-    fn lists_acls(&self) -> bool {
-        self.inner.lists_acls()
+    fn lists_acls(&self, node: &Self::Node) -> bool {
+        self.inner.lists_acls(node)
     }
     fn online(&self) -> bool {
         self.inner.online()
