@@ -1966,9 +1966,9 @@ impl<B: Backend> Core<B> {
         if whole && !k.mixed {
             return true;
         }
-        // The kernel drops the pages now. A reply of an open handle (or
-        // one just sent) may still reach the cache after that.
-        // Whatever completes the cache from now on is a reply after this.
+        // The kernel drops the pages now, so only replies from here on can
+        // complete the cache; but one of an open handle (or one just
+        // sent) may still reach it after the drop.
         let now = Instant::now();
         k.served
             .retain(|s| now.saturating_duration_since(s.1) < Duration::from_secs(1));
@@ -2623,7 +2623,8 @@ impl<B: Backend> Core<B> {
 }
 
 /// An order-independent digest of a directory listing's (name, inode,
-/// kind) entries: equal listings give equal digests, whatever the hash map order.
+/// kind) entries: equal listings give equal digests, whatever the hash
+/// map order.
 fn fingerprint<'a>(entries: impl Iterator<Item = (&'a OsStr, u64, FileKind)>) -> u64 {
     use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
     let h = BuildHasherDefault::<DefaultHasher>::default();

@@ -16,6 +16,7 @@
 //! kernel has already granted (supplementary groups), the object is created
 //! by the daemon and given to the caller with chown.
 
+use std::collections::HashMap;
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::File;
 use std::io;
@@ -23,7 +24,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{
@@ -36,8 +37,8 @@ use super::{
 pub struct DirNode {
     fd: OwnedFd,
     kind: FileKind,
-    /// On another filesystem than the source's root (mounted inside it).
-    foreign: bool,
+    /// See [`Backend::lists_acls`]: decided per filesystem.
+    lists_acls: bool,
 }
 
 impl DirNode {
@@ -66,8 +67,9 @@ pub struct DirBackend {
     root_dev: u64,
     /// The source filesystem's largest file size (see [`probe_max_size`]).
     max_size: u64,
-    /// See [`Backend::lists_acls`].
-    lists_acls: bool,
+    /// [`Backend::lists_acls`] for each filesystem (device) met under the
+    /// source, asked once, where a node is made (in a bounded NAS call).
+    lists_acls: Mutex<HashMap<u64, bool>>,
 }
 
 /// Whether a filesystem (its statfs) is cifs/smb3, whose listxattr
@@ -284,7 +286,10 @@ impl DirBackend {
             is_root: nix::unistd::geteuid().is_root(),
             root_dev: std::os::unix::fs::MetadataExt::dev(&meta),
             max_size: probe_max_size(root),
-            lists_acls: !is_smb(nix::sys::statfs::statfs(root)),
+            lists_acls: Mutex::new(HashMap::from([(
+                std::os::unix::fs::MetadataExt::dev(&meta),
+                !is_smb(nix::sys::statfs::statfs(root)),
+            )])),
         })
     }
 
@@ -294,24 +299,39 @@ impl DirBackend {
         Ok(self.attr_dev(op, fd)?.0)
     }
 
-    /// [`Self::attr`], and whether `fd` is on another filesystem.
-    fn attr_dev(&self, op: &'static str, fd: RawFd) -> BResult<(Attr, bool)> {
+    /// [`Self::attr`], and the device `fd` is on.
+    fn attr_dev(&self, op: &'static str, fd: RawFd) -> BResult<(Attr, u64)> {
         let (mut attr, dev) = stat_fd(op, fd)?;
         if dev != self.root_dev {
             let mut key = dev.to_le_bytes().to_vec();
             key.extend_from_slice(&attr.ino.to_le_bytes());
             attr.ino = crate::control::fnv64(&key) | (1 << 63);
         }
-        Ok((attr, dev != self.root_dev))
+        Ok((attr, dev))
     }
 
     fn node(&self, op: &'static str, fd: OwnedFd) -> BResult<(Arc<DirNode>, Attr)> {
-        let (attr, foreign) = self.attr_dev(op, fd.as_raw_fd())?;
+        let (attr, dev) = self.attr_dev(op, fd.as_raw_fd())?;
+        let known = self
+            .lists_acls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&dev)
+            .copied();
+        let lists_acls = known.unwrap_or_else(|| {
+            // A filesystem mounted inside the source: once per device.
+            let yes = !is_smb(nix::sys::statfs::fstatfs(&fd));
+            self.lists_acls
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(dev, yes);
+            yes
+        });
         Ok((
             Arc::new(DirNode {
                 fd,
                 kind: attr.kind,
-                foreign,
+                lists_acls,
             }),
             attr,
         ))
@@ -777,11 +797,7 @@ impl Backend for DirBackend {
     }
 
     fn lists_acls(&self, node: &Self::Node) -> bool {
-        if node.foreign {
-            !is_smb(nix::sys::statfs::fstatfs(&node.fd))
-        } else {
-            self.lists_acls
-        }
+        node.lists_acls
     }
     fn max_file_size(&self) -> u64 {
         self.max_size

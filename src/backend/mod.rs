@@ -298,10 +298,9 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Whether listxattr of `node` names every POSIX ACL
     /// (system.posix_acl_access, system.posix_acl_default) that getxattr
-    /// finds: true of local
-    /// filesystems and of Linux's NFS client, not of cifs, which serves
-    /// ACLs it does not list. Then one listxattr answers `ls -l`'s
-    /// question about each file's ACL.
+    /// finds: true of local filesystems and of Linux's NFS client, not of
+    /// cifs, which serves ACLs it does not list. Then one listxattr answers
+    /// `ls -l`'s question about each file's ACL. Answered without I/O.
     fn lists_acls(&self, _node: &Self::Node) -> bool {
         false
     }
