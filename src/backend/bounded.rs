@@ -62,7 +62,7 @@ pub fn is_unreachable(e: &BackendError) -> bool {
 /// wrong (a soft NFS mount's timeout, a dead connection).
 fn means_gone(e: &BackendError) -> bool {
     matches!(
-        e.source.raw_os_error(),
+        Some(e.raw_errno()),
         Some(libc::ETIMEDOUT | libc::ENOTCONN | libc::EHOSTDOWN | libc::EHOSTUNREACH)
             | Some(libc::ENETUNREACH | libc::ECONNREFUSED | libc::ECONNRESET)
     )
@@ -75,6 +75,9 @@ type Job = Box<dyn FnOnce() + Send>;
 fn clone_io(e: &std::io::Error) -> std::io::Error {
     if e.get_ref().is_some_and(|s| s.is::<Unreachable>()) {
         return std::io::Error::new(std::io::ErrorKind::TimedOut, Unreachable);
+    }
+    if let Some(c) = e.get_ref().and_then(|s| s.downcast_ref::<super::Coded>()) {
+        return std::io::Error::new(e.kind(), c.clone());
     }
     match e.raw_os_error() {
         Some(n) => std::io::Error::from_raw_os_error(n),

@@ -14,6 +14,7 @@
 pub mod bounded;
 pub mod dir;
 pub mod instrumented;
+pub mod nfs;
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -185,11 +186,38 @@ impl BackendError {
     pub fn errno(op: &'static str, errno: i32) -> Self {
         BackendError::new(op, std::io::Error::from_raw_os_error(errno))
     }
+    /// An errno with a message of the backend's own (what the NFS
+    /// server said, say), which `raw_errno` still finds.
+    pub fn coded(op: &'static str, errno: i32, message: impl Into<String>) -> Self {
+        let kind = std::io::Error::from_raw_os_error(errno).kind();
+        BackendError::new(op, std::io::Error::new(kind, Coded(errno, message.into())))
+    }
     /// The POSIX errno, or EIO when the cause has none.
     pub fn raw_errno(&self) -> i32 {
-        self.source.raw_os_error().unwrap_or(libc::EIO)
+        errno_of(&self.source)
     }
 }
+
+/// The errno of an I/O error, also of one made by [`BackendError::coded`].
+pub fn errno_of(e: &std::io::Error) -> i32 {
+    if let Some(c) = e.get_ref().and_then(|s| s.downcast_ref::<Coded>()) {
+        return c.0;
+    }
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// An errno and a message.
+#[derive(Debug, Clone)]
+pub struct Coded(pub i32, pub String);
+
+impl fmt::Display for Coded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let plain = std::io::Error::from_raw_os_error(self.0);
+        write!(f, "{} ({plain})", self.1)
+    }
+}
+
+impl std::error::Error for Coded {}
 
 pub type BResult<T> = Result<T, BackendError>;
 
