@@ -20,6 +20,8 @@ use crate::backend::Backend;
 use crate::backend::bounded::BoundedBackend;
 use crate::backend::dir::DirBackend;
 use crate::backend::instrumented::Instrumented;
+use crate::backend::nfs::source::{NfsSource, is_nfs};
+use crate::backend::nfs::{NfsBackend, NfsOptions};
 use crate::cache::CacheError;
 use crate::cache::disk::DiskCache;
 use crate::control;
@@ -48,7 +50,11 @@ const DEFAULT_CACHE_DIRS: u32 = 16;
 /// A mount request, checked.
 #[derive(Debug)]
 pub struct Plan {
+    /// The source as shown: a directory, or an NFS share in its canonical
+    /// `nfs://` form.
     pub source: PathBuf,
+    /// The NFS share, when the source is one.
+    pub nfs: Option<NfsSource>,
     pub mountpoint: PathBuf,
     pub options: MountOptions,
     /// This source's own directory under `cache_dir`.
@@ -164,24 +170,23 @@ pub fn plan(
         status: EXIT_USAGE,
         error: e.into(),
     })?;
-    // The source is the NAS (its NFS mount): it may not answer at all.
-    let src = source.to_path_buf();
-    let checked = within(options.timeo, move || {
-        let meta = std::fs::metadata(&src)?;
-        Ok::<_, std::io::Error>((meta.is_dir(), src.canonicalize()?))
-    })
-    .ok_or_else(|| {
-        anyhow!(
-            "source {}: no answer within timeo={:?} (is the NAS reachable?)",
-            source.display(),
-            options.timeo
-        )
-    })?;
-    let (is_dir, canonical) = checked.with_context(|| format!("source {}", source.display()))?;
-    if !is_dir {
-        return Err(anyhow!("source {} is not a directory", source.display()).into());
-    }
-    let source = canonical;
+    let nfs = match source.to_str() {
+        Some(s) if is_nfs(s) => Some(NfsSource::parse(s).map_err(|e| MountError {
+            status: EXIT_USAGE,
+            error: e.into(),
+        })?),
+        _ => None,
+    };
+    let source = match &nfs {
+        Some(n) => {
+            // Reached now, so that a wrong host or export fails the mount
+            // with the server's answer.
+            NfsBackend::connect(n, &nfs_options(&options))
+                .with_context(|| format!("source {n}"))?;
+            PathBuf::from(n.to_string())
+        }
+        None => check_dir_source(source, &options)?,
+    };
     let mountpoint = match stat_no_automount(mountpoint) {
         Ok(mode) if mode & libc::S_IFMT == libc::S_IFDIR => mountpoint
             .canonicalize()
@@ -215,7 +220,7 @@ pub fn plan(
             .into());
         }
     }
-    if mountpoint.starts_with(&source) && mountpoint != source {
+    if nfs.is_none() && mountpoint.starts_with(&source) && mountpoint != source {
         // Allowed by the kernel, but nassync would see itself in the NAS.
         return Err(anyhow!(
             "mount point {} is inside the source {}",
@@ -231,10 +236,41 @@ pub fn plan(
         .join(escape_source(&source));
     Ok(Plan {
         source,
+        nfs,
         mountpoint,
         options,
         cache_dir,
     })
+}
+
+/// The source directory (normally the NAS's kernel NFS mount), which may
+/// not answer at all: checked within `timeo`, and made canonical.
+fn check_dir_source(source: &Path, options: &MountOptions) -> Result<PathBuf, MountError> {
+    let src = source.to_path_buf();
+    let checked = within(options.timeo, move || {
+        let meta = std::fs::metadata(&src)?;
+        Ok::<_, std::io::Error>((meta.is_dir(), src.canonicalize()?))
+    })
+    .ok_or_else(|| {
+        anyhow!(
+            "source {}: no answer within timeo={:?} (is the NAS reachable?)",
+            source.display(),
+            options.timeo
+        )
+    })?;
+    let (is_dir, canonical) = checked.with_context(|| format!("source {}", source.display()))?;
+    if !is_dir {
+        return Err(anyhow!("source {} is not a directory", source.display()).into());
+    }
+    Ok(canonical)
+}
+
+fn nfs_options(o: &MountOptions) -> NfsOptions {
+    NfsOptions {
+        timeo: o.timeo,
+        nconnect: o.nconnect,
+        resvport: o.resvport,
+    }
 }
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
@@ -407,22 +443,40 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
     } else {
         None
     };
+    match &plan.nfs {
+        Some(n) => {
+            let inner =
+                NfsBackend::connect(n, &nfs_options(o)).with_context(|| format!("source {n}"))?;
+            serve_on(&plan, ready, signals, stats, disk, inner)
+        }
+        None => {
+            let src = plan.source.clone();
+            let inner = within(o.timeo, move || DirBackend::new(&src))
+                .ok_or_else(|| {
+                    anyhow!(
+                        "source {}: no answer within timeo={:?} (is the NAS reachable?)",
+                        plan.source.display(),
+                        o.timeo
+                    )
+                })?
+                .with_context(|| format!("source {}", plan.source.display()))?;
+            serve_on(&plan, ready, signals, stats, disk, inner)
+        }
+    }
+}
+
+/// The daemon over one kind of NAS.
+fn serve_on<B: Backend>(
+    plan: &Plan,
+    ready: &mut Ready,
+    signals: nix::sys::signal::SigSet,
+    stats: Arc<Stats>,
+    disk: Option<DiskCache>,
+    inner: B,
+) -> Result<(), MountError> {
+    let o = &plan.options;
     let backend = BoundedBackend::new(
-        Instrumented::new(
-            {
-                let src = plan.source.clone();
-                within(o.timeo, move || DirBackend::new(&src))
-                    .ok_or_else(|| {
-                        anyhow!(
-                            "source {}: no answer within timeo={:?} (is the NAS reachable?)",
-                            plan.source.display(),
-                            o.timeo
-                        )
-                    })?
-                    .with_context(|| format!("source {}", plan.source.display()))?
-            },
-            stats.clone(),
-        ),
+        Instrumented::new(inner, stats.clone()),
         o.timeo,
         stats.clone(),
     );
@@ -472,7 +526,7 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
     let core = Arc::new(core);
     let fs = FuseFs::new(core.clone(), o.block_size.min(16 << 20) as u32);
     let mut config = fuser::Config::default();
-    config.mount_options = mount_options(&plan);
+    config.mount_options = mount_options(plan);
     let is_root = nix::unistd::geteuid().is_root();
     config.acl = match (o.allow_other.unwrap_or(is_root), o.allow_root) {
         (true, _) => fuser::SessionACL::All,
@@ -505,7 +559,7 @@ fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
     // wait on it forever) and unmounts again at exit (which would take the
     // placeholder down). Users go through fusermount3, via fuser.
     let (session, mut unmounter) = if is_root {
-        let dev = kernel_mount(&plan, &config.acl).map_err(mount_error)?;
+        let dev = kernel_mount(plan, &config.acl).map_err(mount_error)?;
         let session = fuser::Session::from_fd(fs, dev, config.acl, config).map_err(|e| {
             let _ = nix::mount::umount2(&plan.mountpoint, nix::mount::MntFlags::MNT_DETACH);
             mount_error(e)
@@ -984,6 +1038,7 @@ mod tests {
     #[test]
     fn a_source_without_cache_dir_may_use_siblings() {
         let plan = |cache_dir: Option<&str>| Plan {
+            nfs: None,
             source: PathBuf::from("/srv/nas"),
             mountpoint: PathBuf::from("/mnt"),
             options: MountOptions {

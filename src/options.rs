@@ -45,6 +45,10 @@ pub struct MountOptions {
     pub timeo: Duration,
     /// How often pinned files are checked against the NAS and completed.
     pub pin_refresh: Duration,
+    /// NFS sources: connections to the server (one call in flight each).
+    pub nconnect: usize,
+    /// NFS sources: connect from a port below 1024 when root.
+    pub resvport: bool,
 }
 
 /// Every option: name, default, meaning (for --help and the man pages;
@@ -143,6 +147,16 @@ pub const OPTIONS: &[(&str, &str, &str)] = &[
         "10m",
         "how often pinned files are checked against the NAS and fetched again if changed",
     ),
+    (
+        "nconnect=N",
+        "2",
+        "nfs:// sources: TCP connections to the server, 1 to 16",
+    ),
+    (
+        "resvport, noresvport",
+        "resvport",
+        "nfs:// sources: as root, connect from a port below 1024 (most NAS exports ask for it)",
+    ),
     ("fsname=NAME", "the source", "name shown in /proc/mounts"),
     (
         "log_level=LEVEL",
@@ -206,6 +220,8 @@ impl Default for MountOptions {
             unmount_flush_timeout: Duration::from_secs(30),
             timeo: Duration::from_secs(10),
             pin_refresh: Duration::from_secs(600),
+            nconnect: 2,
+            resvport: true,
         }
     }
 }
@@ -416,6 +432,20 @@ impl MountOptions {
             // Always on: the kernel checks permissions against the NAS's
             // modes and owners, as NFS clients do.
             "default_permissions" => flag(opt)?,
+            "nconnect" => {
+                self.nconnect = match need()?.parse::<usize>() {
+                    Ok(n) if (1..=16).contains(&n) => n,
+                    _ => return Err(bad(opt, "expected a number of connections from 1 to 16")),
+                }
+            }
+            "resvport" => {
+                flag(opt)?;
+                self.resvport = true
+            }
+            "noresvport" => {
+                flag(opt)?;
+                self.resvport = false
+            }
             "noatime" => {
                 flag(opt)?;
                 self.noatime = true
