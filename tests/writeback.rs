@@ -156,6 +156,11 @@ impl Drop for SmallFs {
 
 #[test]
 fn a_full_nas_keeps_changes_pending_across_unmount_and_remount() {
+    if common::skip_over_nfs(
+        "the NAS is a filesystem the test mounts, which the NFS server does not export",
+    ) {
+        return;
+    }
     let mut m = Mount::prepare("writeback_delay=1h,unmount_flush_timeout=2s");
     let nas = SmallFs::mount(&m.nas, "1m");
     m.mount();
@@ -284,7 +289,7 @@ fn a_damaged_journal_is_refused_and_left_alone() {
     let before = std::fs::read(&journal).unwrap();
     let out = Command::new(NASSYNC)
         .arg("mount")
-        .arg(&m.nas)
+        .arg(common::source_of(&m.nas))
         .arg(&m.mnt)
         .arg("-o")
         .arg(format!("cache_dir={}", m.cache.display()))
@@ -425,6 +430,11 @@ fn a_file_open_while_saved_over_keeps_its_old_content() {
 
 #[test]
 fn fallocate_beyond_the_nas_free_space_is_refused() {
+    if common::skip_over_nfs(
+        "the NAS is a filesystem the test mounts, which the NFS server does not export",
+    ) {
+        return;
+    }
     let mut m = Mount::prepare("writeback_delay=1h");
     let _nas = SmallFs::mount(&m.nas, "2m");
     m.mount();
@@ -446,6 +456,11 @@ fn fallocate_beyond_the_nas_free_space_is_refused() {
 
 #[test]
 fn offsets_beyond_the_cache_filesystem_reach_a_nas_that_holds_them() {
+    if common::skip_over_nfs(
+        "the NAS is a filesystem the test mounts, which the NFS server does not export",
+    ) {
+        return;
+    }
     // The NAS (tmpfs) holds files up to 2^63-1 bytes; the cache directory's
     // ext4 stops at 16 TiB. fstests generic/525 writes at 2^63-2.
     let mut m = Mount::prepare("writeback_delay=1h");
@@ -474,6 +489,9 @@ fn offsets_beyond_the_cache_filesystem_reach_a_nas_that_holds_them() {
 
 #[test]
 fn sizes_the_nas_cannot_hold_are_refused_at_once() {
+    if common::skip_over_nfs("the NFS server announces no file size limit (FSINFO maxfilesize)") {
+        return;
+    }
     // The NAS is ext4 here (16 TiB at most): with write-back, such a size
     // must fail now, as on the NAS itself, not at every write-back later.
     let mut m = Mount::new("writeback_delay=1h");

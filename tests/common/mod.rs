@@ -19,6 +19,42 @@ pub fn require_fuse() {
     );
 }
 
+/// The NFS server the mount tests go through instead of a plain
+/// directory, when `NASSYNC_TEST_NFS` is set (by scripts/test): the
+/// directory it exports and its `nfs://` URL.
+pub fn nfs_export() -> Option<(PathBuf, String)> {
+    let v = std::env::var("NASSYNC_TEST_NFS").ok()?;
+    let (dir, url) = v.split_once('=')?;
+    Some((PathBuf::from(dir), url.trim_end_matches('/').to_string()))
+}
+
+/// Whether the NAS is reached over NFS (which has no xattrs, ACLs or
+/// fallocate).
+pub fn over_nfs() -> bool {
+    nfs_export().is_some()
+}
+
+/// For a test that cannot run over NFS: says why (SKIPPED) and returns
+/// true when the tests go over NFS.
+pub fn skip_over_nfs(why: &str) -> bool {
+    if over_nfs() {
+        eprintln!("SKIPPED over NFS: {why}");
+    }
+    over_nfs()
+}
+
+/// The source to mount for the NAS directory `nas`: itself, or its URL
+/// on the NFS server that exports it.
+pub fn source_of(nas: &Path) -> std::ffi::OsString {
+    match nfs_export() {
+        Some((dir, url)) if nas.starts_with(&dir) => {
+            let rel = nas.strip_prefix(&dir).unwrap();
+            format!("{url}/{}", rel.display()).into()
+        }
+        _ => nas.as_os_str().to_owned(),
+    }
+}
+
 pub fn is_mounted(path: &Path) -> bool {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let want = path.to_str().unwrap().replace(' ', "\\040");
@@ -50,6 +86,8 @@ pub struct Mount {
     pub mnt: PathBuf,
     pub cache: PathBuf,
     pub options: String,
+    /// What is mounted, if not `nas` itself (an `nfs://` URL).
+    pub source: Option<std::ffi::OsString>,
     own_cache: bool,
     child: Option<Child>,
     /// How the daemon exited at the last unmount.
@@ -68,10 +106,14 @@ impl Mount {
     /// Like [`Mount::new`], without mounting yet (to set up the NAS
     /// directory first).
     pub fn prepare(options: &str) -> Mount {
-        let dir = tempfile::Builder::new()
-            .prefix("nassync-test")
-            .tempdir()
-            .unwrap();
+        let mut b = tempfile::Builder::new();
+        b.prefix("nassync-test");
+        // Over NFS the NAS directory is inside what the server exports.
+        let dir = match nfs_export() {
+            Some((dir, _)) => b.tempdir_in(dir),
+            None => b.tempdir(),
+        }
+        .unwrap();
         let nas = dir.path().join("nas");
         std::fs::create_dir(&nas).unwrap();
         Mount::build(dir, nas, options, true)
@@ -101,6 +143,7 @@ impl Mount {
             mnt,
             cache,
             options: options.to_string(),
+            source: None,
             own_cache,
             child: None,
             last_exit: None,
@@ -122,7 +165,8 @@ impl Mount {
             opts.push(self.options.clone());
         }
         let mut cmd = Command::new(NASSYNC);
-        cmd.arg("mount").arg(&self.nas).arg(&self.mnt);
+        let source = self.source.clone().unwrap_or_else(|| source_of(&self.nas));
+        cmd.arg("mount").arg(source).arg(&self.mnt);
         if !opts.is_empty() {
             cmd.arg("-o").arg(opts.join(","));
         }
