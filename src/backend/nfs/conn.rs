@@ -101,10 +101,30 @@ pub struct Mounted {
     pub root: nfs_fh3,
 }
 
+/// A connection idle this long is not trusted: servers close idle ones
+/// (Linux's after 6 minutes), and a call on a dead one is a failure.
+const MAX_IDLE: Duration = Duration::from_secs(30);
+
+/// The runtime of every NFS connection of the process. Never dropped: a
+/// runtime may not be dropped from its own threads, where the last
+/// reference to a pool could otherwise be (a background commit).
+fn runtime() -> std::io::Result<&'static tokio::runtime::Runtime> {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    if let Some(rt) = RT.get() {
+        return Ok(rt);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("nassync-nfs")
+        .enable_all()
+        .build()?;
+    Ok(RT.get_or_init(|| rt))
+}
+
 pub struct Pool {
-    rt: tokio::runtime::Runtime,
+    rt: &'static tokio::runtime::Runtime,
     cfg: ConnConfig,
-    free: Mutex<Vec<Conn>>,
+    free: Mutex<Vec<(Conn, std::time::Instant)>>,
     permits: tokio::sync::Semaphore,
     mounted: Mutex<Option<Mounted>>,
     /// Connections made, in all (the first ones included).
@@ -122,24 +142,31 @@ fn timed_out(op: &'static str) -> BackendError {
 /// NAS is gone".
 pub fn rpc_error(op: &'static str, e: RpcError) -> BackendError {
     let errno = match &e {
-        RpcError::Io(io) => match io.raw_os_error() {
-            Some(n) => n,
-            None => match io.kind() {
-                std::io::ErrorKind::TimedOut => libc::ETIMEDOUT,
-                std::io::ErrorKind::ConnectionRefused => libc::ECONNREFUSED,
-                _ => libc::ECONNRESET,
-            },
-        },
+        RpcError::Io(io) => transport_errno(io),
         RpcError::Auth(_) => libc::EACCES,
         _ => libc::EIO,
     };
     BackendError::coded(op, errno, format!("NFS: {e}"))
 }
 
+/// A failure of the connection itself, as one of the errnos that mean
+/// "the NAS is gone" to the rest of nassync (never EPIPE and the like,
+/// which an application would take for its own mistake).
+fn transport_errno(io: &std::io::Error) -> i32 {
+    use std::io::ErrorKind as K;
+    match io.kind() {
+        K::TimedOut => libc::ETIMEDOUT,
+        K::ConnectionRefused => libc::ECONNREFUSED,
+        K::HostUnreachable => libc::EHOSTUNREACH,
+        K::NetworkUnreachable | K::NetworkDown => libc::ENETUNREACH,
+        _ => libc::ECONNRESET,
+    }
+}
+
 fn connect_error(e: ConnectError) -> BackendError {
     match e {
         ConnectError::Io(io) => {
-            let errno = io.raw_os_error().unwrap_or(libc::ECONNREFUSED);
+            let errno = transport_errno(&io);
             BackendError::coded("connect", errno, format!("NFS connect: {io}"))
         }
         ConnectError::Portmap(p) => BackendError::coded(
@@ -163,13 +190,8 @@ fn connect_error(e: ConnectError) -> BackendError {
 
 impl Pool {
     pub fn new(cfg: ConnConfig) -> std::io::Result<Pool> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("nassync-nfs")
-            .enable_all()
-            .build()?;
         Ok(Pool {
-            rt,
+            rt: runtime()?,
             permits: tokio::sync::Semaphore::new(cfg.nconnect.max(1)),
             cfg,
             free: Mutex::new(Vec::new()),
@@ -231,6 +253,7 @@ impl Pool {
     /// want one). The first time, finds the export: the longest prefix
     /// of the source path that the server accepts.
     async fn connect(&self) -> BResult<(Conn, Option<nfs_fh3>)> {
+        // (Always Some: every connection MOUNTs.)
         let ip = self.resolve().await?;
         let known = self.mounted();
         let splits = match &known {
@@ -276,11 +299,17 @@ impl Pool {
     }
 
     fn take(&self) -> Option<Conn> {
-        self.free.lock().unwrap_or_else(|e| e.into_inner()).pop()
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        free.retain(|(_, at)| at.elapsed() < MAX_IDLE);
+        free.pop().map(|(c, _)| c)
     }
 
     fn put(&self, c: Conn) {
-        self.free.lock().unwrap_or_else(|e| e.into_inner()).push(c);
+        let now = std::time::Instant::now();
+        self.free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((c, now));
     }
 
     /// Drops every idle connection: the next calls connect afresh.
@@ -331,13 +360,20 @@ impl Pool {
                     self.put(conn);
                     return Ok(v);
                 }
-                Err(e) if e.is_connection_reusable() => {
+                // An answer out of step with its call: the stream is
+                // not to be trusted any more.
+                Err(e) if e.is_connection_reusable() && !matches!(e, RpcError::UnexpectedXid) => {
                     self.put(conn);
                     return Err(rpc_error(op, e));
                 }
                 Err(e) => {
                     drop(conn);
                     log::info!("NFS {op}: connection dropped: {e}");
+                    if !fresh {
+                        // Its idle siblings are likely dead too (a
+                        // restarted server): connect afresh.
+                        self.reset();
+                    }
                     if !fresh && idempotent && !retried {
                         retried = true;
                         continue;
@@ -346,6 +382,14 @@ impl Pool {
                 }
             }
         }
+    }
+
+    /// MOUNTs the export again on a new connection (kept in the pool):
+    /// the export's root handle as the server gives it now.
+    pub async fn remount(&self) -> BResult<nfs_fh3> {
+        let (c, root) = self.connect().await?;
+        self.put(c);
+        Ok(root.expect("connect always mounts"))
     }
 
     /// Connects (and finds the export) once, under the deadline.
