@@ -39,7 +39,7 @@ use conn::{ConnConfig, Pool};
 pub use source::NfsSource;
 
 /// Uncommitted bytes an open file keeps before it commits on its own.
-const MAX_UNCOMMITTED: u64 = 64 << 20;
+const MAX_UNCOMMITTED: u64 = 32 << 20;
 /// Names of unlinked files kept while open (not listed).
 const HIDDEN_PREFIX: &[u8] = b".nassync-unlinked-";
 /// How long a READDIRPLUS listing answers lookups of its names.
@@ -150,7 +150,8 @@ impl NfsNode {
 pub struct NfsFile {
     node: Arc<NfsNode>,
     append: bool,
-    unstable: Mutex<Unstable>,
+    /// Shared by every open file of the same object.
+    unstable: Arc<Mutex<Unstable>>,
     pool: Arc<Pool>,
     open: Arc<OpenFiles>,
 }
@@ -169,6 +170,7 @@ struct OpenFile {
     count: usize,
     /// Where it was hidden: (directory handle, name).
     hidden: Option<(nfs_fh3, OsString)>,
+    unstable: Arc<Mutex<Unstable>>,
 }
 
 impl OpenFiles {
@@ -177,116 +179,127 @@ impl OpenFiles {
     }
 }
 
-/// Writes the server has not made durable yet.
+/// Writes of one object that the server has not made durable yet, in
+/// the order they were sent, each with the verifier it was answered with.
+/// Kept per object, not per open file: a commit or a truncation covers
+/// every writer, and no old write can be sent again over a newer one.
 #[derive(Default)]
 struct Unstable {
-    /// The verifier of the last unstable write.
-    verf: Option<[u8; 8]>,
-    /// Two writes had different verifiers: the server restarted between
-    /// them, and what it held before is gone.
-    lost: bool,
-    writes: Vec<(u64, Vec<u8>)>,
+    writes: Vec<(u64, Vec<u8>, [u8; 8])>,
     bytes: u64,
+}
+
+fn lock_unstable(u: &Mutex<Unstable>) -> std::sync::MutexGuard<'_, Unstable> {
+    u.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Drop for NfsFile {
     fn drop(&mut self) {
-        let hidden = {
+        let last = {
             let mut open = self.open.lock();
             let last = open.get_mut(&self.node.ino).is_some_and(|o| {
                 o.count -= 1;
                 o.count == 0
             });
             if last {
-                open.remove(&self.node.ino).and_then(|o| o.hidden)
+                open.remove(&self.node.ino)
             } else {
                 None
             }
         };
-        // close(2) does not wait for durability, but the data must get
-        // there: commit in the background (what the kernel client does).
-        let u = std::mem::take(&mut *self.unstable.lock().unwrap_or_else(|e| e.into_inner()));
-        if u.writes.is_empty() && hidden.is_none() {
+        let Some(last) = last else { return };
+        if let Some((dir, name)) = last.hidden {
+            // Removed now, so that an rmdir right after the close works.
+            let args = REMOVE3args {
+                object: diropargs3 {
+                    dir,
+                    name: name3(&name),
+                },
+            };
+            let r = self.pool.block_on(
+                "unlink",
+                self.pool.call("unlink", false, |mut c| {
+                    let a = &args;
+                    async move {
+                        let r = c.remove(a).await;
+                        (c, r)
+                    }
+                }),
+            );
+            if !matches!(r, Ok(Nfs3Result::Ok(_))) {
+                log::warn!("NFS: could not remove the hidden unlinked file {name:?}");
+            }
             return;
         }
+        let u = std::mem::take(&mut *lock_unstable(&last.unstable));
+        if u.writes.is_empty() {
+            return;
+        }
+        // close(2) does not wait for durability, but the data must get
+        // there: a COMMIT in the background (what the kernel client does
+        // at close). Nothing is sent again from here: whoever needed the
+        // data durable (write-back) asked for it with fsync.
         let pool = self.pool.clone();
         let node = self.node.clone();
         self.pool.spawn(async move {
-            let timeo = pool.config().timeo;
-            if let Some((dir, name)) = hidden {
-                let args = REMOVE3args {
-                    object: diropargs3 {
-                        dir,
-                        name: name3(&name),
-                    },
-                };
-                let r = tokio::time::timeout(
-                    timeo,
-                    pool.call("unlink", false, |mut c| {
-                        let a = &args;
-                        async move {
-                            let r = c.remove(a).await;
-                            (c, r)
-                        }
-                    }),
-                )
-                .await;
-                if !matches!(r, Ok(Ok(Nfs3Result::Ok(_)))) {
-                    log::warn!("NFS: could not remove the hidden unlinked file {name:?}");
-                }
-                return;
-            }
-            if u.writes.is_empty() {
-                return;
-            }
-            let r = tokio::time::timeout(timeo * 4, commit_all(&pool, &node, u)).await;
-            if !matches!(r, Ok(Ok(()))) {
-                log::warn!("NFS: commit after close of file {} failed", node.ino);
+            let verf = tokio::time::timeout(pool.config().timeo, commit_once(&pool, &node)).await;
+            match verf {
+                Ok(Ok(v)) if u.writes.iter().all(|w| w.2 == v) => {}
+                _ => log::warn!(
+                    "NFS: {} bytes written to file {} without fsync may not be on the server \
+                     (its COMMIT after close failed or it restarted)",
+                    u.bytes,
+                    node.ino
+                ),
             }
         });
     }
 }
 
-/// Commits `u`; sends its writes again (and commits again) while the
-/// server's verifier says it lost them.
-async fn commit_all(pool: &Pool, node: &NfsNode, mut u: Unstable) -> BResult<()> {
+/// One COMMIT of the whole file: the server's verifier.
+async fn commit_once(pool: &Pool, node: &NfsNode) -> BResult<[u8; 8]> {
+    let args = COMMIT3args {
+        file: node.fh(),
+        offset: 0,
+        count: 0,
+    };
+    Ok(pool
+        .call("commit", true, |mut c| {
+            let a = &args;
+            async move {
+                let r = c.commit(a).await;
+                (c, r)
+            }
+        })
+        .await
+        .and_then(|r| ok("commit", r))?
+        .verf
+        .0)
+}
+
+/// Commits `u`. A write answered with another verifier than the
+/// COMMIT's may be lost (the server restarted since): it is sent again,
+/// with every write after it (a later one may overlap it), and committed
+/// again. `u` is emptied only once all of it is durable.
+async fn commit_all(pool: &Pool, node: &NfsNode, u: &mut Unstable) -> BResult<()> {
     for _ in 0..4 {
-        let args = COMMIT3args {
-            file: node.fh(),
-            offset: 0,
-            count: 0,
-        };
-        let verf = pool
-            .call("commit", true, |mut c| {
-                let a = &args;
-                async move {
-                    let r = c.commit(a).await;
-                    (c, r)
-                }
-            })
-            .await
-            .and_then(|r| ok("commit", r))?
-            .verf
-            .0;
-        if !u.lost && u.verf == Some(verf) {
+        let verf = commit_once(pool, node).await?;
+        let Some(first) = u.writes.iter().position(|w| w.2 != verf) else {
+            *u = Unstable::default();
             return Ok(());
-        }
+        };
+        let again: u64 = u.writes[first..].iter().map(|w| w.1.len() as u64).sum();
         log::warn!(
-            "NFS: the server lost {} uncommitted bytes of file {} (it restarted): sending them again",
-            u.bytes,
+            "NFS: the server may have lost {again} bytes written to file {} (it restarted): \
+             sending them again",
             node.ino
         );
-        pool.resent.fetch_add(u.bytes, Ordering::Relaxed);
-        u.verf = None;
-        u.lost = false;
-        for (off, data) in &u.writes {
-            if let Some(v) = write_chunk(pool, node, *off, data, stable_how::UNSTABLE).await? {
-                u.lost |= u.verf.is_some_and(|old| old != v);
-                u.verf = Some(v);
-            }
-        }
-        if u.verf.is_none() {
-            return Ok(()); // all went in stable
+        pool.resent.fetch_add(again, Ordering::Relaxed);
+        for w in &mut u.writes[first..] {
+            // Stable answers need no commit: keep them as committed.
+            w.2 = write_chunk(pool, node, w.0, &w.1, stable_how::UNSTABLE)
+                .await?
+                .unwrap_or(verf);
         }
     }
     Err(BackendError::coded(
@@ -498,28 +511,63 @@ impl NfsBackend {
     }
 
     /// Looks the node's path up from the root; true if it leads to the
-    /// same object, whose new handle is then kept.
+    /// same object, whose new handle is then kept. The root itself is
+    /// found again by a new MOUNT (a server that re-exported the share
+    /// under another id gives every object a new handle).
     fn refind(&self, node: &NfsNode) -> bool {
-        if node.ino == self.root.ino || node.path.is_empty() {
-            return false;
+        if std::ptr::eq(node, &*self.root) || node.ino == self.root.ino {
+            return self.refind_root();
         }
-        let mut fh = self.root.fh();
-        let mut attr = None;
-        for c in &node.path {
-            match self.lookup_fh(&fh, c) {
-                Ok((f, a)) => {
-                    fh = f;
-                    attr = Some(a);
+        for attempt in 0..2 {
+            match self.walk(&node.path) {
+                Ok((fh, a)) if a.ino == node.ino => {
+                    log::info!("NFS: handle of {:?} went stale; found again", node.path);
+                    *node.fh.write().unwrap_or_else(|e| e.into_inner()) = fh;
+                    return true;
                 }
-                Err(_) => return false,
+                Err(e) if e.raw_errno() == libc::ESTALE && attempt == 0 => {
+                    if !self.refind_root() {
+                        return false;
+                    }
+                }
+                _ => return false,
             }
         }
-        if attr.is_some_and(|a| a.ino == node.ino) {
-            log::info!("NFS: handle of {:?} went stale; found again", node.path);
-            *node.fh.write().unwrap_or_else(|e| e.into_inner()) = fh;
-            return true;
-        }
         false
+    }
+
+    /// The handle and attributes `path` leads to from the source's root.
+    fn walk(&self, path: &[OsString]) -> BResult<(nfs_fh3, Attr)> {
+        let mut fh = self.root.fh();
+        let mut attr = self.getattr_fh(&fh)?;
+        for c in path {
+            (fh, attr) = self.lookup_fh(&fh, c)?;
+        }
+        Ok((fh, attr))
+    }
+
+    fn refind_root(&self) -> bool {
+        let Some(m) = self.pool.mounted() else {
+            return false;
+        };
+        let found = self
+            .pool
+            .block_on("mount", self.pool.remount())
+            .and_then(|mut fh| {
+                for c in &m.rest {
+                    fh = self.lookup_fh(&fh, OsStr::new(c))?.0;
+                }
+                let a = self.getattr_fh(&fh)?;
+                Ok((fh, a))
+            });
+        match found {
+            Ok((fh, a)) if a.ino == self.root.ino => {
+                log::info!("NFS: the root handle went stale; found again");
+                *self.root.fh.write().unwrap_or_else(|e| e.into_inner()) = fh;
+                true
+            }
+            _ => false,
+        }
     }
 
     fn make_node(&self, dir: &NfsNode, name: &OsStr, fh: nfs_fh3, a: &Attr) -> Arc<NfsNode> {
@@ -645,7 +693,7 @@ impl NfsBackend {
     }
 
     /// The whole listing, by READDIRPLUS, with handles and attributes.
-    fn list_plus(&self, dir: &NfsNode) -> BResult<Vec<PlusEntry>> {
+    fn list_plus(&self, dir: &NfsNode, with_hidden: bool) -> BResult<Vec<PlusEntry>> {
         self.on(dir, |fh| {
             let mut out = Vec::new();
             let mut cookie = 0;
@@ -681,7 +729,10 @@ impl NfsBackend {
                 for e in r.reply.entries.0 {
                     cookie = e.cookie;
                     let name = e.name.0.as_ref();
-                    if name == b"." || name == b".." || name.starts_with(HIDDEN_PREFIX) {
+                    if name == b"."
+                        || name == b".."
+                        || (!with_hidden && name.starts_with(HIDDEN_PREFIX))
+                    {
                         continue;
                     }
                     let plus = match (e.name_handle, e.name_attributes) {
@@ -707,44 +758,105 @@ impl NfsBackend {
     }
 
     fn open_file(&self, node: &Arc<NfsNode>, append: bool) -> NfsFile {
-        self.open.lock().entry(node.ino).or_default().count += 1;
+        let unstable = {
+            let mut open = self.open.lock();
+            let o = open.entry(node.ino).or_default();
+            o.count += 1;
+            o.unstable.clone()
+        };
         NfsFile {
             node: node.clone(),
             append,
-            unstable: Mutex::new(Unstable::default()),
+            unstable,
             pool: self.pool.clone(),
             open: self.open.clone(),
         }
     }
 
+    /// Makes every write of `node` durable (before a truncation, which
+    /// an old write sent again must not undo).
+    fn commit_node(&self, node: &NfsNode) -> BResult<()> {
+        let u = self.open.lock().get(&node.ino).map(|o| o.unstable.clone());
+        match u {
+            Some(u) => self.commit(node, &u),
+            None => Ok(()),
+        }
+    }
+
+    fn commit(&self, node: &NfsNode, u: &Mutex<Unstable>) -> BResult<()> {
+        // Held across the COMMIT: a second fsync waits for this one
+        // instead of finding nothing to do before the data is durable.
+        let mut u = lock_unstable(u);
+        if u.writes.is_empty() {
+            return Ok(());
+        }
+        // On failure the writes stay, for the next fsync.
+        self.pool
+            .block_on("commit", commit_all(&self.pool, node, &mut u))
+    }
+
     /// Before `name` in `dir` goes away (unlink, or rename over it): if
     /// it is the last name of a file open here, hides it under a new name
-    /// instead and returns true (nothing else to do for an unlink).
-    fn hide_if_open(&self, dir: &NfsNode, name: &OsStr) -> BResult<bool> {
+    /// instead and returns that name (nothing else to do for an unlink).
+    fn hide_if_open(&self, dir: &NfsNode, name: &OsStr) -> BResult<Option<OsString>> {
         if self.open.lock().is_empty() {
-            return Ok(false);
+            return Ok(None);
         }
         let (_, a) = match self.lookup_fh(&dir.fh(), name) {
             Ok(v) => v,
-            Err(e) if e.raw_errno() == libc::ENOENT => return Ok(false),
+            Err(e) if e.raw_errno() == libc::ENOENT => return Ok(None),
             Err(e) => return Err(e),
         };
         if a.kind != FileKind::File || a.nlink > 1 || !self.open.lock().contains_key(&a.ino) {
-            return Ok(false);
+            return Ok(None);
         }
         let mut hidden = OsString::from_vec(HIDDEN_PREFIX.to_vec());
         hidden.push(format!("{:016x}-{:08x}", a.ino, fastrand::u32(..)));
         self.rename_raw(dir, name, &dir.fh(), &hidden)?;
         let mut open = self.open.lock();
         match open.get_mut(&a.ino) {
-            Some(o) => o.hidden = Some((dir.fh(), hidden)),
+            Some(o) => o.hidden = Some((dir.fh(), hidden.clone())),
             None => {
                 // Closed meanwhile: nobody will remove it but us.
                 drop(open);
                 let _ = self.unlink_raw(dir, &hidden);
             }
         }
-        Ok(true)
+        Ok(Some(hidden))
+    }
+
+    /// Undoes [`Self::hide_if_open`] when what it made way for failed.
+    fn unhide(&self, dir: &NfsNode, name: &OsStr, hidden: &OsStr) {
+        if self.rename_raw(dir, hidden, &dir.fh(), name).is_ok() {
+            for o in self.open.lock().values_mut() {
+                if o.hidden.as_ref().is_some_and(|(_, h)| h == hidden) {
+                    o.hidden = None;
+                }
+            }
+        } else {
+            log::warn!("NFS: {name:?} stays hidden as {hidden:?} after a failed rename over it");
+        }
+    }
+
+    /// Removes the hidden unlinked files left in `dir`/`name` by files no
+    /// longer open here (a daemon that crashed, a failed remove); true if
+    /// that leaves the directory empty.
+    fn sweep_hidden(&self, dir: &Arc<NfsNode>, name: &OsStr) -> bool {
+        let Ok((sub, _)) = self.lookup(dir, name) else {
+            return false;
+        };
+        let Ok(list) = self.list_plus(&sub, true) else {
+            return false;
+        };
+        let open = |ino: &u64| self.open.lock().contains_key(ino);
+        if list
+            .iter()
+            .any(|(n, ino, _)| !n.as_bytes().starts_with(HIDDEN_PREFIX) || open(ino))
+        {
+            return false;
+        }
+        list.iter()
+            .all(|(n, _, _)| self.unlink_raw(&sub, n).is_ok())
     }
 
     fn unlink_raw(&self, dir: &NfsNode, name: &OsStr) -> BResult<()> {
@@ -864,9 +976,12 @@ impl Backend for NfsBackend {
         file: Option<&Self::File>,
         changes: &SetAttr,
     ) -> BResult<Attr> {
-        if let (Some(f), Some(_)) = (file, changes.size) {
-            // Writes beyond the new end must not land after it.
-            self.fsync(f, true)?;
+        if changes.size.is_some() {
+            // No write of before the truncation may be sent again after it.
+            match file {
+                Some(f) => self.commit(&f.node, &f.unstable)?,
+                None => self.commit_node(node)?,
+            }
         }
         let t = |t: Option<SetTime>| match t {
             None => (false, None),
@@ -911,14 +1026,19 @@ impl Backend for NfsBackend {
     }
 
     fn readdir(&self, dir: &Self::Node) -> BResult<Vec<DirEntry>> {
-        let list = self.list_plus(dir)?;
+        let list = self.list_plus(dir, false)?;
         let mut entries = HashMap::with_capacity(list.len());
         let mut out = Vec::with_capacity(list.len());
         for (name, fileid, plus) in list {
             let kind = match &plus {
                 Some((_, a)) => kind_of(a.type_),
                 // A server that left the attributes out: ask for them.
-                None => self.lookup(dir, &name)?.1.kind,
+                None => match self.lookup(dir, &name) {
+                    Ok((_, a)) => a.kind,
+                    // Gone since the listing: not listed.
+                    Err(e) if e.raw_errno() == libc::ENOENT => continue,
+                    Err(e) => return Err(e),
+                },
             };
             if let Some(p) = plus {
                 entries.insert(name.clone(), p);
@@ -1087,7 +1207,7 @@ impl Backend for NfsBackend {
 
     fn unlink(&self, dir: &Self::Node, name: &OsStr) -> BResult<()> {
         self.forget_listings();
-        if self.hide_if_open(dir, name)? {
+        if self.hide_if_open(dir, name)?.is_some() {
             return Ok(());
         }
         self.unlink_raw(dir, name)
@@ -1095,21 +1215,27 @@ impl Backend for NfsBackend {
 
     fn rmdir(&self, dir: &Self::Node, name: &OsStr) -> BResult<()> {
         self.forget_listings();
-        self.on(dir, |fh| {
-            self.run("rmdir", false, |mut c| {
-                let a = RMDIR3args {
-                    object: diropargs3 {
-                        dir: fh.clone(),
-                        name: name3(name),
-                    },
-                };
-                async move {
-                    let r = c.rmdir(&a).await;
-                    (c, r)
-                }
+        let rmdir = || {
+            self.on(dir, |fh| {
+                self.run("rmdir", false, |mut c| {
+                    let a = RMDIR3args {
+                        object: diropargs3 {
+                            dir: fh.clone(),
+                            name: name3(name),
+                        },
+                    };
+                    async move {
+                        let r = c.rmdir(&a).await;
+                        (c, r)
+                    }
+                })
+                .and_then(|r| ok("rmdir", r))
             })
-            .and_then(|r| ok("rmdir", r))
-        })?;
+        };
+        match rmdir() {
+            Err(e) if e.raw_errno() == libc::ENOTEMPTY && self.sweep_hidden(dir, name) => rmdir()?,
+            r => r?,
+        };
         Ok(())
     }
 
@@ -1135,14 +1261,20 @@ impl Backend for NfsBackend {
         }
         self.forget_listings();
         // A file open here that the rename replaces must live on.
-        self.hide_if_open(newdir, newname)?;
-        self.rename_raw(dir, name, &newdir.fh(), newname)
+        let hidden = self.hide_if_open(newdir, newname)?;
+        let r = self.rename_raw(dir, name, &newdir.fh(), newname);
+        if let (Err(_), Some(h)) = (&r, &hidden) {
+            // Nothing replaced it: it gets its name back.
+            self.unhide(newdir, newname, h);
+        }
+        r
     }
 
     fn open(&self, node: &Self::Node, mode: OpenMode) -> BResult<Self::File> {
         // NFSv3 has no open: the handle is all. A truncating open
         // truncates now.
         if mode.truncate && mode.write {
+            self.commit_node(node)?;
             self.do_setattr(
                 node,
                 sattr3 {
@@ -1192,7 +1324,23 @@ impl Backend for NfsBackend {
             let mut s = attrs;
             s.atime = set_atime::SET_TO_CLIENT_TIME(now);
             s.mtime = set_mtime::SET_TO_CLIENT_TIME(now);
-            let a = self.do_setattr(&node, s)?;
+            let a = match self.do_setattr(&node, s.clone()) {
+                // A root-squashed export: the owner is the server's choice.
+                Err(e) if e.raw_errno() == libc::EPERM && s.uid.is_some() => {
+                    s.uid = Nfs3Option::None;
+                    s.gid = Nfs3Option::None;
+                    self.do_setattr(&node, s)
+                }
+                r => r,
+            };
+            let a = match a {
+                Ok(a) => a,
+                Err(e) => {
+                    // Not left half made (verifier for times, no mode).
+                    let _ = self.unlink_raw(dir, name);
+                    return Err(e);
+                }
+            };
             (node, a)
         } else {
             let mut s = attrs;
@@ -1279,38 +1427,20 @@ impl Backend for NfsBackend {
                 r => r?,
             };
             let Some(v) = v else { continue };
-            let mut u = file.unstable.lock().unwrap_or_else(|e| e.into_inner());
-            // A new verifier: the server restarted since the last write,
-            // which the next commit sends again.
-            u.lost |= u.verf.is_some_and(|old| old != v);
-            u.verf = Some(v);
-            u.writes.push((off, chunk.to_vec()));
+            let mut u = lock_unstable(&file.unstable);
+            u.writes.push((off, chunk.to_vec(), v));
             u.bytes += chunk.len() as u64;
             let full = u.bytes >= MAX_UNCOMMITTED;
             drop(u);
             if full {
-                self.fsync(file, true)?;
+                self.commit(node, &file.unstable)?;
             }
         }
         Ok(data.len())
     }
 
     fn fsync(&self, file: &Self::File, _datasync: bool) -> BResult<()> {
-        let u = std::mem::take(&mut *file.unstable.lock().unwrap_or_else(|e| e.into_inner()));
-        if u.writes.is_empty() {
-            return Ok(());
-        }
-        // Several round trips: each under its own deadline inside.
-        let timeo = self.pool.config().timeo * 8;
-        let r = self.pool.block_on("commit", async {
-            match tokio::time::timeout(timeo, commit_all(&self.pool, &file.node, u)).await {
-                Ok(r) => r,
-                Err(_) => Err(BackendError::errno("commit", libc::ETIMEDOUT)),
-            }
-        });
-        // On failure the writes are gone from `unstable`: the caller
-        // (write-back) sees the error and writes the ranges again.
-        r
+        self.commit(&file.node, &file.unstable)
     }
 
     fn fallocate(&self, _file: &Self::File, _mode: i32, _offset: u64, _len: u64) -> BResult<()> {

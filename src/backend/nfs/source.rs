@@ -59,6 +59,7 @@ fn unescape(s: &str, what: &str) -> Result<String, SourceError> {
                 .and_then(|h| u8::from_str_radix(h, 16).ok());
             match hex {
                 Some(0) | None => return err(s, format!("bad %-escape in the {what}")),
+                Some(b'/') => return err(s, format!("%2F in the {what}: a name cannot hold '/'")),
                 Some(v) => out.push(v),
             }
             i += 3;
@@ -116,7 +117,8 @@ impl NfsSource {
             if host.contains(['[', ']', '/']) {
                 return err(s, "bad host");
             }
-            return NfsSource::finish(s, host, None, &s[c + 1..], None);
+            // mount.nfs takes the path as it is: no %-escapes.
+            return NfsSource::finish(s, host, None, &s[c + 1..], None, false);
         } else {
             return err(s, "expected nfs://HOST/EXPORT or HOST:/EXPORT");
         };
@@ -133,7 +135,7 @@ impl NfsSource {
                 None => (hostport, None),
             }
         };
-        NfsSource::finish(s, host, port, rest, query)
+        NfsSource::finish(s, host, port, rest, query, true)
     }
 
     fn finish(
@@ -142,6 +144,7 @@ impl NfsSource {
         port: Option<&str>,
         rest: &str,
         query: Option<&str>,
+        escaped: bool,
     ) -> Result<NfsSource, SourceError> {
         if host.is_empty() {
             return err(s, "no host");
@@ -150,7 +153,14 @@ impl NfsSource {
             host: host.to_string(),
             nfs_port: None,
             mount_port: None,
-            path: clean_path(s, &unescape(rest, "path")?)?,
+            path: clean_path(
+                s,
+                &if escaped {
+                    unescape(rest, "path")?
+                } else {
+                    rest.to_string()
+                },
+            )?,
             uid: None,
             gid: None,
         };
@@ -210,7 +220,14 @@ impl fmt::Display for NfsSource {
         if let Some(p) = self.nfs_port {
             write!(f, ":{p}")?;
         }
-        f.write_str(&self.path)?;
+        // Escaped so that the URL parses back to the same source.
+        for b in self.path.bytes() {
+            if b.is_ascii_alphanumeric() || b"/-._~!$'()*+,;=:@".contains(&b) {
+                write!(f, "{}", b as char)?;
+            } else {
+                write!(f, "%{b:02X}")?;
+            }
+        }
         let mut q = Vec::new();
         if let Some(p) = self.mount_port {
             q.push(format!("mountport={p}"));
@@ -273,6 +290,20 @@ mod tests {
             let e = NfsSource::parse(s).unwrap_err().to_string();
             assert!(e.contains(why), "{s}: {e}");
         }
+    }
+
+    #[test]
+    fn the_canonical_url_parses_back_to_the_same_source() {
+        for s in ["nas:/data/100%", "nas:/a b/c?d#e&f", "nfs://nas/x%25y"] {
+            let a = NfsSource::parse(s).unwrap();
+            let b = NfsSource::parse(&a.to_string()).unwrap();
+            assert_eq!(a, b, "{s} -> {a}");
+        }
+        assert_eq!(
+            NfsSource::parse("nas:/data/100%").unwrap().path,
+            "/data/100%"
+        );
+        assert!(NfsSource::parse("nfs://nas/a%2Fb").is_err());
     }
 
     #[test]
