@@ -1828,20 +1828,27 @@ impl<B: Backend> Core<B> {
     }
 
     pub fn release(&self, fh: u64) -> FsResult<()> {
-        let mut handles = self.handles();
-        let Some(h) = handles.remove(&fh) else {
-            return Err(FsError::UnknownHandle(fh));
+        let (h, open) = {
+            let mut handles = self.handles();
+            let Some(h) = handles.remove(&fh) else {
+                return Err(FsError::UnknownHandle(fh));
+            };
+            let open = match &h {
+                Handle::File(f) => handles
+                    .values()
+                    .any(|o| matches!(o, Handle::File(g) if g.ino == f.ino)),
+                _ => false,
+            };
+            (h, open)
         };
         if let (Some(wb), Handle::File(h)) = (&self.wb, &h) {
-            let ino = h.ino;
-            let open = handles
-                .values()
-                .any(|o| matches!(o, Handle::File(f) if f.ino == ino));
-            drop(handles);
             if !open {
-                wb.closed(self.fuse_ino(ino));
+                wb.closed(self.fuse_ino(h.ino));
             }
         }
+        // Dropped outside the handles' lock: closing a NAS file may take
+        // a round trip (an NFS file unlinked while open is removed now).
+        drop(h);
         Ok(())
     }
 
