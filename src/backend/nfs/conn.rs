@@ -298,10 +298,10 @@ impl Pool {
         Err(first_err.unwrap_or_else(|| BackendError::errno("mount", libc::ENOENT)))
     }
 
-    fn take(&self) -> Option<Conn> {
+    fn take(&self) -> Option<(Conn, std::time::Instant)> {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         free.retain(|(_, at)| at.elapsed() < MAX_IDLE);
-        free.pop().map(|(c, _)| c)
+        free.pop()
     }
 
     fn put(&self, c: Conn) {
@@ -350,7 +350,23 @@ impl Pool {
             .expect("the semaphore is never closed");
         let mut retried = false;
         loop {
-            let (conn, fresh) = match self.take() {
+            let taken = match self.take() {
+                // A call that must not be repeated is not risked on a
+                // connection that sat idle: a NULL call checks it first.
+                Some((mut c, at)) if !idempotent && at.elapsed() > Duration::from_secs(1) => {
+                    match c.null().await {
+                        Ok(()) => Some(c),
+                        Err(e) => {
+                            log::info!("NFS: idle connection dropped: {e}");
+                            self.reset();
+                            None
+                        }
+                    }
+                }
+                Some((c, _)) => Some(c),
+                None => None,
+            };
+            let (conn, fresh) = match taken {
                 Some(c) => (c, false),
                 None => (self.connect().await?.0, true),
             };

@@ -18,7 +18,7 @@ pub mod source;
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -40,8 +40,20 @@ pub use source::NfsSource;
 
 /// Uncommitted bytes an open file keeps before it commits on its own.
 const MAX_UNCOMMITTED: u64 = 32 << 20;
-/// Names of unlinked files kept while open (not listed).
+/// Names of unlinked files kept while open. Those of this daemon (its
+/// instance id follows the prefix) are not listed; others' are, as
+/// Linux's NFS client lists its .nfsXXXX files.
 const HIDDEN_PREFIX: &[u8] = b".nassync-unlinked-";
+
+/// This daemon's prefix of hidden names: the prefix and a random id.
+fn own_hidden_prefix() -> &'static [u8] {
+    static P: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    P.get_or_init(|| {
+        let mut p = HIDDEN_PREFIX.to_vec();
+        p.extend(format!("{:08x}-", fastrand::u32(..)).bytes());
+        p
+    })
+}
 /// How long a READDIRPLUS listing answers lookups of its names.
 const LISTING_FRESH: Duration = Duration::from_secs(1);
 
@@ -133,12 +145,13 @@ fn name3(name: &OsStr) -> filename3<'_> {
 pub struct NfsNode {
     fh: RwLock<nfs_fh3>,
     ino: u64,
-    kind: FileKind,
     /// Components from the source's root, as found: to find the object
     /// again if its handle goes stale.
     path: Vec<OsString>,
     /// Last known permission bits (for setgid directories).
     perm: AtomicU32,
+    /// The root generation it was found under ([`NfsBackend::root_gen`]).
+    root_gen: AtomicU64,
 }
 
 impl NfsNode {
@@ -151,7 +164,7 @@ pub struct NfsFile {
     node: Arc<NfsNode>,
     append: bool,
     /// Shared by every open file of the same object.
-    unstable: Arc<Mutex<Unstable>>,
+    unstable: Arc<AsyncMutex<Unstable>>,
     pool: Arc<Pool>,
     open: Arc<OpenFiles>,
 }
@@ -170,7 +183,7 @@ struct OpenFile {
     count: usize,
     /// Where it was hidden: (directory handle, name).
     hidden: Option<(nfs_fh3, OsString)>,
-    unstable: Arc<Mutex<Unstable>>,
+    unstable: Arc<AsyncMutex<Unstable>>,
 }
 
 impl OpenFiles {
@@ -179,81 +192,103 @@ impl OpenFiles {
     }
 }
 
+/// A file hidden by [`NfsBackend::hide_if_open`], held open meanwhile.
+struct Hidden {
+    name: OsString,
+    held: Arc<NfsNode>,
+}
+
 /// Writes of one object that the server has not made durable yet, in
 /// the order they were sent, each with the verifier it was answered with.
 /// Kept per object, not per open file: a commit or a truncation covers
 /// every writer, and no old write can be sent again over a newer one.
+/// A write answered as stable has no verifier (`None`); it is kept only
+/// behind an unstable one, to be sent again after it if that one is.
+/// A tokio mutex: held across RPCs, also by a background commit.
 #[derive(Default)]
 struct Unstable {
-    writes: Vec<(u64, Vec<u8>, [u8; 8])>,
+    writes: Vec<(u64, Vec<u8>, Option<[u8; 8]>)>,
     bytes: u64,
 }
 
-fn lock_unstable(u: &Mutex<Unstable>) -> std::sync::MutexGuard<'_, Unstable> {
-    u.lock().unwrap_or_else(|e| e.into_inner())
-}
+type AsyncMutex<T> = tokio::sync::Mutex<T>;
 
 impl Drop for NfsFile {
     fn drop(&mut self) {
-        let last = {
-            let mut open = self.open.lock();
-            let last = open.get_mut(&self.node.ino).is_some_and(|o| {
-                o.count -= 1;
-                o.count == 0
-            });
-            if last {
-                open.remove(&self.node.ino)
-            } else {
-                None
-            }
-        };
-        let Some(last) = last else { return };
-        if let Some((dir, name)) = last.hidden {
-            // Removed now, so that an rmdir right after the close works.
-            let args = REMOVE3args {
-                object: diropargs3 {
-                    dir,
-                    name: name3(&name),
-                },
-            };
-            let r = self.pool.block_on(
-                "unlink",
-                self.pool.call("unlink", false, |mut c| {
-                    let a = &args;
-                    async move {
-                        let r = c.remove(a).await;
-                        (c, r)
-                    }
-                }),
-            );
-            if !matches!(r, Ok(Nfs3Result::Ok(_))) {
-                log::warn!("NFS: could not remove the hidden unlinked file {name:?}");
-            }
-            return;
-        }
-        let u = std::mem::take(&mut *lock_unstable(&last.unstable));
-        if u.writes.is_empty() {
-            return;
-        }
-        // close(2) does not wait for durability, but the data must get
-        // there: a COMMIT in the background (what the kernel client does
-        // at close). Nothing is sent again from here: whoever needed the
-        // data durable (write-back) asked for it with fsync.
-        let pool = self.pool.clone();
-        let node = self.node.clone();
-        self.pool.spawn(async move {
-            let verf = tokio::time::timeout(pool.config().timeo, commit_once(&pool, &node)).await;
-            match verf {
-                Ok(Ok(v)) if u.writes.iter().all(|w| w.2 == v) => {}
-                _ => log::warn!(
-                    "NFS: {} bytes written to file {} without fsync may not be on the server \
-                     (its COMMIT after close failed or it restarted)",
-                    u.bytes,
-                    node.ino
-                ),
-            }
-        });
+        release(&self.pool, &self.open, &self.node);
     }
+}
+
+/// One open file (or hold) of `node` is gone. At the last: a hidden
+/// unlinked file is removed (now, so that an rmdir right after the close
+/// works), and writes not yet committed are committed in the background
+/// (close(2) does not wait for durability, but the data must get there),
+/// the entry staying meanwhile so that a new open, fsync or truncation
+/// shares them.
+fn release(pool: &Arc<Pool>, open: &Arc<OpenFiles>, node: &Arc<NfsNode>) {
+    let (hidden, unstable) = {
+        let mut map = open.lock();
+        let Some(o) = map.get_mut(&node.ino) else {
+            return;
+        };
+        o.count -= 1;
+        if o.count > 0 {
+            return;
+        }
+        if o.hidden.is_some() {
+            let o = map.remove(&node.ino).expect("just seen");
+            (o.hidden, None)
+        } else {
+            (None, Some(o.unstable.clone()))
+        }
+    };
+    if let Some((dir, name)) = hidden {
+        let args = REMOVE3args {
+            object: diropargs3 {
+                dir,
+                name: name3(&name),
+            },
+        };
+        let r = pool.block_on(
+            "unlink",
+            pool.call("unlink", false, |mut c| {
+                let a = &args;
+                async move {
+                    let r = c.remove(a).await;
+                    (c, r)
+                }
+            }),
+        );
+        if !matches!(r, Ok(Nfs3Result::Ok(_))) {
+            log::warn!("NFS: could not remove the hidden unlinked file {name:?}");
+        }
+        return;
+    }
+    let Some(unstable) = unstable else { return };
+    let (pool2, open2, node2) = (pool.clone(), open.clone(), node.clone());
+    pool.spawn(async move {
+        let mut u = unstable.lock().await;
+        if !u.writes.is_empty() {
+            let timeo = pool2.config().timeo;
+            let r = tokio::time::timeout(timeo * 4, commit_all(&pool2, &node2, &mut u)).await;
+            if !matches!(r, Ok(Ok(()))) {
+                log::warn!(
+                    "NFS: {} bytes written to file {} and closed without fsync could not be \
+                     committed",
+                    u.bytes,
+                    node2.ino
+                );
+            }
+        }
+        drop(u);
+        let mut map = open2.lock();
+        if map
+            .get(&node2.ino)
+            .is_some_and(|o| o.count == 0 && Arc::ptr_eq(&o.unstable, &unstable))
+        {
+            map.remove(&node2.ino);
+        }
+    });
 }
 
 /// One COMMIT of the whole file: the server's verifier.
@@ -284,7 +319,7 @@ async fn commit_once(pool: &Pool, node: &NfsNode) -> BResult<[u8; 8]> {
 async fn commit_all(pool: &Pool, node: &NfsNode, u: &mut Unstable) -> BResult<()> {
     for _ in 0..4 {
         let verf = commit_once(pool, node).await?;
-        let Some(first) = u.writes.iter().position(|w| w.2 != verf) else {
+        let Some(first) = u.writes.iter().position(|w| w.2.is_some_and(|v| v != verf)) else {
             *u = Unstable::default();
             return Ok(());
         };
@@ -296,10 +331,7 @@ async fn commit_all(pool: &Pool, node: &NfsNode, u: &mut Unstable) -> BResult<()
         );
         pool.resent.fetch_add(again, Ordering::Relaxed);
         for w in &mut u.writes[first..] {
-            // Stable answers need no commit: keep them as committed.
-            w.2 = write_chunk(pool, node, w.0, &w.1, stable_how::UNSTABLE)
-                .await?
-                .unwrap_or(verf);
+            w.2 = write_chunk(pool, node, w.0, &w.1, stable_how::UNSTABLE).await?;
         }
     }
     Err(BackendError::coded(
@@ -364,6 +396,9 @@ pub struct NfsBackend {
     namelen: u32,
     listings: Mutex<HashMap<u64, Listing>>,
     open: Arc<OpenFiles>,
+    /// How many times the root's handle changed (a re-export): a node
+    /// found under an older one may be found again by its path.
+    root_gen: AtomicU64,
 }
 
 impl std::fmt::Debug for NfsBackend {
@@ -404,9 +439,9 @@ impl NfsBackend {
             root: Arc::new(NfsNode {
                 fh: RwLock::new(mounted.root.clone()),
                 ino: 0,
-                kind: FileKind::Dir,
                 path: Vec::new(),
                 perm: AtomicU32::new(0),
+                root_gen: AtomicU64::new(0),
             }),
             is_root,
             rtmax: 1 << 20,
@@ -415,6 +450,7 @@ impl NfsBackend {
             namelen: 255,
             listings: Mutex::new(HashMap::new()),
             open: Arc::new(OpenFiles::default()),
+            root_gen: AtomicU64::new(0),
         };
         // The source may be a directory below the export.
         let mut node = b.root.clone();
@@ -436,9 +472,9 @@ impl NfsBackend {
         b.root = Arc::new(NfsNode {
             fh: RwLock::new(node.fh()),
             ino: a.ino,
-            kind: FileKind::Dir,
             path: Vec::new(),
             perm: AtomicU32::new(a.perm as u32),
+            root_gen: AtomicU64::new(0),
         });
         let fsroot = b.root.fh();
         let info = b.run("fsinfo", true, |mut c| {
@@ -510,30 +546,29 @@ impl NfsBackend {
         }
     }
 
-    /// Looks the node's path up from the root; true if it leads to the
-    /// same object, whose new handle is then kept. The root itself is
-    /// found again by a new MOUNT (a server that re-exported the share
-    /// under another id gives every object a new handle).
+    /// After NFS3ERR_STALE: finds the node again, true if its handle was
+    /// renewed. Only a server that renewed every handle (a re-export:
+    /// the root's changed too) is trusted to have kept the same object at
+    /// the same path; a stale handle under an unchanged root means the
+    /// object is gone (its inode number may already be another file's).
     fn refind(&self, node: &NfsNode) -> bool {
-        if std::ptr::eq(node, &*self.root) || node.ino == self.root.ino {
+        if node.ino == self.root.ino {
             return self.refind_root();
         }
-        for attempt in 0..2 {
-            match self.walk(&node.path) {
-                Ok((fh, a)) if a.ino == node.ino => {
-                    log::info!("NFS: handle of {:?} went stale; found again", node.path);
-                    *node.fh.write().unwrap_or_else(|e| e.into_inner()) = fh;
-                    return true;
-                }
-                Err(e) if e.raw_errno() == libc::ESTALE && attempt == 0 => {
-                    if !self.refind_root() {
-                        return false;
-                    }
-                }
-                _ => return false,
-            }
+        let now = self.root_gen.load(Ordering::Relaxed);
+        if node.root_gen.load(Ordering::Relaxed) == now && !self.refind_root() {
+            return false;
         }
-        false
+        match self.walk(&node.path) {
+            Ok((fh, a)) if a.ino == node.ino => {
+                log::info!("NFS: handle of {:?} went stale; found again", node.path);
+                *node.fh.write().unwrap_or_else(|e| e.into_inner()) = fh;
+                node.root_gen
+                    .store(self.root_gen.load(Ordering::Relaxed), Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The handle and attributes `path` leads to from the source's root.
@@ -561,9 +596,10 @@ impl NfsBackend {
                 Ok((fh, a))
             });
         match found {
-            Ok((fh, a)) if a.ino == self.root.ino => {
+            Ok((fh, a)) if a.ino == self.root.ino && fh != self.root.fh() => {
                 log::info!("NFS: the root handle went stale; found again");
                 *self.root.fh.write().unwrap_or_else(|e| e.into_inner()) = fh;
+                self.root_gen.fetch_add(1, Ordering::Relaxed);
                 true
             }
             _ => false,
@@ -576,9 +612,9 @@ impl NfsBackend {
         Arc::new(NfsNode {
             fh: RwLock::new(fh),
             ino: a.ino,
-            kind: a.kind,
             path,
             perm: AtomicU32::new(a.perm as u32),
+            root_gen: AtomicU64::new(self.root_gen.load(Ordering::Relaxed)),
         })
     }
 
@@ -680,13 +716,7 @@ impl NfsBackend {
         })?;
         let a = match r.obj_wcc.after {
             Nfs3Option::Some(a) => attr_of(&a),
-            Nfs3Option::None => self.getattr(&Arc::new(NfsNode {
-                fh: RwLock::new(node.fh()),
-                ino: node.ino,
-                kind: node.kind,
-                path: Vec::new(),
-                perm: AtomicU32::new(0),
-            }))?,
+            Nfs3Option::None => self.getattr_fh(&node.fh())?,
         };
         node.perm.store(a.perm as u32, Ordering::Relaxed);
         Ok(a)
@@ -731,7 +761,7 @@ impl NfsBackend {
                     let name = e.name.0.as_ref();
                     if name == b"."
                         || name == b".."
-                        || (!with_hidden && name.starts_with(HIDDEN_PREFIX))
+                        || (!with_hidden && name.starts_with(own_hidden_prefix()))
                     {
                         continue;
                     }
@@ -783,10 +813,10 @@ impl NfsBackend {
         }
     }
 
-    fn commit(&self, node: &NfsNode, u: &Mutex<Unstable>) -> BResult<()> {
+    fn commit(&self, node: &NfsNode, u: &AsyncMutex<Unstable>) -> BResult<()> {
         // Held across the COMMIT: a second fsync waits for this one
         // instead of finding nothing to do before the data is durable.
-        let mut u = lock_unstable(u);
+        let mut u = u.blocking_lock();
         if u.writes.is_empty() {
             return Ok(());
         }
@@ -797,50 +827,75 @@ impl NfsBackend {
 
     /// Before `name` in `dir` goes away (unlink, or rename over it): if
     /// it is the last name of a file open here, hides it under a new name
-    /// instead and returns that name (nothing else to do for an unlink).
-    fn hide_if_open(&self, dir: &NfsNode, name: &OsStr) -> BResult<Option<OsString>> {
+    /// instead (nothing else to do for an unlink). The file is held open
+    /// until the caller passes the hold to [`Self::let_go`].
+    fn hide_if_open(&self, dir: &NfsNode, name: &OsStr) -> BResult<Option<Hidden>> {
         if self.open.lock().is_empty() {
             return Ok(None);
         }
-        let (_, a) = match self.lookup_fh(&dir.fh(), name) {
+        let (fh, a) = match self.lookup_fh(&dir.fh(), name) {
             Ok(v) => v,
             Err(e) if e.raw_errno() == libc::ENOENT => return Ok(None),
             Err(e) => return Err(e),
         };
-        if a.kind != FileKind::File || a.nlink > 1 || !self.open.lock().contains_key(&a.ino) {
+        if a.kind != FileKind::File || a.nlink > 1 {
             return Ok(None);
         }
-        let mut hidden = OsString::from_vec(HIDDEN_PREFIX.to_vec());
-        hidden.push(format!("{:016x}-{:08x}", a.ino, fastrand::u32(..)));
-        self.rename_raw(dir, name, &dir.fh(), &hidden)?;
-        let mut open = self.open.lock();
-        match open.get_mut(&a.ino) {
-            Some(o) => o.hidden = Some((dir.fh(), hidden.clone())),
-            None => {
-                // Closed meanwhile: nobody will remove it but us.
-                drop(open);
-                let _ = self.unlink_raw(dir, &hidden);
-            }
+        match self.open.lock().get_mut(&a.ino) {
+            Some(o) => o.count += 1, // the hold
+            None => return Ok(None),
         }
-        Ok(Some(hidden))
+        let held = self.make_node(dir, name, fh, &a);
+        let mut name_hidden = OsString::from_vec(own_hidden_prefix().to_vec());
+        name_hidden.push(format!("{:016x}-{:08x}", a.ino, fastrand::u32(..)));
+        if let Err(e) = self.rename_raw(dir, name, &dir.fh(), &name_hidden) {
+            release(&self.pool, &self.open, &held);
+            return Err(e);
+        }
+        if let Some(o) = self.open.lock().get_mut(&a.ino) {
+            o.hidden = Some((dir.fh(), name_hidden.clone()));
+        }
+        Ok(Some(Hidden {
+            name: name_hidden,
+            held,
+        }))
     }
 
-    /// Undoes [`Self::hide_if_open`] when what it made way for failed.
-    fn unhide(&self, dir: &NfsNode, name: &OsStr, hidden: &OsStr) {
-        if self.rename_raw(dir, hidden, &dir.fh(), name).is_ok() {
-            for o in self.open.lock().values_mut() {
-                if o.hidden.as_ref().is_some_and(|(_, h)| h == hidden) {
-                    o.hidden = None;
-                }
+    /// Ends the hold of [`Self::hide_if_open`] (at the last close, the
+    /// hidden file goes).
+    fn let_go(&self, h: Hidden) {
+        release(&self.pool, &self.open, &h.held);
+    }
+
+    /// Undoes [`Self::hide_if_open`] after the rename it made way for
+    /// failed, when the failure is certain (the server said no) and the
+    /// name is still free.
+    fn unhide(&self, dir: &NfsNode, name: &OsStr, h: &Hidden, why: &BackendError) {
+        let uncertain = matches!(
+            why.raw_errno(),
+            libc::ETIMEDOUT
+                | libc::ECONNRESET
+                | libc::ECONNREFUSED
+                | libc::EHOSTUNREACH
+                | libc::ENETUNREACH
+        );
+        let free = !uncertain
+            && matches!(self.lookup_fh(&dir.fh(), name), Err(e) if e.raw_errno() == libc::ENOENT);
+        if free && self.rename_raw(dir, &h.name, &dir.fh(), name).is_ok() {
+            if let Some(o) = self.open.lock().get_mut(&h.held.ino) {
+                o.hidden = None;
             }
         } else {
-            log::warn!("NFS: {name:?} stays hidden as {hidden:?} after a failed rename over it");
+            log::warn!(
+                "NFS: {name:?} stays hidden as {:?} after a failed rename over it ({why})",
+                h.name
+            );
         }
     }
 
-    /// Removes the hidden unlinked files left in `dir`/`name` by files no
-    /// longer open here (a daemon that crashed, a failed remove); true if
-    /// that leaves the directory empty.
+    /// Removes the hidden unlinked files this daemon left in `dir`/`name`
+    /// (a remove at close that failed); true if that leaves the directory
+    /// empty. Others' are left alone: they may still be open elsewhere.
     fn sweep_hidden(&self, dir: &Arc<NfsNode>, name: &OsStr) -> bool {
         let Ok((sub, _)) = self.lookup(dir, name) else {
             return false;
@@ -851,7 +906,7 @@ impl NfsBackend {
         let open = |ino: &u64| self.open.lock().contains_key(ino);
         if list
             .iter()
-            .any(|(n, ino, _)| !n.as_bytes().starts_with(HIDDEN_PREFIX) || open(ino))
+            .any(|(n, ino, _)| !n.as_bytes().starts_with(own_hidden_prefix()) || open(ino))
         {
             return false;
         }
@@ -1207,7 +1262,8 @@ impl Backend for NfsBackend {
 
     fn unlink(&self, dir: &Self::Node, name: &OsStr) -> BResult<()> {
         self.forget_listings();
-        if self.hide_if_open(dir, name)?.is_some() {
+        if let Some(h) = self.hide_if_open(dir, name)? {
+            self.let_go(h);
             return Ok(());
         }
         self.unlink_raw(dir, name)
@@ -1263,9 +1319,12 @@ impl Backend for NfsBackend {
         // A file open here that the rename replaces must live on.
         let hidden = self.hide_if_open(newdir, newname)?;
         let r = self.rename_raw(dir, name, &newdir.fh(), newname);
-        if let (Err(_), Some(h)) = (&r, &hidden) {
-            // Nothing replaced it: it gets its name back.
-            self.unhide(newdir, newname, h);
+        if let Some(h) = hidden {
+            if let Err(e) = &r {
+                // Nothing replaced it: it gets its name back.
+                self.unhide(newdir, newname, &h, e);
+            }
+            self.let_go(h);
         }
         r
     }
@@ -1426,8 +1485,10 @@ impl Backend for NfsBackend {
                 )?,
                 r => r?,
             };
-            let Some(v) = v else { continue };
-            let mut u = lock_unstable(&file.unstable);
+            let mut u = file.unstable.blocking_lock();
+            if v.is_none() && u.writes.is_empty() {
+                continue; // durable, and nothing before it to resend
+            }
             u.writes.push((off, chunk.to_vec(), v));
             u.bytes += chunk.len() as u64;
             let full = u.bytes >= MAX_UNCOMMITTED;
