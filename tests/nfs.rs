@@ -467,3 +467,70 @@ fn as_root_nassync_connects_from_a_privileged_port() {
     }
     assert_eq!(out.status.code(), Some(32));
 }
+
+fn backend(server: &Server) -> nassync::backend::nfs::NfsBackend {
+    use nassync::backend::nfs::{NfsBackend, NfsOptions, NfsSource};
+    NfsBackend::connect(
+        &NfsSource::parse(&server.url()).unwrap(),
+        &NfsOptions {
+            timeo: TIMEO,
+            nconnect: 2,
+            resvport: true,
+        },
+    )
+    .unwrap()
+}
+
+/// A file open here that a rename would replace is hidden first (the
+/// server would delete it); if the rename then fails, it gets its name
+/// back instead of vanishing at close.
+#[test]
+fn a_failed_rename_over_an_open_file_leaves_it_in_place() {
+    use nassync::backend::{Backend, OpenMode, RenameFlags};
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("export"));
+    std::fs::write(server.dir.join("b"), b"keep me").unwrap();
+    let nfs = backend(&server);
+    let (root, _) = nfs.root().unwrap();
+    let (b, _) = nfs.lookup(&root, "b".as_ref()).unwrap();
+    let read = OpenMode {
+        read: true,
+        write: false,
+        append: false,
+        truncate: false,
+    };
+    let f = nfs.open(&b, read).unwrap();
+    let r = nfs.rename(
+        &root,
+        "missing".as_ref(),
+        &root,
+        "b".as_ref(),
+        RenameFlags::default(),
+    );
+    assert_eq!(r.unwrap_err().raw_errno(), libc::ENOENT);
+    assert_eq!(std::fs::read(server.dir.join("b")).unwrap(), b"keep me");
+    drop(f);
+    assert_eq!(std::fs::read(server.dir.join("b")).unwrap(), b"keep me");
+    let names: Vec<_> = std::fs::read_dir(&server.dir).unwrap().collect();
+    assert_eq!(names.len(), 1, "nothing hidden is left: {names:?}");
+}
+
+/// A file unlinked while open lives on under a hidden name, which is gone
+/// once it is closed: its directory can be removed right after.
+#[test]
+fn a_directory_emptied_of_an_open_unlinked_file_can_be_removed_after_close() {
+    let (mut m, server) = setup("");
+    m.mount();
+    std::fs::create_dir(m.m("d")).unwrap();
+    std::fs::write(m.m("d/f"), b"data").unwrap();
+    m.flush(None);
+    let f = std::fs::File::open(m.m("d/f")).unwrap();
+    std::fs::remove_file(m.m("d/f")).unwrap();
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut &f, &mut got).unwrap();
+    assert_eq!(got, b"data");
+    assert!(std::fs::read_dir(m.m("d")).unwrap().next().is_none());
+    drop(f);
+    std::fs::remove_dir(m.m("d")).unwrap();
+    assert!(!server.dir.join("d").exists());
+}
