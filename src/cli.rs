@@ -38,7 +38,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Cmd {
-    /// Mount SOURCE (a directory, normally the NAS's NFS mount) at MOUNTPOINT.
+    /// Mount SOURCE (a directory, normally the NAS's NFS mount, or the NFS share
+    /// itself: nfs://HOST/EXPORT or HOST:/EXPORT) at MOUNTPOINT.
     ///
     /// Returns once the mount is ready (exit 0), or prints why it failed
     /// (exit 1 for a bad option, 32 for a mount failure) with nothing left
@@ -109,7 +110,7 @@ pub fn helper_command() -> Command {
              lines of type fuse.nassync. It hands the mount to `nassync mount`, which returns \
              once the mount is ready, so that systemd orders units correctly.",
         )
-        .arg(Arg::new("source").required(true).help("The NAS share: a directory, normally the NAS's NFS mount"))
+        .arg(Arg::new("source").required(true).help("The NAS share: a directory (normally the NAS's NFS mount), nfs://HOST/EXPORT or HOST:/EXPORT"))
         .arg(Arg::new("dir").required(true).help("The mount point"))
         .arg(
             Arg::new("options")
