@@ -368,20 +368,11 @@ fn nfs_sources_refuse_what_nfsv3_lacks() {
 /// writes are sent again: nothing is lost.
 #[test]
 fn writes_a_restarted_server_lost_are_sent_again_at_commit() {
-    use nassync::backend::nfs::{NfsBackend, NfsOptions, NfsSource};
     use nassync::backend::{Backend, OpenMode};
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("export"));
     std::fs::write(server.dir.join("f"), b"").unwrap();
-    let nfs = NfsBackend::connect(
-        &NfsSource::parse(&server.url()).unwrap(),
-        &NfsOptions {
-            timeo: TIMEO,
-            nconnect: 2,
-            resvport: true,
-        },
-    )
-    .unwrap();
+    let nfs = backend(&server);
     let (root, _) = nfs.root().unwrap();
     let (node, _) = nfs.lookup(&root, "f".as_ref()).unwrap();
     let rw = OpenMode {

@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use nfs3_client::io::{AsyncRead, AsyncWrite};
@@ -127,8 +127,6 @@ pub struct Pool {
     free: Mutex<Vec<(Conn, std::time::Instant)>>,
     permits: tokio::sync::Semaphore,
     mounted: Mutex<Option<Mounted>>,
-    /// Connections made, in all (the first ones included).
-    pub connects: AtomicU64,
     /// Bytes written again after the server lost them (a new verifier).
     pub resent: AtomicU64,
 }
@@ -196,7 +194,6 @@ impl Pool {
             cfg,
             free: Mutex::new(Vec::new()),
             mounted: Mutex::new(None),
-            connects: AtomicU64::new(0),
             resent: AtomicU64::new(0),
         })
     }
@@ -252,8 +249,7 @@ impl Pool {
     /// A new connection, with a MOUNT first (a server that restarted may
     /// want one). The first time, finds the export: the longest prefix
     /// of the source path that the server accepts.
-    async fn connect(&self) -> BResult<(Conn, Option<nfs_fh3>)> {
-        // (Always Some: every connection MOUNTs.)
+    async fn connect(&self) -> BResult<(Conn, nfs_fh3)> {
         let ip = self.resolve().await?;
         let known = self.mounted();
         let splits = match &known {
@@ -273,7 +269,6 @@ impl Pool {
             }
             match b.mount().await {
                 Ok(c) => {
-                    self.connects.fetch_add(1, Ordering::Relaxed);
                     let root = c.root_nfs_fh3();
                     if known.is_none() {
                         log::info!("NFS export {export} of {}", self.cfg.source.host);
@@ -283,7 +278,7 @@ impl Pool {
                             root: root.clone(),
                         });
                     }
-                    return Ok((c.into_nfs3_client(), Some(root)));
+                    return Ok((c.into_nfs3_client(), root));
                 }
                 Err(ConnectError::Mount(MountError::Denied(
                     s @ (mountstat3::MNT3ERR_NOENT | mountstat3::MNT3ERR_ACCES),
@@ -313,7 +308,7 @@ impl Pool {
     }
 
     /// Drops every idle connection: the next calls connect afresh.
-    pub fn reset(&self) {
+    fn reset(&self) {
         self.free.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
@@ -405,7 +400,7 @@ impl Pool {
     pub async fn remount(&self) -> BResult<nfs_fh3> {
         let (c, root) = self.connect().await?;
         self.put(c);
-        Ok(root.expect("connect always mounts"))
+        Ok(root)
     }
 
     /// Connects (and finds the export) once, under the deadline.

@@ -57,6 +57,20 @@ fn own_hidden_prefix() -> &'static [u8] {
 /// How long a READDIRPLUS listing answers lookups of its names.
 const LISTING_FRESH: Duration = Duration::from_secs(1);
 
+/// The closure that makes one RPC on a pooled connection (see
+/// [`conn::Pool::call`]): `args` is built afresh for each try.
+macro_rules! rpc {
+    ($method:ident, $args:expr) => {
+        |mut c: conn::Conn| {
+            let a = $args;
+            async move {
+                let r = c.$method(&a).await;
+                (c, r)
+            }
+        }
+    };
+}
+
 /// The errno an NFS status stands for (RFC 1813, section 2.6).
 pub fn nfsstat_errno(s: nfsstat3) -> i32 {
     use nfsstat3::*;
@@ -138,6 +152,14 @@ fn nfstime(t: SystemTime) -> nfstime3 {
 
 fn name3(name: &OsStr) -> filename3<'_> {
     filename3(Opaque::borrowed(name.as_bytes()))
+}
+
+/// `name` in the directory `dir`, as RPCs take it.
+fn dirop<'a>(dir: &nfs_fh3, name: &'a OsStr) -> diropargs3<'a> {
+    diropargs3 {
+        dir: dir.clone(),
+        name: name3(name),
+    }
 }
 
 /// One object on the server.
@@ -243,21 +265,18 @@ fn release(pool: &Arc<Pool>, open: &Arc<OpenFiles>, node: &Arc<NfsNode>) {
         }
     };
     if let Some((dir, name)) = hidden {
-        let args = REMOVE3args {
-            object: diropargs3 {
-                dir,
-                name: name3(&name),
-            },
-        };
         let r = pool.block_on(
             "unlink",
-            pool.call("unlink", false, |mut c| {
-                let a = &args;
-                async move {
-                    let r = c.remove(a).await;
-                    (c, r)
-                }
-            }),
+            pool.call(
+                "unlink",
+                false,
+                rpc!(
+                    remove,
+                    REMOVE3args {
+                        object: dirop(&dir, &name),
+                    }
+                ),
+            ),
         );
         if !matches!(r, Ok(Nfs3Result::Ok(_))) {
             log::warn!("NFS: could not remove the hidden unlinked file {name:?}");
@@ -293,19 +312,19 @@ fn release(pool: &Arc<Pool>, open: &Arc<OpenFiles>, node: &Arc<NfsNode>) {
 
 /// One COMMIT of the whole file: the server's verifier.
 async fn commit_once(pool: &Pool, node: &NfsNode) -> BResult<[u8; 8]> {
-    let args = COMMIT3args {
-        file: node.fh(),
-        offset: 0,
-        count: 0,
-    };
     Ok(pool
-        .call("commit", true, |mut c| {
-            let a = &args;
-            async move {
-                let r = c.commit(a).await;
-                (c, r)
-            }
-        })
+        .call(
+            "commit",
+            true,
+            rpc!(
+                commit,
+                COMMIT3args {
+                    file: node.fh(),
+                    offset: 0,
+                    count: 0,
+                }
+            ),
+        )
         .await
         .and_then(|r| ok("commit", r))?
         .verf
@@ -349,21 +368,21 @@ async fn write_chunk(
     data: &[u8],
     stable: stable_how,
 ) -> BResult<Option<[u8; 8]>> {
-    let args = WRITE3args {
-        file: node.fh(),
-        offset: off,
-        count: data.len() as u32,
-        stable,
-        data: Opaque::borrowed(data),
-    };
     let res = pool
-        .call("write", true, |mut c| {
-            let a = &args;
-            async move {
-                let r = c.write(a).await;
-                (c, r)
-            }
-        })
+        .call(
+            "write",
+            true,
+            rpc!(
+                write,
+                WRITE3args {
+                    file: node.fh(),
+                    offset: off,
+                    count: data.len() as u32,
+                    stable,
+                    data: Opaque::borrowed(data),
+                }
+            ),
+        )
         .await
         .and_then(|r| ok("write", r))?;
     if (res.count as usize) < data.len() {
@@ -477,16 +496,16 @@ impl NfsBackend {
             root_gen: AtomicU64::new(0),
         });
         let fsroot = b.root.fh();
-        let info = b.run("fsinfo", true, |mut c| {
-            let a = FSINFO3args {
-                fsroot: fsroot.clone(),
-            };
-            async move {
-                let r = c.fsinfo(&a).await;
-                (c, r)
-            }
-        })?;
-        let info = ok("fsinfo", info)?;
+        let info = b.ask(
+            "fsinfo",
+            true,
+            rpc!(
+                fsinfo,
+                FSINFO3args {
+                    fsroot: fsroot.clone()
+                }
+            ),
+        )?;
         // Servers say 0 for "no limit"; keep transfers at a sane size.
         let clamp = |v: u32| if v == 0 { 1 << 20 } else { v.min(4 << 20) };
         b.rtmax = clamp(info.rtmax);
@@ -494,16 +513,16 @@ impl NfsBackend {
         if info.maxfilesize > 0 {
             b.maxfilesize = info.maxfilesize.min(i64::MAX as u64);
         }
-        let fsroot = b.root.fh();
-        if let Ok(Nfs3Result::Ok(pc)) = b.run("pathconf", true, |mut c| {
-            let a = nfs3::PATHCONF3args {
-                object: fsroot.clone(),
-            };
-            async move {
-                let r = c.pathconf(&a).await;
-                (c, r)
-            }
-        }) {
+        if let Ok(pc) = b.ask(
+            "pathconf",
+            true,
+            rpc!(
+                pathconf,
+                nfs3::PATHCONF3args {
+                    object: fsroot.clone()
+                }
+            ),
+        ) {
             if pc.name_max > 0 {
                 b.namelen = pc.name_max;
             }
@@ -518,11 +537,6 @@ impl NfsBackend {
         Ok(b)
     }
 
-    /// Connections made so far (the first included): for tests.
-    pub fn connects(&self) -> u64 {
-        self.pool.connects.load(Ordering::Relaxed)
-    }
-
     /// Bytes sent again because the server lost them before a COMMIT.
     pub fn resent_bytes(&self) -> u64 {
         self.pool.resent.load(Ordering::Relaxed)
@@ -535,6 +549,17 @@ impl NfsBackend {
         Fut: std::future::Future<Output = (conn::Conn, Result<R, nfs3_client::RpcError>)>,
     {
         self.pool.block_on(op, self.pool.call(op, idempotent, f))
+    }
+
+    /// One RPC whose NFS status, if not OK, is the error.
+    fn ask<T, E, F, Fut>(&self, op: &'static str, idempotent: bool, f: F) -> BResult<T>
+    where
+        F: FnMut(conn::Conn) -> Fut,
+        Fut: std::future::Future<
+                Output = (conn::Conn, Result<Nfs3Result<T, E>, nfs3_client::RpcError>),
+            >,
+    {
+        self.run(op, idempotent, f).and_then(|r| ok(op, r))
     }
 
     /// Runs `op` with the node's handle; if the handle went stale, finds
@@ -619,29 +644,25 @@ impl NfsBackend {
     }
 
     fn getattr_fh(&self, fh: &nfs_fh3) -> BResult<Attr> {
-        let r = self.run("getattr", true, |mut c| {
-            let a = GETATTR3args { object: fh.clone() };
-            async move {
-                let r = c.getattr(&a).await;
-                (c, r)
-            }
-        })?;
+        let r = self.run(
+            "getattr",
+            true,
+            rpc!(getattr, GETATTR3args { object: fh.clone() }),
+        )?;
         Ok(attr_of(&ok("getattr", r)?.obj_attributes))
     }
 
     fn lookup_fh(&self, dir: &nfs_fh3, name: &OsStr) -> BResult<(nfs_fh3, Attr)> {
-        let r = self.run("lookup", true, |mut c| {
-            let a = LOOKUP3args {
-                what: diropargs3 {
-                    dir: dir.clone(),
-                    name: name3(name),
-                },
-            };
-            async move {
-                let r = c.lookup(&a).await;
-                (c, r)
-            }
-        })?;
+        let r = self.run(
+            "lookup",
+            true,
+            rpc!(
+                lookup,
+                LOOKUP3args {
+                    what: dirop(dir, name),
+                }
+            ),
+        )?;
         let ok = ok("lookup", r)?;
         let attr = match ok.obj_attributes {
             Nfs3Option::Some(a) => attr_of(&a),
@@ -701,18 +722,18 @@ impl NfsBackend {
     fn do_setattr(&self, node: &NfsNode, s: sattr3) -> BResult<Attr> {
         self.forget_listings();
         let r = self.on(node, |fh| {
-            self.run("setattr", true, |mut c| {
-                let a = SETATTR3args {
-                    object: fh.clone(),
-                    new_attributes: s.clone(),
-                    guard: Nfs3Option::None,
-                };
-                async move {
-                    let r = c.setattr(&a).await;
-                    (c, r)
-                }
-            })
-            .and_then(|r| ok("setattr", r))
+            self.ask(
+                "setattr",
+                true,
+                rpc!(
+                    setattr,
+                    SETATTR3args {
+                        object: fh.clone(),
+                        new_attributes: s.clone(),
+                        guard: Nfs3Option::None,
+                    }
+                ),
+            )
         })?;
         let a = match r.obj_wcc.after {
             Nfs3Option::Some(a) => attr_of(&a),
@@ -730,19 +751,20 @@ impl NfsBackend {
             let mut verf = nfs3::cookieverf3::default();
             let mut restarted = false;
             loop {
-                let r = self.run("readdir", true, |mut c| {
-                    let a = READDIRPLUS3args {
-                        dir: fh.clone(),
-                        cookie,
-                        cookieverf: verf,
-                        dircount: 64 << 10,
-                        maxcount: 512 << 10,
-                    };
-                    async move {
-                        let r = c.readdirplus(&a).await;
-                        (c, r)
-                    }
-                })?;
+                let r = self.run(
+                    "readdir",
+                    true,
+                    rpc!(
+                        readdirplus,
+                        READDIRPLUS3args {
+                            dir: fh.clone(),
+                            cookie,
+                            cookieverf: verf,
+                            dircount: 64 << 10,
+                            maxcount: 512 << 10,
+                        }
+                    ),
+                )?;
                 let r = match r {
                     // The directory changed under a long listing: again.
                     Nfs3Result::Err((nfsstat3::NFS3ERR_BAD_COOKIE, _)) if !restarted => {
@@ -916,19 +938,16 @@ impl NfsBackend {
 
     fn unlink_raw(&self, dir: &NfsNode, name: &OsStr) -> BResult<()> {
         self.on(dir, |fh| {
-            self.run("unlink", false, |mut c| {
-                let a = REMOVE3args {
-                    object: diropargs3 {
-                        dir: fh.clone(),
-                        name: name3(name),
-                    },
-                };
-                async move {
-                    let r = c.remove(&a).await;
-                    (c, r)
-                }
-            })
-            .and_then(|r| ok("unlink", r))
+            self.ask(
+                "unlink",
+                false,
+                rpc!(
+                    remove,
+                    REMOVE3args {
+                        object: dirop(&fh, name),
+                    }
+                ),
+            )
         })?;
         Ok(())
     }
@@ -941,23 +960,17 @@ impl NfsBackend {
         newname: &OsStr,
     ) -> BResult<()> {
         self.on(dir, |fh| {
-            self.run("rename", false, |mut c| {
-                let a = RENAME3args {
-                    from: diropargs3 {
-                        dir: fh.clone(),
-                        name: name3(name),
-                    },
-                    to: diropargs3 {
-                        dir: to.clone(),
-                        name: name3(newname),
-                    },
-                };
-                async move {
-                    let r = c.rename(&a).await;
-                    (c, r)
-                }
-            })
-            .and_then(|r| ok("rename", r))
+            self.ask(
+                "rename",
+                false,
+                rpc!(
+                    rename,
+                    RENAME3args {
+                        from: dirop(&fh, name),
+                        to: dirop(to, newname),
+                    }
+                ),
+            )
         })?;
         Ok(())
     }
@@ -1066,16 +1079,16 @@ impl Backend for NfsBackend {
 
     fn readlink(&self, node: &Self::Node) -> BResult<OsString> {
         let r = self.on(node, |fh| {
-            self.run("readlink", true, |mut c| {
-                let a = READLINK3args {
-                    symlink: fh.clone(),
-                };
-                async move {
-                    let r = c.readlink(&a).await;
-                    (c, r)
-                }
-            })
-            .and_then(|r| ok("readlink", r))
+            self.ask(
+                "readlink",
+                true,
+                rpc!(
+                    readlink,
+                    READLINK3args {
+                        symlink: fh.clone(),
+                    }
+                ),
+            )
         })?;
         Ok(OsString::from_vec(r.data.0.to_vec()))
     }
@@ -1158,20 +1171,17 @@ impl Backend for NfsBackend {
             }
         };
         let r = self.on(dir, |fh| {
-            self.run("mknod", false, |mut c| {
-                let a = MKNOD3args {
-                    where_: diropargs3 {
-                        dir: fh.clone(),
-                        name: name3(name),
-                    },
-                    what: what(),
-                };
-                async move {
-                    let r = c.mknod(&a).await;
-                    (c, r)
-                }
-            })
-            .and_then(|r| ok("mknod", r))
+            self.ask(
+                "mknod",
+                false,
+                rpc!(
+                    mknod,
+                    MKNOD3args {
+                        where_: dirop(&fh, name),
+                        what: what(),
+                    }
+                ),
+            )
         })?;
         self.made(dir, name, r.obj, r.obj_attributes)
     }
@@ -1186,20 +1196,17 @@ impl Backend for NfsBackend {
         self.forget_listings();
         let attrs = self.new_attrs(dir, Some(mode), creds);
         let r = self.on(dir, |fh| {
-            self.run("mkdir", false, |mut c| {
-                let a = MKDIR3args {
-                    where_: diropargs3 {
-                        dir: fh.clone(),
-                        name: name3(name),
-                    },
-                    attributes: attrs.clone(),
-                };
-                async move {
-                    let r = c.mkdir(&a).await;
-                    (c, r)
-                }
-            })
-            .and_then(|r| ok("mkdir", r))
+            self.ask(
+                "mkdir",
+                false,
+                rpc!(
+                    mkdir,
+                    MKDIR3args {
+                        where_: dirop(&fh, name),
+                        attributes: attrs.clone(),
+                    }
+                ),
+            )
         })?;
         self.made(dir, name, r.obj, r.obj_attributes)
     }
@@ -1214,23 +1221,20 @@ impl Backend for NfsBackend {
         self.forget_listings();
         let attrs = self.new_attrs(dir, Some(0o777), creds);
         let r = self.on(dir, |fh| {
-            self.run("symlink", false, |mut c| {
-                let a = SYMLINK3args {
-                    where_: diropargs3 {
-                        dir: fh.clone(),
-                        name: name3(name),
-                    },
-                    symlink: symlinkdata3 {
-                        symlink_attributes: attrs.clone(),
-                        symlink_data: nfspath3(Opaque::borrowed(target.as_bytes())),
-                    },
-                };
-                async move {
-                    let r = c.symlink(&a).await;
-                    (c, r)
-                }
-            })
-            .and_then(|r| ok("symlink", r))
+            self.ask(
+                "symlink",
+                false,
+                rpc!(
+                    symlink,
+                    SYMLINK3args {
+                        where_: dirop(&fh, name),
+                        symlink: symlinkdata3 {
+                            symlink_attributes: attrs.clone(),
+                            symlink_data: nfspath3(Opaque::borrowed(target.as_bytes())),
+                        },
+                    }
+                ),
+            )
         })?;
         self.made(dir, name, r.obj, r.obj_attributes)
     }
@@ -1239,20 +1243,17 @@ impl Backend for NfsBackend {
         self.forget_listings();
         let file = node.fh();
         let r = self.on(dir, |fh| {
-            self.run("link", false, |mut c| {
-                let a = LINK3args {
-                    file: file.clone(),
-                    link: diropargs3 {
-                        dir: fh.clone(),
-                        name: name3(name),
-                    },
-                };
-                async move {
-                    let r = c.link(&a).await;
-                    (c, r)
-                }
-            })
-            .and_then(|r| ok("link", r))
+            self.ask(
+                "link",
+                false,
+                rpc!(
+                    link,
+                    LINK3args {
+                        file: file.clone(),
+                        link: dirop(&fh, name),
+                    }
+                ),
+            )
         })?;
         match r.file_attributes {
             Nfs3Option::Some(a) => Ok(attr_of(&a)),
@@ -1273,19 +1274,16 @@ impl Backend for NfsBackend {
         self.forget_listings();
         let rmdir = || {
             self.on(dir, |fh| {
-                self.run("rmdir", false, |mut c| {
-                    let a = RMDIR3args {
-                        object: diropargs3 {
-                            dir: fh.clone(),
-                            name: name3(name),
-                        },
-                    };
-                    async move {
-                        let r = c.rmdir(&a).await;
-                        (c, r)
-                    }
-                })
-                .and_then(|r| ok("rmdir", r))
+                self.ask(
+                    "rmdir",
+                    false,
+                    rpc!(
+                        rmdir,
+                        RMDIR3args {
+                            object: dirop(&fh, name),
+                        }
+                    ),
+                )
             })
         };
         match rmdir() {
@@ -1363,20 +1361,17 @@ impl Backend for NfsBackend {
             // owner are set afterwards.
             let verf = createverf3(fastrand::u64(..).to_ne_bytes());
             let r = self.on(dir, |fh| {
-                self.run("create", true, |mut c| {
-                    let a = CREATE3args {
-                        where_: diropargs3 {
-                            dir: fh.clone(),
-                            name: name3(name),
-                        },
-                        how: createhow3::EXCLUSIVE(verf),
-                    };
-                    async move {
-                        let r = c.create(&a).await;
-                        (c, r)
-                    }
-                })
-                .and_then(|r| ok("create", r))
+                self.ask(
+                    "create",
+                    true,
+                    rpc!(
+                        create,
+                        CREATE3args {
+                            where_: dirop(&fh, name),
+                            how: createhow3::EXCLUSIVE(verf),
+                        }
+                    ),
+                )
             })?;
             let (node, _) = self.made(dir, name, r.obj, r.obj_attributes)?;
             let now = nfstime(SystemTime::now());
@@ -1407,20 +1402,17 @@ impl Backend for NfsBackend {
                 s.size = Nfs3Option::Some(0);
             }
             let r = self.on(dir, |fh| {
-                self.run("create", true, |mut c| {
-                    let a = CREATE3args {
-                        where_: diropargs3 {
-                            dir: fh.clone(),
-                            name: name3(name),
-                        },
-                        how: createhow3::UNCHECKED(s.clone()),
-                    };
-                    async move {
-                        let r = c.create(&a).await;
-                        (c, r)
-                    }
-                })
-                .and_then(|r| ok("create", r))
+                self.ask(
+                    "create",
+                    true,
+                    rpc!(
+                        create,
+                        CREATE3args {
+                            where_: dirop(&fh, name),
+                            how: createhow3::UNCHECKED(s.clone()),
+                        }
+                    ),
+                )
             })?;
             self.made(dir, name, r.obj, r.obj_attributes)?
         };
@@ -1438,18 +1430,18 @@ impl Backend for NfsBackend {
             let want = (buf.len() - done).min(self.rtmax as usize);
             let off = offset + done as u64;
             let r = self.on(node, |fh| {
-                self.run("read", true, |mut c| {
-                    let a = READ3args {
-                        file: fh.clone(),
-                        offset: off,
-                        count: want as u32,
-                    };
-                    async move {
-                        let r = c.read(&a).await;
-                        (c, r)
-                    }
-                })
-                .and_then(|r| ok("read", r))
+                self.ask(
+                    "read",
+                    true,
+                    rpc!(
+                        read,
+                        READ3args {
+                            file: fh.clone(),
+                            offset: off,
+                            count: want as u32,
+                        }
+                    ),
+                )
             })?;
             let data = r.data.as_ref();
             let n = data.len().min(want);
@@ -1519,14 +1511,11 @@ impl Backend for NfsBackend {
 
     fn statfs(&self, node: &Self::Node) -> BResult<StatFs> {
         let r = self.on(node, |fh| {
-            self.run("statfs", true, |mut c| {
-                let a = FSSTAT3args { fsroot: fh.clone() };
-                async move {
-                    let r = c.fsstat(&a).await;
-                    (c, r)
-                }
-            })
-            .and_then(|r| ok("statfs", r))
+            self.ask(
+                "statfs",
+                true,
+                rpc!(fsstat, FSSTAT3args { fsroot: fh.clone() }),
+            )
         })?;
         let bsize = 4096u64;
         Ok(StatFs {
