@@ -1550,7 +1550,27 @@ impl<B: Backend> Core<B> {
                 return Ok(());
             }
         }
-        self.backend.rename(&dir, name, &newdir, newname, flags)?;
+        // Rows of pending changes note the new path first: a crash between
+        // the rename and the rows' update must not lose the file.
+        if let (Some(wb), Some((old, new)), false) = (&self.wb, &paths, flags.exchange) {
+            wb.renaming(old, new);
+        }
+        // The rename moves the file's ctime: a write-back attempt that
+        // looks at it before `own_meta_change` below must know it is ours.
+        if let (Some(wb), Some((ino, _))) = (&self.wb, &moved) {
+            wb.own_meta_op(self.fuse_ino(*ino));
+        }
+        if let Err(e) = self.backend.rename(&dir, name, &newdir, newname, flags) {
+            if let (Some(wb), Some((old, _))) = (&self.wb, &paths) {
+                wb.rename_failed(old);
+            }
+            return Err(e.into());
+        }
+        if let Some((ino, _)) = &moved {
+            // rename changes the ctime (before the rows drop the rename in
+            // flight: until then, a ctime moved is known to be this one).
+            self.own_meta_change(*ino, None);
+        }
         if let (Some(wb), Some((old, new))) = (&self.wb, &paths) {
             if flags.exchange {
                 // Through a temporary name, so that the two swap.
@@ -1561,10 +1581,6 @@ impl<B: Backend> Core<B> {
             } else {
                 wb.renamed(old, new);
             }
-        }
-        if let Some((ino, _)) = &moved {
-            // rename changes the ctime.
-            self.own_meta_change(*ino, None);
         }
         if let (Some(r), false) = (replaced, flags.exchange) {
             if moved.as_ref().map(|m| m.0) != Some(r.0) {
@@ -1862,7 +1878,10 @@ impl<B: Backend> Core<B> {
     pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
         let h = self.file_handle(fh)?;
         if let Some(wb) = &self.wb {
-            return wb.fsync(self.fuse_ino(h.ino));
+            wb.fsync(self.fuse_ino(h.ino))?;
+            // A file created here may not be on the NAS yet either.
+            let (node, _, _) = self.node(h.ino)?;
+            return Ok(self.backend.sync_namespace(&node)?);
         }
         Ok(self.backend.fsync(&h.file, datasync)?)
     }

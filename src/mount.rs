@@ -22,6 +22,7 @@ use crate::backend::dir::DirBackend;
 use crate::backend::instrumented::Instrumented;
 use crate::backend::nfs::source::{NfsSource, is_nfs};
 use crate::backend::nfs::{NfsBackend, NfsOptions};
+use crate::backend::overlay::Overlay;
 use crate::cache::CacheError;
 use crate::cache::disk::DiskCache;
 use crate::control;
@@ -31,7 +32,8 @@ use crate::fuse::FuseFs;
 use crate::mountinfo;
 use crate::options::MountOptions;
 use crate::stats::Stats;
-use crate::writeback::{WbConfig, WriteBack};
+use crate::writeback::journal::Journal;
+use crate::writeback::{Staged, WbConfig, WriteBack};
 
 /// Exit status of a failed mount, as mount(8) uses it.
 pub const EXIT_MOUNT_FAILURE: i32 = 32;
@@ -498,16 +500,59 @@ fn serve_on<B: Backend>(
         umask: o.umask,
     };
     let backend = Arc::new(backend);
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into());
+    if !o.writeback {
+        return serve_core(plan, ready, signals, stats, data, cfg, backend, None);
+    }
+    let journal = Arc::new(Journal::open(&wb_dir).map_err(|e| anyhow!("{e}"))?);
+    // Objects created through the mount exist locally first (overlay.rs).
+    let overlay = Overlay::open(backend, journal.clone(), o.writeback_delay, host.clone())
+        .map_err(|e| anyhow!("{e}"))?;
+    let replay = overlay.clone();
+    let parts = WbParts {
+        journal,
+        host,
+        staged: overlay.clone(),
+        start: Box::new(move || replay.start()),
+        dir: wb_dir,
+    };
+    serve_core(plan, ready, signals, stats, data, cfg, overlay, Some(parts))
+}
+
+/// What write-back needs besides the backend.
+struct WbParts {
+    journal: Arc<Journal>,
+    host: String,
+    staged: Arc<dyn Staged>,
+    start: Box<dyn FnOnce() -> std::io::Result<std::thread::JoinHandle<()>>>,
+    dir: PathBuf,
+}
+
+/// The daemon over a backend ready for the core.
+#[allow(clippy::too_many_arguments)]
+fn serve_core<B: Backend>(
+    plan: &Plan,
+    ready: &mut Ready,
+    signals: nix::sys::signal::SigSet,
+    stats: Arc<Stats>,
+    data: Arc<DataCache>,
+    cfg: FsConfig,
+    backend: Arc<B>,
+    parts: Option<WbParts>,
+) -> Result<(), MountError> {
+    let o = &plan.options;
     let mut core = Core::new(backend.clone(), cfg, data.clone(), stats)
         .with_context(|| format!("source {}", plan.source.display()))?;
-    let wb = if o.writeback {
+    let mut ns_start = None;
+    let wb_dir = parts.as_ref().map(|p| p.dir.clone()).unwrap_or_default();
+    let wb = if let Some(parts) = parts {
         let root = core.root_nas_ino();
-        let host = nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_else(|| "localhost".into());
+        let host = parts.host;
         let wb = WriteBack::open(
-            &wb_dir,
+            parts.journal,
             backend,
             data,
             WbConfig {
@@ -518,6 +563,8 @@ fn serve_on<B: Backend>(
             Box::new(move |ino| crate::fs::map_ino(root, ino)),
         )
         .map_err(|e| anyhow!("{e}"))?;
+        wb.set_staged(parts.staged);
+        ns_start = Some(parts.start);
         core.set_writeback(wb.clone());
         Some(wb)
     } else {
@@ -650,6 +697,10 @@ fn serve_on<B: Backend>(
     ready.send("ready\n");
     let wb_thread = match &wb {
         Some(wb) => Some(wb.start()?),
+        None => None,
+    };
+    let _ns_thread = match ns_start {
+        Some(start) => Some(start()?),
         None => None,
     };
     let served = session.run().context("FUSE session");

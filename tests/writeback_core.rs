@@ -66,8 +66,9 @@ fn setup_in(
     };
     let mut core = Core::new(backend.clone(), cfg, data.clone(), stats.clone()).unwrap();
     let root = core.root_nas_ino();
+    let journal = Arc::new(nassync::writeback::journal::Journal::open(cache.path()).unwrap());
     let wb = WriteBack::open(
-        cache.path(),
+        journal,
         backend,
         data,
         WbConfig {

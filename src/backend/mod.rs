@@ -15,6 +15,7 @@ pub mod bounded;
 pub mod dir;
 pub mod instrumented;
 pub mod nfs;
+pub mod overlay;
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -349,5 +350,19 @@ pub trait Backend: Send + Sync + 'static {
     /// yet: write-back waits for them (they could still land).
     fn unfinished_changes(&self) -> usize {
         0
+    }
+
+    /// Makes the namespace changes kept locally so far (objects created
+    /// but not on the NAS yet, see [`overlay`]) survive a crash: fsync and
+    /// fsyncdir call it. Nothing to do for a backend that keeps none.
+    fn sync_namespace(&self, _node: &Self::Node) -> BResult<()> {
+        Ok(())
+    }
+
+    /// The path from the share's root of an object known only here (a
+    /// new object, by its inode number), which write-back trusts over the
+    /// path its row recorded. None for objects on the NAS.
+    fn local_path(&self, _ino: u64) -> Option<OsString> {
+        None
     }
 }

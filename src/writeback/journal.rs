@@ -25,12 +25,42 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::ranges::RangeSet;
-use crate::backend::Validator;
+use crate::backend::{FileKind, Validator};
 use crate::cache::CacheError;
 
 /// Journal format version. A journal of another version is refused, never
 /// emptied: it may hold the only copy of someone's work.
-pub const FORMAT: i64 = 1;
+pub const FORMAT: i64 = 2;
+
+/// Tables added by format 2 (objects created through the mount and not on
+/// the NAS yet, and the inode numbers they keep once there). A format-1
+/// journal gains them at open.
+const FORMAT2_TABLES: &str = "
+    CREATE TABLE objects (
+        prov INTEGER PRIMARY KEY,
+        kind INTEGER NOT NULL,
+        parent_prov INTEGER,
+        parent_path BLOB,
+        name BLOB NOT NULL,
+        state TEXT NOT NULL,
+        args BLOB NOT NULL,
+        created_ns INTEGER NOT NULL,
+        nas_ino INTEGER);
+    CREATE TABLE aliases (
+        nas_ino INTEGER PRIMARY KEY,
+        prov INTEGER NOT NULL,
+        nas_ctime_ns INTEGER NOT NULL,
+        local_ctime_ns INTEGER NOT NULL);
+    CREATE TABLE leftovers (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        dir_path BLOB NOT NULL,
+        name BLOB NOT NULL,
+        hidden BLOB NOT NULL,
+        kind INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        target BLOB,
+        nas_ino INTEGER);";
 
 /// Where a data row is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +99,10 @@ pub struct DataRecord {
     /// Path from the share's root when last known, to find the file again
     /// after a restart.
     pub path: OsString,
+    /// The path it is being renamed to (`path2` column): set before the
+    /// rename, folded into `path` after it, so that a crash in between
+    /// leaves both places to look.
+    pub path2: Option<OsString>,
     /// The NAS version the change started from: write-back checks that the
     /// NAS file is still this version before writing into it.
     pub base: Validator,
@@ -153,6 +187,11 @@ impl Journal {
         std::fs::DirBuilder::new()
             .recursive(true)
             .create(dir.join("pending"))
+            .and_then(|_| {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .create(dir.join("upper"))
+            })
             .map_err(|e| setup_err(dir, format!("cannot create it: {e}")))?;
         let lock = OpenOptions::new()
             .create(true)
@@ -222,6 +261,7 @@ impl Journal {
                      reason TEXT NOT NULL);
                  COMMIT;",
             )?;
+            conn.execute_batch(&format!("BEGIN; {FORMAT2_TABLES} COMMIT;"))?;
             conn.execute("INSERT INTO meta VALUES ('format', ?1)", params![FORMAT])?;
         }
         let format: Option<i64> = conn
@@ -230,6 +270,13 @@ impl Journal {
             })
             .optional()
             .map_err(|e| corrupt(&e))?;
+        if format == Some(1) {
+            conn.execute_batch(&format!(
+                "BEGIN; {FORMAT2_TABLES} UPDATE meta SET value = 2 WHERE key = 'format'; COMMIT;"
+            ))
+            .map_err(|e| corrupt(&e))?;
+        }
+        let format = if format == Some(1) { Some(2) } else { format };
         if format != Some(FORMAT) {
             return Err(corrupt(&format!(
                 "format {format:?}, this nassync reads format {FORMAT}"
@@ -260,8 +307,8 @@ impl Journal {
         let conn = self.conn();
         conn.execute(
             "INSERT INTO ops (kind, nas_ino, path, base_ino, base_size, base_mtime_ns,
-                              base_ctime_ns, state, args, created_ns)
-             VALUES ('data', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                              base_ctime_ns, state, args, created_ns, path2)
+             VALUES ('data', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 r.nas_ino as i64,
                 r.path.as_bytes(),
@@ -272,6 +319,7 @@ impl Journal {
                 r.state.as_str(),
                 encode_args(r),
                 nanos(r.created),
+                r.path2.as_ref().map(|p| p.as_bytes().to_vec()),
             ],
         )?;
         Ok(conn.last_insert_rowid() as u64)
@@ -280,7 +328,7 @@ impl Journal {
     pub fn update_data(&self, r: &DataRecord) -> Result<(), CacheError> {
         self.conn().execute(
             "UPDATE ops SET nas_ino = ?2, path = ?3, base_ino = ?4, base_size = ?5,
-                 base_mtime_ns = ?6, base_ctime_ns = ?7, state = ?8, args = ?9
+                 base_mtime_ns = ?6, base_ctime_ns = ?7, state = ?8, args = ?9, path2 = ?10
              WHERE seq = ?1",
             params![
                 r.fid as i64,
@@ -292,6 +340,7 @@ impl Journal {
                 nanos(r.base.ctime),
                 r.state.as_str(),
                 encode_args(r),
+                r.path2.as_ref().map(|p| p.as_bytes().to_vec()),
             ],
         )?;
         Ok(())
@@ -329,7 +378,7 @@ impl Journal {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT seq, nas_ino, path, base_ino, base_size, base_mtime_ns, base_ctime_ns,
-                    state, args, created_ns, kind
+                    state, args, created_ns, kind, path2
              FROM ops ORDER BY seq",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -347,11 +396,12 @@ impl Journal {
                 r.get::<_, Vec<u8>>(8)?,
                 r.get::<_, i64>(9)?,
                 r.get::<_, String>(10)?,
+                r.get::<_, Option<Vec<u8>>>(11)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (seq, nas_ino, path, (bi, bs, bm, bc), state, args, created, kind) = row?;
+            let (seq, nas_ino, path, (bi, bs, bm, bc), state, args, created, kind, path2) = row?;
             let bad = |what: &str| CacheError::Setup {
                 path: self.dir.join("journal.sqlite").display().to_string(),
                 reason: format!("journal row {seq} ({kind}): {what}; left as it is"),
@@ -366,6 +416,7 @@ impl Journal {
                 fid: seq as u64,
                 nas_ino: nas_ino as u64,
                 path: OsString::from_vec(path),
+                path2: path2.map(OsString::from_vec),
                 base: Validator {
                     ino: bi as u64,
                     size: bs as u64,
@@ -415,6 +466,363 @@ impl Journal {
     }
 }
 
+/// Where a local object is: in a directory that is local too, or in one
+/// on the NAS, by its path from the share's root.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ObjParent {
+    Local(u64),
+    Nas(OsString),
+}
+
+/// An object created through the mount that is not on the NAS yet (see
+/// `backend::overlay`): where it is, and its attributes. A file's content
+/// is in `upper/<prov>`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObjectRecord {
+    pub prov: u64,
+    pub kind: FileKind,
+    pub parent: ObjParent,
+    pub name: OsString,
+    /// Being created on the NAS: after a crash, the NAS may hold it.
+    pub applying: bool,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u64,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    pub target: Option<OsString>,
+    pub created: SystemTime,
+    /// The NAS's inode number of the file being filled under its hidden
+    /// name, once made: after a crash, a file at its name with this number
+    /// is this one (renamed into place just before).
+    pub nas_ino: Option<u64>,
+}
+
+/// What an unfinished creation on the NAS may have left there (see
+/// `backend::overlay`), to remove where it is surely that creation's.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeftoverRecord {
+    pub id: u64,
+    pub dir_path: OsString,
+    pub name: OsString,
+    pub hidden: OsString,
+    pub kind: FileKind,
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub target: Option<OsString>,
+    pub nas_ino: Option<u64>,
+}
+
+/// A NAS inode number that stands for a local object's provisional one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AliasRecord {
+    pub nas_ino: u64,
+    pub prov: u64,
+    pub nas_ctime: SystemTime,
+    pub local_ctime: SystemTime,
+}
+
+fn kind_code(k: FileKind) -> i64 {
+    match k {
+        FileKind::File => 1,
+        FileKind::Dir => 2,
+        FileKind::Symlink => 3,
+        FileKind::Fifo => 4,
+        FileKind::Socket => 5,
+        FileKind::CharDev => 6,
+        FileKind::BlockDev => 7,
+    }
+}
+
+fn kind_of(c: i64) -> Option<FileKind> {
+    Some(match c {
+        1 => FileKind::File,
+        2 => FileKind::Dir,
+        3 => FileKind::Symlink,
+        4 => FileKind::Fifo,
+        5 => FileKind::Socket,
+        6 => FileKind::CharDev,
+        7 => FileKind::BlockDev,
+        _ => return None,
+    })
+}
+
+/// perm u16, uid u32, gid u32, rdev u64, atime, mtime, ctime (i64 ns),
+/// then the symlink target if any; little-endian, zstd-compressed.
+fn encode_obj(r: &ObjectRecord) -> Vec<u8> {
+    let mut raw = Vec::with_capacity(48);
+    raw.extend_from_slice(&r.perm.to_le_bytes());
+    raw.extend_from_slice(&r.uid.to_le_bytes());
+    raw.extend_from_slice(&r.gid.to_le_bytes());
+    raw.extend_from_slice(&r.rdev.to_le_bytes());
+    for t in [r.atime, r.mtime, r.ctime] {
+        raw.extend_from_slice(&nanos(t).to_le_bytes());
+    }
+    if let Some(t) = &r.target {
+        raw.extend_from_slice(t.as_bytes());
+    }
+    zstd::bulk::compress(&raw, 3).unwrap_or(raw)
+}
+
+type ObjArgs = (u16, u32, u32, u64, [SystemTime; 3], Vec<u8>);
+
+fn decode_obj(blob: &[u8]) -> Option<ObjArgs> {
+    let raw = zstd::stream::decode_all(blob).ok()?;
+    if raw.len() < 42 {
+        return None;
+    }
+    let perm = u16::from_le_bytes(raw[0..2].try_into().ok()?);
+    let uid = u32::from_le_bytes(raw[2..6].try_into().ok()?);
+    let gid = u32::from_le_bytes(raw[6..10].try_into().ok()?);
+    let rdev = u64::from_le_bytes(raw[10..18].try_into().ok()?);
+    let t = |i: usize| -> Option<SystemTime> {
+        Some(from_nanos(i64::from_le_bytes(
+            raw[i..i + 8].try_into().ok()?,
+        )))
+    };
+    let times = [t(18)?, t(26)?, t(34)?];
+    Some((perm, uid, gid, rdev, times, raw[42..].to_vec()))
+}
+
+impl Journal {
+    /// The cache directory the journal is in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `upper/<prov>`: the content of a local file.
+    pub fn upper_path(&self, prov: u64) -> PathBuf {
+        self.dir.join("upper").join(format!("{prov:016x}"))
+    }
+
+    pub fn upper_dir(&self) -> PathBuf {
+        self.dir.join("upper")
+    }
+
+    /// Adds or replaces the row of a local object; `next_prov` is stored
+    /// with it, so that a provisional number is never handed out twice.
+    pub fn put_object(&self, r: &ObjectRecord, next_prov: u64) -> Result<(), CacheError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        Self::put_in(&tx, r)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO meta VALUES ('next_prov', ?1)",
+            [next_prov as i64],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn put_in(tx: &rusqlite::Transaction<'_>, r: &ObjectRecord) -> Result<(), CacheError> {
+        let (pp, path) = match &r.parent {
+            ObjParent::Local(p) => (Some(*p as i64), None),
+            ObjParent::Nas(path) => (None, Some(path.as_bytes().to_vec())),
+        };
+        tx.execute(
+            "INSERT OR REPLACE INTO objects
+                 (prov, kind, parent_prov, parent_path, name, state, args, created_ns, nas_ino)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                r.prov as i64,
+                kind_code(r.kind),
+                pp,
+                path,
+                r.name.as_bytes(),
+                if r.applying { "applying" } else { "pending" },
+                encode_obj(r),
+                nanos(r.created),
+                r.nas_ino.map(|i| i as i64),
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn delete_object(&self, prov: u64) -> Result<(), CacheError> {
+        self.conn()
+            .execute("DELETE FROM objects WHERE prov = ?1", [prov as i64])?;
+        Ok(())
+    }
+
+    /// The object is on the NAS now, as `alias.nas_ino`: its row goes, the
+    /// alias stays while anything may know it by its provisional number.
+    /// `children`, new objects in it, are now in a directory on the NAS:
+    /// their rows name it by path from now on, in the same transaction.
+    pub fn object_created(
+        &self,
+        alias: &AliasRecord,
+        children: &[ObjectRecord],
+    ) -> Result<(), CacheError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM objects WHERE prov = ?1", [alias.prov as i64])?;
+        for c in children {
+            Self::put_in(&tx, c)?;
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO aliases VALUES (?1, ?2, ?3, ?4)",
+            params![
+                alias.nas_ino as i64,
+                alias.prov as i64,
+                nanos(alias.nas_ctime),
+                nanos(alias.local_ctime)
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every local object, oldest first, and the next provisional number.
+    pub fn load_objects(&self) -> Result<(Vec<ObjectRecord>, u64), CacheError> {
+        let conn = self.conn();
+        let next: Option<i64> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'next_prov'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let mut stmt = conn.prepare(
+            "SELECT prov, kind, parent_prov, parent_path, name, state, args, created_ns, nas_ino
+             FROM objects ORDER BY prov",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+                r.get::<_, Option<Vec<u8>>>(3)?,
+                r.get::<_, Vec<u8>>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, Vec<u8>>(6)?,
+                r.get::<_, i64>(7)?,
+                r.get::<_, Option<i64>>(8)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (prov, kind, pp, path, name, state, args, created, nas_ino) = row?;
+            let bad = |what: &str| CacheError::Setup {
+                path: self.dir.join("journal.sqlite").display().to_string(),
+                reason: format!("journal object {prov}: {what}; left as it is"),
+            };
+            let kind = kind_of(kind).ok_or_else(|| bad("unknown kind"))?;
+            let parent = match (pp, path) {
+                (Some(p), _) => ObjParent::Local(p as u64),
+                (None, Some(path)) => ObjParent::Nas(OsString::from_vec(path)),
+                (None, None) => return Err(bad("no parent")),
+            };
+            let (perm, uid, gid, rdev, [atime, mtime, ctime], target) =
+                decode_obj(&args).ok_or_else(|| bad("damaged payload"))?;
+            out.push(ObjectRecord {
+                prov: prov as u64,
+                kind,
+                parent,
+                name: OsString::from_vec(name),
+                applying: state == "applying",
+                perm,
+                uid,
+                gid,
+                rdev,
+                atime,
+                mtime,
+                ctime,
+                target: (kind == FileKind::Symlink).then(|| OsString::from_vec(target)),
+                created: from_nanos(created),
+                nas_ino: nas_ino.map(|i| i as u64),
+            });
+        }
+        Ok((out, next.unwrap_or(0) as u64))
+    }
+
+    pub fn load_aliases(&self) -> Result<Vec<AliasRecord>, CacheError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT nas_ino, prov, nas_ctime_ns, local_ctime_ns FROM aliases")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(AliasRecord {
+                nas_ino: r.get::<_, i64>(0)? as u64,
+                prov: r.get::<_, i64>(1)? as u64,
+                nas_ctime: from_nanos(r.get(2)?),
+                local_ctime: from_nanos(r.get(3)?),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records a leftover; returns its id.
+    pub fn add_leftover(&self, l: &LeftoverRecord) -> Result<u64, CacheError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO leftovers (dir_path, name, hidden, kind, size, mtime_ns, target, nas_ino)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                l.dir_path.as_bytes(),
+                l.name.as_bytes(),
+                l.hidden.as_bytes(),
+                kind_code(l.kind),
+                l.size as i64,
+                nanos(l.mtime),
+                l.target.as_ref().map(|t| t.as_bytes().to_vec()),
+                l.nas_ino.map(|i| i as i64),
+            ],
+        )?;
+        Ok(conn.last_insert_rowid() as u64)
+    }
+
+    pub fn delete_leftover(&self, id: u64) -> Result<(), CacheError> {
+        self.conn()
+            .execute("DELETE FROM leftovers WHERE id = ?1", [id as i64])?;
+        Ok(())
+    }
+
+    pub fn load_leftovers(&self) -> Result<Vec<LeftoverRecord>, CacheError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, dir_path, name, hidden, kind, size, mtime_ns, target, nas_ino
+             FROM leftovers",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, Option<Vec<u8>>>(7)?,
+                r.get::<_, Option<i64>>(8)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, dir, name, hidden, kind, size, mtime, target, nas_ino) = row?;
+            let Some(kind) = kind_of(kind) else { continue };
+            out.push(LeftoverRecord {
+                id: id as u64,
+                dir_path: OsString::from_vec(dir),
+                name: OsString::from_vec(name),
+                hidden: OsString::from_vec(hidden),
+                kind,
+                size: size as u64,
+                mtime: from_nanos(mtime),
+                target: target.map(OsString::from_vec),
+                nas_ino: nas_ino.map(|i| i as u64),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Drops the aliases that no data row refers to: at mount, nothing
+    /// else knows a provisional number any more.
+    pub fn prune_aliases(&self) -> Result<usize, CacheError> {
+        Ok(self.conn().execute(
+            "DELETE FROM aliases WHERE prov NOT IN (SELECT nas_ino FROM ops)",
+            [],
+        )?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,6 +836,7 @@ mod tests {
             fid: 0,
             nas_ino: 42,
             path: OsString::from("dir/file.txt"),
+            path2: Some(OsString::from("dir/new name.txt")),
             base: Validator {
                 ino: 42,
                 size: 10,

@@ -155,9 +155,24 @@ impl LocalAttr {
     }
 }
 
+/// The namespace changes kept locally (`backend::overlay`): flushed,
+/// counted and shown together with the data.
+pub trait Staged: Send + Sync {
+    /// Puts them on the NAS now; returns how many are left.
+    fn flush(&self, deadline: Option<Instant>) -> usize;
+    fn pending(&self) -> Vec<PendingInfo>;
+    /// Conflicts found since the mount.
+    fn conflicts(&self) -> u64;
+    /// Attempts that failed (and will be retried) since the mount.
+    fn retries(&self) -> u64;
+    fn stop(&self);
+}
+
 /// One pending file, for `nassync status`.
 #[derive(Clone, Debug)]
 pub struct PendingInfo {
+    /// A new object, not on the NAS yet, and its kind.
+    pub new: Option<&'static str>,
     pub path: OsString,
     pub bytes: u64,
     pub age: Duration,
@@ -182,7 +197,8 @@ struct Sched {
 /// See the module documentation.
 pub struct WriteBack<B: Backend> {
     backend: Arc<B>,
-    journal: Journal,
+    journal: Arc<Journal>,
+    staged: std::sync::OnceLock<Arc<dyn Staged>>,
     data: Arc<DataCache>,
     cfg: WbConfig,
     files: Mutex<HashMap<u64, Arc<Dirty<B>>>>,
@@ -219,17 +235,19 @@ impl<B: Backend> WriteBack<B> {
     /// Opens the journal in `dir` and takes up the changes it holds: they
     /// are part of the local view at once and are written back as usual.
     pub fn open(
-        dir: &Path,
+        journal: Arc<Journal>,
         backend: Arc<B>,
         data: Arc<DataCache>,
         cfg: WbConfig,
         fuse_ino: Box<dyn Fn(u64) -> u64 + Send + Sync>,
     ) -> Result<Arc<WriteBack<B>>, CacheError> {
-        let journal = Journal::open(dir)?;
+        let dir = journal.dir().to_path_buf();
+        let dir = dir.as_path();
         let records = journal.load_data()?;
         let wb = Arc::new(WriteBack {
             backend,
             journal,
+            staged: std::sync::OnceLock::new(),
             data,
             cfg,
             files: Mutex::new(HashMap::new()),
@@ -331,6 +349,22 @@ impl<B: Backend> WriteBack<B> {
         Ok(wb)
     }
 
+    /// The namespace changes to flush and show with the data.
+    pub fn set_staged(&self, s: Arc<dyn Staged>) {
+        let _ = self.staged.set(s);
+    }
+
+    fn staged_under(&self, prefix: Option<&OsStr>) -> u64 {
+        match self.staged.get() {
+            Some(s) => s
+                .pending()
+                .iter()
+                .filter(|p| under(&p.path, prefix))
+                .count() as u64,
+            None => 0,
+        }
+    }
+
     /// Starts the write-back thread.
     pub fn start(self: &Arc<Self>) -> std::io::Result<std::thread::JoinHandle<()>> {
         let wb = self.clone();
@@ -410,6 +444,7 @@ impl<B: Backend> WriteBack<B> {
             fid: 0,
             nas_ino,
             path: s.path,
+            path2: None,
             base: s.base,
             state: RowState::Pending,
             size: s.base.size,
@@ -725,6 +760,30 @@ impl<B: Backend> WriteBack<B> {
     /// The file's path from the share's root changed (a rename through the
     /// mount): `old` and everything under it is now under `new`.
     pub fn renamed(&self, old: &OsStr, new: &OsStr) {
+        self.rename_rows(old, new, false);
+    }
+
+    /// Before a rename of `old` to `new` on the NAS: the rows under `old`
+    /// note where they are going (see [`DataRecord::path2`]); `renamed`
+    /// or `rename_failed` follows.
+    pub fn renaming(&self, old: &OsStr, new: &OsStr) {
+        self.rename_rows(old, new, true);
+    }
+
+    /// The rename announced by `renaming` did not happen.
+    pub fn rename_failed(&self, old: &OsStr) {
+        for d in self.files_lock().values().cloned().collect::<Vec<_>>() {
+            let mut g = d.lock();
+            let p = g.rec.path.as_bytes();
+            let o = old.as_bytes();
+            let hit = p == o || (p.starts_with(o) && p.get(o.len()) == Some(&b'/'));
+            if hit && g.rec.path2.take().is_some() {
+                let _ = self.journal.update_data(&g.row());
+            }
+        }
+    }
+
+    fn rename_rows(&self, old: &OsStr, new: &OsStr, ahead: bool) {
         let files: Vec<_> = self.files_lock().values().cloned().collect();
         for d in files {
             let mut g = d.lock();
@@ -734,7 +793,18 @@ impl<B: Backend> WriteBack<B> {
             if hit {
                 let mut np = new.as_bytes().to_vec();
                 np.extend_from_slice(&p[o.len()..]);
-                g.rec.path = OsString::from(std::ffi::OsStr::from_bytes(&np));
+                let np = OsString::from(std::ffi::OsStr::from_bytes(&np));
+                if ahead {
+                    g.rec.path2 = Some(np);
+                } else {
+                    g.rec.path = np;
+                    g.rec.path2 = None;
+                }
+                log::debug!(
+                    "write-back row {} follows a rename to {:?}",
+                    g.rec.fid,
+                    g.rec.path
+                );
                 g.row_stale = true;
                 if let Err(e) = self.journal.update_data(&g.row()) {
                     log::warn!("journal: cannot record a rename: {e}");
@@ -915,7 +985,7 @@ impl<B: Backend> WriteBack<B> {
                 bytes += g.weight();
             }
         }
-        (n, bytes)
+        (n + self.staged_under(prefix), bytes)
     }
 
     /// Writes back everything (under `prefix`) now, and waits until it has
@@ -930,8 +1000,24 @@ impl<B: Backend> WriteBack<B> {
         let mut last_mark = Instant::now();
         self.mark_due(prefix);
         self.kick();
+        let mut staged_tried = false;
         loop {
-            let left = self.pending(prefix);
+            let mut left = self.pending(prefix);
+            if left.0 > 0 && left.1 == 0 && !staged_tried {
+                // Only new objects are left (files without data are
+                // counted as objects): they go to the NAS now.
+                let staged = self.staged_under(prefix);
+                if staged > 0 && staged == left.0 {
+                    if let Some(s) = self.staged.get() {
+                        s.flush(deadline);
+                    }
+                    staged_tried = true;
+                    left = self.pending(prefix);
+                    if left.0 > 0 && left.1 == 0 {
+                        return left;
+                    }
+                }
+            }
             if left.0 == 0 || !progress(left.0, left.1) {
                 return left;
             }
@@ -1014,6 +1100,9 @@ impl<B: Backend> WriteBack<B> {
     pub fn shutdown(&self, timeout: Duration) -> (u64, u64) {
         let deadline = Instant::now() + timeout;
         let left = self.flush(None, Some(deadline), &mut |_, _| true);
+        if let Some(s) = self.staged.get() {
+            s.stop();
+        }
         self.sched().stop = true;
         self.wake.notify_all();
         // Rows catch up, so that the journal has everything for next time.
@@ -1044,6 +1133,7 @@ impl<B: Backend> WriteBack<B> {
                 continue;
             }
             out.push(PendingInfo {
+                new: None,
                 path: g.rec.path.clone(),
                 bytes: g.weight(),
                 age: g.rec.created.elapsed().unwrap_or_default(),
@@ -1056,8 +1146,13 @@ impl<B: Backend> WriteBack<B> {
                 error: g.last_error.clone(),
             });
         }
+        if let Some(s) = self.staged.get() {
+            out.extend(s.pending());
+        }
         out.sort_by_key(|p| std::cmp::Reverse(p.age));
         let conflicts = self.journal.conflicts(50).unwrap_or_default();
+        let staged_conflicts = self.staged.get().map(|s| s.conflicts()).unwrap_or(0);
+        let staged_retries = self.staged.get().map(|s| s.retries()).unwrap_or(0);
         let c = &self.counters;
         (
             out,
@@ -1065,8 +1160,8 @@ impl<B: Backend> WriteBack<B> {
             [
                 c.written_bytes.load(Ordering::Relaxed),
                 c.files_written.load(Ordering::Relaxed),
-                c.retries.load(Ordering::Relaxed),
-                c.conflicts.load(Ordering::Relaxed),
+                c.retries.load(Ordering::Relaxed) + staged_retries,
+                c.conflicts.load(Ordering::Relaxed) + staged_conflicts,
             ],
         )
     }
@@ -1160,11 +1255,21 @@ impl<B: Backend> WriteBack<B> {
 
     /// One write-back attempt of one file.
     fn apply(&self, d: &Arc<Dirty<B>>) {
+        // A new file's place is known below for sure (a crash between its
+        // rename there and the row's may have left the row behind).
+        let moved = self.backend.local_path(d.nas_ino);
         // The snapshot: what this attempt writes.
         let snap = {
             let mut g = d.lock();
             if g.orphan || g.removed || g.phase == Phase::Applying {
                 return;
+            }
+            if let Some(p) = moved.filter(|p| *p != g.rec.path) {
+                log::debug!("write-back row {} follows its file to {p:?}", g.rec.fid);
+                g.rec.path = p;
+                if self.journal.update_data(&g.row()).is_ok() {
+                    g.row_stale = false;
+                }
             }
             let ranges = std::mem::take(&mut g.rec.ranges);
             g.applying = ranges.clone();
@@ -1179,6 +1284,7 @@ impl<B: Backend> WriteBack<B> {
                 mtime: g.rec.mtime,
                 node: g.node.clone(),
                 path: g.rec.path.clone(),
+                path2: g.rec.path2.clone(),
                 recovering: g.rec.state == RowState::Applying,
                 base_clock: g.base_clock,
             }
@@ -1380,6 +1486,9 @@ impl<B: Backend> WriteBack<B> {
     /// file may have been changed.
     fn write_back(&self, d: &Arc<Dirty<B>>, snap: &Snap<B>) -> Result<Outcome, (FsError, bool)> {
         let e0 = |e: BackendError| (FsError::from(e), false);
+        // A rename by nassync was under way when the daemon stopped (or is
+        // now): that rename moved its ctime.
+        let mut renamed_ahead = snap.path2.is_some();
         let (node, attr) = match &snap.node {
             Some(n) => match self.backend.getattr(n) {
                 Ok(a) => (n.clone(), a),
@@ -1394,6 +1503,29 @@ impl<B: Backend> WriteBack<B> {
                 (_, Some((n, a))) if a.ino == snap.base.ino => {
                     d.lock().node = Some(n.clone());
                     (n, a)
+                }
+                // Being renamed when the daemon stopped: it may have
+                // reached its new name.
+                _ if snap.path2.is_some() => {
+                    let p2 = snap.path2.clone().unwrap_or_default();
+                    match self.resolve(&p2).map_err(e0)? {
+                        (_, Some((n, a))) if a.ino == snap.base.ino => {
+                            renamed_ahead = true;
+                            let mut g = d.lock();
+                            g.node = Some(n.clone());
+                            g.rec.path = p2;
+                            g.rec.path2 = None;
+                            if self.journal.update_data(&g.row()).is_ok() {
+                                g.row_stale = false;
+                            }
+                            (n, a)
+                        }
+                        _ => {
+                            return self
+                                .lost(d, snap, "the file is no longer at its path on the NAS")
+                                .map_err(e0);
+                        }
+                    }
                 }
                 _ => {
                     return self
@@ -1413,7 +1545,7 @@ impl<B: Backend> WriteBack<B> {
         let own_ctime = v.ino == snap.base.ino
             && v.size == snap.base.size
             && v.mtime == snap.base.mtime
-            && self.own_meta_since(d.nas_ino, snap.base_clock);
+            && (renamed_ahead || self.own_meta_since(d.nas_ino, snap.base_clock));
         if !snap.recovering && v != snap.base && !own_ctime {
             return self
                 .keep_both(d, snap, "changed on the NAS since nassync last saw it")
@@ -1680,6 +1812,7 @@ struct Snap<B: Backend> {
     mtime: SystemTime,
     node: Option<B::Node>,
     path: OsString,
+    path2: Option<OsString>,
     /// A previous attempt may have written part of the change already.
     recovering: bool,
     base_clock: u64,
@@ -1721,7 +1854,7 @@ fn punch_hole(f: &File, start: u64, end: u64) {
 // libc marks time_t deprecated on musl (its width changes with musl 1.2);
 // it is what localtime_r takes either way.
 #[allow(deprecated)]
-fn conflict_stamp(t: SystemTime) -> String {
+pub fn conflict_stamp(t: SystemTime) -> String {
     let secs = t
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as libc::time_t)

@@ -1,0 +1,3038 @@
+//! Objects created through the mount exist locally first.
+//!
+//! [`Overlay`] wraps the NAS backend. A create, mkdir, symlink or mknod
+//! makes a *local object*: a provisional inode number, its attributes in
+//! memory and in the journal (`objects` table), and for a file its content
+//! in `upper/<prov>` under the cache directory. It returns at local-disk
+//! speed, whether the NAS answers or not. Renames, unlinks and attribute
+//! changes of local objects stay local too, so a temporary file created
+//! and deleted before the write-back delay never reaches the NAS.
+//!
+//! The pending namespace changes are therefore all creations: the NAS's
+//! tree with the local objects added. The replay thread creates them on
+//! the NAS, parents first, `writeback_delay` after their creation (or at
+//! once on `flush`). Everything else that changes the NAS's namespace
+//! (link, unlink or rename of an object that is on the NAS, xattrs) goes to
+//! the NAS at once, as before, after *materializing* the local objects it
+//! involves: those, and only those, are created on the NAS first. Any
+//! order that creates parents first is valid, because creations of
+//! distinct objects commute.
+//!
+//! A file is created on the NAS under a hidden name, filled, given its
+//! mode and times, synced and renamed into place without replacing
+//! anything: another client never sees half a file, and a name taken on
+//! the NAS meanwhile gets the conflict name (both kept). Once created, an
+//! object keeps its provisional inode number for the life of the mount
+//! (and in the journal while a data row names it); the NAS's ctime of that
+//! moment is shown as the local one, so that write-back and the block
+//! cache see the same version as before.
+//!
+//! Lock order: `replay` (one creation on the NAS at a time), then a local
+//! file's `content`, then `state`. `state` is never held across a NAS call.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::bounded::is_unreachable;
+use super::{
+    Attr, BResult, Backend, BackendError, Creds, DirEntry, FileKind, OpenMode, RenameFlags,
+    SetAttr, SetTime, StatFs,
+};
+use crate::cache::CacheError;
+use crate::writeback::journal::{
+    AliasRecord, ConflictRecord, Journal, LeftoverRecord, ObjParent, ObjectRecord,
+};
+use crate::writeback::{PendingInfo, Staged, conflict_name, conflict_stamp};
+
+/// Provisional inode numbers: far above any a NAS hands out in practice.
+pub const PROV_BASE: u64 = 0xFFFF_0000_0000_0000;
+
+/// Names the replay uses on the NAS while a file is being filled.
+const HIDDEN: &[u8] = b".nassync-new-";
+
+fn hidden_name(prov: u64) -> OsString {
+    let mut n = HIDDEN.to_vec();
+    n.extend_from_slice(format!("{prov:016x}").as_bytes());
+    OsString::from(OsStr::from_bytes(&n))
+}
+
+/// The cache directory's filesystem cannot hold that offset or size.
+fn too_big(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EFBIG)
+}
+
+fn is_hidden(name: &OsStr) -> bool {
+    name.as_bytes().starts_with(HIDDEN)
+}
+
+fn err(op: &'static str, errno: i32) -> BackendError {
+    BackendError::errno(op, errno)
+}
+
+fn io(op: &'static str) -> impl Fn(std::io::Error) -> BackendError {
+    move |e| BackendError::new(op, e)
+}
+
+fn journal_err(op: &'static str) -> impl Fn(CacheError) -> BackendError {
+    move |e| BackendError::new(op, std::io::Error::other(e.to_string()))
+}
+
+/// A node: an object on the NAS (`nas`), or a local object (`nas: None`,
+/// found by its provisional number, and on the NAS too once created).
+#[derive(Clone, Debug)]
+pub struct ONode<N> {
+    /// The inode number shown (a provisional one stays).
+    ino: u64,
+    nas: Option<N>,
+}
+
+/// What the open files of a local file share (each has its own
+/// descriptor of `upper/<prov>`: no descriptor is held for a file that
+/// is not open).
+pub struct Content<B: Backend> {
+    prov: u64,
+    /// Read-held by I/O, write-held while the file is created on the NAS.
+    lock: RwLock<()>,
+    /// Set once the file is on the NAS: I/O goes there from then on.
+    nas: Mutex<Option<NasCopy<B>>>,
+    promoted: AtomicBool,
+}
+
+/// A created file's NAS node, and its NAS file once opened.
+type NasCopy<B> = (<B as Backend>::Node, Option<Arc<<B as Backend>::File>>);
+
+/// A new object: its provisional number, attributes, and for a file its
+/// content and an open descriptor of it.
+type Made<B> = (u64, Attr, Option<(Arc<Content<B>>, File)>);
+
+/// An open file: on the NAS, or local (its upper file, and whether it
+/// appends).
+pub enum OFile<B: Backend> {
+    Nas(B::File, u64),
+    Local(Arc<Content<B>>, File, bool),
+}
+
+struct Obj<B: Backend> {
+    attr: Attr,
+    target: Option<OsString>,
+    /// The directory it is in (shown inode number) and its name there.
+    parent: u64,
+    name: OsString,
+    /// The NAS node of `parent` when that is on the NAS.
+    parent_nas: Option<B::Node>,
+    /// On the NAS (created): its node there.
+    nas: Option<B::Node>,
+    /// Removed before it reached the NAS.
+    gone: bool,
+    content: Option<Arc<Content<B>>>,
+    created: Instant,
+    /// A failed attempt: not retried before this.
+    retry_at: Option<Instant>,
+    attempts: u32,
+    error: Option<String>,
+    applying: bool,
+    /// See [`ObjectRecord::nas_ino`].
+    nas_ino: Option<u64>,
+}
+
+/// A directory on the NAS: where it is (for paths in the journal) and
+/// what its children inherit.
+#[derive(Clone)]
+struct NasDir {
+    parent: u64,
+    name: OsString,
+    perm: u16,
+    gid: u32,
+}
+
+/// Mode and times a directory created here gets once its children are on
+/// the NAS (creating them would move the mtime).
+#[derive(Clone, Copy)]
+struct Deferred {
+    perm: Option<u16>,
+    atime: SystemTime,
+    mtime: SystemTime,
+}
+
+/// What an attempt to create an object on the NAS that did not finish may
+/// have left there, to remove once the object moved or went away here.
+struct Leftover<N> {
+    id: u64,
+    dir: N,
+    /// The directory's inode number as shown.
+    dir_ino: u64,
+    name: OsString,
+    hidden: OsString,
+    kind: FileKind,
+    size: u64,
+    target: Option<OsString>,
+    nas_ino: Option<u64>,
+}
+
+struct State<B: Backend> {
+    objs: HashMap<u64, Obj<B>>,
+    leftovers: Vec<Leftover<B::Node>>,
+    /// Local objects not on the NAS yet, per directory (shown inode).
+    children: HashMap<u64, BTreeMap<OsString, u64>>,
+    dirs: HashMap<u64, NasDir>,
+    /// NAS inode number -> the provisional one it is shown as.
+    alias: HashMap<u64, AliasRecord>,
+    /// Directories with local children: when they last changed here.
+    touched: HashMap<u64, SystemTime>,
+    deferred: HashMap<u64, Deferred>,
+    /// Whether a NAS directory has a default ACL (then creations in it
+    /// go to the NAS, which applies it).
+    acl_default: HashMap<u64, bool>,
+    /// Directories this mount created on the NAS: names in them are not
+    /// checked there before a creation (nobody else is expected to add
+    /// any; one that did meanwhile makes a conflict, as offline).
+    own: HashSet<u64>,
+    /// A directory's (mtime, ctime) as last shown, and as shown while the
+    /// NAS's are those right after nassync's own creations in it (which
+    /// change nothing in the view: the objects were shown already).
+    shown: HashMap<u64, (SystemTime, SystemTime)>,
+    masks: HashMap<u64, Mask>,
+    next_prov: u64,
+    root: u64,
+}
+
+struct Mask {
+    nas: (SystemTime, SystemTime),
+    shown: (SystemTime, SystemTime),
+}
+
+struct Sched {
+    kick: bool,
+    all: bool,
+    stop: bool,
+}
+
+/// A local object not on the NAS yet, for `nassync status`.
+pub struct PendingObject {
+    pub path: OsString,
+    pub kind: FileKind,
+    pub age: Duration,
+    pub attempts: u32,
+    pub error: Option<String>,
+}
+
+/// See the module documentation.
+pub struct Overlay<B: Backend> {
+    lower: Arc<B>,
+    journal: Arc<Journal>,
+    delay: Duration,
+    host: String,
+    state: Mutex<State<B>>,
+    replay: Mutex<()>,
+    /// Write-held from the NAS call that puts a new object in its
+    /// directory until the view knows it is there; read-held by getattr
+    /// and readdir of directories, which combine the NAS's answer with
+    /// the local children (and would count it twice, or miss it).
+    window: RwLock<()>,
+    sched: Mutex<Sched>,
+    wake: Condvar,
+    progress: Condvar,
+    upper_synced: AtomicBool,
+    created: AtomicU64,
+    conflicts: AtomicU64,
+    retries: AtomicU64,
+}
+
+fn now() -> SystemTime {
+    crate::clock::now()
+}
+
+impl<B: Backend> Overlay<B> {
+    /// Takes up the local objects the journal holds (the NAS must answer:
+    /// the directories they are in are found again by path).
+    pub fn open(
+        lower: Arc<B>,
+        journal: Arc<Journal>,
+        delay: Duration,
+        host: String,
+    ) -> Result<Arc<Overlay<B>>, CacheError> {
+        let setup = |e: BackendError| CacheError::Setup {
+            path: journal.upper_dir().display().to_string(),
+            reason: e.to_string(),
+        };
+        let (root_node, root_attr) = lower.root().map_err(setup)?;
+        let (records, next) = journal.load_objects()?;
+        // Aliases no data row names: nothing knows those numbers any more.
+        journal.prune_aliases()?;
+        let aliases = journal.load_aliases()?;
+        let mut st = State {
+            objs: HashMap::new(),
+            leftovers: Vec::new(),
+            children: HashMap::new(),
+            dirs: HashMap::new(),
+            alias: aliases.iter().map(|a| (a.nas_ino, *a)).collect(),
+            touched: HashMap::new(),
+            deferred: HashMap::new(),
+            acl_default: HashMap::new(),
+            own: HashSet::new(),
+            shown: HashMap::new(),
+            masks: HashMap::new(),
+            next_prov: next.max(PROV_BASE + 1),
+            root: root_attr.ino,
+        };
+        for a in &aliases {
+            st.next_prov = st.next_prov.max(a.prov + 1);
+        }
+        st.dirs.insert(
+            root_attr.ino,
+            NasDir {
+                parent: root_attr.ino,
+                name: OsString::new(),
+                perm: root_attr.perm,
+                gid: root_attr.gid,
+            },
+        );
+        let ov = Overlay {
+            lower,
+            journal,
+            delay,
+            host,
+            state: Mutex::new(st),
+            replay: Mutex::new(()),
+            window: RwLock::new(()),
+            sched: Mutex::new(Sched {
+                kick: false,
+                all: false,
+                stop: false,
+            }),
+            wake: Condvar::new(),
+            progress: Condvar::new(),
+            upper_synced: AtomicBool::new(true),
+            created: AtomicU64::new(0),
+            conflicts: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+        };
+        let mut known = HashSet::new();
+        for r in records {
+            let (parent, parent_nas) = match &r.parent {
+                ObjParent::Local(p) => (*p, None),
+                ObjParent::Nas(path) => match ov.walk(&root_node, root_attr.ino, path) {
+                    Ok((node, ino)) => (ino, Some(node)),
+                    Err(e) => {
+                        // Its directory went away on the NAS: it is
+                        // created again when the object is.
+                        log::warn!(
+                            "journal: the directory {:?} of a new object is gone ({e}); \
+                             it will be created again",
+                            path
+                        );
+                        (root_attr.ino, Some(root_node.clone()))
+                    }
+                },
+            };
+            let mut upper_len = 0;
+            let content = if r.kind == FileKind::File {
+                let path = ov.journal.upper_path(r.prov);
+                known.insert(path.clone());
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600)
+                    .open(&path)?;
+                upper_len = f.metadata()?.len();
+                Some(Arc::new(Content {
+                    prov: r.prov,
+                    lock: RwLock::new(()),
+                    nas: Mutex::new(None),
+                    promoted: AtomicBool::new(false),
+                }))
+            } else {
+                None
+            };
+            let size = match (&content, &r.target) {
+                (Some(_), _) => upper_len,
+                (None, Some(t)) => t.len() as u64,
+                _ if r.kind == FileKind::Dir => 4096,
+                _ => 0,
+            };
+            let attr = Attr {
+                ino: r.prov,
+                kind: r.kind,
+                perm: r.perm,
+                nlink: if r.kind == FileKind::Dir { 2 } else { 1 },
+                uid: r.uid,
+                gid: r.gid,
+                rdev: r.rdev,
+                size,
+                blocks: size.div_ceil(512),
+                blksize: 4096,
+                atime: r.atime,
+                mtime: r.mtime,
+                ctime: r.ctime,
+            };
+            let mut st = ov.st();
+            st.next_prov = st.next_prov.max(r.prov + 1);
+            let mut name = r.name.clone();
+            if st
+                .children
+                .get(&parent)
+                .is_some_and(|m| m.contains_key(&name))
+            {
+                // Cannot happen unless the journal was edited; keep both.
+                name.push(format!(".nassync-{:x}", r.prov));
+            }
+            st.children
+                .entry(parent)
+                .or_default()
+                .insert(name.clone(), r.prov);
+            if r.kind == FileKind::Dir {
+                if let Some(p) = st.objs.get_mut(&parent) {
+                    p.attr.nlink += 1;
+                }
+            }
+            st.objs.insert(
+                r.prov,
+                Obj {
+                    attr,
+                    target: r.target.clone(),
+                    parent,
+                    name,
+                    parent_nas,
+                    nas: None,
+                    gone: false,
+                    content,
+                    created: Instant::now(),
+                    retry_at: None,
+                    attempts: 0,
+                    error: None,
+                    applying: r.applying,
+                    nas_ino: r.nas_ino,
+                },
+            );
+        }
+        for l in ov.journal.load_leftovers()? {
+            match ov.walk(&root_node, root_attr.ino, &l.dir_path) {
+                Ok((dir, dir_ino)) => ov.st().leftovers.push(Leftover {
+                    id: l.id,
+                    dir,
+                    dir_ino,
+                    name: l.name,
+                    hidden: l.hidden,
+                    kind: l.kind,
+                    size: l.size,
+                    target: l.target,
+                    nas_ino: l.nas_ino,
+                }),
+                // Its directory is gone, and with it what was left there.
+                Err(_) => ov.journal.delete_leftover(l.id)?,
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(ov.journal.upper_dir()) {
+            for e in entries.flatten() {
+                if !known.contains(&e.path()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let pending = {
+            let st = ov.st();
+            st.objs.len() + st.leftovers.len()
+        };
+        if pending > 0 {
+            log::info!("journal: {pending} new objects still to create on the NAS");
+            ov.sched().kick = true;
+        }
+        Ok(Arc::new(ov))
+    }
+
+    /// Starts the thread that creates local objects on the NAS.
+    pub fn start(self: &Arc<Self>) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let ov = self.clone();
+        std::thread::Builder::new()
+            .name("namespace".into())
+            .spawn(move || ov.run())
+    }
+
+    fn st(&self) -> MutexGuard<'_, State<B>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sched(&self) -> MutexGuard<'_, Sched> {
+        self.sched.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn kick(&self, all: bool) {
+        let mut s = self.sched();
+        s.kick = true;
+        s.all |= all;
+        self.wake.notify_all();
+    }
+
+    /// Finds `path` below `root` on the NAS, learning the directories met.
+    fn walk(&self, root: &B::Node, root_ino: u64, path: &OsStr) -> BResult<(B::Node, u64)> {
+        let mut node = root.clone();
+        let mut ino = root_ino;
+        for c in path
+            .as_bytes()
+            .split(|b| *b == b'/')
+            .filter(|c| !c.is_empty())
+        {
+            let name = OsStr::from_bytes(c);
+            let (n, a) = self.lower.lookup(&node, name)?;
+            let a = self.up(a);
+            self.saw_dir(ino, name, &a);
+            node = n;
+            ino = a.ino;
+        }
+        Ok((node, ino))
+    }
+
+    /// A NAS object's attributes as shown: its provisional number if it
+    /// was created here, the local ctime until it changes on the NAS, and
+    /// the changes local children made to a directory.
+    fn up(&self, a: Attr) -> Attr {
+        let mut st = self.st();
+        Self::up_in(&mut st, a)
+    }
+
+    fn up_in(st: &mut State<B>, mut a: Attr) -> Attr {
+        crate::clock::observe(a.mtime);
+        if let Some(al) = st.alias.get(&a.ino) {
+            a.ino = al.prov;
+            if a.ctime == al.nas_ctime {
+                a.ctime = al.local_ctime;
+            }
+        }
+        if a.kind == FileKind::Dir {
+            if let Some(m) = st.masks.get(&a.ino) {
+                if (a.mtime, a.ctime) == m.nas {
+                    (a.mtime, a.ctime) = m.shown;
+                }
+            }
+        }
+        let a = Self::dir_up(st, a);
+        if a.kind == FileKind::Dir {
+            st.shown.insert(a.ino, (a.mtime, a.ctime));
+        }
+        a
+    }
+
+    fn dir_up(st: &State<B>, mut a: Attr) -> Attr {
+        if a.kind == FileKind::Dir {
+            if let Some(t) = st.touched.get(&a.ino) {
+                a.mtime = a.mtime.max(*t);
+                a.ctime = a.ctime.max(*t);
+            }
+            if let Some(d) = st.deferred.get(&a.ino) {
+                a.mtime = d.mtime;
+                a.atime = d.atime;
+                if let Some(p) = d.perm {
+                    a.perm = p;
+                }
+            }
+            if let Some(m) = st.children.get(&a.ino) {
+                let subdirs = m
+                    .values()
+                    .filter(|p| st.objs.get(p).is_some_and(|o| o.attr.kind == FileKind::Dir))
+                    .count();
+                a.nlink += subdirs as u32;
+            }
+        }
+        a
+    }
+
+    fn saw_dir(&self, parent: u64, name: &OsStr, a: &Attr) {
+        if a.kind != FileKind::Dir {
+            return;
+        }
+        let mut st = self.st();
+        st.dirs.insert(
+            a.ino,
+            NasDir {
+                parent,
+                name: name.to_os_string(),
+                perm: a.perm,
+                gid: a.gid,
+            },
+        );
+    }
+
+    /// The NAS node of `node`, if it is on the NAS.
+    fn nas_of(&self, node: &ONode<B::Node>) -> Option<B::Node> {
+        match &node.nas {
+            Some(n) => Some(n.clone()),
+            None => self.st().objs.get(&node.ino).and_then(|o| o.nas.clone()),
+        }
+    }
+
+    fn local(&self, ino: u64) -> bool {
+        self.st().objs.get(&ino).is_some_and(|o| o.nas.is_none())
+    }
+
+    /// The NAS node of `node`, creating it (and the local directories it is
+    /// in) on the NAS first if it is local.
+    fn materialize(&self, node: &ONode<B::Node>) -> BResult<B::Node> {
+        if let Some(n) = self.nas_of(node) {
+            return Ok(n);
+        }
+        self.promote_chain(node.ino)
+    }
+
+    fn promote_chain(&self, ino: u64) -> BResult<B::Node> {
+        let _g = self.replay.lock().unwrap_or_else(|e| e.into_inner());
+        let mut chain = Vec::new();
+        {
+            let st = self.st();
+            let mut cur = ino;
+            while let Some(o) = st.objs.get(&cur) {
+                if o.nas.is_some() {
+                    break;
+                }
+                if o.gone {
+                    return Err(err("create on the NAS", libc::ENOENT));
+                }
+                chain.push(cur);
+                cur = o.parent;
+            }
+        }
+        for p in chain.iter().rev() {
+            self.promote_one(*p)?;
+        }
+        self.st()
+            .objs
+            .get(&ino)
+            .and_then(|o| o.nas.clone())
+            .ok_or_else(|| err("create on the NAS", libc::ENOENT))
+    }
+
+    /// The path of a directory from the share's root, if known.
+    fn dir_path(st: &State<B>, mut ino: u64) -> Option<OsString> {
+        let mut parts: Vec<OsString> = Vec::new();
+        for _ in 0..4096 {
+            if ino == st.root {
+                let mut out = Vec::new();
+                for (i, p) in parts.iter().rev().enumerate() {
+                    if i > 0 {
+                        out.push(b'/');
+                    }
+                    out.extend_from_slice(p.as_bytes());
+                }
+                return Some(OsString::from(OsStr::from_bytes(&out)));
+            }
+            if let Some(o) = st.objs.get(&ino).filter(|o| o.nas.is_none()) {
+                parts.push(o.name.clone());
+                ino = o.parent;
+            } else {
+                let d = st.dirs.get(&ino)?;
+                parts.push(d.name.clone());
+                ino = d.parent;
+            }
+        }
+        None
+    }
+
+    /// The journal row of a local object; None once it is gone or on the
+    /// NAS (its row is deleted then, and must not come back).
+    fn record(st: &State<B>, prov: u64) -> Option<ObjectRecord> {
+        let o = st.objs.get(&prov).filter(|o| !o.gone && o.nas.is_none())?;
+        let parent = if st.objs.get(&o.parent).is_some_and(|p| p.nas.is_none()) {
+            ObjParent::Local(o.parent)
+        } else {
+            ObjParent::Nas(Self::dir_path(st, o.parent).unwrap_or_default())
+        };
+        Some(ObjectRecord {
+            prov,
+            kind: o.attr.kind,
+            parent,
+            name: o.name.clone(),
+            applying: o.applying,
+            perm: o.attr.perm,
+            uid: o.attr.uid,
+            gid: o.attr.gid,
+            rdev: o.attr.rdev,
+            atime: o.attr.atime,
+            mtime: o.attr.mtime,
+            ctime: o.attr.ctime,
+            target: o.target.clone(),
+            created: SystemTime::now(),
+            nas_ino: o.nas_ino,
+        })
+    }
+
+    fn persist(&self, st: &State<B>, prov: u64) -> BResult<()> {
+        if let Some(r) = Self::record(st, prov) {
+            self.journal
+                .put_object(&r, st.next_prov)
+                .map_err(journal_err("journal"))?;
+        }
+        Ok(())
+    }
+
+    /// The attributes a new object gets in `dir`, or None when the NAS
+    /// must create it (a default ACL applies there).
+    fn inherit(
+        &self,
+        dir: &ONode<B::Node>,
+        creds: Creds,
+        dir_nas: Option<&B::Node>,
+    ) -> Option<(u32, bool)> {
+        let (perm, gid) = {
+            let st = self.st();
+            match st.objs.get(&dir.ino) {
+                Some(o) if o.nas.is_none() => (o.attr.perm, o.attr.gid),
+                _ => {
+                    let d = st.dirs.get(&dir.ino)?;
+                    (d.perm, d.gid)
+                }
+            }
+        };
+        if let Some(n) = dir_nas {
+            let known = self.st().acl_default.get(&dir.ino).copied();
+            let acl = match known {
+                Some(a) => a,
+                None => {
+                    let a = match self
+                        .lower
+                        .getxattr(n, OsStr::new("system.posix_acl_default"))
+                    {
+                        Ok(_) => true,
+                        Err(e) if is_unreachable(&e) => false,
+                        Err(_) => false,
+                    };
+                    self.st().acl_default.insert(dir.ino, a);
+                    a
+                }
+            };
+            if acl {
+                return None;
+            }
+        }
+        let setgid = perm & libc::S_ISGID as u16 != 0;
+        Some((if setgid { gid } else { creds.gid }, setgid))
+    }
+
+    /// Makes a local object in `dir`, or None when it must be made on the
+    /// NAS (see `inherit`, and modes with setuid/setgid asked for).
+    #[allow(clippy::too_many_arguments)]
+    fn make(
+        &self,
+        dir: &ONode<B::Node>,
+        name: &OsStr,
+        kind: FileKind,
+        mode: u32,
+        rdev: u64,
+        target: Option<&OsStr>,
+        creds: Creds,
+    ) -> BResult<Option<Made<B>>> {
+        let op = "create";
+        if name.as_bytes().contains(&b'/') || name.is_empty() {
+            return Err(err(op, libc::EINVAL));
+        }
+        if kind != FileKind::Dir && mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
+            return Ok(None);
+        }
+        let dir_nas = self.nas_of(dir);
+        if self
+            .st()
+            .children
+            .get(&dir.ino)
+            .is_some_and(|m| m.contains_key(name))
+        {
+            return Err(err(op, libc::EEXIST));
+        }
+        let own = self.st().own.contains(&dir.ino);
+        match &dir_nas {
+            Some(_) if own => {}
+            Some(n) => {
+                if is_hidden(name) {
+                    return Err(err(op, libc::EEXIST));
+                }
+                match self.lower.lookup(n, name) {
+                    Ok(_) => return Err(err(op, libc::EEXIST)),
+                    Err(e) if e.raw_errno() == libc::ENOENT => {}
+                    // Offline: taken here; a name taken on the NAS
+                    // meanwhile gets the conflict name when it is created.
+                    Err(e) if is_unreachable(&e) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            None => {
+                let st = self.st();
+                match st.objs.get(&dir.ino) {
+                    Some(o) if !o.gone && o.attr.kind == FileKind::Dir => {}
+                    Some(o) if o.attr.kind != FileKind::Dir => {
+                        return Err(err(op, libc::ENOTDIR));
+                    }
+                    _ => return Err(err(op, libc::ENOENT)),
+                }
+            }
+        }
+        let Some((gid, setgid)) = self.inherit(dir, creds, dir_nas.as_ref()) else {
+            return Ok(None);
+        };
+        let mut perm = (mode & 0o7777) as u16;
+        if kind == FileKind::Dir && setgid {
+            perm |= libc::S_ISGID as u16;
+        }
+        let t = now();
+        let mut st = self.st();
+        // Checked again: another creation may have won meanwhile.
+        if st
+            .children
+            .get(&dir.ino)
+            .is_some_and(|m| m.contains_key(name))
+        {
+            return Err(err(op, libc::EEXIST));
+        }
+        let prov = st.next_prov;
+        st.next_prov += 1;
+        let content = if kind == FileKind::File {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(self.journal.upper_path(prov))
+                .map_err(io(op))?;
+            self.upper_synced.store(false, Ordering::Relaxed);
+            Some((
+                Arc::new(Content {
+                    prov,
+                    lock: RwLock::new(()),
+                    nas: Mutex::new(None),
+                    promoted: AtomicBool::new(false),
+                }),
+                f,
+            ))
+        } else {
+            None
+        };
+        let size = match (kind, target) {
+            (_, Some(t)) => t.len() as u64,
+            // What a local filesystem shows for a directory.
+            (FileKind::Dir, _) => 4096,
+            _ => 0,
+        };
+        let attr = Attr {
+            ino: prov,
+            kind,
+            perm,
+            nlink: if kind == FileKind::Dir { 2 } else { 1 },
+            uid: creds.uid,
+            gid,
+            rdev,
+            size,
+            blocks: if kind == FileKind::Dir { 8 } else { 0 },
+            blksize: 4096,
+            atime: t,
+            mtime: t,
+            ctime: t,
+        };
+        st.objs.insert(
+            prov,
+            Obj {
+                attr,
+                target: target.map(|t| t.to_os_string()),
+                parent: dir.ino,
+                name: name.to_os_string(),
+                parent_nas: dir_nas,
+                nas: None,
+                gone: false,
+                content: content.as_ref().map(|(c, _)| c.clone()),
+                created: Instant::now(),
+                retry_at: None,
+                attempts: 0,
+                error: None,
+                applying: false,
+                nas_ino: None,
+            },
+        );
+        if let Err(e) = self.persist(&st, prov) {
+            st.objs.remove(&prov);
+            drop(st);
+            let _ = std::fs::remove_file(self.journal.upper_path(prov));
+            return Err(e);
+        }
+        st.children
+            .entry(dir.ino)
+            .or_default()
+            .insert(name.to_os_string(), prov);
+        Self::dir_changed(
+            &mut st,
+            dir.ino,
+            t,
+            if kind == FileKind::Dir { 1 } else { 0 },
+        );
+        drop(st);
+        self.kick(false);
+        Ok(Some((prov, attr, content)))
+    }
+
+    /// A directory's entries changed here at `t`; `subdirs` more or fewer
+    /// directories in it.
+    fn dir_changed(st: &mut State<B>, dir: u64, t: SystemTime, subdirs: i32) {
+        match st.objs.get_mut(&dir) {
+            Some(o) if o.nas.is_none() => {
+                o.attr.mtime = t;
+                o.attr.ctime = t;
+                o.attr.nlink = (o.attr.nlink as i64 + subdirs as i64).max(2) as u32;
+            }
+            _ => {
+                st.touched.insert(dir, t);
+            }
+        }
+    }
+
+    /// Local object `prov` moves or goes away here: what an unfinished
+    /// attempt may have put on the NAS at its old place is removed later.
+    fn left_behind(&self, st: &mut State<B>, prov: u64) {
+        let Some(o) = st.objs.get(&prov) else { return };
+        if !o.applying || o.nas.is_some() {
+            return;
+        }
+        let dir = match st.objs.get(&o.parent) {
+            Some(p) => p.nas.clone(),
+            None => o.parent_nas.clone(),
+        };
+        let Some(dir) = dir else { return };
+        let mut rec = LeftoverRecord {
+            id: 0,
+            dir_path: Self::dir_path(st, o.parent).unwrap_or_default(),
+            name: o.name.clone(),
+            hidden: hidden_name(prov),
+            kind: o.attr.kind,
+            size: o.attr.size,
+            mtime: o.attr.mtime,
+            target: o.target.clone(),
+            nas_ino: o.nas_ino,
+        };
+        log::debug!(
+            "leftover of {prov:x}: {:?} nas ino {:?}",
+            rec.name,
+            rec.nas_ino
+        );
+        // Recorded before the move or removal is: after a crash, the next
+        // mount still knows what to remove.
+        match self.journal.add_leftover(&rec) {
+            Ok(id) => rec.id = id,
+            Err(e) => log::warn!("journal: {e}"),
+        }
+        let l = Leftover {
+            id: rec.id,
+            dir,
+            dir_ino: st.objs.get(&prov).map(|o| o.parent).unwrap_or(0),
+            name: rec.name,
+            hidden: rec.hidden,
+            kind: rec.kind,
+            size: rec.size,
+            target: rec.target,
+            nas_ino: rec.nas_ino,
+        };
+        st.leftovers.push(l);
+        if let Some(o) = st.objs.get_mut(&prov) {
+            o.applying = false;
+        }
+    }
+
+    /// Removes what unfinished attempts left on the NAS, where it is
+    /// surely theirs.
+    fn clean_leftovers(&self) {
+        // Not while a creation is under way: it may be the one that left
+        // something, not yet finished making it.
+        let _g = self.replay.lock().unwrap_or_else(|e| e.into_inner());
+        let list = std::mem::take(&mut self.st().leftovers);
+        for l in list {
+            if l.kind == FileKind::File {
+                match self.lower.unlink(&l.dir, &l.hidden) {
+                    Err(e) if is_unreachable(&e) => {
+                        self.st().leftovers.push(l);
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+            let ours = match self.lower.lookup(&l.dir, &l.name) {
+                Ok((n, a)) if a.kind == l.kind => match l.kind {
+                    // Renamed into place: surely ours if it is the file
+                    // made under the hidden name.
+                    FileKind::File => l.nas_ino == Some(a.ino) && a.size == l.size,
+                    FileKind::Dir => l.nas_ino.is_none_or(|i| i == a.ino),
+                    FileKind::Symlink => self.lower.readlink(&n).ok() == l.target,
+                    _ => true,
+                },
+                Err(e) if is_unreachable(&e) => {
+                    self.st().leftovers.push(l);
+                    continue;
+                }
+                _ => false,
+            };
+            if ours {
+                // A directory only if empty: rmdir refuses otherwise.
+                let r = if l.kind == FileKind::Dir {
+                    self.lower.rmdir(&l.dir, &l.name)
+                } else {
+                    self.lower.unlink(&l.dir, &l.name)
+                };
+                if let Err(e) = r {
+                    if is_unreachable(&e) {
+                        self.st().leftovers.push(l);
+                        continue;
+                    }
+                }
+            }
+            if let Err(e) = self.journal.delete_leftover(l.id) {
+                log::warn!("journal: {e}");
+            }
+        }
+    }
+
+    fn local_attr(&self, ino: u64) -> Option<Attr> {
+        let st = self.st();
+        let o = st.objs.get(&ino)?;
+        if o.nas.is_some() {
+            return None;
+        }
+        let mut a = o.attr;
+        if o.gone {
+            a.nlink = 0;
+        }
+        Some(a)
+    }
+
+    /// Removes local object `prov` (it never reaches the NAS).
+    fn remove_local(&self, st: &mut State<B>, dir: u64, name: &OsStr, prov: u64) -> BResult<()> {
+        log::debug!("new object {prov:x} {name:?} removed before it reached the NAS");
+        self.left_behind(st, prov);
+        self.journal
+            .delete_object(prov)
+            .map_err(journal_err("journal"))?;
+        if let Some(m) = st.children.get_mut(&dir) {
+            m.remove(name);
+            if m.is_empty() {
+                st.children.remove(&dir);
+            }
+        }
+        let t = now();
+        let is_dir = st
+            .objs
+            .get(&prov)
+            .is_some_and(|o| o.attr.kind == FileKind::Dir);
+        if let Some(o) = st.objs.get_mut(&prov) {
+            o.gone = true;
+            o.attr.ctime = t;
+            o.attr.nlink = 0;
+        }
+        Self::dir_changed(st, dir, t, if is_dir { -1 } else { 0 });
+        let _ = std::fs::remove_file(self.journal.upper_path(prov));
+        Ok(())
+    }
+
+    /// Whether `(dir, name)` on the NAS, with inode number `ino` there, is
+    /// what an unfinished creation left and is still to be removed: not
+    /// shown.
+    fn is_leftover(st: &State<B>, dir: u64, name: &OsStr, ino: u64) -> bool {
+        st.leftovers
+            .iter()
+            .any(|l| l.dir_ino == dir && l.name == name && l.nas_ino == Some(ino))
+    }
+
+    fn local_child(&self, dir: u64, name: &OsStr) -> Option<u64> {
+        self.st()
+            .children
+            .get(&dir)
+            .and_then(|m| m.get(name))
+            .copied()
+    }
+
+    // ---- the replay ----
+
+    fn run(&self) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let all = {
+                let mut s = self.sched();
+                while !s.kick && !s.stop {
+                    let wait = self.next_due().unwrap_or(Duration::from_secs(3600));
+                    let (g, to) = self
+                        .wake
+                        .wait_timeout(s, wait.max(Duration::from_millis(10)))
+                        .unwrap_or_else(|e| e.into_inner());
+                    s = g;
+                    if to.timed_out() {
+                        break;
+                    }
+                }
+                if s.stop {
+                    return;
+                }
+                s.kick = false;
+                std::mem::take(&mut s.all)
+            };
+            if !self.lower.online() {
+                std::thread::sleep(Duration::from_millis(200));
+                self.kick(all);
+                continue;
+            }
+            match self.pass(all) {
+                Ok(()) => backoff = Duration::from_millis(500),
+                Err(()) => {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    if all {
+                        self.kick(true);
+                    }
+                }
+            }
+            self.progress.notify_all();
+        }
+    }
+
+    /// How long until the oldest local object is due.
+    fn next_due(&self) -> Option<Duration> {
+        let st = self.st();
+        let now = Instant::now();
+        if !st.leftovers.is_empty() {
+            return Some(Duration::from_millis(500));
+        }
+        st.objs
+            .values()
+            .filter(|o| o.nas.is_none() && !o.gone)
+            .map(|o| {
+                let due = o.retry_at.unwrap_or(o.created + self.delay);
+                due.saturating_duration_since(now)
+            })
+            .min()
+    }
+
+    /// Creates on the NAS every local object that is due (all with
+    /// `all`), oldest first. Err when an attempt failed.
+    fn pass(&self, all: bool) -> Result<(), ()> {
+        let now = Instant::now();
+        let due: Vec<u64> = {
+            let st = self.st();
+            let mut v: Vec<u64> = st
+                .objs
+                .iter()
+                .filter(|(_, o)| o.nas.is_none() && !o.gone)
+                .filter(|(_, o)| all || o.retry_at.unwrap_or(o.created + self.delay) <= now)
+                .map(|(p, _)| *p)
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        if !self.st().leftovers.is_empty() {
+            self.clean_leftovers();
+        }
+        let mut failed = false;
+        for p in due {
+            if !self.lower.online() {
+                failed = true;
+                break;
+            }
+            if self.local(p) {
+                if let Err(e) = self.promote_chain(p) {
+                    failed = true;
+                    let mut st = self.st();
+                    if !is_unreachable(&e) {
+                        self.retries.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if let Some(o) = st.objs.get_mut(&p) {
+                        o.attempts += 1;
+                        if o.attempts == 1 && !is_unreachable(&e) {
+                            log::warn!("creating {:?} on the NAS: {e}; will retry", o.name);
+                        }
+                        o.error = Some(e.to_string());
+                        let wait = Duration::from_millis(500)
+                            .saturating_mul(1 << o.attempts.min(6))
+                            .min(Duration::from_secs(30));
+                        o.retry_at = Some(Instant::now() + wait);
+                    }
+                    if is_unreachable(&e) {
+                        break;
+                    }
+                }
+            }
+        }
+        self.settle_dirs();
+        if failed { Err(()) } else { Ok(()) }
+    }
+
+    /// Gives directories their mode and times once no local child is left
+    /// to create in them.
+    fn settle_dirs(&self) {
+        let ready: Vec<(u64, Deferred)> = {
+            let st = self.st();
+            st.deferred
+                .iter()
+                .filter(|(d, _)| !st.children.contains_key(d))
+                .map(|(d, x)| (*d, *x))
+                .collect()
+        };
+        for (d, x) in ready {
+            let node = ONode { ino: d, nas: None };
+            let Some(n) = self.nas_of(&node).or_else(|| self.dir_node(d)) else {
+                self.st().deferred.remove(&d);
+                continue;
+            };
+            let changes = SetAttr {
+                mode: x.perm.map(|p| p as u32),
+                atime: Some(SetTime::At(x.atime)),
+                mtime: Some(SetTime::At(x.mtime)),
+                ..SetAttr::default()
+            };
+            match self.lower.setattr(&n, None, &changes) {
+                Ok(a) => {
+                    let mut st = self.st();
+                    if st.children.contains_key(&d) {
+                        continue;
+                    }
+                    st.deferred.remove(&d);
+                    st.touched.remove(&d);
+                    let ctime = st.shown.get(&d).map(|s| s.1).unwrap_or(a.ctime);
+                    st.masks.insert(
+                        d,
+                        Mask {
+                            nas: (a.mtime, a.ctime),
+                            shown: (x.mtime, ctime),
+                        },
+                    );
+                    if let Some(al) = st.alias.values_mut().find(|al| al.prov == d) {
+                        al.nas_ctime = a.ctime;
+                    }
+                }
+                Err(e) => log::debug!("setting the times of a directory: {e}"),
+            }
+        }
+    }
+
+    /// The NAS node of a NAS directory (not created here), found by path.
+    fn dir_node(&self, ino: u64) -> Option<B::Node> {
+        let path = Self::dir_path(&self.st(), ino)?;
+        let (root, rattr) = self.lower.root().ok()?;
+        self.walk(&root, rattr.ino, &path).ok().map(|(n, _)| n)
+    }
+
+    /// Creates local object `p` on the NAS; its parent is there already.
+    /// Called with `replay` held.
+    fn promote_one(&self, p: u64) -> BResult<()> {
+        let op = "create on the NAS";
+        let (attr, target, name, parent, parent_nas, content, applying, hidden_ino) = {
+            let st = self.st();
+            let Some(o) = st.objs.get(&p) else {
+                return Err(err(op, libc::ENOENT));
+            };
+            if o.nas.is_some() {
+                return Ok(());
+            }
+            if o.gone {
+                return Err(err(op, libc::ENOENT));
+            }
+            let parent_nas = match st.objs.get(&o.parent) {
+                Some(po) => po.nas.clone(),
+                None => o.parent_nas.clone(),
+            };
+            (
+                o.attr,
+                o.target.clone(),
+                o.name.clone(),
+                o.parent,
+                parent_nas,
+                o.content.clone(),
+                o.applying,
+                o.nas_ino,
+            )
+        };
+        let dir = match parent_nas {
+            Some(n) => n,
+            None => self.recreate_parent(parent)?,
+        };
+        if !applying {
+            let mut st = self.st();
+            if let Some(o) = st.objs.get_mut(&p) {
+                o.applying = true;
+            }
+            self.persist(&st, p)?;
+        }
+        let creds = Creds {
+            uid: attr.uid,
+            gid: attr.gid,
+            umask: 0,
+        };
+        let mut kept = name.clone();
+        let c;
+        let _content_guard;
+        let _w;
+        let (node, nas_attr) = match attr.kind {
+            FileKind::File => {
+                c = content.ok_or_else(|| err(op, libc::EIO))?;
+                _content_guard = c.lock.write().unwrap_or_else(|e| e.into_inner());
+                let upper = File::open(self.journal.upper_path(p)).map_err(io(op))?;
+                let tmp = hidden_name(p);
+                if applying {
+                    // A crash after the rename: the NAS has it already.
+                    if let Ok((n, a)) = self.lower.lookup(&dir, &name) {
+                        if a.kind == FileKind::File && hidden_ino == Some(a.ino) {
+                            let _ = self.lower.unlink(&dir, &tmp);
+                            self.created_on_nas(p, &c, n.clone(), a, &kept)?;
+                            return Ok(());
+                        }
+                    }
+                }
+                let rw = OpenMode {
+                    read: true,
+                    write: true,
+                    append: false,
+                    truncate: false,
+                };
+                let (node, hattr, f) = self.lower.create(
+                    &dir,
+                    &tmp,
+                    (attr.perm & 0o777) as u32 | 0o600,
+                    rw,
+                    false,
+                    creds,
+                )?;
+                log::debug!(
+                    "{p:x} filled as {tmp:?} (ino {}), was {hidden_ino:?}",
+                    hattr.ino
+                );
+                if hidden_ino != Some(hattr.ino) {
+                    let mut st = self.st();
+                    if let Some(o) = st.objs.get_mut(&p) {
+                        o.nas_ino = Some(hattr.ino);
+                    }
+                    self.persist(&st, p)?;
+                }
+                let len = upper.metadata().map_err(io(op))?.len();
+                let mut buf = vec![0u8; 1 << 20];
+                let mut pos = 0u64;
+                while pos < len {
+                    let n = (len - pos).min(buf.len() as u64) as usize;
+                    let got = upper.read_at(&mut buf[..n], pos).map_err(io(op))?;
+                    if got == 0 {
+                        break;
+                    }
+                    if buf[..got].iter().any(|b| *b != 0) {
+                        self.lower.write(&f, pos, &buf[..got])?;
+                    }
+                    pos += got as u64;
+                }
+                let changes = SetAttr {
+                    mode: Some(attr.perm as u32),
+                    size: Some(len),
+                    atime: Some(SetTime::At(attr.atime)),
+                    mtime: Some(SetTime::At(attr.mtime)),
+                    ..SetAttr::default()
+                };
+                self.lower.setattr(&node, Some(&f), &changes)?;
+                self.lower.fsync(&f, false)?;
+                drop(f);
+                let _w = self.window.write().unwrap_or_else(|e| e.into_inner());
+                if !self.still_here(p) {
+                    let _ = self.lower.unlink(&dir, &tmp);
+                    return Err(err(op, libc::EAGAIN));
+                }
+                kept = self.place(&dir, &tmp, &name, attr.kind)?;
+                let a = self.lower.getattr(&node)?;
+                self.created_on_nas(p, &c, node.clone(), a, &kept)?;
+                // The content lock is released as this returns.
+                return Ok(());
+            }
+            FileKind::Dir => {
+                _w = self.window.write().unwrap_or_else(|e| e.into_inner());
+                if !self.still_here(p) {
+                    return Err(err(op, libc::EAGAIN));
+                }
+                let made = self
+                    .lower
+                    .mkdir(&dir, &name, (attr.perm & 0o777) as u32 | 0o700, creds);
+                let (n, a) = match made {
+                    Ok(x) => x,
+                    Err(e) if e.raw_errno() == libc::EEXIST => match self.lower.lookup(&dir, &name)
+                    {
+                        // Created before a crash: this one.
+                        Ok((n, a)) if applying && a.kind == FileKind::Dir => (n, a),
+                        _ => {
+                            let (cname, n, a) = self.conflict_create(&dir, &name, |cn| {
+                                self.lower.mkdir(
+                                    &dir,
+                                    cn,
+                                    (attr.perm & 0o777) as u32 | 0o700,
+                                    creds,
+                                )
+                            })?;
+                            kept = cname;
+                            (n, a)
+                        }
+                    },
+                    Err(e) => return Err(e),
+                };
+                self.st().deferred.insert(
+                    p,
+                    Deferred {
+                        perm: Some(attr.perm),
+                        atime: attr.atime,
+                        mtime: attr.mtime,
+                    },
+                );
+                (n, a)
+            }
+            FileKind::Symlink => {
+                _w = self.window.write().unwrap_or_else(|e| e.into_inner());
+                if !self.still_here(p) {
+                    return Err(err(op, libc::EAGAIN));
+                }
+                let t = target.clone().unwrap_or_default();
+                match self.lower.symlink(&dir, &name, &t, creds) {
+                    Ok(x) => x,
+                    Err(e) if e.raw_errno() == libc::EEXIST => {
+                        let same = applying
+                            && self
+                                .lower
+                                .lookup(&dir, &name)
+                                .ok()
+                                .filter(|(_, a)| a.kind == FileKind::Symlink)
+                                .and_then(|(n, _)| self.lower.readlink(&n).ok())
+                                .is_some_and(|x| x == t);
+                        if same {
+                            self.lower.lookup(&dir, &name)?
+                        } else {
+                            let (cname, n, a) = self.conflict_create(&dir, &name, |cn| {
+                                self.lower.symlink(&dir, cn, &t, creds)
+                            })?;
+                            kept = cname;
+                            (n, a)
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            k => {
+                let fmt = match k {
+                    FileKind::Fifo => libc::S_IFIFO,
+                    FileKind::Socket => libc::S_IFSOCK,
+                    FileKind::CharDev => libc::S_IFCHR,
+                    _ => libc::S_IFBLK,
+                };
+                let mode = fmt | attr.perm as u32;
+                _w = self.window.write().unwrap_or_else(|e| e.into_inner());
+                if !self.still_here(p) {
+                    return Err(err(op, libc::EAGAIN));
+                }
+                match self.lower.mknod(&dir, &name, mode, attr.rdev, creds) {
+                    Ok(x) => x,
+                    Err(e) if e.raw_errno() == libc::EEXIST => {
+                        match self.lower.lookup(&dir, &name) {
+                            Ok((n, a)) if applying && a.kind == k => (n, a),
+                            _ => {
+                                let (cname, n, a) = self.conflict_create(&dir, &name, |cn| {
+                                    self.lower.mknod(&dir, cn, mode, attr.rdev, creds)
+                                })?;
+                                kept = cname;
+                                (n, a)
+                            }
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        if attr.kind != FileKind::File {
+            let mut st = self.st();
+            if let Some(o) = st.objs.get_mut(&p) {
+                o.nas_ino = Some(nas_attr.ino);
+            }
+            self.persist(&st, p)?;
+        }
+        // Symlinks and special files get their times now (a directory's
+        // wait for its children, a file's were set above).
+        let nas_attr = if attr.kind == FileKind::Dir {
+            nas_attr
+        } else {
+            let times = SetAttr {
+                atime: Some(SetTime::At(attr.atime)),
+                mtime: Some(SetTime::At(attr.mtime)),
+                ..SetAttr::default()
+            };
+            self.lower.setattr(&node, None, &times).unwrap_or(nas_attr)
+        };
+        self.finish(p, node, nas_attr, &kept, attr.ctime)
+    }
+
+    /// Whether local object `p` is still where its creation on the NAS
+    /// started (checked under `window`, which holds off renames and
+    /// removals here until the creation is recorded).
+    fn still_here(&self, p: u64) -> bool {
+        self.st()
+            .objs
+            .get(&p)
+            .is_some_and(|o| o.applying && !o.gone)
+    }
+
+    /// Renames the filled hidden file to `name` without replacing
+    /// anything; a name taken meanwhile gets the conflict name.
+    fn place(&self, dir: &B::Node, tmp: &OsStr, name: &OsStr, _k: FileKind) -> BResult<OsString> {
+        let noreplace = RenameFlags {
+            noreplace: true,
+            exchange: false,
+        };
+        match self.lower.rename(dir, tmp, dir, name, noreplace) {
+            Ok(()) => return Ok(name.to_os_string()),
+            Err(e) if e.raw_errno() != libc::EEXIST => return Err(e),
+            Err(_) => {}
+        }
+        let stamp = conflict_stamp(SystemTime::now());
+        for n in 1..100 {
+            let cname = conflict_name(name, &stamp, &self.host, n);
+            match self.lower.rename(dir, tmp, dir, &cname, noreplace) {
+                Ok(()) => return Ok(cname),
+                Err(e) if e.raw_errno() == libc::EEXIST => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(err("create on the NAS", libc::EEXIST))
+    }
+
+    fn conflict_create(
+        &self,
+        _dir: &B::Node,
+        name: &OsStr,
+        mut make: impl FnMut(&OsStr) -> BResult<(B::Node, Attr)>,
+    ) -> BResult<(OsString, B::Node, Attr)> {
+        let stamp = conflict_stamp(SystemTime::now());
+        for n in 1..100 {
+            let cname = conflict_name(name, &stamp, &self.host, n);
+            match make(&cname) {
+                Ok((node, a)) => return Ok((cname, node, a)),
+                Err(e) if e.raw_errno() == libc::EEXIST => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(err("create on the NAS", libc::EEXIST))
+    }
+
+    /// The parent of `p` is a NAS directory that is gone: created again
+    /// (with its path), so that nothing written here is lost.
+    fn recreate_parent(&self, parent: u64) -> BResult<B::Node> {
+        let path = Self::dir_path(&self.st(), parent).unwrap_or_default();
+        let (mut node, _) = self.lower.root()?;
+        for c in path
+            .as_bytes()
+            .split(|b| *b == b'/')
+            .filter(|c| !c.is_empty())
+        {
+            let name = OsStr::from_bytes(c);
+            node = match self.lower.lookup(&node, name) {
+                Ok((n, _)) => n,
+                Err(e) if e.raw_errno() == libc::ENOENT => {
+                    let creds = Creds {
+                        uid: 0,
+                        gid: 0,
+                        umask: 0o022,
+                    };
+                    self.lower.mkdir(&node, name, 0o755, creds)?.0
+                }
+                Err(e) => return Err(e),
+            };
+        }
+        self.note_conflict(
+            &path,
+            &path,
+            "the directory was removed on the NAS while new files in it were waiting; created again",
+        );
+        let mut st = self.st();
+        for o in st.objs.values_mut() {
+            if o.parent == parent {
+                o.parent_nas = Some(node.clone());
+            }
+        }
+        Ok(node)
+    }
+
+    fn note_conflict(&self, path: &OsStr, kept: &OsStr, reason: &str) {
+        self.conflicts.fetch_add(1, Ordering::Relaxed);
+        log::warn!("conflict: {path:?}: {reason}; kept as {kept:?}");
+        let rec = ConflictRecord {
+            at: SystemTime::now(),
+            path: path.to_os_string(),
+            kept_as: kept.to_os_string(),
+            reason: reason.to_string(),
+        };
+        if let Err(e) = self.journal.add_conflict(&rec) {
+            log::warn!("journal: {e}");
+        }
+    }
+
+    fn created_on_nas(
+        &self,
+        p: u64,
+        c: &Arc<Content<B>>,
+        node: B::Node,
+        a: Attr,
+        kept: &OsStr,
+    ) -> BResult<()> {
+        let ctime = self
+            .st()
+            .objs
+            .get(&p)
+            .map(|o| o.attr.ctime)
+            .unwrap_or(a.ctime);
+        // The caller holds the content lock: no I/O between these.
+        self.finish(p, node.clone(), a, kept, ctime)?;
+        *c.nas.lock().unwrap_or_else(|e| e.into_inner()) = Some((node, None));
+        c.promoted.store(true, Ordering::Release);
+        let _ = std::fs::remove_file(self.journal.upper_path(p));
+        Ok(())
+    }
+
+    /// Local object `p` is on the NAS as `node` under `kept`.
+    fn finish(
+        &self,
+        p: u64,
+        node: B::Node,
+        a: Attr,
+        kept: &OsStr,
+        local_ctime: SystemTime,
+    ) -> BResult<()> {
+        let alias = AliasRecord {
+            nas_ino: a.ino,
+            prov: p,
+            nas_ctime: a.ctime,
+            local_ctime,
+        };
+        let mut st = self.st();
+        log::debug!("{p:x} created on the NAS as {kept:?} (ino {})", a.ino);
+        // Moved or removed here meanwhile (`left_behind` took note of what
+        // was just made on the NAS, to remove it): created again later,
+        // where it is now.
+        if !st.objs.get(&p).is_some_and(|o| o.applying && !o.gone) {
+            return Err(err("create on the NAS", libc::EAGAIN));
+        }
+        // New objects in it are now in a directory on the NAS: their rows
+        // say where by path.
+        let mut here = st
+            .objs
+            .get(&p)
+            .map(|o| Self::dir_path(&st, o.parent).unwrap_or_default())
+            .unwrap_or_default();
+        if !here.is_empty() {
+            here.push("/");
+        }
+        here.push(kept);
+        let kids: Vec<ObjectRecord> = st
+            .children
+            .get(&p)
+            .map(|m| m.values().copied().collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|c| Self::record(&st, c))
+            .map(|mut r| {
+                r.parent = ObjParent::Nas(here.clone());
+                r
+            })
+            .collect();
+        self.journal
+            .object_created(&alias, &kids)
+            .map_err(journal_err("journal"))?;
+        self.created.fetch_add(1, Ordering::Relaxed);
+        st.alias.insert(a.ino, alias);
+        let Some(o) = st.objs.get_mut(&p) else {
+            return Ok(());
+        };
+        o.nas = Some(node);
+        o.applying = false;
+        o.error = None;
+        let (parent, name) = (o.parent, o.name.clone());
+        let kind = o.attr.kind;
+        if kind == FileKind::Dir {
+            let (perm, gid) = (o.attr.perm, o.attr.gid);
+            st.own.insert(p);
+            // Made without a default ACL (a directory with one is made by
+            // the NAS); setxattr keeps this up to date.
+            st.acl_default.insert(p, false);
+            st.dirs.insert(
+                p,
+                NasDir {
+                    parent,
+                    name: kept.to_os_string(),
+                    perm,
+                    gid,
+                },
+            );
+        }
+        if let Some(m) = st.children.get_mut(&parent) {
+            if m.get(&name) == Some(&p) {
+                m.remove(&name);
+            }
+            if m.is_empty() {
+                st.children.remove(&parent);
+            }
+        }
+        if kept == name.as_os_str() {
+            drop(st);
+            self.quiet(parent);
+            return Ok(());
+        }
+        {
+            let path = Self::dir_path(&st, parent).unwrap_or_default();
+            if let Some(o) = st.objs.get_mut(&p) {
+                o.name = kept.to_os_string();
+            }
+            drop(st);
+            let mut full = path.clone();
+            if !full.is_empty() {
+                full.push("/");
+            }
+            full.push(&name);
+            let mut kept_full = path;
+            if !kept_full.is_empty() {
+                kept_full.push("/");
+            }
+            kept_full.push(kept);
+            self.note_conflict(
+                &full,
+                &kept_full,
+                "the name was taken on the NAS meanwhile; the new one got the conflict name",
+            );
+        }
+        Ok(())
+    }
+
+    /// nassync created an object in `dir` on the NAS that was shown there
+    /// already: the directory's new NAS times are not a change to show.
+    fn quiet(&self, dir: u64) {
+        let node = ONode {
+            ino: dir,
+            nas: None,
+        };
+        let Some(n) = self.nas_of(&node).or_else(|| {
+            let st = self.st();
+            st.objs
+                .values()
+                .find(|o| o.parent == dir)
+                .and_then(|o| o.parent_nas.clone())
+        }) else {
+            return;
+        };
+        if let Ok(a) = self.lower.getattr(&n) {
+            let mut st = self.st();
+            if let Some(shown) = st.shown.get(&dir).copied() {
+                st.masks.insert(
+                    dir,
+                    Mask {
+                        nas: (a.mtime, a.ctime),
+                        shown,
+                    },
+                );
+            }
+        }
+    }
+
+    // ---- flush, status, shutdown ----
+
+    /// Creates every local object on the NAS now; returns how many are
+    /// left (the NAS did not answer, or refused) once `deadline` passes or
+    /// nothing more can be done.
+    pub fn flush_all(&self, deadline: Option<Instant>) -> usize {
+        let mut last_left = usize::MAX;
+        loop {
+            let left = self.pending_count();
+            if left == 0 {
+                self.settle_dirs();
+                return 0;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return left;
+            }
+            if !self.lower.online() {
+                return left;
+            }
+            // Errors are recorded per object; one more pass after one that
+            // made no progress would fail the same way.
+            let _ = self.pass(true);
+            let after = self.pending_count();
+            if after >= last_left && after == left {
+                return after;
+            }
+            last_left = after;
+        }
+    }
+
+    pub fn pending_count(&self) -> usize {
+        self.st()
+            .objs
+            .values()
+            .filter(|o| o.nas.is_none() && !o.gone)
+            .count()
+    }
+
+    pub fn pending_objects(&self) -> Vec<PendingObject> {
+        let st = self.st();
+        let mut v: Vec<(u64, PendingObject)> = st
+            .objs
+            .iter()
+            .filter(|(_, o)| o.nas.is_none() && !o.gone)
+            .map(|(p, o)| {
+                let mut path = Self::dir_path(&st, o.parent).unwrap_or_default();
+                if !path.is_empty() {
+                    path.push("/");
+                }
+                path.push(&o.name);
+                (
+                    *p,
+                    PendingObject {
+                        path,
+                        kind: o.attr.kind,
+                        age: o.created.elapsed(),
+                        attempts: o.attempts,
+                        error: o.error.clone(),
+                    },
+                )
+            })
+            .collect();
+        v.sort_by_key(|(p, _)| *p);
+        v.into_iter().map(|(_, o)| o).collect()
+    }
+
+    /// (created on the NAS, conflicts) since the mount.
+    pub fn counters(&self) -> (u64, u64) {
+        (
+            self.created.load(Ordering::Relaxed),
+            self.conflicts.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Stops the replay thread (after `flush` at unmount).
+    pub fn stop_replay(&self) {
+        self.sched().stop = true;
+        self.wake.notify_all();
+    }
+
+    fn node_up(&self, n: B::Node, a: Attr) -> (ONode<B::Node>, Attr) {
+        let a = self.up(a);
+        (
+            ONode {
+                ino: a.ino,
+                nas: Some(n),
+            },
+            a,
+        )
+    }
+
+    fn local_node(&self, prov: u64) -> Option<(ONode<B::Node>, Attr)> {
+        let st = self.st();
+        let o = st.objs.get(&prov)?;
+        let mut a = o.attr;
+        if let Some(n) = &o.nas {
+            // Created on the NAS meanwhile.
+            let n = n.clone();
+            drop(st);
+            return Some((
+                ONode {
+                    ino: prov,
+                    nas: Some(n),
+                },
+                a,
+            ));
+        }
+        if o.gone {
+            a.nlink = 0;
+        }
+        Some((
+            ONode {
+                ino: prov,
+                nas: None,
+            },
+            a,
+        ))
+    }
+
+    fn content_of(&self, prov: u64) -> Option<Arc<Content<B>>> {
+        self.st().objs.get(&prov).and_then(|o| o.content.clone())
+    }
+
+    /// The NAS file of a local file created on the NAS since it was opened.
+    fn nas_file(&self, c: &Content<B>, write: bool) -> BResult<Arc<B::File>> {
+        let mut g = c.nas.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((node, file)) = g.as_mut() else {
+            return Err(err("open", libc::EIO));
+        };
+        if let Some(f) = file {
+            return Ok(f.clone());
+        }
+        let mode = OpenMode {
+            read: true,
+            write: true,
+            append: false,
+            truncate: false,
+        };
+        let f = match self.lower.open(node, mode) {
+            Ok(f) => f,
+            Err(e) if !write => self
+                .lower
+                .open(
+                    node,
+                    OpenMode {
+                        write: false,
+                        ..mode
+                    },
+                )
+                .map_err(|_| e)?,
+            Err(e) => return Err(e),
+        };
+        let f = Arc::new(f);
+        *file = Some(f.clone());
+        Ok(f)
+    }
+
+    /// A local file grows beyond what the cache directory's filesystem
+    /// holds (the NAS may hold more): it goes to the NAS now.
+    fn escalate(&self, c: &Content<B>) -> BResult<Arc<B::File>> {
+        self.promote_chain(c.prov)?;
+        self.nas_file(c, true)
+    }
+
+    fn touch_file(&self, prov: u64, end: Option<u64>) {
+        let t = now();
+        let mut st = self.st();
+        if let Some(o) = st.objs.get_mut(&prov) {
+            if let Some(end) = end {
+                o.attr.size = o.attr.size.max(end);
+            }
+            o.attr.blocks = o.attr.size.div_ceil(512);
+            o.attr.mtime = t;
+            o.attr.ctime = t;
+        }
+    }
+}
+
+impl<B: Backend> Backend for Overlay<B> {
+    type Node = ONode<B::Node>;
+    type File = OFile<B>;
+
+    fn root(&self) -> BResult<(Self::Node, Attr)> {
+        let (n, a) = self.lower.root()?;
+        Ok(self.node_up(n, a))
+    }
+
+    fn lookup(&self, dir: &Self::Node, name: &OsStr) -> BResult<(Self::Node, Attr)> {
+        if let Some(p) = self.local_child(dir.ino, name) {
+            if let Some(x) = self.local_node(p) {
+                return Ok(x);
+            }
+        }
+        let Some(n) = self.nas_of(dir) else {
+            return Err(err("lookup", libc::ENOENT));
+        };
+        if is_hidden(name) {
+            return Err(err("lookup", libc::ENOENT));
+        }
+        let _w = self.window.read().unwrap_or_else(|e| e.into_inner());
+        let (node, a) = self.lower.lookup(&n, name)?;
+        if Self::is_leftover(&self.st(), dir.ino, name, a.ino) {
+            return Err(err("lookup", libc::ENOENT));
+        }
+        let (node, a) = self.node_up(node, a);
+        self.saw_dir(dir.ino, name, &a);
+        Ok((node, a))
+    }
+
+    fn lookup_many(
+        &self,
+        dir: &Self::Node,
+        names: &[OsString],
+    ) -> Vec<BResult<(Self::Node, Attr)>> {
+        type Answer<N> = Option<BResult<(ONode<N>, Attr)>>;
+        let mut out: Vec<Answer<B::Node>> = Vec::with_capacity(names.len());
+        let mut ask = Vec::new();
+        for name in names {
+            match self
+                .local_child(dir.ino, name)
+                .and_then(|p| self.local_node(p))
+            {
+                Some(x) => out.push(Some(Ok(x))),
+                None => {
+                    out.push(None);
+                    ask.push(name.clone());
+                }
+            }
+        }
+        let _w = self.window.read().unwrap_or_else(|e| e.into_inner());
+        if !ask.is_empty() {
+            let answers = match self.nas_of(dir) {
+                Some(n) => self.lower.lookup_many(&n, &ask),
+                None => ask
+                    .iter()
+                    .map(|_| Err(err("lookup", libc::ENOENT)))
+                    .collect(),
+            };
+            let mut answers = answers.into_iter().zip(ask.iter());
+            for slot in out.iter_mut().filter(|s| s.is_none()) {
+                let Some((r, name)) = answers.next() else {
+                    *slot = Some(Err(err("lookup", libc::EIO)));
+                    continue;
+                };
+                *slot = Some(r.and_then(|(node, a)| {
+                    if Self::is_leftover(&self.st(), dir.ino, name, a.ino) {
+                        return Err(err("lookup", libc::ENOENT));
+                    }
+                    let (node, a) = self.node_up(node, a);
+                    self.saw_dir(dir.ino, name, &a);
+                    Ok((node, a))
+                }));
+            }
+        }
+        out.into_iter()
+            .map(|s| s.unwrap_or_else(|| Err(err("lookup", libc::EIO))))
+            .collect()
+    }
+
+    fn getattr(&self, node: &Self::Node) -> BResult<Attr> {
+        if let Some(a) = self.local_attr(node.ino) {
+            return Ok(a);
+        }
+        let n = self
+            .nas_of(node)
+            .ok_or_else(|| err("getattr", libc::ENOENT))?;
+        let _w = self.window.read().unwrap_or_else(|e| e.into_inner());
+        let a = self.lower.getattr(&n)?;
+        let a = self.up(a);
+        if a.kind == FileKind::Dir {
+            if let Some(d) = self.st().dirs.get_mut(&a.ino) {
+                d.perm = a.perm;
+                d.gid = a.gid;
+            }
+        }
+        Ok(a)
+    }
+
+    fn setattr(
+        &self,
+        node: &Self::Node,
+        file: Option<&Self::File>,
+        changes: &SetAttr,
+    ) -> BResult<Attr> {
+        if self.local(node.ino) {
+            let c = self.content_of(node.ino);
+            let _g = c
+                .as_ref()
+                .map(|c| c.lock.read().unwrap_or_else(|e| e.into_inner()));
+            if let Some(c) = &c {
+                if c.promoted.load(Ordering::Acquire) {
+                    drop(_g);
+                    return self.setattr(node, file, changes);
+                }
+                if let Some(size) = changes.size {
+                    let set = match file {
+                        Some(OFile::Local(_, f, _)) => f.set_len(size),
+                        _ => OpenOptions::new()
+                            .write(true)
+                            .open(self.journal.upper_path(c.prov))
+                            .and_then(|f| f.set_len(size)),
+                    };
+                    match set {
+                        Ok(()) => {}
+                        Err(e) if too_big(&e) => {
+                            drop(_g);
+                            self.escalate(c)?;
+                            return self.setattr(node, file, changes);
+                        }
+                        Err(e) => return Err(BackendError::new("truncate", e)),
+                    }
+                }
+            }
+            let t = now();
+            let mut st = self.st();
+            let o = st
+                .objs
+                .get_mut(&node.ino)
+                .ok_or_else(|| err("setattr", libc::ENOENT))?;
+            if let Some(m) = changes.mode {
+                o.attr.perm = (m & 0o7777) as u16;
+            }
+            if let Some(u) = changes.uid {
+                o.attr.uid = u;
+            }
+            if let Some(g) = changes.gid {
+                o.attr.gid = g;
+            }
+            if let Some(s) = changes.size {
+                o.attr.size = s;
+                o.attr.blocks = s.div_ceil(512);
+                o.attr.mtime = t;
+            }
+            let at = |x: SetTime| match x {
+                SetTime::Now => t,
+                SetTime::At(v) => v,
+            };
+            if let Some(x) = changes.atime {
+                o.attr.atime = at(x);
+            }
+            if let Some(x) = changes.mtime {
+                o.attr.mtime = at(x);
+            }
+            o.attr.ctime = t;
+            let mut a = o.attr;
+            if o.gone {
+                a.nlink = 0;
+            }
+            if !o.gone {
+                self.persist(&st, node.ino)?;
+            }
+            return Ok(a);
+        }
+        let n = self.materialize(node)?;
+        let nas_file;
+        let lf = match file {
+            Some(OFile::Nas(f, _)) => Some(f),
+            Some(OFile::Local(c, _, _)) => match self.nas_file(c, true) {
+                Ok(f) => {
+                    nas_file = f;
+                    Some(&*nas_file)
+                }
+                Err(_) => None,
+            },
+            None => None,
+        };
+        let _w = self.window.read().unwrap_or_else(|e| e.into_inner());
+        let a = self.lower.setattr(&n, lf, changes)?;
+        let mut st = self.st();
+        if a.kind == FileKind::Dir
+            && (changes.mtime.is_some() || changes.atime.is_some() || changes.mode.is_some())
+        {
+            let ino = st.alias.get(&a.ino).map(|al| al.prov).unwrap_or(a.ino);
+            if st.children.contains_key(&ino) || st.deferred.contains_key(&ino) {
+                // Local children still to create would move the mtime on
+                // the NAS: set again once they are there.
+                let prev = st.deferred.get(&ino).copied();
+                st.deferred.insert(
+                    ino,
+                    Deferred {
+                        perm: Some(a.perm).or(prev.and_then(|d| d.perm)),
+                        atime: a.atime,
+                        mtime: a.mtime,
+                    },
+                );
+            }
+        }
+        Ok(Self::up_in(&mut st, a))
+    }
+
+    fn readlink(&self, node: &Self::Node) -> BResult<OsString> {
+        {
+            let st = self.st();
+            if let Some(o) = st.objs.get(&node.ino) {
+                if let Some(t) = &o.target {
+                    return Ok(t.clone());
+                }
+            }
+        }
+        let n = self
+            .nas_of(node)
+            .ok_or_else(|| err("readlink", libc::ENOENT))?;
+        self.lower.readlink(&n)
+    }
+
+    fn readdir(&self, dir: &Self::Node) -> BResult<Vec<DirEntry>> {
+        let _w = self.window.read().unwrap_or_else(|e| e.into_inner());
+        let mut out = match self.nas_of(dir) {
+            Some(n) => {
+                let st_alias: HashMap<u64, u64> = {
+                    let st = self.st();
+                    st.alias.iter().map(|(k, v)| (*k, v.prov)).collect()
+                };
+                let mut v = self.lower.readdir(&n)?;
+                v.retain(|e| !is_hidden(&e.name));
+                {
+                    let st = self.st();
+                    if !st.leftovers.is_empty() {
+                        v.retain(|e| !Self::is_leftover(&st, dir.ino, &e.name, e.ino));
+                    }
+                }
+                for e in &mut v {
+                    if let Some(p) = st_alias.get(&e.ino) {
+                        e.ino = *p;
+                    }
+                }
+                v
+            }
+            None => {
+                let st = self.st();
+                match st.objs.get(&dir.ino) {
+                    Some(o) if !o.gone => {}
+                    _ => return Err(err("readdir", libc::ENOENT)),
+                }
+                Vec::new()
+            }
+        };
+        let st = self.st();
+        if let Some(m) = st.children.get(&dir.ino) {
+            out.retain(|e| !m.contains_key(&e.name));
+            for (name, p) in m {
+                if let Some(o) = st.objs.get(p) {
+                    out.push(DirEntry {
+                        name: name.clone(),
+                        ino: *p,
+                        kind: o.attr.kind,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn mknod(
+        &self,
+        dir: &Self::Node,
+        name: &OsStr,
+        mode: u32,
+        rdev: u64,
+        creds: Creds,
+    ) -> BResult<(Self::Node, Attr)> {
+        let kind = FileKind::from_mode(mode).ok_or_else(|| err("mknod", libc::EINVAL))?;
+        if kind == FileKind::File {
+            let (n, a, _f) = self.create(
+                dir,
+                name,
+                mode & 0o7777,
+                OpenMode {
+                    read: true,
+                    write: false,
+                    append: false,
+                    truncate: false,
+                },
+                true,
+                creds,
+            )?;
+            return Ok((n, a));
+        }
+        match self.make(dir, name, kind, mode, rdev, None, creds)? {
+            Some((p, a, _)) => Ok((ONode { ino: p, nas: None }, a)),
+            None => {
+                let d = self.materialize(dir)?;
+                let (n, a) = self.lower.mknod(&d, name, mode, rdev, creds)?;
+                Ok(self.node_up(n, a))
+            }
+        }
+    }
+
+    fn mkdir(
+        &self,
+        dir: &Self::Node,
+        name: &OsStr,
+        mode: u32,
+        creds: Creds,
+    ) -> BResult<(Self::Node, Attr)> {
+        match self.make(dir, name, FileKind::Dir, mode, 0, None, creds)? {
+            Some((p, a, _)) => Ok((ONode { ino: p, nas: None }, a)),
+            None => {
+                let d = self.materialize(dir)?;
+                let (n, a) = self.lower.mkdir(&d, name, mode, creds)?;
+                let r = self.node_up(n, a);
+                self.saw_dir(dir.ino, name, &r.1);
+                Ok(r)
+            }
+        }
+    }
+
+    fn symlink(
+        &self,
+        dir: &Self::Node,
+        name: &OsStr,
+        target: &OsStr,
+        creds: Creds,
+    ) -> BResult<(Self::Node, Attr)> {
+        match self.make(dir, name, FileKind::Symlink, 0o777, 0, Some(target), creds)? {
+            Some((p, a, _)) => Ok((ONode { ino: p, nas: None }, a)),
+            None => {
+                let d = self.materialize(dir)?;
+                let (n, a) = self.lower.symlink(&d, name, target, creds)?;
+                Ok(self.node_up(n, a))
+            }
+        }
+    }
+
+    fn link(&self, node: &Self::Node, dir: &Self::Node, name: &OsStr) -> BResult<Attr> {
+        if self.local_child(dir.ino, name).is_some() {
+            return Err(err("link", libc::EEXIST));
+        }
+        let n = self.materialize(node)?;
+        let d = self.materialize(dir)?;
+        let a = self.lower.link(&n, &d, name)?;
+        Ok(self.up(a))
+    }
+
+    fn unlink(&self, dir: &Self::Node, name: &OsStr) -> BResult<()> {
+        // Not while a new object is being placed on the NAS (see `window`).
+        let _w = self.window.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = self.local_child(dir.ino, name) {
+            let mut st = self.st();
+            match st.objs.get(&p) {
+                Some(o) if o.attr.kind == FileKind::Dir => return Err(err("unlink", libc::EISDIR)),
+                Some(o) if o.nas.is_none() => return self.remove_local(&mut st, dir.ino, name, p),
+                _ => {}
+            }
+        }
+        let d = self
+            .nas_of(dir)
+            .ok_or_else(|| err("unlink", libc::ENOENT))?;
+        self.lower.unlink(&d, name)
+    }
+
+    fn rmdir(&self, dir: &Self::Node, name: &OsStr) -> BResult<()> {
+        let _w = self.window.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = self.local_child(dir.ino, name) {
+            let mut st = self.st();
+            match st.objs.get(&p) {
+                Some(o) if o.attr.kind != FileKind::Dir => return Err(err("rmdir", libc::ENOTDIR)),
+                Some(o) if o.nas.is_none() => {
+                    if st.children.get(&p).is_some_and(|m| !m.is_empty()) {
+                        return Err(err("rmdir", libc::ENOTEMPTY));
+                    }
+                    return self.remove_local(&mut st, dir.ino, name, p);
+                }
+                _ => {}
+            }
+        }
+        let d = self.nas_of(dir).ok_or_else(|| err("rmdir", libc::ENOENT))?;
+        // Local children still to create keep it from being empty.
+        let has_local = !self.st().children.is_empty();
+        if has_local {
+            if let Ok((_, a)) = self.lower.lookup(&d, name) {
+                let a = self.up(a);
+                let st = self.st();
+                if st.children.get(&a.ino).is_some_and(|m| !m.is_empty()) {
+                    return Err(err("rmdir", libc::ENOTEMPTY));
+                }
+            }
+        }
+        self.lower.rmdir(&d, name)?;
+        let mut st = self.st();
+        st.dirs
+            .retain(|_, v| !(v.parent == dir.ino && v.name == name));
+        Ok(())
+    }
+
+    fn rename(
+        &self,
+        dir: &Self::Node,
+        name: &OsStr,
+        newdir: &Self::Node,
+        newname: &OsStr,
+        flags: RenameFlags,
+    ) -> BResult<()> {
+        let op = "rename";
+        // Not while a new object is being placed on the NAS (see `window`).
+        let w = self.window.read().unwrap_or_else(|e| e.into_inner());
+        let src = self.local_child(dir.ino, name).filter(|p| self.local(*p));
+        let dst = self
+            .local_child(newdir.ino, newname)
+            .filter(|p| self.local(*p));
+        if let (Some(p), false) = (src, flags.exchange) {
+            // A local object: moved here, unless it replaces something on
+            // the NAS (then it is created there first).
+            let newdir_nas = self.nas_of(newdir);
+            let taken_on_nas = match (&newdir_nas, dst) {
+                (_, Some(_)) => false,
+                (None, None) => false,
+                (Some(n), None) => match self.lower.lookup(n, newname) {
+                    Ok(_) => true,
+                    Err(e) if e.raw_errno() == libc::ENOENT => false,
+                    Err(e) => return Err(e),
+                },
+            };
+            if is_hidden(newname) && newdir_nas.is_some() {
+                return Err(err(op, libc::EINVAL));
+            }
+            if !taken_on_nas {
+                let mut st = self.st();
+                let kind = st
+                    .objs
+                    .get(&p)
+                    .map(|o| o.attr.kind)
+                    .ok_or_else(|| err(op, libc::ENOENT))?;
+                if newdir_nas.is_none() && st.objs.get(&newdir.ino).is_none_or(|o| o.gone) {
+                    return Err(err(op, libc::ENOENT));
+                }
+                if let Some(q) = dst {
+                    if q == p {
+                        return Ok(());
+                    }
+                    if flags.noreplace {
+                        return Err(err(op, libc::EEXIST));
+                    }
+                    let qkind = st.objs.get(&q).map(|o| o.attr.kind);
+                    match (kind == FileKind::Dir, qkind == Some(FileKind::Dir)) {
+                        (true, false) => return Err(err(op, libc::ENOTDIR)),
+                        (false, true) => return Err(err(op, libc::EISDIR)),
+                        (true, true) if st.children.get(&q).is_some_and(|m| !m.is_empty()) => {
+                            return Err(err(op, libc::ENOTEMPTY));
+                        }
+                        _ => {}
+                    }
+                    self.remove_local(&mut st, newdir.ino, newname, q)?;
+                }
+                self.left_behind(&mut st, p);
+                if let Some(m) = st.children.get_mut(&dir.ino) {
+                    m.remove(name);
+                    if m.is_empty() {
+                        st.children.remove(&dir.ino);
+                    }
+                }
+                st.children
+                    .entry(newdir.ino)
+                    .or_default()
+                    .insert(newname.to_os_string(), p);
+                let t = now();
+                let sub = if kind == FileKind::Dir { 1 } else { 0 };
+                if let Some(o) = st.objs.get_mut(&p) {
+                    o.parent = newdir.ino;
+                    o.name = newname.to_os_string();
+                    o.parent_nas = newdir_nas;
+                    o.attr.ctime = t;
+                }
+                Self::dir_changed(&mut st, dir.ino, t, -sub);
+                Self::dir_changed(&mut st, newdir.ino, t, sub);
+                // Its children's rows hold its place through it; its own
+                // row and theirs (paths of NAS parents) are rewritten.
+                self.persist(&st, p)?;
+                return Ok(());
+            }
+        }
+        // Everything else happens on the NAS, with what it involves there
+        // (which may mean placing new objects there: not under `window`).
+        drop(w);
+        if !flags.exchange {
+            // A directory with new objects in it is not empty, whatever
+            // the NAS says.
+            let target = match dst {
+                Some(q) => Some(q),
+                None if !self.st().children.is_empty() => match self.nas_of(newdir) {
+                    Some(nd) => self
+                        .lower
+                        .lookup(&nd, newname)
+                        .ok()
+                        .map(|(_, a)| self.up(a).ino),
+                    None => None,
+                },
+                None => None,
+            };
+            let busy =
+                target.is_some_and(|t| self.st().children.get(&t).is_some_and(|m| !m.is_empty()));
+            if busy {
+                let src_dir = match src {
+                    Some(p) => self
+                        .st()
+                        .objs
+                        .get(&p)
+                        .is_some_and(|o| o.attr.kind == FileKind::Dir),
+                    None => match self.nas_of(dir) {
+                        Some(d) => self.lower.lookup(&d, name)?.1.kind == FileKind::Dir,
+                        None => return Err(err(op, libc::ENOENT)),
+                    },
+                };
+                return Err(err(
+                    op,
+                    if src_dir {
+                        libc::ENOTEMPTY
+                    } else {
+                        libc::EISDIR
+                    },
+                ));
+            }
+        }
+        if let Some(p) = src {
+            self.promote_chain(p)?;
+        }
+        if let Some(q) = dst {
+            self.promote_chain(q)?;
+        }
+        let d = self.materialize(dir)?;
+        let nd = self.materialize(newdir)?;
+        self.lower.rename(&d, name, &nd, newname, flags)?;
+        let mut st = self.st();
+        if let Some(k) = st
+            .dirs
+            .iter()
+            .find(|(_, v)| v.parent == dir.ino && v.name == name)
+            .map(|(k, _)| *k)
+        {
+            if let Some(v) = st.dirs.get_mut(&k) {
+                v.parent = newdir.ino;
+                v.name = newname.to_os_string();
+            }
+        }
+        // The journal holds the paths of NAS directories with new objects
+        // in them: a directory renamed on the NAS moves them.
+        let rows: Vec<u64> = st
+            .objs
+            .iter()
+            .filter(|(_, o)| o.nas.is_none() && !o.gone)
+            .filter(|(_, o)| st.objs.get(&o.parent).is_none_or(|p| p.nas.is_some()))
+            .map(|(p, _)| *p)
+            .collect();
+        for p in rows {
+            if let Err(e) = self.persist(&st, p) {
+                log::warn!("journal: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    fn open(&self, node: &Self::Node, mode: OpenMode) -> BResult<Self::File> {
+        if self.local(node.ino) {
+            if let Some(c) = self.content_of(node.ino) {
+                let upper = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(self.journal.upper_path(c.prov))
+                    .map_err(io("open"))?;
+                if mode.truncate {
+                    let _g = c.lock.read().unwrap_or_else(|e| e.into_inner());
+                    if !c.promoted.load(Ordering::Acquire) {
+                        upper.set_len(0).map_err(io("open"))?;
+                        drop(_g);
+                        self.touch_file(node.ino, None);
+                        let mut st = self.st();
+                        if let Some(o) = st.objs.get_mut(&node.ino) {
+                            o.attr.size = 0;
+                        }
+                    }
+                }
+                return Ok(OFile::Local(c, upper, mode.append));
+            }
+            return Err(err("open", libc::ENXIO));
+        }
+        let n = self.nas_of(node).ok_or_else(|| err("open", libc::ENOENT))?;
+        Ok(OFile::Nas(self.lower.open(&n, mode)?, node.ino))
+    }
+
+    fn create(
+        &self,
+        dir: &Self::Node,
+        name: &OsStr,
+        mode: u32,
+        open: OpenMode,
+        exclusive: bool,
+        creds: Creds,
+    ) -> BResult<(Self::Node, Attr, Self::File)> {
+        match self.make(dir, name, FileKind::File, mode, 0, None, creds) {
+            Ok(Some((p, a, c))) => {
+                let (c, f) = c.ok_or_else(|| err("create", libc::EIO))?;
+                Ok((
+                    ONode { ino: p, nas: None },
+                    a,
+                    OFile::Local(c, f, open.append),
+                ))
+            }
+            Err(e) if e.raw_errno() == libc::EEXIST && !exclusive => {
+                let (n, _) = self.lookup(dir, name)?;
+                let f = self.open(&n, open)?;
+                let a = match &f {
+                    OFile::Local(c, _, _) => self.local_attr(c.prov).unwrap_or(self.getattr(&n)?),
+                    OFile::Nas(..) => self.getattr(&n)?,
+                };
+                if a.kind == FileKind::Dir {
+                    return Err(err("create", libc::EISDIR));
+                }
+                Ok((n, a, f))
+            }
+            Err(e) => Err(e),
+            Ok(None) => {
+                let d = self.materialize(dir)?;
+                let (n, a, f) = self.lower.create(&d, name, mode, open, exclusive, creds)?;
+                let (n, a) = self.node_up(n, a);
+                let ino = n.ino;
+                Ok((n, a, OFile::Nas(f, ino)))
+            }
+        }
+    }
+
+    fn read(&self, file: &Self::File, offset: u64, buf: &mut [u8]) -> BResult<usize> {
+        match file {
+            OFile::Nas(f, _) => self.lower.read(f, offset, buf),
+            OFile::Local(c, upper, _) => {
+                let _g = c.lock.read().unwrap_or_else(|e| e.into_inner());
+                if c.promoted.load(Ordering::Acquire) {
+                    let f = self.nas_file(c, false)?;
+                    drop(_g);
+                    return self.lower.read(&f, offset, buf);
+                }
+                let mut done = 0;
+                while done < buf.len() {
+                    let n = upper
+                        .read_at(&mut buf[done..], offset + done as u64)
+                        .map_err(io("read"))?;
+                    if n == 0 {
+                        break;
+                    }
+                    done += n;
+                }
+                Ok(done)
+            }
+        }
+    }
+
+    fn write(&self, file: &Self::File, offset: u64, data: &[u8]) -> BResult<usize> {
+        match file {
+            OFile::Nas(f, _) => self.lower.write(f, offset, data),
+            OFile::Local(c, upper, append) => {
+                let _g = c.lock.read().unwrap_or_else(|e| e.into_inner());
+                if c.promoted.load(Ordering::Acquire) {
+                    let f = self.nas_file(c, true)?;
+                    drop(_g);
+                    return self.lower.write(&f, offset, data);
+                }
+                let offset = if *append {
+                    upper.metadata().map_err(io("write"))?.len()
+                } else {
+                    offset
+                };
+                match upper.write_all_at(data, offset) {
+                    Ok(()) => {}
+                    Err(e) if too_big(&e) => {
+                        drop(_g);
+                        let f = self.escalate(c)?;
+                        return self.lower.write(&f, offset, data);
+                    }
+                    Err(e) => return Err(BackendError::new("write", e)),
+                }
+                self.touch_file(c.prov, Some(offset + data.len() as u64));
+                Ok(data.len())
+            }
+        }
+    }
+
+    fn fsync(&self, file: &Self::File, datasync: bool) -> BResult<()> {
+        match file {
+            OFile::Nas(f, _) => self.lower.fsync(f, datasync),
+            OFile::Local(c, upper, _) => {
+                let _g = c.lock.read().unwrap_or_else(|e| e.into_inner());
+                if c.promoted.load(Ordering::Acquire) {
+                    let f = self.nas_file(c, true)?;
+                    drop(_g);
+                    return self.lower.fsync(&f, datasync);
+                }
+                upper.sync_data().map_err(io("fsync"))?;
+                drop(_g);
+                let node = ONode {
+                    ino: c.prov,
+                    nas: None,
+                };
+                self.sync_namespace(&node)
+            }
+        }
+    }
+
+    fn fallocate(&self, file: &Self::File, mode: i32, offset: u64, len: u64) -> BResult<()> {
+        match file {
+            OFile::Nas(f, _) => self.lower.fallocate(f, mode, offset, len),
+            OFile::Local(c, upper, _) => {
+                let _g = c.lock.read().unwrap_or_else(|e| e.into_inner());
+                if c.promoted.load(Ordering::Acquire) {
+                    let f = self.nas_file(c, true)?;
+                    drop(_g);
+                    return self.lower.fallocate(&f, mode, offset, len);
+                }
+                // SAFETY: plain syscall on a descriptor we own.
+                let r =
+                    unsafe { libc::fallocate(upper.as_raw_fd(), mode, offset as i64, len as i64) };
+                if r != 0 {
+                    let e = std::io::Error::last_os_error();
+                    if too_big(&e) {
+                        drop(_g);
+                        let f = self.escalate(c)?;
+                        return self.lower.fallocate(&f, mode, offset, len);
+                    }
+                    return Err(BackendError::new("fallocate", e));
+                }
+                let size = upper.metadata().map_err(io("fallocate"))?.len();
+                let mut st = self.st();
+                if let Some(o) = st.objs.get_mut(&c.prov) {
+                    o.attr.size = size;
+                    o.attr.blocks = size.div_ceil(512);
+                    let t = now();
+                    o.attr.mtime = t;
+                    o.attr.ctime = t;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn fgetattr(&self, file: &Self::File) -> BResult<Attr> {
+        match file {
+            OFile::Nas(f, _) => {
+                let _w = self.window.read().unwrap_or_else(|e| e.into_inner());
+                Ok(self.up(self.lower.fgetattr(f)?))
+            }
+            OFile::Local(c, _, _) => {
+                if let Some(a) = self.local_attr(c.prov) {
+                    if !c.promoted.load(Ordering::Acquire) {
+                        return Ok(a);
+                    }
+                }
+                let f = self.nas_file(c, false)?;
+                Ok(self.up(self.lower.fgetattr(&f)?))
+            }
+        }
+    }
+
+    fn fsyncdir(&self, dir: &Self::Node) -> BResult<()> {
+        self.sync_namespace(dir)?;
+        match self.nas_of(dir) {
+            Some(n) => self.lower.fsyncdir(&n),
+            None => Ok(()),
+        }
+    }
+
+    fn statfs(&self, node: &Self::Node) -> BResult<StatFs> {
+        match self.nas_of(node) {
+            Some(n) => self.lower.statfs(&n),
+            None => {
+                let (r, _) = self.lower.root()?;
+                self.lower.statfs(&r)
+            }
+        }
+    }
+
+    fn getxattr(&self, node: &Self::Node, name: &OsStr) -> BResult<Vec<u8>> {
+        if self.local(node.ino) {
+            return Err(err("getxattr", libc::ENODATA));
+        }
+        let n = self
+            .nas_of(node)
+            .ok_or_else(|| err("getxattr", libc::ENOENT))?;
+        self.lower.getxattr(&n, name)
+    }
+
+    fn listxattr(&self, node: &Self::Node) -> BResult<Vec<u8>> {
+        if self.local(node.ino) {
+            return Ok(Vec::new());
+        }
+        let n = self
+            .nas_of(node)
+            .ok_or_else(|| err("listxattr", libc::ENOENT))?;
+        self.lower.listxattr(&n)
+    }
+
+    fn setxattr(&self, node: &Self::Node, name: &OsStr, value: &[u8], flags: i32) -> BResult<()> {
+        let n = self.materialize(node)?;
+        self.lower.setxattr(&n, name, value, flags)?;
+        if name == "system.posix_acl_default" {
+            self.st().acl_default.insert(node.ino, true);
+        }
+        Ok(())
+    }
+
+    fn removexattr(&self, node: &Self::Node, name: &OsStr) -> BResult<()> {
+        if self.local(node.ino) {
+            return Err(err("removexattr", libc::ENODATA));
+        }
+        let n = self.materialize(node)?;
+        self.lower.removexattr(&n, name)?;
+        if name == "system.posix_acl_default" {
+            self.st().acl_default.remove(&node.ino);
+        }
+        Ok(())
+    }
+
+    fn max_file_size(&self) -> u64 {
+        self.lower.max_file_size()
+    }
+
+    fn lists_acls(&self, node: &Self::Node) -> bool {
+        match &node.nas {
+            Some(n) => self.lower.lists_acls(n),
+            None => false,
+        }
+    }
+
+    fn online(&self) -> bool {
+        self.lower.online()
+    }
+
+    fn offline_since(&self) -> Option<SystemTime> {
+        self.lower.offline_since()
+    }
+
+    fn unfinished_changes(&self) -> usize {
+        self.lower.unfinished_changes()
+    }
+
+    fn local_path(&self, ino: u64) -> Option<OsString> {
+        let st = self.st();
+        let o = st.objs.get(&ino).filter(|o| o.nas.is_none() && !o.gone)?;
+        let mut p = Self::dir_path(&st, o.parent)?;
+        if !p.is_empty() {
+            p.push("/");
+        }
+        p.push(&o.name);
+        Some(p)
+    }
+
+    fn sync_namespace(&self, _node: &Self::Node) -> BResult<()> {
+        if !self.upper_synced.swap(true, Ordering::AcqRel) {
+            if let Err(e) = File::open(self.journal.upper_dir()).and_then(|f| f.sync_all()) {
+                self.upper_synced.store(false, Ordering::Relaxed);
+                return Err(BackendError::new("fsync", e));
+            }
+        }
+        self.journal.commit_durable().map_err(journal_err("fsync"))
+    }
+}
+
+impl<B: Backend> Staged for Overlay<B> {
+    fn flush(&self, deadline: Option<Instant>) -> usize {
+        self.flush_all(deadline)
+    }
+
+    fn pending(&self) -> Vec<PendingInfo> {
+        self.pending_objects()
+            .into_iter()
+            .map(|o| PendingInfo {
+                new: Some(match o.kind {
+                    FileKind::File => "file",
+                    FileKind::Dir => "dir",
+                    FileKind::Symlink => "symlink",
+                    _ => "special",
+                }),
+                path: o.path,
+                bytes: 0,
+                age: o.age,
+                phase: if o.attempts > 0 {
+                    "retrying"
+                } else {
+                    "waiting"
+                },
+                attempts: o.attempts,
+                error: o.error,
+            })
+            .collect()
+    }
+
+    fn conflicts(&self) -> u64 {
+        self.counters().1
+    }
+
+    fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    fn stop(&self) {
+        self.stop_replay();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::dir::DirBackend;
+
+    struct Setup {
+        nas: tempfile::TempDir,
+        cache: tempfile::TempDir,
+        ov: Arc<Overlay<DirBackend>>,
+    }
+
+    fn open(nas: tempfile::TempDir, cache: tempfile::TempDir) -> Setup {
+        let lower = Arc::new(DirBackend::new(nas.path()).unwrap());
+        let journal = Arc::new(Journal::open(cache.path()).unwrap());
+        let ov = Overlay::open(lower, journal, Duration::from_secs(3600), "host".into()).unwrap();
+        Setup { nas, cache, ov }
+    }
+
+    fn setup() -> Setup {
+        open(tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap())
+    }
+
+    fn me() -> Creds {
+        Creds {
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+            umask: 0o022,
+        }
+    }
+
+    const RW: OpenMode = OpenMode {
+        read: true,
+        write: true,
+        append: false,
+        truncate: false,
+    };
+
+    fn names(dir: &std::path::Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn creations_stay_local_until_flushed_and_keep_their_number() {
+        let s = setup();
+        let (root, _) = s.ov.root().unwrap();
+        let (d, da) = s.ov.mkdir(&root, OsStr::new("d"), 0o750, me()).unwrap();
+        assert!(da.ino >= PROV_BASE);
+        let (f, fa, file) =
+            s.ov.create(&d, OsStr::new("f"), 0o640, RW, true, me())
+                .unwrap();
+        s.ov.write(&file, 0, b"local bytes").unwrap();
+        s.ov.symlink(&d, OsStr::new("l"), OsStr::new("f"), me())
+            .unwrap();
+        assert!(names(s.nas.path()).is_empty(), "nothing on the NAS yet");
+        let listed: Vec<_> =
+            s.ov.readdir(&d)
+                .unwrap()
+                .into_iter()
+                .map(|e| e.name)
+                .collect();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(s.ov.pending_count(), 3);
+
+        assert_eq!(s.ov.flush_all(None), 0);
+        assert_eq!(
+            std::fs::read(s.nas.path().join("d/f")).unwrap(),
+            b"local bytes"
+        );
+        assert_eq!(
+            std::fs::read_link(s.nas.path().join("d/l")).unwrap(),
+            std::path::Path::new("f")
+        );
+        let md = std::fs::metadata(s.nas.path().join("d")).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o7777,
+            0o750
+        );
+        // Same number, same ctime, through the node and by name.
+        let after = s.ov.getattr(&f).unwrap();
+        assert_eq!(
+            (after.ino, after.ctime),
+            (fa.ino, s.ov.fgetattr(&file).unwrap().ctime)
+        );
+        let (_, by_name) = s.ov.lookup(&d, OsStr::new("f")).unwrap();
+        assert_eq!(by_name.ino, fa.ino);
+        // Writes through the file opened while it was local reach the NAS.
+        s.ov.write(&file, 0, b"LOCAL").unwrap();
+        assert_eq!(
+            std::fs::read(s.nas.path().join("d/f")).unwrap(),
+            b"LOCAL bytes"
+        );
+        assert_eq!(names(&s.nas.path().join("d")), ["f", "l"]);
+    }
+
+    #[test]
+    fn what_is_removed_before_it_reached_the_nas_never_does() {
+        let s = setup();
+        let (root, _) = s.ov.root().unwrap();
+        let (d, _) = s.ov.mkdir(&root, OsStr::new("tmp"), 0o755, me()).unwrap();
+        let (_, _, f) =
+            s.ov.create(&d, OsStr::new("a"), 0o644, RW, true, me())
+                .unwrap();
+        s.ov.write(&f, 0, b"x").unwrap();
+        s.ov.rename(
+            &d,
+            OsStr::new("a"),
+            &root,
+            OsStr::new("b"),
+            RenameFlags::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            s.ov.rmdir(&root, OsStr::new("tmp"))
+                .map_err(|e| e.raw_errno())
+                .err(),
+            None
+        );
+        s.ov.unlink(&root, OsStr::new("b")).unwrap();
+        assert_eq!(s.ov.pending_count(), 0);
+        assert_eq!(s.ov.flush_all(None), 0);
+        assert!(names(s.nas.path()).is_empty());
+        assert!(names(&s.cache.path().join("upper")).is_empty());
+    }
+
+    #[test]
+    fn a_directory_with_new_objects_is_not_empty() {
+        let s = setup();
+        std::fs::create_dir(s.nas.path().join("old")).unwrap();
+        let (root, _) = s.ov.root().unwrap();
+        let (old, _) = s.ov.lookup(&root, OsStr::new("old")).unwrap();
+        s.ov.create(&old, OsStr::new("new"), 0o644, RW, true, me())
+            .unwrap();
+        let e = |r: BResult<()>| r.map_err(|e| e.raw_errno()).err();
+        assert_eq!(
+            e(s.ov.rmdir(&root, OsStr::new("old"))),
+            Some(libc::ENOTEMPTY)
+        );
+        s.ov.mkdir(&root, OsStr::new("other"), 0o755, me()).unwrap();
+        let flags = RenameFlags::default();
+        assert_eq!(
+            e(s.ov.rename(&root, OsStr::new("other"), &root, OsStr::new("old"), flags)),
+            Some(libc::ENOTEMPTY)
+        );
+    }
+
+    #[test]
+    fn a_name_taken_on_the_nas_meanwhile_gets_the_conflict_name() {
+        let s = setup();
+        let (root, _) = s.ov.root().unwrap();
+        let (_, _, f) =
+            s.ov.create(&root, OsStr::new("r.txt"), 0o644, RW, true, me())
+                .unwrap();
+        s.ov.write(&f, 0, b"mine").unwrap();
+        std::fs::write(s.nas.path().join("r.txt"), b"theirs").unwrap();
+        assert_eq!(s.ov.flush_all(None), 0);
+        let n = names(s.nas.path());
+        assert_eq!(n.len(), 2, "{n:?}");
+        assert!(
+            n[0].starts_with("r.nassync-conflict-") && n[0].ends_with("-host.txt"),
+            "{n:?}"
+        );
+        assert_eq!(std::fs::read(s.nas.path().join(&n[0])).unwrap(), b"mine");
+        assert_eq!(
+            std::fs::read(s.nas.path().join("r.txt")).unwrap(),
+            b"theirs"
+        );
+        assert_eq!(s.ov.counters().1, 1);
+    }
+
+    #[test]
+    fn new_objects_are_taken_up_again_from_the_journal() {
+        let s = setup();
+        std::fs::create_dir(s.nas.path().join("share")).unwrap();
+        {
+            let (root, _) = s.ov.root().unwrap();
+            let (share, _) = s.ov.lookup(&root, OsStr::new("share")).unwrap();
+            let (d, _) = s.ov.mkdir(&share, OsStr::new("d"), 0o700, me()).unwrap();
+            let (_, _, f) =
+                s.ov.create(&d, OsStr::new("f"), 0o600, RW, true, me())
+                    .unwrap();
+            s.ov.write(&f, 0, b"kept").unwrap();
+            s.ov.sync_namespace(&d).unwrap();
+        }
+        let Setup { nas, cache, ov } = s;
+        drop(ov);
+        let s = open(nas, cache);
+        assert_eq!(s.ov.pending_count(), 2);
+        let (root, _) = s.ov.root().unwrap();
+        let (share, _) = s.ov.lookup(&root, OsStr::new("share")).unwrap();
+        let (d, _) = s.ov.lookup(&share, OsStr::new("d")).unwrap();
+        let (f, _) = s.ov.lookup(&d, OsStr::new("f")).unwrap();
+        let file = s.ov.open(&f, RW).unwrap();
+        let mut buf = [0u8; 8];
+        let n = s.ov.read(&file, 0, &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"kept");
+        assert_eq!(s.ov.flush_all(None), 0);
+        assert_eq!(
+            std::fs::read(s.nas.path().join("share/d/f")).unwrap(),
+            b"kept"
+        );
+    }
+}
