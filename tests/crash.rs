@@ -197,3 +197,272 @@ fn sigkill_at_random_moments_loses_nothing_fsync_confirmed() {
     assert_eq!(m.status_value("conflicts"), 0, "seed {seed}");
     eprintln!("crash loop: {iters} kills, nothing lost");
 }
+
+/// The namespace as the crash loop sees it: directories and files with
+/// their content.
+type Tree = std::collections::BTreeMap<String, Option<Vec<u8>>>;
+
+fn read_tree(root: &std::path::Path) -> std::io::Result<Tree> {
+    let mut out = Tree::new();
+    let mut stack = vec![String::new()];
+    while let Some(rel) = stack.pop() {
+        for e in std::fs::read_dir(root.join(&rel))? {
+            let e = e?;
+            let name = e.file_name().into_string().unwrap();
+            let r = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            if e.file_type()?.is_dir() {
+                stack.push(r.clone());
+                out.insert(r, None);
+            } else {
+                out.insert(r.clone(), Some(std::fs::read(root.join(&r))?));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `t` with each `NAME.nassync-conflict-*` copy put back in place of
+/// the file it was kept beside.
+fn as_conflicts_resolved(t: &Tree) -> Tree {
+    let mut out = t.clone();
+    for (k, v) in t {
+        // The test's names have no extension: NAME.nassync-conflict-...
+        let Some(i) = k.find(".nassync-conflict-") else {
+            continue;
+        };
+        let stem = &k[..i];
+        out.remove(k);
+        out.insert(stem.to_string(), v.clone());
+    }
+    out
+}
+
+/// A namespace change being made when the daemon died.
+#[derive(Clone, Debug)]
+enum NsOp {
+    Create(String, Vec<u8>),
+    Mkdir(String),
+    Rename(String, String),
+    Unlink(String),
+}
+
+/// The states an interrupted `op` may leave `t` in (a creation also as
+/// an empty file: its data was not fsynced yet).
+fn outcomes(t: &Tree, op: &NsOp) -> Vec<Tree> {
+    let mut done = t.clone();
+    let mut empty = None;
+    match op {
+        NsOp::Create(p, data) => {
+            done.insert(p.clone(), Some(data.clone()));
+            let mut e = t.clone();
+            e.insert(p.clone(), Some(Vec::new()));
+            empty = Some(e);
+        }
+        NsOp::Mkdir(p) => {
+            done.insert(p.clone(), None);
+        }
+        NsOp::Rename(a, b) => {
+            let v = done.remove(a).unwrap();
+            done.insert(b.clone(), v);
+        }
+        NsOp::Unlink(a) => {
+            done.remove(a);
+        }
+    }
+    [Some(t.clone()), Some(done), empty]
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// Creates, renames and removes files and directories through the mount,
+/// each confirmed by fsync of the file and of its directories, until an
+/// operation fails (the daemon is gone).
+fn ns_writer(
+    mnt: std::path::PathBuf,
+    model: Arc<Mutex<(Tree, Option<NsOp>)>>,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    // Through a descriptor of the mount's root: once the daemon is killed
+    // and the mount detached, the path would lead to the directory under
+    // it, where creations would succeed.
+    let Ok(root) = std::fs::File::open(&mnt) else {
+        return;
+    };
+    let mnt = std::path::PathBuf::from(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&root)
+    ));
+    let sync_dir = |rel: &str| -> bool {
+        let dir = std::path::Path::new(rel)
+            .parent()
+            .map(|p| mnt.join(p))
+            .unwrap_or_else(|| mnt.clone());
+        std::fs::File::open(dir).and_then(|f| f.sync_all()).is_ok()
+    };
+    let mut n = rng.u32(..);
+    let renames = std::env::var("NASSYNC_CRASH_RENAMES").is_ok_and(|v| v == "1");
+    while !stop.load(Ordering::Relaxed) {
+        let t = model.lock().unwrap().0.clone();
+        let dirs: Vec<&String> = t
+            .iter()
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| k)
+            .collect();
+        let files: Vec<&String> = t
+            .iter()
+            .filter(|(_, v)| v.is_some())
+            .map(|(k, _)| k)
+            .collect();
+        n = n.wrapping_add(1);
+        let in_dir = |rng: &mut fastrand::Rng, leaf: String| match dirs.len() {
+            0 => leaf,
+            k => match rng.usize(..=k) {
+                i if i == k => leaf,
+                i => format!("{}/{leaf}", dirs[i]),
+            },
+        };
+        let op = match rng.u8(..10) {
+            0..=4 => {
+                let data: Vec<u8> = (0..rng.usize(..20_000)).map(|_| rng.u8(1..)).collect();
+                NsOp::Create(in_dir(&mut rng, format!("f{n}")), data)
+            }
+            5 if dirs.len() < 6 => NsOp::Mkdir(in_dir(&mut rng, format!("d{n}"))),
+            6..=7 if renames && !files.is_empty() => {
+                let a = files[rng.usize(..files.len())].clone();
+                NsOp::Rename(a, in_dir(&mut rng, format!("r{n}")))
+            }
+            8..=9 if !files.is_empty() => NsOp::Unlink(files[rng.usize(..files.len())].clone()),
+            _ => continue,
+        };
+        model.lock().unwrap().1 = Some(op.clone());
+        let ok = match &op {
+            NsOp::Create(p, data) => {
+                std::fs::File::create_new(mnt.join(p))
+                    .and_then(|mut f| {
+                        std::io::Write::write_all(&mut f, data)?;
+                        f.sync_all()
+                    })
+                    .is_ok()
+                    && sync_dir(p)
+            }
+            NsOp::Mkdir(p) => std::fs::create_dir(mnt.join(p)).is_ok() && sync_dir(p),
+            NsOp::Rename(a, b) => {
+                std::fs::rename(mnt.join(a), mnt.join(b)).is_ok() && sync_dir(a) && sync_dir(b)
+            }
+            NsOp::Unlink(a) => std::fs::remove_file(mnt.join(a)).is_ok() && sync_dir(a),
+        };
+        if !ok {
+            return;
+        }
+        let mut m = model.lock().unwrap();
+        m.0 = outcomes(&m.0, &op).swap_remove(1);
+        m.1 = None;
+    }
+}
+
+/// Creates, mkdirs and unlinks of files and directories, new and on the
+/// NAS, with the replay running alongside (writeback_delay=100ms). With
+/// NASSYNC_CRASH_RENAMES=1 the writer renames too: a kill in the middle of
+/// a rename of a file with pending data can still leave a conflict copy
+/// (the data kept under the conflict name, maybe at the file's previous
+/// path), which this test then accepts where it can tell, and otherwise
+/// reports; that is why renames are not in CI's run yet (issue 5).
+#[test]
+fn sigkill_during_namespace_operations_loses_nothing_fsync_confirmed() {
+    let seed = std::env::var("NASSYNC_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    let iters: usize = std::env::var("NASSYNC_CRASH_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    eprintln!("namespace crash loop: seed {seed}, {iters} kills");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut m = Mount::prepare("writeback_delay=100ms");
+    std::fs::create_dir(m.n("d0")).unwrap();
+    std::fs::write(m.n("d0/old"), "on the NAS").unwrap();
+    let mut initial = Tree::new();
+    initial.insert("d0".into(), None);
+    initial.insert("d0/old".into(), Some(b"on the NAS".to_vec()));
+    let model = Arc::new(Mutex::new((initial, None)));
+    m.mount();
+    let mut interrupted = 0;
+    let mut spurious = 0;
+    for iter in 0..iters {
+        let stop = Arc::new(AtomicBool::new(false));
+        let w = {
+            let (mnt, model, stop) = (m.mnt.clone(), model.clone(), stop.clone());
+            let s = rng.u64(..);
+            std::thread::spawn(move || ns_writer(mnt, model, s, stop))
+        };
+        std::thread::sleep(Duration::from_millis(rng.u64(20..400)));
+        m.kill();
+        stop.store(true, Ordering::Relaxed);
+        w.join().unwrap();
+        m.mount();
+        let got = read_tree(&m.mnt).unwrap();
+        let mut mm = model.lock().unwrap();
+        let allowed = match &mm.1 {
+            Some(op) => outcomes(&mm.0, op),
+            None => vec![mm.0.clone()],
+        };
+        // A file whose rename was cut short by the kill may be written
+        // back as a conflict copy beside the NAS's version (both kept):
+        // the confirmed content must then be in the copy, or still at the
+        // name (the copy is then a spare).
+        let kept = as_conflicts_resolved(&got);
+        let mut extra = got.clone();
+        extra.retain(|k, _| !k.contains(".nassync-conflict-"));
+        if !allowed.contains(&got) && (allowed.contains(&kept) || allowed.contains(&extra)) {
+            spurious += got.len() - extra.len();
+        } else if !allowed.contains(&got) {
+            let want = &allowed[0];
+            let only_got: Vec<_> = got.keys().filter(|k| !want.contains_key(*k)).collect();
+            let only_want: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).collect();
+            let differ: Vec<_> = got
+                .iter()
+                .filter(|(k, v)| want.get(*k).is_some_and(|w| w != *v))
+                .map(|(k, _)| k)
+                .collect();
+            panic!(
+                "seed {seed}, kill {iter}: the mount is not what fsync confirmed \
+                 (in flight: {:?}); only in the mount: {only_got:?}, missing: {only_want:?}, \
+                 other content: {differ:?}\n{}",
+                mm.1.as_ref()
+                    .map(|o| format!("{o:?}").chars().take(80).collect::<String>()),
+                m.log()
+            );
+        }
+        if mm.1.is_some() && got != mm.0 {
+            interrupted += 1;
+        }
+        mm.0 = got;
+        mm.1 = None;
+    }
+    m.flush(None);
+    let mm = model.lock().unwrap();
+    let nas = read_tree(&m.nas).unwrap();
+    assert!(
+        nas == mm.0,
+        "seed {seed}: the NAS differs from the model after the final flush: only on the NAS {:?}, missing {:?}",
+        nas.keys()
+            .filter(|k| !mm.0.contains_key(*k))
+            .collect::<Vec<_>>(),
+        mm.0.keys()
+            .filter(|k| !nas.contains_key(*k))
+            .collect::<Vec<_>>()
+    );
+    eprintln!(
+        "namespace crash loop: {iters} kills ({interrupted} mid-operation), {} entries, \
+         nothing lost, {spurious} conflict copies from renames cut short",
+        mm.0.len()
+    );
+}

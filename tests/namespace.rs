@@ -1,0 +1,411 @@
+//! New objects exist locally first (docs/SEMANTICS.md, "New files and
+//! directories"): creations return without the NAS, survive a crash, reach
+//! the NAS after the write-back delay (or on flush) identical, and a name
+//! taken on the NAS meanwhile gets the conflict name.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::simnas::SimNas;
+use common::{Mount, errno};
+
+/// Every entry under `root`: kind, mode, size, content, target, mtime
+/// (unless `times` is false) and which hard links it shares.
+fn tree(root: &Path, times: bool) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut inodes: HashMap<u64, String> = HashMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let mut names: Vec<_> = fs::read_dir(root.join(&rel))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        for n in names {
+            let r = rel.join(&n);
+            let p = root.join(&r);
+            let md = fs::symlink_metadata(&p).unwrap();
+            let mut d = format!("mode={:o}", md.mode());
+            if md.is_file() {
+                d.push_str(&format!(
+                    " size={} data={:?}",
+                    md.len(),
+                    fs::read(&p).unwrap()
+                ));
+                if md.nlink() > 1 {
+                    let first = inodes
+                        .entry(md.ino())
+                        .or_insert_with(|| r.display().to_string());
+                    d.push_str(&format!(" links={} same_as={first}", md.nlink()));
+                }
+            } else if md.file_type().is_symlink() {
+                d.push_str(&format!(" -> {:?}", fs::read_link(&p).unwrap()));
+            } else if md.is_dir() {
+                stack.push(r.clone());
+            }
+            if times {
+                d.push_str(&format!(" mtime={}.{:09}", md.mtime(), md.mtime_nsec()));
+            }
+            out.insert(r.display().to_string(), d);
+        }
+    }
+    out
+}
+
+fn diff(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> String {
+    let mut out = String::new();
+    for (k, v) in a {
+        match b.get(k) {
+            Some(w) if w == v => {}
+            Some(w) => out.push_str(&format!("{k}: {v}\n   vs {w}\n")),
+            None => out.push_str(&format!("{k}: only in the first\n")),
+        }
+    }
+    for k in b.keys().filter(|k| !a.contains_key(*k)) {
+        out.push_str(&format!("{k}: only in the second\n"));
+    }
+    out
+}
+
+fn set_mtime(p: &Path, secs: u64) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let ts = libc::timespec {
+        tv_sec: secs as i64,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid C string and two timespecs.
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            [ts, ts].as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    assert_eq!(r, 0, "utimensat {}", p.display());
+}
+
+/// A tarball of `dirs` directories of `per_dir` small files, with
+/// symlinks, odd modes and old mtimes, and hard links in two of them.
+fn tarball(dir: &Path, dirs: usize, per_dir: usize) -> PathBuf {
+    let src = dir.join("src");
+    let top = src.join("top");
+    for d in 0..dirs {
+        let dd = top.join(format!("d{d:02}/sub"));
+        fs::create_dir_all(&dd).unwrap();
+        for f in 0..per_dir {
+            let p = dd.join(format!("f{f:03}.txt"));
+            fs::write(&p, format!("dir {d} file {f}\n").repeat(f % 7 + 1)).unwrap();
+            if f % 5 == 0 {
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+            }
+            set_mtime(&p, 1_600_000_000 + (d * 1000 + f) as u64);
+        }
+        std::os::unix::fs::symlink("f000.txt", dd.join("link")).unwrap();
+        set_mtime(&dd.join("link"), 1_500_000_000);
+        if d < 2 {
+            fs::hard_link(dd.join("f001.txt"), dd.join("hard")).unwrap();
+        }
+        fs::set_permissions(&dd, fs::Permissions::from_mode(0o750)).unwrap();
+        set_mtime(&dd, 1_400_000_000 + d as u64);
+        set_mtime(&top.join(format!("d{d:02}")), 1_300_000_000);
+    }
+    set_mtime(&top, 1_200_000_000);
+    let tar = dir.join("t.tar");
+    let st = Command::new("tar")
+        .arg("cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&src)
+        .arg("top")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    tar
+}
+
+fn untar(tar: &Path, into: &Path) {
+    let st = Command::new("tar")
+        .arg("xf")
+        .arg(tar)
+        .arg("-C")
+        .arg(into)
+        .status()
+        .unwrap();
+    assert!(st.success(), "tar xf into {}", into.display());
+}
+
+#[test]
+fn an_untar_makes_no_nas_round_trip_per_file_and_lands_identical() {
+    let m = Mount::new("writeback_delay=1h");
+    let tar = tarball(m.dir.path(), 20, 100);
+    let reference = m.dir.path().join("ref");
+    fs::create_dir(&reference).unwrap();
+    untar(&tar, &reference);
+    let want = tree(&reference, true);
+    assert!(want.len() > 2000);
+
+    let before = m.stats()["nas_ops"];
+    untar(&tar, &m.mnt);
+    let calls = m.stats()["nas_ops"] - before;
+    eprintln!("untar of {} entries: {calls} NAS calls", want.len());
+    // The top directory's name is checked on the NAS, and each of the 2
+    // hard links is made there, with the file it links to and the new
+    // directories above it (which are then on the NAS: the files created
+    // in them after it cost a getattr of the directory each); nothing per
+    // file otherwise.
+    assert!(calls < 150, "{calls} NAS calls for {} entries", want.len());
+    assert!(
+        !m.n("top/d05").exists(),
+        "nothing without a hard link on the NAS before the delay"
+    );
+    assert_eq!(diff(&want, &tree(&m.m(""), true)), "", "the mount");
+    let pending = m.status_value("pending_files");
+    assert!(pending > 2000, "{pending} pending");
+
+    m.flush(None);
+    assert_eq!(m.status_value("pending_files"), 0);
+    assert_eq!(diff(&want, &tree(&m.nas, true)), "", "the NAS");
+    assert_eq!(diff(&want, &tree(&m.m(""), true)), "", "the mount after");
+    assert!(!m.log().contains("conflict"), "{}", m.log());
+}
+
+#[test]
+fn a_temporary_file_created_and_removed_never_reaches_the_nas() {
+    let m = Mount::new("writeback_delay=1h");
+    fs::create_dir(m.m("build")).unwrap();
+    fs::write(m.m("build/tmp.o"), vec![7u8; 100_000]).unwrap();
+    fs::rename(m.m("build/tmp.o"), m.m("build/out.o")).unwrap();
+    fs::write(m.m("build/scratch"), "x").unwrap();
+    fs::remove_file(m.m("build/scratch")).unwrap();
+    fs::create_dir(m.m("build/empty")).unwrap();
+    fs::remove_dir(m.m("build/empty")).unwrap();
+    let before = m.stats();
+    m.flush(None);
+    let after = m.stats();
+    assert_eq!(fs::read(m.n("build/out.o")).unwrap(), vec![7u8; 100_000]);
+    let mut names: Vec<_> = fs::read_dir(m.n("build"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["out.o"]);
+    // Only out.o's bytes went over, once.
+    let written = after["nas_bytes_written"] - before["nas_bytes_written"];
+    assert_eq!(written, 100_000);
+}
+
+#[test]
+fn a_name_taken_on_the_nas_meanwhile_gets_the_conflict_name() {
+    let mut m = Mount::prepare("writeback_delay=1h,actimeo=1");
+    fs::create_dir(m.n("d")).unwrap();
+    m.mount();
+    fs::write(m.m("d/report.txt"), "written here").unwrap();
+    fs::create_dir(m.m("d/photos")).unwrap();
+    fs::write(m.m("d/photos/a.jpg"), "a here").unwrap();
+    // Another client, meanwhile, on the NAS.
+    fs::write(m.n("d/report.txt"), "written there").unwrap();
+    fs::create_dir(m.n("d/photos")).unwrap();
+    fs::write(m.n("d/photos/b.jpg"), "b there").unwrap();
+    m.flush(None);
+
+    assert_eq!(
+        fs::read_to_string(m.n("d/report.txt")).unwrap(),
+        "written there"
+    );
+    let names: Vec<String> = fs::read_dir(m.n("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    let kept = names
+        .iter()
+        .find(|n| n.starts_with("report.nassync-conflict-") && n.ends_with(".txt"))
+        .unwrap_or_else(|| panic!("no conflict copy in {names:?}"));
+    assert_eq!(
+        fs::read_to_string(m.n("d").join(kept)).unwrap(),
+        "written here"
+    );
+    let dkept = names
+        .iter()
+        .find(|n| n.starts_with("photos.nassync-conflict-"))
+        .unwrap_or_else(|| panic!("no conflict directory in {names:?}"));
+    assert_eq!(
+        fs::read_to_string(m.n("d").join(dkept).join("a.jpg")).unwrap(),
+        "a here"
+    );
+    assert_eq!(
+        fs::read_to_string(m.n("d/photos/b.jpg")).unwrap(),
+        "b there"
+    );
+    let status = m.status();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("conflict d/report.txt kept_as=d/report.nassync-conflict-")),
+        "{status}"
+    );
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("conflict d/photos kept_as=")),
+        "{status}"
+    );
+    // The mount shows both, once its names expire.
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(
+        fs::read_to_string(m.m("d/report.txt")).unwrap(),
+        "written there"
+    );
+    assert_eq!(
+        fs::read_to_string(m.m("d").join(kept)).unwrap(),
+        "written here"
+    );
+    assert_eq!(
+        fs::read_to_string(m.m("d").join(dkept).join("a.jpg")).unwrap(),
+        "a here"
+    );
+}
+
+#[test]
+fn new_objects_survive_a_crash_and_land_after_the_next_mount() {
+    let mut m = Mount::new("writeback_delay=1h");
+    fs::create_dir_all(m.m("a/b")).unwrap();
+    fs::write(m.m("a/b/synced"), "fsynced").unwrap();
+    fs::File::open(m.m("a/b/synced"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    std::os::unix::fs::symlink("b/synced", m.m("a/link")).unwrap();
+    fs::set_permissions(m.m("a/b"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::File::open(m.m("a")).unwrap().sync_all().unwrap();
+    m.kill();
+    assert!(!m.n("a").exists());
+    m.mount();
+    assert_eq!(fs::read_to_string(m.m("a/b/synced")).unwrap(), "fsynced");
+    assert_eq!(fs::read_to_string(m.m("a/link")).unwrap(), "fsynced");
+    assert_eq!(
+        fs::metadata(m.m("a/b")).unwrap().permissions().mode() & 0o7777,
+        0o700
+    );
+    m.flush(None);
+    assert_eq!(fs::read_to_string(m.n("a/b/synced")).unwrap(), "fsynced");
+    assert_eq!(fs::read_link(m.n("a/link")).unwrap(), Path::new("b/synced"));
+    assert_eq!(
+        fs::metadata(m.n("a/b")).unwrap().permissions().mode() & 0o7777,
+        0o700
+    );
+}
+
+#[test]
+fn the_inode_number_of_a_new_file_stays_once_it_is_on_the_nas() {
+    let m = Mount::new("writeback_delay=1h");
+    fs::write(m.m("f"), "one").unwrap();
+    let before = fs::metadata(m.m("f")).unwrap();
+    m.flush(None);
+    let after = fs::metadata(m.m("f")).unwrap();
+    assert_eq!(before.ino(), after.ino());
+    assert_eq!(
+        (
+            before.ctime(),
+            before.ctime_nsec(),
+            before.mtime(),
+            before.mtime_nsec()
+        ),
+        (
+            after.ctime(),
+            after.ctime_nsec(),
+            after.mtime(),
+            after.mtime_nsec()
+        )
+    );
+    // Changed again, written back as any file on the NAS is.
+    fs::write(m.m("f"), "two").unwrap();
+    m.flush(None);
+    assert_eq!(fs::read_to_string(m.n("f")).unwrap(), "two");
+    assert!(!m.log().contains("conflict"), "{}", m.log());
+}
+
+fn wait_status(m: &Mount, want: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = m.status();
+        if s.lines().any(|l| l == want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {want:?} in status:\n{s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn an_untar_while_the_nas_is_away_lands_once_it_is_back() {
+    let mut m = Mount::prepare("timeo=1,actimeo=1,writeback_delay=1s");
+    let sim = SimNas::start(m.dir.path(), &["--attr-ttl", "0"]);
+    m.nas = sim.nas.clone();
+    fs::create_dir(sim.backing.join("share")).unwrap();
+    m.mount();
+    let tar = tarball(m.dir.path(), 5, 40);
+    let reference = m.dir.path().join("ref");
+    fs::create_dir(&reference).unwrap();
+    untar(&tar, &reference);
+    let want = tree(&reference, true);
+    // The listing of share is known; then the NAS stops answering.
+    assert_eq!(fs::read_dir(m.m("share")).unwrap().count(), 0);
+    sim.ctl("freeze");
+    std::thread::sleep(Duration::from_millis(1100));
+    // The first call that needs the NAS is abandoned after timeo.
+    let _ = fs::metadata(m.m("share/nothing"));
+    wait_status(&m, "nas offline", Duration::from_secs(5));
+
+    // Hard links need the NAS: everything else of the tar is kept here.
+    let st = Command::new("tar")
+        .arg("xf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(m.m("share"))
+        .arg("--exclude=hard")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // Without "hard", f001.txt is no hard link, and the times are
+    // compared on the NAS only (the mount shows them too, but checking
+    // the view once is enough).
+    let mut want_nolinks = want.clone();
+    want_nolinks.retain(|k, _| !k.ends_with("/hard"));
+    for v in want_nolinks.values_mut() {
+        if let (Some(i), Some(j)) = (v.find(" links="), v.find(" mtime=")) {
+            v.replace_range(i..j, "");
+        }
+    }
+    let got = tree(&m.m("share"), false);
+    let mut want_untimed = want_nolinks.clone();
+    for v in want_untimed.values_mut() {
+        if let Some(i) = v.find(" mtime=") {
+            v.truncate(i);
+        }
+    }
+    assert_eq!(diff(&want_untimed, &got), "", "the mount while offline");
+    assert!(m.status_value("pending_files") > 200);
+    assert!(!sim.backing.join("share/top").exists());
+
+    sim.ctl("thaw");
+    wait_status(&m, "nas online", Duration::from_secs(20));
+    // By itself, without a flush.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while m.status_value("pending_files") > 0 {
+        assert!(Instant::now() < deadline, "{}", m.status());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        diff(&want_nolinks, &tree(&sim.backing.join("share"), true)),
+        "",
+        "the NAS"
+    );
+    assert_eq!(errno(&fs::read(m.m("share/missing"))), libc::ENOENT);
+}
