@@ -1221,7 +1221,7 @@ impl<B: Backend> Overlay<B> {
     /// Called with `replay` held.
     fn promote_one(&self, p: u64) -> BResult<()> {
         let op = "create on the NAS";
-        let (attr, target, name, parent, parent_nas, content, applying, hidden_ino) = {
+        let (mut attr, target, name, parent, parent_nas, content, applying, hidden_ino) = {
             let st = self.st();
             let Some(o) = st.objs.get(&p) else {
                 return Err(err(op, libc::ENOENT));
@@ -1271,24 +1271,38 @@ impl<B: Backend> Overlay<B> {
             FileKind::File => {
                 c = content.ok_or_else(|| err(op, libc::EIO))?;
                 _content_guard = c.lock.write().unwrap_or_else(|e| e.into_inner());
+                // As of now: writes and setattr wait for the content lock.
+                let attr = self.st().objs.get(&p).map(|o| o.attr).unwrap_or(attr);
                 let upper = File::open(self.journal.upper_path(p)).map_err(io(op))?;
                 let tmp = hidden_name(p);
-                if applying {
-                    // A crash after the rename: the NAS has it already.
-                    if let Ok((n, a)) = self.lower.lookup(&dir, &name) {
-                        if a.kind == FileKind::File && hidden_ino == Some(a.ino) {
-                            let _ = self.lower.unlink(&dir, &tmp);
-                            self.created_on_nas(p, &c, n.clone(), a, &kept)?;
-                            return Ok(());
-                        }
-                    }
-                }
                 let rw = OpenMode {
                     read: true,
                     write: true,
                     append: false,
                     truncate: false,
                 };
+                if applying {
+                    // An attempt cut short may have placed it already: the
+                    // local content may have changed since, so it is filled
+                    // again.
+                    if let Ok((n, a)) = self.lower.lookup(&dir, &name) {
+                        if a.kind == FileKind::File && hidden_ino == Some(a.ino) {
+                            let f = self.lower.open(&n, rw)?;
+                            self.fill(&n, &f, &upper, &attr, true)?;
+                            drop(f);
+                            let _ = self.lower.unlink(&dir, &tmp);
+                            let _w = self.window.write().unwrap_or_else(|e| e.into_inner());
+                            if !self.still_here(p) {
+                                return Err(err(op, libc::EAGAIN));
+                            }
+                            let a = self.lower.getattr(&n)?;
+                            self.created_on_nas(p, &c, n, a, &kept)?;
+                            return Ok(());
+                        }
+                    }
+                    // Its hidden file may hold an earlier attempt's bytes.
+                    let _ = self.lower.unlink(&dir, &tmp);
+                }
                 let (node, hattr, f) = self.lower.create(
                     &dir,
                     &tmp,
@@ -1308,29 +1322,7 @@ impl<B: Backend> Overlay<B> {
                     }
                     self.persist(&st, p)?;
                 }
-                let len = upper.metadata().map_err(io(op))?.len();
-                let mut buf = vec![0u8; 1 << 20];
-                let mut pos = 0u64;
-                while pos < len {
-                    let n = (len - pos).min(buf.len() as u64) as usize;
-                    let got = upper.read_at(&mut buf[..n], pos).map_err(io(op))?;
-                    if got == 0 {
-                        break;
-                    }
-                    if buf[..got].iter().any(|b| *b != 0) {
-                        self.lower.write(&f, pos, &buf[..got])?;
-                    }
-                    pos += got as u64;
-                }
-                let changes = SetAttr {
-                    mode: Some(attr.perm as u32),
-                    size: Some(len),
-                    atime: Some(SetTime::At(attr.atime)),
-                    mtime: Some(SetTime::At(attr.mtime)),
-                    ..SetAttr::default()
-                };
-                self.lower.setattr(&node, Some(&f), &changes)?;
-                self.lower.fsync(&f, false)?;
+                self.fill(&node, &f, &upper, &attr, hattr.size > 0)?;
                 drop(f);
                 let _w = self.window.write().unwrap_or_else(|e| e.into_inner());
                 if !self.still_here(p) {
@@ -1348,6 +1340,8 @@ impl<B: Backend> Overlay<B> {
                 if !self.still_here(p) {
                     return Err(err(op, libc::EAGAIN));
                 }
+                // As of now: setattr of a local object waits for `window`.
+                attr = self.st().objs.get(&p).map(|o| o.attr).unwrap_or(attr);
                 let made = self
                     .lower
                     .mkdir(&dir, &name, (attr.perm & 0o777) as u32 | 0o700, creds);
@@ -1387,6 +1381,8 @@ impl<B: Backend> Overlay<B> {
                 if !self.still_here(p) {
                     return Err(err(op, libc::EAGAIN));
                 }
+                // As of now: setattr of a local object waits for `window`.
+                attr = self.st().objs.get(&p).map(|o| o.attr).unwrap_or(attr);
                 let t = target.clone().unwrap_or_default();
                 match self.lower.symlink(&dir, &name, &t, creds) {
                     Ok(x) => x,
@@ -1424,6 +1420,7 @@ impl<B: Backend> Overlay<B> {
                 if !self.still_here(p) {
                     return Err(err(op, libc::EAGAIN));
                 }
+                attr = self.st().objs.get(&p).map(|o| o.attr).unwrap_or(attr);
                 match self.lower.mknod(&dir, &name, mode, attr.rdev, creds) {
                     Ok(x) => x,
                     Err(e) if e.raw_errno() == libc::EEXIST => {
@@ -1462,6 +1459,50 @@ impl<B: Backend> Overlay<B> {
             self.lower.setattr(&node, None, &times).unwrap_or(nas_attr)
         };
         self.finish(p, node, nas_attr, &kept, attr.ctime)
+    }
+
+    /// Writes the content of `upper` into NAS file `f` of `node`, with the
+    /// size, mode and times of `attr`, and syncs it. Holes stay holes,
+    /// unless the file held bytes already (`existing`: emptied first).
+    fn fill(
+        &self,
+        node: &B::Node,
+        f: &B::File,
+        upper: &File,
+        attr: &Attr,
+        existing: bool,
+    ) -> BResult<()> {
+        let op = "create on the NAS";
+        if existing {
+            let empty = SetAttr {
+                size: Some(0),
+                ..SetAttr::default()
+            };
+            self.lower.setattr(node, Some(f), &empty)?;
+        }
+        let len = upper.metadata().map_err(io(op))?.len();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut pos = 0u64;
+        while pos < len {
+            let n = (len - pos).min(buf.len() as u64) as usize;
+            let got = upper.read_at(&mut buf[..n], pos).map_err(io(op))?;
+            if got == 0 {
+                break;
+            }
+            if buf[..got].iter().any(|b| *b != 0) {
+                self.lower.write(f, pos, &buf[..got])?;
+            }
+            pos += got as u64;
+        }
+        let changes = SetAttr {
+            mode: Some(attr.perm as u32),
+            size: Some(len),
+            atime: Some(SetTime::At(attr.atime)),
+            mtime: Some(SetTime::At(attr.mtime)),
+            ..SetAttr::default()
+        };
+        self.lower.setattr(node, Some(f), &changes)?;
+        self.lower.fsync(f, false)
     }
 
     /// Whether local object `p` is still where its creation on the NAS
@@ -2022,6 +2063,15 @@ impl<B: Backend> Backend for Overlay<B> {
             let _g = c
                 .as_ref()
                 .map(|c| c.lock.read().unwrap_or_else(|e| e.into_inner()));
+            // A directory or symlink being placed on the NAS takes its
+            // attributes under `window` (a file's, under its content lock).
+            let _w = c
+                .is_none()
+                .then(|| self.window.read().unwrap_or_else(|e| e.into_inner()));
+            if c.is_none() && !self.local(node.ino) {
+                drop(_w);
+                return self.setattr(node, file, changes);
+            }
             if let Some(c) = &c {
                 if c.promoted.load(Ordering::Acquire) {
                     drop(_g);
@@ -2446,9 +2496,15 @@ impl<B: Backend> Backend for Overlay<B> {
                 ));
             }
         }
+        // Placed under another name (a conflict): that is the one to move.
+        let mut name = name.to_os_string();
         if let Some(p) = src {
             self.promote_chain(p)?;
+            if let Some(now) = self.st().objs.get(&p).map(|o| o.name.clone()) {
+                name = now;
+            }
         }
+        let name = name.as_os_str();
         if let Some(q) = dst {
             self.promote_chain(q)?;
         }

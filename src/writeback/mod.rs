@@ -772,7 +772,9 @@ impl<B: Backend> WriteBack<B> {
 
     /// The rename announced by `renaming` did not happen.
     pub fn rename_failed(&self, old: &OsStr) {
-        for d in self.files_lock().values().cloned().collect::<Vec<_>>() {
+        // Not under the files lock: a file's lock comes first.
+        let files: Vec<_> = self.files_lock().values().cloned().collect();
+        for d in files {
             let mut g = d.lock();
             let p = g.rec.path.as_bytes();
             let o = old.as_bytes();
