@@ -462,7 +462,7 @@ fn sigkill_during_namespace_operations_loses_nothing_fsync_confirmed() {
     );
     eprintln!(
         "namespace crash loop: {iters} kills ({interrupted} mid-operation), {} entries, \
-         nothing lost, {spurious} conflict copies from renames cut short",
+         nothing lost, {spurious} spurious conflict copies (data kept)",
         mm.0.len()
     );
 }
