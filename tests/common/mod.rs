@@ -73,7 +73,15 @@ pub fn wait_mounted(path: &Path, mounted: bool, child: Option<&mut Child>) {
                 panic!("nassync exited early with {status}");
             }
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {path:?}");
+        if Instant::now() >= deadline {
+            // No daemon left behind by a failed test.
+            if let Some(c) = child.as_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            detach(path);
+            panic!("timed out waiting for {path:?}");
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
 }
