@@ -331,18 +331,6 @@ fn the_inode_number_of_a_new_file_stays_once_it_is_on_the_nas() {
     assert!(!m.log().contains("conflict"), "{}", m.log());
 }
 
-fn wait_status(m: &Mount, want: &str, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let s = m.status();
-        if s.lines().any(|l| l == want) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "no {want:?} in status:\n{s}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn an_untar_while_the_nas_is_away_lands_once_it_is_back() {
     let mut m = Mount::prepare("timeo=1,actimeo=1,writeback_delay=1s");
@@ -361,7 +349,7 @@ fn an_untar_while_the_nas_is_away_lands_once_it_is_back() {
     std::thread::sleep(Duration::from_millis(1100));
     // The first call that needs the NAS is abandoned after timeo.
     let _ = fs::metadata(m.m("share/nothing"));
-    wait_status(&m, "nas offline", Duration::from_secs(5));
+    m.wait_status("nas offline", Duration::from_secs(5));
 
     // Hard links need the NAS: everything else of the tar is kept here.
     let st = Command::new("tar")
@@ -395,7 +383,7 @@ fn an_untar_while_the_nas_is_away_lands_once_it_is_back() {
     assert!(!sim.backing.join("share/top").exists());
 
     sim.ctl("thaw");
-    wait_status(&m, "nas online", Duration::from_secs(20));
+    m.wait_status("nas online", Duration::from_secs(20));
     // By itself, without a flush.
     let deadline = Instant::now() + Duration::from_secs(60);
     while m.status_value("pending_files") > 0 {

@@ -177,14 +177,6 @@ fn random_op(rng: &mut fastrand::Rng) -> Op {
     }
 }
 
-fn wait_online(m: &Mount) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !m.status().lines().any(|l| l == "nas online") {
-        assert!(Instant::now() < deadline, "{}", m.status());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn run(seed: u64, ops: usize) {
     eprintln!("namespace model test: seed {seed}, {ops} operations");
     let mut m = Mount::prepare("timeo=1,actimeo=1,writeback_delay=300ms");
@@ -259,7 +251,7 @@ fn run(seed: u64, ops: usize) {
     }
     eprintln!("{done} operations applied, {eio} refused with EIO while the NAS was away");
     sim.ctl("fail off");
-    wait_online(&m);
+    m.wait_status("nas online", Duration::from_secs(30));
     let d = diff(&tree(&model), &tree(&m.mnt));
     assert!(
         d.is_empty(),

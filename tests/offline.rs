@@ -52,18 +52,6 @@ fn setup(options: &str) -> (Mount, SimNas, Vec<u8>) {
     (m, sim, a)
 }
 
-fn wait_status(m: &Mount, want: &str, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let s = m.status();
-        if s.lines().any(|l| l == want) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "no {want:?} in status:\n{s}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn a_hung_nas_is_worked_around_and_caught_up_with() {
     let (mut m, sim, mut a) =
@@ -79,7 +67,7 @@ fn a_hung_nas_is_worked_around_and_caught_up_with() {
     let t0 = Instant::now();
     assert_eq!(std::fs::read(m.m("d/a")).unwrap(), a, "cached file");
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
-    wait_status(&m, "nas offline", Duration::from_secs(5));
+    m.wait_status("nas offline", Duration::from_secs(5));
     let t0 = Instant::now();
     assert_eq!(names(&m.m("d")), ["a", "cold", "l", "sub"]);
     for n in ["a", "cold", "l", "sub"] {
@@ -118,7 +106,7 @@ fn a_hung_nas_is_worked_around_and_caught_up_with() {
 
     // The NAS answers again: nassync notices by itself and writes back.
     sim.ctl("thaw");
-    wait_status(&m, "nas online", Duration::from_secs(20));
+    m.wait_status("nas online", Duration::from_secs(20));
     m.flush(None);
     assert_eq!(std::fs::read(sim.backing.join("d/a")).unwrap(), a);
     assert_eq!(std::fs::read(m.m("d/cold")).unwrap(), pattern(1 << 20, 9));
@@ -144,9 +132,9 @@ fn a_nas_that_went_away_is_offline_at_once() {
         libc::EIO
     );
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
-    wait_status(&m, "nas offline", Duration::from_secs(1));
+    m.wait_status("nas offline", Duration::from_secs(1));
     sim.ctl("fail off");
-    wait_status(&m, "nas online", Duration::from_secs(20));
+    m.wait_status("nas online", Duration::from_secs(20));
     assert_eq!(std::fs::read(m.m("d/cold")).unwrap(), pattern(1 << 20, 9));
     m.unmount();
 }
@@ -227,7 +215,7 @@ fn pinned_files_stay_cached_and_are_there_offline() {
     sim.ctl("freeze");
     std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(std::fs::read(m.m("p/a")).unwrap(), pattern(2 << 20, 77));
-    wait_status(&m, "nas offline", Duration::from_secs(5));
+    m.wait_status("nas offline", Duration::from_secs(5));
     for (name, seed) in &files[1..] {
         assert_eq!(
             std::fs::read(m.m(name)).unwrap(),
@@ -237,7 +225,7 @@ fn pinned_files_stay_cached_and_are_there_offline() {
     }
     assert_eq!(errno(&std::fs::read(m.m("big0"))), libc::EIO, "evicted");
     sim.ctl("thaw");
-    wait_status(&m, "nas online", Duration::from_secs(20));
+    m.wait_status("nas online", Duration::from_secs(20));
 
     let out = nassync(&[std::ffi::OsStr::new("unpin"), m.m("p").as_os_str()]);
     assert!(
@@ -302,7 +290,7 @@ fn offline_names_the_kernel_forgot_do_not_look_deleted() {
     sim.ctl("freeze");
     std::thread::sleep(Duration::from_millis(1200));
     let _ = std::fs::metadata(m.m("d/a"));
-    wait_status(&m, "nas offline", Duration::from_secs(5));
+    m.wait_status("nas offline", Duration::from_secs(5));
     for n in ["a", "cold", "l", "sub"] {
         let r = std::fs::symlink_metadata(m.m(&format!("d/{n}")));
         assert_ne!(errno(&r), libc::ENOENT, "d/{n} looks deleted offline");
@@ -318,7 +306,7 @@ fn offline_names_the_kernel_forgot_do_not_look_deleted() {
     }
     drop(d);
     sim.ctl("thaw");
-    wait_status(&m, "nas online", Duration::from_secs(20));
+    m.wait_status("nas online", Duration::from_secs(20));
     assert!(
         m.m("d/cold").exists(),
         "still a negative entry after the outage"

@@ -461,6 +461,15 @@ impl<B: Backend> Overlay<B> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn window_read(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.window.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Local object `p`'s attributes as of now (`fallback` once gone).
+    fn attr_now(&self, p: u64, fallback: Attr) -> Attr {
+        self.st().objs.get(&p).map(|o| o.attr).unwrap_or(fallback)
+    }
+
     fn sched(&self) -> MutexGuard<'_, Sched> {
         self.sched.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -1272,7 +1281,7 @@ impl<B: Backend> Overlay<B> {
                 c = content.ok_or_else(|| err(op, libc::EIO))?;
                 _content_guard = c.lock.write().unwrap_or_else(|e| e.into_inner());
                 // As of now: writes and setattr wait for the content lock.
-                let attr = self.st().objs.get(&p).map(|o| o.attr).unwrap_or(attr);
+                let attr = self.attr_now(p, attr);
                 let upper = File::open(self.journal.upper_path(p)).map_err(io(op))?;
                 let tmp = hidden_name(p);
                 let rw = OpenMode {
@@ -1341,7 +1350,7 @@ impl<B: Backend> Overlay<B> {
                     return Err(err(op, libc::EAGAIN));
                 }
                 // As of now: setattr of a local object waits for `window`.
-                attr = self.st().objs.get(&p).map(|o| o.attr).unwrap_or(attr);
+                attr = self.attr_now(p, attr);
                 let made = self
                     .lower
                     .mkdir(&dir, &name, (attr.perm & 0o777) as u32 | 0o700, creds);
@@ -1382,7 +1391,7 @@ impl<B: Backend> Overlay<B> {
                     return Err(err(op, libc::EAGAIN));
                 }
                 // As of now: setattr of a local object waits for `window`.
-                attr = self.st().objs.get(&p).map(|o| o.attr).unwrap_or(attr);
+                attr = self.attr_now(p, attr);
                 let t = target.clone().unwrap_or_default();
                 match self.lower.symlink(&dir, &name, &t, creds) {
                     Ok(x) => x,
@@ -1420,7 +1429,7 @@ impl<B: Backend> Overlay<B> {
                 if !self.still_here(p) {
                     return Err(err(op, libc::EAGAIN));
                 }
-                attr = self.st().objs.get(&p).map(|o| o.attr).unwrap_or(attr);
+                attr = self.attr_now(p, attr);
                 match self.lower.mknod(&dir, &name, mode, attr.rdev, creds) {
                     Ok(x) => x,
                     Err(e) if e.raw_errno() == libc::EEXIST => {
@@ -1973,7 +1982,7 @@ impl<B: Backend> Backend for Overlay<B> {
         if is_hidden(name) {
             return Err(err("lookup", libc::ENOENT));
         }
-        let _w = self.window.read().unwrap_or_else(|e| e.into_inner());
+        let _w = self.window_read();
         let (node, a) = self.lower.lookup(&n, name)?;
         if Self::is_leftover(&self.st(), dir.ino, name, a.ino) {
             return Err(err("lookup", libc::ENOENT));
@@ -2003,7 +2012,7 @@ impl<B: Backend> Backend for Overlay<B> {
                 }
             }
         }
-        let _w = self.window.read().unwrap_or_else(|e| e.into_inner());
+        let _w = self.window_read();
         if !ask.is_empty() {
             let answers = match self.nas_of(dir) {
                 Some(n) => self.lower.lookup_many(&n, &ask),
@@ -2040,7 +2049,7 @@ impl<B: Backend> Backend for Overlay<B> {
         let n = self
             .nas_of(node)
             .ok_or_else(|| err("getattr", libc::ENOENT))?;
-        let _w = self.window.read().unwrap_or_else(|e| e.into_inner());
+        let _w = self.window_read();
         let a = self.lower.getattr(&n)?;
         let a = self.up(a);
         if a.kind == FileKind::Dir {
@@ -2065,9 +2074,7 @@ impl<B: Backend> Backend for Overlay<B> {
                 .map(|c| c.lock.read().unwrap_or_else(|e| e.into_inner()));
             // A directory or symlink being placed on the NAS takes its
             // attributes under `window` (a file's, under its content lock).
-            let _w = c
-                .is_none()
-                .then(|| self.window.read().unwrap_or_else(|e| e.into_inner()));
+            let _w = c.is_none().then(|| self.window_read());
             if c.is_none() && !self.local(node.ino) {
                 drop(_w);
                 return self.setattr(node, file, changes);
@@ -2149,7 +2156,7 @@ impl<B: Backend> Backend for Overlay<B> {
             },
             None => None,
         };
-        let _w = self.window.read().unwrap_or_else(|e| e.into_inner());
+        let _w = self.window_read();
         let a = self.lower.setattr(&n, lf, changes)?;
         let mut st = self.st();
         if a.kind == FileKind::Dir
@@ -2189,24 +2196,17 @@ impl<B: Backend> Backend for Overlay<B> {
     }
 
     fn readdir(&self, dir: &Self::Node) -> BResult<Vec<DirEntry>> {
-        let _w = self.window.read().unwrap_or_else(|e| e.into_inner());
+        let _w = self.window_read();
         let mut out = match self.nas_of(dir) {
             Some(n) => {
-                let st_alias: HashMap<u64, u64> = {
-                    let st = self.st();
-                    st.alias.iter().map(|(k, v)| (*k, v.prov)).collect()
-                };
                 let mut v = self.lower.readdir(&n)?;
-                v.retain(|e| !is_hidden(&e.name));
-                {
-                    let st = self.st();
-                    if !st.leftovers.is_empty() {
-                        v.retain(|e| !Self::is_leftover(&st, dir.ino, &e.name, e.ino));
-                    }
-                }
+                let st = self.st();
+                v.retain(|e| {
+                    !is_hidden(&e.name) && !Self::is_leftover(&st, dir.ino, &e.name, e.ino)
+                });
                 for e in &mut v {
-                    if let Some(p) = st_alias.get(&e.ino) {
-                        e.ino = *p;
+                    if let Some(al) = st.alias.get(&e.ino) {
+                        e.ino = al.prov;
                     }
                 }
                 v
@@ -2319,7 +2319,7 @@ impl<B: Backend> Backend for Overlay<B> {
 
     fn unlink(&self, dir: &Self::Node, name: &OsStr) -> BResult<()> {
         // Not while a new object is being placed on the NAS (see `window`).
-        let _w = self.window.read().unwrap_or_else(|e| e.into_inner());
+        let _w = self.window_read();
         if let Some(p) = self.local_child(dir.ino, name) {
             let mut st = self.st();
             match st.objs.get(&p) {
@@ -2335,7 +2335,7 @@ impl<B: Backend> Backend for Overlay<B> {
     }
 
     fn rmdir(&self, dir: &Self::Node, name: &OsStr) -> BResult<()> {
-        let _w = self.window.read().unwrap_or_else(|e| e.into_inner());
+        let _w = self.window_read();
         if let Some(p) = self.local_child(dir.ino, name) {
             let mut st = self.st();
             match st.objs.get(&p) {
@@ -2378,7 +2378,7 @@ impl<B: Backend> Backend for Overlay<B> {
     ) -> BResult<()> {
         let op = "rename";
         // Not while a new object is being placed on the NAS (see `window`).
-        let w = self.window.read().unwrap_or_else(|e| e.into_inner());
+        let w = self.window_read();
         let src = self.local_child(dir.ino, name).filter(|p| self.local(*p));
         let dst = self
             .local_child(newdir.ino, newname)
@@ -2724,7 +2724,7 @@ impl<B: Backend> Backend for Overlay<B> {
     fn fgetattr(&self, file: &Self::File) -> BResult<Attr> {
         match file {
             OFile::Nas(f, _) => {
-                let _w = self.window.read().unwrap_or_else(|e| e.into_inner());
+                let _w = self.window_read();
                 Ok(self.up(self.lower.fgetattr(f)?))
             }
             OFile::Local(c, _, _) => {

@@ -305,6 +305,20 @@ impl Mount {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Waits until `nassync status` shows the line `want`; panics after
+    /// `within`.
+    pub fn wait_status(&self, want: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let s = self.status();
+            if s.lines().any(|l| l == want) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no {want:?} in status:\n{s}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// A number from `nassync status`.
     pub fn status_value(&self, key: &str) -> u64 {
         self.status()
