@@ -19,4 +19,5 @@ pub mod mountinfo;
 pub mod options;
 pub mod pin;
 pub mod stats;
+pub mod utab;
 pub mod writeback;

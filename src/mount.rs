@@ -694,6 +694,11 @@ fn serve_core<B: Backend>(
         plan.source.display(),
         plan.mountpoint.display()
     );
+    // So that umount(8) runs umount.fuse.nassync, which waits for the
+    // write-back (see utab.rs). Written before mount(8) looks for one.
+    if let Some(m) = crate::mountinfo::mounted_at(&plan.mountpoint) {
+        crate::utab::register(&m.source, &plan.mountpoint, &o.utab_options);
+    }
     ready.send("ready\n");
     let wb_thread = match &wb {
         Some(wb) => Some(wb.start()?),
@@ -705,6 +710,7 @@ fn serve_core<B: Backend>(
     };
     let served = session.run().context("FUSE session");
     log::info!("unmounted {}", plan.mountpoint.display());
+    crate::utab::unregister(&plan.mountpoint);
     if let Some(wb) = &wb {
         let (files, bytes) = wb.pending(None);
         if files > 0 {

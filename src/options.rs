@@ -49,6 +49,9 @@ pub struct MountOptions {
     pub nconnect: usize,
     /// NFS sources: connect from a port below 1024 when root.
     pub resvport: bool,
+    /// `_netdev` and `x-*`: kept for the mount's /run/mount/utab entry
+    /// (see `utab`), as mount(8) keeps them.
+    pub utab_options: Vec<String>,
 }
 
 /// Every option: name, default, meaning (for --help and the man pages;
@@ -222,6 +225,7 @@ impl Default for MountOptions {
             pin_refresh: Duration::from_secs(600),
             nconnect: 2,
             resvport: true,
+            utab_options: Vec::new(),
         }
     }
 }
@@ -393,6 +397,9 @@ impl MountOptions {
             None => (opt, None),
         };
         if is_fstab_only(key) {
+            if key == "_netdev" || key.starts_with("x-") {
+                self.utab_options.push(opt.to_string());
+            }
             return Ok(());
         }
         let flag = |o: &str| -> Result<(), OptionError> {

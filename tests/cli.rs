@@ -461,12 +461,7 @@ fn an_fstab_line_mounts_with_mount_dash_capital_t() {
     // umount(8) runs umount.fuse.nassync, which returns once the daemon
     // has exited: what is mounted under it can be stopped next.
     let umount = umount8(&d.mnt);
-    let daemon_gone = pid.is_some_and(|p| {
-        std::fs::read_to_string(format!("/proc/{p}/stat")).map_or(true, |st| {
-            st.rsplit_once(") ")
-                .is_some_and(|(_, r)| r.starts_with('Z'))
-        })
-    });
+    let daemon_gone = exited(pid);
     assert!(
         out.status.success(),
         "{}",
@@ -482,6 +477,70 @@ fn an_fstab_line_mounts_with_mount_dash_capital_t() {
         daemon_gone,
         "umount returned before the daemon exited (pid {pid:?})"
     );
+}
+
+/// Whether the daemon `pid` has exited (or is a zombie, waiting for its
+/// parent to collect it).
+fn exited(pid: Option<u32>) -> bool {
+    pid.is_some_and(|p| {
+        std::fs::read_to_string(format!("/proc/{p}/stat")).map_or(true, |st| {
+            st.rsplit_once(") ")
+                .is_some_and(|(_, r)| r.starts_with('Z'))
+        })
+    })
+}
+
+/// umount(8) decides on a helper from the mount's utab entry, which mount(8)
+/// writes only for options such as _netdev: nassync writes one itself, so
+/// that a plain `umount` waits for what is pending, new files and
+/// directories included, whether mounted with mount(8) or `nassync mount`.
+#[test]
+fn plain_umount_waits_until_new_files_and_directories_are_on_the_nas() {
+    install_helper();
+    for via_mount8 in [true, false] {
+        let d = dirs();
+        // Long enough that nothing goes to the NAS before the unmount.
+        let opts = format!("cache_dir={},writeback_delay=1h", s(&d.cache));
+        let out = if via_mount8 {
+            Command::new("mount")
+                .args(["-t", "fuse.nassync", s(&d.nas), s(&d.mnt), "-o", &opts])
+                .env("NASSYNC_BIN", NASSYNC)
+                .output()
+                .unwrap()
+        } else {
+            nassync(&["mount", s(&d.nas), s(&d.mnt), "-o", &opts])
+        };
+        let wrote = fs::create_dir(d.mnt.join("dir")).is_ok()
+            && fs::write(d.mnt.join("dir/new"), "written through the mount").is_ok()
+            && fs::write(d.mnt.join("top"), "top").is_ok();
+        let before = d.nas.join("top").exists();
+        let pid = daemon_pid(&d.mnt);
+        let umount = umount8(&d.mnt);
+        let daemon_gone = exited(pid);
+        let utab = fs::read_to_string("/run/mount/utab").unwrap_or_default();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(wrote && !before, "via mount(8): {via_mount8}");
+        assert!(
+            umount.status.success(),
+            "{}",
+            String::from_utf8_lossy(&umount.stderr)
+        );
+        assert!(daemon_gone, "umount returned before the daemon exited");
+        assert_eq!(
+            fs::read_to_string(d.nas.join("dir/new")).ok().as_deref(),
+            Some("written through the mount"),
+            "via mount(8): {via_mount8}"
+        );
+        assert_eq!(fs::read_to_string(d.nas.join("top")).unwrap(), "top");
+        assert!(
+            !utab.contains(&format!("TARGET={} ", s(&d.mnt))),
+            "a stale utab entry is left: {utab}"
+        );
+    }
 }
 
 #[test]
