@@ -637,11 +637,16 @@ mod tests {
     }
 
     #[test]
-    fn fstab_options_are_accepted_and_dropped() {
-        let o = MountOptions::parse(&[
+    fn fstab_options_are_accepted_and_only_kept_for_utab() {
+        let mut o = MountOptions::parse(&[
             "defaults,noauto,user,users,nofail,_netdev,comment=x,x-systemd.automount,x-foo=1",
         ])
         .unwrap();
+        assert_eq!(
+            o.utab_options,
+            ["_netdev", "x-systemd.automount", "x-foo=1"]
+        );
+        o.utab_options.clear();
         assert_eq!(o, MountOptions::default());
     }
 
