@@ -201,6 +201,25 @@ fn a_temporary_file_created_and_removed_never_reaches_the_nas() {
     assert_eq!(written, 100_000);
 }
 
+/// docs/SEMANTICS.md: nothing written is dropped. Another client removes
+/// a directory (empty on the NAS) while new files wait in it here: it is
+/// created again, with them, and the conflict is reported.
+#[test]
+fn a_directory_removed_on_the_nas_while_new_files_wait_in_it_is_made_again() {
+    let m = Mount::new("writeback_delay=1h");
+    fs::create_dir_all(m.n("p/q")).unwrap();
+    fs::write(m.m("p/q/f"), "waiting").unwrap();
+    fs::create_dir(m.m("p/q/d")).unwrap();
+    fs::write(m.m("p/q/d/g"), "deeper").unwrap();
+    fs::remove_dir(m.n("p/q")).unwrap();
+    fs::remove_dir(m.n("p")).unwrap();
+    m.flush(None);
+    assert_eq!(fs::read_to_string(m.n("p/q/f")).unwrap(), "waiting");
+    assert_eq!(fs::read_to_string(m.n("p/q/d/g")).unwrap(), "deeper");
+    let status = m.status();
+    assert!(status.contains("created again"), "{status}");
+}
+
 #[test]
 fn a_name_taken_on_the_nas_meanwhile_gets_the_conflict_name() {
     let mut m = Mount::prepare("writeback_delay=1h,actimeo=1");

@@ -609,7 +609,26 @@ impl<B: Backend> Overlay<B> {
             }
         }
         for p in chain.iter().rev() {
-            self.promote_one(*p)?;
+            match self.promote_one(*p) {
+                Err(e) if matches!(e.raw_errno(), libc::ENOENT | libc::ESTALE) => {
+                    // Its NAS directory may be gone (removed by another
+                    // client) or known by a stale handle: found again by
+                    // path, or created again, and tried once more.
+                    let parent = {
+                        let st = self.st();
+                        match st.objs.get(p) {
+                            Some(o) if !o.gone && !st.objs.contains_key(&o.parent) => o.parent,
+                            _ => return Err(e),
+                        }
+                    };
+                    if Self::dir_path(&self.st(), parent).is_none() {
+                        return Err(e);
+                    }
+                    self.recreate_parent(parent)?;
+                    self.promote_one(*p)?;
+                }
+                r => r?,
+            }
         }
         self.st()
             .objs
@@ -1150,11 +1169,22 @@ impl<B: Backend> Overlay<B> {
                     if !is_unreachable(&e) {
                         self.retries.fetch_add(1, Ordering::Relaxed);
                     }
+                    let parent_state = st
+                        .objs
+                        .get(&p)
+                        .and_then(|o| st.objs.get(&o.parent))
+                        .map(|po| format!("{:?} nas={:?} gone={}", po.name, po.nas, po.gone));
                     if let Some(o) = st.objs.get_mut(&p) {
                         o.attempts += 1;
                         if o.attempts == 1 && !is_unreachable(&e) {
                             log::warn!("creating {:?} on the NAS: {e}; will retry", o.name);
                         }
+                        log::debug!(
+                            "{p:x} failed (attempt {}): parent {:x} {parent_state:?} parent_nas {:?}",
+                            o.attempts,
+                            o.parent,
+                            o.parent_nas
+                        );
                         o.error = Some(e.to_string());
                         let wait = Duration::from_millis(500)
                             .saturating_mul(1 << o.attempts.min(6))
@@ -1294,7 +1324,13 @@ impl<B: Backend> Overlay<B> {
                     // An attempt cut short may have placed it already: the
                     // local content may have changed since, so it is filled
                     // again.
-                    if let Ok((n, a)) = self.lower.lookup(&dir, &name) {
+                    let placed = match self.lower.lookup(&dir, &name) {
+                        Ok(x) => Some(x),
+                        Err(e) if e.raw_errno() == libc::ENOENT => None,
+                        // Unknown: trying again later beats a second copy.
+                        Err(e) => return Err(e),
+                    };
+                    if let Some((n, a)) = placed {
                         if a.kind == FileKind::File && hidden_ino == Some(a.ino) {
                             let f = self.lower.open(&n, rw)?;
                             self.fill(&n, &f, &upper, &attr, true)?;
@@ -1571,6 +1607,7 @@ impl<B: Backend> Overlay<B> {
     fn recreate_parent(&self, parent: u64) -> BResult<B::Node> {
         let path = Self::dir_path(&self.st(), parent).unwrap_or_default();
         let (mut node, _) = self.lower.root()?;
+        let mut made = false;
         for c in path
             .as_bytes()
             .split(|b| *b == b'/')
@@ -1585,16 +1622,19 @@ impl<B: Backend> Overlay<B> {
                         gid: 0,
                         umask: 0o022,
                     };
+                    made = true;
                     self.lower.mkdir(&node, name, 0o755, creds)?.0
                 }
                 Err(e) => return Err(e),
             };
         }
-        self.note_conflict(
-            &path,
-            &path,
-            "the directory was removed on the NAS while new files in it were waiting; created again",
-        );
+        if made {
+            self.note_conflict(
+                &path,
+                &path,
+                "the directory was removed on the NAS while new files in it were waiting; created again",
+            );
+        }
         let mut st = self.st();
         for o in st.objs.values_mut() {
             if o.parent == parent {
@@ -2353,12 +2393,11 @@ impl<B: Backend> Backend for Overlay<B> {
         // Local children still to create keep it from being empty.
         let has_local = !self.st().children.is_empty();
         if has_local {
-            if let Ok((_, a)) = self.lower.lookup(&d, name) {
-                let a = self.up(a);
-                let st = self.st();
-                if st.children.get(&a.ino).is_some_and(|m| !m.is_empty()) {
-                    return Err(err("rmdir", libc::ENOTEMPTY));
-                }
+            // Not knowing is not "empty": the NAS may answer the rmdir.
+            let a = self.up(self.lower.lookup(&d, name)?.1);
+            let st = self.st();
+            if st.children.get(&a.ino).is_some_and(|m| !m.is_empty()) {
+                return Err(err("rmdir", libc::ENOTEMPTY));
             }
         }
         self.lower.rmdir(&d, name)?;
@@ -2463,11 +2502,12 @@ impl<B: Backend> Backend for Overlay<B> {
             let target = match dst {
                 Some(q) => Some(q),
                 None if !self.st().children.is_empty() => match self.nas_of(newdir) {
-                    Some(nd) => self
-                        .lower
-                        .lookup(&nd, newname)
-                        .ok()
-                        .map(|(_, a)| self.up(a).ino),
+                    Some(nd) => match self.lower.lookup(&nd, newname) {
+                        Ok((_, a)) => Some(self.up(a).ino),
+                        Err(e) if e.raw_errno() == libc::ENOENT => None,
+                        // Not knowing is not "empty" (see rmdir).
+                        Err(e) => return Err(e),
+                    },
                     None => None,
                 },
                 None => None,
