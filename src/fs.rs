@@ -798,6 +798,11 @@ impl<B: Backend> Core<B> {
                 inode.kind = attr.kind;
                 inode.data = Arc::new(FileData::default());
                 inode.target = None;
+            } else if stamp {
+                // A fresh answer's node: the number may have been reused
+                // for an object of the same kind (a directory removed and
+                // another made), and the old node names the removed one.
+                inode.node = node;
             }
             // Attributes the tables gave out keep their expiry: only an
             // answer of the NAS makes them fresh again.
@@ -851,6 +856,17 @@ impl<B: Backend> Core<B> {
                 .insert(key, Instant::now() + self.cfg.negative_timeout);
         }
         self.expire_attr(t, parent);
+    }
+
+    /// A subdirectory came to or left directory `ino` through the mount:
+    /// its link count as last seen follows (as the kernel's does), since
+    /// it is what is shown while the NAS does not answer.
+    fn subdirs_changed(t: &mut Tables<B>, ino: u64, delta: i32) {
+        if let Some(i) = t.inodes.get_mut(&ino) {
+            if i.attr.kind == FileKind::Dir {
+                i.attr.nlink = (i64::from(i.attr.nlink) + i64::from(delta)).max(2) as u32;
+            }
+        }
     }
 
     fn expire_attr(&self, t: &mut Tables<B>, ino: u64) {
@@ -1345,6 +1361,7 @@ impl<B: Backend> Core<B> {
         let mode = self.creation_mode(parent, &dir, mode, creds);
         let (node, attr) = self.backend.mkdir(&dir, name, mode, creds)?;
         self.added_name(parent);
+        Self::subdirs_changed(&mut self.tables(), parent, 1);
         let ino = self.fuse_ino(attr.ino);
         // A new directory is empty: its listing is known.
         self.tables().listings.insert(
@@ -1521,6 +1538,7 @@ impl<B: Backend> Core<B> {
         if let Some(ino) = t.names.get(&(parent, name.to_os_string())).copied() {
             t.listings.remove(&ino);
         }
+        Self::subdirs_changed(&mut t, parent, -1);
         self.forget_name(&mut t, parent, name, true);
         Ok(())
     }
@@ -1600,6 +1618,16 @@ impl<B: Backend> Core<B> {
         };
         let src = lookup(t, &src_key);
         let dst = lookup(t, &dst_key);
+        let is_dir = |t: &Tables<B>, ino: Option<u64>| {
+            ino.and_then(|i| t.inodes.get(&i))
+                .is_some_and(|i| i.kind == FileKind::Dir)
+        };
+        if !flags.exchange && parent != newparent && is_dir(t, src) {
+            Self::subdirs_changed(t, parent, -1);
+            if !is_dir(t, dst) {
+                Self::subdirs_changed(t, newparent, 1);
+            }
+        }
         // The replaced or exchanged inode changed (link count, ctime).
         self.forget_name(t, newparent, newname, false);
         self.forget_name(t, parent, name, !flags.exchange);
