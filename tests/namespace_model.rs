@@ -8,8 +8,9 @@
 //! no effect). At checkpoints and at the end the mount's tree equals the
 //! model's; at the end, flushed, so does the NAS's.
 //!
-//! NASSYNC_NS_OPS sets the number of operations (default 4000) and
-//! NASSYNC_NS_SEED replays a run (the seed is printed).
+//! NASSYNC_NS_OPS sets the number of operations (default 4000),
+//! NASSYNC_NS_SEED replays a run (the seed is printed) and NASSYNC_NS_TRACE
+//! prints every operation.
 
 mod common;
 
@@ -198,6 +199,8 @@ fn run(seed: u64, ops: usize) {
     let mut back_at: Option<Instant> = None;
     let mut recent: Vec<String> = Vec::new();
     let (mut done, mut eio) = (0, 0);
+    // Every operation on stderr (shown if the test fails).
+    let trace = std::env::var_os("NASSYNC_NS_TRACE").is_some();
     for step in 0..ops {
         // Away now and then, for a few dozen operations.
         if rng.u16(0..1000) < if away { 40 } else { 15 } {
@@ -210,10 +213,16 @@ fn run(seed: u64, ops: usize) {
                 "{step}: NAS {}",
                 if away { "away" } else { "back" }
             ));
+            if trace {
+                eprintln!("{}", recent.last().unwrap());
+            }
         }
         let op = random_op(&mut rng);
         let got = apply(&m.mnt, &op);
         recent.push(format!("{step}: {op:?} -> {got:?}"));
+        if trace {
+            eprintln!("{}", recent.last().unwrap());
+        }
         if recent.len() > 40 {
             recent.remove(0);
         }
