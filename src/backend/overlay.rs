@@ -989,7 +989,14 @@ impl<B: Backend> Overlay<B> {
                     // Renamed into place: surely ours if it is the file
                     // made under the hidden name.
                     FileKind::File => l.nas_ino == Some(a.ino) && a.size == l.size,
-                    FileKind::Dir => l.nas_ino.is_none_or(|i| i == a.ino),
+                    // Not one of ours that reached the NAS since, nor one
+                    // with new objects waiting in it (the NAS says empty).
+                    FileKind::Dir => {
+                        let st = self.st();
+                        l.nas_ino.is_none_or(|i| i == a.ino)
+                            && !st.alias.contains_key(&a.ino)
+                            && !st.children.contains_key(&a.ino)
+                    }
                     FileKind::Symlink => self.lower.readlink(&n).ok() == l.target,
                     _ => true,
                 },
