@@ -1360,19 +1360,22 @@ impl<B: Backend> Core<B> {
         let dir = self.parent_node(parent)?;
         let mode = self.creation_mode(parent, &dir, mode, creds);
         let (node, attr) = self.backend.mkdir(&dir, name, mode, creds)?;
-        self.added_name(parent);
-        Self::subdirs_changed(&mut self.tables(), parent, 1);
         let ino = self.fuse_ino(attr.ino);
-        // A new directory is empty: its listing is known.
-        self.tables().listings.insert(
-            ino,
-            Listing {
-                names: HashMap::new(),
-                kinds: HashMap::new(),
-                until: Instant::now() + self.cfg.entry_timeout,
-                complete: true,
-            },
-        );
+        {
+            let mut t = self.tables();
+            self.expire_attr(&mut t, parent);
+            Self::subdirs_changed(&mut t, parent, 1);
+            // A new directory is empty: its listing is known.
+            t.listings.insert(
+                ino,
+                Listing {
+                    names: HashMap::new(),
+                    kinds: HashMap::new(),
+                    until: Instant::now() + self.cfg.entry_timeout,
+                    complete: true,
+                },
+            );
+        }
         self.remember(parent, name, node, attr, true, self.settle_gen())
     }
 

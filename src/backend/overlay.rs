@@ -621,10 +621,10 @@ impl<B: Backend> Overlay<B> {
                             _ => return Err(e),
                         }
                     };
-                    if Self::dir_path(&self.st(), parent).is_none() {
+                    let Some(path) = Self::dir_path(&self.st(), parent) else {
                         return Err(e);
-                    }
-                    self.recreate_parent(parent)?;
+                    };
+                    self.recreate_parent(parent, &path)?;
                     self.promote_one(*p)?;
                 }
                 r => r?,
@@ -1176,22 +1176,25 @@ impl<B: Backend> Overlay<B> {
                     if !is_unreachable(&e) {
                         self.retries.fetch_add(1, Ordering::Relaxed);
                     }
-                    let parent_state = st
-                        .objs
-                        .get(&p)
-                        .and_then(|o| st.objs.get(&o.parent))
-                        .map(|po| format!("{:?} nas={:?} gone={}", po.name, po.nas, po.gone));
+                    if log::log_enabled!(log::Level::Debug) {
+                        if let Some(o) = st.objs.get(&p) {
+                            let po = st
+                                .objs
+                                .get(&o.parent)
+                                .map(|po| (&po.name, &po.nas, po.gone));
+                            log::debug!(
+                                "{p:x} failed (attempt {}): parent {:x} {po:?} parent_nas {:?}",
+                                o.attempts + 1,
+                                o.parent,
+                                o.parent_nas
+                            );
+                        }
+                    }
                     if let Some(o) = st.objs.get_mut(&p) {
                         o.attempts += 1;
                         if o.attempts == 1 && !is_unreachable(&e) {
                             log::warn!("creating {:?} on the NAS: {e}; will retry", o.name);
                         }
-                        log::debug!(
-                            "{p:x} failed (attempt {}): parent {:x} {parent_state:?} parent_nas {:?}",
-                            o.attempts,
-                            o.parent,
-                            o.parent_nas
-                        );
                         o.error = Some(e.to_string());
                         let wait = Duration::from_millis(500)
                             .saturating_mul(1 << o.attempts.min(6))
@@ -1295,7 +1298,10 @@ impl<B: Backend> Overlay<B> {
         };
         let dir = match parent_nas {
             Some(n) => n,
-            None => self.recreate_parent(parent)?,
+            None => {
+                let path = Self::dir_path(&self.st(), parent).unwrap_or_default();
+                self.recreate_parent(parent, &path)?
+            }
         };
         if !applying {
             let mut st = self.st();
@@ -1611,8 +1617,7 @@ impl<B: Backend> Overlay<B> {
 
     /// The parent of `p` is a NAS directory that is gone: created again
     /// (with its path), so that nothing written here is lost.
-    fn recreate_parent(&self, parent: u64) -> BResult<B::Node> {
-        let path = Self::dir_path(&self.st(), parent).unwrap_or_default();
+    fn recreate_parent(&self, parent: u64, path: &OsStr) -> BResult<B::Node> {
         let (mut node, _) = self.lower.root()?;
         let mut made = false;
         for c in path
@@ -1637,8 +1642,8 @@ impl<B: Backend> Overlay<B> {
         }
         if made {
             self.note_conflict(
-                &path,
-                &path,
+                path,
+                path,
                 "the directory was removed on the NAS while new files in it were waiting; created again",
             );
         }
