@@ -1421,8 +1421,8 @@ impl<B: Backend> Core<B> {
     /// and only the temporary name goes from the NAS. Returns false, having
     /// changed nothing, when the rename does not qualify: the new file must
     /// be all local and closed, the old one a regular file with one link
-    /// and nothing pending, open nowhere on this machine (else the rename
-    /// goes to the NAS as usual).
+    /// and nothing pending, open nowhere on this machine, with the new
+    /// file's mode (else the rename goes to the NAS as usual).
     #[allow(clippy::too_many_arguments)]
     fn save_over(
         &self,
@@ -1446,19 +1446,23 @@ impl<B: Backend> Core<B> {
         {
             return Ok(false);
         }
-        let (src_kind, src_links, dst_data) = {
+        let (src_node, dst_data) = {
             let t = self.tables();
             let (Some(si), Some(di)) = (t.inodes.get(&src), t.inodes.get(dst)) else {
                 return Ok(false);
             };
-            (si.kind, si.attr.nlink, di.data.clone())
+            (si.node.clone(), di.data.clone())
         };
-        if src_kind != FileKind::File || src_links != 1 {
-            return Ok(false);
-        }
-        // The file to be replaced, as the NAS has it now.
-        let attr = match self.backend.getattr(dst_node) {
+        let new = match self.backend.getattr(&src_node) {
             Ok(a) if a.kind == FileKind::File && a.nlink == 1 => a,
+            _ => return Ok(false),
+        };
+        // The file to be replaced, as the NAS has it now. The result of a
+        // rename has the new file's mode: a delta keeps the old file's, so
+        // only when they are the same (editors make them so). The owner is
+        // the old file's (docs/SEMANTICS.md).
+        let attr = match self.backend.getattr(dst_node) {
+            Ok(a) if a.kind == FileKind::File && a.nlink == 1 && a.perm == new.perm => a,
             _ => return Ok(false),
         };
         let start = Start {

@@ -416,3 +416,25 @@ fn an_untar_while_the_nas_is_away_lands_once_it_is_back() {
     );
     assert_eq!(errno(&fs::read(m.m("share/missing"))), libc::ENOENT);
 }
+
+/// A new file renamed over a NAS file that was itself renamed over a new
+/// file shows its own attributes, not the ones of the file it replaced.
+#[test]
+fn a_new_file_renamed_over_a_renamed_nas_file_keeps_its_own_mode() {
+    let m = Mount::new("writeback_delay=1h");
+    fs::write(m.n("b"), "old").unwrap();
+    fs::set_permissions(m.m("b"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::write(m.m("c"), "new c").unwrap();
+    fs::rename(m.m("b"), m.m("c")).unwrap();
+    fs::write(m.m("b"), "new b").unwrap();
+    fs::set_permissions(m.m("b"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::rename(m.m("b"), m.m("c")).unwrap();
+    let md = fs::symlink_metadata(m.m("c")).unwrap();
+    assert_eq!(md.mode() & 0o7777, 0o644);
+    assert_eq!(fs::read_to_string(m.m("c")).unwrap(), "new b");
+    m.flush(None);
+    let md = fs::symlink_metadata(m.n("c")).unwrap();
+    assert_eq!(md.mode() & 0o7777, 0o644);
+    assert_eq!(fs::read_to_string(m.n("c")).unwrap(), "new b");
+    assert!(!m.n("b").exists());
+}

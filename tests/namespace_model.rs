@@ -10,7 +10,8 @@
 //!
 //! NASSYNC_NS_OPS sets the number of operations (default 4000),
 //! NASSYNC_NS_SEED replays a run (the seed is printed) and NASSYNC_NS_TRACE
-//! prints every operation.
+//! prints every operation; NASSYNC_NS_CHECK=N compares the mount with the
+//! model every N operations, not only at the checkpoints.
 
 mod common;
 
@@ -114,7 +115,7 @@ fn tree(root: &Path) -> BTreeMap<String, String> {
             let md = fs::symlink_metadata(&path).unwrap();
             let mut d = format!("mode={:o}", md.mode());
             if md.is_file() {
-                d.push_str(&format!(" data={:?}", fs::read(&path).unwrap()));
+                d.push_str(&format!(" data={}", runs(&fs::read(&path).unwrap())));
                 if md.nlink() > 1 {
                     let f = first
                         .entry(md.ino())
@@ -131,6 +132,18 @@ fn tree(root: &Path) -> BTreeMap<String, String> {
         }
     }
     out
+}
+
+/// File contents as runs, "value*length", which is how they are written.
+fn runs(data: &[u8]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut rest = data;
+    while let Some(&v) = rest.first() {
+        let n = rest.iter().take_while(|&&b| b == v).count();
+        out.push(format!("{v}*{n}"));
+        rest = &rest[n..];
+    }
+    format!("[{}]", out.join(" "))
 }
 
 fn diff(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> String {
@@ -201,6 +214,9 @@ fn run(seed: u64, ops: usize) {
     let (mut done, mut eio) = (0, 0);
     // Every operation on stderr (shown if the test fails).
     let trace = std::env::var_os("NASSYNC_NS_TRACE").is_some();
+    let check_every: Option<usize> = std::env::var("NASSYNC_NS_CHECK")
+        .ok()
+        .and_then(|v| v.parse().ok());
     for step in 0..ops {
         // Away now and then, for a few dozen operations.
         if rng.u16(0..1000) < if away { 40 } else { 15 } {
@@ -256,6 +272,16 @@ fn run(seed: u64, ops: usize) {
                 "{}",
                 context(&format!("the mount differs:\n{d}"))
             );
+        } else if check_every.is_some_and(|n| step % n == 0) {
+            // While the NAS is away a listing may fail (EIO): then no check.
+            if let Ok(got) = std::panic::catch_unwind(|| tree(&m.mnt)) {
+                let d = diff(&tree(&model), &got);
+                assert!(
+                    d.is_empty(),
+                    "{}",
+                    context(&format!("the mount differs:\n{d}"))
+                );
+            }
         }
     }
     eprintln!("{done} operations applied, {eio} refused with EIO while the NAS was away");
