@@ -1491,11 +1491,13 @@ impl<B: Backend> Core<B> {
         if let Some(p) = parent_of_src {
             self.forget_name(t, p, name, true);
         }
-        // The name stays the NAS's file; the kernel's inode for the new
-        // file (until it looks the name up again) reaches the same one.
-        t.names.insert((newparent, newname.to_os_string()), *dst);
+        // The name is the kernel's inode for the new file, which now
+        // reaches the NAS's file: the kernel forgets the old file's inode
+        // (it was replaced), and an unlink or rename of the name that
+        // follows without a lookup must still find the pending changes.
+        t.names.insert((newparent, newname.to_os_string()), src);
         if let Some(l) = t.listings.get_mut(&newparent) {
-            l.names.insert(newname.to_os_string(), *dst);
+            l.names.insert(newname.to_os_string(), src);
         }
         let now = Instant::now();
         if let Some(i) = t.inodes.get_mut(&src) {

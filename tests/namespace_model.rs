@@ -296,8 +296,9 @@ fn run(seed: u64, ops: usize) {
     let d = diff(&tree(&model), &tree(&sim.backing));
     assert!(
         d.is_empty(),
-        "seed {seed}: the NAS differs after the flush:\n{d}\n{}",
-        m.status()
+        "seed {seed}: the NAS differs after the flush:\n{d}\n{}\n{}",
+        m.status(),
+        if trace { m.log() } else { String::new() }
     );
     assert!(!m.log().contains("conflict"), "seed {seed}: {}", m.log());
     m.unmount();

@@ -372,6 +372,33 @@ fn a_save_through_a_temporary_file_is_written_back_as_a_delta() {
     assert_eq!(std::fs::read(m.m("doc.odt")).unwrap(), new);
 }
 
+/// A file saved over and then removed (or renamed) right away, before the
+/// kernel looked the name up again: its pending content goes with it, and
+/// the rename carries it, with no conflict copy on the NAS.
+#[test]
+fn a_file_saved_over_then_removed_or_moved_at_once_leaves_no_conflict() {
+    let m = Mount::new("writeback_delay=1h");
+    write_file(&m.n("gone"), b"old");
+    write_file(&m.n("moved"), b"old");
+    for name in ["gone", "moved"] {
+        assert_eq!(std::fs::read(m.m(name)).unwrap(), b"old");
+        let tmp = m.m(&format!("{name}.tmp"));
+        std::fs::write(&tmp, b"new content").unwrap();
+        std::fs::rename(&tmp, m.m(name)).unwrap();
+    }
+    std::fs::remove_file(m.m("gone")).unwrap();
+    std::fs::rename(m.m("moved"), m.m("there")).unwrap();
+    m.flush(None);
+    let mut names: Vec<_> = std::fs::read_dir(m.n(""))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["there"]);
+    assert_eq!(std::fs::read(m.n("there")).unwrap(), b"new content");
+    assert_eq!(m.status_value("conflicts"), 0);
+}
+
 #[test]
 fn a_save_over_a_file_with_two_links_leaves_the_other_link_alone() {
     let m = Mount::new("writeback_delay=1h");
