@@ -673,6 +673,16 @@ impl<B: Backend> Core<B> {
         }
     }
 
+    /// The entry of inode `ino` of the tables, whose lookups were counted
+    /// there: the kernel must get that number. Its attributes may carry
+    /// another (a file saved over another answers with that one's, see
+    /// `save_over`), and a lookup count kept under one number and
+    /// forgotten under the other would drop an inode the kernel holds.
+    fn entry_of(&self, ino: u64, mut attr: Attr) -> Entry {
+        attr.ino = self.fuse_ino(ino);
+        self.entry(attr)
+    }
+
     /// How long `attr` may be trusted: like an NFS client's attribute
     /// cache, a tenth of the time since the object last changed, between
     /// `attr_timeout` and `attr_timeout_max` (acregmin and acregmax).
@@ -921,7 +931,7 @@ impl<B: Backend> Core<B> {
                         i.lookups += 1;
                         let attr = i.attr;
                         Stats::inc(&self.stats.entry_hits);
-                        return Ok(self.entry(attr));
+                        return Ok(self.entry_of(ino, attr));
                     }
                 }
             }
@@ -950,12 +960,12 @@ impl<B: Backend> Core<B> {
                     .filter(|l| l.complete)
                     .map(|l| l.names.get(name).copied());
                 let ino = known.or(in_listing.flatten());
-                if let Some(i) = ino.and_then(|ino| t.inodes.get_mut(&ino)) {
+                if let Some((ino, i)) = ino.and_then(|ino| Some((ino, t.inodes.get_mut(&ino)?))) {
                     i.lookups += 1;
                     let attr = i.attr;
                     drop(t);
                     Stats::inc(&self.stats.offline_hits);
-                    let mut entry = self.entry(attr);
+                    let mut entry = self.entry_of(ino, attr);
                     entry.attr_ttl = self.cfg.attr_timeout;
                     entry.entry_ttl = self.cfg.entry_timeout;
                     return Ok(entry);
