@@ -438,3 +438,24 @@ fn a_new_file_renamed_over_a_renamed_nas_file_keeps_its_own_mode() {
     assert_eq!(fs::read_to_string(m.n("c")).unwrap(), "new b");
     assert!(!m.n("b").exists());
 }
+
+/// A new directory that an operation needs on the NAS at once (a NAS file
+/// moved into it) is made there with the owner's rights to fill it, and
+/// gets its own mode back after: also when nothing else is waiting, and
+/// by the time a flush returns.
+#[test]
+fn a_new_directory_placed_for_a_rename_into_it_gets_its_mode_on_the_nas() {
+    let m = Mount::new("writeback_delay=1h");
+    fs::write(m.n("x"), "on the NAS").unwrap();
+    fs::create_dir(m.m("d")).unwrap();
+    fs::set_permissions(m.m("d"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::rename(m.m("x"), m.m("d/x")).unwrap();
+    assert_eq!(fs::read_to_string(m.n("d/x")).unwrap(), "on the NAS");
+    m.flush(None);
+    let md = fs::symlink_metadata(m.n("d")).unwrap();
+    assert_eq!(md.mode() & 0o7777, 0o640);
+    assert_eq!(
+        fs::symlink_metadata(m.m("d")).unwrap().mode() & 0o7777,
+        0o640
+    );
+}

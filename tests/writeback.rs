@@ -5,7 +5,7 @@ mod common;
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -396,6 +396,76 @@ fn a_file_saved_over_then_removed_or_moved_at_once_leaves_no_conflict() {
     names.sort();
     assert_eq!(names, ["there"]);
     assert_eq!(std::fs::read(m.n("there")).unwrap(), b"new content");
+    assert_eq!(m.status_value("conflicts"), 0);
+}
+
+/// After a save over, the name keeps leading to an inode the mount knows:
+/// the kernel looking it up again (its entry expired) gets the number the
+/// lookup was counted under, so later calls on it do not fail with ESTALE.
+#[test]
+fn a_file_saved_over_can_be_edited_while_the_kernel_looks_it_up_again() {
+    let m = Mount::new("writeback_delay=1h,actimeo=1");
+    write_file(&m.n("doc"), b"old");
+    assert_eq!(std::fs::read(m.m("doc")).unwrap(), b"old");
+    std::fs::write(m.m("doc.tmp"), b"new content").unwrap();
+    std::fs::rename(m.m("doc.tmp"), m.m("doc")).unwrap();
+    let until = Instant::now() + Duration::from_millis(2500);
+    let mut mode = 0o600;
+    while Instant::now() < until {
+        let f = OpenOptions::new().write(true).open(m.m("doc")).unwrap();
+        f.write_all_at(b"N", 0).unwrap();
+        drop(f);
+        std::fs::set_permissions(m.m("doc"), std::fs::Permissions::from_mode(mode)).unwrap();
+        assert_eq!(std::fs::metadata(m.m("doc")).unwrap().mode() & 0o777, mode);
+        mode ^= 0o040;
+        // A fresh listing answers lookups from the tables.
+        assert_eq!(std::fs::read_dir(m.m("")).unwrap().count(), 1);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    m.flush(None);
+    assert_eq!(std::fs::read(m.n("doc")).unwrap(), b"New content");
+    assert_eq!(m.status_value("conflicts"), 0);
+}
+
+/// A file saved over another and then itself saved over a third (renamed
+/// over it as a temporary file would be): its changes follow it, and
+/// nothing is left pending for ever (a flush returns).
+#[test]
+fn a_file_saved_over_and_then_renamed_over_another_lands_there() {
+    let m = Mount::new("writeback_delay=1h");
+    write_file(&m.n("a"), b"old a");
+    write_file(&m.n("b"), b"old b");
+    for name in ["a", "b"] {
+        assert!(std::fs::read(m.m(name)).is_ok());
+    }
+    std::fs::write(m.m("a.tmp"), b"new content").unwrap();
+    std::fs::rename(m.m("a.tmp"), m.m("a")).unwrap();
+    std::fs::rename(m.m("a"), m.m("b")).unwrap();
+    let mut flush = Command::new(NASSYNC)
+        .arg("flush")
+        .arg(&m.mnt)
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = flush.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > until {
+            let _ = flush.kill();
+            let _ = flush.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the flush did not return: {}",
+        m.status()
+    );
+    assert_eq!(std::fs::read(m.n("b")).unwrap(), b"new content");
+    assert!(!m.n("a").exists());
+    assert_eq!(m.status_value("pending_files"), 0);
     assert_eq!(m.status_value("conflicts"), 0);
 }
 

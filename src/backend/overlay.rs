@@ -1134,6 +1134,12 @@ impl<B: Backend> Overlay<B> {
         if !st.leftovers.is_empty() {
             return Some(Duration::from_millis(500));
         }
+        // A directory whose last new child was placed outside a pass (by
+        // an operation that needed it on the NAS) still waits for its mode
+        // and times.
+        if st.deferred.keys().any(|d| !st.children.contains_key(d)) {
+            return Some(Duration::from_millis(500));
+        }
         st.objs
             .values()
             .filter(|o| o.nas.is_none() && !o.gone)
@@ -1254,7 +1260,13 @@ impl<B: Backend> Overlay<B> {
                         al.nas_ctime = a.ctime;
                     }
                 }
-                Err(e) => log::debug!("setting the times of a directory: {e}"),
+                // Tried again at the next pass.
+                Err(e) if is_unreachable(&e) => {}
+                // Gone, or refused: nothing to wait for.
+                Err(e) => {
+                    log::warn!("setting the mode and times of a directory made on the NAS: {e}");
+                    self.st().deferred.remove(&d);
+                }
             }
         }
     }
@@ -2898,6 +2910,12 @@ impl<B: Backend> Backend for Overlay<B> {
 impl<B: Backend> Staged for Overlay<B> {
     fn flush(&self, deadline: Option<Instant>) -> usize {
         self.flush_all(deadline)
+    }
+
+    fn settle(&self) {
+        if self.lower.online() {
+            self.settle_dirs();
+        }
     }
 
     fn pending(&self) -> Vec<PendingInfo> {

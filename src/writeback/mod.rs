@@ -160,6 +160,9 @@ impl LocalAttr {
 pub trait Staged: Send + Sync {
     /// Puts them on the NAS now; returns how many are left.
     fn flush(&self, deadline: Option<Instant>) -> usize;
+    /// Finishes what waits on objects already placed (the final mode and
+    /// times of directories made on the NAS).
+    fn settle(&self);
     fn pending(&self) -> Vec<PendingInfo>;
     /// Conflicts found since the mount.
     fn conflicts(&self) -> u64;
@@ -868,9 +871,17 @@ impl<B: Backend> WriteBack<B> {
             data: to.data,
             inner: Mutex::new(inner),
         });
-        // Whoever holds the old one looks again and finds the new one.
+        // Whoever holds the old one looks again and finds the new one,
+        // under every number the old one was known by (a new file placed
+        // on the NAS is known by its provisional one and the NAS's): one
+        // left behind, marked removed, would be pending for ever.
         g.removed = true;
         let mut files = self.files_lock();
+        for v in files.values_mut() {
+            if Arc::ptr_eq(v, &old) {
+                *v = d.clone();
+            }
+        }
         files.insert(from, d.clone());
         files.insert(to_nas, d);
         Ok(true)
@@ -1019,6 +1030,15 @@ impl<B: Backend> WriteBack<B> {
                         return left;
                     }
                 }
+            }
+            if left.0 == 0 && !staged_tried {
+                // Directories made on the NAS get their final mode and
+                // times once nothing is left to create in them: a flush
+                // ends with that done too.
+                if let Some(s) = self.staged.get() {
+                    s.settle();
+                }
+                staged_tried = true;
             }
             if left.0 == 0 || !progress(left.0, left.1) {
                 return left;
