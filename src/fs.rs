@@ -1456,23 +1456,22 @@ impl<B: Backend> Core<B> {
         {
             return Ok(false);
         }
-        let (src_node, dst_data) = {
+        let (src_kind, src_links, src_perm, dst_data) = {
             let t = self.tables();
             let (Some(si), Some(di)) = (t.inodes.get(&src), t.inodes.get(dst)) else {
                 return Ok(false);
             };
-            (si.node.clone(), di.data.clone())
+            (si.kind, si.attr.nlink, si.attr.perm, di.data.clone())
         };
-        let new = match self.backend.getattr(&src_node) {
-            Ok(a) if a.kind == FileKind::File && a.nlink == 1 => a,
-            _ => return Ok(false),
-        };
+        if src_kind != FileKind::File || src_links != 1 {
+            return Ok(false);
+        }
         // The file to be replaced, as the NAS has it now. The result of a
         // rename has the new file's mode: a delta keeps the old file's, so
         // only when they are the same (editors make them so). The owner is
         // the old file's (docs/SEMANTICS.md).
         let attr = match self.backend.getattr(dst_node) {
-            Ok(a) if a.kind == FileKind::File && a.nlink == 1 && a.perm == new.perm => a,
+            Ok(a) if a.kind == FileKind::File && a.nlink == 1 && a.perm == src_perm => a,
             _ => return Ok(false),
         };
         let start = Start {
