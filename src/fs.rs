@@ -1721,6 +1721,20 @@ impl<B: Backend> Core<B> {
             }
             Err(e) => return Err(e.into()),
         };
+        if attr.nlink == 0 && kind == FileKind::File && !self.is_open(ino) && !self.is_dirty(ino) {
+            // Removed on the NAS by another client (a directory source's
+            // nodes outlive the last name): stale, as over NFS. The kernel
+            // then looks the name up again and finds what is there now.
+            drop(file);
+            let mut t = self.tables();
+            t.names_gen += 1;
+            t.names.retain(|_, i| *i != ino);
+            for l in t.listings.values_mut() {
+                l.names.retain(|_, i| *i != ino);
+            }
+            self.expire_attr(&mut t, ino);
+            return Err(FsError::UnknownInode(ino));
+        }
         self.fresh(&node, &mut attr, g0);
         if self.overlay(ino, &mut attr) {
             // Changes not yet on the NAS: the local version is the one to
@@ -1912,6 +1926,12 @@ impl<B: Backend> Core<B> {
         // a round trip (an NFS file unlinked while open is removed now).
         drop(h);
         Ok(())
+    }
+
+    fn is_dirty(&self, ino: u64) -> bool {
+        self.wb
+            .as_ref()
+            .is_some_and(|wb| wb.is_dirty(self.fuse_ino(ino)))
     }
 
     fn is_open(&self, ino: u64) -> bool {

@@ -34,6 +34,11 @@ fn an_external_change_is_seen_at_the_next_open() {
     fs::write(m.n("f"), "version two").unwrap();
     assert_eq!(fs::read_to_string(m.m("f")).unwrap(), "version two");
     assert!(m.stats()["invalidations"] >= 1);
+    // Replaced by another client (a new file under the name, as a save
+    // through a temporary file elsewhere makes): the next open finds it.
+    fs::remove_file(m.n("f")).unwrap();
+    fs::write(m.n("f"), "version three").unwrap();
+    assert_eq!(fs::read_to_string(m.m("f")).unwrap(), "version three");
 }
 
 #[test]

@@ -247,6 +247,35 @@ fn a_conflict_keeps_both_versions() {
 }
 
 #[test]
+fn a_file_edited_here_and_removed_on_the_nas_is_restored() {
+    let m = Mount::new("writeback_delay=1h");
+    write_file(&m.n("notes.txt"), b"base version\n");
+    assert_eq!(std::fs::read(m.m("notes.txt")).unwrap(), b"base version\n");
+    write_file(&m.m("notes.txt"), b"edited here\n");
+    // Meanwhile another machine deletes it.
+    std::fs::remove_file(m.n("notes.txt")).unwrap();
+    m.flush(None);
+    assert_eq!(
+        std::fs::read(m.n("notes.txt")).unwrap(),
+        b"edited here\n",
+        "the local version is back on the NAS under its name"
+    );
+    let names: Vec<_> = std::fs::read_dir(&m.nas)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, ["notes.txt"], "no conflict copy besides it");
+    let status = m.status();
+    assert!(
+        status.contains("conflict notes.txt kept_as=notes.txt"),
+        "{status}"
+    );
+    assert!(status.contains("restored"), "{status}");
+    assert!(m.log().contains("restored"), "{}", m.log());
+    assert_eq!(std::fs::read(m.m("notes.txt")).unwrap(), b"edited here\n");
+}
+
+#[test]
 fn only_changed_bytes_reach_the_nas() {
     let m = Mount::new("writeback_delay=1h");
     let mut rng = fastrand::Rng::with_seed(5);

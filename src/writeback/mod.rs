@@ -1513,6 +1513,13 @@ impl<B: Backend> WriteBack<B> {
         let mut renamed_ahead = snap.path2.is_some();
         let (node, attr) = match &snap.node {
             Some(n) => match self.backend.getattr(n) {
+                // A node held open (a directory source keeps O_PATH
+                // descriptors) outlives the file's last name.
+                Ok(a) if a.nlink == 0 => {
+                    return self
+                        .lost(d, snap, "the file was removed on the NAS")
+                        .map_err(e0);
+                }
                 Ok(a) => (n.clone(), a),
                 Err(e) if matches!(e.raw_errno(), libc::ENOENT | libc::ESTALE) => {
                     return self
@@ -1731,14 +1738,25 @@ impl<B: Backend> WriteBack<B> {
         Ok(out)
     }
 
-    /// The file is gone from where it was: the local version is kept as a
-    /// conflict copy next to where it was.
+    /// The file is gone from where it was (removed or moved on the NAS by
+    /// another client): the local version is restored under its name, or
+    /// kept under a conflict name if something else took the name.
     fn lost(&self, d: &Arc<Dirty<B>>, snap: &Snap<B>, reason: &str) -> BResult<Outcome> {
-        self.keep_both(d, snap, reason)
+        self.keep(d, snap, reason, true)
     }
 
     /// Writes the local version under a conflict name beside the NAS's.
     fn keep_both(&self, d: &Arc<Dirty<B>>, snap: &Snap<B>, reason: &str) -> BResult<Outcome> {
+        self.keep(d, snap, reason, false)
+    }
+
+    fn keep(
+        &self,
+        d: &Arc<Dirty<B>>,
+        snap: &Snap<B>,
+        reason: &str,
+        restore: bool,
+    ) -> BResult<Outcome> {
         let (dir, existing) = match self.resolve(&snap.path) {
             Ok(r) => r,
             // The directory is gone too: keep it at the root.
@@ -1760,9 +1778,14 @@ impl<B: Backend> WriteBack<B> {
             truncate: false,
         };
         let stamp = conflict_stamp(SystemTime::now());
-        let mut n = 1;
+        // n = 0: the file's own name, when restoring it and it is free.
+        let mut n = if restore && existing.is_none() { 0 } else { 1 };
         let (kept, node, file) = loop {
-            let cname = conflict_name(&name, &stamp, &self.cfg.host, n);
+            let cname = if n == 0 {
+                name.clone()
+            } else {
+                conflict_name(&name, &stamp, &self.cfg.host, n)
+            };
             match self
                 .backend
                 .create(&dir, &cname, perm as u32 & 0o7777, rw, true, creds)
@@ -1817,7 +1840,11 @@ impl<B: Backend> WriteBack<B> {
         path.push(&kept);
         Ok(Outcome::Conflict {
             kept_as: path,
-            reason: reason.to_string(),
+            reason: if n == 0 {
+                format!("{reason}; restored")
+            } else {
+                reason.to_string()
+            },
             nas: existing.map(|(_, a)| a.validator()),
         })
     }
