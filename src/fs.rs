@@ -1414,7 +1414,11 @@ impl<B: Backend> Core<B> {
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         let dir = self.parent_node(parent)?;
         let victim = self.known_child(parent, name);
-        self.backend.unlink(&dir, name)?;
+        match self.backend.unlink(&dir, name) {
+            Ok(()) => {}
+            Err(e) if is_unreachable(&e) => self.remove_later(parent, &dir, name, false, e)?,
+            Err(e) => return Err(e.into()),
+        }
         {
             let mut t = self.tables();
             self.forget_name(&mut t, parent, name, true);
@@ -1522,6 +1526,65 @@ impl<B: Backend> Core<B> {
         Ok(true)
     }
 
+    /// The NAS does not answer: an unlink or rmdir (`rmdir`) of what the
+    /// cache knows is kept by the backend to apply once it answers (see
+    /// [`Backend::remove_later`]). `e`, the NAS's error, where the cache
+    /// cannot tell: a name it does not know, a directory not listed whole,
+    /// a file with other links (whose count could not be shown right).
+    fn remove_later(
+        &self,
+        parent: u64,
+        dir: &B::Node,
+        name: &OsStr,
+        rmdir: bool,
+        e: BackendError,
+    ) -> FsResult<()> {
+        let op = if rmdir { "rmdir" } else { "unlink" };
+        let (ino, kind, mut was, node) = {
+            let t = self.tables();
+            let listing = t.listings.get(&parent).filter(|l| l.complete);
+            let known = t
+                .names
+                .get(&(parent, name.to_os_string()))
+                .copied()
+                .or_else(|| listing.and_then(|l| l.names.get(name).copied()));
+            let Some(ino) = known else {
+                return Err(if listing.is_some() {
+                    FsError::NotFound
+                } else {
+                    e.into()
+                });
+            };
+            let Some(i) = t.inodes.get(&ino) else {
+                return Err(e.into());
+            };
+            match (rmdir, i.kind == FileKind::Dir) {
+                (true, false) => return Err(BackendError::errno(op, libc::ENOTDIR).into()),
+                (false, true) => return Err(BackendError::errno(op, libc::EISDIR).into()),
+                (false, false) if i.attr.nlink > 1 => return Err(e.into()),
+                (true, true) => match t.listings.get(&ino) {
+                    Some(l) if l.complete && !l.names.is_empty() => {
+                        return Err(BackendError::errno(op, libc::ENOTEMPTY).into());
+                    }
+                    Some(l) if l.complete => {}
+                    _ => return Err(e.into()),
+                },
+                _ => {}
+            }
+            (ino, i.kind, i.attr.validator(), i.node.clone())
+        };
+        // Changes pending: the NAS has the version they started from.
+        if let Some(base) = self.wb.as_ref().and_then(|wb| wb.base(self.fuse_ino(ino))) {
+            was = base;
+        }
+        match self.backend.remove_later(dir, name, &node, kind, was) {
+            Ok(()) => Ok(()),
+            // The backend keeps no such view: the NAS's error.
+            Err(x) if x.raw_errno() == libc::EIO => Err(e.into()),
+            Err(x) => Err(x.into()),
+        }
+    }
+
     /// The inode `name` in `parent` leads to, if known (with its node).
     fn known_child(&self, parent: u64, name: &OsStr) -> Option<(u64, B::Node)> {
         self.wb.as_ref()?;
@@ -1551,7 +1614,11 @@ impl<B: Backend> Core<B> {
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         let dir = self.parent_node(parent)?;
-        self.backend.rmdir(&dir, name)?;
+        match self.backend.rmdir(&dir, name) {
+            Ok(()) => {}
+            Err(e) if is_unreachable(&e) => self.remove_later(parent, &dir, name, true, e)?,
+            Err(e) => return Err(e.into()),
+        }
         let mut t = self.tables();
         if let Some(ino) = t.names.get(&(parent, name.to_os_string())).copied() {
             t.listings.remove(&ino);

@@ -918,6 +918,12 @@ fn status_text<B: Backend>(core: &Core<B>) -> String {
             p.phase,
             p.attempts
         ));
+        if let Some(k) = p.new {
+            out.push_str(&format!(" new={k}"));
+        }
+        if let Some(k) = p.removed {
+            out.push_str(&format!(" removed={k}"));
+        }
         if let Some(e) = &p.error {
             out.push_str(&format!(" error={e:?}"));
         }

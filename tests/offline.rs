@@ -357,3 +357,162 @@ fn what_a_pin_keeps_in_memory_is_let_go_by_unpin_and_by_removal() {
     assert!(forgotten(&m) < 20, "{}", forgotten(&m));
     m.unmount();
 }
+
+/// The tree `r/` on simnas for the removal tests, read whole through the
+/// mount (every listing and file cached).
+fn removal_setup(options: &str) -> (Mount, SimNas) {
+    let mut m = Mount::prepare(options);
+    let sim = SimNas::start(m.dir.path(), &["--attr-ttl", "0"]);
+    m.nas = sim.nas.clone();
+    let b = |p: &str| sim.backing.join(p);
+    for d in ["r", "r/dir", "r/tree", "r/tree/sub", "r/grown"] {
+        std::fs::create_dir(b(d)).unwrap();
+    }
+    for f in [
+        "r/gone.txt",
+        "r/edited.txt",
+        "r/tree/x",
+        "r/tree/sub/y",
+        "r/pending.txt",
+        "r/again.txt",
+    ] {
+        std::fs::write(b(f), format!("{f} on the NAS")).unwrap();
+    }
+    std::os::unix::fs::symlink("gone.txt", b("r/link")).unwrap();
+    m.mount();
+    for d in ["r", "r/dir", "r/tree", "r/tree/sub", "r/grown"] {
+        for n in names(&m.m(d)) {
+            let p = m.m(&format!("{d}/{n}"));
+            if std::fs::symlink_metadata(&p).unwrap().is_file() {
+                std::fs::read(&p).unwrap();
+            }
+        }
+    }
+    (m, sim)
+}
+
+fn go_offline(m: &Mount, sim: &SimNas) {
+    sim.ctl("fail ENOTCONN");
+    std::thread::sleep(Duration::from_millis(1200));
+    let _ = std::fs::metadata(m.m("r"));
+    m.wait_status("nas offline", Duration::from_secs(5));
+}
+
+#[test]
+fn removals_made_offline_reach_the_nas_unless_it_changed_meanwhile() {
+    let (m, sim) = removal_setup("timeo=30,actimeo=1,writeback_delay=1h");
+    go_offline(&m, &sim);
+    // rm of files, a symlink, an empty directory, a whole tree; a file
+    // with a change pending; a file removed and made again.
+    for f in ["r/gone.txt", "r/edited.txt", "r/link"] {
+        std::fs::remove_file(m.m(f)).unwrap();
+    }
+    std::fs::remove_dir(m.m("r/dir")).unwrap();
+    std::fs::remove_dir_all(m.m("r/tree")).unwrap();
+    std::fs::remove_dir(m.m("r/grown")).unwrap();
+    std::fs::write(m.m("r/pending.txt"), "changed here, then removed").unwrap();
+    std::fs::remove_file(m.m("r/pending.txt")).unwrap();
+    std::fs::remove_file(m.m("r/again.txt")).unwrap();
+    std::fs::write(m.m("r/again.txt"), "made again here").unwrap();
+    // What cannot be done offline says so, and changes nothing.
+    assert_eq!(
+        errno(&std::fs::remove_file(m.m("r/gone.txt"))),
+        libc::ENOENT
+    );
+    assert_eq!(names(&m.m("r")), ["again.txt"]);
+    let status = m.status();
+    for p in [
+        "r/gone.txt",
+        "r/edited.txt",
+        "r/link",
+        "r/dir",
+        "r/tree/sub/y",
+        "r/tree",
+        "r/grown",
+    ] {
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with(&format!("pending {p} ")) && l.contains(" removed=")),
+            "{p}: {status}"
+        );
+    }
+    // The NAS still has it all; meanwhile another client edits one of the
+    // files removed here and adds a file to a directory removed here.
+    assert!(sim.backing.join("r/gone.txt").exists());
+    std::fs::write(
+        sim.backing.join("r/edited.txt"),
+        "edited on another machine",
+    )
+    .unwrap();
+    std::fs::write(sim.backing.join("r/grown/new"), "added on another machine").unwrap();
+
+    sim.ctl("fail off");
+    m.wait_status("nas online", Duration::from_secs(20));
+    m.flush(None);
+    let nas = |p: &str| sim.backing.join(p);
+    for gone in ["r/gone.txt", "r/link", "r/dir", "r/tree", "r/pending.txt"] {
+        assert!(
+            std::fs::symlink_metadata(nas(gone)).is_err(),
+            "{gone} still on the NAS"
+        );
+    }
+    // Deleted here, edited there: the NAS's version stays, reported.
+    assert_eq!(
+        std::fs::read_to_string(nas("r/edited.txt")).unwrap(),
+        "edited on another machine"
+    );
+    // Removed here, gained a file there: the directory stays with it.
+    assert_eq!(names(&nas("r/grown")), ["new"]);
+    assert_eq!(
+        std::fs::read_to_string(nas("r/again.txt")).unwrap(),
+        "made again here"
+    );
+    let status = m.status();
+    assert!(!status.contains("\npending "), "{status}");
+    assert_eq!(m.status_value("conflicts"), 2, "{status}");
+    assert!(status.contains("conflict r/edited.txt"), "{status}");
+    assert!(status.contains("conflict r/grown"), "{status}");
+    assert!(
+        m.log().contains("changed on the NAS meanwhile"),
+        "{}",
+        m.log()
+    );
+    // The mount shows what the NAS kept once its names expire.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while names(&m.m("r")) != ["again.txt", "edited.txt", "grown"] && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(names(&m.m("r")), ["again.txt", "edited.txt", "grown"]);
+    assert_eq!(names(&m.m("r/grown")), ["new"]);
+}
+
+#[test]
+fn removals_made_offline_survive_an_unmount_and_apply_at_the_next_mount() {
+    let (mut m, sim) =
+        removal_setup("timeo=30,actimeo=1,writeback_delay=1h,unmount_flush_timeout=1s");
+    go_offline(&m, &sim);
+    std::fs::remove_file(m.m("r/gone.txt")).unwrap();
+    std::fs::remove_dir_all(m.m("r/tree")).unwrap();
+    m.unmount();
+    assert_eq!(m.last_exit.and_then(|s| s.code()), Some(75), "{}", m.log());
+    assert!(sim.backing.join("r/gone.txt").exists());
+    sim.ctl("fail off");
+    m.mount();
+    // Still removed in the view before the NAS has it.
+    assert_eq!(
+        names(&m.m("r")),
+        [
+            "again.txt",
+            "dir",
+            "edited.txt",
+            "grown",
+            "link",
+            "pending.txt"
+        ]
+    );
+    m.flush(None);
+    assert!(!sim.backing.join("r/gone.txt").exists());
+    assert!(!sim.backing.join("r/tree").exists());
+    assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
+}

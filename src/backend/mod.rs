@@ -365,4 +365,19 @@ pub trait Backend: Send + Sync + 'static {
     fn local_path(&self, _ino: u64) -> Option<OsString> {
         None
     }
+
+    /// While the NAS does not answer: removes `name` (`node`, of `kind`,
+    /// the NAS version `was`: its inode number is the node's) from `dir`
+    /// here at once, and from the NAS once it answers (see [`overlay`]).
+    /// EIO for a backend that keeps no local view of the namespace.
+    fn remove_later(
+        &self,
+        _dir: &Self::Node,
+        _name: &OsStr,
+        _node: &Self::Node,
+        _kind: FileKind,
+        _was: Validator,
+    ) -> BResult<()> {
+        Err(BackendError::errno("remove", libc::EIO))
+    }
 }

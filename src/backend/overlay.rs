@@ -8,15 +8,19 @@
 //! changes of local objects stay local too, so a temporary file created
 //! and deleted before the write-back delay never reaches the NAS.
 //!
-//! The pending namespace changes are therefore all creations: the NAS's
-//! tree with the local objects added. The replay thread creates them on
-//! the NAS, parents first, `writeback_delay` after their creation (or at
-//! once on `flush`). Everything else that changes the NAS's namespace
-//! (link, unlink or rename of an object that is on the NAS, xattrs) goes to
-//! the NAS at once, as before, after *materializing* the local objects it
-//! involves: those, and only those, are created on the NAS first. Any
-//! order that creates parents first is valid, because creations of
-//! distinct objects commute.
+//! The pending namespace changes are therefore creations, and removals
+//! made while the NAS did not answer: the NAS's tree with the local
+//! objects added and the removed names taken away. The replay thread
+//! applies the removals first, in the order they were made, each only if
+//! the NAS still has the version removed here (else it is a conflict and
+//! the NAS's object stays); then it creates the local objects on the NAS,
+//! parents first, `writeback_delay` after their creation (or at once on
+//! `flush`). Everything else that changes the NAS's namespace (link,
+//! unlink or rename of an object that is on the NAS while it answers,
+//! xattrs) goes to the NAS at once, after the pending removals and after
+//! *materializing* the local objects it involves: those, and only those,
+//! are created on the NAS first. Any order that creates parents first is
+//! valid, because creations of distinct objects commute.
 //!
 //! A file is created on the NAS under a hidden name, filled, given its
 //! mode and times, synced and renamed into place without replacing
@@ -43,11 +47,11 @@ use std::time::{Duration, Instant, SystemTime};
 use super::bounded::is_unreachable;
 use super::{
     Attr, BResult, Backend, BackendError, Creds, DirEntry, FileKind, OpenMode, RenameFlags,
-    SetAttr, SetTime, StatFs,
+    SetAttr, SetTime, StatFs, Validator,
 };
 use crate::cache::CacheError;
 use crate::writeback::journal::{
-    AliasRecord, ConflictRecord, Journal, LeftoverRecord, ObjParent, ObjectRecord,
+    AliasRecord, ConflictRecord, Journal, LeftoverRecord, ObjParent, ObjectRecord, RemovalRecord,
 };
 use crate::writeback::{PendingInfo, Staged, conflict_name, conflict_stamp};
 
@@ -176,9 +180,29 @@ struct Leftover<N> {
     nas_ino: Option<u64>,
 }
 
+/// A NAS object removed here while the NAS did not answer, still to
+/// remove there: not shown meanwhile.
+struct Removal<N> {
+    id: u64,
+    dir: N,
+    /// The directory's inode number as shown.
+    dir_ino: u64,
+    /// The directory's path when removed (for status and the log).
+    dir_path: OsString,
+    name: OsString,
+    kind: FileKind,
+    /// The version removed here: another one found there is kept.
+    was: Validator,
+    since: Instant,
+    /// Why the last attempt did not finish (the NAS did not answer).
+    error: Option<String>,
+}
+
 struct State<B: Backend> {
     objs: HashMap<u64, Obj<B>>,
     leftovers: Vec<Leftover<B::Node>>,
+    /// In the order they were made.
+    removals: Vec<Removal<B::Node>>,
     /// Local objects not on the NAS yet, per directory (shown inode).
     children: HashMap<u64, BTreeMap<OsString, u64>>,
     dirs: HashMap<u64, NasDir>,
@@ -218,6 +242,8 @@ struct Sched {
 pub struct PendingObject {
     pub path: OsString,
     pub kind: FileKind,
+    /// A NAS object removed here, not yet there (else a new object).
+    pub removed: bool,
     pub age: Duration,
     pub attempts: u32,
     pub error: Option<String>,
@@ -231,6 +257,8 @@ pub struct Overlay<B: Backend> {
     host: String,
     state: Mutex<State<B>>,
     replay: Mutex<()>,
+    /// Held while removals made offline are applied on the NAS (in order).
+    removing: Mutex<()>,
     /// Write-held from the NAS call that puts a new object in its
     /// directory until the view knows it is there; read-held by getattr
     /// and readdir of directories, which combine the NAS's answer with
@@ -247,6 +275,15 @@ pub struct Overlay<B: Backend> {
 
 fn now() -> SystemTime {
     crate::clock::now()
+}
+
+fn kind_name(k: FileKind) -> &'static str {
+    match k {
+        FileKind::File => "file",
+        FileKind::Dir => "dir",
+        FileKind::Symlink => "symlink",
+        _ => "special",
+    }
 }
 
 impl<B: Backend> Overlay<B> {
@@ -270,6 +307,7 @@ impl<B: Backend> Overlay<B> {
         let mut st = State {
             objs: HashMap::new(),
             leftovers: Vec::new(),
+            removals: Vec::new(),
             children: HashMap::new(),
             dirs: HashMap::new(),
             alias: aliases.iter().map(|a| (a.nas_ino, *a)).collect(),
@@ -301,6 +339,7 @@ impl<B: Backend> Overlay<B> {
             host,
             state: Mutex::new(st),
             replay: Mutex::new(()),
+            removing: Mutex::new(()),
             window: RwLock::new(()),
             sched: Mutex::new(Sched {
                 kick: false,
@@ -431,6 +470,29 @@ impl<B: Backend> Overlay<B> {
                 Err(_) => ov.journal.delete_leftover(l.id)?,
             }
         }
+        for r in ov.journal.load_removals()? {
+            match ov.walk(&root_node, root_attr.ino, &r.dir_path) {
+                Ok((dir, dir_ino)) => ov.st().removals.push(Removal {
+                    id: r.id,
+                    dir,
+                    dir_ino,
+                    dir_path: r.dir_path,
+                    name: r.name,
+                    kind: r.kind,
+                    was: r.was,
+                    since: Instant::now(),
+                    error: None,
+                }),
+                // Its directory is gone, and with it what was to go.
+                Err(e) if e.raw_errno() == libc::ENOENT => ov.journal.delete_removal(r.id)?,
+                Err(e) => {
+                    return Err(CacheError::Setup {
+                        path: ov.journal.upper_dir().display().to_string(),
+                        reason: format!("finding {:?} again: {e}", r.dir_path),
+                    });
+                }
+            }
+        }
         if let Ok(entries) = std::fs::read_dir(ov.journal.upper_dir()) {
             for e in entries.flatten() {
                 if !known.contains(&e.path()) {
@@ -440,7 +502,7 @@ impl<B: Backend> Overlay<B> {
         }
         let pending = {
             let st = ov.st();
-            st.objs.len() + st.leftovers.len()
+            st.objs.len() + st.leftovers.len() + st.removals.len()
         };
         if pending > 0 {
             log::info!("journal: {pending} new objects still to create on the NAS");
@@ -550,6 +612,12 @@ impl<B: Backend> Overlay<B> {
                     .count();
                 a.nlink += subdirs as u32;
             }
+            let gone = st
+                .removals
+                .iter()
+                .filter(|r| r.dir_ino == a.ino && r.kind == FileKind::Dir)
+                .count();
+            a.nlink = a.nlink.saturating_sub(gone as u32).max(2);
         }
         a
     }
@@ -592,6 +660,8 @@ impl<B: Backend> Overlay<B> {
     }
 
     fn promote_chain(&self, ino: u64) -> BResult<B::Node> {
+        // A name removed here may be the one to take.
+        self.apply_removals()?;
         let _g = self.replay.lock().unwrap_or_else(|e| e.into_inner());
         let mut chain = Vec::new();
         {
@@ -775,6 +845,8 @@ impl<B: Backend> Overlay<B> {
         let own = self.st().own.contains(&dir.ino);
         match &dir_nas {
             Some(_) if own => {}
+            // Removed here: free (the removal reaches the NAS first).
+            Some(_) if Self::is_removed(&self.st(), dir.ino, name) => {}
             Some(n) => {
                 if is_hidden(name) {
                     return Err(err(op, libc::EEXIST));
@@ -1076,6 +1148,13 @@ impl<B: Backend> Overlay<B> {
             .any(|l| l.dir_ino == dir && l.name == name && l.nas_ino == Some(ino))
     }
 
+    /// Whether `name` in `dir` was removed here and not yet on the NAS.
+    fn is_removed(st: &State<B>, dir: u64, name: &OsStr) -> bool {
+        st.removals
+            .iter()
+            .any(|r| r.dir_ino == dir && r.name == name)
+    }
+
     fn local_child(&self, dir: u64, name: &OsStr) -> Option<u64> {
         self.st()
             .children
@@ -1131,7 +1210,7 @@ impl<B: Backend> Overlay<B> {
     fn next_due(&self) -> Option<Duration> {
         let st = self.st();
         let now = Instant::now();
-        if !st.leftovers.is_empty() {
+        if !st.leftovers.is_empty() || !st.removals.is_empty() {
             return Some(Duration::from_millis(500));
         }
         // A directory whose last new child was placed outside a pass (by
@@ -1169,8 +1248,12 @@ impl<B: Backend> Overlay<B> {
         if !self.st().leftovers.is_empty() {
             self.clean_leftovers();
         }
-        let mut failed = false;
+        // Before the creations: one may take a name removed here.
+        let mut failed = self.apply_removals().is_err();
         for p in due {
+            if failed {
+                break;
+            }
             if !self.lower.online() {
                 failed = true;
                 break;
@@ -1215,6 +1298,104 @@ impl<B: Backend> Overlay<B> {
         }
         self.settle_dirs();
         if failed { Err(()) } else { Ok(()) }
+    }
+
+    /// Applies on the NAS, in the order they were made, the removals made
+    /// while it did not answer. Err once the NAS does not answer (the rest
+    /// wait); every other outcome is final: removed, gone already, or kept
+    /// as a conflict (changed there meanwhile, or not empty).
+    fn apply_removals(&self) -> BResult<()> {
+        if self.st().removals.is_empty() {
+            return Ok(());
+        }
+        let _g = self.removing.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let next = {
+                let st = self.st();
+                st.removals.first().map(|r| {
+                    let mut path = r.dir_path.clone();
+                    if !path.is_empty() {
+                        path.push("/");
+                    }
+                    path.push(&r.name);
+                    (r.id, r.dir.clone(), path, r.name.clone(), r.kind, r.was)
+                })
+            };
+            let Some((id, dir, path, name, kind, was)) = next else {
+                return Ok(());
+            };
+            let conflict = match self.remove_on_nas(&dir, &name, kind, &was) {
+                Ok(c) => c,
+                Err(e) if is_unreachable(&e) => {
+                    if let Some(r) = self.st().removals.first_mut() {
+                        r.error = Some(e.to_string());
+                    }
+                    return Err(e);
+                }
+                Err(e) => Some(format!("could not be removed on the NAS ({e})")),
+            };
+            if let Some(reason) = conflict {
+                self.note_conflict(&path, &path, &reason);
+            } else {
+                log::debug!(
+                    "removal of {path:?} (nas ino {}) applied on the NAS",
+                    was.ino
+                );
+            }
+            self.st().removals.retain(|r| r.id != id);
+            if let Err(e) = self.journal.delete_removal(id) {
+                log::warn!("journal: {e}");
+            }
+        }
+    }
+
+    /// Removes `name` from NAS directory `dir` if it is still the version
+    /// removed here; Some(reason) when what is there is kept instead.
+    fn remove_on_nas(
+        &self,
+        dir: &B::Node,
+        name: &OsStr,
+        kind: FileKind,
+        was: &Validator,
+    ) -> BResult<Option<String>> {
+        let a = match self.lower.lookup(dir, name) {
+            Ok((_, a)) => a,
+            Err(e) if matches!(e.raw_errno(), libc::ENOENT | libc::ESTALE) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if a.ino != was.ino || a.kind != kind {
+            return Ok(Some(
+                "removed here, and replaced on the NAS meanwhile: the NAS's is kept".into(),
+            ));
+        }
+        if kind == FileKind::Dir {
+            return match self.lower.rmdir(dir, name) {
+                Ok(()) => Ok(None),
+                Err(e) if matches!(e.raw_errno(), libc::ENOTEMPTY | libc::EEXIST) => Ok(Some(
+                    "removed here, but it gained entries on the NAS meanwhile: it stays with them"
+                        .into(),
+                )),
+                Err(e) if e.raw_errno() == libc::ENOENT => Ok(None),
+                Err(e) => Err(e),
+            };
+        }
+        if a.size != was.size || a.mtime != was.mtime {
+            log::debug!(
+                "{name:?} removed here as size {} mtime {:?}; the NAS has size {} mtime {:?}",
+                was.size,
+                was.mtime,
+                a.size,
+                a.mtime
+            );
+            return Ok(Some(
+                "removed here, but changed on the NAS meanwhile: the NAS's version is kept".into(),
+            ));
+        }
+        match self.lower.unlink(dir, name) {
+            Ok(()) => Ok(None),
+            Err(e) if e.raw_errno() == libc::ENOENT => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Gives directories their mode and times once no local child is left
@@ -1878,11 +2059,12 @@ impl<B: Backend> Overlay<B> {
     }
 
     pub fn pending_count(&self) -> usize {
-        self.st()
-            .objs
+        let st = self.st();
+        st.objs
             .values()
             .filter(|o| o.nas.is_none() && !o.gone)
             .count()
+            + st.removals.len()
     }
 
     pub fn pending_objects(&self) -> Vec<PendingObject> {
@@ -1902,6 +2084,7 @@ impl<B: Backend> Overlay<B> {
                     PendingObject {
                         path,
                         kind: o.attr.kind,
+                        removed: false,
                         age: o.created.elapsed(),
                         attempts: o.attempts,
                         error: o.error.clone(),
@@ -1910,7 +2093,22 @@ impl<B: Backend> Overlay<B> {
             })
             .collect();
         v.sort_by_key(|(p, _)| *p);
-        v.into_iter().map(|(_, o)| o).collect()
+        let removals = st.removals.iter().map(|r| {
+            let mut path = r.dir_path.clone();
+            if !path.is_empty() {
+                path.push("/");
+            }
+            path.push(&r.name);
+            PendingObject {
+                path,
+                kind: r.kind,
+                removed: true,
+                age: r.since.elapsed(),
+                attempts: 0,
+                error: r.error.clone(),
+            }
+        });
+        removals.chain(v.into_iter().map(|(_, o)| o)).collect()
     }
 
     /// (created on the NAS, conflicts) since the mount.
@@ -2043,7 +2241,7 @@ impl<B: Backend> Backend for Overlay<B> {
         let Some(n) = self.nas_of(dir) else {
             return Err(err("lookup", libc::ENOENT));
         };
-        if is_hidden(name) {
+        if is_hidden(name) || Self::is_removed(&self.st(), dir.ino, name) {
             return Err(err("lookup", libc::ENOENT));
         }
         let _w = self.window_read();
@@ -2070,6 +2268,9 @@ impl<B: Backend> Backend for Overlay<B> {
                 .and_then(|p| self.local_node(p))
             {
                 Some(x) => out.push(Some(Ok(x))),
+                None if Self::is_removed(&self.st(), dir.ino, name) => {
+                    out.push(Some(Err(err("lookup", libc::ENOENT))));
+                }
                 None => {
                     out.push(None);
                     ask.push(name.clone());
@@ -2266,7 +2467,9 @@ impl<B: Backend> Backend for Overlay<B> {
                 let mut v = self.lower.readdir(&n)?;
                 let st = self.st();
                 v.retain(|e| {
-                    !is_hidden(&e.name) && !Self::is_leftover(&st, dir.ino, &e.name, e.ino)
+                    !is_hidden(&e.name)
+                        && !Self::is_leftover(&st, dir.ino, &e.name, e.ino)
+                        && !Self::is_removed(&st, dir.ino, &e.name)
                 });
                 for e in &mut v {
                     if let Some(al) = st.alias.get(&e.ino) {
@@ -2375,6 +2578,7 @@ impl<B: Backend> Backend for Overlay<B> {
         if self.local_child(dir.ino, name).is_some() {
             return Err(err("link", libc::EEXIST));
         }
+        self.apply_removals()?;
         let n = self.materialize(node)?;
         let d = self.materialize(dir)?;
         let a = self.lower.link(&n, &d, name)?;
@@ -2395,6 +2599,11 @@ impl<B: Backend> Backend for Overlay<B> {
         let d = self
             .nas_of(dir)
             .ok_or_else(|| err("unlink", libc::ENOENT))?;
+        if Self::is_removed(&self.st(), dir.ino, name) {
+            return Err(err("unlink", libc::ENOENT));
+        }
+        drop(_w);
+        self.apply_removals()?;
         self.lower.unlink(&d, name)
     }
 
@@ -2414,6 +2623,12 @@ impl<B: Backend> Backend for Overlay<B> {
             }
         }
         let d = self.nas_of(dir).ok_or_else(|| err("rmdir", libc::ENOENT))?;
+        if Self::is_removed(&self.st(), dir.ino, name) {
+            return Err(err("rmdir", libc::ENOENT));
+        }
+        // Its entries removed here go from the NAS first.
+        drop(_w);
+        self.apply_removals()?;
         // Local children still to create keep it from being empty.
         let has_local = !self.st().children.is_empty();
         if has_local {
@@ -2453,6 +2668,7 @@ impl<B: Backend> Backend for Overlay<B> {
             let taken_on_nas = match (&newdir_nas, dst) {
                 (_, Some(_)) => false,
                 (None, None) => false,
+                (Some(_), None) if Self::is_removed(&self.st(), newdir.ino, newname) => false,
                 (Some(n), None) => match self.lower.lookup(n, newname) {
                     Ok(_) => true,
                     Err(e) if e.raw_errno() == libc::ENOENT => false,
@@ -2518,8 +2734,10 @@ impl<B: Backend> Backend for Overlay<B> {
             }
         }
         // Everything else happens on the NAS, with what it involves there
-        // (which may mean placing new objects there: not under `window`).
+        // (which may mean placing new objects there: not under `window`),
+        // after the removals made while it did not answer.
         drop(w);
+        self.apply_removals()?;
         if !flags.exchange {
             // A directory with new objects in it is not empty, whatever
             // the NAS says.
@@ -2896,6 +3114,84 @@ impl<B: Backend> Backend for Overlay<B> {
         Some(p)
     }
 
+    fn remove_later(
+        &self,
+        dir: &Self::Node,
+        name: &OsStr,
+        node: &Self::Node,
+        kind: FileKind,
+        was: Validator,
+    ) -> BResult<()> {
+        let op = "remove";
+        let _w = self.window_read();
+        let Some(d) = self.nas_of(dir) else {
+            return Err(err(op, libc::EIO));
+        };
+        let mut st = self.st();
+        if st
+            .children
+            .get(&dir.ino)
+            .is_some_and(|m| m.contains_key(name))
+        {
+            return Err(err(op, libc::EIO));
+        }
+        if kind == FileKind::Dir && st.children.get(&was.ino).is_some_and(|m| !m.is_empty()) {
+            return Err(err(op, libc::ENOTEMPTY));
+        }
+        if Self::is_removed(&st, dir.ino, name) {
+            return Err(err(op, libc::ENOENT));
+        }
+        // Without its directory's path it could not be found after a
+        // restart: refused, as before.
+        let Some(dir_path) = Self::dir_path(&st, dir.ino) else {
+            return Err(err(op, libc::EIO));
+        };
+        // The node's number, not the attributes' (a file saved over
+        // another shows the new file's until looked up again); an object
+        // created here is known by its provisional number.
+        let nas_ino = st
+            .alias
+            .values()
+            .find(|al| al.prov == node.ino)
+            .map(|al| al.nas_ino)
+            .unwrap_or(node.ino);
+        let was = Validator {
+            ino: nas_ino,
+            ..was
+        };
+        let rec = RemovalRecord {
+            id: 0,
+            dir_path,
+            name: name.to_os_string(),
+            kind,
+            was,
+        };
+        let id = self
+            .journal
+            .add_removal(&rec)
+            .map_err(journal_err("journal"))?;
+        log::debug!("{name:?} (nas ino {nas_ino}) removed here; on the NAS once it answers");
+        st.removals.push(Removal {
+            id,
+            dir: d,
+            dir_ino: dir.ino,
+            dir_path: rec.dir_path,
+            name: rec.name,
+            kind,
+            was,
+            since: Instant::now(),
+            error: None,
+        });
+        if kind == FileKind::Dir {
+            st.dirs
+                .retain(|_, v| !(v.parent == dir.ino && v.name == name));
+        }
+        Self::dir_changed(&mut st, dir.ino, now(), 0);
+        drop(st);
+        self.kick(false);
+        Ok(())
+    }
+
     fn sync_namespace(&self, _node: &Self::Node) -> BResult<()> {
         if !self.upper_synced.swap(true, Ordering::AcqRel) {
             if let Err(e) = File::open(self.journal.upper_dir()).and_then(|f| f.sync_all()) {
@@ -2922,12 +3218,8 @@ impl<B: Backend> Staged for Overlay<B> {
         self.pending_objects()
             .into_iter()
             .map(|o| PendingInfo {
-                new: Some(match o.kind {
-                    FileKind::File => "file",
-                    FileKind::Dir => "dir",
-                    FileKind::Symlink => "symlink",
-                    _ => "special",
-                }),
+                new: (!o.removed).then_some(kind_name(o.kind)),
+                removed: o.removed.then_some(kind_name(o.kind)),
                 path: o.path,
                 bytes: 0,
                 age: o.age,

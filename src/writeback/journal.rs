@@ -30,7 +30,7 @@ use crate::cache::CacheError;
 
 /// Journal format version. A journal of another version is refused, never
 /// emptied: it may hold the only copy of someone's work.
-pub const FORMAT: i64 = 2;
+pub const FORMAT: i64 = 3;
 
 /// Tables added by format 2 (objects created through the mount and not on
 /// the NAS yet, and the inode numbers they keep once there). A format-1
@@ -61,6 +61,19 @@ const FORMAT2_TABLES: &str = "
         mtime_ns INTEGER NOT NULL,
         target BLOB,
         nas_ino INTEGER);";
+
+/// Added by format 3: NAS objects removed here while the NAS did not
+/// answer, still to remove there. Earlier formats gain it at open.
+const FORMAT3_TABLES: &str = "
+    CREATE TABLE removals (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        dir_path BLOB NOT NULL,
+        name BLOB NOT NULL,
+        kind INTEGER NOT NULL,
+        nas_ino INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        ctime_ns INTEGER NOT NULL);";
 
 /// Where a data row is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -261,7 +274,7 @@ impl Journal {
                      reason TEXT NOT NULL);
                  COMMIT;",
             )?;
-            conn.execute_batch(&format!("BEGIN; {FORMAT2_TABLES} COMMIT;"))?;
+            conn.execute_batch(&format!("BEGIN; {FORMAT2_TABLES} {FORMAT3_TABLES} COMMIT;"))?;
             conn.execute("INSERT INTO meta VALUES ('format', ?1)", params![FORMAT])?;
         }
         let format: Option<i64> = conn
@@ -277,6 +290,13 @@ impl Journal {
             .map_err(|e| corrupt(&e))?;
         }
         let format = if format == Some(1) { Some(2) } else { format };
+        if format == Some(2) {
+            conn.execute_batch(&format!(
+                "BEGIN; {FORMAT3_TABLES} UPDATE meta SET value = 3 WHERE key = 'format'; COMMIT;"
+            ))
+            .map_err(|e| corrupt(&e))?;
+        }
+        let format = if format == Some(2) { Some(3) } else { format };
         if format != Some(FORMAT) {
             return Err(corrupt(&format!(
                 "format {format:?}, this nassync reads format {FORMAT}"
@@ -513,6 +533,17 @@ pub struct LeftoverRecord {
     pub mtime: SystemTime,
     pub target: Option<OsString>,
     pub nas_ino: Option<u64>,
+}
+
+/// A NAS object removed here while the NAS did not answer (see
+/// `backend::overlay`): `was` is the version removed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RemovalRecord {
+    pub id: u64,
+    pub dir_path: OsString,
+    pub name: OsString,
+    pub kind: FileKind,
+    pub was: Validator,
 }
 
 /// A NAS inode number that stands for a local object's provisional one.
@@ -808,6 +839,71 @@ impl Journal {
                 mtime: from_nanos(mtime),
                 target: target.map(OsString::from_vec),
                 nas_ino: nas_ino.map(|i| i as u64),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Records a removal (committed: it is the removal's only trace);
+    /// returns its id.
+    pub fn add_removal(&self, r: &RemovalRecord) -> Result<u64, CacheError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO removals (dir_path, name, kind, nas_ino, size, mtime_ns, ctime_ns)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                r.dir_path.as_bytes(),
+                r.name.as_bytes(),
+                kind_code(r.kind),
+                r.was.ino as i64,
+                r.was.size as i64,
+                nanos(r.was.mtime),
+                nanos(r.was.ctime),
+            ],
+        )?;
+        Ok(conn.last_insert_rowid() as u64)
+    }
+
+    pub fn delete_removal(&self, id: u64) -> Result<(), CacheError> {
+        self.conn()
+            .execute("DELETE FROM removals WHERE id = ?1", [id as i64])?;
+        Ok(())
+    }
+
+    /// The removals in the order they were made.
+    pub fn load_removals(&self) -> Result<Vec<RemovalRecord>, CacheError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, dir_path, name, kind, nas_ino, size, mtime_ns, ctime_ns
+             FROM removals ORDER BY id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, i64>(7)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, dir, name, kind, ino, size, mtime, ctime) = row?;
+            let Some(kind) = kind_of(kind) else { continue };
+            out.push(RemovalRecord {
+                id: id as u64,
+                dir_path: OsString::from_vec(dir),
+                name: OsString::from_vec(name),
+                kind,
+                was: Validator {
+                    ino: ino as u64,
+                    size: size as u64,
+                    mtime: from_nanos(mtime),
+                    ctime: from_nanos(ctime),
+                },
             });
         }
         Ok(out)

@@ -176,6 +176,8 @@ pub trait Staged: Send + Sync {
 pub struct PendingInfo {
     /// A new object, not on the NAS yet, and its kind.
     pub new: Option<&'static str>,
+    /// An object on the NAS removed here, not there yet, and its kind.
+    pub removed: Option<&'static str>,
     pub path: OsString,
     pub bytes: u64,
     pub age: Duration,
@@ -397,6 +399,11 @@ impl<B: Backend> WriteBack<B> {
             mtime: g.rec.mtime,
             ctime: g.ctime,
         })
+    }
+
+    /// The NAS version a dirty file's changes started from.
+    pub fn base(&self, nas_ino: u64) -> Option<Validator> {
+        Some(self.get(nas_ino)?.lock().rec.base)
     }
 
     /// The cache state a dirty file's base blocks are kept under.
@@ -1156,6 +1163,7 @@ impl<B: Backend> WriteBack<B> {
             }
             out.push(PendingInfo {
                 new: None,
+                removed: None,
                 path: g.rec.path.clone(),
                 bytes: g.weight(),
                 age: g.rec.created.elapsed().unwrap_or_default(),
