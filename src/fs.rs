@@ -1573,9 +1573,12 @@ impl<B: Backend> Core<B> {
             }
             (ino, i.kind, i.attr.validator(), i.node.clone())
         };
-        // Changes pending: the NAS has the version they started from.
-        if let Some(base) = self.wb.as_ref().and_then(|wb| wb.base(self.fuse_ino(ino))) {
-            was = base;
+        // Changes pending: the NAS has the version they started from,
+        // unless an attempt to write them back did not finish.
+        match self.wb.as_ref().and_then(|wb| wb.base(self.fuse_ino(ino))) {
+            Some(Some(base)) => was = base,
+            Some(None) => return Err(e.into()),
+            None => {}
         }
         match self.backend.remove_later(dir, name, &node, kind, was) {
             Ok(()) => Ok(()),
@@ -1663,11 +1666,17 @@ impl<B: Backend> Core<B> {
         if let (Some(wb), Some((ino, _))) = (&self.wb, &moved) {
             wb.own_meta_op(self.fuse_ino(*ino));
         }
-        if let Err(e) = self.backend.rename(&dir, name, &newdir, newname, flags) {
+        if let Err(e) = self.rename_or_later(
+            (&dir, name),
+            (newparent, &newdir, newname),
+            flags,
+            &moved,
+            &replaced,
+        ) {
             if let (Some(wb), Some((old, _))) = (&self.wb, &paths) {
                 wb.rename_failed(old);
             }
-            return Err(e.into());
+            return Err(e);
         }
         if let Some((ino, _)) = &moved {
             // rename changes the ctime (before the rows drop the rename in
@@ -1742,6 +1751,60 @@ impl<B: Backend> Core<B> {
             }
         }
         Ok(())
+    }
+
+    /// The backend's rename. Offline, a new object moved to a name the
+    /// cache vouches for (an editor's save through a temporary file, made
+    /// while the NAS is away): a NAS object there is removed here (and
+    /// from the NAS once it answers, see [`Core::remove_later`]), and the
+    /// backend is told the name is free, so that the move stays local.
+    fn rename_or_later(
+        &self,
+        (dir, name): (&B::Node, &OsStr),
+        (newparent, newdir, newname): (u64, &B::Node, &OsStr),
+        flags: RenameFlags,
+        moved: &Option<(u64, B::Node)>,
+        replaced: &Option<(u64, B::Node)>,
+    ) -> FsResult<()> {
+        let e = match self.backend.rename(dir, name, newdir, newname, flags) {
+            Ok(()) => return Ok(()),
+            Err(e) if is_unreachable(&e) && !flags.exchange => e,
+            Err(e) => return Err(e.into()),
+        };
+        let local = |i: u64| self.backend.local_path(self.fuse_ino(i)).is_some();
+        let Some((s, _)) = moved else {
+            return Err(e.into());
+        };
+        if !local(*s) {
+            return Err(e.into());
+        }
+        match replaced {
+            Some((r, _)) if r == s => return Ok(()),
+            // Another new object: the backend moves it over that one.
+            Some((r, _)) if local(*r) => return Err(e.into()),
+            Some((r, _)) => {
+                if flags.noreplace {
+                    return Err(BackendError::errno("rename", libc::EEXIST).into());
+                }
+                let kind = |i: u64| self.tables().inodes.get(&i).map(|x| x.kind);
+                let dir_kind = Some(FileKind::Dir);
+                let (sd, rd) = (kind(*s) == dir_kind, kind(*r) == dir_kind);
+                match (sd, rd) {
+                    (true, false) => {
+                        return Err(BackendError::errno("rename", libc::ENOTDIR).into());
+                    }
+                    (false, true) => return Err(BackendError::errno("rename", libc::EISDIR).into()),
+                    _ => {}
+                }
+                self.remove_later(newparent, newdir, newname, rd, e)?;
+            }
+            None => {}
+        }
+        let vouched = RenameFlags {
+            vouched_free: true,
+            ..flags
+        };
+        Ok(self.backend.rename(dir, name, newdir, newname, vouched)?)
     }
 
     fn open_handle(&self, ino: u64, file: B::File, data: Arc<FileData>, append: bool) -> u64 {

@@ -335,6 +335,7 @@ impl<B: Backend> Filesystem for FuseFs<B> {
             let f = RenameFlags {
                 noreplace: flags.contains(fuser::RenameFlags::RENAME_NOREPLACE),
                 exchange: flags.contains(fuser::RenameFlags::RENAME_EXCHANGE),
+                vouched_free: false,
             };
             self.core.rename(parent.0, name, newparent.0, newname, f)
         });

@@ -516,3 +516,56 @@ fn removals_made_offline_survive_an_unmount_and_apply_at_the_next_mount() {
     assert!(!sim.backing.join("r/tree").exists());
     assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
 }
+
+#[test]
+fn a_save_through_a_temporary_file_works_offline() {
+    let (m, sim) = removal_setup("timeo=30,actimeo=1,writeback_delay=1h");
+    go_offline(&m, &sim);
+    // How editors save: a new file, renamed over the old one.
+    for (name, text) in [("gone.txt", "saved offline"), ("edited.txt", "saved here")] {
+        let tmp = m.m(&format!("r/.{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, m.m(&format!("r/{name}"))).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(m.m(&format!("r/{name}"))).unwrap(),
+            text
+        );
+    }
+    // Over a directory: refused as on any filesystem, nothing changed.
+    std::fs::write(m.m("r/.x.tmp"), "x").unwrap();
+    assert_eq!(
+        errno(&std::fs::rename(m.m("r/.x.tmp"), m.m("r/dir"))),
+        libc::EISDIR
+    );
+    std::fs::remove_file(m.m("r/.x.tmp")).unwrap();
+    // Meanwhile another client edits one of them.
+    std::fs::write(
+        sim.backing.join("r/edited.txt"),
+        "edited on another machine",
+    )
+    .unwrap();
+    sim.ctl("fail off");
+    m.wait_status("nas online", Duration::from_secs(20));
+    m.flush(None);
+    let nas = |p: &str| std::fs::read_to_string(sim.backing.join(p)).unwrap();
+    assert_eq!(nas("r/gone.txt"), "saved offline");
+    // Both kept: the NAS's edit under the name, this one beside it.
+    assert_eq!(nas("r/edited.txt"), "edited on another machine");
+    let copies: Vec<String> = names(&sim.backing.join("r"))
+        .into_iter()
+        .filter(|n| n.starts_with("edited.nassync-conflict-"))
+        .collect();
+    assert_eq!(copies.len(), 1, "{:?}", names(&sim.backing.join("r")));
+    assert_eq!(nas(&format!("r/{}", copies[0])), "saved here");
+    assert!(
+        names(&sim.backing.join("r"))
+            .iter()
+            .all(|n| !n.ends_with(".tmp"))
+    );
+    assert!(
+        std::fs::metadata(sim.backing.join("r/dir"))
+            .unwrap()
+            .is_dir()
+    );
+    assert_eq!(m.status_value("conflicts"), 2, "{}", m.status());
+}

@@ -160,6 +160,11 @@ pub struct StatFs {
 pub struct RenameFlags {
     pub noreplace: bool,
     pub exchange: bool,
+    /// Not rename(2)'s: while the NAS does not answer, the caller's cache
+    /// vouches that the new name is free (or removed here), so a backend
+    /// that keeps a local view may move a new object there without asking
+    /// the NAS.
+    pub vouched_free: bool,
 }
 
 /// How a file is opened on the NAS.

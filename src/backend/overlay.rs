@@ -1771,7 +1771,7 @@ impl<B: Backend> Overlay<B> {
     fn place(&self, dir: &B::Node, tmp: &OsStr, name: &OsStr, _k: FileKind) -> BResult<OsString> {
         let noreplace = RenameFlags {
             noreplace: true,
-            exchange: false,
+            ..RenameFlags::default()
         };
         match self.lower.rename(dir, tmp, dir, name, noreplace) {
             Ok(()) => return Ok(name.to_os_string()),
@@ -2672,6 +2672,11 @@ impl<B: Backend> Backend for Overlay<B> {
                 (Some(n), None) => match self.lower.lookup(n, newname) {
                     Ok(_) => true,
                     Err(e) if e.raw_errno() == libc::ENOENT => false,
+                    // Offline: free as far as the core's cache knows (it
+                    // removed what it knew there first, see `remove_later`);
+                    // a name taken on the NAS meanwhile gets the conflict
+                    // name, as for a creation.
+                    Err(e) if is_unreachable(&e) && flags.vouched_free => false,
                     Err(e) => return Err(e),
                 },
             };

@@ -401,9 +401,14 @@ impl<B: Backend> WriteBack<B> {
         })
     }
 
-    /// The NAS version a dirty file's changes started from.
-    pub fn base(&self, nas_ino: u64) -> Option<Validator> {
-        Some(self.get(nas_ino)?.lock().rec.base)
+    /// The NAS version a dirty file's changes started from; None also
+    /// when an attempt may have written part of them there (the NAS's
+    /// version is then not known).
+    pub fn base(&self, nas_ino: u64) -> Option<Option<Validator>> {
+        let d = self.get(nas_ino)?;
+        let g = d.lock();
+        let unsure = g.rec.state == RowState::Applying || g.phase == Phase::Applying;
+        Some((!unsure).then_some(g.rec.base))
     }
 
     /// The cache state a dirty file's base blocks are kept under.
