@@ -1414,17 +1414,26 @@ impl<B: Backend> Core<B> {
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         let dir = self.parent_node(parent)?;
         let victim = self.known_child(parent, name);
-        match self.backend.unlink(&dir, name) {
-            Ok(()) => {}
-            Err(e) if is_unreachable(&e) => self.remove_later(parent, &dir, name, false, e)?,
+        let later = match self.backend.unlink(&dir, name) {
+            Ok(()) => false,
+            Err(e) if is_unreachable(&e) => {
+                self.remove_later(parent, &dir, name, false, e)?;
+                true
+            }
             Err(e) => return Err(e.into()),
-        }
+        };
         {
             let mut t = self.tables();
             self.forget_name(&mut t, parent, name, true);
         }
-        if let Some(v) = victim {
-            self.link_removed(v);
+        match (victim, &self.wb) {
+            // Its only link (see `remove_later`), whatever the NAS says
+            // if it answers again meanwhile.
+            (Some((ino, _)), Some(wb)) if later => {
+                wb.unlinked(self.fuse_ino(ino), self.is_open(ino))
+            }
+            (Some(v), _) => self.link_removed(v),
+            _ => {}
         }
         Ok(())
     }
@@ -1606,7 +1615,8 @@ impl<B: Backend> Core<B> {
     fn link_removed(&self, (ino, node): (u64, B::Node)) {
         let Some(wb) = &self.wb else { return };
         let nas = self.fuse_ino(ino);
-        if !wb.is_dirty(nas) {
+        let open = self.is_open(ino);
+        if !wb.is_dirty(nas) && !open {
             return;
         }
         match self.backend.getattr(&node) {
@@ -1804,7 +1814,16 @@ impl<B: Backend> Core<B> {
             vouched_free: true,
             ..flags
         };
-        Ok(self.backend.rename(dir, name, newdir, newname, vouched)?)
+        match self.backend.rename(dir, name, newdir, newname, vouched) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // The target stays, as the failed rename leaves it.
+                if replaced.is_some() {
+                    self.backend.undo_remove_later(newdir, newname);
+                }
+                Err(e.into())
+            }
+        }
     }
 
     fn open_handle(&self, ino: u64, file: B::File, data: Arc<FileData>, append: bool) -> u64 {

@@ -276,6 +276,38 @@ fn a_file_edited_here_and_removed_on_the_nas_is_restored() {
 }
 
 #[test]
+fn a_file_removed_here_while_open_and_written_stays_removed() {
+    let m = Mount::new("writeback_delay=1h");
+    write_file(&m.n("app.log"), b"old lines\n");
+    assert_eq!(std::fs::read(m.m("app.log")).unwrap(), b"old lines\n");
+    // `rm` of a log a program keeps appending to, and a temporary file
+    // unlinked right after creation (Python's TemporaryFile).
+    let mut log = OpenOptions::new()
+        .append(true)
+        .open(m.m("app.log"))
+        .unwrap();
+    std::fs::remove_file(m.m("app.log")).unwrap();
+    let mut tmp = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(m.m("scratch"))
+        .unwrap();
+    std::fs::remove_file(m.m("scratch")).unwrap();
+    log.write_all(b"written after rm\n").unwrap();
+    tmp.write_all(b"scratch data").unwrap();
+    m.flush(None);
+    drop((log, tmp));
+    m.flush(None);
+    let names: Vec<_> = std::fs::read_dir(&m.nas)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(names.is_empty(), "brought back on the NAS: {names:?}");
+    assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
+}
+
+#[test]
 fn only_changed_bytes_reach_the_nas() {
     let m = Mount::new("writeback_delay=1h");
     let mut rng = fastrand::Rng::with_seed(5);

@@ -385,4 +385,8 @@ pub trait Backend: Send + Sync + 'static {
     ) -> BResult<()> {
         Err(BackendError::errno("remove", libc::EIO))
     }
+
+    /// Takes back the last [`Backend::remove_later`] of `name` in `dir`
+    /// (the operation it was part of failed).
+    fn undo_remove_later(&self, _dir: &Self::Node, _name: &OsStr) {}
 }

@@ -616,8 +616,11 @@ impl<B: Backend> Overlay<B> {
                 .removals
                 .iter()
                 .filter(|r| r.dir_ino == a.ino && r.kind == FileKind::Dir)
-                .count();
-            a.nlink = a.nlink.saturating_sub(gone as u32).max(2);
+                .count() as u32;
+            // 1: the NAS does not count subdirectories (btrfs).
+            if gone > 0 && a.nlink >= 2 {
+                a.nlink = a.nlink.saturating_sub(gone).max(2);
+            }
         }
         a
     }
@@ -1012,8 +1015,9 @@ impl<B: Backend> Overlay<B> {
             nas_ino: o.nas_ino,
         };
         log::debug!(
-            "leftover of {prov:x}: {:?} nas ino {:?}",
+            "leftover of {prov:x}: {:?} in {:?} nas ino {:?}",
             rec.name,
+            rec.dir_path,
             rec.nas_ino
         );
         // Recorded before the move or removal is: after a crash, the next
@@ -1078,6 +1082,16 @@ impl<B: Backend> Overlay<B> {
                 }
                 _ => false,
             };
+            log::debug!(
+                "leftover {:?} in {}: {}",
+                l.name,
+                l.dir_ino,
+                if ours {
+                    "removing it"
+                } else {
+                    "not there, or not ours"
+                }
+            );
             if ours {
                 // A directory only if empty: rmdir refuses otherwise.
                 let r = if l.kind == FileKind::Dir {
@@ -1248,12 +1262,13 @@ impl<B: Backend> Overlay<B> {
         if !self.st().leftovers.is_empty() {
             self.clean_leftovers();
         }
-        // Before the creations: one may take a name removed here.
-        let mut failed = self.apply_removals().is_err();
+        // Before the creations: one may take a name removed here. The NAS
+        // not answering those, the creations wait too.
+        if self.apply_removals().is_err() {
+            return Err(());
+        }
+        let mut failed = false;
         for p in due {
-            if failed {
-                break;
-            }
             if !self.lower.online() {
                 failed = true;
                 break;
@@ -2531,6 +2546,7 @@ impl<B: Backend> Backend for Overlay<B> {
         match self.make(dir, name, kind, mode, rdev, None, creds)? {
             Some((p, a, _)) => Ok((ONode { ino: p, nas: None }, a)),
             None => {
+                self.apply_removals()?;
                 let d = self.materialize(dir)?;
                 let (n, a) = self.lower.mknod(&d, name, mode, rdev, creds)?;
                 Ok(self.node_up(n, a))
@@ -2548,6 +2564,7 @@ impl<B: Backend> Backend for Overlay<B> {
         match self.make(dir, name, FileKind::Dir, mode, 0, None, creds)? {
             Some((p, a, _)) => Ok((ONode { ino: p, nas: None }, a)),
             None => {
+                self.apply_removals()?;
                 let d = self.materialize(dir)?;
                 let (n, a) = self.lower.mkdir(&d, name, mode, creds)?;
                 let r = self.node_up(n, a);
@@ -2567,6 +2584,7 @@ impl<B: Backend> Backend for Overlay<B> {
         match self.make(dir, name, FileKind::Symlink, 0o777, 0, Some(target), creds)? {
             Some((p, a, _)) => Ok((ONode { ino: p, nas: None }, a)),
             None => {
+                self.apply_removals()?;
                 let d = self.materialize(dir)?;
                 let (n, a) = self.lower.symlink(&d, name, target, creds)?;
                 Ok(self.node_up(n, a))
@@ -2887,6 +2905,7 @@ impl<B: Backend> Backend for Overlay<B> {
             }
             Err(e) => Err(e),
             Ok(None) => {
+                self.apply_removals()?;
                 let d = self.materialize(dir)?;
                 let (n, a, f) = self.lower.create(&d, name, mode, open, exclusive, creds)?;
                 let (n, a) = self.node_up(n, a);
@@ -3195,6 +3214,22 @@ impl<B: Backend> Backend for Overlay<B> {
         drop(st);
         self.kick(false);
         Ok(())
+    }
+
+    fn undo_remove_later(&self, dir: &Self::Node, name: &OsStr) {
+        let mut st = self.st();
+        let Some(i) = st
+            .removals
+            .iter()
+            .rposition(|r| r.dir_ino == dir.ino && r.name == name)
+        else {
+            return;
+        };
+        let r = st.removals.remove(i);
+        drop(st);
+        if let Err(e) = self.journal.delete_removal(r.id) {
+            log::warn!("journal: {e}");
+        }
     }
 
     fn sync_namespace(&self, _node: &Self::Node) -> BResult<()> {

@@ -28,7 +28,7 @@ pub mod delta;
 pub mod journal;
 pub mod ranges;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::os::unix::ffi::OsStrExt;
@@ -218,6 +218,11 @@ pub struct WriteBack<B: Backend> {
     /// (the file settled); `settled_any` says whether there are some.
     settled: Mutex<Vec<u64>>,
     settled_any: AtomicBool,
+    /// Files whose last name was removed through the mount while open and
+    /// with nothing pending: what is written to them until the last close
+    /// has nowhere to go (never restored on the NAS as a file "removed
+    /// there").
+    gone_here: Mutex<HashSet<u64>>,
     settle_count: AtomicU64,
     /// The NAS inode number -> FUSE inode number mapping of the core.
     fuse_ino: Box<dyn Fn(u64) -> u64 + Send + Sync>,
@@ -267,6 +272,7 @@ impl<B: Backend> WriteBack<B> {
             counters: Counters::default(),
             settled: Mutex::new(Vec::new()),
             settled_any: AtomicBool::new(false),
+            gone_here: Mutex::new(HashSet::new()),
             settle_count: AtomicU64::new(0),
             fuse_ino,
             meta_clock: AtomicU64::new(1),
@@ -504,8 +510,19 @@ impl<B: Backend> WriteBack<B> {
                 base_clock: 0,
             }),
         });
+        if self.gone_here_lock().contains(&nas_ino) {
+            let mut g = d.lock();
+            g.orphan = true;
+            if let Err(e) = self.journal.delete(g.rec.fid) {
+                log::warn!("journal: cannot drop the row of a removed file: {e}");
+            }
+        }
         files.insert(nas_ino, d.clone());
         Ok(d)
+    }
+
+    fn gone_here_lock(&self) -> MutexGuard<'_, HashSet<u64>> {
+        self.gone_here.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn account(&self, before: u64, after: u64) {
@@ -902,7 +919,12 @@ impl<B: Backend> WriteBack<B> {
     /// The file's last name was removed on the NAS: its changes have
     /// nowhere to go. Kept for reading while `open` handles remain.
     pub fn unlinked(&self, nas_ino: u64, open: bool) {
-        let Some(d) = self.get(nas_ino) else { return };
+        let Some(d) = self.get(nas_ino) else {
+            if open {
+                self.gone_here_lock().insert(nas_ino);
+            }
+            return;
+        };
         {
             let mut g = d.lock();
             g.orphan = true;
@@ -917,6 +939,7 @@ impl<B: Backend> WriteBack<B> {
 
     /// The last handle of an orphaned file closed.
     pub fn closed(&self, nas_ino: u64) {
+        self.gone_here_lock().remove(&nas_ino);
         if let Some(d) = self.get(nas_ino) {
             if d.lock().orphan {
                 self.drop_file(&d);
