@@ -187,8 +187,8 @@ struct Removal<N> {
     dir: N,
     /// The directory's inode number as shown.
     dir_ino: u64,
-    /// The directory's path when removed (for status and the log).
-    dir_path: OsString,
+    /// Its path when removed (for status and the log).
+    path: OsString,
     name: OsString,
     kind: FileKind,
     /// The version removed here: another one found there is kept.
@@ -275,6 +275,16 @@ pub struct Overlay<B: Backend> {
 
 fn now() -> SystemTime {
     crate::clock::now()
+}
+
+/// `dir/name`, or `name` in the share's root.
+fn join_path(dir: &OsStr, name: &OsStr) -> OsString {
+    let mut p = dir.to_os_string();
+    if !p.is_empty() {
+        p.push("/");
+    }
+    p.push(name);
+    p
 }
 
 fn kind_name(k: FileKind) -> &'static str {
@@ -476,7 +486,7 @@ impl<B: Backend> Overlay<B> {
                     id: r.id,
                     dir,
                     dir_ino,
-                    dir_path: r.dir_path,
+                    path: join_path(&r.dir_path, &r.name),
                     name: r.name,
                     kind: r.kind,
                     was: r.was,
@@ -1328,12 +1338,14 @@ impl<B: Backend> Overlay<B> {
             let next = {
                 let st = self.st();
                 st.removals.first().map(|r| {
-                    let mut path = r.dir_path.clone();
-                    if !path.is_empty() {
-                        path.push("/");
-                    }
-                    path.push(&r.name);
-                    (r.id, r.dir.clone(), path, r.name.clone(), r.kind, r.was)
+                    (
+                        r.id,
+                        r.dir.clone(),
+                        r.path.clone(),
+                        r.name.clone(),
+                        r.kind,
+                        r.was,
+                    )
                 })
             };
             let Some((id, dir, path, name, kind, was)) = next else {
@@ -2108,20 +2120,13 @@ impl<B: Backend> Overlay<B> {
             })
             .collect();
         v.sort_by_key(|(p, _)| *p);
-        let removals = st.removals.iter().map(|r| {
-            let mut path = r.dir_path.clone();
-            if !path.is_empty() {
-                path.push("/");
-            }
-            path.push(&r.name);
-            PendingObject {
-                path,
-                kind: r.kind,
-                removed: true,
-                age: r.since.elapsed(),
-                attempts: 0,
-                error: r.error.clone(),
-            }
+        let removals = st.removals.iter().map(|r| PendingObject {
+            path: r.path.clone(),
+            kind: r.kind,
+            removed: true,
+            age: r.since.elapsed(),
+            attempts: 0,
+            error: r.error.clone(),
         });
         removals.chain(v.into_iter().map(|(_, o)| o)).collect()
     }
@@ -3199,7 +3204,7 @@ impl<B: Backend> Backend for Overlay<B> {
             id,
             dir: d,
             dir_ino: dir.ino,
-            dir_path: rec.dir_path,
+            path: join_path(&rec.dir_path, &rec.name),
             name: rec.name,
             kind,
             was,
