@@ -977,6 +977,23 @@ fn flush_reply<B: Backend>(core: &Core<B>, arg: &str, out: &mut dyn Write) {
             left.0,
             left.1
         );
+    } else if left.0 > 0 {
+        // The NAS answered but refused: say why, as `status` would.
+        let (pending, _, _) = wb.status();
+        if let Some(p) = pending
+            .iter()
+            .find(|p| p.error.is_some() && crate::writeback::under(&p.path, prefix))
+        {
+            let _ = writeln!(
+                out,
+                "error {} files ({} bytes) still pending; the NAS refused {:?}: {} \
+                 (retried in the background; see nassync status)",
+                left.0,
+                left.1,
+                p.path,
+                p.error.as_deref().unwrap_or_default()
+            );
+        }
     }
     let _ = writeln!(out, "done {} {}", left.0, left.1);
 }

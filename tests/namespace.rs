@@ -459,3 +459,51 @@ fn a_new_directory_placed_for_a_rename_into_it_gets_its_mode_on_the_nas() {
         0o640
     );
 }
+
+/// Sets the immutable attribute on a NAS directory (even root cannot
+/// create in it then) and clears it when dropped.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(path: &Path) -> Immutable {
+        let st = Command::new("chattr").arg("+i").arg(path).status().unwrap();
+        assert!(st.success(), "chattr +i {}", path.display());
+        Immutable(path.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+/// A flush that the NAS refuses fails, says what and why, and keeps the
+/// change, which reaches the NAS once the NAS takes it.
+#[test]
+fn a_flush_the_nas_refuses_says_why_and_keeps_the_change() {
+    if common::skip_over_nfs("chattr works on the server's directory only") {
+        return;
+    }
+    let mut m = Mount::prepare("writeback_delay=1h");
+    fs::create_dir(m.nas.join("locked")).unwrap();
+    m.mount();
+    fs::write(m.m("locked/new.txt"), "kept").unwrap();
+    let lock = Immutable::set(&m.nas.join("locked"));
+    let out = Command::new(common::NASSYNC)
+        .arg("flush")
+        .arg(&m.mnt)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "flush succeeded: {err}");
+    assert!(
+        err.contains("\"locked/new.txt\"") && err.contains("Operation not permitted"),
+        "{err}"
+    );
+    assert_eq!(fs::read_to_string(m.m("locked/new.txt")).unwrap(), "kept");
+    drop(lock);
+    m.flush(None);
+    assert_eq!(fs::read_to_string(m.n("locked/new.txt")).unwrap(), "kept");
+    assert_eq!(m.status_value("pending_files"), 0);
+}

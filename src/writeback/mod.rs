@@ -1915,7 +1915,8 @@ enum Outcome {
     },
 }
 
-fn under(path: &OsStr, prefix: Option<&OsStr>) -> bool {
+/// Whether `path` is `prefix` or inside it (None: everything).
+pub fn under(path: &OsStr, prefix: Option<&OsStr>) -> bool {
     let Some(prefix) = prefix else { return true };
     let (p, o) = (path.as_bytes(), prefix.as_bytes());
     o.is_empty() || p == o || (p.starts_with(o) && p.get(o.len()) == Some(&b'/'))
