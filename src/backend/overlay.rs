@@ -31,8 +31,11 @@
 //! moment is shown as the local one, so that write-back and the block
 //! cache see the same version as before.
 //!
-//! Lock order: `replay` (one creation on the NAS at a time), then a local
-//! file's `content`, then `state`. `state` is never held across a NAS call.
+//! Lock order: `removing`, then `replay` (write-held by a creation that may
+//! make directories; read-held by each of the files created several at a
+//! time once their directories are on the NAS), then a local file's
+//! `content`, then `window`, then `state`. `state` is never held across a
+//! NAS call.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -256,7 +259,9 @@ pub struct Overlay<B: Backend> {
     delay: Duration,
     host: String,
     state: Mutex<State<B>>,
-    replay: Mutex<()>,
+    /// Write-held by a creation on the NAS that may make directories;
+    /// read-held by each of the files made several at a time.
+    replay: RwLock<()>,
     /// Held while removals made offline are applied on the NAS (in order).
     removing: Mutex<()>,
     /// Write-held from the NAS call that puts a new object in its
@@ -268,6 +273,9 @@ pub struct Overlay<B: Backend> {
     wake: Condvar,
     progress: Condvar,
     upper_synced: AtomicBool,
+    /// Whether write-back has data of a local file still to put into its
+    /// upper file (see [`Staged::watch_data`]).
+    data_pending: std::sync::OnceLock<Box<dyn Fn(u64) -> bool + Send + Sync>>,
     created: AtomicU64,
     conflicts: AtomicU64,
     retries: AtomicU64,
@@ -348,7 +356,7 @@ impl<B: Backend> Overlay<B> {
             delay,
             host,
             state: Mutex::new(st),
-            replay: Mutex::new(()),
+            replay: RwLock::new(()),
             removing: Mutex::new(()),
             window: RwLock::new(()),
             sched: Mutex::new(Sched {
@@ -359,6 +367,7 @@ impl<B: Backend> Overlay<B> {
             wake: Condvar::new(),
             progress: Condvar::new(),
             upper_synced: AtomicBool::new(true),
+            data_pending: std::sync::OnceLock::new(),
             created: AtomicU64::new(0),
             conflicts: AtomicU64::new(0),
             retries: AtomicU64::new(0),
@@ -675,7 +684,7 @@ impl<B: Backend> Overlay<B> {
     fn promote_chain(&self, ino: u64) -> BResult<B::Node> {
         // A name removed here may be the one to take.
         self.apply_removals()?;
-        let _g = self.replay.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = self.replay.write().unwrap_or_else(|e| e.into_inner());
         let mut chain = Vec::new();
         {
             let st = self.st();
@@ -692,7 +701,7 @@ impl<B: Backend> Overlay<B> {
             }
         }
         for p in chain.iter().rev() {
-            match self.promote_one(*p) {
+            match self.promote_one(*p, true) {
                 Err(e) if matches!(e.raw_errno(), libc::ENOENT | libc::ESTALE) => {
                     // Its NAS directory may be gone (removed by another
                     // client) or known by a stale handle: found again by
@@ -708,7 +717,7 @@ impl<B: Backend> Overlay<B> {
                         return Err(e);
                     };
                     self.recreate_parent(parent, &path)?;
-                    self.promote_one(*p)?;
+                    self.promote_one(*p, true)?;
                 }
                 r => r?,
             }
@@ -1058,7 +1067,7 @@ impl<B: Backend> Overlay<B> {
     fn clean_leftovers(&self) {
         // Not while a creation is under way: it may be the one that left
         // something, not yet finished making it.
-        let _g = self.replay.lock().unwrap_or_else(|e| e.into_inner());
+        let _g = self.replay.write().unwrap_or_else(|e| e.into_inner());
         let list = std::mem::take(&mut self.st().leftovers);
         for l in list {
             if l.kind == FileKind::File {
@@ -1212,12 +1221,16 @@ impl<B: Backend> Overlay<B> {
                 std::mem::take(&mut s.all)
             };
             if !self.lower.online() {
-                std::thread::sleep(Duration::from_millis(200));
-                self.kick(all);
+                // Once it answers again, everything goes (all: the
+                // backoffs of the failures while it did not are moot).
+                std::thread::sleep(Duration::from_millis(50));
+                self.kick(true);
                 continue;
             }
             match self.pass(all) {
                 Ok(()) => backoff = Duration::from_millis(500),
+                // Not a reason to back off: the loop above waits for it.
+                Err(()) if !self.lower.online() => self.kick(true),
                 Err(()) => {
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -1254,17 +1267,22 @@ impl<B: Backend> Overlay<B> {
     }
 
     /// Creates on the NAS every local object that is due (all with
-    /// `all`), oldest first. Err when an attempt failed.
+    /// `all`), parents first. Err when an attempt failed.
     fn pass(&self, all: bool) -> Result<(), ()> {
         let now = Instant::now();
-        let due: Vec<u64> = {
+        // Sorted: an attempt cut short first (it may have landed on the
+        // NAS, and until it is settled its directory's link count counts
+        // it twice: once there, once here); then what is not a file
+        // (directories: the files go into them), then files; each in the
+        // order made.
+        let due: Vec<(bool, bool, u64)> = {
             let st = self.st();
-            let mut v: Vec<u64> = st
+            let mut v: Vec<(bool, bool, u64)> = st
                 .objs
                 .iter()
                 .filter(|(_, o)| o.nas.is_none() && !o.gone)
                 .filter(|(_, o)| all || o.retry_at.unwrap_or(o.created + self.delay) <= now)
-                .map(|(p, _)| *p)
+                .map(|(p, o)| (!o.applying, o.attr.kind == FileKind::File, *p))
                 .collect();
             v.sort_unstable();
             v
@@ -1277,52 +1295,183 @@ impl<B: Backend> Overlay<B> {
         if self.apply_removals().is_err() {
             return Err(());
         }
+        let (files, first): (Vec<_>, Vec<_>) =
+            due.into_iter().partition(|&(fresh, file, _)| fresh && file);
         let mut failed = false;
-        for p in due {
+        let first: Vec<u64> = first.into_iter().map(|(_, _, p)| p).collect();
+        if self.promote_each(&first, &mut failed) {
+            let files = self.without_pending_data(files.into_iter().map(|(_, _, p)| p));
+            let later = self.promote_files(&files, &mut failed);
+            self.promote_each(&later, &mut failed);
+        }
+        self.settle_dirs();
+        if failed { Err(()) } else { Ok(()) }
+    }
+
+    /// The files of `due` whose written data is in their upper file. The
+    /// others wait for write-back to put it there (a moment later, and
+    /// locally): created before, a file would reach the NAS empty, and
+    /// its data in a second round of NAS calls (open, write, times,
+    /// fsync, close: about twice the round trips of an untar).
+    fn without_pending_data(&self, due: impl Iterator<Item = u64>) -> Vec<u64> {
+        let Some(pending) = self.data_pending.get() else {
+            return due.collect();
+        };
+        let (ready, wait): (Vec<u64>, Vec<u64>) = due.partition(|p| !pending(*p));
+        if !wait.is_empty() {
+            let later = Instant::now() + Duration::from_millis(250);
+            let mut st = self.st();
+            for p in wait {
+                if let Some(o) = st.objs.get_mut(&p) {
+                    o.retry_at = Some(later);
+                }
+            }
+        }
+        ready
+    }
+
+    /// Creates the local objects `due` on the NAS one after the other,
+    /// with what they are in. False once the NAS stopped answering.
+    fn promote_each(&self, due: &[u64], failed: &mut bool) -> bool {
+        for &p in due {
             if !self.lower.online() {
-                failed = true;
-                break;
+                *failed = true;
+                return false;
             }
             if self.local(p) {
                 if let Err(e) = self.promote_chain(p) {
-                    failed = true;
-                    let mut st = self.st();
-                    if !is_unreachable(&e) {
-                        self.retries.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if log::log_enabled!(log::Level::Debug) {
-                        if let Some(o) = st.objs.get(&p) {
-                            let po = st
-                                .objs
-                                .get(&o.parent)
-                                .map(|po| (&po.name, &po.nas, po.gone));
-                            log::debug!(
-                                "{p:x} failed (attempt {}): parent {:x} {po:?} parent_nas {:?}",
-                                o.attempts + 1,
-                                o.parent,
-                                o.parent_nas
-                            );
-                        }
-                    }
-                    if let Some(o) = st.objs.get_mut(&p) {
-                        o.attempts += 1;
-                        if o.attempts == 1 && !is_unreachable(&e) {
-                            log::warn!("creating {:?} on the NAS: {e}; will retry", o.name);
-                        }
-                        o.error = Some(e.to_string());
-                        let wait = Duration::from_millis(500)
-                            .saturating_mul(1 << o.attempts.min(6))
-                            .min(Duration::from_secs(30));
-                        o.retry_at = Some(Instant::now() + wait);
-                    }
+                    *failed = true;
+                    self.attempt_failed(p, &e);
                     if is_unreachable(&e) {
-                        break;
+                        return false;
                     }
                 }
             }
         }
-        self.settle_dirs();
-        if failed { Err(()) } else { Ok(()) }
+        true
+    }
+
+    /// Creates the new files `due` on the NAS, several at a time: a file
+    /// is several NAS round trips (create, write, times, fsync, rename),
+    /// and files of an untar are thousands. Only files whose directory is
+    /// on the NAS are made here, each under `replay` read-held (the
+    /// creations that may make directories hold it alone); the others,
+    /// and the files whose directory went away meanwhile, are returned
+    /// for [`Self::promote_each`].
+    fn promote_files(&self, due: &[u64], failed: &mut bool) -> Vec<u64> {
+        const IN_FLIGHT: usize = 4;
+        let queue = Mutex::new(due.iter().copied());
+        let later = Mutex::new(Vec::new());
+        let stop = AtomicBool::new(false);
+        let any_failed = AtomicBool::new(false);
+        let work = || {
+            loop {
+                let Some(p) = queue.lock().unwrap_or_else(|e| e.into_inner()).next() else {
+                    return;
+                };
+                if stop.load(Ordering::Relaxed) || !self.lower.online() {
+                    stop.store(true, Ordering::Relaxed);
+                    any_failed.store(true, Ordering::Relaxed);
+                    return;
+                }
+                let r = self.apply_removals().and_then(|()| {
+                    let _g = self.replay.read().unwrap_or_else(|e| e.into_inner());
+                    let ready = {
+                        let st = self.st();
+                        st.objs.get(&p).is_some_and(|o| {
+                            o.nas.is_none()
+                                && !o.gone
+                                && match st.objs.get(&o.parent) {
+                                    Some(po) => po.nas.is_some(),
+                                    None => o.parent_nas.is_some(),
+                                }
+                        })
+                    };
+                    if !ready {
+                        if self.local(p) {
+                            later.lock().unwrap_or_else(|e| e.into_inner()).push(p);
+                        }
+                        return Ok(());
+                    }
+                    self.promote_one(p, false)
+                });
+                match r {
+                    Ok(()) => {}
+                    Err(e) if matches!(e.raw_errno(), libc::ENOENT | libc::ESTALE) => {
+                        // Its directory is to be found again or made again:
+                        // one at a time.
+                        later.lock().unwrap_or_else(|e| e.into_inner()).push(p);
+                    }
+                    Err(e) => {
+                        any_failed.store(true, Ordering::Relaxed);
+                        self.attempt_failed(p, &e);
+                        if is_unreachable(&e) {
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        };
+        let n = IN_FLIGHT.min(due.len());
+        if n > 1 {
+            std::thread::scope(|s| {
+                for _ in 1..n {
+                    s.spawn(work);
+                }
+                work();
+            });
+        } else {
+            work();
+        }
+        if any_failed.load(Ordering::Relaxed) {
+            *failed = true;
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
+        let mut later = later.into_inner().unwrap_or_else(|e| e.into_inner());
+        later.sort_unstable();
+        later
+    }
+
+    /// Notes a failed attempt to create `p` on the NAS: its error (for
+    /// status) and when to try again.
+    fn attempt_failed(&self, p: u64, e: &BackendError) {
+        let mut st = self.st();
+        if !is_unreachable(e) {
+            self.retries.fetch_add(1, Ordering::Relaxed);
+        }
+        if log::log_enabled!(log::Level::Debug) {
+            if let Some(o) = st.objs.get(&p) {
+                let po = st
+                    .objs
+                    .get(&o.parent)
+                    .map(|po| (&po.name, &po.nas, po.gone));
+                log::debug!(
+                    "{p:x} failed (attempt {}): parent {:x} {po:?} parent_nas {:?}",
+                    o.attempts + 1,
+                    o.parent,
+                    o.parent_nas
+                );
+            }
+        }
+        if let Some(o) = st.objs.get_mut(&p) {
+            o.attempts += 1;
+            if o.attempts == 1 && !is_unreachable(e) {
+                log::warn!("creating {:?} on the NAS: {e}; will retry", o.name);
+            }
+            o.error = Some(e.to_string());
+            // The NAS not answering says nothing of the object: it goes
+            // again as soon as the NAS answers.
+            let wait = if is_unreachable(e) {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(500)
+                    .saturating_mul(1 << o.attempts.min(6))
+                    .min(Duration::from_secs(30))
+            };
+            o.retry_at = Some(Instant::now() + wait);
+        }
     }
 
     /// Applies on the NAS, in the order they were made, the removals made
@@ -1488,7 +1637,10 @@ impl<B: Backend> Overlay<B> {
 
     /// Creates local object `p` on the NAS; its parent is there already.
     /// Called with `replay` held.
-    fn promote_one(&self, p: u64) -> BResult<()> {
+    /// Creates local object `p` on the NAS, in its directory there (made
+    /// again first if it went away, when `make_dirs`: only with `replay`
+    /// write-held).
+    fn promote_one(&self, p: u64, make_dirs: bool) -> BResult<()> {
         let op = "create on the NAS";
         let (mut attr, target, name, parent, parent_nas, content, applying, hidden_ino) = {
             let st = self.st();
@@ -1518,6 +1670,7 @@ impl<B: Backend> Overlay<B> {
         };
         let dir = match parent_nas {
             Some(n) => n,
+            None if !make_dirs => return Err(err(op, libc::ENOENT)),
             None => {
                 let path = Self::dir_path(&self.st(), parent).unwrap_or_default();
                 self.recreate_parent(parent, &path)?
@@ -1566,7 +1719,7 @@ impl<B: Backend> Overlay<B> {
                     if let Some((n, a)) = placed {
                         if a.kind == FileKind::File && hidden_ino == Some(a.ino) {
                             let f = self.lower.open(&n, rw)?;
-                            self.fill(&n, &f, &upper, &attr, true)?;
+                            self.fill(&n, &f, &upper, &attr, a.perm, true)?;
                             drop(f);
                             let _ = self.lower.unlink(&dir, &tmp);
                             let _w = self.window.write().unwrap_or_else(|e| e.into_inner());
@@ -1600,7 +1753,7 @@ impl<B: Backend> Overlay<B> {
                     }
                     self.persist(&st, p)?;
                 }
-                self.fill(&node, &f, &upper, &attr, hattr.size > 0)?;
+                self.fill(&node, &f, &upper, &attr, hattr.perm, hattr.size > 0)?;
                 drop(f);
                 let _w = self.window.write().unwrap_or_else(|e| e.into_inner());
                 if !self.still_here(p) {
@@ -1748,6 +1901,7 @@ impl<B: Backend> Overlay<B> {
         f: &B::File,
         upper: &File,
         attr: &Attr,
+        nas_perm: u16,
         existing: bool,
     ) -> BResult<()> {
         let op = "create on the NAS";
@@ -1761,6 +1915,8 @@ impl<B: Backend> Overlay<B> {
         let len = upper.metadata().map_err(io(op))?.len();
         let mut buf = vec![0u8; 1 << 20];
         let mut pos = 0u64;
+        // The NAS file's size: it was empty (or emptied above).
+        let mut size = 0u64;
         while pos < len {
             let n = (len - pos).min(buf.len() as u64) as usize;
             let got = upper.read_at(&mut buf[..n], pos).map_err(io(op))?;
@@ -1769,12 +1925,16 @@ impl<B: Backend> Overlay<B> {
             }
             if buf[..got].iter().any(|b| *b != 0) {
                 self.lower.write(f, pos, &buf[..got])?;
+                size = pos + got as u64;
             }
             pos += got as u64;
         }
+        // Only what is not right yet: each is a NAS round trip of its own
+        // over a directory source (chmod, truncate, utimes), per file of
+        // an untar.
         let changes = SetAttr {
-            mode: Some(attr.perm as u32),
-            size: Some(len),
+            mode: (nas_perm != attr.perm).then_some(attr.perm as u32),
+            size: (size != len).then_some(len),
             atime: Some(SetTime::At(attr.atime)),
             mtime: Some(SetTime::At(attr.mtime)),
             ..SetAttr::default()
@@ -3251,6 +3411,10 @@ impl<B: Backend> Backend for Overlay<B> {
 impl<B: Backend> Staged for Overlay<B> {
     fn flush(&self, deadline: Option<Instant>) -> usize {
         self.flush_all(deadline)
+    }
+
+    fn watch_data(&self, pending: Box<dyn Fn(u64) -> bool + Send + Sync>) {
+        let _ = self.data_pending.set(pending);
     }
 
     fn settle(&self) {

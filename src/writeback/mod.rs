@@ -169,6 +169,10 @@ pub trait Staged: Send + Sync {
     /// Attempts that failed (and will be retried) since the mount.
     fn retries(&self) -> u64;
     fn stop(&self);
+    /// How to ask whether a file (by the number it has here) has data
+    /// still to write back: a new file then waits for it, and reaches
+    /// the NAS with it in one go.
+    fn watch_data(&self, pending: Box<dyn Fn(u64) -> bool + Send + Sync>);
 }
 
 /// One pending file, for `nassync status`.
@@ -361,7 +365,11 @@ impl<B: Backend> WriteBack<B> {
     }
 
     /// The namespace changes to flush and show with the data.
-    pub fn set_staged(&self, s: Arc<dyn Staged>) {
+    pub fn set_staged(self: &Arc<Self>, s: Arc<dyn Staged>) {
+        let wb = Arc::downgrade(self);
+        s.watch_data(Box::new(move |ino| {
+            wb.upgrade().is_some_and(|wb| wb.is_dirty(ino))
+        }));
         let _ = self.staged.set(s);
     }
 
