@@ -1585,7 +1585,19 @@ impl<B: Backend> Overlay<B> {
                 .map(|(d, x)| (*d, *x))
                 .collect()
         };
-        for (d, x) in ready {
+        for (d, _) in ready {
+            // A chmod or utimes of the directory here goes to the NAS under
+            // `window` read-held and updates what is deferred: set under
+            // `window` with what is deferred then, an older mode or time
+            // cannot overwrite a newer one.
+            let _w = self.window.write().unwrap_or_else(|e| e.into_inner());
+            let x = {
+                let st = self.st();
+                match st.deferred.get(&d) {
+                    Some(x) if !st.children.contains_key(&d) => *x,
+                    _ => continue,
+                }
+            };
             let node = ONode { ino: d, nas: None };
             let Some(n) = self.nas_of(&node).or_else(|| self.dir_node(d)) else {
                 self.st().deferred.remove(&d);
@@ -1635,8 +1647,6 @@ impl<B: Backend> Overlay<B> {
         self.walk(&root, rattr.ino, &path).ok().map(|(n, _)| n)
     }
 
-    /// Creates local object `p` on the NAS; its parent is there already.
-    /// Called with `replay` held.
     /// Creates local object `p` on the NAS, in its directory there (made
     /// again first if it went away, when `make_dirs`: only with `replay`
     /// write-held).
@@ -1887,7 +1897,16 @@ impl<B: Backend> Overlay<B> {
                 mtime: Some(SetTime::At(attr.mtime)),
                 ..SetAttr::default()
             };
-            self.lower.setattr(&node, None, &times).unwrap_or(nas_attr)
+            match self.lower.setattr(&node, None, &times) {
+                Ok(a) => a,
+                // Recorded with the NAS's own times, the object would look
+                // changed there: an offline removal of it would then be
+                // refused as a conflict. Tried again (it is found, as
+                // this attempt's, and given its times).
+                Err(e) if is_unreachable(&e) => return Err(e),
+                // A NAS that cannot set a symlink's times.
+                Err(_) => nas_attr,
+            }
         };
         self.finish(p, node, nas_attr, &kept, attr.ctime)
     }
