@@ -1376,30 +1376,14 @@ impl<B: Backend> Overlay<B> {
                 }
                 let r = self.apply_removals().and_then(|()| {
                     let _g = self.replay.read().unwrap_or_else(|e| e.into_inner());
-                    let ready = {
-                        let st = self.st();
-                        st.objs.get(&p).is_some_and(|o| {
-                            o.nas.is_none()
-                                && !o.gone
-                                && match st.objs.get(&o.parent) {
-                                    Some(po) => po.nas.is_some(),
-                                    None => o.parent_nas.is_some(),
-                                }
-                        })
-                    };
-                    if !ready {
-                        if self.local(p) {
-                            later.lock().unwrap_or_else(|e| e.into_inner()).push(p);
-                        }
-                        return Ok(());
-                    }
                     self.promote_one(p, false)
                 });
                 match r {
                     Ok(()) => {}
                     Err(e) if matches!(e.raw_errno(), libc::ENOENT | libc::ESTALE) => {
-                        // Its directory is to be found again or made again:
-                        // one at a time.
+                        // Its directory is not on the NAS (moved here into
+                        // a new one meanwhile), or is to be found again or
+                        // made again: one at a time.
                         later.lock().unwrap_or_else(|e| e.into_inner()).push(p);
                     }
                     Err(e) => {
@@ -1577,15 +1561,22 @@ impl<B: Backend> Overlay<B> {
     /// Gives directories their mode and times once no local child is left
     /// to create in them.
     fn settle_dirs(&self) {
-        let ready: Vec<(u64, Deferred)> = {
+        let ready: Vec<u64> = {
             let st = self.st();
             st.deferred
-                .iter()
-                .filter(|(d, _)| !st.children.contains_key(d))
-                .map(|(d, x)| (*d, *x))
+                .keys()
+                .filter(|d| !st.children.contains_key(d))
+                .copied()
                 .collect()
         };
-        for (d, _) in ready {
+        for d in ready {
+            // Found first: finding it may walk the NAS, which must not
+            // hold off the view's readers.
+            let node = ONode { ino: d, nas: None };
+            let Some(n) = self.nas_of(&node).or_else(|| self.dir_node(d)) else {
+                self.st().deferred.remove(&d);
+                continue;
+            };
             // A chmod or utimes of the directory here goes to the NAS under
             // `window` read-held and updates what is deferred: set under
             // `window` with what is deferred then, an older mode or time
@@ -1597,11 +1588,6 @@ impl<B: Backend> Overlay<B> {
                     Some(x) if !st.children.contains_key(&d) => *x,
                     _ => continue,
                 }
-            };
-            let node = ONode { ino: d, nas: None };
-            let Some(n) = self.nas_of(&node).or_else(|| self.dir_node(d)) else {
-                self.st().deferred.remove(&d);
-                continue;
             };
             let changes = SetAttr {
                 mode: x.perm.map(|p| p as u32),
