@@ -525,3 +525,47 @@ fn a_directory_emptied_of_an_open_unlinked_file_can_be_removed_after_close() {
     std::fs::remove_dir(m.m("d")).unwrap();
     assert!(!server.dir.join("d").exists());
 }
+
+/// FUSE's release comes after close(2) has returned: an rmdir that comes
+/// first waits for it (briefly) instead of failing with ENOTEMPTY, and a
+/// file still held open keeps failing it.
+#[test]
+fn an_rmdir_waits_for_a_late_release_of_an_unlinked_file() {
+    use nassync::backend::{Backend, OpenMode};
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("export"));
+    let nfs = backend(&server);
+    let (root, _) = nfs.root().unwrap();
+    let read = OpenMode {
+        read: true,
+        write: false,
+        append: false,
+        truncate: false,
+    };
+    for late in [Some(Duration::from_millis(300)), None] {
+        std::fs::create_dir(server.dir.join("d")).unwrap();
+        std::fs::write(server.dir.join("d/f"), b"data").unwrap();
+        let (d, _) = nfs.lookup(&root, "d".as_ref()).unwrap();
+        let (f, _) = nfs.lookup(&d, "f".as_ref()).unwrap();
+        let file = nfs.open(&f, read).unwrap();
+        nfs.unlink(&d, "f".as_ref()).unwrap();
+        let hidden: Vec<_> = std::fs::read_dir(server.dir.join("d")).unwrap().collect();
+        assert_eq!(hidden.len(), 1, "hidden while open: {hidden:?}");
+        let Some(late) = late else {
+            // Still open: the wait is bounded and the rmdir refused.
+            let r = nfs.rmdir(&root, "d".as_ref());
+            assert_eq!(r.unwrap_err().raw_errno(), libc::ENOTEMPTY);
+            drop(file);
+            break;
+        };
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(late);
+            drop(file);
+        });
+        nfs.rmdir(&root, "d".as_ref()).unwrap();
+        closer.join().unwrap();
+        assert!(!server.dir.join("d").exists());
+    }
+    nfs.rmdir(&root, "d".as_ref()).unwrap();
+    assert!(!server.dir.join("d").exists());
+}

@@ -45,6 +45,10 @@ const MAX_UNCOMMITTED: u64 = 32 << 20;
 /// Linux's NFS client lists its .nfsXXXX files.
 const HIDDEN_PREFIX: &[u8] = b".nassync-unlinked-";
 
+/// How long an rmdir waits for the release of a file unlinked while
+/// open, whose close has returned (see `sweep_hidden`).
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// This daemon's prefix of hidden names: the prefix and a random id.
 fn own_hidden_prefix() -> &'static [u8] {
     static P: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
@@ -198,6 +202,8 @@ pub struct NfsFile {
 #[derive(Default)]
 pub struct OpenFiles {
     map: Mutex<HashMap<u64, OpenFile>>,
+    /// Signalled when a file's last open file is gone.
+    released: std::sync::Condvar,
 }
 
 #[derive(Default)]
@@ -259,6 +265,7 @@ fn release(pool: &Arc<Pool>, open: &Arc<OpenFiles>, node: &Arc<NfsNode>) {
         }
         if o.hidden.is_some() {
             let o = map.remove(&node.ino).expect("just seen");
+            open.released.notify_all();
             (o.hidden, None)
         } else {
             (None, Some(o.unstable.clone()))
@@ -278,7 +285,9 @@ fn release(pool: &Arc<Pool>, open: &Arc<OpenFiles>, node: &Arc<NfsNode>) {
                 ),
             ),
         );
-        if !matches!(r, Ok(Nfs3Result::Ok(_))) {
+        // Gone already: an rmdir that waited for this close removed it.
+        let gone = matches!(r, Ok(Nfs3Result::Err((nfsstat3::NFS3ERR_NOENT, _))));
+        if !matches!(r, Ok(Nfs3Result::Ok(_))) && !gone {
             log::warn!("NFS: could not remove the hidden unlinked file {name:?}");
         }
         return;
@@ -916,8 +925,9 @@ impl NfsBackend {
     }
 
     /// Removes the hidden unlinked files this daemon left in `dir`/`name`
-    /// (a remove at close that failed); true if that leaves the directory
-    /// empty. Others' are left alone: they may still be open elsewhere.
+    /// (a remove at close that failed, or a close still on its way); true
+    /// if that leaves the directory empty. Others' are left alone: they
+    /// may still be open elsewhere.
     fn sweep_hidden(&self, dir: &Arc<NfsNode>, name: &OsStr) -> bool {
         let Ok((sub, _)) = self.lookup(dir, name) else {
             return false;
@@ -925,15 +935,34 @@ impl NfsBackend {
         let Ok(list) = self.list_plus(&sub, true) else {
             return false;
         };
-        let open = |ino: &u64| self.open.lock().contains_key(ino);
         if list
             .iter()
-            .any(|(n, ino, _)| !n.as_bytes().starts_with(own_hidden_prefix()) || open(ino))
+            .any(|(n, _, _)| !n.as_bytes().starts_with(own_hidden_prefix()))
         {
             return false;
         }
-        list.iter()
-            .all(|(n, _, _)| self.unlink_raw(&sub, n).is_ok())
+        // The kernel sends FUSE's release after close(2) has returned: an
+        // rmdir right after closing the last open file of an unlinked one
+        // can come first. Such a release is waited for, briefly; a file
+        // still held open keeps the directory from being removed.
+        let inos: Vec<u64> = list.iter().map(|(_, ino, _)| *ino).collect();
+        let deadline = std::time::Instant::now() + RELEASE_WAIT;
+        let mut map = self.open.lock();
+        while inos.iter().any(|i| map.contains_key(i)) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            map = (self.open.released.wait_timeout(map, left))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        drop(map);
+        list.iter().all(|(n, _, _)| match self.unlink_raw(&sub, n) {
+            Ok(()) => true,
+            // Its release removed it meanwhile.
+            Err(e) => e.raw_errno() == libc::ENOENT,
+        })
     }
 
     fn unlink_raw(&self, dir: &NfsNode, name: &OsStr) -> BResult<()> {
