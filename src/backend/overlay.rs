@@ -3362,7 +3362,7 @@ impl<B: Backend> Backend for Overlay<B> {
         };
         let id = self
             .journal
-            .add_removal(&rec)
+            .add_removal(&rec, (kind == FileKind::File).then_some(node.ino))
             .map_err(journal_err("journal"))?;
         log::debug!("{name:?} (nas ino {nas_ino}) removed here; on the NAS once it answers");
         st.removals.push(Removal {

@@ -670,9 +670,20 @@ impl Journal {
         Ok(())
     }
 
+    /// A local object removed before it reached the NAS: its row goes, and
+    /// in the same transaction the data rows of its content (write-back
+    /// knows it by its provisional number). Apart, a crash between the two
+    /// would leave a data row whose file is gone, which write-back takes for
+    /// a file removed by another client and restores (docs/SEMANTICS.md).
     pub fn delete_object(&self, prov: u64) -> Result<(), CacheError> {
-        self.conn()
-            .execute("DELETE FROM objects WHERE prov = ?1", [prov as i64])?;
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM objects WHERE prov = ?1", [prov as i64])?;
+        tx.execute(
+            "DELETE FROM ops WHERE nas_ino = ?1 AND kind = 'data'",
+            [prov as i64],
+        )?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -845,10 +856,14 @@ impl Journal {
     }
 
     /// Records a removal (committed: it is the removal's only trace);
-    /// returns its id.
-    pub fn add_removal(&self, r: &RemovalRecord) -> Result<u64, CacheError> {
-        let conn = self.conn();
-        conn.execute(
+    /// returns its id. The data rows of a removed file (`data_of`: the
+    /// number write-back knows it by) go in the same transaction: kept past
+    /// a crash, write-back would take the file for one removed by another
+    /// client and restore it.
+    pub fn add_removal(&self, r: &RemovalRecord, data_of: Option<u64>) -> Result<u64, CacheError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
             "INSERT INTO removals (dir_path, name, kind, nas_ino, size, mtime_ns, ctime_ns)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
@@ -861,7 +876,15 @@ impl Journal {
                 nanos(r.was.ctime),
             ],
         )?;
-        Ok(conn.last_insert_rowid() as u64)
+        let id = tx.last_insert_rowid() as u64;
+        if let Some(ino) = data_of {
+            tx.execute(
+                "DELETE FROM ops WHERE nas_ino = ?1 AND kind = 'data'",
+                [ino as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(id)
     }
 
     pub fn delete_removal(&self, id: u64) -> Result<(), CacheError> {
@@ -963,6 +986,45 @@ mod tests {
         assert_eq!(j.load_data().unwrap(), vec![r.clone()]);
         j.delete(r.fid).unwrap();
         assert!(j.load_data().unwrap().is_empty());
+    }
+
+    /// A local object and the data rows of its content go together, and
+    /// nothing else does: a crash cannot leave the content of a removed
+    /// file to be restored.
+    #[test]
+    fn a_removed_local_object_takes_its_data_rows_along() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let prov = 0xFFFF_0000_0000_0007;
+        let obj = ObjectRecord {
+            prov,
+            kind: FileKind::File,
+            parent: ObjParent::Nas(OsString::from("dir")),
+            name: OsString::from("new"),
+            applying: false,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            target: None,
+            created: t,
+            nas_ino: None,
+        };
+        j.put_object(&obj, prov + 1).unwrap();
+        let mut mine = record();
+        mine.nas_ino = prov;
+        mine.fid = j.insert_data(&mine).unwrap();
+        let mut other = record();
+        other.fid = j.insert_data(&other).unwrap();
+        j.delete_object(prov).unwrap();
+        drop(j);
+        let j = Journal::open(dir.path()).unwrap();
+        assert!(j.load_objects().unwrap().0.is_empty());
+        assert_eq!(j.load_data().unwrap(), vec![other]);
     }
 
     #[test]
