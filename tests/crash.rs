@@ -218,7 +218,9 @@ fn read_tree(root: &std::path::Path) -> std::io::Result<Tree> {
                 stack.push(r.clone());
                 out.insert(r, None);
             } else {
-                out.insert(r.clone(), Some(std::fs::read(root.join(&r))?));
+                let data = std::fs::read(root.join(&r))
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("{r}: {e}")))?;
+                out.insert(r.clone(), Some(data));
             }
         }
     }
@@ -408,7 +410,13 @@ fn sigkill_during_namespace_operations_loses_nothing_fsync_confirmed() {
         stop.store(true, Ordering::Relaxed);
         w.join().unwrap();
         m.mount();
-        let got = read_tree(&m.mnt).unwrap();
+        let got = match read_tree(&m.mnt) {
+            Ok(t) => t,
+            Err(e) => panic!(
+                "seed {seed}, kill {iter}: the mount cannot be read back: {e}\n{}",
+                m.log()
+            ),
+        };
         let mut mm = model.lock().unwrap();
         let allowed = match &mm.1 {
             Some(op) => outcomes(&mm.0, op),
