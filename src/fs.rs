@@ -1414,6 +1414,11 @@ impl<B: Backend> Core<B> {
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         let dir = self.parent_node(parent)?;
         let victim = self.known_child(parent, name);
+        // Until `link_removed` below has told write-back.
+        let _mark = match (&victim, &self.wb) {
+            (Some((ino, _)), Some(wb)) => Some(wb.unlinking(self.fuse_ino(*ino))),
+            _ => None,
+        };
         let later = match self.backend.unlink(&dir, name) {
             Ok(()) => false,
             Err(e) if is_unreachable(&e) => {
@@ -1653,6 +1658,16 @@ impl<B: Backend> Core<B> {
         let newdir = self.parent_node(newparent)?;
         let moved = self.known_child(parent, name);
         let replaced = self.known_child(newparent, newname);
+        // A write-back attempt that finds either gone from its path meanwhile
+        // must not restore it (see `WriteBack::unlinking`).
+        let _marks: Vec<_> = match &self.wb {
+            Some(wb) => [&moved, &replaced]
+                .into_iter()
+                .flatten()
+                .map(|(ino, _)| wb.unlinking(self.fuse_ino(*ino)))
+                .collect(),
+            None => Vec::new(),
+        };
         let paths = self.wb.as_ref().and_then(|_| {
             Some((
                 self.child_path(parent, name)?,

@@ -534,3 +534,37 @@ fn a_file_unlinked_while_written_back_is_not_counted_twice() {
     assert_eq!(flush(&s.wb, Duration::from_secs(60)).0, 0);
     assert_eq!(s.wb.dirty_bytes(), 0);
 }
+
+/// A write-back attempt that finds its file gone while this mount is
+/// removing it must not take that for another client's removal and
+/// restore the file (the crash loop once saw a deleted file come back).
+#[test]
+fn a_file_unlinked_here_while_its_write_back_looks_for_it_stays_gone() {
+    let s = setup(Duration::ZERO, 4096, 1 << 20);
+    std::fs::write(s.nas.path().join("f"), b"old").unwrap();
+    let (_, fh) = open_file(&s.core, "f");
+    s.faults.set(Fault::Stall, Some("getattr"));
+    s.core.write(fh, 0, b"new content", None).unwrap();
+    s.core.release(fh).unwrap();
+    let wait_stalled = |n: u64, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.faults.stalled() < n {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // The attempt asks the NAS about the file...
+    wait_stalled(1, "write-back never asked for the file");
+    // ...which is unlinked here meanwhile (the unlink waits, in turn, in its
+    // getattr of the file, before write-back hears of it).
+    let core = s.core.clone();
+    let unlink = std::thread::spawn(move || core.unlink(ROOT, OsStr::new("f")));
+    wait_stalled(2, "the unlink never asked for the file");
+    assert!(!s.nas.path().join("f").exists());
+    s.faults.set(Fault::None, None);
+    unlink.join().unwrap().unwrap();
+    assert_eq!(flush(&s.wb, Duration::from_secs(60)).0, 0);
+    let left: Vec<_> = std::fs::read_dir(s.nas.path()).unwrap().collect();
+    assert!(left.is_empty(), "the file came back: {left:?}");
+    assert!(s.wb.status().1.is_empty(), "no conflict: {:?}", s.wb.status().1);
+}

@@ -2349,6 +2349,29 @@ impl<B: Backend> Overlay<B> {
         ))
     }
 
+    /// An open file of local file `node` through its upper file.
+    fn open_local(
+        &self,
+        node: &ONode<B::Node>,
+        c: Arc<Content<B>>,
+        upper: File,
+        mode: OpenMode,
+    ) -> BResult<OFile<B>> {
+        if mode.truncate {
+            let _g = c.lock.read().unwrap_or_else(|e| e.into_inner());
+            if !c.promoted.load(Ordering::Acquire) {
+                upper.set_len(0).map_err(io("open"))?;
+                drop(_g);
+                self.touch_file(node.ino, None);
+                let mut st = self.st();
+                if let Some(o) = st.objs.get_mut(&node.ino) {
+                    o.attr.size = 0;
+                }
+            }
+        }
+        Ok(OFile::Local(c, upper, mode.append))
+    }
+
     fn content_of(&self, prov: u64) -> Option<Arc<Content<B>>> {
         self.st().objs.get(&prov).and_then(|o| o.content.clone())
     }
@@ -3017,27 +3040,20 @@ impl<B: Backend> Backend for Overlay<B> {
 
     fn open(&self, node: &Self::Node, mode: OpenMode) -> BResult<Self::File> {
         if self.local(node.ino) {
-            if let Some(c) = self.content_of(node.ino) {
-                let upper = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(self.journal.upper_path(c.prov))
-                    .map_err(io("open"))?;
-                if mode.truncate {
-                    let _g = c.lock.read().unwrap_or_else(|e| e.into_inner());
-                    if !c.promoted.load(Ordering::Acquire) {
-                        upper.set_len(0).map_err(io("open"))?;
-                        drop(_g);
-                        self.touch_file(node.ino, None);
-                        let mut st = self.st();
-                        if let Some(o) = st.objs.get_mut(&node.ino) {
-                            o.attr.size = 0;
-                        }
-                    }
-                }
-                return Ok(OFile::Local(c, upper, mode.append));
+            let Some(c) = self.content_of(node.ino) else {
+                return Err(err("open", libc::ENXIO));
+            };
+            let upper = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(self.journal.upper_path(c.prov));
+            match upper {
+                Ok(upper) => return self.open_local(node, c, upper, mode),
+                // Placed on the NAS since `local` was asked (its upper file
+                // goes once it is there): opened there.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !self.local(node.ino) => {}
+                Err(e) => return Err(io("open")(e)),
             }
-            return Err(err("open", libc::ENXIO));
         }
         let n = self.nas_of(node).ok_or_else(|| err("open", libc::ENOENT))?;
         Ok(OFile::Nas(self.lower.open(&n, mode)?, node.ino))

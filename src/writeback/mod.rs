@@ -96,6 +96,9 @@ struct DirtyInner<B: Backend> {
     /// Its last name was removed: nothing to write back; kept only while
     /// open.
     orphan: bool,
+    /// Removals of a name of it by nassync under way (see
+    /// [`WriteBack::unlinking`]).
+    unlinking: u32,
     /// `pending/` was fsynced since this file's pending file was created.
     dir_synced: bool,
     /// The in-memory state is newer than the journal row.
@@ -341,6 +344,7 @@ impl<B: Backend> WriteBack<B> {
                     attempts: 0,
                     last_error: None,
                     orphan: false,
+                    unlinking: 0,
                     dir_synced: true,
                     row_stale: false,
                     removed: false,
@@ -511,6 +515,7 @@ impl<B: Backend> WriteBack<B> {
                 attempts: 0,
                 last_error: None,
                 orphan: false,
+                unlinking: 0,
                 dir_synced: false,
                 row_stale: false,
                 removed: false,
@@ -894,6 +899,7 @@ impl<B: Backend> WriteBack<B> {
             attempts: 0,
             last_error: None,
             orphan: false,
+            unlinking: 0,
             dir_synced: g.dir_synced,
             row_stale: false,
             removed: false,
@@ -943,6 +949,19 @@ impl<B: Backend> WriteBack<B> {
         if !open {
             self.drop_file(&d);
         }
+    }
+
+    /// nassync is about to remove a name of the file (unlink, or a rename
+    /// over it), until the returned mark is dropped: a write-back attempt
+    /// that finds the file gone meanwhile must not take it for one another
+    /// client removed and restore it (the removal is this mount's own;
+    /// `unlinked` follows if it was the last name).
+    pub fn unlinking(&self, nas_ino: u64) -> Unlinking<B> {
+        let d = self.get(nas_ino);
+        if let Some(d) = &d {
+            d.lock().unlinking += 1;
+        }
+        Unlinking { d }
     }
 
     /// The last handle of an orphaned file closed.
@@ -1472,6 +1491,15 @@ impl<B: Backend> WriteBack<B> {
                 }
                 self.remove_locked(d, &mut g);
             }
+            Ok(Outcome::Raced) => {
+                log::debug!("write-back of {:?}: its name changed meanwhile", snap.path);
+                let applying = std::mem::take(&mut g.applying);
+                g.rec.ranges.union(&applying);
+                g.phase = Phase::Retry {
+                    at: Instant::now() + Duration::from_millis(100),
+                };
+                self.account(before, g.weight());
+            }
             Err((e, wrote)) => {
                 // An offline NAS is waited for (see `run`), not counted
                 // as a failed attempt.
@@ -1786,6 +1814,15 @@ impl<B: Backend> WriteBack<B> {
     /// another client): the local version is restored under its name, or
     /// kept under a conflict name if something else took the name.
     fn lost(&self, d: &Arc<Dirty<B>>, snap: &Snap<B>, reason: &str) -> BResult<Outcome> {
+        // Removed or moved through this mount, not by another client:
+        // nothing to restore (the attempt's result is dropped once
+        // `unlinked` has run; else it is tried again, at the new path).
+        {
+            let g = d.lock();
+            if g.unlinking > 0 || g.orphan || g.removed {
+                return Ok(Outcome::Raced);
+            }
+        }
         self.keep(d, snap, reason, true)
     }
 
@@ -1894,6 +1931,20 @@ impl<B: Backend> WriteBack<B> {
     }
 }
 
+/// See [`WriteBack::unlinking`].
+pub struct Unlinking<B: Backend> {
+    d: Option<Arc<Dirty<B>>>,
+}
+
+impl<B: Backend> Drop for Unlinking<B> {
+    fn drop(&mut self) {
+        if let Some(d) = &self.d {
+            let mut g = d.lock();
+            g.unlinking = g.unlinking.saturating_sub(1);
+        }
+    }
+}
+
 /// A path's directory, and the file if it exists.
 type Resolved<B> = (<B as Backend>::Node, Option<(<B as Backend>::Node, Attr)>);
 
@@ -1915,6 +1966,9 @@ enum Outcome {
     /// The NAS's new attributes, the bytes written, and the meta clock
     /// before those attributes were read.
     Written(Attr, u64, u64),
+    /// A name of the file was being removed or moved through this mount
+    /// while the attempt looked for it: nothing was written; tried again.
+    Raced,
     /// The local version was kept as `kept_as`; `nas` is the NAS's version.
     Conflict {
         kept_as: OsString,
