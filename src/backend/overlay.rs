@@ -3220,9 +3220,14 @@ impl<B: Backend> Backend for Overlay<B> {
                 Ok(self.up(self.lower.fgetattr(f)?))
             }
             OFile::Local(c, _, _) => {
-                if let Some(a) = self.local_attr(c.prov) {
+                {
+                    // Not halfway through its creation on the NAS (which
+                    // holds the lock): local, or the NAS file set.
+                    let _g = c.lock.read().unwrap_or_else(|e| e.into_inner());
                     if !c.promoted.load(Ordering::Acquire) {
-                        return Ok(a);
+                        if let Some(a) = self.local_attr(c.prov) {
+                            return Ok(a);
+                        }
                     }
                 }
                 let f = self.nas_file(c, false)?;
