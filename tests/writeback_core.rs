@@ -566,5 +566,9 @@ fn a_file_unlinked_here_while_its_write_back_looks_for_it_stays_gone() {
     assert_eq!(flush(&s.wb, Duration::from_secs(60)).0, 0);
     let left: Vec<_> = std::fs::read_dir(s.nas.path()).unwrap().collect();
     assert!(left.is_empty(), "the file came back: {left:?}");
-    assert!(s.wb.status().1.is_empty(), "no conflict: {:?}", s.wb.status().1);
+    assert!(
+        s.wb.status().1.is_empty(),
+        "no conflict: {:?}",
+        s.wb.status().1
+    );
 }

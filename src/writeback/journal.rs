@@ -670,6 +670,16 @@ impl Journal {
         Ok(())
     }
 
+    /// Drops the data rows of the file write-back knows as `nas_ino`, in
+    /// the caller's transaction.
+    fn delete_data_of(tx: &rusqlite::Transaction, nas_ino: u64) -> Result<(), CacheError> {
+        tx.execute(
+            "DELETE FROM ops WHERE nas_ino = ?1 AND kind = 'data'",
+            [nas_ino as i64],
+        )?;
+        Ok(())
+    }
+
     /// A local object removed before it reached the NAS: its row goes, and
     /// in the same transaction the data rows of its content (write-back
     /// knows it by its provisional number). Apart, a crash between the two
@@ -679,10 +689,7 @@ impl Journal {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute("DELETE FROM objects WHERE prov = ?1", [prov as i64])?;
-        tx.execute(
-            "DELETE FROM ops WHERE nas_ino = ?1 AND kind = 'data'",
-            [prov as i64],
-        )?;
+        Self::delete_data_of(&tx, prov)?;
         tx.commit()?;
         Ok(())
     }
@@ -878,10 +885,7 @@ impl Journal {
         )?;
         let id = tx.last_insert_rowid() as u64;
         if let Some(ino) = data_of {
-            tx.execute(
-                "DELETE FROM ops WHERE nas_ino = ?1 AND kind = 'data'",
-                [ino as i64],
-            )?;
+            Self::delete_data_of(&tx, ino)?;
         }
         tx.commit()?;
         Ok(id)

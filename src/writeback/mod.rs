@@ -951,11 +951,11 @@ impl<B: Backend> WriteBack<B> {
         }
     }
 
-    /// nassync is about to remove a name of the file (unlink, or a rename
-    /// over it), until the returned mark is dropped: a write-back attempt
-    /// that finds the file gone meanwhile must not take it for one another
-    /// client removed and restore it (the removal is this mount's own;
-    /// `unlinked` follows if it was the last name).
+    /// nassync is about to remove or move a name of the file (unlink, a
+    /// rename of it or over it), until the returned mark is dropped: a
+    /// write-back attempt that finds the file gone from its path meanwhile
+    /// must not take it for one another client removed and restore it (the
+    /// change is this mount's own; `unlinked` or `renamed` follows).
     pub fn unlinking(&self, nas_ino: u64) -> Unlinking<B> {
         let d = self.get(nas_ino);
         if let Some(d) = &d {
