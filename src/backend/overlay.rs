@@ -4,9 +4,11 @@
 //! makes a *local object*: a provisional inode number, its attributes in
 //! memory and in the journal (`objects` table), and for a file its content
 //! in `upper/<prov>` under the cache directory. It returns at local-disk
-//! speed, whether the NAS answers or not. Renames, unlinks and attribute
-//! changes of local objects stay local too, so a temporary file created
-//! and deleted before the write-back delay never reaches the NAS.
+//! speed, whether the NAS answers or not. Renames, unlinks, hard links and
+//! attribute changes of local objects stay local too, so a temporary file
+//! created and deleted before the write-back delay never reaches the NAS.
+//! A hard link to a local file is a local object of its own (`link_to`),
+//! shown as the file and made on the NAS together with it.
 //!
 //! The pending namespace changes are therefore creations, and removals
 //! made while the NAS did not answer: the NAS's tree with the local
@@ -37,7 +39,7 @@
 //! `content`, then `window`, then `state`. `state` is never held across a
 //! NAS call.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -147,6 +149,9 @@ struct Obj<B: Backend> {
     applying: bool,
     /// See [`ObjectRecord::nas_ino`].
     nas_ino: Option<u64>,
+    /// A further name of local file `link_to` (a hard link made here):
+    /// shown as that file, made on the NAS with it (see `place_links`).
+    link_to: Option<u64>,
 }
 
 /// A directory on the NAS: where it is (for paths in the journal) and
@@ -208,6 +213,9 @@ struct State<B: Backend> {
     removals: Vec<Removal<B::Node>>,
     /// Local objects not on the NAS yet, per directory (shown inode).
     children: HashMap<u64, BTreeMap<OsString, u64>>,
+    /// A local file's further names (hard links made here), by the
+    /// file's provisional number.
+    links: HashMap<u64, BTreeSet<u64>>,
     dirs: HashMap<u64, NasDir>,
     /// NAS inode number -> the provisional one it is shown as.
     alias: HashMap<u64, AliasRecord>,
@@ -327,6 +335,7 @@ impl<B: Backend> Overlay<B> {
             leftovers: Vec::new(),
             removals: Vec::new(),
             children: HashMap::new(),
+            links: HashMap::new(),
             dirs: HashMap::new(),
             alias: aliases.iter().map(|a| (a.nas_ino, *a)).collect(),
             touched: HashMap::new(),
@@ -390,8 +399,25 @@ impl<B: Backend> Overlay<B> {
                     }
                 },
             };
+            // A further name of a local file, whose row comes first (a
+            // lower number).
+            let link_attr = match r.link_to {
+                Some(f) => match ov.st().objs.get(&f).filter(|o| o.link_to.is_none()) {
+                    Some(o) => Some(o.attr),
+                    None => {
+                        log::warn!(
+                            "journal: the file of hard link {:?} is not a new file any more; \
+                             the name is dropped",
+                            r.name
+                        );
+                        ov.journal.delete_object(r.prov)?;
+                        continue;
+                    }
+                },
+                None => None,
+            };
             let mut upper_len = 0;
-            let content = if r.kind == FileKind::File {
+            let content = if r.kind == FileKind::File && r.link_to.is_none() {
                 let path = ov.journal.upper_path(r.prov);
                 known.insert(path.clone());
                 let f = OpenOptions::new()
@@ -432,8 +458,15 @@ impl<B: Backend> Overlay<B> {
                 mtime: r.mtime,
                 ctime: r.ctime,
             };
+            let attr = link_attr.unwrap_or(attr);
             let mut st = ov.st();
             st.next_prov = st.next_prov.max(r.prov + 1);
+            if let Some(f) = r.link_to {
+                st.links.entry(f).or_default().insert(r.prov);
+                if let Some(o) = st.objs.get_mut(&f) {
+                    o.attr.nlink += 1;
+                }
+            }
             let mut name = r.name.clone();
             if st
                 .children
@@ -469,6 +502,7 @@ impl<B: Backend> Overlay<B> {
                     error: None,
                     applying: r.applying,
                     nas_ino: r.nas_ino,
+                    link_to: r.link_to,
                 },
             );
         }
@@ -688,16 +722,28 @@ impl<B: Backend> Overlay<B> {
         let mut chain = Vec::new();
         {
             let st = self.st();
-            let mut cur = ino;
-            while let Some(o) = st.objs.get(&cur) {
-                if o.nas.is_some() {
-                    break;
+            // A further name of a file is made with the file, and the
+            // directories of the file's further names before it.
+            let file = st.objs.get(&ino).and_then(|o| o.link_to).unwrap_or(ino);
+            let mut starts = vec![file];
+            if let Some(set) = st.links.get(&file) {
+                starts.extend(set.iter().filter_map(|l| st.objs.get(l).map(|o| o.parent)));
+            }
+            for (i, start) in starts.into_iter().enumerate() {
+                let mut cur = start;
+                while let Some(o) = st.objs.get(&cur) {
+                    if o.nas.is_some() {
+                        break;
+                    }
+                    if o.gone {
+                        if i == 0 {
+                            return Err(err("create on the NAS", libc::ENOENT));
+                        }
+                        break;
+                    }
+                    chain.push(cur);
+                    cur = o.parent;
                 }
-                if o.gone {
-                    return Err(err("create on the NAS", libc::ENOENT));
-                }
-                chain.push(cur);
-                cur = o.parent;
             }
         }
         for p in chain.iter().rev() {
@@ -780,6 +826,7 @@ impl<B: Backend> Overlay<B> {
             target: o.target.clone(),
             created: SystemTime::now(),
             nas_ino: o.nas_ino,
+            link_to: o.link_to,
         })
     }
 
@@ -836,7 +883,10 @@ impl<B: Backend> Overlay<B> {
     }
 
     /// Makes a local object in `dir`, or None when it must be made on the
-    /// NAS (see `inherit`, and modes with setuid/setgid asked for).
+    /// NAS (see `inherit`, and modes with setuid/setgid asked for). With
+    /// `link_to`, the object is a further name of that local file (the
+    /// caller holds its content lock), and the file's attributes are
+    /// returned.
     #[allow(clippy::too_many_arguments)]
     fn make(
         &self,
@@ -847,6 +897,7 @@ impl<B: Backend> Overlay<B> {
         rdev: u64,
         target: Option<&OsStr>,
         creds: Creds,
+        link_to: Option<u64>,
     ) -> BResult<Option<Made<B>>> {
         let op = "create";
         if name.as_bytes().contains(&b'/') || name.is_empty() {
@@ -910,9 +961,17 @@ impl<B: Backend> Overlay<B> {
         {
             return Err(err(op, libc::EEXIST));
         }
+        let link_attr = match link_to {
+            Some(f) => match st.objs.get(&f) {
+                Some(o) if o.nas.is_none() && !o.gone && o.link_to.is_none() => Some(o.attr),
+                // Removed meanwhile (a file with no name left cannot get one).
+                _ => return Err(err("link", libc::ENOENT)),
+            },
+            None => None,
+        };
         let prov = st.next_prov;
         st.next_prov += 1;
-        let content = if kind == FileKind::File {
+        let content = if kind == FileKind::File && link_to.is_none() {
             let f = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -940,7 +999,7 @@ impl<B: Backend> Overlay<B> {
             (FileKind::Dir, _) => 4096,
             _ => 0,
         };
-        let attr = Attr {
+        let attr = link_attr.unwrap_or(Attr {
             ino: prov,
             kind,
             perm,
@@ -954,7 +1013,7 @@ impl<B: Backend> Overlay<B> {
             atime: t,
             mtime: t,
             ctime: t,
-        };
+        });
         st.objs.insert(
             prov,
             Obj {
@@ -972,6 +1031,7 @@ impl<B: Backend> Overlay<B> {
                 error: None,
                 applying: false,
                 nas_ino: None,
+                link_to,
             },
         );
         if let Err(e) = self.persist(&st, prov) {
@@ -990,6 +1050,18 @@ impl<B: Backend> Overlay<B> {
             t,
             if kind == FileKind::Dir { 1 } else { 0 },
         );
+        let mut attr = attr;
+        if let Some(f) = link_to {
+            st.links.entry(f).or_default().insert(prov);
+            if let Some(o) = st.objs.get_mut(&f) {
+                o.attr.nlink += 1;
+                o.attr.ctime = t;
+                attr = o.attr;
+            }
+            if let Err(e) = self.persist(&st, f) {
+                log::warn!("journal: {e}");
+            }
+        }
         drop(st);
         self.kick(false);
         Ok(Some((prov, attr, content)))
@@ -1144,20 +1216,58 @@ impl<B: Backend> Overlay<B> {
         Some(a)
     }
 
-    /// Removes local object `prov` (it never reaches the NAS).
+    /// Removes name `name` in `dir` of local object `prov`: the object
+    /// never reaches the NAS, unless it is a file with further names.
     fn remove_local(&self, st: &mut State<B>, dir: u64, name: &OsStr, prov: u64) -> BResult<()> {
+        let t = now();
+        if let Some(f) = st.objs.get(&prov).and_then(|o| o.link_to) {
+            // A further name of a file: only the name goes.
+            self.journal
+                .delete_object(prov)
+                .map_err(journal_err("journal"))?;
+            Self::drop_name(st, dir, name);
+            if let Some(o) = st.objs.get_mut(&prov) {
+                o.gone = true;
+            }
+            Self::unlink_from(st, f, prov, t);
+            if let Err(e) = self.persist(st, f) {
+                log::warn!("journal: {e}");
+            }
+            Self::dir_changed(st, dir, t, 0);
+            return Ok(());
+        }
+        if let Some(&l) = st.links.get(&prov).and_then(|s| s.iter().next()) {
+            // The file keeps living under its next name: it takes the
+            // place of that link, in one journal transaction.
+            self.left_behind(st, prov);
+            let Some(lo) = st.objs.get(&l) else {
+                return Err(err("unlink", libc::EIO));
+            };
+            let (lparent, lname, lparent_nas) = (lo.parent, lo.name.clone(), lo.parent_nas.clone());
+            if let Some(o) = st.objs.get_mut(&prov) {
+                o.parent = lparent;
+                o.name = lname.clone();
+                o.parent_nas = lparent_nas;
+            }
+            let rec = Self::record(st, prov).ok_or_else(|| err("unlink", libc::EIO))?;
+            self.journal
+                .replace_objects(&[rec], &[l])
+                .map_err(journal_err("journal"))?;
+            Self::drop_name(st, dir, name);
+            st.children.entry(lparent).or_default().insert(lname, prov);
+            if let Some(o) = st.objs.get_mut(&l) {
+                o.gone = true;
+            }
+            Self::unlink_from(st, prov, l, t);
+            Self::dir_changed(st, dir, t, 0);
+            return Ok(());
+        }
         log::debug!("new object {prov:x} {name:?} removed before it reached the NAS");
         self.left_behind(st, prov);
         self.journal
             .delete_object(prov)
             .map_err(journal_err("journal"))?;
-        if let Some(m) = st.children.get_mut(&dir) {
-            m.remove(name);
-            if m.is_empty() {
-                st.children.remove(&dir);
-            }
-        }
-        let t = now();
+        Self::drop_name(st, dir, name);
         let is_dir = st
             .objs
             .get(&prov)
@@ -1170,6 +1280,29 @@ impl<B: Backend> Overlay<B> {
         Self::dir_changed(st, dir, t, if is_dir { -1 } else { 0 });
         let _ = std::fs::remove_file(self.journal.upper_path(prov));
         Ok(())
+    }
+
+    fn drop_name(st: &mut State<B>, dir: u64, name: &OsStr) {
+        if let Some(m) = st.children.get_mut(&dir) {
+            m.remove(name);
+            if m.is_empty() {
+                st.children.remove(&dir);
+            }
+        }
+    }
+
+    /// Link `l` of local file `f` is gone (removed, or handed its name).
+    fn unlink_from(st: &mut State<B>, f: u64, l: u64, t: SystemTime) {
+        if let Some(s) = st.links.get_mut(&f) {
+            s.remove(&l);
+            if s.is_empty() {
+                st.links.remove(&f);
+            }
+        }
+        if let Some(o) = st.objs.get_mut(&f) {
+            o.attr.nlink = o.attr.nlink.saturating_sub(1).max(1);
+            o.attr.ctime = t;
+        }
     }
 
     /// Whether `(dir, name)` on the NAS, with inode number `ino` there, is
@@ -1280,7 +1413,8 @@ impl<B: Backend> Overlay<B> {
             let mut v: Vec<(bool, bool, u64)> = st
                 .objs
                 .iter()
-                .filter(|(_, o)| o.nas.is_none() && !o.gone)
+                // Further names of files are made with their files.
+                .filter(|(_, o)| o.nas.is_none() && !o.gone && o.link_to.is_none())
                 .filter(|(_, o)| all || o.retry_at.unwrap_or(o.created + self.delay) <= now)
                 .map(|(p, o)| (!o.applying, o.attr.kind == FileKind::File, *p))
                 .collect();
@@ -1649,6 +1783,11 @@ impl<B: Backend> Overlay<B> {
             if o.gone {
                 return Err(err(op, libc::ENOENT));
             }
+            if let Some(f) = o.link_to {
+                // A further name: made with its file.
+                drop(st);
+                return self.promote_one(f, make_dirs);
+            }
             let parent_nas = match st.objs.get(&o.parent) {
                 Some(po) => po.nas.clone(),
                 None => o.parent_nas.clone(),
@@ -1672,6 +1811,10 @@ impl<B: Backend> Overlay<B> {
                 self.recreate_parent(parent, &path)?
             }
         };
+        if attr.kind == FileKind::File {
+            // Its further names' directories must be on the NAS too.
+            self.link_places(p, make_dirs)?;
+        }
         if !applying {
             let mut st = self.st();
             if let Some(o) = st.objs.get_mut(&p) {
@@ -1722,8 +1865,10 @@ impl<B: Backend> Overlay<B> {
                             if !self.still_here(p) {
                                 return Err(err(op, libc::EAGAIN));
                             }
+                            let places = self.link_places(p, make_dirs)?;
+                            let links = self.place_links(&n, a.ino, places)?;
                             let a = self.lower.getattr(&n)?;
-                            self.created_on_nas(p, &c, n, a, &kept)?;
+                            self.created_on_nas(p, &c, n, a, &kept, &links)?;
                             return Ok(());
                         }
                     }
@@ -1757,8 +1902,12 @@ impl<B: Backend> Overlay<B> {
                     return Err(err(op, libc::EAGAIN));
                 }
                 kept = self.place(&dir, &tmp, &name, attr.kind)?;
+                // Its further names, before the view says it is there
+                // (still under `window`).
+                let places = self.link_places(p, make_dirs)?;
+                let links = self.place_links(&node, hattr.ino, places)?;
                 let a = self.lower.getattr(&node)?;
-                self.created_on_nas(p, &c, node.clone(), a, &kept)?;
+                self.created_on_nas(p, &c, node.clone(), a, &kept, &links)?;
                 // The content lock is released as this returns.
                 return Ok(());
             }
@@ -1894,7 +2043,75 @@ impl<B: Backend> Overlay<B> {
                 Err(_) => nas_attr,
             }
         };
-        self.finish(p, node, nas_attr, &kept, attr.ctime)
+        self.finish(p, node, nas_attr, &kept, attr.ctime, &[])
+    }
+
+    /// The further names of local file `p`: (link, name, NAS directory).
+    /// ENOENT when a directory is local and not on the NAS yet (then the
+    /// caller makes it first); a NAS directory gone is made again.
+    fn link_places(&self, p: u64, make_dirs: bool) -> BResult<Vec<(u64, OsString, B::Node)>> {
+        type Place<N> = (u64, OsString, u64, Option<N>, bool);
+        let ls: Vec<Place<B::Node>> = {
+            let st = self.st();
+            st.links
+                .get(&p)
+                .map(|set| {
+                    set.iter()
+                        .filter_map(|l| {
+                            let o = st.objs.get(l)?;
+                            let (dir, local_dir) = match st.objs.get(&o.parent) {
+                                Some(po) => (po.nas.clone(), true),
+                                None => (o.parent_nas.clone(), false),
+                            };
+                            Some((*l, o.name.clone(), o.parent, dir, local_dir))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut out = Vec::with_capacity(ls.len());
+        for (l, name, parent, dir, local_dir) in ls {
+            let dir = match dir {
+                Some(d) => d,
+                None if make_dirs && !local_dir => {
+                    let path = Self::dir_path(&self.st(), parent).unwrap_or_default();
+                    self.recreate_parent(parent, &path)?
+                }
+                None => return Err(err("create on the NAS", libc::ENOENT)),
+            };
+            out.push((l, name, dir));
+        }
+        Ok(out)
+    }
+
+    /// Makes the further names `places` of the file just placed on the NAS
+    /// as `node` (NAS inode `nas_ino`); a name taken there meanwhile gets
+    /// the conflict name, one made by an attempt cut short is taken as is.
+    fn place_links(
+        &self,
+        node: &B::Node,
+        nas_ino: u64,
+        places: Vec<(u64, OsString, B::Node)>,
+    ) -> BResult<Vec<(u64, OsString)>> {
+        let mut out = Vec::with_capacity(places.len());
+        for (l, name, dir) in places {
+            let kept = match self.lower.link(node, &dir, &name) {
+                Ok(_) => name,
+                Err(e) if e.raw_errno() == libc::EEXIST => match self.lower.lookup(&dir, &name) {
+                    Ok((_, a)) if a.ino == nas_ino => name,
+                    _ => {
+                        self.conflict_create(&dir, &name, |cn| {
+                            self.lower.link(node, &dir, cn).map(|a| (node.clone(), a))
+                        })?
+                        .0
+                    }
+                },
+                Err(e) => return Err(e),
+            };
+            log::debug!("{l:x} linked on the NAS as {kept:?}");
+            out.push((l, kept));
+        }
+        Ok(out)
     }
 
     /// Writes the content of `upper` into NAS file `f` of `node`, with the
@@ -2062,6 +2279,7 @@ impl<B: Backend> Overlay<B> {
         node: B::Node,
         a: Attr,
         kept: &OsStr,
+        links: &[(u64, OsString)],
     ) -> BResult<()> {
         let ctime = self
             .st()
@@ -2070,14 +2288,15 @@ impl<B: Backend> Overlay<B> {
             .map(|o| o.attr.ctime)
             .unwrap_or(a.ctime);
         // The caller holds the content lock: no I/O between these.
-        self.finish(p, node.clone(), a, kept, ctime)?;
+        self.finish(p, node.clone(), a, kept, ctime, links)?;
         *c.nas.lock().unwrap_or_else(|e| e.into_inner()) = Some((node, None));
         c.promoted.store(true, Ordering::Release);
         let _ = std::fs::remove_file(self.journal.upper_path(p));
         Ok(())
     }
 
-    /// Local object `p` is on the NAS as `node` under `kept`.
+    /// Local object `p` is on the NAS as `node` under `kept`, and its
+    /// further names `links` (link, name it got there).
     fn finish(
         &self,
         p: u64,
@@ -2085,6 +2304,7 @@ impl<B: Backend> Overlay<B> {
         a: Attr,
         kept: &OsStr,
         local_ctime: SystemTime,
+        links: &[(u64, OsString)],
     ) -> BResult<()> {
         let alias = AliasRecord {
             nas_ino: a.ino,
@@ -2123,15 +2343,16 @@ impl<B: Backend> Overlay<B> {
                 r
             })
             .collect();
+        let link_rows: Vec<u64> = links.iter().map(|(l, _)| *l).collect();
         self.journal
-            .object_created(&alias, &kids)
+            .object_created(&alias, &kids, &link_rows)
             .map_err(journal_err("journal"))?;
         self.created.fetch_add(1, Ordering::Relaxed);
         st.alias.insert(a.ino, alias);
         let Some(o) = st.objs.get_mut(&p) else {
             return Ok(());
         };
-        o.nas = Some(node);
+        o.nas = Some(node.clone());
         o.applying = false;
         o.error = None;
         let (parent, name) = (o.parent, o.name.clone());
@@ -2152,35 +2373,44 @@ impl<B: Backend> Overlay<B> {
                 },
             );
         }
-        if let Some(m) = st.children.get_mut(&parent) {
-            if m.get(&name) == Some(&p) {
-                m.remove(&name);
-            }
-            if m.is_empty() {
-                st.children.remove(&parent);
+        let mut placed = vec![(p, parent, name, kept.to_os_string())];
+        for (l, kept_l) in links {
+            if let Some(lo) = st.objs.get_mut(l) {
+                lo.nas = Some(node.clone());
+                lo.applying = false;
+                lo.error = None;
+                placed.push((*l, lo.parent, lo.name.clone(), kept_l.clone()));
             }
         }
-        if kept == name.as_os_str() {
-            drop(st);
-            self.quiet(parent);
-            return Ok(());
-        }
-        {
+        st.links.remove(&p);
+        let mut quiet = Vec::new();
+        let mut conflicts = Vec::new();
+        for (x, parent, name, kept) in placed {
+            if let Some(m) = st.children.get_mut(&parent) {
+                if m.get(&name) == Some(&x) {
+                    m.remove(&name);
+                }
+                if m.is_empty() {
+                    st.children.remove(&parent);
+                }
+            }
+            if kept == name {
+                quiet.push(parent);
+                continue;
+            }
             let path = Self::dir_path(&st, parent).unwrap_or_default();
-            if let Some(o) = st.objs.get_mut(&p) {
-                o.name = kept.to_os_string();
+            if let Some(o) = st.objs.get_mut(&x) {
+                o.name = kept.clone();
             }
-            drop(st);
-            let mut full = path.clone();
-            if !full.is_empty() {
-                full.push("/");
-            }
-            full.push(&name);
-            let mut kept_full = path;
-            if !kept_full.is_empty() {
-                kept_full.push("/");
-            }
-            kept_full.push(kept);
+            conflicts.push((join_path(&path, &name), join_path(&path, &kept)));
+        }
+        drop(st);
+        quiet.sort_unstable();
+        quiet.dedup();
+        for d in quiet {
+            self.quiet(d);
+        }
+        for (full, kept_full) in conflicts {
             self.note_conflict(
                 &full,
                 &kept_full,
@@ -2323,7 +2553,15 @@ impl<B: Backend> Overlay<B> {
 
     fn local_node(&self, prov: u64) -> Option<(ONode<B::Node>, Attr)> {
         let st = self.st();
-        let o = st.objs.get(&prov)?;
+        let mut o = st.objs.get(&prov)?;
+        // A further name of a file: that file.
+        let prov = match o.link_to {
+            Some(f) => {
+                o = st.objs.get(&f)?;
+                f
+            }
+            None => prov,
+        };
         let mut a = o.attr;
         if let Some(n) = &o.nas {
             // Created on the NAS meanwhile.
@@ -2702,7 +2940,7 @@ impl<B: Backend> Backend for Overlay<B> {
                 if let Some(o) = st.objs.get(p) {
                     out.push(DirEntry {
                         name: name.clone(),
-                        ino: *p,
+                        ino: o.link_to.unwrap_or(*p),
                         kind: o.attr.kind,
                     });
                 }
@@ -2736,7 +2974,7 @@ impl<B: Backend> Backend for Overlay<B> {
             )?;
             return Ok((n, a));
         }
-        match self.make(dir, name, kind, mode, rdev, None, creds)? {
+        match self.make(dir, name, kind, mode, rdev, None, creds, None)? {
             Some((p, a, _)) => Ok((ONode { ino: p, nas: None }, a)),
             None => {
                 self.apply_removals()?;
@@ -2754,7 +2992,7 @@ impl<B: Backend> Backend for Overlay<B> {
         mode: u32,
         creds: Creds,
     ) -> BResult<(Self::Node, Attr)> {
-        match self.make(dir, name, FileKind::Dir, mode, 0, None, creds)? {
+        match self.make(dir, name, FileKind::Dir, mode, 0, None, creds, None)? {
             Some((p, a, _)) => Ok((ONode { ino: p, nas: None }, a)),
             None => {
                 self.apply_removals()?;
@@ -2774,7 +3012,16 @@ impl<B: Backend> Backend for Overlay<B> {
         target: &OsStr,
         creds: Creds,
     ) -> BResult<(Self::Node, Attr)> {
-        match self.make(dir, name, FileKind::Symlink, 0o777, 0, Some(target), creds)? {
+        match self.make(
+            dir,
+            name,
+            FileKind::Symlink,
+            0o777,
+            0,
+            Some(target),
+            creds,
+            None,
+        )? {
             Some((p, a, _)) => Ok((ONode { ino: p, nas: None }, a)),
             None => {
                 self.apply_removals()?;
@@ -2788,6 +3035,34 @@ impl<B: Backend> Backend for Overlay<B> {
     fn link(&self, node: &Self::Node, dir: &Self::Node, name: &OsStr) -> BResult<Attr> {
         if self.local_child(dir.ino, name).is_some() {
             return Err(err("link", libc::EEXIST));
+        }
+        // A new file gets a further name here, at local speed and whether
+        // the NAS answers or not; it is made on the NAS with the file.
+        let c = {
+            let st = self.st();
+            st.objs
+                .get(&node.ino)
+                .filter(|o| o.nas.is_none() && o.link_to.is_none())
+                .and_then(|o| o.content.clone())
+        };
+        if let Some(c) = c {
+            // Not while the file is being placed on the NAS.
+            let _g = c.lock.read().unwrap_or_else(|e| e.into_inner());
+            if !c.promoted.load(Ordering::Acquire) && self.local(node.ino) {
+                let a = self
+                    .local_attr(node.ino)
+                    .ok_or_else(|| err("link", libc::ENOENT))?;
+                let creds = Creds {
+                    uid: a.uid,
+                    gid: a.gid,
+                    umask: 0,
+                };
+                let made =
+                    self.make(dir, name, FileKind::File, 0, 0, None, creds, Some(node.ino))?;
+                if let Some((_, a, _)) = made {
+                    return Ok(a);
+                }
+            }
         }
         self.apply_removals()?;
         let n = self.materialize(node)?;
@@ -2905,7 +3180,9 @@ impl<B: Backend> Backend for Overlay<B> {
                     return Err(err(op, libc::ENOENT));
                 }
                 if let Some(q) = dst {
-                    if q == p {
+                    // Two names of one file: nothing to do (POSIX).
+                    let file = |x: u64| st.objs.get(&x).and_then(|o| o.link_to).unwrap_or(x);
+                    if file(q) == file(p) {
                         return Ok(());
                     }
                     if flags.noreplace {
@@ -3068,7 +3345,7 @@ impl<B: Backend> Backend for Overlay<B> {
         exclusive: bool,
         creds: Creds,
     ) -> BResult<(Self::Node, Attr, Self::File)> {
-        match self.make(dir, name, FileKind::File, mode, 0, None, creds) {
+        match self.make(dir, name, FileKind::File, mode, 0, None, creds, None) {
             Ok(Some((p, a, c))) => {
                 let (c, f) = c.ok_or_else(|| err("create", libc::EIO))?;
                 Ok((
@@ -3686,6 +3963,102 @@ mod tests {
         assert_eq!(
             std::fs::read(s.nas.path().join("share/d/f")).unwrap(),
             b"kept"
+        );
+    }
+
+    fn ino_of(p: &std::path::Path) -> u64 {
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap())
+    }
+
+    /// A hard link to a new file is a local name too: shown as the file,
+    /// made on the NAS with it, one inode with both names there.
+    #[test]
+    fn hard_links_to_new_files_stay_local_and_land_together() {
+        let s = setup();
+        let (root, _) = s.ov.root().unwrap();
+        let (d, _) = s.ov.mkdir(&root, OsStr::new("d"), 0o755, me()).unwrap();
+        let (f, fa, file) =
+            s.ov.create(&root, OsStr::new("f"), 0o640, RW, true, me())
+                .unwrap();
+        s.ov.write(&file, 0, b"shared").unwrap();
+        let a = s.ov.link(&f, &d, OsStr::new("g")).unwrap();
+        assert_eq!((a.ino, a.nlink), (fa.ino, 2));
+        assert_eq!(
+            s.ov.link(&f, &d, OsStr::new("g"))
+                .map_err(|e| e.raw_errno())
+                .err(),
+            Some(libc::EEXIST)
+        );
+        let (g, ga) = s.ov.lookup(&d, OsStr::new("g")).unwrap();
+        assert_eq!((g.ino, ga.nlink), (fa.ino, 2));
+        let listed = s.ov.readdir(&d).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].ino, fa.ino);
+        assert!(names(s.nas.path()).is_empty(), "nothing on the NAS yet");
+        // A rename of one name over the other changes nothing (POSIX).
+        s.ov.rename(
+            &d,
+            OsStr::new("g"),
+            &root,
+            OsStr::new("f"),
+            RenameFlags::default(),
+        )
+        .unwrap();
+        assert!(s.ov.lookup(&d, OsStr::new("g")).is_ok());
+
+        assert_eq!(s.ov.flush_all(None), 0);
+        let (p1, p2) = (s.nas.path().join("f"), s.nas.path().join("d/g"));
+        assert_eq!(std::fs::read(&p2).unwrap(), b"shared");
+        assert_eq!(ino_of(&p1), ino_of(&p2));
+        let after = s.ov.getattr(&f).unwrap();
+        assert_eq!((after.ino, after.nlink), (fa.ino, 2));
+        let (_, by_name) = s.ov.lookup(&d, OsStr::new("g")).unwrap();
+        assert_eq!(by_name.ino, fa.ino);
+        assert_eq!(s.ov.pending_count(), 0);
+    }
+
+    /// The file lives on under its other name when its first is removed;
+    /// a removed link takes only its name; both survive a restart.
+    #[test]
+    fn a_new_file_keeps_its_content_under_its_last_name() {
+        let s = setup();
+        {
+            let (root, _) = s.ov.root().unwrap();
+            let (f, fa, file) =
+                s.ov.create(&root, OsStr::new("a"), 0o600, RW, true, me())
+                    .unwrap();
+            s.ov.write(&file, 0, b"kept").unwrap();
+            s.ov.link(&f, &root, OsStr::new("b")).unwrap();
+            s.ov.link(&f, &root, OsStr::new("c")).unwrap();
+            s.ov.unlink(&root, OsStr::new("a")).unwrap();
+            s.ov.unlink(&root, OsStr::new("c")).unwrap();
+            let (b, ba) = s.ov.lookup(&root, OsStr::new("b")).unwrap();
+            assert_eq!((b.ino, ba.nlink), (fa.ino, 1));
+            s.ov.link(&f, &root, OsStr::new("e")).unwrap();
+            s.ov.sync_namespace(&root).unwrap();
+        }
+        let Setup { nas, cache, ov } = s;
+        drop(ov);
+        let s = open(nas, cache);
+        assert_eq!(s.ov.pending_count(), 2);
+        let (root, _) = s.ov.root().unwrap();
+        let (b, ba) = s.ov.lookup(&root, OsStr::new("b")).unwrap();
+        let (e, _) = s.ov.lookup(&root, OsStr::new("e")).unwrap();
+        assert_eq!((b.ino, ba.nlink), (e.ino, 2));
+        for gone in ["a", "c"] {
+            assert!(s.ov.lookup(&root, OsStr::new(gone)).is_err(), "{gone}");
+        }
+        let file = s.ov.open(&e, RW).unwrap();
+        let mut buf = [0u8; 8];
+        let n = s.ov.read(&file, 0, &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"kept");
+        drop(file);
+        assert_eq!(s.ov.flush_all(None), 0);
+        assert_eq!(names(s.nas.path()), ["b", "e"]);
+        assert_eq!(std::fs::read(s.nas.path().join("b")).unwrap(), b"kept");
+        assert_eq!(
+            ino_of(&s.nas.path().join("b")),
+            ino_of(&s.nas.path().join("e"))
         );
     }
 }

@@ -30,7 +30,7 @@ use crate::cache::CacheError;
 
 /// Journal format version. A journal of another version is refused, never
 /// emptied: it may hold the only copy of someone's work.
-pub const FORMAT: i64 = 3;
+pub const FORMAT: i64 = 4;
 
 /// Tables added by format 2 (objects created through the mount and not on
 /// the NAS yet, and the inode numbers they keep once there). A format-1
@@ -74,6 +74,10 @@ const FORMAT3_TABLES: &str = "
         size INTEGER NOT NULL,
         mtime_ns INTEGER NOT NULL,
         ctime_ns INTEGER NOT NULL);";
+
+/// Added by format 4: a hard link made here to a new file is a row of its
+/// own, naming the file's row. Earlier formats gain the column at open.
+const FORMAT4_COLUMNS: &str = "ALTER TABLE objects ADD COLUMN link_to INTEGER;";
 
 /// Where a data row is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -274,7 +278,9 @@ impl Journal {
                      reason TEXT NOT NULL);
                  COMMIT;",
             )?;
-            conn.execute_batch(&format!("BEGIN; {FORMAT2_TABLES} {FORMAT3_TABLES} COMMIT;"))?;
+            conn.execute_batch(&format!(
+                "BEGIN; {FORMAT2_TABLES} {FORMAT3_TABLES} {FORMAT4_COLUMNS} COMMIT;"
+            ))?;
             conn.execute("INSERT INTO meta VALUES ('format', ?1)", params![FORMAT])?;
         }
         let format: Option<i64> = conn
@@ -297,6 +303,13 @@ impl Journal {
             .map_err(|e| corrupt(&e))?;
         }
         let format = if format == Some(2) { Some(3) } else { format };
+        if format == Some(3) {
+            conn.execute_batch(&format!(
+                "BEGIN; {FORMAT4_COLUMNS} UPDATE meta SET value = 4 WHERE key = 'format'; COMMIT;"
+            ))
+            .map_err(|e| corrupt(&e))?;
+        }
+        let format = if format == Some(3) { Some(4) } else { format };
         if format != Some(FORMAT) {
             return Err(corrupt(&format!(
                 "format {format:?}, this nassync reads format {FORMAT}"
@@ -518,6 +531,10 @@ pub struct ObjectRecord {
     /// name, once made: after a crash, a file at its name with this number
     /// is this one (renamed into place just before).
     pub nas_ino: Option<u64>,
+    /// A further name of new file `link_to` (a hard link made here): made
+    /// on the NAS as a link once that file is there. Its kind is the
+    /// file's; its attributes are not used.
+    pub link_to: Option<u64>,
 }
 
 /// What an unfinished creation on the NAS may have left there (see
@@ -653,8 +670,9 @@ impl Journal {
         };
         tx.execute(
             "INSERT OR REPLACE INTO objects
-                 (prov, kind, parent_prov, parent_path, name, state, args, created_ns, nas_ino)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                 (prov, kind, parent_prov, parent_path, name, state, args, created_ns, nas_ino,
+                  link_to)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 r.prov as i64,
                 kind_code(r.kind),
@@ -665,6 +683,7 @@ impl Journal {
                 encode_obj(r),
                 nanos(r.created),
                 r.nas_ino.map(|i| i as i64),
+                r.link_to.map(|i| i as i64),
             ],
         )?;
         Ok(())
@@ -677,6 +696,21 @@ impl Journal {
             "DELETE FROM ops WHERE nas_ino = ?1 AND kind = 'data'",
             [nas_ino as i64],
         )?;
+        Ok(())
+    }
+
+    /// Puts the rows `put` and deletes the rows `delete` in one
+    /// transaction (a name of a new file handed to one of its links).
+    pub fn replace_objects(&self, put: &[ObjectRecord], delete: &[u64]) -> Result<(), CacheError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for r in put {
+            Self::put_in(&tx, r)?;
+        }
+        for p in delete {
+            tx.execute("DELETE FROM objects WHERE prov = ?1", [*p as i64])?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -697,15 +731,20 @@ impl Journal {
     /// The object is on the NAS now, as `alias.nas_ino`: its row goes, the
     /// alias stays while anything may know it by its provisional number.
     /// `children`, new objects in it, are now in a directory on the NAS:
-    /// their rows name it by path from now on, in the same transaction.
+    /// their rows name it by path from now on, in the same transaction;
+    /// the rows of `links`, its further names made with it, go too.
     pub fn object_created(
         &self,
         alias: &AliasRecord,
         children: &[ObjectRecord],
+        links: &[u64],
     ) -> Result<(), CacheError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute("DELETE FROM objects WHERE prov = ?1", [alias.prov as i64])?;
+        for l in links {
+            tx.execute("DELETE FROM objects WHERE prov = ?1", [*l as i64])?;
+        }
         for c in children {
             Self::put_in(&tx, c)?;
         }
@@ -731,7 +770,8 @@ impl Journal {
             })
             .optional()?;
         let mut stmt = conn.prepare(
-            "SELECT prov, kind, parent_prov, parent_path, name, state, args, created_ns, nas_ino
+            "SELECT prov, kind, parent_prov, parent_path, name, state, args, created_ns, nas_ino,
+                    link_to
              FROM objects ORDER BY prov",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -745,11 +785,12 @@ impl Journal {
                 r.get::<_, Vec<u8>>(6)?,
                 r.get::<_, i64>(7)?,
                 r.get::<_, Option<i64>>(8)?,
+                r.get::<_, Option<i64>>(9)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (prov, kind, pp, path, name, state, args, created, nas_ino) = row?;
+            let (prov, kind, pp, path, name, state, args, created, nas_ino, link_to) = row?;
             let bad = |what: &str| CacheError::Setup {
                 path: self.dir.join("journal.sqlite").display().to_string(),
                 reason: format!("journal object {prov}: {what}; left as it is"),
@@ -778,6 +819,7 @@ impl Journal {
                 target: (kind == FileKind::Symlink).then(|| OsString::from_vec(target)),
                 created: from_nanos(created),
                 nas_ino: nas_ino.map(|i| i as u64),
+                link_to: link_to.map(|i| i as u64),
             });
         }
         Ok((out, next.unwrap_or(0) as u64))
@@ -992,6 +1034,55 @@ mod tests {
         assert!(j.load_data().unwrap().is_empty());
     }
 
+    /// A format-3 journal (before hard links of new files) is upgraded in
+    /// place and keeps its objects; a newer format is refused, untouched.
+    #[test]
+    fn a_format_3_journal_is_upgraded_and_a_newer_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let obj = ObjectRecord {
+            prov: 0xFFFF_0000_0000_0009,
+            kind: FileKind::File,
+            parent: ObjParent::Nas(OsString::from("dir")),
+            name: OsString::from("new"),
+            applying: false,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            target: None,
+            created: t,
+            nas_ino: None,
+            link_to: None,
+        };
+        {
+            let j = Journal::open(dir.path()).unwrap();
+            j.put_object(&obj, obj.prov + 1).unwrap();
+            j.conn()
+                .execute_batch(
+                    "ALTER TABLE objects DROP COLUMN link_to;
+                     UPDATE meta SET value = 3 WHERE key = 'format';",
+                )
+                .unwrap();
+        }
+        let j = Journal::open(dir.path()).unwrap();
+        let (objs, next) = j.load_objects().unwrap();
+        assert_eq!((objs, next), (vec![obj.clone()], obj.prov + 1));
+        let mut link = obj.clone();
+        link.prov += 1;
+        link.link_to = Some(obj.prov);
+        j.put_object(&link, link.prov + 1).unwrap();
+        assert_eq!(j.load_objects().unwrap().0, vec![obj, link]);
+        j.conn()
+            .execute("UPDATE meta SET value = 5 WHERE key = 'format'", [])
+            .unwrap();
+        drop(j);
+        assert!(Journal::open(dir.path()).is_err());
+    }
+
     /// A local object and the data rows of its content go together, and
     /// nothing else does: a crash cannot leave the content of a removed
     /// file to be restored.
@@ -1017,6 +1108,7 @@ mod tests {
             target: None,
             created: t,
             nas_ino: None,
+            link_to: None,
         };
         j.put_object(&obj, prov + 1).unwrap();
         let mut mine = record();
