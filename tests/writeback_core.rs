@@ -572,3 +572,57 @@ fn a_file_unlinked_here_while_its_write_back_looks_for_it_stays_gone() {
         s.wb.status().1
     );
 }
+
+/// A write-back attempt that looks for its file by path (after a restart)
+/// and misses it because this mount renamed it meanwhile, the rename
+/// already done and told, must try again at the new path, not restore
+/// the file at the old one (the crash loop saw a renamed file come back
+/// beside its new name, which lacked the pending data).
+#[test]
+fn a_file_renamed_here_while_its_write_back_looks_for_it_is_not_restored() {
+    let nas = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    std::fs::write(nas.path().join("f"), b"old").unwrap();
+    let s = setup_in(nas, cache, Duration::from_secs(3600), 4096, 1 << 20, false);
+    let (_, fh) = open_file(&s.core, "f");
+    s.core.write(fh, 0, b"new content", None).unwrap();
+    s.core.fsync(fh, false).unwrap();
+    s.core.release(fh).unwrap();
+    let Setup {
+        core,
+        wb,
+        nas,
+        _cache: cache,
+        ..
+    } = s;
+    drop((core, wb));
+    // The next mount knows the file by its path only.
+    let s = setup_in(nas, cache, Duration::ZERO, 4096, 1 << 20, false);
+    s.faults.set(Fault::Stall, Some("lookup"));
+    s.wb.start().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.faults.stalled() < 1 {
+        assert!(Instant::now() < deadline, "write-back never looked");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The rename, as the core makes it: on the NAS, then told.
+    let ino =
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(s.nas.path().join("f")).unwrap());
+    std::fs::rename(s.nas.path().join("f"), s.nas.path().join("g")).unwrap();
+    s.wb.own_meta_op(ino);
+    s.wb.renamed(OsStr::new("f"), OsStr::new("g"));
+    s.faults.set(Fault::None, None);
+    assert_eq!(flush(&s.wb, Duration::from_secs(60)).0, 0);
+    assert_eq!(
+        std::fs::read(s.nas.path().join("g")).unwrap(),
+        b"new content",
+        "{:?}",
+        s.wb.status()
+    );
+    assert!(!s.nas.path().join("f").exists(), "restored at the old path");
+    assert!(
+        s.wb.status().1.is_empty(),
+        "no conflict: {:?}",
+        s.wb.status().1
+    );
+}

@@ -1817,9 +1817,16 @@ impl<B: Backend> WriteBack<B> {
         // Removed or moved through this mount, not by another client:
         // nothing to restore (the attempt's result is dropped once
         // `unlinked` has run; else it is tried again, at the new path).
+        // A rename may also have finished, and its mark gone, since the
+        // attempt took the path it looked at.
         {
             let g = d.lock();
-            if g.unlinking > 0 || g.orphan || g.removed {
+            if g.unlinking > 0
+                || g.orphan
+                || g.removed
+                || g.rec.path != snap.path
+                || g.rec.path2 != snap.path2
+            {
                 return Ok(Outcome::Raced);
             }
         }
