@@ -234,6 +234,7 @@ enum NsOp {
     Mkdir(String),
     Rename(String, String),
     Unlink(String),
+    Link(String, String),
 }
 
 /// The states an interrupted `op` may leave `t` in (a creation also as
@@ -258,6 +259,10 @@ fn outcomes(t: &Tree, op: &NsOp) -> Vec<Tree> {
         NsOp::Unlink(a) => {
             done.remove(a);
         }
+        NsOp::Link(a, b) => {
+            let v = done.get(a).cloned().unwrap();
+            done.insert(b.clone(), v);
+        }
     }
     [Some(t.clone()), Some(done), empty]
         .into_iter()
@@ -265,7 +270,7 @@ fn outcomes(t: &Tree, op: &NsOp) -> Vec<Tree> {
         .collect()
 }
 
-/// Creates, renames and removes files and directories through the mount,
+/// Creates, renames, links and removes files and directories through the mount,
 /// each confirmed by fsync of the file and of its directories, until an
 /// operation fails (the daemon is gone).
 fn ns_writer(
@@ -313,7 +318,7 @@ fn ns_writer(
                 i => format!("{}/{leaf}", dirs[i]),
             },
         };
-        let op = match rng.u8(..10) {
+        let op = match rng.u8(..11) {
             0..=4 => {
                 let data: Vec<u8> = (0..rng.usize(..20_000)).map(|_| rng.u8(1..)).collect();
                 NsOp::Create(in_dir(&mut rng, format!("f{n}")), data)
@@ -324,6 +329,10 @@ fn ns_writer(
                 NsOp::Rename(a, in_dir(&mut rng, format!("r{n}")))
             }
             8..=9 if !files.is_empty() => NsOp::Unlink(files[rng.usize(..files.len())].clone()),
+            10 if !files.is_empty() => {
+                let a = files[rng.usize(..files.len())].clone();
+                NsOp::Link(a, in_dir(&mut rng, format!("l{n}")))
+            }
             _ => continue,
         };
         model.lock().unwrap().1 = Some(op.clone());
@@ -342,6 +351,7 @@ fn ns_writer(
                 std::fs::rename(mnt.join(a), mnt.join(b)).is_ok() && sync_dir(a) && sync_dir(b)
             }
             NsOp::Unlink(a) => std::fs::remove_file(mnt.join(a)).is_ok() && sync_dir(a),
+            NsOp::Link(a, b) => std::fs::hard_link(mnt.join(a), mnt.join(b)).is_ok() && sync_dir(b),
         };
         if !ok {
             return;
@@ -352,8 +362,8 @@ fn ns_writer(
     }
 }
 
-/// Creates, mkdirs, renames and unlinks of files and directories, new and
-/// on the NAS, with the replay running alongside (writeback_delay=100ms).
+/// Creates, mkdirs, renames, hard links and unlinks of files and
+/// directories, new and on the NAS, with the replay running alongside (writeback_delay=100ms).
 /// Nobody else changes the NAS, so a conflict copy after a kill (the data
 /// kept under a conflict name beside a stale version) is a failure too.
 #[test]

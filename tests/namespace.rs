@@ -315,6 +315,48 @@ fn new_objects_survive_a_crash_and_land_after_the_next_mount() {
     );
 }
 
+/// Hard links to a new file survive a crash with it, the file lives on
+/// under a link when its first name is removed, and its ctime, moved by
+/// them here, is no conflict after the restart.
+#[test]
+fn hard_links_to_a_new_file_survive_a_crash_without_a_conflict() {
+    let mut m = Mount::new("writeback_delay=1h");
+    fs::create_dir(m.m("d")).unwrap();
+    let mut f = fs::File::create(m.m("first")).unwrap();
+    std::io::Write::write_all(&mut f, b"linked data").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    fs::hard_link(m.m("first"), m.m("d/second")).unwrap();
+    fs::hard_link(m.m("first"), m.m("third")).unwrap();
+    fs::remove_file(m.m("first")).unwrap();
+    assert_eq!(fs::metadata(m.m("third")).unwrap().nlink(), 2);
+    for d in ["", "d"] {
+        fs::File::open(m.m(d)).unwrap().sync_all().unwrap();
+    }
+    m.kill();
+    assert!(!m.n("third").exists());
+    m.mount();
+    let (a, b) = (
+        fs::metadata(m.m("d/second")).unwrap(),
+        fs::metadata(m.m("third")).unwrap(),
+    );
+    assert_eq!((a.ino(), a.nlink()), (b.ino(), 2));
+    assert!(!m.m("first").exists());
+    m.flush(None);
+    assert_eq!(fs::read(m.n("d/second")).unwrap(), b"linked data");
+    assert_eq!(
+        fs::metadata(m.n("d/second")).unwrap().ino(),
+        fs::metadata(m.n("third")).unwrap().ino()
+    );
+    assert!(!m.n("first").exists());
+    assert_eq!(m.status_value("conflicts"), 0, "{}", m.log());
+    let names: Vec<_> = fs::read_dir(&m.nas)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+}
+
 #[test]
 fn the_inode_number_of_a_new_file_stays_once_it_is_on_the_nas() {
     let m = Mount::new("writeback_delay=1h");

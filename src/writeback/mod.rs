@@ -1647,7 +1647,11 @@ impl<B: Backend> WriteBack<B> {
             && v.size == snap.base.size
             && v.mtime == snap.base.mtime
             && (renamed_ahead || self.own_meta_since(d.nas_ino, snap.base_clock));
-        if !snap.recovering && v != snap.base && !own_ctime {
+        // A new file not on the NAS yet is nobody else's to change: its
+        // ctime moved by this mount's own link or chmod before a restart
+        // (which forgot `own_meta`) is no conflict.
+        let local = || self.backend.local_path(d.nas_ino).is_some();
+        if !snap.recovering && v != snap.base && !own_ctime && !local() {
             return self
                 .keep_both(d, snap, "changed on the NAS since nassync last saw it")
                 .map_err(e0);
