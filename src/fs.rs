@@ -573,6 +573,7 @@ impl<B: Backend> Core<B> {
             path,
             base,
             data: data.clone(),
+            owner: (attr.perm, attr.uid, attr.gid),
         })
     }
 
@@ -1498,6 +1499,7 @@ impl<B: Backend> Core<B> {
             path: dst_path.to_os_string(),
             base: attr.validator(),
             data: dst_data.clone(),
+            owner: (attr.perm, attr.uid, attr.gid),
         };
         // Atomic with write-back: if it has started on the file, the
         // rename goes to the NAS as usual.

@@ -250,6 +250,9 @@ fn a_conflict_keeps_both_versions() {
 fn a_file_edited_here_and_removed_on_the_nas_is_restored() {
     let m = Mount::new("writeback_delay=1h");
     write_file(&m.n("notes.txt"), b"base version\n");
+    // A private file of someone else's: restored as private, and theirs.
+    std::os::unix::fs::chown(m.n("notes.txt"), Some(4321), Some(4322)).unwrap();
+    std::fs::set_permissions(m.n("notes.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
     assert_eq!(std::fs::read(m.m("notes.txt")).unwrap(), b"base version\n");
     write_file(&m.m("notes.txt"), b"edited here\n");
     // Meanwhile another machine deletes it.
@@ -273,6 +276,11 @@ fn a_file_edited_here_and_removed_on_the_nas_is_restored() {
     assert!(status.contains("restored"), "{status}");
     assert!(m.log().contains("restored"), "{}", m.log());
     assert_eq!(std::fs::read(m.m("notes.txt")).unwrap(), b"edited here\n");
+    let md = std::fs::metadata(m.n("notes.txt")).unwrap();
+    assert_eq!(
+        (md.permissions().mode() & 0o7777, md.uid(), md.gid()),
+        (0o600, 4321, 4322)
+    );
 }
 
 #[test]

@@ -76,8 +76,13 @@ const FORMAT3_TABLES: &str = "
         ctime_ns INTEGER NOT NULL);";
 
 /// Added by format 4: a hard link made here to a new file is a row of its
-/// own, naming the file's row. Earlier formats gain the column at open.
-const FORMAT4_COLUMNS: &str = "ALTER TABLE objects ADD COLUMN link_to INTEGER;";
+/// own, naming the file's row. Earlier formats gain the columns at open.
+/// And a data row keeps its file's mode and owner, to restore the file
+/// with them if it is removed on the NAS meanwhile.
+const FORMAT4_COLUMNS: &str = "ALTER TABLE objects ADD COLUMN link_to INTEGER;
+    ALTER TABLE ops ADD COLUMN perm INTEGER;
+    ALTER TABLE ops ADD COLUMN uid INTEGER;
+    ALTER TABLE ops ADD COLUMN gid INTEGER;";
 
 /// Where a data row is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,6 +138,8 @@ pub struct DataRecord {
     /// Bytes changed since `base`, held in `pending/<fid>`.
     pub ranges: RangeSet,
     pub created: SystemTime,
+    /// The file's permission bits, uid and gid as last known here.
+    pub owner: Option<(u16, u32, u32)>,
 }
 
 /// A conflict found at write-back: both versions were kept.
@@ -340,8 +347,8 @@ impl Journal {
         let conn = self.conn();
         conn.execute(
             "INSERT INTO ops (kind, nas_ino, path, base_ino, base_size, base_mtime_ns,
-                              base_ctime_ns, state, args, created_ns, path2)
-             VALUES ('data', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                              base_ctime_ns, state, args, created_ns, path2, perm, uid, gid)
+             VALUES ('data', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 r.nas_ino as i64,
                 r.path.as_bytes(),
@@ -353,6 +360,9 @@ impl Journal {
                 encode_args(r),
                 nanos(r.created),
                 r.path2.as_ref().map(|p| p.as_bytes().to_vec()),
+                r.owner.map(|o| o.0 as i64),
+                r.owner.map(|o| o.1 as i64),
+                r.owner.map(|o| o.2 as i64),
             ],
         )?;
         Ok(conn.last_insert_rowid() as u64)
@@ -361,7 +371,8 @@ impl Journal {
     pub fn update_data(&self, r: &DataRecord) -> Result<(), CacheError> {
         self.conn().execute(
             "UPDATE ops SET nas_ino = ?2, path = ?3, base_ino = ?4, base_size = ?5,
-                 base_mtime_ns = ?6, base_ctime_ns = ?7, state = ?8, args = ?9, path2 = ?10
+                 base_mtime_ns = ?6, base_ctime_ns = ?7, state = ?8, args = ?9, path2 = ?10,
+                 perm = ?11, uid = ?12, gid = ?13
              WHERE seq = ?1",
             params![
                 r.fid as i64,
@@ -374,6 +385,9 @@ impl Journal {
                 r.state.as_str(),
                 encode_args(r),
                 r.path2.as_ref().map(|p| p.as_bytes().to_vec()),
+                r.owner.map(|o| o.0 as i64),
+                r.owner.map(|o| o.1 as i64),
+                r.owner.map(|o| o.2 as i64),
             ],
         )?;
         Ok(())
@@ -411,7 +425,7 @@ impl Journal {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT seq, nas_ino, path, base_ino, base_size, base_mtime_ns, base_ctime_ns,
-                    state, args, created_ns, kind, path2
+                    state, args, created_ns, kind, path2, perm, uid, gid
              FROM ops ORDER BY seq",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -430,11 +444,17 @@ impl Journal {
                 r.get::<_, i64>(9)?,
                 r.get::<_, String>(10)?,
                 r.get::<_, Option<Vec<u8>>>(11)?,
+                (
+                    r.get::<_, Option<i64>>(12)?,
+                    r.get::<_, Option<i64>>(13)?,
+                    r.get::<_, Option<i64>>(14)?,
+                ),
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (seq, nas_ino, path, (bi, bs, bm, bc), state, args, created, kind, path2) = row?;
+            let (seq, nas_ino, path, (bi, bs, bm, bc), state, args, created, kind, path2, own) =
+                row?;
             let bad = |what: &str| CacheError::Setup {
                 path: self.dir.join("journal.sqlite").display().to_string(),
                 reason: format!("journal row {seq} ({kind}): {what}; left as it is"),
@@ -462,6 +482,10 @@ impl Journal {
                 mtime,
                 ranges,
                 created: from_nanos(created),
+                owner: match own {
+                    (Some(p), Some(u), Some(g)) => Some((p as u16, u as u32, g as u32)),
+                    _ => None,
+                },
             });
         }
         Ok(out)
@@ -1014,6 +1038,7 @@ mod tests {
             mtime: t,
             ranges,
             created: t,
+            owner: Some((0o640, 1000, 100)),
         }
     }
 
@@ -1064,6 +1089,9 @@ mod tests {
             j.conn()
                 .execute_batch(
                     "ALTER TABLE objects DROP COLUMN link_to;
+                     ALTER TABLE ops DROP COLUMN perm;
+                     ALTER TABLE ops DROP COLUMN uid;
+                     ALTER TABLE ops DROP COLUMN gid;
                      UPDATE meta SET value = 3 WHERE key = 'format';",
                 )
                 .unwrap();

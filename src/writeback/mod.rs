@@ -76,6 +76,8 @@ pub struct Start<B: Backend> {
     pub path: OsString,
     pub base: Validator,
     pub data: Arc<FileData>,
+    /// Permission bits, uid and gid.
+    pub owner: (u16, u32, u32),
 }
 
 struct DirtyInner<B: Backend> {
@@ -485,6 +487,7 @@ impl<B: Backend> WriteBack<B> {
             mtime: s.base.mtime,
             ranges: RangeSet::new(),
             created: now,
+            owner: Some(s.owner),
         };
         rec.fid = self.journal.insert_data(&rec).map_err(cache_err)?;
         let pending = OpenOptions::new()
@@ -651,6 +654,11 @@ impl<B: Backend> WriteBack<B> {
         let mut g = d.lock();
         // The operation changed the file's ctime: the local view shows it.
         g.ctime = g.ctime.max(attr.ctime);
+        let owner = Some((attr.perm, attr.uid, attr.gid));
+        if attr.ino == g.rec.base.ino && g.rec.owner != owner {
+            g.rec.owner = owner;
+            g.row_stale = true;
+        }
         let b = g.rec.base;
         if attr.ino == b.ino
             && attr.size == b.size
@@ -885,6 +893,7 @@ impl<B: Backend> WriteBack<B> {
         rec.nas_ino = to_nas;
         rec.base = to.base;
         rec.path = to.path;
+        rec.owner = Some(to.owner);
         rec.state = RowState::Pending;
         let inner = DirtyInner {
             rec,
@@ -1858,9 +1867,12 @@ impl<B: Backend> WriteBack<B> {
             .file_name()
             .map(|n| n.to_os_string())
             .unwrap_or_else(|| OsString::from("file"));
-        let (uid, gid, perm) = match &existing {
-            Some((_, a)) => (a.uid, a.gid, a.perm),
-            None => (0, 0, 0o644),
+        // The local version's mode and owner, as last known here (the
+        // NAS's file may be gone; never more open than the file was).
+        let (uid, gid, perm) = match (d.lock().rec.owner, &existing) {
+            (Some((p, u, g)), _) => (u, g, p),
+            (None, Some((_, a))) => (a.uid, a.gid, a.perm),
+            (None, None) => (0, 0, 0o600),
         };
         let creds = Creds { uid, gid, umask: 0 };
         let rw = OpenMode {
