@@ -247,6 +247,9 @@ struct Sched {
     kick: bool,
     all: bool,
     stop: bool,
+    /// Until when the replay thread sleeps (None: it is working, and
+    /// looks at every object before it sleeps again).
+    sleeping_until: Option<Instant>,
 }
 
 /// A local object not on the NAS yet, for `nassync status`.
@@ -372,6 +375,7 @@ impl<B: Backend> Overlay<B> {
                 kick: false,
                 all: false,
                 stop: false,
+                sleeping_until: None,
             }),
             wake: Condvar::new(),
             progress: Condvar::new(),
@@ -587,6 +591,16 @@ impl<B: Backend> Overlay<B> {
 
     fn sched(&self) -> MutexGuard<'_, Sched> {
         self.sched.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new object is due at `due`: the replay thread wakes earlier if
+    /// it would sleep past that. Not a pass per creation: each looks at
+    /// every object, and an untar makes thousands.
+    fn due_at(&self, due: Instant) {
+        let s = self.sched();
+        if s.sleeping_until.is_some_and(|t| due < t) {
+            self.wake.notify_all();
+        }
     }
 
     fn kick(&self, all: bool) {
@@ -1063,7 +1077,7 @@ impl<B: Backend> Overlay<B> {
             }
         }
         drop(st);
-        self.kick(false);
+        self.due_at(Instant::now() + self.delay);
         Ok(Some((prov, attr, content)))
     }
 
@@ -1337,12 +1351,17 @@ impl<B: Backend> Overlay<B> {
             let all = {
                 let mut s = self.sched();
                 while !s.kick && !s.stop {
-                    let wait = self.next_due().unwrap_or(Duration::from_secs(3600));
+                    let wait = self
+                        .next_due()
+                        .unwrap_or(Duration::from_secs(3600))
+                        .max(Duration::from_millis(10));
+                    s.sleeping_until = Some(Instant::now() + wait);
                     let (g, to) = self
                         .wake
-                        .wait_timeout(s, wait.max(Duration::from_millis(10)))
+                        .wait_timeout(s, wait)
                         .unwrap_or_else(|e| e.into_inner());
                     s = g;
+                    s.sleeping_until = None;
                     if to.timed_out() {
                         break;
                     }

@@ -345,36 +345,39 @@ impl Journal {
     /// Adds a data row; returns its fid.
     pub fn insert_data(&self, r: &DataRecord) -> Result<u64, CacheError> {
         let conn = self.conn();
-        conn.execute(
+        // Cached statements: one create of an untar makes several rows.
+        conn.prepare_cached(
             "INSERT INTO ops (kind, nas_ino, path, base_ino, base_size, base_mtime_ns,
                               base_ctime_ns, state, args, created_ns, path2, perm, uid, gid)
              VALUES ('data', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-            params![
-                r.nas_ino as i64,
-                r.path.as_bytes(),
-                r.base.ino as i64,
-                r.base.size as i64,
-                nanos(r.base.mtime),
-                nanos(r.base.ctime),
-                r.state.as_str(),
-                encode_args(r),
-                nanos(r.created),
-                r.path2.as_ref().map(|p| p.as_bytes().to_vec()),
-                r.owner.map(|o| o.0 as i64),
-                r.owner.map(|o| o.1 as i64),
-                r.owner.map(|o| o.2 as i64),
-            ],
-        )?;
+        )?
+        .execute(params![
+            r.nas_ino as i64,
+            r.path.as_bytes(),
+            r.base.ino as i64,
+            r.base.size as i64,
+            nanos(r.base.mtime),
+            nanos(r.base.ctime),
+            r.state.as_str(),
+            encode_args(r),
+            nanos(r.created),
+            r.path2.as_ref().map(|p| p.as_bytes().to_vec()),
+            r.owner.map(|o| o.0 as i64),
+            r.owner.map(|o| o.1 as i64),
+            r.owner.map(|o| o.2 as i64),
+        ])?;
         Ok(conn.last_insert_rowid() as u64)
     }
 
     pub fn update_data(&self, r: &DataRecord) -> Result<(), CacheError> {
-        self.conn().execute(
-            "UPDATE ops SET nas_ino = ?2, path = ?3, base_ino = ?4, base_size = ?5,
+        self.conn()
+            .prepare_cached(
+                "UPDATE ops SET nas_ino = ?2, path = ?3, base_ino = ?4, base_size = ?5,
                  base_mtime_ns = ?6, base_ctime_ns = ?7, state = ?8, args = ?9, path2 = ?10,
                  perm = ?11, uid = ?12, gid = ?13
              WHERE seq = ?1",
-            params![
+            )?
+            .execute(params![
                 r.fid as i64,
                 r.nas_ino as i64,
                 r.path.as_bytes(),
@@ -388,8 +391,7 @@ impl Journal {
                 r.owner.map(|o| o.0 as i64),
                 r.owner.map(|o| o.1 as i64),
                 r.owner.map(|o| o.2 as i64),
-            ],
-        )?;
+            ])?;
         Ok(())
     }
 
@@ -679,10 +681,8 @@ impl Journal {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         Self::put_in(&tx, r)?;
-        tx.execute(
-            "INSERT OR REPLACE INTO meta VALUES ('next_prov', ?1)",
-            [next_prov as i64],
-        )?;
+        tx.prepare_cached("INSERT OR REPLACE INTO meta VALUES ('next_prov', ?1)")?
+            .execute([next_prov as i64])?;
         tx.commit()?;
         Ok(())
     }
@@ -692,24 +692,24 @@ impl Journal {
             ObjParent::Local(p) => (Some(*p as i64), None),
             ObjParent::Nas(path) => (None, Some(path.as_bytes().to_vec())),
         };
-        tx.execute(
+        tx.prepare_cached(
             "INSERT OR REPLACE INTO objects
                  (prov, kind, parent_prov, parent_path, name, state, args, created_ns, nas_ino,
                   link_to)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            params![
-                r.prov as i64,
-                kind_code(r.kind),
-                pp,
-                path,
-                r.name.as_bytes(),
-                if r.applying { "applying" } else { "pending" },
-                encode_obj(r),
-                nanos(r.created),
-                r.nas_ino.map(|i| i as i64),
-                r.link_to.map(|i| i as i64),
-            ],
-        )?;
+        )?
+        .execute(params![
+            r.prov as i64,
+            kind_code(r.kind),
+            pp,
+            path,
+            r.name.as_bytes(),
+            if r.applying { "applying" } else { "pending" },
+            encode_obj(r),
+            nanos(r.created),
+            r.nas_ino.map(|i| i as i64),
+            r.link_to.map(|i| i as i64),
+        ])?;
         Ok(())
     }
 
