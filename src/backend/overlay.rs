@@ -738,7 +738,7 @@ impl<B: Backend> Overlay<B> {
             let st = self.st();
             // A further name of a file is made with the file, and the
             // directories of the file's further names before it.
-            let file = st.objs.get(&ino).and_then(|o| o.link_to).unwrap_or(ino);
+            let file = Self::file_of(&st, ino);
             let mut starts = vec![file];
             if let Some(set) = st.links.get(&file) {
                 starts.extend(set.iter().filter_map(|l| st.objs.get(l).map(|o| o.parent)));
@@ -1294,6 +1294,12 @@ impl<B: Backend> Overlay<B> {
         Self::dir_changed(st, dir, t, if is_dir { -1 } else { 0 });
         let _ = std::fs::remove_file(self.journal.upper_path(prov));
         Ok(())
+    }
+
+    /// The local file that local object `x` is a name of (itself unless a
+    /// hard link made here).
+    fn file_of(st: &State<B>, x: u64) -> u64 {
+        st.objs.get(&x).and_then(|o| o.link_to).unwrap_or(x)
     }
 
     fn drop_name(st: &mut State<B>, dir: u64, name: &OsStr) {
@@ -3200,8 +3206,7 @@ impl<B: Backend> Backend for Overlay<B> {
                 }
                 if let Some(q) = dst {
                     // Two names of one file: nothing to do (POSIX).
-                    let file = |x: u64| st.objs.get(&x).and_then(|o| o.link_to).unwrap_or(x);
-                    if file(q) == file(p) {
+                    if Self::file_of(&st, q) == Self::file_of(&st, p) {
                         return Ok(());
                     }
                     if flags.noreplace {
@@ -3219,12 +3224,7 @@ impl<B: Backend> Backend for Overlay<B> {
                     self.remove_local(&mut st, newdir.ino, newname, q)?;
                 }
                 self.left_behind(&mut st, p);
-                if let Some(m) = st.children.get_mut(&dir.ino) {
-                    m.remove(name);
-                    if m.is_empty() {
-                        st.children.remove(&dir.ino);
-                    }
-                }
+                Self::drop_name(&mut st, dir.ino, name);
                 st.children
                     .entry(newdir.ino)
                     .or_default()

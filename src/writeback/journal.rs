@@ -1016,6 +1016,29 @@ impl Journal {
 mod tests {
     use super::*;
 
+    /// A new file's row, in directory "dir" of the NAS.
+    fn object(prov: u64) -> ObjectRecord {
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        ObjectRecord {
+            prov,
+            kind: FileKind::File,
+            parent: ObjParent::Nas(OsString::from("dir")),
+            name: OsString::from("new"),
+            applying: false,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            target: None,
+            created: t,
+            nas_ino: None,
+            link_to: None,
+        }
+    }
+
     fn record() -> DataRecord {
         let mut ranges = RangeSet::new();
         ranges.insert(4096, 8192);
@@ -1064,25 +1087,7 @@ mod tests {
     #[test]
     fn a_format_3_journal_is_upgraded_and_a_newer_one_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let obj = ObjectRecord {
-            prov: 0xFFFF_0000_0000_0009,
-            kind: FileKind::File,
-            parent: ObjParent::Nas(OsString::from("dir")),
-            name: OsString::from("new"),
-            applying: false,
-            perm: 0o644,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            atime: t,
-            mtime: t,
-            ctime: t,
-            target: None,
-            created: t,
-            nas_ino: None,
-            link_to: None,
-        };
+        let obj = object(0xFFFF_0000_0000_0009);
         {
             let j = Journal::open(dir.path()).unwrap();
             j.put_object(&obj, obj.prov + 1).unwrap();
@@ -1118,26 +1123,8 @@ mod tests {
     fn a_removed_local_object_takes_its_data_rows_along() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path()).unwrap();
-        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let prov = 0xFFFF_0000_0000_0007;
-        let obj = ObjectRecord {
-            prov,
-            kind: FileKind::File,
-            parent: ObjParent::Nas(OsString::from("dir")),
-            name: OsString::from("new"),
-            applying: false,
-            perm: 0o644,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            atime: t,
-            mtime: t,
-            ctime: t,
-            target: None,
-            created: t,
-            nas_ino: None,
-            link_to: None,
-        };
+        let obj = object(prov);
         j.put_object(&obj, prov + 1).unwrap();
         let mut mine = record();
         mine.nas_ino = prov;
