@@ -1161,7 +1161,30 @@ impl<B: Backend> Core<B> {
             || remote.gid.is_some()
             || remote.atime.is_some()
             || remote.mtime.is_some();
-        if has_remote {
+        // While the NAS does not answer, or while a mode or owner set here
+        // waits for it (the order of changes holds), they are set here and
+        // on the NAS with the data (new objects: the overlay's own).
+        let here = has_remote
+            && self.backend.local_path(nas).is_none()
+            && (!self.backend.online() || wb.owner_here(nas));
+        if here {
+            let cur = self.cached_attr(ino).ok_or(FsError::UnknownInode(ino))?;
+            let owner = (remote.mode.is_some() || remote.uid.is_some() || remote.gid.is_some())
+                .then(|| {
+                    (
+                        remote.mode.map_or(cur.perm, |m| (m & 0o7777) as u16),
+                        remote.uid.unwrap_or(cur.uid),
+                        remote.gid.unwrap_or(cur.gid),
+                    )
+                });
+            let at = |t: SetTime| match t {
+                SetTime::Now => crate::clock::now(),
+                SetTime::At(t) => t,
+            };
+            let mtime = remote.mtime.map(at).or(local_mtime.take());
+            let l = wb.set_attrs(nas, &start, owner, remote.atime.map(at), mtime)?;
+            self.store_local(ino, &l);
+        } else if has_remote {
             let file = fh.and_then(|fh| self.file_handle(fh).ok());
             let file = file.as_ref().map(|h| &*h.file);
             let mut attr = self.backend.setattr(node, file, &remote)?;
@@ -1280,7 +1303,20 @@ impl<B: Backend> Core<B> {
         if bits == 0 {
             return Ok(());
         }
-        let (node, _, _) = self.node(ino)?;
+        let (node, _, data) = self.node(ino)?;
+        let nas = self.fuse_ino(ino);
+        if let Some(wb) = &self.wb {
+            if self.backend.local_path(nas).is_none()
+                && (!self.backend.online() || wb.owner_here(nas))
+            {
+                // As a chmod made here (see `setattr_local`).
+                let owner = (cached.perm & !bits, cached.uid, cached.gid);
+                let start = || self.start_info(ino, &data);
+                let l = wb.set_attrs(nas, &start, Some(owner), None, None)?;
+                self.store_local(ino, &l);
+                return Ok(());
+            }
+        }
         let mut attr = self.kill_privs(&node, Some(file), &cached, bits, who)?;
         self.own_meta_change(ino, Some(&attr));
         self.overlay(ino, &mut attr);

@@ -494,9 +494,16 @@ fn removals_made_offline_survive_an_unmount_and_apply_at_the_next_mount() {
     go_offline(&m, &sim);
     std::fs::remove_file(m.m("r/gone.txt")).unwrap();
     std::fs::remove_dir_all(m.m("r/tree")).unwrap();
+    std::fs::set_permissions(
+        m.m("r/pending.txt"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o640),
+    )
+    .unwrap();
+    set_times(&m.m("r/again.txt"), 1_000_000_000, 1_100_000_000).unwrap();
     m.unmount();
     assert_eq!(m.last_exit.and_then(|s| s.code()), Some(75), "{}", m.log());
     assert!(sim.backing.join("r/gone.txt").exists());
+    assert_eq!(attrs(&sim.backing.join("r/pending.txt")).0, 0o644);
     sim.ctl("fail off");
     m.mount();
     // Still removed in the view before the NAS has it.
@@ -511,9 +518,13 @@ fn removals_made_offline_survive_an_unmount_and_apply_at_the_next_mount() {
             "pending.txt"
         ]
     );
+    assert_eq!(attrs(&m.m("r/pending.txt")).0, 0o640);
     m.flush(None);
     assert!(!sim.backing.join("r/gone.txt").exists());
     assert!(!sim.backing.join("r/tree").exists());
+    assert_eq!(attrs(&sim.backing.join("r/pending.txt")).0, 0o640);
+    let a = attrs(&sim.backing.join("r/again.txt"));
+    assert_eq!((a.3, a.4), (1_000_000_000, 1_100_000_000));
     assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
 }
 
@@ -568,4 +579,138 @@ fn a_save_through_a_temporary_file_works_offline() {
             .is_dir()
     );
     assert_eq!(m.status_value("conflicts"), 2, "{}", m.status());
+}
+
+/// utimensat with an atime and an mtime (whole seconds).
+fn set_times(p: &Path, atime: i64, mtime: i64) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let ts = |s| libc::timespec {
+        tv_sec: s,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid C string and two timespecs.
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            [ts(atime), ts(mtime)].as_ptr(),
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// (mode bits, uid, gid, atime, mtime) of `p`.
+fn attrs(p: &Path) -> (u32, u32, u32, i64, i64) {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(p).unwrap();
+    (
+        md.mode() & 0o7777,
+        md.uid(),
+        md.gid(),
+        md.atime(),
+        md.mtime(),
+    )
+}
+
+#[test]
+fn attribute_changes_made_offline_reach_the_nas_with_the_data() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let (m, sim) = removal_setup("timeo=30,actimeo=1,writeback_delay=1h");
+    let b = |p: &str| sim.backing.join(p);
+    let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    let inos: Vec<u64> = ["r/pending.txt", "r/again.txt", "r/tree/x"]
+        .iter()
+        .map(|p| ino(&b(p)))
+        .collect();
+    let chmod =
+        |p: &str, mode| std::fs::set_permissions(m.m(p), std::fs::Permissions::from_mode(mode));
+    go_offline(&m, &sim);
+    chmod("r/pending.txt", 0o751).unwrap();
+    // chown clears set-ID bits: they are set after it, and stay.
+    std::os::unix::fs::chown(m.m("r/again.txt"), Some(1234), Some(5678)).unwrap();
+    chmod("r/again.txt", 0o4755).unwrap();
+    set_times(&m.m("r/tree/x"), 1_000_000_000, 1_100_000_000).unwrap();
+    // Written and chmodded: both go with the data.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(m.m("r/tree/sub/y"))
+        .unwrap()
+        .write_all_at(b" and here", 0)
+        .unwrap();
+    chmod("r/tree/sub/y", 0o600).unwrap();
+    // Another client edits one file and removes another meanwhile.
+    chmod("r/edited.txt", 0o700).unwrap();
+    set_times(&m.m("r/edited.txt"), 1_000_000_000, 1_000_000_000).unwrap();
+    set_times(&m.m("r/gone.txt"), 1_000_000_000, 1_000_000_000).unwrap();
+    std::fs::write(b("r/edited.txt"), "edited on another machine").unwrap();
+    std::fs::remove_file(b("r/gone.txt")).unwrap();
+    // The view shows the changes at once; the NAS does not have them yet.
+    assert_eq!(attrs(&m.m("r/pending.txt")).0, 0o751);
+    let a = attrs(&m.m("r/again.txt"));
+    assert_eq!((a.0, a.1, a.2), (0o4755, 1234, 5678));
+    let x = attrs(&m.m("r/tree/x"));
+    assert_eq!((x.3, x.4), (1_000_000_000, 1_100_000_000));
+    assert_eq!(attrs(&b("r/pending.txt")).0, 0o644);
+    assert_eq!(attrs(&b("r/again.txt")).1, 0);
+    assert!(m.status().contains("nas offline"), "{}", m.status());
+    sim.ctl("fail off");
+    m.wait_status("nas online", Duration::from_secs(20));
+    m.flush(None);
+    // On the NAS, the same files (inodes) with the attributes set here.
+    assert_eq!(attrs(&b("r/pending.txt")).0, 0o751);
+    let a = attrs(&b("r/again.txt"));
+    assert_eq!((a.0, a.1, a.2), (0o4755, 1234, 5678));
+    let x = attrs(&b("r/tree/x"));
+    assert_eq!((x.3, x.4), (1_000_000_000, 1_100_000_000));
+    let y = b("r/tree/sub/y");
+    assert_eq!(attrs(&y).0, 0o600);
+    assert_eq!(
+        std::fs::read_to_string(&y).unwrap(),
+        "r/tree/sub/y on the NAS and here"
+    );
+    let now: Vec<u64> = ["r/pending.txt", "r/again.txt", "r/tree/x"]
+        .iter()
+        .map(|p| ino(&b(p)))
+        .collect();
+    assert_eq!(now, inos);
+    // The edited file keeps the NAS's content and times, with the mode set
+    // here; the removed one stays removed. Both are conflicts; no copies.
+    let e = b("r/edited.txt");
+    assert_eq!(
+        std::fs::read_to_string(&e).unwrap(),
+        "edited on another machine"
+    );
+    assert_eq!(attrs(&e).0, 0o700);
+    assert_ne!(attrs(&e).4, 1_000_000_000);
+    assert!(!b("r/gone.txt").exists());
+    assert!(
+        names(&b("r"))
+            .iter()
+            .all(|n| !n.contains("nassync-conflict")),
+        "{:?}",
+        names(&b("r"))
+    );
+    assert_eq!(m.status_value("conflicts"), 2, "{}", m.status());
+    // And the mount shows what the NAS has (the kernel's attributes of
+    // the edited file, where the NAS's won, expire after actimeo).
+    std::thread::sleep(Duration::from_millis(1500));
+    for p in [
+        "r/pending.txt",
+        "r/again.txt",
+        "r/tree/x",
+        "r/tree/sub/y",
+        "r/edited.txt",
+    ] {
+        let (mm, nn) = (attrs(&m.m(p)), attrs(&b(p)));
+        assert_eq!((mm.0, mm.1, mm.2, mm.4), (nn.0, nn.1, nn.2, nn.4), "{p}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(m.m("r/edited.txt")).unwrap(),
+        "edited on another machine"
+    );
 }

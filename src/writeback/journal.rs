@@ -30,7 +30,7 @@ use crate::cache::CacheError;
 
 /// Journal format version. A journal of another version is refused, never
 /// emptied: it may hold the only copy of someone's work.
-pub const FORMAT: i64 = 4;
+pub const FORMAT: i64 = 5;
 
 /// Tables added by format 2 (objects created through the mount and not on
 /// the NAS yet, and the inode numbers they keep once there). A format-1
@@ -83,6 +83,12 @@ const FORMAT4_COLUMNS: &str = "ALTER TABLE objects ADD COLUMN link_to INTEGER;
     ALTER TABLE ops ADD COLUMN perm INTEGER;
     ALTER TABLE ops ADD COLUMN uid INTEGER;
     ALTER TABLE ops ADD COLUMN gid INTEGER;";
+
+/// Added by format 5: a data row can carry a mode and owner set here
+/// (`owner_here`) and an atime, to set on the NAS file with its data (a
+/// chmod, chown or utimensat while the NAS did not answer).
+const FORMAT5_COLUMNS: &str = "ALTER TABLE ops ADD COLUMN owner_here INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE ops ADD COLUMN atime_ns INTEGER;";
 
 /// Where a data row is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,6 +146,10 @@ pub struct DataRecord {
     pub created: SystemTime,
     /// The file's permission bits, uid and gid as last known here.
     pub owner: Option<(u16, u32, u32)>,
+    /// `owner` was set here and is not on the NAS yet.
+    pub owner_here: bool,
+    /// An atime set here, not on the NAS yet.
+    pub atime: Option<SystemTime>,
 }
 
 /// A conflict found at write-back: both versions were kept.
@@ -286,7 +296,7 @@ impl Journal {
                  COMMIT;",
             )?;
             conn.execute_batch(&format!(
-                "BEGIN; {FORMAT2_TABLES} {FORMAT3_TABLES} {FORMAT4_COLUMNS} COMMIT;"
+                "BEGIN; {FORMAT2_TABLES} {FORMAT3_TABLES} {FORMAT4_COLUMNS} {FORMAT5_COLUMNS} COMMIT;"
             ))?;
             conn.execute("INSERT INTO meta VALUES ('format', ?1)", params![FORMAT])?;
         }
@@ -317,6 +327,12 @@ impl Journal {
             .map_err(|e| corrupt(&e))?;
         }
         let format = if format == Some(3) { Some(4) } else { format };
+        if format == Some(4) {
+            conn.execute_batch(&format!(
+                "BEGIN; {FORMAT5_COLUMNS} UPDATE meta SET value = 5 WHERE key = 'format'; COMMIT;"
+            ))?;
+        }
+        let format = if format == Some(4) { Some(5) } else { format };
         if format != Some(FORMAT) {
             return Err(corrupt(&format!(
                 "format {format:?}, this nassync reads format {FORMAT}"
@@ -348,8 +364,9 @@ impl Journal {
         // Cached statements: one create of an untar makes several rows.
         conn.prepare_cached(
             "INSERT INTO ops (kind, nas_ino, path, base_ino, base_size, base_mtime_ns,
-                              base_ctime_ns, state, args, created_ns, path2, perm, uid, gid)
-             VALUES ('data', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                              base_ctime_ns, state, args, created_ns, path2, perm, uid, gid,
+                              owner_here, atime_ns)
+             VALUES ('data', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         )?
         .execute(params![
             r.nas_ino as i64,
@@ -365,6 +382,8 @@ impl Journal {
             r.owner.map(|o| o.0 as i64),
             r.owner.map(|o| o.1 as i64),
             r.owner.map(|o| o.2 as i64),
+            r.owner_here as i64,
+            r.atime.map(nanos),
         ])?;
         Ok(conn.last_insert_rowid() as u64)
     }
@@ -374,7 +393,7 @@ impl Journal {
             .prepare_cached(
                 "UPDATE ops SET nas_ino = ?2, path = ?3, base_ino = ?4, base_size = ?5,
                  base_mtime_ns = ?6, base_ctime_ns = ?7, state = ?8, args = ?9, path2 = ?10,
-                 perm = ?11, uid = ?12, gid = ?13
+                 perm = ?11, uid = ?12, gid = ?13, owner_here = ?14, atime_ns = ?15
              WHERE seq = ?1",
             )?
             .execute(params![
@@ -391,6 +410,8 @@ impl Journal {
                 r.owner.map(|o| o.0 as i64),
                 r.owner.map(|o| o.1 as i64),
                 r.owner.map(|o| o.2 as i64),
+                r.owner_here as i64,
+                r.atime.map(nanos),
             ])?;
         Ok(())
     }
@@ -427,7 +448,7 @@ impl Journal {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT seq, nas_ino, path, base_ino, base_size, base_mtime_ns, base_ctime_ns,
-                    state, args, created_ns, kind, path2, perm, uid, gid
+                    state, args, created_ns, kind, path2, perm, uid, gid, owner_here, atime_ns
              FROM ops ORDER BY seq",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -451,12 +472,24 @@ impl Journal {
                     r.get::<_, Option<i64>>(13)?,
                     r.get::<_, Option<i64>>(14)?,
                 ),
+                (r.get::<_, i64>(15)?, r.get::<_, Option<i64>>(16)?),
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (seq, nas_ino, path, (bi, bs, bm, bc), state, args, created, kind, path2, own) =
-                row?;
+            let (
+                seq,
+                nas_ino,
+                path,
+                (bi, bs, bm, bc),
+                state,
+                args,
+                created,
+                kind,
+                path2,
+                own,
+                (own_here, atime),
+            ) = row?;
             let bad = |what: &str| CacheError::Setup {
                 path: self.dir.join("journal.sqlite").display().to_string(),
                 reason: format!("journal row {seq} ({kind}): {what}; left as it is"),
@@ -488,6 +521,8 @@ impl Journal {
                     (Some(p), Some(u), Some(g)) => Some((p as u16, u as u32, g as u32)),
                     _ => None,
                 },
+                owner_here: own_here != 0,
+                atime: atime.map(from_nanos),
             });
         }
         Ok(out)
@@ -1062,6 +1097,8 @@ mod tests {
             ranges,
             created: t,
             owner: Some((0o640, 1000, 100)),
+            owner_here: true,
+            atime: Some(t + Duration::from_nanos(3)),
         }
     }
 
@@ -1082,8 +1119,9 @@ mod tests {
         assert!(j.load_data().unwrap().is_empty());
     }
 
-    /// A format-3 journal (before hard links of new files) is upgraded in
-    /// place and keeps its objects; a newer format is refused, untouched.
+    /// A format-3 journal (before hard links of new files, and attributes
+    /// in data rows) is upgraded in place and keeps its objects and rows;
+    /// a newer format is refused, untouched.
     #[test]
     fn a_format_3_journal_is_upgraded_and_a_newer_one_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -1091,9 +1129,12 @@ mod tests {
         {
             let j = Journal::open(dir.path()).unwrap();
             j.put_object(&obj, obj.prov + 1).unwrap();
+            j.insert_data(&record()).unwrap();
             j.conn()
                 .execute_batch(
                     "ALTER TABLE objects DROP COLUMN link_to;
+                     ALTER TABLE ops DROP COLUMN owner_here;
+                     ALTER TABLE ops DROP COLUMN atime_ns;
                      ALTER TABLE ops DROP COLUMN perm;
                      ALTER TABLE ops DROP COLUMN uid;
                      ALTER TABLE ops DROP COLUMN gid;
@@ -1109,8 +1150,17 @@ mod tests {
         link.link_to = Some(obj.prov);
         j.put_object(&link, link.prov + 1).unwrap();
         assert_eq!(j.load_objects().unwrap().0, vec![obj, link]);
+        // The data row is kept, without what format 3 did not hold.
+        let rows = j.load_data().unwrap();
+        let mut r = record();
+        (r.fid, r.owner, r.owner_here, r.atime) = (rows[0].fid, None, false, None);
+        assert_eq!(rows, vec![r.clone()]);
+        r.owner = Some((0o600, 7, 8));
+        r.owner_here = true;
+        j.update_data(&r).unwrap();
+        assert_eq!(j.load_data().unwrap(), vec![r]);
         j.conn()
-            .execute("UPDATE meta SET value = 5 WHERE key = 'format'", [])
+            .execute("UPDATE meta SET value = 6 WHERE key = 'format'", [])
             .unwrap();
         drop(j);
         assert!(Journal::open(dir.path()).is_err());

@@ -149,14 +149,33 @@ pub struct LocalAttr {
     pub size: u64,
     pub mtime: SystemTime,
     pub ctime: SystemTime,
+    /// Permission bits, uid and gid set here, not on the NAS yet.
+    pub owner: Option<(u16, u32, u32)>,
+    pub atime: Option<SystemTime>,
 }
 
 impl LocalAttr {
+    fn of<B: Backend>(g: &DirtyInner<B>) -> LocalAttr {
+        LocalAttr {
+            size: g.rec.size,
+            mtime: g.rec.mtime,
+            ctime: g.ctime,
+            owner: g.rec.owner.filter(|_| g.rec.owner_here),
+            atime: g.rec.atime,
+        }
+    }
+
     pub fn apply(&self, a: &mut Attr) {
         a.size = self.size;
         a.mtime = self.mtime;
         a.ctime = self.ctime;
         a.blocks = a.blocks.max(self.size.div_ceil(512));
+        if let Some((perm, uid, gid)) = self.owner {
+            (a.perm, a.uid, a.gid) = (perm, uid, gid);
+        }
+        if let Some(t) = self.atime {
+            a.atime = t;
+        }
     }
 }
 
@@ -414,11 +433,14 @@ impl<B: Backend> WriteBack<B> {
     pub fn local_attr(&self, nas_ino: u64) -> Option<LocalAttr> {
         let d = self.get(nas_ino)?;
         let g = d.lock();
-        Some(LocalAttr {
-            size: g.rec.size,
-            mtime: g.rec.mtime,
-            ctime: g.ctime,
-        })
+        Some(LocalAttr::of(&g))
+    }
+
+    /// Whether a dirty file has a mode or owner set here that the NAS
+    /// does not have yet: later changes of them are made here too, in
+    /// order.
+    pub fn owner_here(&self, nas_ino: u64) -> bool {
+        self.get(nas_ino).is_some_and(|d| d.lock().rec.owner_here)
     }
 
     /// The NAS version a dirty file's changes started from; None also
@@ -488,6 +510,8 @@ impl<B: Backend> WriteBack<B> {
             ranges: RangeSet::new(),
             created: now,
             owner: Some(s.owner),
+            owner_here: false,
+            atime: None,
         };
         rec.fid = self.journal.insert_data(&rec).map_err(cache_err)?;
         let pending = OpenOptions::new()
@@ -583,11 +607,7 @@ impl<B: Backend> WriteBack<B> {
             g.rec.size = g.rec.size.max(end);
             self.changed(&mut g);
             self.account(before, g.weight());
-            break LocalAttr {
-                size: g.rec.size,
-                mtime: g.rec.mtime,
-                ctime: g.ctime,
-            };
+            break LocalAttr::of(&g);
         };
         self.throttle();
         Ok(attr)
@@ -639,11 +659,48 @@ impl<B: Backend> WriteBack<B> {
         g.rec.size = size;
         self.changed(&mut g);
         self.account(before, g.weight());
-        Ok(LocalAttr {
-            size: g.rec.size,
-            mtime: g.rec.mtime,
-            ctime: g.ctime,
-        })
+        Ok(LocalAttr::of(&g))
+    }
+
+    /// Sets attributes of a file in its local view, to set on the NAS
+    /// with its data: the permission bits, uid and gid (`owner`), and
+    /// times. For a chmod, chown or utimensat while the NAS does not
+    /// answer.
+    pub fn set_attrs(
+        &self,
+        nas_ino: u64,
+        start: &dyn Fn() -> FsResult<Start<B>>,
+        owner: Option<(u16, u32, u32)>,
+        atime: Option<SystemTime>,
+        mtime: Option<SystemTime>,
+    ) -> FsResult<LocalAttr> {
+        let d = loop {
+            let d = self.get_or_start(nas_ino, start)?;
+            let g = d.lock();
+            if !g.removed {
+                drop(g);
+                break d;
+            }
+        };
+        let mut g = d.lock();
+        if g.removed {
+            drop(g);
+            return self.set_attrs(nas_ino, start, owner, atime, mtime);
+        }
+        if let Some(o) = owner {
+            g.rec.owner = Some(o);
+            g.rec.owner_here = true;
+        }
+        if let Some(t) = atime {
+            g.rec.atime = Some(t);
+        }
+        if let Some(t) = mtime {
+            g.rec.mtime = t;
+        }
+        g.ctime = crate::clock::now();
+        g.last_change = Instant::now();
+        g.row_stale = true;
+        Ok(LocalAttr::of(&g))
     }
 
     /// nassync itself changed a dirty file's metadata on the NAS (chmod,
@@ -655,7 +712,7 @@ impl<B: Backend> WriteBack<B> {
         // The operation changed the file's ctime: the local view shows it.
         g.ctime = g.ctime.max(attr.ctime);
         let owner = Some((attr.perm, attr.uid, attr.gid));
-        if attr.ino == g.rec.base.ino && g.rec.owner != owner {
+        if attr.ino == g.rec.base.ino && g.rec.owner != owner && !g.rec.owner_here {
             g.rec.owner = owner;
             g.row_stale = true;
         }
@@ -1381,6 +1438,8 @@ impl<B: Backend> WriteBack<B> {
                 path2: g.rec.path2.clone(),
                 recovering: g.rec.state == RowState::Applying,
                 base_clock: g.base_clock,
+                owner: g.rec.owner.filter(|_| g.rec.owner_here),
+                atime: g.rec.atime,
             }
         };
         log::debug!(
@@ -1439,6 +1498,15 @@ impl<B: Backend> WriteBack<B> {
                 }
                 g.rec.base = after.validator();
                 g.rec.trunc = g.trunc_live;
+                if snap.owner.is_some() && g.rec.owner == snap.owner {
+                    g.rec.owner_here = false;
+                }
+                if !g.rec.owner_here {
+                    g.rec.owner = Some((after.perm, after.uid, after.gid));
+                }
+                if g.rec.atime == snap.atime {
+                    g.rec.atime = None;
+                }
                 g.rec.state = RowState::Pending;
                 g.attempts = 0;
                 g.last_error = None;
@@ -1447,7 +1515,9 @@ impl<B: Backend> WriteBack<B> {
                 let settled = g.rec.ranges.is_empty()
                     && g.rec.trunc >= g.rec.size
                     && g.rec.size == after.size
-                    && g.rec.mtime == snap.mtime;
+                    && g.rec.mtime == snap.mtime
+                    && !g.rec.owner_here
+                    && g.rec.atime.is_none();
                 if settled {
                     self.remove_locked(d, &mut g);
                 } else {
@@ -1475,11 +1545,15 @@ impl<B: Backend> WriteBack<B> {
                 nas,
             }) => {
                 self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
-                log::warn!(
-                    "conflict: {:?} {reason}; the local version was kept as {:?}",
-                    snap.path,
-                    kept_as
-                );
+                if kept_as == snap.path {
+                    log::warn!("conflict: {:?} {reason}", snap.path);
+                } else {
+                    log::warn!(
+                        "conflict: {:?} {reason}; the local version was kept as {:?}",
+                        snap.path,
+                        kept_as
+                    );
+                }
                 let rec = ConflictRecord {
                     at: SystemTime::now(),
                     path: snap.path.clone(),
@@ -1661,9 +1735,11 @@ impl<B: Backend> WriteBack<B> {
         // (which forgot `own_meta`) is no conflict.
         let local = || self.backend.local_path(d.nas_ino).is_some();
         if !snap.recovering && v != snap.base && !own_ctime && !local() {
-            return self
-                .keep_both(d, snap, "changed on the NAS since nassync last saw it")
-                .map_err(e0);
+            let reason = "changed on the NAS since nassync last saw it";
+            if snap.attrs_only() {
+                return self.attrs_over(snap, &node, &attr, reason).map_err(e0);
+            }
+            return self.keep_both(d, snap, reason).map_err(e0);
         }
         // From here on the NAS file may hold part of the change.
         {
@@ -1738,8 +1814,14 @@ impl<B: Backend> WriteBack<B> {
                 }
             }
         }
-        let now = self.backend.fgetattr(&file).map_err(wrote)?;
+        let mut now = self.backend.fgetattr(&file).map_err(wrote)?;
+        if let Some(owner) = snap.owner {
+            now = self
+                .set_owner(&node, Some(&file), &now, owner)
+                .map_err(wrote)?;
+        }
         let mut changes = SetAttr {
+            atime: snap.atime.map(SetTime::At),
             mtime: Some(SetTime::At(snap.mtime)),
             ..Default::default()
         };
@@ -1753,6 +1835,60 @@ impl<B: Backend> WriteBack<B> {
         let clock = self.meta_clock.load(Ordering::Acquire);
         let after = self.backend.fgetattr(&file).map_err(wrote)?;
         Ok(Outcome::Written(after, written, clock))
+    }
+
+    /// Gives the NAS file `node` (attributes `attr`) the permission bits,
+    /// uid and gid `owner`: the owner first, as a chown may clear set-ID
+    /// bits. Returns the attributes after.
+    fn set_owner(
+        &self,
+        node: &B::Node,
+        file: Option<&B::File>,
+        attr: &Attr,
+        (perm, uid, gid): (u16, u32, u32),
+    ) -> BResult<Attr> {
+        let mut now = *attr;
+        if (now.uid, now.gid) != (uid, gid) {
+            let c = SetAttr {
+                uid: Some(uid),
+                gid: Some(gid),
+                ..Default::default()
+            };
+            now = self.backend.setattr(node, file, &c)?;
+        }
+        if now.perm != perm {
+            let c = SetAttr {
+                mode: Some(perm as u32),
+                ..Default::default()
+            };
+            now = self.backend.setattr(node, file, &c)?;
+        }
+        Ok(now)
+    }
+
+    /// Only attributes were changed here, and the NAS file changed
+    /// meanwhile: its content stays as the NAS has it, with the mode and
+    /// owner set here (they do not depend on the content); times set here
+    /// are dropped (the NAS's are the newer content's).
+    fn attrs_over(
+        &self,
+        snap: &Snap<B>,
+        node: &B::Node,
+        attr: &Attr,
+        reason: &str,
+    ) -> BResult<Outcome> {
+        let (after, what) = match snap.owner {
+            Some(owner) => (
+                self.set_owner(node, None, attr, owner)?,
+                "its content kept, with the mode and owner set here",
+            ),
+            None => (*attr, "its content and times kept"),
+        };
+        Ok(Outcome::Conflict {
+            kept_as: snap.path.clone(),
+            reason: format!("{reason}; {what}"),
+            nas: Some(after.validator()),
+        })
     }
 
     /// Copies `s..e` from the pending file into the NAS file.
@@ -1842,6 +1978,14 @@ impl<B: Backend> WriteBack<B> {
             {
                 return Ok(Outcome::Raced);
             }
+        }
+        if snap.attrs_only() {
+            // Nothing written here to restore: the removal stands.
+            return Ok(Outcome::Conflict {
+                kept_as: snap.path.clone(),
+                reason: format!("{reason}; the attributes set here were dropped"),
+                nas: None,
+            });
         }
         self.keep(d, snap, reason, true)
     }
@@ -1983,6 +2127,16 @@ struct Snap<B: Backend> {
     /// A previous attempt may have written part of the change already.
     recovering: bool,
     base_clock: u64,
+    /// Permission bits, uid and gid set here.
+    owner: Option<(u16, u32, u32)>,
+    atime: Option<SystemTime>,
+}
+
+impl<B: Backend> Snap<B> {
+    /// Nothing but attributes changed here: no byte, no size.
+    fn attrs_only(&self) -> bool {
+        self.ranges.is_empty() && self.size == self.base.size && self.trunc >= self.size
+    }
 }
 
 enum Outcome {
