@@ -78,10 +78,7 @@ fn main() -> ExitCode {
         Cmd::Status { mountpoint } => {
             let mp = mountpoint.canonicalize().unwrap_or(mountpoint);
             match nassync::control::request(&mp, "status") {
-                Ok(text) => {
-                    print!("{text}");
-                    ExitCode::SUCCESS
-                }
+                Ok(text) => print_reply(&text),
                 Err(e) => {
                     eprintln!("nassync: {e:#}");
                     ExitCode::from(1)
@@ -112,10 +109,7 @@ fn main() -> ExitCode {
         Cmd::Stats { mountpoint } => {
             let mp = mountpoint.canonicalize().unwrap_or(mountpoint);
             match nassync::control::request(&mp, "stats") {
-                Ok(text) => {
-                    print!("{text}");
-                    ExitCode::SUCCESS
-                }
+                Ok(text) => print_reply(&text),
                 Err(e) => {
                     eprintln!("nassync: {e:#}");
                     ExitCode::from(1)
@@ -137,5 +131,19 @@ fn return_big_blocks_to_the_system() {
     // before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
+/// Prints a reply of the daemon.
+fn print_reply(text: &str) -> ExitCode {
+    use std::io::Write;
+    match std::io::stdout().write_all(text.as_bytes()) {
+        Ok(()) => ExitCode::SUCCESS,
+        // `nassync status | head`: the reader has what it wanted.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nassync: {e}");
+            ExitCode::from(1)
+        }
     }
 }

@@ -810,3 +810,21 @@ fn under_systemd_the_daemon_logs_to_the_journal_stream() {
         "the daemon's log went elsewhere: {logged:?}"
     );
 }
+
+/// `nassync status | head -1`: a reader that stops reading ends the
+/// command quietly, without a panic message.
+#[test]
+fn status_into_a_closed_pipe_exits_quietly() {
+    let m = Mount::new("");
+    let (r, w) = nix::unistd::pipe().unwrap();
+    drop(r); // closed before anything is written: the write fails (EPIPE)
+    let out = Command::new(NASSYNC)
+        .arg("status")
+        .arg(&m.mnt)
+        .stdout(std::process::Stdio::from(w))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    assert!(err.is_empty(), "{err}");
+}
