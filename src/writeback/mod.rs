@@ -26,6 +26,7 @@
 
 pub mod delta;
 pub mod journal;
+mod pending;
 pub mod ranges;
 
 use std::collections::{HashMap, HashSet};
@@ -34,7 +35,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -83,7 +84,6 @@ pub struct Start<B: Backend> {
 struct DirtyInner<B: Backend> {
     rec: DataRecord,
     ctime: SystemTime,
-    pending: File,
     node: Option<B::Node>,
     phase: Phase,
     /// The ranges an attempt is writing: still read from `pending`.
@@ -228,7 +228,16 @@ struct Sched {
 }
 
 /// See the module documentation.
+/// Dirty files that keep their NAS node at most: a node of a directory
+/// source is an open descriptor. The others are found by their path at
+/// write-back, as after a restart.
+const NODES_MAX: usize = 256;
+
 pub struct WriteBack<B: Backend> {
+    /// Dirty files holding their node (see [`NODES_MAX`]).
+    nodes_held: AtomicUsize,
+    /// The pending files of `files`, opened when used.
+    pfiles: pending::PendingFiles,
     backend: Arc<B>,
     journal: Arc<Journal>,
     staged: std::sync::OnceLock<Arc<dyn Staged>>,
@@ -284,6 +293,8 @@ impl<B: Backend> WriteBack<B> {
         let records = journal.load_data()?;
         let wb = Arc::new(WriteBack {
             backend,
+            pfiles: pending::PendingFiles::new(journal.pending_dir()),
+            nodes_held: AtomicUsize::new(0),
             journal,
             staged: std::sync::OnceLock::new(),
             data,
@@ -309,8 +320,8 @@ impl<B: Backend> WriteBack<B> {
         let mut known = std::collections::HashSet::new();
         for rec in records {
             let path = wb.journal.pending_path(rec.fid);
-            let pending = OpenOptions::new()
-                .read(true)
+            // Made empty if missing; not kept open (see `pending`).
+            OpenOptions::new()
                 .write(true)
                 .create(true)
                 .truncate(false)
@@ -356,7 +367,6 @@ impl<B: Backend> WriteBack<B> {
                     ctime: rec.mtime,
                     trunc_live: rec.size,
                     rec,
-                    pending,
                     node: None,
                     phase: Phase::Waiting,
                     applying: RangeSet::new(),
@@ -514,17 +524,10 @@ impl<B: Backend> WriteBack<B> {
             atime: None,
         };
         rec.fid = self.journal.insert_data(&rec).map_err(cache_err)?;
-        let pending = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(self.journal.pending_path(rec.fid))
-            .map_err(|e| {
-                let _ = self.journal.delete(rec.fid);
-                io_err(e)
-            })?;
+        self.pfiles.create(rec.fid).map_err(|e| {
+            let _ = self.journal.delete(rec.fid);
+            io_err(e)
+        })?;
         let d = Arc::new(Dirty {
             nas_ino,
             fuse_ino: s.fuse_ino,
@@ -533,8 +536,7 @@ impl<B: Backend> WriteBack<B> {
                 ctime: s.base.ctime,
                 trunc_live: rec.size,
                 rec,
-                pending,
-                node: Some(s.node),
+                node: self.hold_node(s.node),
                 phase: Phase::Waiting,
                 applying: RangeSet::new(),
                 last_change: Instant::now(),
@@ -559,6 +561,22 @@ impl<B: Backend> WriteBack<B> {
         }
         files.insert(nas_ino, d.clone());
         Ok(d)
+    }
+
+    /// `n`, to keep in a dirty file, if fewer than [`NODES_MAX`] are kept.
+    fn hold_node(&self, n: B::Node) -> Option<B::Node> {
+        let held = self
+            .nodes_held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                (h < NODES_MAX).then_some(h + 1)
+            });
+        held.is_ok().then_some(n)
+    }
+
+    fn release_node(&self, g: &mut DirtyInner<B>) {
+        if g.node.take().is_some() {
+            self.nodes_held.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     fn gone_here_lock(&self) -> MutexGuard<'_, HashSet<u64>> {
@@ -602,7 +620,8 @@ impl<B: Backend> WriteBack<B> {
                 .checked_add(data.len() as u64)
                 .ok_or(FsError::Invalid("write past the largest offset"))?;
             self.fits("write", end)?;
-            g.pending.write_all_at(data, at).map_err(io_err)?;
+            let file = self.pfiles.get(g.rec.fid).map_err(io_err)?;
+            file.write_all_at(data, at).map_err(io_err)?;
             g.rec.ranges.insert(at, end);
             g.rec.size = g.rec.size.max(end);
             self.changed(&mut g);
@@ -802,8 +821,9 @@ impl<B: Backend> WriteBack<B> {
             for (o, l, covered) in ranges.split(offset, end) {
                 let at = (o - offset) as usize;
                 if covered {
-                    g.pending
-                        .read_exact_at(&mut out[at..at + l as usize], o)
+                    self.pfiles
+                        .get(g.rec.fid)
+                        .and_then(|f| f.read_exact_at(&mut out[at..at + l as usize], o))
                         .map_err(io_err)?;
                 } else {
                     holes.push((o, l));
@@ -841,7 +861,10 @@ impl<B: Backend> WriteBack<B> {
             if g.orphan {
                 return Ok(());
             }
-            g.pending.sync_data().map_err(io_err)?;
+            self.pfiles
+                .get(g.rec.fid)
+                .and_then(|f| f.sync_data())
+                .map_err(io_err)?;
             if !g.dir_synced {
                 File::open(self.journal.pending_dir())
                     .and_then(|f| f.sync_all())
@@ -955,8 +978,7 @@ impl<B: Backend> WriteBack<B> {
         let inner = DirtyInner {
             rec,
             ctime: g.ctime,
-            pending: g.pending.try_clone().map_err(io_err)?,
-            node: Some(to.node),
+            node: self.hold_node(to.node),
             phase: Phase::Waiting,
             applying: RangeSet::new(),
             trunc_live: g.rec.size,
@@ -985,6 +1007,7 @@ impl<B: Backend> WriteBack<B> {
         // on the NAS is known by its provisional one and the NAS's): one
         // left behind, marked removed, would be pending for ever.
         g.removed = true;
+        self.release_node(&mut g);
         let mut files = self.files_lock();
         for v in files.values_mut() {
             if Arc::ptr_eq(v, &old) {
@@ -1260,7 +1283,7 @@ impl<B: Backend> WriteBack<B> {
         for d in files {
             let mut g = d.lock();
             if !g.orphan {
-                let _ = g.pending.sync_data();
+                let _ = self.pfiles.get(g.rec.fid).and_then(|f| f.sync_data());
                 if self.journal.update_data(&g.row()).is_ok() {
                     g.row_stale = false;
                 }
@@ -1531,8 +1554,10 @@ impl<B: Backend> WriteBack<B> {
                             for (s, e) in g.rec.ranges.iter() {
                                 punch.remove(s, e);
                             }
-                            for (s, e) in punch.iter() {
-                                punch_hole(&g.pending, s, e);
+                            if let Ok(f) = self.pfiles.get(g.rec.fid) {
+                                for (s, e) in punch.iter() {
+                                    punch_hole(&f, s, e);
+                                }
                             }
                         }
                         Err(e) => log::warn!("journal: {e}"),
@@ -1640,10 +1665,11 @@ impl<B: Backend> WriteBack<B> {
     /// Forgets a file that has nothing pending any more (`g` is its lock).
     fn remove_locked(&self, d: &Arc<Dirty<B>>, g: &mut DirtyInner<B>) {
         g.removed = true;
+        self.release_node(g);
         if let Err(e) = self.journal.delete(g.rec.fid) {
             log::warn!("journal: {e}");
         }
-        let _ = std::fs::remove_file(self.journal.pending_path(g.rec.fid));
+        self.pfiles.remove(g.rec.fid);
         let keys: Vec<u64> = {
             let mut files = self.files_lock();
             let keys = files
@@ -1685,7 +1711,11 @@ impl<B: Backend> WriteBack<B> {
             },
             None => match self.resolve(&snap.path).map_err(e0)? {
                 (_, Some((n, a))) if a.ino == snap.base.ino => {
-                    d.lock().node = Some(n.clone());
+                    let mut g = d.lock();
+                    if !g.removed && g.node.is_none() {
+                        g.node = self.hold_node(n.clone());
+                    }
+                    drop(g);
                     (n, a)
                 }
                 // Being renamed when the daemon stopped: it may have
@@ -1696,7 +1726,9 @@ impl<B: Backend> WriteBack<B> {
                         (_, Some((n, a))) if a.ino == snap.base.ino => {
                             renamed_ahead = true;
                             let mut g = d.lock();
-                            g.node = Some(n.clone());
+                            if !g.removed && g.node.is_none() {
+                                g.node = self.hold_node(n.clone());
+                            }
                             g.rec.path = p2;
                             g.rec.path2 = None;
                             if self.journal.update_data(&g.row()).is_ok() {
@@ -1897,10 +1929,13 @@ impl<B: Backend> WriteBack<B> {
         let mut buf = vec![0u8; (e - s).min(1 << 20) as usize];
         while pos < e {
             let n = (e - pos).min(buf.len() as u64) as usize;
-            d.lock()
-                .pending
-                .read_exact_at(&mut buf[..n], pos)
-                .map_err(io_err)?;
+            {
+                let g = d.lock();
+                self.pfiles
+                    .get(g.rec.fid)
+                    .and_then(|f| f.read_exact_at(&mut buf[..n], pos))
+                    .map_err(io_err)?;
+            }
             self.backend.write(file, pos, &buf[..n])?;
             pos += n as u64;
         }
@@ -1944,9 +1979,10 @@ impl<B: Backend> WriteBack<B> {
         for (o, l, covered) in snap.ranges.split(off, end) {
             let at = (o - off) as usize;
             if covered {
-                d.lock()
-                    .pending
-                    .read_exact_at(&mut out[at..at + l as usize], o)
+                let g = d.lock();
+                self.pfiles
+                    .get(g.rec.fid)
+                    .and_then(|f| f.read_exact_at(&mut out[at..at + l as usize], o))
                     .map_err(io_err)?;
             } else {
                 let stop = (o + l).min(snap.trunc);
