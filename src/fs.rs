@@ -413,6 +413,7 @@ impl<B: Backend> Core<B> {
             .map(|(&ino, _)| ino)
             .collect();
         let mut dropped = 0;
+        let mut forgotten = Vec::new();
         for ino in released {
             let Some(i) = t.inodes.get_mut(&ino) else {
                 continue;
@@ -424,10 +425,15 @@ impl<B: Backend> Core<B> {
                     if t.names.get(&key) == Some(&ino) {
                         t.names.remove(&key);
                     }
+                    forgotten.push(i.node);
                 }
                 t.listings.remove(&ino);
                 dropped += 1;
             }
+        }
+        drop(t);
+        for n in &forgotten {
+            self.backend.forget(n);
         }
         dropped
     }
@@ -1012,6 +1018,8 @@ impl<B: Backend> Core<B> {
                 if t.names.get(&key) == Some(&ino) {
                     t.names.remove(&key);
                 }
+                drop(t);
+                self.backend.forget(&i.node);
             }
         }
     }

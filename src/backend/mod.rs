@@ -371,6 +371,10 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// The kernel and the core no longer hold `node`: what a backend keeps
+    /// for it alone may go.
+    fn forget(&self, _node: &Self::Node) {}
+
     /// While the NAS does not answer: removes `name` (`node`, of `kind`,
     /// the NAS version `was`: its inode number is the node's) from `dir`
     /// here at once, and from the NAS once it answers (see [`overlay`]).

@@ -3614,6 +3614,36 @@ impl<B: Backend> Backend for Overlay<B> {
         self.lower.unfinished_changes()
     }
 
+    /// A new file (symlink, special file) already on the NAS is kept here
+    /// only while something holds its provisional node: its entry keeps
+    /// its NAS node, an open descriptor of a directory source, and an
+    /// untar of tens of thousands of files would otherwise keep one each
+    /// for the life of the mount. A later lookup finds it on the NAS,
+    /// under the same inode number (`alias`). Directories stay: new
+    /// objects in them refer to them.
+    fn forget(&self, node: &Self::Node) {
+        // Asked before `st` is taken: no lock of write-back under it.
+        if self.data_pending.get().is_some_and(|p| p(node.ino)) {
+            return;
+        }
+        let mut st = self.st();
+        let Some(o) = st.objs.get(&node.ino) else {
+            return;
+        };
+        let done = o.nas.is_some()
+            && !o.applying
+            && !o.gone
+            && o.attr.kind != FileKind::Dir
+            && o.link_to.is_none()
+            && o.content.as_ref().is_none_or(|c| Arc::strong_count(c) == 1)
+            && !st.links.contains_key(&node.ino)
+            && !st.children.contains_key(&node.ino);
+        if done {
+            log::trace!("inode {}: on the NAS and forgotten: let go", node.ino);
+            st.objs.remove(&node.ino);
+        }
+    }
+
     fn local_path(&self, ino: u64) -> Option<OsString> {
         let st = self.st();
         let o = st.objs.get(&ino).filter(|o| o.nas.is_none() && !o.gone)?;
@@ -4034,6 +4064,43 @@ mod tests {
         let (_, by_name) = s.ov.lookup(&d, OsStr::new("g")).unwrap();
         assert_eq!(by_name.ino, fa.ino);
         assert_eq!(s.ov.pending_count(), 0);
+    }
+
+    /// A new file on the NAS that nothing holds any more is let go (its
+    /// NAS node is a descriptor); it is found again by name, under the
+    /// same inode number. What is still held, open, or a directory stays.
+    #[test]
+    fn a_new_file_on_the_nas_is_let_go_once_forgotten() {
+        let s = setup();
+        let (root, _) = s.ov.root().unwrap();
+        let (d, da) = s.ov.mkdir(&root, OsStr::new("d"), 0o755, me()).unwrap();
+        let (f, fa, file) =
+            s.ov.create(&d, OsStr::new("f"), 0o640, RW, true, me())
+                .unwrap();
+        s.ov.write(&file, 0, b"content").unwrap();
+        let (g, _, open) =
+            s.ov.create(&d, OsStr::new("g"), 0o640, RW, true, me())
+                .unwrap();
+        // Not on the NAS yet: kept whatever the kernel does.
+        s.ov.forget(&f);
+        assert!(s.ov.st().objs.contains_key(&fa.ino));
+        drop(file);
+        assert_eq!(s.ov.flush_all(None), 0);
+        let held = |ino: u64| s.ov.st().objs.contains_key(&ino);
+        assert!(held(fa.ino) && held(g.ino) && held(da.ino));
+        s.ov.forget(&f);
+        s.ov.forget(&g); // still open
+        s.ov.forget(&d); // a directory
+        assert!(!held(fa.ino));
+        assert!(held(g.ino) && held(da.ino));
+        let (f2, a2) = s.ov.lookup(&d, OsStr::new("f")).unwrap();
+        assert_eq!((f2.ino, a2.ino, a2.size), (fa.ino, fa.ino, 7));
+        assert_eq!(s.ov.getattr(&f2).unwrap().ino, fa.ino);
+        let listed = s.ov.readdir(&d).unwrap();
+        assert!(listed.iter().any(|e| e.name == "f" && e.ino == fa.ino));
+        drop(open);
+        s.ov.forget(&g);
+        assert!(!held(g.ino));
     }
 
     /// The file lives on under its other name when its first is removed;
