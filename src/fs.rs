@@ -580,6 +580,7 @@ impl<B: Backend> Core<B> {
             base,
             data: data.clone(),
             owner: (attr.perm, attr.uid, attr.gid),
+            nlink: attr.nlink,
         })
     }
 
@@ -1544,6 +1545,7 @@ impl<B: Backend> Core<B> {
             base: attr.validator(),
             data: dst_data.clone(),
             owner: (attr.perm, attr.uid, attr.gid),
+            nlink: attr.nlink,
         };
         // Atomic with write-back: if it has started on the file, the
         // rename goes to the NAS as usual.

@@ -137,7 +137,8 @@ fn return_big_blocks_to_the_system() {
 /// Prints a reply of the daemon.
 fn print_reply(text: &str) -> ExitCode {
     use std::io::Write;
-    match std::io::stdout().write_all(text.as_bytes()) {
+    let mut out = std::io::stdout();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         Ok(()) => ExitCode::SUCCESS,
         // `nassync status | head`: the reader has what it wanted.
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,

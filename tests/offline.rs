@@ -714,3 +714,23 @@ fn attribute_changes_made_offline_reach_the_nas_with_the_data() {
         "edited on another machine"
     );
 }
+
+/// No fsync follows a chmod: the journal has it at once, and a crash of
+/// the daemon while the NAS is away loses none of it.
+#[test]
+fn attribute_changes_made_offline_survive_a_crash() {
+    use std::os::unix::fs::PermissionsExt;
+    let (mut m, sim) = removal_setup("timeo=30,actimeo=1,writeback_delay=1h");
+    go_offline(&m, &sim);
+    std::fs::set_permissions(m.m("r/pending.txt"), std::fs::Permissions::from_mode(0o604)).unwrap();
+    set_times(&m.m("r/again.txt"), 1_000_000_000, 1_100_000_000).unwrap();
+    m.kill();
+    sim.ctl("fail off");
+    m.mount();
+    assert_eq!(attrs(&m.m("r/pending.txt")).0, 0o604);
+    m.flush(None);
+    assert_eq!(attrs(&sim.backing.join("r/pending.txt")).0, 0o604);
+    let a = attrs(&sim.backing.join("r/again.txt"));
+    assert_eq!((a.3, a.4), (1_000_000_000, 1_100_000_000));
+    assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
+}

@@ -674,3 +674,34 @@ fn dirty_files_do_not_each_hold_a_descriptor() {
         );
     }
 }
+
+/// Past the dirty files that keep their NAS node, a file with several
+/// links still keeps its own: its path may name a link removed since, and
+/// the changes belong to the file, under its other name.
+#[test]
+fn changes_to_a_file_stay_with_it_when_the_name_they_came_by_is_removed() {
+    let s = setup(Duration::from_secs(3600), 4096, 1 << 20);
+    for i in 0..300 {
+        let name = format!("f{i}");
+        std::fs::write(s.nas.path().join(&name), b"old").unwrap();
+        let (_, fh) = open_file(&s.core, &name);
+        s.core.write(fh, 0, b"new", None).unwrap();
+        s.core.release(fh).unwrap();
+    }
+    std::fs::write(s.nas.path().join("a"), b"old content").unwrap();
+    std::fs::hard_link(s.nas.path().join("a"), s.nas.path().join("b")).unwrap();
+    let (_, fh) = open_file(&s.core, "a");
+    s.core.write(fh, 0, b"new", None).unwrap();
+    s.core.release(fh).unwrap();
+    s.core.unlink(ROOT, OsStr::new("a")).unwrap();
+    assert_eq!(flush(&s.wb, Duration::from_secs(60)).0, 0);
+    assert!(
+        !s.nas.path().join("a").exists(),
+        "the removed name stays removed"
+    );
+    assert_eq!(
+        std::fs::read(s.nas.path().join("b")).unwrap(),
+        b"new content"
+    );
+    assert!(s.wb.status().1.is_empty(), "{:?}", s.wb.status().1);
+}

@@ -330,7 +330,8 @@ impl Journal {
         if format == Some(4) {
             conn.execute_batch(&format!(
                 "BEGIN; {FORMAT5_COLUMNS} UPDATE meta SET value = 5 WHERE key = 'format'; COMMIT;"
-            ))?;
+            ))
+            .map_err(|e| corrupt(&e))?;
         }
         let format = if format == Some(4) { Some(5) } else { format };
         if format != Some(FORMAT) {

@@ -79,6 +79,8 @@ pub struct Start<B: Backend> {
     pub data: Arc<FileData>,
     /// Permission bits, uid and gid.
     pub owner: (u16, u32, u32),
+    /// Link count.
+    pub nlink: u32,
 }
 
 struct DirtyInner<B: Backend> {
@@ -536,7 +538,7 @@ impl<B: Backend> WriteBack<B> {
                 ctime: s.base.ctime,
                 trunc_live: rec.size,
                 rec,
-                node: self.hold_node(s.node),
+                node: self.hold_node(s.node, s.nlink > 1),
                 phase: Phase::Waiting,
                 applying: RangeSet::new(),
                 last_change: Instant::now(),
@@ -563,12 +565,14 @@ impl<B: Backend> WriteBack<B> {
         Ok(d)
     }
 
-    /// `n`, to keep in a dirty file, if fewer than [`NODES_MAX`] are kept.
-    fn hold_node(&self, n: B::Node) -> Option<B::Node> {
+    /// `n`, to keep in a dirty file, if fewer than [`NODES_MAX`] are kept
+    /// or it must be (`always`: a file with several links, whose path may
+    /// name a link removed here since).
+    fn hold_node(&self, n: B::Node, always: bool) -> Option<B::Node> {
         let held = self
             .nodes_held
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
-                (h < NODES_MAX).then_some(h + 1)
+                (always || h < NODES_MAX).then_some(h + 1)
             });
         held.is_ok().then_some(n)
     }
@@ -718,7 +722,8 @@ impl<B: Backend> WriteBack<B> {
         }
         g.ctime = crate::clock::now();
         g.last_change = Instant::now();
-        g.row_stale = true;
+        // No fsync follows a chmod: the row says it at once.
+        g.row_stale = self.journal.update_data(&g.row()).is_err();
         Ok(LocalAttr::of(&g))
     }
 
@@ -788,8 +793,15 @@ impl<B: Backend> WriteBack<B> {
         size: u32,
         base: &dyn Fn(u64, u32) -> FsResult<Vec<u8>>,
     ) -> Option<FsResult<Vec<u8>>> {
-        let d = self.get(nas_ino)?;
-        Some(self.compose(&d, offset, size as u64, base))
+        loop {
+            let d = self.get(nas_ino)?;
+            match self.compose(&d, offset, size as u64, base) {
+                // Settled (its pending file gone) or moved to another row
+                // meanwhile: look again.
+                Err(_) if d.lock().removed => continue,
+                r => return Some(r),
+            }
+        }
     }
 
     /// Local content of `offset..offset+len` (fewer at the end of file).
@@ -860,6 +872,12 @@ impl<B: Backend> WriteBack<B> {
             let mut g = d.lock();
             if g.orphan {
                 return Ok(());
+            }
+            if g.removed {
+                // Settled (on the NAS, synced there) or moved to another
+                // row: look again.
+                drop(g);
+                return self.fsync(nas_ino);
             }
             self.pfiles
                 .get(g.rec.fid)
@@ -974,11 +992,13 @@ impl<B: Backend> WriteBack<B> {
         rec.base = to.base;
         rec.path = to.path;
         rec.owner = Some(to.owner);
+        rec.owner_here = false;
+        rec.atime = None;
         rec.state = RowState::Pending;
         let inner = DirtyInner {
             rec,
             ctime: g.ctime,
-            node: self.hold_node(to.node),
+            node: None,
             phase: Phase::Waiting,
             applying: RangeSet::new(),
             trunc_live: g.rec.size,
@@ -996,6 +1016,8 @@ impl<B: Backend> WriteBack<B> {
         };
         self.journal.update_data(&inner.rec).map_err(cache_err)?;
         self.journal.commit_durable().map_err(cache_err)?;
+        let mut inner = inner;
+        inner.node = self.hold_node(to.node, to.nlink > 1);
         let d = Arc::new(Dirty {
             nas_ino: to_nas,
             fuse_ino: to.fuse_ino,
@@ -1588,6 +1610,17 @@ impl<B: Backend> WriteBack<B> {
                 if let Err(e) = self.journal.add_conflict(&rec) {
                     log::warn!("journal: {e}");
                 }
+                if snap.attrs_only() && snap.changed_since(&g) {
+                    // Only attributes were settled: what was written or
+                    // set here during the attempt stays, on the version
+                    // it was made on (the next attempt keeps both).
+                    g.phase = Phase::Retry {
+                        at: Instant::now() + Duration::from_millis(100),
+                    };
+                    drop(g);
+                    self.notify_progress();
+                    return;
+                }
                 g.applying = RangeSet::new();
                 // Changes made during the attempt went into the copy or
                 // come after it; either way the name is the NAS's again.
@@ -1692,7 +1725,7 @@ impl<B: Backend> WriteBack<B> {
         // A rename by nassync was under way when the daemon stopped (or is
         // now): that rename moved its ctime.
         let mut renamed_ahead = snap.path2.is_some();
-        let (node, attr) = match &snap.node {
+        let held = match &snap.node {
             Some(n) => match self.backend.getattr(n) {
                 // A node held open (a directory source keeps O_PATH
                 // descriptors) outlives the file's last name.
@@ -1701,19 +1734,25 @@ impl<B: Backend> WriteBack<B> {
                         .lost(d, snap, "the file was removed on the NAS")
                         .map_err(e0);
                 }
-                Ok(a) => (n.clone(), a),
+                Ok(a) => Some((n.clone(), a)),
+                // A node that no longer leads anywhere (a stale handle, a
+                // new file the overlay has let go): found by its path, or
+                // lost if it is not there either.
                 Err(e) if matches!(e.raw_errno(), libc::ENOENT | libc::ESTALE) => {
-                    return self
-                        .lost(d, snap, "the file was removed on the NAS")
-                        .map_err(e0);
+                    self.release_node(&mut d.lock());
+                    None
                 }
                 Err(e) => return Err(e0(e)),
             },
+            None => None,
+        };
+        let (node, attr) = match held {
+            Some(x) => x,
             None => match self.resolve(&snap.path).map_err(e0)? {
                 (_, Some((n, a))) if a.ino == snap.base.ino => {
                     let mut g = d.lock();
                     if !g.removed && g.node.is_none() {
-                        g.node = self.hold_node(n.clone());
+                        g.node = self.hold_node(n.clone(), a.nlink > 1);
                     }
                     drop(g);
                     (n, a)
@@ -1727,7 +1766,7 @@ impl<B: Backend> WriteBack<B> {
                             renamed_ahead = true;
                             let mut g = d.lock();
                             if !g.removed && g.node.is_none() {
-                                g.node = self.hold_node(n.clone());
+                                g.node = self.hold_node(n.clone(), a.nlink > 1);
                             }
                             g.rec.path = p2;
                             g.rec.path2 = None;
@@ -1798,6 +1837,20 @@ impl<B: Backend> WriteBack<B> {
             )
             .map_err(wrote)?;
         let file = Arc::new(file);
+        if let Some((perm, _, _)) = snap.owner {
+            // Set-ID bits cleared here (a write by another user) go before
+            // the new bytes: never new content under the old bits.
+            let drop = attr.perm & 0o6000 & !perm;
+            if drop != 0 {
+                let c = SetAttr {
+                    mode: Some((attr.perm & !drop) as u32),
+                    ..Default::default()
+                };
+                self.backend
+                    .setattr(&node, Some(&file), &c)
+                    .map_err(wrote)?;
+            }
+        }
         let base_fn = self.base_reader(d, Some(file.clone()));
         let mut written = 0u64;
         // How far the NAS file goes now: the base's size, or after an
@@ -1847,11 +1900,6 @@ impl<B: Backend> WriteBack<B> {
             }
         }
         let mut now = self.backend.fgetattr(&file).map_err(wrote)?;
-        if let Some(owner) = snap.owner {
-            now = self
-                .set_owner(&node, Some(&file), &now, owner)
-                .map_err(wrote)?;
-        }
         let mut changes = SetAttr {
             atime: snap.atime.map(SetTime::At),
             mtime: Some(SetTime::At(snap.mtime)),
@@ -1859,6 +1907,22 @@ impl<B: Backend> WriteBack<B> {
         };
         if now.size != snap.size {
             changes.size = Some(snap.size);
+        }
+        if let Some(owner) = snap.owner {
+            // The size before the mode: a truncate without CAP_FSETID
+            // clears set-ID bits.
+            if let Some(size) = changes.size.take() {
+                let c = SetAttr {
+                    size: Some(size),
+                    ..Default::default()
+                };
+                now = self
+                    .backend
+                    .setattr(&node, Some(&file), &c)
+                    .map_err(wrote)?;
+            }
+            self.set_owner(&node, Some(&file), &now, owner)
+                .map_err(wrote)?;
         }
         self.backend
             .setattr(&node, Some(&file), &changes)
@@ -2172,6 +2236,16 @@ impl<B: Backend> Snap<B> {
     /// Nothing but attributes changed here: no byte, no size.
     fn attrs_only(&self) -> bool {
         self.ranges.is_empty() && self.size == self.base.size && self.trunc >= self.size
+    }
+
+    /// Whether the file changed here since the snapshot.
+    fn changed_since(&self, g: &DirtyInner<B>) -> bool {
+        !g.rec.ranges.is_empty()
+            || g.rec.size != self.size
+            || g.rec.trunc < self.trunc
+            || g.rec.mtime != self.mtime
+            || g.rec.owner.filter(|_| g.rec.owner_here) != self.owner
+            || g.rec.atime != self.atime
     }
 }
 
