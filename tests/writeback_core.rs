@@ -705,3 +705,38 @@ fn changes_to_a_file_stay_with_it_when_the_name_they_came_by_is_removed() {
     );
     assert!(s.wb.status().1.is_empty(), "{:?}", s.wb.status().1);
 }
+
+/// A mode and owner set here while the NAS did not answer, which the NAS
+/// then refuses (EPERM: a squashed root, a filesystem without owners),
+/// are dropped with a conflict: retried, they would keep the file pending
+/// for ever (and every later chmod of it with them).
+#[test]
+fn attributes_the_nas_refuses_are_dropped_with_a_conflict() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let s = setup(Duration::from_secs(3600), 4096, 1 << 20);
+    let f = s.nas.path().join("f");
+    std::fs::write(&f, b"content").unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let ino = s.core.lookup(ROOT, OsStr::new("f")).unwrap().attr.ino;
+    s.faults.set_offline(true);
+    let changes = SetAttr {
+        mode: Some(0o600),
+        uid: Some(4321),
+        ..Default::default()
+    };
+    let (a, _) = s.core.setattr(ino, None, &changes, None).unwrap();
+    assert_eq!((a.perm, a.uid), (0o600, 4321));
+    assert_eq!(std::fs::metadata(&f).unwrap().mode() & 0o7777, 0o644);
+    s.faults.set_offline(false);
+    s.faults.set(Fault::FailOnce(libc::EPERM), Some("setattr"));
+    assert_eq!(flush(&s.wb, Duration::from_secs(30)).0, 0);
+    let (pending, conflicts, _) = s.wb.status();
+    assert!(pending.is_empty(), "{pending:?}");
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    assert!(conflicts[0].reason.contains("refused"), "{conflicts:?}");
+    let md = std::fs::metadata(&f).unwrap();
+    assert_eq!((md.mode() & 0o7777, md.uid()), (0o644, 0));
+    let (a, _) = s.core.getattr(ino, None).unwrap();
+    assert_eq!((a.perm, a.uid), (0o644, 0));
+    assert_eq!(std::fs::read(&f).unwrap(), b"content");
+}

@@ -21,6 +21,8 @@ pub enum Fault {
     None,
     /// Fail with this errno.
     Fail(i32),
+    /// Fail the next call with this errno, then none.
+    FailOnce(i32),
     /// Block until the fault is changed.
     Stall,
     /// Panic, as a backend with a bug would.
@@ -32,6 +34,8 @@ pub enum Fault {
 pub struct FaultControl {
     state: Mutex<(Fault, Option<&'static str>, u64)>,
     changed: Condvar,
+    /// Reported as not answering (see [`Backend::online`]).
+    offline: std::sync::atomic::AtomicBool,
 }
 
 impl FaultControl {
@@ -41,6 +45,16 @@ impl FaultControl {
         s.0 = fault;
         s.1 = op;
         self.changed.notify_all();
+    }
+
+    /// Makes the backend report the NAS as not answering, or answering.
+    pub fn set_offline(&self, offline: bool) {
+        self.offline
+            .store(offline, std::sync::atomic::Ordering::Release);
+    }
+
+    fn offline(&self) -> bool {
+        self.offline.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// How many calls are blocked in a stall right now.
@@ -54,6 +68,11 @@ impl FaultControl {
             let applies = s.1.is_none_or(|o| o == op);
             match (&s.0, applies) {
                 (Fault::Fail(errno), true) => return Err(BackendError::errno(op, *errno)),
+                (Fault::FailOnce(errno), true) => {
+                    let errno = *errno;
+                    s.0 = Fault::None;
+                    return Err(BackendError::errno(op, errno));
+                }
                 (Fault::Panic, true) => {
                     drop(s);
                     panic!("injected panic in {op}");
@@ -226,7 +245,7 @@ impl<B: Backend> Backend for Instrumented<B> {
         self.inner.lists_acls(node)
     }
     fn online(&self) -> bool {
-        self.inner.online()
+        !self.faults.offline() && self.inner.online()
     }
     fn offline_since(&self) -> Option<std::time::SystemTime> {
         self.inner.offline_since()

@@ -1516,7 +1516,11 @@ impl<B: Backend> WriteBack<B> {
             return;
         }
         match result {
-            Ok(Outcome::Written(after, written, clock)) => {
+            Ok(Outcome::Written(after, written, clock, refused)) => {
+                if let Some(why) = refused {
+                    // Dropped: the row settles without them.
+                    self.conflict(&snap.path, snap.path.clone(), why);
+                }
                 g.base_clock = clock;
                 self.counters
                     .written_bytes
@@ -1591,25 +1595,7 @@ impl<B: Backend> WriteBack<B> {
                 reason,
                 nas,
             }) => {
-                self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
-                if kept_as == snap.path {
-                    log::warn!("conflict: {:?} {reason}", snap.path);
-                } else {
-                    log::warn!(
-                        "conflict: {:?} {reason}; the local version was kept as {:?}",
-                        snap.path,
-                        kept_as
-                    );
-                }
-                let rec = ConflictRecord {
-                    at: SystemTime::now(),
-                    path: snap.path.clone(),
-                    kept_as,
-                    reason,
-                };
-                if let Err(e) = self.journal.add_conflict(&rec) {
-                    log::warn!("journal: {e}");
-                }
+                self.conflict(&snap.path, kept_as, reason);
                 if snap.attrs_only() && snap.changed_since(&g) {
                     // Only attributes were settled: what was written or
                     // set here during the attempt stays, on the version
@@ -1693,6 +1679,25 @@ impl<B: Backend> WriteBack<B> {
         }
         drop(g);
         self.notify_progress();
+    }
+
+    /// Counts, logs and records a conflict.
+    fn conflict(&self, path: &OsStr, kept_as: OsString, reason: String) {
+        self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+        if kept_as == path {
+            log::warn!("conflict: {path:?} {reason}");
+        } else {
+            log::warn!("conflict: {path:?} {reason}; the local version was kept as {kept_as:?}");
+        }
+        let rec = ConflictRecord {
+            at: SystemTime::now(),
+            path: path.to_os_string(),
+            kept_as,
+            reason,
+        };
+        if let Err(e) = self.journal.add_conflict(&rec) {
+            log::warn!("journal: {e}");
+        }
     }
 
     /// Forgets a file that has nothing pending any more (`g` is its lock).
@@ -1900,6 +1905,7 @@ impl<B: Backend> WriteBack<B> {
             }
         }
         let mut now = self.backend.fgetattr(&file).map_err(wrote)?;
+        let mut refused = None;
         let mut changes = SetAttr {
             atime: snap.atime.map(SetTime::At),
             mtime: Some(SetTime::At(snap.mtime)),
@@ -1921,8 +1927,15 @@ impl<B: Backend> WriteBack<B> {
                     .setattr(&node, Some(&file), &c)
                     .map_err(wrote)?;
             }
-            self.set_owner(&node, Some(&file), &now, owner)
-                .map_err(wrote)?;
+            match self.set_owner(&node, Some(&file), &now, owner) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_errno(), libc::EPERM | libc::EACCES) => {
+                    refused = Some(format!(
+                        "the NAS refused the mode and owner set here ({e}); they were dropped"
+                    ));
+                }
+                Err(e) => return Err(wrote(e)),
+            }
         }
         self.backend
             .setattr(&node, Some(&file), &changes)
@@ -1930,7 +1943,7 @@ impl<B: Backend> WriteBack<B> {
         self.backend.fsync(&file, false).map_err(wrote)?;
         let clock = self.meta_clock.load(Ordering::Acquire);
         let after = self.backend.fgetattr(&file).map_err(wrote)?;
-        Ok(Outcome::Written(after, written, clock))
+        Ok(Outcome::Written(after, written, clock, refused))
     }
 
     /// Gives the NAS file `node` (attributes `attr`) the permission bits,
@@ -2250,9 +2263,11 @@ impl<B: Backend> Snap<B> {
 }
 
 enum Outcome {
-    /// The NAS's new attributes, the bytes written, and the meta clock
-    /// before those attributes were read.
-    Written(Attr, u64, u64),
+    /// The NAS's new attributes, the bytes written, the meta clock
+    /// before those attributes were read, and why the NAS refused the mode
+    /// and owner set here, if it did (they are dropped: retried, they
+    /// would keep the file pending for ever).
+    Written(Attr, u64, u64, Option<String>),
     /// A name of the file was being removed or moved through this mount
     /// while the attempt looked for it: nothing was written; tried again.
     Raced,
