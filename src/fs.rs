@@ -1170,13 +1170,7 @@ impl<B: Backend> Core<B> {
             || remote.gid.is_some()
             || remote.atime.is_some()
             || remote.mtime.is_some();
-        // While the NAS does not answer, or while a mode or owner set here
-        // waits for it (the order of changes holds), they are set here and
-        // on the NAS with the data (new objects: the overlay's own).
-        let here = has_remote
-            && self.backend.local_path(nas).is_none()
-            && (!self.backend.online() || wb.owner_here(nas));
-        if here {
+        if has_remote && self.attrs_here(wb, nas) {
             let cur = self.cached_attr(ino).ok_or(FsError::UnknownInode(ino))?;
             let owner = (remote.mode.is_some() || remote.uid.is_some() || remote.gid.is_some())
                 .then(|| {
@@ -1229,6 +1223,14 @@ impl<B: Backend> Core<B> {
             a
         };
         Ok((self.present(attr), self.attr_ttl(&attr)))
+    }
+
+    /// Whether attribute changes of NAS file `nas` are kept here, to set
+    /// on the NAS with its data: while the NAS does not answer, or while a
+    /// mode or owner set here waits for it (the order of changes holds).
+    /// Not for new objects: the overlay keeps theirs.
+    fn attrs_here(&self, wb: &WriteBack<B>, nas: u64) -> bool {
+        (!self.backend.online() || wb.owner_here(nas)) && self.backend.local_path(nas).is_none()
     }
 
     /// The set-user-ID and set-group-ID bits that `who` making `change` to
@@ -1315,9 +1317,7 @@ impl<B: Backend> Core<B> {
         let (node, _, data) = self.node(ino)?;
         let nas = self.fuse_ino(ino);
         if let Some(wb) = &self.wb {
-            if self.backend.local_path(nas).is_none()
-                && (!self.backend.online() || wb.owner_here(nas))
-            {
+            if self.attrs_here(wb, nas) {
                 // As a chmod made here (see `setattr_local`).
                 let owner = (cached.perm & !bits, cached.uid, cached.gid);
                 let start = || self.start_info(ino, &data);

@@ -3,6 +3,7 @@
 //! that can be told to fail or stall calls (the tests' broken NAS).
 
 use std::ffi::{OsStr, OsString};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,7 +36,7 @@ pub struct FaultControl {
     state: Mutex<(Fault, Option<&'static str>, u64)>,
     changed: Condvar,
     /// Reported as not answering (see [`Backend::online`]).
-    offline: std::sync::atomic::AtomicBool,
+    offline: AtomicBool,
 }
 
 impl FaultControl {
@@ -49,12 +50,11 @@ impl FaultControl {
 
     /// Makes the backend report the NAS as not answering, or answering.
     pub fn set_offline(&self, offline: bool) {
-        self.offline
-            .store(offline, std::sync::atomic::Ordering::Release);
+        self.offline.store(offline, Ordering::Release);
     }
 
     fn offline(&self) -> bool {
-        self.offline.load(std::sync::atomic::Ordering::Acquire)
+        self.offline.load(Ordering::Acquire)
     }
 
     /// How many calls are blocked in a stall right now.

@@ -121,6 +121,11 @@ impl<B: Backend> DirtyInner<B> {
         self.rec.ranges.bytes() + self.applying.bytes()
     }
 
+    /// The permission bits, uid and gid set here and not on the NAS yet.
+    fn owner_to_set(&self) -> Option<(u16, u32, u32)> {
+        self.rec.owner.filter(|_| self.rec.owner_here)
+    }
+
     /// The row as it must be on disk: every range not yet on the NAS.
     fn row(&self) -> DataRecord {
         let mut r = self.rec.clone();
@@ -162,7 +167,7 @@ impl LocalAttr {
             size: g.rec.size,
             mtime: g.rec.mtime,
             ctime: g.ctime,
-            owner: g.rec.owner.filter(|_| g.rec.owner_here),
+            owner: g.owner_to_set(),
             atime: g.rec.atime,
         }
     }
@@ -697,34 +702,28 @@ impl<B: Backend> WriteBack<B> {
         atime: Option<SystemTime>,
         mtime: Option<SystemTime>,
     ) -> FsResult<LocalAttr> {
-        let d = loop {
+        loop {
             let d = self.get_or_start(nas_ino, start)?;
-            let g = d.lock();
-            if !g.removed {
-                drop(g);
-                break d;
+            let mut g = d.lock();
+            if g.removed {
+                continue; // settled meanwhile: start again from the NAS's
             }
-        };
-        let mut g = d.lock();
-        if g.removed {
-            drop(g);
-            return self.set_attrs(nas_ino, start, owner, atime, mtime);
+            if let Some(o) = owner {
+                g.rec.owner = Some(o);
+                g.rec.owner_here = true;
+            }
+            if let Some(t) = atime {
+                g.rec.atime = Some(t);
+            }
+            if let Some(t) = mtime {
+                g.rec.mtime = t;
+            }
+            g.ctime = crate::clock::now();
+            g.last_change = Instant::now();
+            // No fsync follows a chmod: the row says it at once.
+            g.row_stale = self.journal.update_data(&g.row()).is_err();
+            return Ok(LocalAttr::of(&g));
         }
-        if let Some(o) = owner {
-            g.rec.owner = Some(o);
-            g.rec.owner_here = true;
-        }
-        if let Some(t) = atime {
-            g.rec.atime = Some(t);
-        }
-        if let Some(t) = mtime {
-            g.rec.mtime = t;
-        }
-        g.ctime = crate::clock::now();
-        g.last_change = Instant::now();
-        // No fsync follows a chmod: the row says it at once.
-        g.row_stale = self.journal.update_data(&g.row()).is_err();
-        Ok(LocalAttr::of(&g))
     }
 
     /// nassync itself changed a dirty file's metadata on the NAS (chmod,
@@ -1483,7 +1482,7 @@ impl<B: Backend> WriteBack<B> {
                 path2: g.rec.path2.clone(),
                 recovering: g.rec.state == RowState::Applying,
                 base_clock: g.base_clock,
-                owner: g.rec.owner.filter(|_| g.rec.owner_here),
+                owner: g.owner_to_set(),
                 atime: g.rec.atime,
             }
         };
@@ -2257,7 +2256,7 @@ impl<B: Backend> Snap<B> {
             || g.rec.size != self.size
             || g.rec.trunc < self.trunc
             || g.rec.mtime != self.mtime
-            || g.rec.owner.filter(|_| g.rec.owner_here) != self.owner
+            || g.owner_to_set() != self.owner
             || g.rec.atime != self.atime
     }
 }
