@@ -58,7 +58,7 @@ use crate::cache::CacheError;
 use crate::writeback::journal::{
     AliasRecord, ConflictRecord, Journal, LeftoverRecord, ObjParent, ObjectRecord, RemovalRecord,
 };
-use crate::writeback::{PendingInfo, Staged, conflict_name, conflict_stamp};
+use crate::writeback::{PendingInfo, Staged, conflict_name, conflict_stamp, under};
 
 /// Provisional inode numbers: far above any a NAS hands out in practice.
 pub const PROV_BASE: u64 = 0xFFFF_0000_0000_0000;
@@ -2506,12 +2506,7 @@ impl<B: Backend> Overlay<B> {
     }
 
     pub fn pending_count(&self) -> usize {
-        let st = self.st();
-        st.objs
-            .values()
-            .filter(|o| o.nas.is_none() && !o.gone)
-            .count()
-            + st.removals.len()
+        self.pending_under(None) as usize
     }
 
     pub fn pending_objects(&self) -> Vec<PendingObject> {
@@ -2521,15 +2516,10 @@ impl<B: Backend> Overlay<B> {
             .iter()
             .filter(|(_, o)| o.nas.is_none() && !o.gone)
             .map(|(p, o)| {
-                let mut path = Self::dir_path(&st, o.parent).unwrap_or_default();
-                if !path.is_empty() {
-                    path.push("/");
-                }
-                path.push(&o.name);
                 (
                     *p,
                     PendingObject {
-                        path,
+                        path: Self::obj_path(&st, o),
                         kind: o.attr.kind,
                         removed: false,
                         age: o.created.elapsed(),
@@ -2549,6 +2539,35 @@ impl<B: Backend> Overlay<B> {
             error: r.error.clone(),
         });
         removals.chain(v.into_iter().map(|(_, o)| o)).collect()
+    }
+
+    /// The path shown for a pending object.
+    fn obj_path(st: &State<B>, o: &Obj<B>) -> OsString {
+        let mut path = Self::dir_path(st, o.parent).unwrap_or_default();
+        if !path.is_empty() {
+            path.push("/");
+        }
+        path.push(&o.name);
+        path
+    }
+
+    /// How many of [`Self::pending_objects`] are under `prefix`; paths
+    /// are only made when there is a prefix.
+    pub fn pending_under(&self, prefix: Option<&OsStr>) -> u64 {
+        let st = self.st();
+        let objs = st.objs.values().filter(|o| o.nas.is_none() && !o.gone);
+        let n = match prefix {
+            None => objs.count() + st.removals.len(),
+            Some(_) => {
+                objs.filter(|o| under(&Self::obj_path(&st, o), prefix))
+                    .count()
+                    + st.removals
+                        .iter()
+                        .filter(|r| under(&r.path, prefix))
+                        .count()
+            }
+        };
+        n as u64
     }
 
     /// (created on the NAS, conflicts) since the mount.
@@ -3793,6 +3812,10 @@ impl<B: Backend> Staged for Overlay<B> {
                 error: o.error,
             })
             .collect()
+    }
+
+    fn pending_count(&self, prefix: Option<&OsStr>) -> u64 {
+        self.pending_under(prefix)
     }
 
     fn conflicts(&self) -> u64 {

@@ -195,6 +195,9 @@ pub trait Staged: Send + Sync {
     /// times of directories made on the NAS).
     fn settle(&self);
     fn pending(&self) -> Vec<PendingInfo>;
+    /// How many of `pending()` are under `prefix`, without listing them:
+    /// a flush asks after each file that lands.
+    fn pending_count(&self, prefix: Option<&OsStr>) -> u64;
     /// Conflicts found since the mount.
     fn conflicts(&self) -> u64;
     /// Attempts that failed (and will be retried) since the mount.
@@ -416,14 +419,7 @@ impl<B: Backend> WriteBack<B> {
     }
 
     fn staged_under(&self, prefix: Option<&OsStr>) -> u64 {
-        match self.staged.get() {
-            Some(s) => s
-                .pending()
-                .iter()
-                .filter(|p| under(&p.path, prefix))
-                .count() as u64,
-            None => 0,
-        }
+        self.staged.get().map_or(0, |s| s.pending_count(prefix))
     }
 
     /// Starts the write-back thread.
