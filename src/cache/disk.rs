@@ -182,31 +182,30 @@ impl DiskCache {
     pub fn check_validator(&self, ino: u64, v: &Validator) -> Result<bool, CacheError> {
         let conn = self.conn();
         let row: Option<(i64, i64, i64)> = conn
-            .query_row(
-                "SELECT size, mtime_ns, ctime_ns FROM files WHERE ino = ?1",
-                [ino as i64],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
+            .prepare_cached("SELECT size, mtime_ns, ctime_ns FROM files WHERE ino = ?1")?
+            .query_row([ino as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?;
         let want = (v.size as i64, nanos(v.mtime), nanos(v.ctime));
         if row == Some(want) {
             return Ok(true);
         }
         self.drop_blocks_locked(&conn, ino, 0, u64::MAX)?;
-        conn.execute(
-            "INSERT OR REPLACE INTO files VALUES (?1, ?2, ?3, ?4)",
-            params![ino as i64, want.0, want.1, want.2],
-        )?;
+        conn.prepare_cached("INSERT OR REPLACE INTO files VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![ino as i64, want.0, want.1, want.2])?;
         Ok(false)
     }
 
     /// Records `v` as the version of the cached blocks of `ino`, without
     /// dropping any (after a change made through nassync itself).
     pub fn set_validator(&self, ino: u64, v: &Validator) -> Result<(), CacheError> {
-        self.conn().execute(
-            "INSERT OR REPLACE INTO files VALUES (?1, ?2, ?3, ?4)",
-            params![ino as i64, v.size as i64, nanos(v.mtime), nanos(v.ctime)],
-        )?;
+        self.conn()
+            .prepare_cached("INSERT OR REPLACE INTO files VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![
+                ino as i64,
+                v.size as i64,
+                nanos(v.mtime),
+                nanos(v.ctime)
+            ])?;
         Ok(())
     }
 
@@ -214,11 +213,8 @@ impl DiskCache {
     pub fn has(&self, ino: u64, idx: u64) -> Result<bool, CacheError> {
         Ok(self
             .conn()
-            .query_row(
-                "SELECT 1 FROM blocks WHERE ino = ?1 AND idx = ?2",
-                params![ino as i64, idx as i64],
-                |_| Ok(()),
-            )
+            .prepare_cached("SELECT 1 FROM blocks WHERE ino = ?1 AND idx = ?2")?
+            .query_row(params![ino as i64, idx as i64], |_| Ok(()))
             .optional()?
             .is_some())
     }
@@ -227,11 +223,10 @@ impl DiskCache {
     pub fn get(&self, ino: u64, idx: u64) -> Result<Option<Vec<u8>>, CacheError> {
         let row: Option<(i64, i64)> = self
             .conn()
-            .query_row(
-                "SELECT len, crc FROM blocks WHERE ino = ?1 AND idx = ?2",
-                params![ino as i64, idx as i64],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            .prepare_cached("SELECT len, crc FROM blocks WHERE ino = ?1 AND idx = ?2")?
+            .query_row(params![ino as i64, idx as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .optional()?;
         let Some((len, crc)) = row else {
             return Ok(None);
@@ -248,10 +243,9 @@ impl DiskCache {
             self.corrupt.fetch_add(1, Ordering::Relaxed);
             return Ok(None);
         }
-        self.conn().execute(
-            "UPDATE blocks SET used_ms = ?3 WHERE ino = ?1 AND idx = ?2",
-            params![ino as i64, idx as i64, now_ms()],
-        )?;
+        self.conn()
+            .prepare_cached("UPDATE blocks SET used_ms = ?3 WHERE ino = ?1 AND idx = ?2")?
+            .execute(params![ino as i64, idx as i64, now_ms()])?;
         Ok(Some(buf))
     }
 
@@ -267,22 +261,17 @@ impl DiskCache {
         let old: Option<i64> = {
             let conn = self.conn();
             let old = conn
-                .query_row(
-                    "SELECT len FROM blocks WHERE ino = ?1 AND idx = ?2",
-                    params![ino as i64, idx as i64],
-                    |r| r.get(0),
-                )
+                .prepare_cached("SELECT len FROM blocks WHERE ino = ?1 AND idx = ?2")?
+                .query_row(params![ino as i64, idx as i64], |r| r.get(0))
                 .optional()?;
-            conn.execute(
-                "INSERT OR REPLACE INTO blocks VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![
+            conn.prepare_cached("INSERT OR REPLACE INTO blocks VALUES (?1, ?2, ?3, ?4, ?5)")?
+                .execute(params![
                     ino as i64,
                     idx as i64,
                     data.len() as i64,
                     crc32fast::hash(data) as i64,
                     now_ms()
-                ],
-            )?;
+                ])?;
             old
         };
         self.used.fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -306,19 +295,21 @@ impl DiskCache {
         last: u64,
     ) -> Result<(), CacheError> {
         let last = last.min(i64::MAX as u64);
-        let (rows, freed): (i64, i64) = conn.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(len), 0) FROM blocks
-             WHERE ino = ?1 AND idx BETWEEN ?2 AND ?3",
-            params![ino as i64, first as i64, last as i64],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
+        let (rows, freed): (i64, i64) = conn
+            .prepare_cached(
+                "SELECT COUNT(*), COALESCE(SUM(len), 0) FROM blocks
+                 WHERE ino = ?1 AND idx BETWEEN ?2 AND ?3",
+            )?
+            .query_row(params![ino as i64, first as i64, last as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
         if rows == 0 && first != 0 {
             return Ok(());
         }
-        conn.execute(
-            "DELETE FROM blocks WHERE ino = ?1 AND idx BETWEEN ?2 AND ?3",
-            params![ino as i64, first as i64, last as i64],
-        )?;
+        if rows > 0 {
+            conn.prepare_cached("DELETE FROM blocks WHERE ino = ?1 AND idx BETWEEN ?2 AND ?3")?
+                .execute(params![ino as i64, first as i64, last as i64])?;
+        }
         self.used.fetch_sub(freed as u64, Ordering::Relaxed);
         let path = self.data_path(ino);
         if first == 0 && last >= i64::MAX as u64 {

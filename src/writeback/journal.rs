@@ -19,6 +19,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -183,6 +184,27 @@ fn setup_err(path: &Path, reason: impl ToString) -> CacheError {
     }
 }
 
+thread_local! {
+    /// A compression context per thread: making one costs more than
+    /// compressing a row's few dozen bytes (measured on an untar).
+    static ZSTD: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `raw` zstd-compressed (level 3), or as it is if that fails.
+fn compress(raw: Vec<u8>) -> Vec<u8> {
+    ZSTD.with(|z| {
+        let mut z = z.borrow_mut();
+        if z.is_none() {
+            *z = zstd::bulk::Compressor::new(3).ok();
+        }
+        match z.as_mut().map(|c| c.compress(&raw)) {
+            Some(Ok(c)) => c,
+            _ => raw,
+        }
+    })
+}
+
 /// The `args` payload of a data row, before compression: size, trunc,
 /// mtime (ns), then the ranges.
 fn encode_args(r: &DataRecord) -> Vec<u8> {
@@ -191,7 +213,7 @@ fn encode_args(r: &DataRecord) -> Vec<u8> {
     raw.extend_from_slice(&r.trunc.to_le_bytes());
     raw.extend_from_slice(&nanos(r.mtime).to_le_bytes());
     raw.extend_from_slice(&r.ranges.to_bytes());
-    zstd::bulk::compress(&raw, 3).unwrap_or(raw)
+    compress(raw)
 }
 
 fn decode_args(blob: &[u8]) -> Option<(u64, u64, SystemTime, RangeSet)> {
@@ -210,6 +232,9 @@ fn decode_args(blob: &[u8]) -> Option<(u64, u64, SystemTime, RangeSet)> {
 pub struct Journal {
     dir: PathBuf,
     conn: Mutex<Connection>,
+    /// The `next_prov` last stored (0: not known), so that an object row
+    /// is put without writing it again: one page less per commit.
+    next_prov_stored: AtomicU64,
     _lock: File,
 }
 
@@ -342,6 +367,7 @@ impl Journal {
         Ok(Journal {
             dir: dir.to_path_buf(),
             conn: Mutex::new(conn),
+            next_prov_stored: AtomicU64::new(0),
             _lock: lock,
         })
     }
@@ -419,7 +445,8 @@ impl Journal {
 
     pub fn delete(&self, fid: u64) -> Result<(), CacheError> {
         self.conn()
-            .execute("DELETE FROM ops WHERE seq = ?1", [fid as i64])?;
+            .prepare_cached("DELETE FROM ops WHERE seq = ?1")?
+            .execute([fid as i64])?;
         Ok(())
     }
 
@@ -673,7 +700,7 @@ fn encode_obj(r: &ObjectRecord) -> Vec<u8> {
     if let Some(t) = &r.target {
         raw.extend_from_slice(t.as_bytes());
     }
-    zstd::bulk::compress(&raw, 3).unwrap_or(raw)
+    compress(raw)
 }
 
 type ObjArgs = (u16, u32, u32, u64, [SystemTime; 3], Vec<u8>);
@@ -715,15 +742,21 @@ impl Journal {
     /// with it, so that a provisional number is never handed out twice.
     pub fn put_object(&self, r: &ObjectRecord, next_prov: u64) -> Result<(), CacheError> {
         let mut conn = self.conn();
+        if self.next_prov_stored.load(Ordering::Relaxed) == next_prov {
+            // One statement, one implicit transaction.
+            Self::put_in(&conn, r)?;
+            return Ok(());
+        }
         let tx = conn.transaction()?;
         Self::put_in(&tx, r)?;
         tx.prepare_cached("INSERT OR REPLACE INTO meta VALUES ('next_prov', ?1)")?
             .execute([next_prov as i64])?;
         tx.commit()?;
+        self.next_prov_stored.store(next_prov, Ordering::Relaxed);
         Ok(())
     }
 
-    fn put_in(tx: &rusqlite::Transaction<'_>, r: &ObjectRecord) -> Result<(), CacheError> {
+    fn put_in(tx: &Connection, r: &ObjectRecord) -> Result<(), CacheError> {
         let (pp, path) = match &r.parent {
             ObjParent::Local(p) => (Some(*p as i64), None),
             ObjParent::Nas(path) => (None, Some(path.as_bytes().to_vec())),
@@ -752,10 +785,8 @@ impl Journal {
     /// Drops the data rows of the file write-back knows as `nas_ino`, in
     /// the caller's transaction.
     fn delete_data_of(tx: &rusqlite::Transaction, nas_ino: u64) -> Result<(), CacheError> {
-        tx.execute(
-            "DELETE FROM ops WHERE nas_ino = ?1 AND kind = 'data'",
-            [nas_ino as i64],
-        )?;
+        tx.prepare_cached("DELETE FROM ops WHERE nas_ino = ?1 AND kind = 'data'")?
+            .execute([nas_ino as i64])?;
         Ok(())
     }
 
@@ -768,7 +799,8 @@ impl Journal {
             Self::put_in(&tx, r)?;
         }
         for p in delete {
-            tx.execute("DELETE FROM objects WHERE prov = ?1", [*p as i64])?;
+            tx.prepare_cached("DELETE FROM objects WHERE prov = ?1")?
+                .execute([*p as i64])?;
         }
         tx.commit()?;
         Ok(())
@@ -782,7 +814,8 @@ impl Journal {
     pub fn delete_object(&self, prov: u64) -> Result<(), CacheError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute("DELETE FROM objects WHERE prov = ?1", [prov as i64])?;
+        tx.prepare_cached("DELETE FROM objects WHERE prov = ?1")?
+            .execute([prov as i64])?;
         Self::delete_data_of(&tx, prov)?;
         tx.commit()?;
         Ok(())
@@ -801,22 +834,22 @@ impl Journal {
     ) -> Result<(), CacheError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute("DELETE FROM objects WHERE prov = ?1", [alias.prov as i64])?;
+        tx.prepare_cached("DELETE FROM objects WHERE prov = ?1")?
+            .execute([alias.prov as i64])?;
         for l in links {
-            tx.execute("DELETE FROM objects WHERE prov = ?1", [*l as i64])?;
+            tx.prepare_cached("DELETE FROM objects WHERE prov = ?1")?
+                .execute([*l as i64])?;
         }
         for c in children {
             Self::put_in(&tx, c)?;
         }
-        tx.execute(
-            "INSERT OR REPLACE INTO aliases VALUES (?1, ?2, ?3, ?4)",
-            params![
+        tx.prepare_cached("INSERT OR REPLACE INTO aliases VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![
                 alias.nas_ino as i64,
                 alias.prov as i64,
                 nanos(alias.nas_ctime),
                 nanos(alias.local_ctime)
-            ],
-        )?;
+            ])?;
         tx.commit()?;
         Ok(())
     }
