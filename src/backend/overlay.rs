@@ -3898,6 +3898,12 @@ mod tests {
                 .collect();
         assert_eq!(listed.len(), 2);
         assert_eq!(s.ov.pending_count(), 3);
+        // Counted under a prefix as listed, without listing.
+        let paths: Vec<_> = s.ov.pending_objects().into_iter().map(|o| o.path).collect();
+        assert_eq!(paths, ["d", "d/f", "d/l"]);
+        for (prefix, n) in [("d", 3), ("d/f", 1), ("e", 0), ("", 3)] {
+            assert_eq!(s.ov.pending_under(Some(OsStr::new(prefix))), n, "{prefix}");
+        }
 
         assert_eq!(s.ov.flush_all(None), 0);
         assert_eq!(
