@@ -146,16 +146,6 @@ impl DataCache {
         Ok(false)
     }
 
-    /// [`Self::revalidate`] for a file made here and not on the NAS yet:
-    /// its number is new, so the disk cache holds nothing of it to check.
-    pub fn adopt_local(&self, data: &FileData, v: &Validator) {
-        let mut g = data.lock();
-        if g.cached.as_ref() != Some(v) {
-            g.epoch = next_epoch();
-            g.cached = Some(*v);
-        }
-    }
-
     /// Fresh attributes seen outside an open (getattr, lookup): drops the
     /// cached data if it belongs to another version. Does nothing for a
     /// file whose version is not known yet (checked at open).

@@ -504,11 +504,7 @@ impl<B: Backend> WriteBack<B> {
         }
         let s = start()?;
         // The cached blocks are the base's from now on.
-        if self.backend.local_path(nas_ino).is_some() {
-            self.data.adopt_local(&s.data, &s.base);
-        } else {
-            self.data.revalidate(s.fuse_ino, &s.data, &s.base)?;
-        }
+        self.data.revalidate(s.fuse_ino, &s.data, &s.base)?;
         let mut files = self.files_lock();
         if let Some(d) = files.get(&nas_ino) {
             return Ok(d.clone());
