@@ -3814,8 +3814,8 @@ impl<B: Backend> Staged for Overlay<B> {
             .collect()
     }
 
-    fn pending_count(&self, prefix: Option<&OsStr>) -> u64 {
-        self.pending_under(prefix)
+    fn pending_under(&self, prefix: Option<&OsStr>) -> u64 {
+        Overlay::pending_under(self, prefix)
     }
 
     fn conflicts(&self) -> u64 {

@@ -756,12 +756,12 @@ impl Journal {
         Ok(())
     }
 
-    fn put_in(tx: &Connection, r: &ObjectRecord) -> Result<(), CacheError> {
+    fn put_in(conn: &Connection, r: &ObjectRecord) -> Result<(), CacheError> {
         let (pp, path) = match &r.parent {
             ObjParent::Local(p) => (Some(*p as i64), None),
             ObjParent::Nas(path) => (None, Some(path.as_bytes().to_vec())),
         };
-        tx.prepare_cached(
+        conn.prepare_cached(
             "INSERT OR REPLACE INTO objects
                  (prov, kind, parent_prov, parent_path, name, state, args, created_ns, nas_ino,
                   link_to)
@@ -782,6 +782,12 @@ impl Journal {
         Ok(())
     }
 
+    fn delete_obj_row(conn: &Connection, prov: u64) -> Result<(), CacheError> {
+        conn.prepare_cached("DELETE FROM objects WHERE prov = ?1")?
+            .execute([prov as i64])?;
+        Ok(())
+    }
+
     /// Drops the data rows of the file write-back knows as `nas_ino`, in
     /// the caller's transaction.
     fn delete_data_of(tx: &rusqlite::Transaction, nas_ino: u64) -> Result<(), CacheError> {
@@ -799,8 +805,7 @@ impl Journal {
             Self::put_in(&tx, r)?;
         }
         for p in delete {
-            tx.prepare_cached("DELETE FROM objects WHERE prov = ?1")?
-                .execute([*p as i64])?;
+            Self::delete_obj_row(&tx, *p)?;
         }
         tx.commit()?;
         Ok(())
@@ -814,8 +819,7 @@ impl Journal {
     pub fn delete_object(&self, prov: u64) -> Result<(), CacheError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.prepare_cached("DELETE FROM objects WHERE prov = ?1")?
-            .execute([prov as i64])?;
+        Self::delete_obj_row(&tx, prov)?;
         Self::delete_data_of(&tx, prov)?;
         tx.commit()?;
         Ok(())
@@ -834,11 +838,9 @@ impl Journal {
     ) -> Result<(), CacheError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.prepare_cached("DELETE FROM objects WHERE prov = ?1")?
-            .execute([alias.prov as i64])?;
+        Self::delete_obj_row(&tx, alias.prov)?;
         for l in links {
-            tx.prepare_cached("DELETE FROM objects WHERE prov = ?1")?
-                .execute([*l as i64])?;
+            Self::delete_obj_row(&tx, *l)?;
         }
         for c in children {
             Self::put_in(&tx, c)?;

@@ -197,7 +197,7 @@ pub trait Staged: Send + Sync {
     fn pending(&self) -> Vec<PendingInfo>;
     /// How many of `pending()` are under `prefix`, without listing them:
     /// a flush asks after each file that lands.
-    fn pending_count(&self, prefix: Option<&OsStr>) -> u64;
+    fn pending_under(&self, prefix: Option<&OsStr>) -> u64;
     /// Conflicts found since the mount.
     fn conflicts(&self) -> u64;
     /// Attempts that failed (and will be retried) since the mount.
@@ -419,7 +419,7 @@ impl<B: Backend> WriteBack<B> {
     }
 
     fn staged_under(&self, prefix: Option<&OsStr>) -> u64 {
-        self.staged.get().map_or(0, |s| s.pending_count(prefix))
+        self.staged.get().map_or(0, |s| s.pending_under(prefix))
     }
 
     /// Starts the write-back thread.
