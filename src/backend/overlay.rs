@@ -36,8 +36,8 @@
 //! Lock order: `removing`, then `replay` (write-held by a creation that may
 //! make directories; read-held by each of the files created several at a
 //! time once their directories are on the NAS), then a local file's
-//! `content`, then `window`, then `state`. `state` is never held across a
-//! NAS call.
+//! `content`, then `window`, then its `stripes` (in ascending order), then
+//! `state`. `state` is never held across a NAS call.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -46,7 +46,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::bounded::is_unreachable;
@@ -65,6 +65,67 @@ pub const PROV_BASE: u64 = 0xFFFF_0000_0000_0000;
 
 /// Names the replay uses on the NAS while a file is being filled.
 const HIDDEN: &[u8] = b".nassync-new-";
+
+/// How many stripes `Overlay::window` has.
+const STRIPES: usize = 64;
+
+/// The stripe of directory `ino` (provisional numbers differ in their
+/// low bits, the NAS's anywhere: mixed first).
+fn stripe(ino: u64) -> usize {
+    (ino.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as usize % STRIPES
+}
+
+/// The stripes of `dirs`, each once, in the order they are taken (always
+/// ascending: two placements or a placement and a rename never wait for
+/// each other in a circle).
+fn stripes_of(dirs: &[u64]) -> Vec<usize> {
+    let mut v: Vec<usize> = dirs.iter().map(|d| stripe(*d)).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// Directories a new file is being placed in, for the time it takes: their
+/// NAS times are about to move by nassync's own doing (see
+/// `Overlay::quiet`), so whoever is shown them meanwhile (a lookup from
+/// their parent, which does not hold their stripe) gets them as shown
+/// last.
+struct Placing<'a, B: Backend> {
+    ov: &'a Overlay<B>,
+    dirs: Vec<u64>,
+}
+
+impl<'a, B: Backend> Placing<'a, B> {
+    fn new(ov: &'a Overlay<B>, dirs: Vec<u64>) -> Self {
+        let mut st = ov.st();
+        for d in &dirs {
+            *st.placing.entry(*d).or_default() += 1;
+        }
+        drop(st);
+        Placing { ov, dirs }
+    }
+}
+
+impl<B: Backend> Drop for Placing<'_, B> {
+    fn drop(&mut self) {
+        let mut st = self.ov.st();
+        for d in &self.dirs {
+            if let Some(n) = st.placing.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    st.placing.remove(d);
+                }
+            }
+        }
+    }
+}
+
+/// `Overlay::window` read-held, and some of its stripes.
+struct Window<'a> {
+    _all: RwLockReadGuard<'a, ()>,
+    _read: Vec<RwLockReadGuard<'a, ()>>,
+    _write: Vec<RwLockWriteGuard<'a, ()>>,
+}
 
 fn hidden_name(prov: u64) -> OsString {
     let mut n = HIDDEN.to_vec();
@@ -234,6 +295,8 @@ struct State<B: Backend> {
     /// change nothing in the view: the objects were shown already).
     shown: HashMap<u64, (SystemTime, SystemTime)>,
     masks: HashMap<u64, Mask>,
+    /// See [`Placing`].
+    placing: HashMap<u64, u32>,
     next_prov: u64,
     root: u64,
 }
@@ -278,8 +341,14 @@ pub struct Overlay<B: Backend> {
     /// Write-held from the NAS call that puts a new object in its
     /// directory until the view knows it is there; read-held by getattr
     /// and readdir of directories, which combine the NAS's answer with
-    /// the local children (and would count it twice, or miss it).
+    /// the local children (and would count it twice, or miss it). A new
+    /// file is placed with `window` read-held and only the `stripes` of
+    /// its directories write-held: readers of other directories carry on,
+    /// and files of several directories are placed at once.
     window: RwLock<()>,
+    /// Each read-held with `window` by a reader of a directory whose
+    /// inode number maps to it (see [`stripe`]).
+    stripes: Box<[RwLock<()>]>,
     sched: Mutex<Sched>,
     wake: Condvar,
     progress: Condvar,
@@ -347,6 +416,7 @@ impl<B: Backend> Overlay<B> {
             own: HashSet::new(),
             shown: HashMap::new(),
             masks: HashMap::new(),
+            placing: HashMap::new(),
             next_prov: next.max(PROV_BASE + 1),
             root: root_attr.ino,
         };
@@ -371,6 +441,7 @@ impl<B: Backend> Overlay<B> {
             replay: RwLock::new(()),
             removing: Mutex::new(()),
             window: RwLock::new(()),
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             sched: Mutex::new(Sched {
                 kick: false,
                 all: false,
@@ -580,8 +651,34 @@ impl<B: Backend> Overlay<B> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn window_read(&self) -> std::sync::RwLockReadGuard<'_, ()> {
-        self.window.read().unwrap_or_else(|e| e.into_inner())
+    /// `window` read-held, and the stripes of directories `dirs`: not
+    /// while an object is being placed in one of them.
+    fn window_read(&self, dirs: &[u64]) -> Window<'_> {
+        let all = self.window.read().unwrap_or_else(|e| e.into_inner());
+        let read = stripes_of(dirs)
+            .into_iter()
+            .map(|i| self.stripes[i].read().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        Window {
+            _all: all,
+            _read: read,
+            _write: Vec::new(),
+        }
+    }
+
+    /// `window` read-held and the stripes of directories `dirs`
+    /// write-held: for placing a new file in them (see `window`).
+    fn window_place(&self, dirs: &[u64]) -> Window<'_> {
+        let all = self.window.read().unwrap_or_else(|e| e.into_inner());
+        let write = stripes_of(dirs)
+            .into_iter()
+            .map(|i| self.stripes[i].write().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        Window {
+            _all: all,
+            _read: Vec::new(),
+            _write: write,
+        }
     }
 
     /// Local object `p`'s attributes as of now (`fallback` once gone).
@@ -652,8 +749,17 @@ impl<B: Backend> Overlay<B> {
                 }
             }
         }
-        let a = Self::dir_up(st, a);
+        let mut a = Self::dir_up(st, a);
         if a.kind == FileKind::Dir {
+            if st.placing.contains_key(&a.ino) && !st.deferred.contains_key(&a.ino) {
+                if let Some(&(m, c)) = st.shown.get(&a.ino) {
+                    // Not recorded as shown: `quiet` masks the NAS's times
+                    // with those shown before.
+                    let t = st.touched.get(&a.ino).copied().unwrap_or(m);
+                    (a.mtime, a.ctime) = (m.max(t), c.max(t));
+                    return a;
+                }
+            }
             st.shown.insert(a.ino, (a.mtime, a.ctime));
         }
         a
@@ -1519,6 +1625,7 @@ impl<B: Backend> Overlay<B> {
     /// for [`Self::promote_each`].
     fn promote_files(&self, due: &[u64], failed: &mut bool) -> Vec<u64> {
         const IN_FLIGHT: usize = 4;
+        let due = self.across_dirs(due);
         let queue = Mutex::new(due.iter().copied());
         let later = Mutex::new(Vec::new());
         let stop = AtomicBool::new(false);
@@ -1575,6 +1682,29 @@ impl<B: Backend> Overlay<B> {
         let mut later = later.into_inner().unwrap_or_else(|e| e.into_inner());
         later.sort_unstable();
         later
+    }
+
+    /// `due` in turns over their directories (each directory's in the
+    /// order made): the files in flight are then mostly in different
+    /// directories, which a NAS, as the view here (see `window`), changes
+    /// one entry at a time.
+    fn across_dirs(&self, due: &[u64]) -> Vec<u64> {
+        let mut by_dir: BTreeMap<u64, std::collections::VecDeque<u64>> = BTreeMap::new();
+        {
+            let st = self.st();
+            for &p in due {
+                let d = st.objs.get(&p).map_or(0, |o| o.parent);
+                by_dir.entry(d).or_default().push_back(p);
+            }
+        }
+        let mut out = Vec::with_capacity(due.len());
+        while !by_dir.is_empty() {
+            by_dir.retain(|_, q| {
+                out.extend(q.pop_front());
+                !q.is_empty()
+            });
+        }
+        out
     }
 
     /// Notes a failed attempt to create `p` on the NAS: its error (for
@@ -1921,7 +2051,9 @@ impl<B: Backend> Overlay<B> {
                 }
                 self.fill(&node, &f, &upper, &attr, hattr.perm, hattr.size > 0)?;
                 drop(f);
-                let _w = self.window.write().unwrap_or_else(|e| e.into_inner());
+                // Its directories held off, not the whole view.
+                let (_w, dirs) = self.hold_dirs_of(p);
+                let _placing = Placing::new(self, dirs);
                 if !self.still_here(p) {
                     let _ = self.lower.unlink(&dir, &tmp);
                     return Err(err(op, libc::EAGAIN));
@@ -2188,6 +2320,35 @@ impl<B: Backend> Overlay<B> {
         };
         self.lower.setattr(node, Some(f), &changes)?;
         self.lower.fsync(f, false)
+    }
+
+    /// The directories of local file `p`'s names (where it is placed on
+    /// the NAS, with its further names).
+    fn dirs_of_file(&self, p: u64) -> Vec<u64> {
+        let st = self.st();
+        let mut dirs: Vec<u64> = st.objs.get(&p).map(|o| o.parent).into_iter().collect();
+        if let Some(ls) = st.links.get(&p) {
+            dirs.extend(ls.iter().filter_map(|l| st.objs.get(l)).map(|o| o.parent));
+        }
+        dirs.sort_unstable();
+        dirs.dedup();
+        dirs
+    }
+
+    /// `window_place` for the directories of file `p`. Its further names
+    /// cannot change meanwhile (link waits for the content lock, which the
+    /// caller holds), but one can move to another directory: taken again
+    /// then.
+    fn hold_dirs_of(&self, p: u64) -> (Window<'_>, Vec<u64>) {
+        loop {
+            let dirs = self.dirs_of_file(p);
+            let w = self.window_place(&dirs);
+            let now = self.dirs_of_file(p);
+            let held = stripes_of(&dirs);
+            if stripes_of(&now).iter().all(|i| held.contains(i)) {
+                return (w, now);
+            }
+        }
     }
 
     /// Whether local object `p` is still where its creation on the NAS
@@ -2734,7 +2895,7 @@ impl<B: Backend> Backend for Overlay<B> {
         if is_hidden(name) || Self::is_removed(&self.st(), dir.ino, name) {
             return Err(err("lookup", libc::ENOENT));
         }
-        let _w = self.window_read();
+        let _w = self.window_read(&[dir.ino]);
         let (node, a) = self.lower.lookup(&n, name)?;
         if Self::is_leftover(&self.st(), dir.ino, name, a.ino) {
             return Err(err("lookup", libc::ENOENT));
@@ -2767,7 +2928,7 @@ impl<B: Backend> Backend for Overlay<B> {
                 }
             }
         }
-        let _w = self.window_read();
+        let _w = self.window_read(&[dir.ino]);
         if !ask.is_empty() {
             let answers = match self.nas_of(dir) {
                 Some(n) => self.lower.lookup_many(&n, &ask),
@@ -2804,7 +2965,7 @@ impl<B: Backend> Backend for Overlay<B> {
         let n = self
             .nas_of(node)
             .ok_or_else(|| err("getattr", libc::ENOENT))?;
-        let _w = self.window_read();
+        let _w = self.window_read(&[node.ino]);
         let a = self.lower.getattr(&n)?;
         let a = self.up(a);
         if a.kind == FileKind::Dir {
@@ -2829,7 +2990,7 @@ impl<B: Backend> Backend for Overlay<B> {
                 .map(|c| c.lock.read().unwrap_or_else(|e| e.into_inner()));
             // A directory or symlink being placed on the NAS takes its
             // attributes under `window` (a file's, under its content lock).
-            let _w = c.is_none().then(|| self.window_read());
+            let _w = c.is_none().then(|| self.window_read(&[node.ino]));
             if c.is_none() && !self.local(node.ino) {
                 drop(_w);
                 return self.setattr(node, file, changes);
@@ -2911,7 +3072,7 @@ impl<B: Backend> Backend for Overlay<B> {
             },
             None => None,
         };
-        let _w = self.window_read();
+        let _w = self.window_read(&[node.ino]);
         let a = self.lower.setattr(&n, lf, changes)?;
         let mut st = self.st();
         if a.kind == FileKind::Dir
@@ -2951,7 +3112,7 @@ impl<B: Backend> Backend for Overlay<B> {
     }
 
     fn readdir(&self, dir: &Self::Node) -> BResult<Vec<DirEntry>> {
-        let _w = self.window_read();
+        let _w = self.window_read(&[dir.ino]);
         let mut out = match self.nas_of(dir) {
             Some(n) => {
                 let mut v = self.lower.readdir(&n)?;
@@ -3117,7 +3278,7 @@ impl<B: Backend> Backend for Overlay<B> {
 
     fn unlink(&self, dir: &Self::Node, name: &OsStr) -> BResult<()> {
         // Not while a new object is being placed on the NAS (see `window`).
-        let _w = self.window_read();
+        let _w = self.window_read(&[dir.ino]);
         if let Some(p) = self.local_child(dir.ino, name) {
             let mut st = self.st();
             match st.objs.get(&p) {
@@ -3138,7 +3299,7 @@ impl<B: Backend> Backend for Overlay<B> {
     }
 
     fn rmdir(&self, dir: &Self::Node, name: &OsStr) -> BResult<()> {
-        let _w = self.window_read();
+        let _w = self.window_read(&[dir.ino]);
         if let Some(p) = self.local_child(dir.ino, name) {
             let mut st = self.st();
             match st.objs.get(&p) {
@@ -3186,7 +3347,7 @@ impl<B: Backend> Backend for Overlay<B> {
     ) -> BResult<()> {
         let op = "rename";
         // Not while a new object is being placed on the NAS (see `window`).
-        let w = self.window_read();
+        let w = self.window_read(&[dir.ino, newdir.ino]);
         let src = self.local_child(dir.ino, name).filter(|p| self.local(*p));
         let dst = self
             .local_child(newdir.ino, newname)
@@ -3531,7 +3692,7 @@ impl<B: Backend> Backend for Overlay<B> {
     fn fgetattr(&self, file: &Self::File) -> BResult<Attr> {
         match file {
             OFile::Nas(f, _) => {
-                let _w = self.window_read();
+                let _w = self.window_read(&[]);
                 Ok(self.up(self.lower.fgetattr(f)?))
             }
             OFile::Local(c, _, _) => {
@@ -3683,7 +3844,7 @@ impl<B: Backend> Backend for Overlay<B> {
         was: Validator,
     ) -> BResult<()> {
         let op = "remove";
-        let _w = self.window_read();
+        let _w = self.window_read(&[dir.ino]);
         let Some(d) = self.nas_of(dir) else {
             return Err(err(op, libc::EIO));
         };
@@ -3875,6 +4036,111 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    /// A file being placed on the NAS holds off the readers of its own
+    /// directory only, and its directory's times moved by the placement
+    /// are not shown, also through a lookup from the parent (which does
+    /// not wait for it).
+    #[test]
+    fn placing_a_file_holds_off_its_own_directory_only() {
+        use crate::backend::instrumented::{Fault, Instrumented};
+        use std::sync::mpsc;
+        let nas = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        for i in 0..10 {
+            std::fs::create_dir(nas.path().join(format!("d{i}"))).unwrap();
+        }
+        let stats = Arc::new(crate::stats::Stats::default());
+        let lower = Instrumented::new(DirBackend::new(nas.path()).unwrap(), stats);
+        let faults = lower.faults();
+        let journal = Arc::new(Journal::open(cache.path()).unwrap());
+        let ov = Overlay::open(
+            Arc::new(lower),
+            journal,
+            Duration::from_secs(3600),
+            "h".into(),
+        )
+        .unwrap();
+        let (root, ra) = ov.root().unwrap();
+        let dirs: Vec<_> = (0..10)
+            .map(|i| ov.lookup(&root, OsStr::new(&format!("d{i}"))).unwrap())
+            .collect();
+        // Two directories whose stripes differ from each other and the root's.
+        let (a, aa) = dirs
+            .iter()
+            .find(|(_, x)| stripe(x.ino) != stripe(ra.ino))
+            .cloned()
+            .unwrap();
+        let (b, _) = dirs
+            .iter()
+            .find(|(_, x)| ![stripe(ra.ino), stripe(aa.ino)].contains(&stripe(x.ino)))
+            .cloned()
+            .unwrap();
+        let aname = std::path::Path::new(nas.path()).join(
+            dirs.iter()
+                .position(|(_, x)| x.ino == aa.ino)
+                .map(|i| format!("d{i}"))
+                .unwrap(),
+        );
+        let (_, _, file) = ov
+            .create(&a, OsStr::new("f"), 0o644, RW, true, me())
+            .unwrap();
+        ov.write(&file, 0, b"placed").unwrap();
+        drop(file);
+        let nas_mtime = || std::fs::metadata(&aname).unwrap().modified().unwrap();
+        let before = nas_mtime();
+        // As shown with the new file in it.
+        let (_, aa) = ov.lookup(&root, aname.file_name().unwrap()).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+
+        // The placement stops at the attribute read after its rename.
+        faults.set(Fault::Stall, Some("getattr"));
+        let flusher = {
+            let ov = ov.clone();
+            std::thread::spawn(move || ov.flush_all(None))
+        };
+        let t0 = Instant::now();
+        while faults.stalled() == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(20), "never stalled");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(names(&aname), ["f"], "renamed into place, not recorded yet");
+        assert_ne!(nas_mtime(), before, "the NAS directory changed");
+
+        // Another directory's reader does not wait for it...
+        let (tx, rx) = mpsc::channel();
+        {
+            let (ov, b) = (ov.clone(), b.clone());
+            std::thread::spawn(move || {
+                let _ = tx.send(ov.lookup(&b, OsStr::new("x")).map(|_| ()));
+            });
+        }
+        let r = rx.recv_timeout(Duration::from_secs(20));
+        assert!(
+            matches!(&r, Ok(Err(e)) if e.raw_errno() == libc::ENOENT),
+            "{r:?}"
+        );
+        // ...nor does a lookup of the directory from the root, which shows
+        // its times as before...
+        let (_, shown) = ov.lookup(&root, aname.file_name().unwrap()).unwrap();
+        assert_eq!((shown.mtime, shown.ctime), (aa.mtime, aa.ctime));
+        // ...while its own listing waits until the file is recorded.
+        let (tx, rx) = mpsc::channel();
+        {
+            let (ov, a) = (ov.clone(), a.clone());
+            std::thread::spawn(move || {
+                let _ = tx.send(ov.readdir(&a).map(|v| v.len()));
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(rx.try_recv().is_err(), "listed halfway through a placement");
+        faults.set(Fault::None, None);
+        assert_eq!(flusher.join().unwrap(), 0);
+        let listed = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert_eq!(listed.unwrap(), 1, "the file listed once");
+        let (_, after) = ov.lookup(&root, aname.file_name().unwrap()).unwrap();
+        assert_eq!((after.mtime, after.ctime), (aa.mtime, aa.ctime));
     }
 
     #[test]
