@@ -1624,7 +1624,7 @@ impl<B: Backend> Overlay<B> {
     /// and the files whose directory went away meanwhile, are returned
     /// for [`Self::promote_each`].
     fn promote_files(&self, due: &[u64], failed: &mut bool) -> Vec<u64> {
-        const IN_FLIGHT: usize = 4;
+        const IN_FLIGHT: usize = 8;
         let due = self.across_dirs(due);
         let queue = Mutex::new(due.iter().copied());
         let later = Mutex::new(Vec::new());
