@@ -1050,9 +1050,14 @@ fn stats_text<B: Backend>(core: &Core<B>, source: &Path) -> String {
 fn exited(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+        Ok(stat) => {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X'))
+                // A zombie leader whose other threads are still exiting:
+                // they may still hold files open on the source (which
+                // then cannot be unmounted yet).
+                && std::fs::read_dir(format!("/proc/{pid}/task")).map_or(true, |d| d.count() <= 1)
+        }
     }
 }
 
