@@ -1997,21 +1997,58 @@ impl<B: Backend> WriteBack<B> {
 
     /// Copies `s..e` from the pending file into the NAS file.
     fn copy_range(&self, d: &Dirty<B>, file: &B::File, s: u64, e: u64) -> FsResult<u64> {
-        let mut pos = s;
-        let mut buf = vec![0u8; (e - s).min(1 << 20) as usize];
-        while pos < e {
-            let n = (e - pos).min(buf.len() as u64) as usize;
-            {
-                let g = d.lock();
-                self.pfiles
-                    .get(g.rec.fid)
-                    .and_then(|f| f.read_exact_at(&mut buf[..n], pos))
-                    .map_err(io_err)?;
+        // Several chunks in flight: each write is a NAS round trip (over a
+        // kernel NFS or FUSE mount of the NAS, one per wsize or 128 KiB),
+        // which one stream waits out in turn, leaving the link idle.
+        const CHUNK: u64 = 1 << 20;
+        const IN_FLIGHT: u64 = 4;
+        let chunks = (e - s).div_ceil(CHUNK);
+        let next = AtomicU64::new(0);
+        let failed: Mutex<Option<FsError>> = Mutex::new(None);
+        let work = || {
+            let mut buf = vec![0u8; (e - s).min(CHUNK) as usize];
+            loop {
+                if failed.lock().unwrap_or_else(|x| x.into_inner()).is_some() {
+                    return;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= chunks {
+                    return;
+                }
+                let pos = s + i * CHUNK;
+                let n = (e - pos).min(CHUNK) as usize;
+                let r = {
+                    let g = d.lock();
+                    self.pfiles
+                        .get(g.rec.fid)
+                        .and_then(|f| f.read_exact_at(&mut buf[..n], pos))
+                        .map_err(io_err)
+                }
+                .and_then(|()| Ok(self.backend.write(file, pos, &buf[..n])?));
+                if let Err(x) = r {
+                    failed
+                        .lock()
+                        .unwrap_or_else(|x| x.into_inner())
+                        .get_or_insert(x);
+                    return;
+                }
             }
-            self.backend.write(file, pos, &buf[..n])?;
-            pos += n as u64;
+        };
+        let n = IN_FLIGHT.min(chunks);
+        if n > 1 {
+            std::thread::scope(|sc| {
+                for _ in 1..n {
+                    sc.spawn(work);
+                }
+                work();
+            });
+        } else {
+            work();
         }
-        Ok(e - s)
+        match failed.into_inner().unwrap_or_else(|x| x.into_inner()) {
+            Some(x) => Err(x),
+            None => Ok(e - s),
+        }
     }
 
     /// Reads the base version through the block caches, from `file` on a
