@@ -120,6 +120,12 @@ impl<B: Backend> Drop for Placing<'_, B> {
     }
 }
 
+/// What a file placement holds of `Overlay::window`.
+enum Held<'a> {
+    Stripes(#[allow(dead_code)] Window<'a>),
+    All(#[allow(dead_code)] RwLockWriteGuard<'a, ()>),
+}
+
 /// `Overlay::window` read-held, and some of its stripes.
 struct Window<'a> {
     _all: RwLockReadGuard<'a, ()>,
@@ -751,12 +757,16 @@ impl<B: Backend> Overlay<B> {
         }
         let mut a = Self::dir_up(st, a);
         if a.kind == FileKind::Dir {
-            if st.placing.contains_key(&a.ino) && !st.deferred.contains_key(&a.ino) {
+            if st.placing.contains_key(&a.ino) {
                 if let Some(&(m, c)) = st.shown.get(&a.ino) {
                     // Not recorded as shown: `quiet` masks the NAS's times
-                    // with those shown before.
+                    // with those shown before. (A directory made here
+                    // shows its own mtime until it is settled.)
                     let t = st.touched.get(&a.ino).copied().unwrap_or(m);
-                    (a.mtime, a.ctime) = (m.max(t), c.max(t));
+                    if !st.deferred.contains_key(&a.ino) {
+                        a.mtime = m.max(t);
+                    }
+                    a.ctime = c.max(t);
                     return a;
                 }
             }
@@ -1666,7 +1676,8 @@ impl<B: Backend> Overlay<B> {
         if n > 1 {
             std::thread::scope(|s| {
                 for _ in 1..n {
-                    s.spawn(work);
+                    // Fewer in flight if the system refuses a thread.
+                    let _ = std::thread::Builder::new().spawn_scoped(s, work);
                 }
                 work();
             });
@@ -1973,6 +1984,12 @@ impl<B: Backend> Overlay<B> {
         if !applying {
             let mut st = self.st();
             if let Some(o) = st.objs.get_mut(&p) {
+                // Moved since the snapshot above (a rename does not note
+                // what it leaves behind before this is set): taken again
+                // from where it is now.
+                if o.parent != parent || o.name != name {
+                    return Err(err(op, libc::EAGAIN));
+                }
                 o.applying = true;
             }
             self.persist(&st, p)?;
@@ -2052,7 +2069,15 @@ impl<B: Backend> Overlay<B> {
                 self.fill(&node, &f, &upper, &attr, hattr.perm, hattr.size > 0)?;
                 drop(f);
                 // Its directories held off, not the whole view.
-                let (_w, dirs) = self.hold_dirs_of(p);
+                // Making directories again on the way (`make_dirs`, rare)
+                // changes others: then the whole view.
+                let (_w, dirs) = if make_dirs {
+                    let all = self.window.write().unwrap_or_else(|e| e.into_inner());
+                    (Held::All(all), self.dirs_of_file(p))
+                } else {
+                    let (w, dirs) = self.hold_dirs_of(p);
+                    (Held::Stripes(w), dirs)
+                };
                 let _placing = Placing::new(self, dirs);
                 if !self.still_here(p) {
                     let _ = self.lower.unlink(&dir, &tmp);

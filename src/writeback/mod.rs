@@ -2000,7 +2000,9 @@ impl<B: Backend> WriteBack<B> {
         // Several chunks in flight: each write is a NAS round trip (over a
         // kernel NFS or FUSE mount of the NAS, one per wsize or 128 KiB),
         // which one stream waits out in turn, leaving the link idle.
-        const CHUNK: u64 = 1 << 20;
+        // 1 MiB in flight, as one stream had: on a slow link each write
+        // must still finish within `timeo`.
+        const CHUNK: u64 = 256 << 10;
         const IN_FLIGHT: u64 = 4;
         let chunks = (e - s).div_ceil(CHUNK);
         let next = AtomicU64::new(0);
@@ -2038,7 +2040,8 @@ impl<B: Backend> WriteBack<B> {
         if n > 1 {
             std::thread::scope(|sc| {
                 for _ in 1..n {
-                    sc.spawn(work);
+                    // Fewer in flight if the system refuses a thread.
+                    let _ = std::thread::Builder::new().spawn_scoped(sc, work);
                 }
                 work();
             });
