@@ -17,6 +17,7 @@ pub mod killpriv;
 pub mod mount;
 pub mod mountinfo;
 pub mod options;
+mod parallel;
 pub mod pin;
 pub mod stats;
 pub mod utab;

@@ -39,7 +39,7 @@
 //! `content`, then `window`, then its `stripes` (in ascending order), then
 //! `state`. `state` is never held across a NAS call.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -120,17 +120,18 @@ impl<B: Backend> Drop for Placing<'_, B> {
     }
 }
 
-/// What a file placement holds of `Overlay::window`.
-enum Held<'a> {
-    Stripes(#[allow(dead_code)] Window<'a>),
-    All(#[allow(dead_code)] RwLockWriteGuard<'a, ()>),
+/// A lock guard, kept only to be released when dropped.
+#[allow(dead_code)]
+enum Guard<'a> {
+    Read(RwLockReadGuard<'a, ()>),
+    Write(RwLockWriteGuard<'a, ()>),
 }
 
-/// `Overlay::window` read-held, and some of its stripes.
+/// What is held of `Overlay::window`: all of it, or read-held with some
+/// of its stripes.
 struct Window<'a> {
-    _all: RwLockReadGuard<'a, ()>,
-    _read: Vec<RwLockReadGuard<'a, ()>>,
-    _write: Vec<RwLockWriteGuard<'a, ()>>,
+    _all: Guard<'a>,
+    _stripes: Vec<Guard<'a>>,
 }
 
 fn hidden_name(prov: u64) -> OsString {
@@ -660,30 +661,39 @@ impl<B: Backend> Overlay<B> {
     /// `window` read-held, and the stripes of directories `dirs`: not
     /// while an object is being placed in one of them.
     fn window_read(&self, dirs: &[u64]) -> Window<'_> {
-        let all = self.window.read().unwrap_or_else(|e| e.into_inner());
-        let read = stripes_of(dirs)
-            .into_iter()
-            .map(|i| self.stripes[i].read().unwrap_or_else(|e| e.into_inner()))
-            .collect();
-        Window {
-            _all: all,
-            _read: read,
-            _write: Vec::new(),
-        }
+        self.window_with(dirs, false)
     }
 
     /// `window` read-held and the stripes of directories `dirs`
     /// write-held: for placing a new file in them (see `window`).
     fn window_place(&self, dirs: &[u64]) -> Window<'_> {
-        let all = self.window.read().unwrap_or_else(|e| e.into_inner());
-        let write = stripes_of(dirs)
+        self.window_with(dirs, true)
+    }
+
+    fn window_with(&self, dirs: &[u64], place: bool) -> Window<'_> {
+        let all = Guard::Read(self.window.read().unwrap_or_else(|e| e.into_inner()));
+        let stripes = stripes_of(dirs)
             .into_iter()
-            .map(|i| self.stripes[i].write().unwrap_or_else(|e| e.into_inner()))
+            .map(|i| {
+                let s = &self.stripes[i];
+                if place {
+                    Guard::Write(s.write().unwrap_or_else(|e| e.into_inner()))
+                } else {
+                    Guard::Read(s.read().unwrap_or_else(|e| e.into_inner()))
+                }
+            })
             .collect();
         Window {
             _all: all,
-            _read: Vec::new(),
-            _write: write,
+            _stripes: stripes,
+        }
+    }
+
+    /// All of `window`: no reader, no other placement.
+    fn window_all(&self) -> Window<'_> {
+        Window {
+            _all: Guard::Write(self.window.write().unwrap_or_else(|e| e.into_inner())),
+            _stripes: Vec::new(),
         }
     }
 
@@ -1672,18 +1682,7 @@ impl<B: Backend> Overlay<B> {
                 }
             }
         };
-        let n = IN_FLIGHT.min(due.len());
-        if n > 1 {
-            std::thread::scope(|s| {
-                for _ in 1..n {
-                    // Fewer in flight if the system refuses a thread.
-                    let _ = std::thread::Builder::new().spawn_scoped(s, work);
-                }
-                work();
-            });
-        } else {
-            work();
-        }
+        crate::parallel::on_threads(IN_FLIGHT.min(due.len()), work);
         if any_failed.load(Ordering::Relaxed) {
             *failed = true;
         }
@@ -1700,7 +1699,7 @@ impl<B: Backend> Overlay<B> {
     /// directories, which a NAS, as the view here (see `window`), changes
     /// one entry at a time.
     fn across_dirs(&self, due: &[u64]) -> Vec<u64> {
-        let mut by_dir: BTreeMap<u64, std::collections::VecDeque<u64>> = BTreeMap::new();
+        let mut by_dir: BTreeMap<u64, VecDeque<u64>> = BTreeMap::new();
         {
             let st = self.st();
             for &p in due {
@@ -2068,15 +2067,13 @@ impl<B: Backend> Overlay<B> {
                 }
                 self.fill(&node, &f, &upper, &attr, hattr.perm, hattr.size > 0)?;
                 drop(f);
-                // Its directories held off, not the whole view.
-                // Making directories again on the way (`make_dirs`, rare)
-                // changes others: then the whole view.
+                // Its directories held off, not the whole view; all of it
+                // when directories may be made again on the way
+                // (`make_dirs`, rare), which changes others.
                 let (_w, dirs) = if make_dirs {
-                    let all = self.window.write().unwrap_or_else(|e| e.into_inner());
-                    (Held::All(all), self.dirs_of_file(p))
+                    (self.window_all(), self.dirs_of_file(p))
                 } else {
-                    let (w, dirs) = self.hold_dirs_of(p);
-                    (Held::Stripes(w), dirs)
+                    self.hold_dirs_of(p)
                 };
                 let _placing = Placing::new(self, dirs);
                 if !self.still_here(p) {

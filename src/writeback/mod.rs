@@ -2036,18 +2036,7 @@ impl<B: Backend> WriteBack<B> {
                 }
             }
         };
-        let n = IN_FLIGHT.min(chunks);
-        if n > 1 {
-            std::thread::scope(|sc| {
-                for _ in 1..n {
-                    // Fewer in flight if the system refuses a thread.
-                    let _ = std::thread::Builder::new().spawn_scoped(sc, work);
-                }
-                work();
-            });
-        } else {
-            work();
-        }
+        crate::parallel::on_threads(IN_FLIGHT.min(chunks) as usize, work);
         match failed.into_inner().unwrap_or_else(|x| x.into_inner()) {
             Some(x) => Err(x),
             None => Ok(e - s),
