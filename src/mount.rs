@@ -1120,6 +1120,44 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    /// umount waits for a daemon whose first thread has exited while
+    /// another still runs (it may hold files open on the source).
+    #[test]
+    fn a_process_is_not_exited_while_a_thread_of_it_runs() {
+        // The leader leaves with exit(2), not exit_group(2): the other
+        // thread goes on sleeping, then the process ends.
+        let script = format!(
+            "import threading, time, ctypes\n\
+             t = threading.Thread(target=time.sleep, args=(2,))\n\
+             t.start()\n\
+             ctypes.CDLL(None).syscall({}, 0)\n",
+            libc::SYS_exit
+        );
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", &script])
+            .spawn()
+            .expect("python3");
+        let pid = child.id();
+        let zombie_leader = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+        };
+        let t0 = std::time::Instant::now();
+        while !zombie_leader() {
+            assert!(t0.elapsed().as_secs() < 20, "the leader never exited");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let early = exited(pid);
+        let t1 = std::time::Instant::now();
+        while !exited(pid) {
+            assert!(t1.elapsed().as_secs() < 20, "never seen as exited");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let status = child.wait().unwrap();
+        assert!(!early, "seen as exited while its other thread ran");
+        assert!(status.success(), "{status}");
+    }
+
     #[test]
     fn a_source_without_cache_dir_may_use_siblings() {
         let plan = |cache_dir: Option<&str>| Plan {
