@@ -1451,10 +1451,66 @@ impl<B: Backend> Core<B> {
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Entry> {
         let (node, _, _) = self.node(ino)?;
         let dir = self.parent_node(newparent)?;
-        let attr = self.backend.link(&node, &dir, newname)?;
+        let attr = match self.backend.link(&node, &dir, newname) {
+            Ok(a) => a,
+            Err(e) if is_unreachable(&e) => {
+                self.link_later(ino, &node, (newparent, &dir), newname, e)?
+            }
+            Err(e) => return Err(e.into()),
+        };
         self.own_meta_change(ino, Some(&attr));
         self.added_name(newparent);
         self.remember(newparent, newname, node, attr, true, self.settle_gen())
+    }
+
+    /// The NAS does not answer: a hard link to a file on the NAS that the
+    /// cache knows (by a name of it), to a name it vouches for, is made
+    /// here and on the NAS once it answers ([`Backend::move_later`]).
+    /// `e`, the NAS's error, where the cache cannot tell.
+    fn link_later(
+        &self,
+        ino: u64,
+        node: &B::Node,
+        (newparent, newdir): (u64, &B::Node),
+        newname: &OsStr,
+        e: BackendError,
+    ) -> FsResult<Attr> {
+        if self.backend.local_path(self.fuse_ino(ino)).is_some() {
+            return Err(e.into());
+        }
+        let (mut attr, parent, name) = {
+            let t = self.tables();
+            let Some(i) = t.inodes.get(&ino) else {
+                return Err(e.into());
+            };
+            // Its known name must still lead to it.
+            let key = (i.parent, i.name.clone());
+            let here = t.names.get(&key).copied().or_else(|| {
+                t.listings
+                    .get(&i.parent)
+                    .and_then(|l| l.names.get(&i.name).copied())
+            });
+            if here != Some(ino) || i.kind == FileKind::Dir {
+                return Err(e.into());
+            }
+            (i.attr, i.parent, i.name.clone())
+        };
+        if self.known_child(newparent, newname).is_some() {
+            return Err(BackendError::errno("link", libc::EEXIST).into());
+        }
+        let dir = self.parent_node(parent)?;
+        let was = attr.validator();
+        match self
+            .backend
+            .move_later((&dir, &name), (newdir, newname), node, attr.kind, was, true)
+        {
+            Ok(()) => {}
+            Err(x) if x.raw_errno() == libc::EIO => return Err(e.into()),
+            Err(x) => return Err(x.into()),
+        }
+        attr.nlink += 1;
+        attr.ctime = crate::clock::now();
+        Ok(attr)
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
@@ -1826,11 +1882,13 @@ impl<B: Backend> Core<B> {
         Ok(())
     }
 
-    /// The backend's rename. Offline, a new object moved to a name the
-    /// cache vouches for (an editor's save through a temporary file, made
-    /// while the NAS is away): a NAS object there is removed here (and
-    /// from the NAS once it answers, see [`Core::remove_later`]), and the
-    /// backend is told the name is free, so that the move stays local.
+    /// The backend's rename. Offline, an object the cache knows moved to a
+    /// name it vouches for (an editor's save through a temporary file, a
+    /// `mv`, made while the NAS is away): a NAS object there is removed
+    /// here (and from the NAS once it answers, see [`Core::remove_later`]);
+    /// then a new object is moved here, the backend told the name is free,
+    /// and an object on the NAS is renamed here and there once it answers
+    /// ([`Backend::move_later`]).
     fn rename_or_later(
         &self,
         (dir, name): (&B::Node, &OsStr),
@@ -1845,16 +1903,25 @@ impl<B: Backend> Core<B> {
             Err(e) => return Err(e.into()),
         };
         let local = |i: u64| self.backend.local_path(self.fuse_ino(i)).is_some();
-        let Some((s, _)) = moved else {
+        let Some((s, s_node)) = moved else {
             return Err(e.into());
         };
-        if !local(*s) {
-            return Err(e.into());
-        }
+        // An object on the NAS, as the cache knows it.
+        let nas_src = match local(*s) {
+            true => None,
+            false => {
+                let t = self.tables();
+                match t.inodes.get(s) {
+                    Some(i) => Some((i.kind, i.attr.validator())),
+                    None => return Err(e.into()),
+                }
+            }
+        };
+        let mut removed_first = false;
         match replaced {
             Some((r, _)) if r == s => return Ok(()),
-            // Another new object: the backend moves it over that one.
-            Some((r, _)) if local(*r) => return Err(e.into()),
+            // A new object over another: the backend moves it over that one.
+            Some((r, _)) if local(*r) && nas_src.is_none() => return Err(e.into()),
             Some((r, _)) => {
                 if flags.noreplace {
                     return Err(BackendError::errno("rename", libc::EEXIST).into());
@@ -1869,7 +1936,11 @@ impl<B: Backend> Core<B> {
                     (false, true) => return Err(BackendError::errno("rename", libc::EISDIR).into()),
                     _ => {}
                 }
-                self.remove_later(newparent, newdir, newname, rd, e)?;
+                // (A new object there is replaced by the backend.)
+                if !local(*r) {
+                    self.remove_later(newparent, newdir, newname, rd, e)?;
+                    removed_first = true;
+                }
             }
             None => {}
         }
@@ -1877,11 +1948,18 @@ impl<B: Backend> Core<B> {
             vouched_free: true,
             ..flags
         };
-        match self.backend.rename(dir, name, newdir, newname, vouched) {
+        let done = match nas_src {
+            Some((kind, was)) => {
+                self.backend
+                    .move_later((dir, name), (newdir, newname), s_node, kind, was, false)
+            }
+            None => self.backend.rename(dir, name, newdir, newname, vouched),
+        };
+        match done {
             Ok(()) => Ok(()),
             Err(e) => {
                 // The target stays, as the failed rename leaves it.
-                if replaced.is_some() {
+                if removed_first {
                     self.backend.undo_remove_later(newdir, newname);
                 }
                 Err(e.into())

@@ -14,6 +14,17 @@ use std::time::{Duration, Instant};
 use common::simnas::SimNas;
 use common::{Mount, errno};
 
+/// Offline, names are shown from the inodes the kernel holds: the tests
+/// that make the kernel drop its caches (`true`) run alone, the others
+/// together.
+fn kernel_caches(drop: bool) -> Box<dyn std::any::Any> {
+    static CACHES: std::sync::RwLock<()> = std::sync::RwLock::new(());
+    match drop {
+        true => Box::new(CACHES.write().unwrap_or_else(|e| e.into_inner())),
+        false => Box::new(CACHES.read().unwrap_or_else(|e| e.into_inner())),
+    }
+}
+
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
     (0..n)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -54,6 +65,7 @@ fn setup(options: &str) -> (Mount, SimNas, Vec<u8>) {
 
 #[test]
 fn a_hung_nas_is_worked_around_and_caught_up_with() {
+    let _caches = kernel_caches(false);
     let (mut m, sim, mut a) =
         setup("timeo=1,actimeo=1,writeback_delay=1h,unmount_flush_timeout=5s");
     assert!(m.status().lines().any(|l| l == "nas online"));
@@ -116,6 +128,7 @@ fn a_hung_nas_is_worked_around_and_caught_up_with() {
 
 #[test]
 fn a_nas_that_went_away_is_offline_at_once() {
+    let _caches = kernel_caches(false);
     // A lost NFS mount answers ENOTCONN (or the kernel's soft-mount
     // ETIMEDOUT) at once: no waiting for timeo.
     let (mut m, sim, a) = setup("timeo=30,actimeo=1,writeback_delay=1h,unmount_flush_timeout=5s");
@@ -155,6 +168,7 @@ fn pin_line(m: &Mount, path: &str) -> Option<String> {
 
 #[test]
 fn pinned_files_stay_cached_and_are_there_offline() {
+    let _caches = kernel_caches(true);
     let mut m = Mount::prepare(
         "timeo=1,actimeo=1,cache_size=12M,mem_cache_size=4M,block_size=1M,pin_refresh=1s,\
          unmount_flush_timeout=5s",
@@ -245,6 +259,7 @@ fn pinned_files_stay_cached_and_are_there_offline() {
 
 #[test]
 fn mounting_a_nas_that_does_not_answer_fails_within_timeo() {
+    let _caches = kernel_caches(false);
     let m = Mount::prepare("");
     let sim = SimNas::start(m.dir.path(), &[]);
     sim.ctl("freeze");
@@ -283,6 +298,7 @@ fn mounting_a_nas_that_does_not_answer_fails_within_timeo() {
 
 #[test]
 fn offline_names_the_kernel_forgot_do_not_look_deleted() {
+    let _caches = kernel_caches(true);
     let (mut m, sim, _) = setup("timeo=1,actimeo=1,writeback_delay=1h,unmount_flush_timeout=5s");
     let d = File::open(m.m("d")).unwrap();
     // The kernel forgets the inodes (nassync then no longer holds them).
@@ -316,6 +332,7 @@ fn offline_names_the_kernel_forgot_do_not_look_deleted() {
 
 #[test]
 fn what_a_pin_keeps_in_memory_is_let_go_by_unpin_and_by_removal() {
+    let _caches = kernel_caches(true);
     let mut m = Mount::prepare("cache_size=64M,pin_refresh=1h");
     for d in ["p", "r", "q"] {
         std::fs::create_dir(m.n(d)).unwrap();
@@ -400,6 +417,7 @@ fn go_offline(m: &Mount, sim: &SimNas) {
 
 #[test]
 fn removals_made_offline_reach_the_nas_unless_it_changed_meanwhile() {
+    let _caches = kernel_caches(false);
     let (m, sim) = removal_setup("timeo=30,actimeo=1,writeback_delay=1h");
     go_offline(&m, &sim);
     // rm of files, a symlink, an empty directory, a whole tree; a file
@@ -489,6 +507,7 @@ fn removals_made_offline_reach_the_nas_unless_it_changed_meanwhile() {
 
 #[test]
 fn removals_made_offline_survive_an_unmount_and_apply_at_the_next_mount() {
+    let _caches = kernel_caches(false);
     let (mut m, sim) =
         removal_setup("timeo=30,actimeo=1,writeback_delay=1h,unmount_flush_timeout=1s");
     go_offline(&m, &sim);
@@ -530,6 +549,7 @@ fn removals_made_offline_survive_an_unmount_and_apply_at_the_next_mount() {
 
 #[test]
 fn a_save_through_a_temporary_file_works_offline() {
+    let _caches = kernel_caches(false);
     let (m, sim) = removal_setup("timeo=30,actimeo=1,writeback_delay=1h");
     go_offline(&m, &sim);
     // How editors save: a new file, renamed over the old one.
@@ -619,6 +639,7 @@ fn attrs(p: &Path) -> (u32, u32, u32, i64, i64) {
 
 #[test]
 fn attribute_changes_made_offline_reach_the_nas_with_the_data() {
+    let _caches = kernel_caches(false);
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let (m, sim) = removal_setup("timeo=30,actimeo=1,writeback_delay=1h");
     let b = |p: &str| sim.backing.join(p);
@@ -719,6 +740,7 @@ fn attribute_changes_made_offline_reach_the_nas_with_the_data() {
 /// the daemon while the NAS is away loses none of it.
 #[test]
 fn attribute_changes_made_offline_survive_a_crash() {
+    let _caches = kernel_caches(false);
     use std::os::unix::fs::PermissionsExt;
     let (mut m, sim) = removal_setup("timeo=30,actimeo=1,writeback_delay=1h");
     go_offline(&m, &sim);
@@ -733,4 +755,241 @@ fn attribute_changes_made_offline_survive_a_crash() {
     let a = attrs(&sim.backing.join("r/again.txt"));
     assert_eq!((a.3, a.4), (1_000_000_000, 1_100_000_000));
     assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
+}
+
+fn ino(p: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::symlink_metadata(p).unwrap())
+}
+
+#[test]
+fn renames_made_offline_reach_the_nas_in_order() {
+    let _caches = kernel_caches(false);
+    let (m, sim) = removal_setup("timeo=30,actimeo=1,writeback_delay=1h");
+    let nas = |p: &str| sim.backing.join(p);
+    let (file_ino, tree_ino) = (ino(&m.m("r/gone.txt")), ino(&m.m("r/tree")));
+    let nas_file_ino = ino(&nas("r/gone.txt"));
+    // Its target cached, to be shown offline.
+    std::fs::read_link(m.m("r/link")).unwrap();
+    go_offline(&m, &sim);
+    // Another client takes a name this cache has not seen, and removes a
+    // file.
+    std::fs::write(nas("r/taken"), "another machine's").unwrap();
+    std::fs::remove_file(nas("r/pending.txt")).unwrap();
+    // mv of a file, of a tree over an empty directory, of a symlink into
+    // another directory, twice in a row; then changes inside a renamed
+    // directory: an edit, a new file.
+    std::fs::rename(m.m("r/gone.txt"), m.m("r/moved.txt")).unwrap();
+    std::fs::rename(m.m("r/tree"), m.m("r/dir")).unwrap();
+    std::fs::rename(m.m("r/link"), m.m("r/grown/link")).unwrap();
+    std::fs::rename(m.m("r/again.txt"), m.m("r/a2")).unwrap();
+    std::fs::rename(m.m("r/a2"), m.m("r/a3")).unwrap();
+    std::fs::write(m.m("r/dir/x"), "edited after the move").unwrap();
+    std::fs::write(m.m("r/dir/sub/new.txt"), "made in the moved tree").unwrap();
+    std::fs::rename(m.m("r/edited.txt"), m.m("r/taken")).unwrap();
+    std::fs::rename(m.m("r/pending.txt"), m.m("r/p2")).unwrap();
+    std::fs::write(m.m("r/p2"), "edited here after the move").unwrap();
+    // Refused as on any filesystem, nothing changed.
+    assert_eq!(
+        errno(&std::fs::rename(m.m("r/moved.txt"), m.m("r/grown"))),
+        libc::EISDIR
+    );
+    assert_eq!(
+        errno(&std::fs::rename(m.m("r/nothing"), m.m("r/x"))),
+        libc::ENOENT
+    );
+    // The view has it all at once, with the same inode numbers.
+    assert_eq!(
+        names(&m.m("r")),
+        ["a3", "dir", "grown", "moved.txt", "p2", "taken"]
+    );
+    assert_eq!(names(&m.m("r/dir")), ["sub", "x"]);
+    assert_eq!(names(&m.m("r/dir/sub")), ["new.txt", "y"]);
+    assert_eq!(names(&m.m("r/grown")), ["link"]);
+    assert_eq!(ino(&m.m("r/moved.txt")), file_ino);
+    assert_eq!(ino(&m.m("r/dir")), tree_ino);
+    assert_eq!(
+        std::fs::read_to_string(m.m("r/moved.txt")).unwrap(),
+        "r/gone.txt on the NAS"
+    );
+    assert_eq!(
+        std::fs::read_link(m.m("r/grown/link")).unwrap(),
+        Path::new("gone.txt")
+    );
+    let status = m.status();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("pending r/tree ") && l.contains(" moved=dir to=r/dir")),
+        "{status}"
+    );
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("pending r/dir ") && l.contains(" removed=dir")),
+        "{status}"
+    );
+    // The NAS has none of it yet.
+    assert!(nas("r/gone.txt").exists() && nas("r/tree/x").exists());
+
+    sim.ctl("fail off");
+    m.wait_status("nas online", Duration::from_secs(20));
+    m.flush(None);
+    let read = |p: &str| std::fs::read_to_string(nas(p)).unwrap();
+    assert_eq!(read("r/moved.txt"), "r/gone.txt on the NAS");
+    // Renamed, not copied.
+    assert_eq!(ino(&nas("r/moved.txt")), nas_file_ino);
+    assert_eq!(read("r/dir/x"), "edited after the move");
+    assert_eq!(read("r/dir/sub/y"), "r/tree/sub/y on the NAS");
+    assert_eq!(read("r/dir/sub/new.txt"), "made in the moved tree");
+    assert_eq!(read("r/a3"), "r/again.txt on the NAS");
+    assert_eq!(
+        std::fs::read_link(nas("r/grown/link")).unwrap(),
+        Path::new("gone.txt")
+    );
+    // The name taken there meanwhile keeps the NAS's file; the one renamed
+    // here gets the conflict name. The file removed there is not renamed,
+    // but what was written to it here comes back, at its new name.
+    assert_eq!(read("r/p2"), "edited here after the move");
+    assert_eq!(read("r/taken"), "another machine's");
+    let copies: Vec<String> = names(&nas("r"))
+        .into_iter()
+        .filter(|n| n.starts_with("taken.nassync-conflict-"))
+        .collect();
+    assert_eq!(copies.len(), 1, "{:?}", names(&nas("r")));
+    assert_eq!(read(&format!("r/{}", copies[0])), "r/edited.txt on the NAS");
+    let mut want = vec!["a3", "dir", "grown", "moved.txt", "p2", "taken"];
+    want.push(&copies[0]);
+    want.sort();
+    assert_eq!(names(&nas("r")), want);
+    let status = m.status();
+    assert!(!status.contains("\npending "), "{status}");
+    assert_eq!(m.status_value("conflicts"), 3, "{status}");
+    assert!(status.contains("conflict r/p2"), "{status}");
+    assert!(status.contains("conflict r/taken"), "{status}");
+    // The mount shows what the NAS has once its names expire.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while names(&m.m("r")) != want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(names(&m.m("r")), want);
+    assert_eq!(
+        read("r/dir/x"),
+        std::fs::read_to_string(m.m("r/dir/x")).unwrap()
+    );
+}
+
+#[test]
+fn renames_made_offline_survive_an_unmount_and_apply_at_the_next_mount() {
+    let _caches = kernel_caches(false);
+    let (mut m, sim) =
+        removal_setup("timeo=30,actimeo=1,writeback_delay=1h,unmount_flush_timeout=1s");
+    let nas = |p: &str| sim.backing.join(p);
+    go_offline(&m, &sim);
+    std::fs::rename(m.m("r/tree"), m.m("r/t2")).unwrap();
+    std::fs::write(m.m("r/t2/x"), "changed after the move").unwrap();
+    std::fs::write(m.m("r/t2/new"), "new in the moved tree").unwrap();
+    std::fs::rename(m.m("r/t2/sub/y"), m.m("r/y2")).unwrap();
+    // A hard link into the renamed directory.
+    std::fs::hard_link(m.m("r/gone.txt"), m.m("r/t2/g")).unwrap();
+    m.unmount();
+    assert_eq!(m.last_exit.and_then(|s| s.code()), Some(75), "{}", m.log());
+    assert!(nas("r/tree/x").exists() && !nas("r/t2").exists());
+    sim.ctl("fail off");
+    m.mount();
+    // Made on the NAS at the mount, before anything else looks there.
+    assert_eq!(
+        names(&m.m("r")),
+        [
+            "again.txt",
+            "dir",
+            "edited.txt",
+            "gone.txt",
+            "grown",
+            "link",
+            "pending.txt",
+            "t2",
+            "y2"
+        ]
+    );
+    m.flush(None);
+    let read = |p: &str| std::fs::read_to_string(nas(p)).unwrap();
+    assert!(!nas("r/tree").exists());
+    assert_eq!(read("r/t2/x"), "changed after the move");
+    assert_eq!(read("r/t2/new"), "new in the moved tree");
+    assert_eq!(read("r/y2"), "r/tree/sub/y on the NAS");
+    assert_eq!(names(&nas("r/t2/sub")), Vec::<String>::new());
+    assert_eq!(ino(&nas("r/t2/g")), ino(&nas("r/gone.txt")));
+    assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
+}
+
+fn nlink(p: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::nlink(&std::fs::symlink_metadata(p).unwrap())
+}
+
+#[test]
+fn hard_links_made_offline_to_nas_files_reach_the_nas() {
+    let _caches = kernel_caches(false);
+    let (m, sim) = removal_setup("timeo=30,actimeo=1,writeback_delay=1h");
+    let nas = |p: &str| sim.backing.join(p);
+    go_offline(&m, &sim);
+    // Meanwhile another client takes a name and removes a file.
+    std::fs::write(nas("r/taken"), "another machine's").unwrap();
+    std::fs::remove_file(nas("r/pending.txt")).unwrap();
+    std::fs::hard_link(m.m("r/gone.txt"), m.m("r/dir/hard")).unwrap();
+    std::fs::hard_link(m.m("r/edited.txt"), m.m("r/taken")).unwrap();
+    std::fs::hard_link(m.m("r/pending.txt"), m.m("r/pl")).unwrap();
+    // Refused as on any filesystem, nothing changed.
+    assert_eq!(
+        errno(&std::fs::hard_link(m.m("r/gone.txt"), m.m("r/again.txt"))),
+        libc::EEXIST
+    );
+    // One file under two names, here at once.
+    assert_eq!(ino(&m.m("r/dir/hard")), ino(&m.m("r/gone.txt")));
+    assert_eq!(nlink(&m.m("r/dir/hard")), 2);
+    assert_eq!(nlink(&m.m("r/gone.txt")), 2);
+    assert_eq!(names(&m.m("r/dir")), ["hard"]);
+    assert_eq!(
+        std::fs::read_to_string(m.m("r/dir/hard")).unwrap(),
+        "r/gone.txt on the NAS"
+    );
+    std::fs::write(m.m("r/dir/hard"), "written through the link").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(m.m("r/gone.txt")).unwrap(),
+        "written through the link"
+    );
+    let status = m.status();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("pending r/gone.txt ")
+                && l.contains(" linked=file to=r/dir/hard")),
+        "{status}"
+    );
+    assert!(!nas("r/dir/hard").exists());
+
+    sim.ctl("fail off");
+    m.wait_status("nas online", Duration::from_secs(20));
+    m.flush(None);
+    let read = |p: &str| std::fs::read_to_string(nas(p)).unwrap();
+    assert_eq!(ino(&nas("r/dir/hard")), ino(&nas("r/gone.txt")));
+    assert_eq!(nlink(&nas("r/gone.txt")), 2);
+    assert_eq!(read("r/gone.txt"), "written through the link");
+    // The name taken there keeps the NAS's file; the link gets the
+    // conflict name. No link to a file removed there.
+    assert_eq!(read("r/taken"), "another machine's");
+    let copies: Vec<String> = names(&nas("r"))
+        .into_iter()
+        .filter(|n| n.starts_with("taken.nassync-conflict-"))
+        .collect();
+    assert_eq!(copies.len(), 1, "{:?}", names(&nas("r")));
+    assert_eq!(
+        ino(&nas(&format!("r/{}", copies[0]))),
+        ino(&nas("r/edited.txt"))
+    );
+    assert!(!nas("r/pl").exists() && !nas("r/pending.txt").exists());
+    let status = m.status();
+    assert!(!status.contains("\npending "), "{status}");
+    assert_eq!(m.status_value("conflicts"), 2, "{status}");
+    assert!(status.contains("conflict r/pl"), "{status}");
+    assert!(status.contains("conflict r/taken"), "{status}");
 }

@@ -390,6 +390,25 @@ pub trait Backend: Send + Sync + 'static {
         Err(BackendError::errno("remove", libc::EIO))
     }
 
+    /// While the NAS does not answer: renames `name` in `dir` (`node`, of
+    /// `kind`, the NAS version `was`) to `newname` in `newdir` here at
+    /// once, and on the NAS once it answers, in order with the removals
+    /// (see [`overlay`]); with `link`, makes `newname` a further name of
+    /// it instead. The caller vouches that the new name is free (what was
+    /// there removed with [`Backend::remove_later`] first). EIO for a
+    /// backend that keeps no local view of the namespace.
+    fn move_later(
+        &self,
+        _from: (&Self::Node, &OsStr),
+        _to: (&Self::Node, &OsStr),
+        _node: &Self::Node,
+        _kind: FileKind,
+        _was: Validator,
+        _link: bool,
+    ) -> BResult<()> {
+        Err(BackendError::errno("rename", libc::EIO))
+    }
+
     /// Takes back the last [`Backend::remove_later`] of `name` in `dir`
     /// (the operation it was part of failed).
     fn undo_remove_later(&self, _dir: &Self::Node, _name: &OsStr) {}

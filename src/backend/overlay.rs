@@ -11,11 +11,15 @@
 //! shown as the file and made on the NAS together with it.
 //!
 //! The pending namespace changes are therefore creations, and removals
-//! made while the NAS did not answer: the NAS's tree with the local
-//! objects added and the removed names taken away. The replay thread
-//! applies the removals first, in the order they were made, each only if
-//! the NAS still has the version removed here (else it is a conflict and
-//! the NAS's object stays); then it creates the local objects on the NAS,
+//! and renames of NAS objects made while the NAS did not answer: the
+//! NAS's tree with the local objects added, the removed names taken away
+//! and the renamed objects shown at their new names (`removals`, one
+//! ordered list: a rename's paths are those of after the changes before
+//! it). The replay thread applies the removals and renames first, in the
+//! order they were made, each only if the NAS still has the object
+//! removed or renamed here (else it is a conflict and the NAS's object
+//! stays), a rename never over anything (a name taken there meanwhile
+//! gives the conflict name); then it creates the local objects on the NAS,
 //! parents first, `writeback_delay` after their creation (or at once on
 //! `flush`). Everything else that changes the NAS's namespace (link,
 //! unlink or rename of an object that is on the NAS while it answers,
@@ -45,6 +49,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -256,8 +261,9 @@ struct Leftover<N> {
     nas_ino: Option<u64>,
 }
 
-/// A NAS object removed here while the NAS did not answer, still to
-/// remove there: not shown meanwhile.
+/// A NAS object removed (or renamed: `to`) here while the NAS did not
+/// answer, still to remove (rename) there: not shown meanwhile (shown
+/// at its new name).
 struct Removal<N> {
     id: u64,
     dir: N,
@@ -272,6 +278,32 @@ struct Removal<N> {
     since: Instant,
     /// Why the last attempt did not finish (the NAS did not answer).
     error: Option<String>,
+    to: Option<MoveTo<N>>,
+}
+
+/// Where a NAS object renamed here goes.
+struct MoveTo<N> {
+    /// The object itself: shown at its new name until renamed there.
+    node: N,
+    dir: N,
+    /// The directory's inode number as shown.
+    dir_ino: u64,
+    name: OsString,
+    /// Its new path (for status and the log).
+    path: OsString,
+    /// A hard link: the object keeps its name too.
+    link: bool,
+}
+
+/// What pending removals and renames make of a name (see
+/// [`Overlay::pending_at`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AtName {
+    /// They do not touch it: the NAS's answer stands.
+    Nas,
+    Gone,
+    /// The rename of this id renamed a NAS object there.
+    MovedIn(u64),
 }
 
 struct State<B: Backend> {
@@ -328,6 +360,10 @@ pub struct PendingObject {
     pub kind: FileKind,
     /// A NAS object removed here, not yet there (else a new object).
     pub removed: bool,
+    /// A NAS object renamed (or, with `link`, hard-linked) here, not yet
+    /// there: its new path (`path` is its old one).
+    pub moved_to: Option<OsString>,
+    pub link: bool,
     pub age: Duration,
     pub attempts: u32,
     pub error: Option<String>,
@@ -363,6 +399,9 @@ pub struct Overlay<B: Backend> {
     /// Whether write-back has data of a local file still to put into its
     /// upper file (see [`Staged::watch_data`]).
     data_pending: std::sync::OnceLock<Box<dyn Fn(u64) -> bool + Send + Sync>>,
+    /// Tells write-back that nassync itself moved a file's ctime on the
+    /// NAS (see [`Staged::watch_own_meta`]).
+    own_meta: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
     created: AtomicU64,
     conflicts: AtomicU64,
     retries: AtomicU64,
@@ -459,10 +498,19 @@ impl<B: Backend> Overlay<B> {
             progress: Condvar::new(),
             upper_synced: AtomicBool::new(true),
             data_pending: std::sync::OnceLock::new(),
+            own_meta: std::sync::OnceLock::new(),
             created: AtomicU64::new(0),
             conflicts: AtomicU64::new(0),
             retries: AtomicU64::new(0),
         };
+        // Renames made here change the paths that the rows after them name:
+        // made on the NAS now, in order with the removals around them.
+        let mut changes = ov.journal.load_removals()?;
+        if changes.iter().any(|r| r.to.is_some()) {
+            for r in std::mem::take(&mut changes) {
+                ov.apply_at_open(&root_node, root_attr.ino, &r)?;
+            }
+        }
         let mut known = HashSet::new();
         for r in records {
             let (parent, parent_nas) = match &r.parent {
@@ -605,7 +653,7 @@ impl<B: Backend> Overlay<B> {
                 Err(_) => ov.journal.delete_leftover(l.id)?,
             }
         }
-        for r in ov.journal.load_removals()? {
+        for r in changes {
             match ov.walk(&root_node, root_attr.ino, &r.dir_path) {
                 Ok((dir, dir_ino)) => ov.st().removals.push(Removal {
                     id: r.id,
@@ -617,6 +665,7 @@ impl<B: Backend> Overlay<B> {
                     was: r.was,
                     since: Instant::now(),
                     error: None,
+                    to: None,
                 }),
                 // Its directory is gone, and with it what was to go.
                 Err(e) if e.raw_errno() == libc::ENOENT => ov.journal.delete_removal(r.id)?,
@@ -644,6 +693,85 @@ impl<B: Backend> Overlay<B> {
             ov.sched().kick = true;
         }
         Ok(Arc::new(ov))
+    }
+
+    /// Makes on the NAS a removal or rename recorded by an earlier mount
+    /// (the NAS must answer), then drops its row.
+    fn apply_at_open(
+        &self,
+        root: &B::Node,
+        root_ino: u64,
+        r: &RemovalRecord,
+    ) -> Result<(), CacheError> {
+        let setup = |reason: String| CacheError::Setup {
+            path: self.journal.upper_dir().display().to_string(),
+            reason,
+        };
+        let path = join_path(&r.dir_path, &r.name);
+        let find = |p: &OsStr| match self.walk(root, root_ino, p) {
+            Ok((n, _)) => Ok(Some(n)),
+            Err(e) if e.raw_errno() == libc::ENOENT => Ok(None),
+            Err(e) => Err(setup(format!("finding {p:?} again: {e}"))),
+        };
+        // (what is shown as changed, where the NAS's object is, why)
+        let outcome = match (&r.to, find(&r.dir_path)?) {
+            // Its directory is gone, and with it what was to go.
+            (None, None) => Ok(None),
+            (None, Some(d)) => self
+                .remove_on_nas(&d, &r.name, r.kind, &r.was)
+                .map(|c| c.map(|why| (path.clone(), path.clone(), why))),
+            (Some((td, tn)), None) => Ok(Some((
+                join_path(td, tn),
+                path.clone(),
+                "renamed here, and its directory removed on the NAS meanwhile: nothing to rename"
+                    .to_string(),
+            ))),
+            (Some((td, tn)), Some(d)) => match find(td)? {
+                None => Ok(Some((
+                    join_path(td, tn),
+                    path.clone(),
+                    "renamed here into a directory removed on the NAS meanwhile: \
+                     it stays where it was"
+                        .to_string(),
+                ))),
+                Some(nd) => {
+                    let done = match r.link {
+                        true => match self.lower.lookup(&d, &r.name) {
+                            Ok((node, _)) => self.link_on_nas(&node, &r.was, (&nd, tn)),
+                            Err(e) if matches!(e.raw_errno(), libc::ENOENT | libc::ESTALE) => {
+                                Ok(Some((
+                                    "linked here, and removed on the NAS meanwhile: no link made"
+                                        .into(),
+                                    None,
+                                )))
+                            }
+                            Err(e) => Err(e),
+                        },
+                        false => {
+                            self.move_on_nas((&d, &r.name), (&nd, tn), r.kind, &r.was, r.was.ino)
+                        }
+                    };
+                    done.map(|c| {
+                        c.map(|(why, kept)| {
+                            let kept = kept.map_or(path.clone(), |k| join_path(td, &k));
+                            (join_path(td, tn), kept, why)
+                        })
+                    })
+                }
+            },
+        };
+        match outcome {
+            Ok(None) => log::info!("journal: {path:?} changed on the NAS as it was here"),
+            Ok(Some((shown, kept, why))) => self.note_conflict(&shown, &kept, &why),
+            Err(e) if is_unreachable(&e) => {
+                return Err(setup(format!("changing {path:?} on the NAS: {e}")));
+            }
+            Err(e) => {
+                let why = format!("could not be changed on the NAS ({e})");
+                self.note_conflict(&path, &path, &why);
+            }
+        }
+        self.journal.delete_removal(r.id)
     }
 
     /// Starts the thread that creates local objects on the NAS.
@@ -752,6 +880,15 @@ impl<B: Backend> Overlay<B> {
 
     fn up_in(st: &mut State<B>, mut a: Attr) -> Attr {
         crate::clock::observe(a.mtime);
+        if a.kind != FileKind::Dir && !st.removals.is_empty() {
+            // Hard links made here, not on the NAS yet.
+            let links = st
+                .removals
+                .iter()
+                .filter(|r| r.was.ino == a.ino && r.to.as_ref().is_some_and(|t| t.link))
+                .count() as u32;
+            a.nlink += links;
+        }
         if let Some(al) = st.alias.get(&a.ino) {
             a.ino = al.prov;
             if a.ctime == al.nas_ctime {
@@ -805,14 +942,14 @@ impl<B: Backend> Overlay<B> {
                     .count();
                 a.nlink += subdirs as u32;
             }
-            let gone = st
-                .removals
-                .iter()
-                .filter(|r| r.dir_ino == a.ino && r.kind == FileKind::Dir)
+            let dirs = st.removals.iter().filter(|r| r.kind == FileKind::Dir);
+            let gone = dirs.clone().filter(|r| r.dir_ino == a.ino).count() as u32;
+            let came = dirs
+                .filter(|r| r.to.as_ref().is_some_and(|t| t.dir_ino == a.ino))
                 .count() as u32;
             // 1: the NAS does not count subdirectories (btrfs).
-            if gone > 0 && a.nlink >= 2 {
-                a.nlink = a.nlink.saturating_sub(gone).max(2);
+            if gone != came && a.nlink >= 2 {
+                a.nlink = (a.nlink + came).saturating_sub(gone).max(2);
             }
         }
         a
@@ -970,6 +1107,34 @@ impl<B: Backend> Overlay<B> {
         })
     }
 
+    /// The rows of the new objects whose directory is on the NAS: they
+    /// name it by path, which a rename of a directory above changes.
+    fn nas_rows(st: &State<B>) -> Vec<ObjectRecord> {
+        st.objs
+            .iter()
+            .filter(|(_, o)| o.nas.is_none() && !o.gone)
+            .filter(|(_, o)| st.objs.get(&o.parent).is_none_or(|p| p.nas.is_some()))
+            .filter_map(|(p, _)| Self::record(st, *p))
+            .collect()
+    }
+
+    /// NAS object `shown` (inode number as shown) was renamed on the NAS
+    /// to `name` in `dir` rather than to the name it has here (a conflict):
+    /// a directory's path, as the journal names it, follows.
+    fn moved_to_conflict(&self, shown: u64, dir: u64, name: &OsStr) {
+        let mut st = self.st();
+        let Some(d) = st.dirs.get_mut(&shown) else {
+            return;
+        };
+        d.parent = dir;
+        d.name = name.to_os_string();
+        for r in Self::nas_rows(&st) {
+            if let Err(e) = self.journal.put_object(&r, st.next_prov) {
+                log::warn!("journal: {e}");
+            }
+        }
+    }
+
     fn persist(&self, st: &State<B>, prov: u64) -> BResult<()> {
         if let Some(r) = Self::record(st, prov) {
             self.journal
@@ -1053,6 +1218,10 @@ impl<B: Backend> Overlay<B> {
             .get(&dir.ino)
             .is_some_and(|m| m.contains_key(name))
         {
+            return Err(err(op, libc::EEXIST));
+        }
+        // A NAS object renamed here to that name.
+        if let AtName::MovedIn(_) = Self::pending_at(&self.st(), dir.ino, name) {
             return Err(err(op, libc::EEXIST));
         }
         let own = self.st().own.contains(&dir.ino);
@@ -1460,11 +1629,81 @@ impl<B: Backend> Overlay<B> {
             .any(|l| l.dir_ino == dir && l.name == name && l.nas_ino == Some(ino))
     }
 
-    /// Whether `name` in `dir` was removed here and not yet on the NAS.
+    /// Whether `name` in `dir` was removed (or renamed away) here and not
+    /// yet on the NAS, with nothing renamed there since.
     fn is_removed(st: &State<B>, dir: u64, name: &OsStr) -> bool {
-        st.removals
-            .iter()
-            .any(|r| r.dir_ino == dir && r.name == name)
+        Self::pending_at(st, dir, name) == AtName::Gone
+    }
+
+    /// What the removals and renames still to make on the NAS make of
+    /// `name` in `dir`: the last of them that touches it decides.
+    fn pending_at(st: &State<B>, dir: u64, name: &OsStr) -> AtName {
+        for r in st.removals.iter().rev() {
+            if r.to
+                .as_ref()
+                .is_some_and(|t| t.dir_ino == dir && t.name == name)
+            {
+                return AtName::MovedIn(r.id);
+            }
+            if r.dir_ino == dir && r.name == name && !r.to.as_ref().is_some_and(|t| t.link) {
+                return AtName::Gone;
+            }
+        }
+        AtName::Nas
+    }
+
+    /// The NAS object renamed here to `name` in `dir` (not there yet), as
+    /// shown: Err(ENOENT) if it is gone from the NAS meanwhile.
+    fn moved_in(
+        &self,
+        dir: &ONode<B::Node>,
+        name: &OsStr,
+        id: u64,
+    ) -> BResult<(ONode<B::Node>, Attr)> {
+        let node = {
+            let st = self.st();
+            let r = st.removals.iter().find(|r| r.id == id);
+            match r.and_then(|r| r.to.as_ref()) {
+                Some(t) => t.node.clone(),
+                // Made on the NAS meanwhile: it is there now.
+                None => {
+                    drop(st);
+                    return self.lookup(dir, name);
+                }
+            }
+        };
+        let a = match self.lower.getattr(&node) {
+            // A descriptor held outlives the object's last name.
+            Ok(a) if a.nlink == 0 => return Err(err("lookup", libc::ENOENT)),
+            Ok(a) => a,
+            Err(e) if e.raw_errno() == libc::ESTALE => return Err(err("lookup", libc::ENOENT)),
+            Err(e) => return Err(e),
+        };
+        let (node, a) = self.node_up(node, a);
+        self.saw_dir(dir.ino, name, &a);
+        Ok((node, a))
+    }
+
+    /// The entries the renames still to make on the NAS put in `dir`.
+    fn moved_into(st: &State<B>, dir: u64) -> Vec<DirEntry> {
+        let mut out: Vec<DirEntry> = Vec::new();
+        for r in &st.removals {
+            let Some(t) = r.to.as_ref().filter(|t| t.dir_ino == dir) else {
+                continue;
+            };
+            if let AtName::MovedIn(_) = Self::pending_at(st, dir, &t.name) {
+                if out.iter().any(|e| e.name == t.name) {
+                    continue;
+                }
+                let ino = st.alias.get(&r.was.ino).map_or(r.was.ino, |al| al.prov);
+                out.push(DirEntry {
+                    name: t.name.clone(),
+                    ino,
+                    kind: r.kind,
+                });
+            }
+        }
+        out
     }
 
     fn local_child(&self, dir: u64, name: &OsStr) -> Option<u64> {
@@ -1770,20 +2009,54 @@ impl<B: Backend> Overlay<B> {
             let next = {
                 let st = self.st();
                 st.removals.first().map(|r| {
+                    let to = r.to.as_ref().map(|t| MoveTo {
+                        node: t.node.clone(),
+                        dir: t.dir.clone(),
+                        dir_ino: t.dir_ino,
+                        name: t.name.clone(),
+                        path: t.path.clone(),
+                        link: t.link,
+                    });
+                    let shown = st.alias.get(&r.was.ino).map_or(r.was.ino, |al| al.prov);
                     (
-                        r.id,
-                        r.dir.clone(),
-                        r.path.clone(),
-                        r.name.clone(),
-                        r.kind,
-                        r.was,
+                        (r.id, r.dir.clone(), r.path.clone(), r.name.clone()),
+                        (r.kind, r.was, shown),
+                        to,
                     )
                 })
             };
-            let Some((id, dir, path, name, kind, was)) = next else {
+            let Some(((id, dir, path, name), (kind, was, shown), to)) = next else {
                 return Ok(());
             };
-            let conflict = match self.remove_on_nas(&dir, &name, kind, &was) {
+            // (what is shown as changed, where the NAS's object is, why)
+            let outcome = match &to {
+                None => self
+                    .remove_on_nas(&dir, &name, kind, &was)
+                    .map(|c| c.map(|reason| (path.clone(), path.clone(), reason))),
+                Some(t) => match t.link {
+                    true => self.link_on_nas(&t.node, &was, (&t.dir, &t.name)),
+                    false => self.move_on_nas((&dir, &name), (&t.dir, &t.name), kind, &was, shown),
+                }
+                .map(|c| {
+                    c.map(|(reason, kept)| match kept {
+                        Some(kept) => {
+                            if !t.link {
+                                self.moved_to_conflict(shown, t.dir_ino, &kept);
+                            }
+                            let parent = Path::new(&t.path).parent();
+                            let parent = parent.map_or(OsStr::new(""), |p| p.as_os_str());
+                            (t.path.clone(), join_path(parent, &kept), reason)
+                        }
+                        None => (t.path.clone(), path.clone(), reason),
+                    })
+                }),
+            };
+            let what = match &to {
+                Some(t) if t.link => "linked",
+                Some(_) => "renamed",
+                None => "removed",
+            };
+            let conflict = match outcome {
                 Ok(c) => c,
                 Err(e) if is_unreachable(&e) => {
                     if let Some(r) = self.st().removals.first_mut() {
@@ -1791,21 +2064,118 @@ impl<B: Backend> Overlay<B> {
                     }
                     return Err(e);
                 }
-                Err(e) => Some(format!("could not be removed on the NAS ({e})")),
+                Err(e) => Some((
+                    path.clone(),
+                    path.clone(),
+                    format!("could not be {what} on the NAS ({e})"),
+                )),
             };
-            if let Some(reason) = conflict {
-                self.note_conflict(&path, &path, &reason);
+            if let Some((shown_path, kept, reason)) = conflict {
+                self.note_conflict(&shown_path, &kept, &reason);
             } else {
-                log::debug!(
-                    "removal of {path:?} (nas ino {}) applied on the NAS",
-                    was.ino
-                );
+                log::debug!("{what} {path:?} (nas ino {}) on the NAS", was.ino);
             }
             self.st().removals.retain(|r| r.id != id);
             if let Err(e) = self.journal.delete_removal(id) {
                 log::warn!("journal: {e}");
             }
         }
+    }
+
+    /// Renames `name` in NAS directory `dir` to `newname` in `newdir` if it
+    /// is still the object renamed here (`shown`: its inode number here),
+    /// never over anything: Some((reason, None)) when it stays where it
+    /// is, Some((reason, Some(conflict name))) when the new name was taken
+    /// there meanwhile.
+    fn move_on_nas(
+        &self,
+        (dir, name): (&B::Node, &OsStr),
+        (newdir, newname): (&B::Node, &OsStr),
+        kind: FileKind,
+        was: &Validator,
+        shown: u64,
+    ) -> BResult<Option<(String, Option<OsString>)>> {
+        let a = match self.lower.lookup(dir, name) {
+            Ok((_, a)) => a,
+            Err(e) if matches!(e.raw_errno(), libc::ENOENT | libc::ESTALE) => {
+                return Ok(Some((
+                    "renamed here, and removed on the NAS meanwhile: nothing to rename".into(),
+                    None,
+                )));
+            }
+            Err(e) => return Err(e),
+        };
+        if a.ino != was.ino || a.kind != kind {
+            return Ok(Some((
+                "renamed here, and replaced on the NAS meanwhile: the NAS's stays where it is"
+                    .into(),
+                None,
+            )));
+        }
+        // The rename moves its ctime: write-back must know that is ours.
+        if let Some(f) = self.own_meta.get() {
+            f(shown);
+        }
+        let kept = self.move_noreplace((dir, name), newdir, newname)?;
+        // Pending data of the file (in the journal, as after a restart)
+        // started from the version of before the rename.
+        if kind == FileKind::File {
+            match self.lower.lookup(newdir, &kept) {
+                Ok((_, b)) if b.ino == a.ino && b.ctime != a.ctime => {
+                    if let Err(e) = self.journal.rebase_ctime(a.ino, a.ctime, b.ctime) {
+                        log::warn!("journal: {e}");
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok((kept != newname).then(|| {
+            (
+                "renamed here to a name taken on the NAS meanwhile: the NAS's keeps it".into(),
+                Some(kept),
+            )
+        }))
+    }
+
+    /// Makes a hard link `newname` in `newdir` to NAS file `node` if it is
+    /// still the one linked here (`was`), never over anything: as
+    /// [`Overlay::move_on_nas`].
+    fn link_on_nas(
+        &self,
+        node: &B::Node,
+        was: &Validator,
+        (newdir, newname): (&B::Node, &OsStr),
+    ) -> BResult<Option<(String, Option<OsString>)>> {
+        match self.lower.getattr(node) {
+            Ok(a) if a.ino == was.ino && a.nlink > 0 => {}
+            Ok(_) => {
+                return Ok(Some((
+                    "linked here, and removed on the NAS meanwhile: no link made".into(),
+                    None,
+                )));
+            }
+            Err(e) if matches!(e.raw_errno(), libc::ENOENT | libc::ESTALE) => {
+                return Ok(Some((
+                    "linked here, and removed on the NAS meanwhile: no link made".into(),
+                    None,
+                )));
+            }
+            Err(e) => return Err(e),
+        }
+        let kept = match self.lower.link(node, newdir, newname) {
+            Ok(_) => return Ok(None),
+            Err(e) if e.raw_errno() != libc::EEXIST => return Err(e),
+            Err(_) => {
+                let made = self.conflict_create(newdir, newname, |n| {
+                    self.lower.link(node, newdir, n).map(|a| (node.clone(), a))
+                })?;
+                made.0
+            }
+        };
+        Ok(Some((
+            "linked here to a name taken on the NAS meanwhile: the NAS's keeps it".into(),
+            Some(kept),
+        )))
     }
 
     /// Removes `name` from NAS directory `dir` if it is still the version
@@ -2386,11 +2756,22 @@ impl<B: Backend> Overlay<B> {
     /// Renames the filled hidden file to `name` without replacing
     /// anything; a name taken meanwhile gets the conflict name.
     fn place(&self, dir: &B::Node, tmp: &OsStr, name: &OsStr, _k: FileKind) -> BResult<OsString> {
+        self.move_noreplace((dir, tmp), dir, name)
+    }
+
+    /// Renames `from` to `name` in `newdir` on the NAS without replacing
+    /// anything: to `name`'s conflict name if it is taken. The name used.
+    fn move_noreplace(
+        &self,
+        (dir, from): (&B::Node, &OsStr),
+        newdir: &B::Node,
+        name: &OsStr,
+    ) -> BResult<OsString> {
         let noreplace = RenameFlags {
             noreplace: true,
             ..RenameFlags::default()
         };
-        match self.lower.rename(dir, tmp, dir, name, noreplace) {
+        match self.lower.rename(dir, from, newdir, name, noreplace) {
             Ok(()) => return Ok(name.to_os_string()),
             Err(e) if e.raw_errno() != libc::EEXIST => return Err(e),
             Err(_) => {}
@@ -2398,7 +2779,7 @@ impl<B: Backend> Overlay<B> {
         let stamp = conflict_stamp(SystemTime::now());
         for n in 1..100 {
             let cname = conflict_name(name, &stamp, &self.host, n);
-            match self.lower.rename(dir, tmp, dir, &cname, noreplace) {
+            match self.lower.rename(dir, from, newdir, &cname, noreplace) {
                 Ok(()) => return Ok(cname),
                 Err(e) if e.raw_errno() == libc::EEXIST => continue,
                 Err(e) => return Err(e),
@@ -2705,6 +3086,8 @@ impl<B: Backend> Overlay<B> {
                         path: Self::obj_path(&st, o),
                         kind: o.attr.kind,
                         removed: false,
+                        moved_to: None,
+                        link: false,
                         age: o.created.elapsed(),
                         attempts: o.attempts,
                         error: o.error.clone(),
@@ -2716,7 +3099,9 @@ impl<B: Backend> Overlay<B> {
         let removals = st.removals.iter().map(|r| PendingObject {
             path: r.path.clone(),
             kind: r.kind,
-            removed: true,
+            removed: r.to.is_none(),
+            moved_to: r.to.as_ref().map(|t| t.path.clone()),
+            link: r.to.as_ref().is_some_and(|t| t.link),
             age: r.since.elapsed(),
             attempts: 0,
             error: r.error.clone(),
@@ -2914,8 +3299,14 @@ impl<B: Backend> Backend for Overlay<B> {
         let Some(n) = self.nas_of(dir) else {
             return Err(err("lookup", libc::ENOENT));
         };
-        if is_hidden(name) || Self::is_removed(&self.st(), dir.ino, name) {
+        if is_hidden(name) {
             return Err(err("lookup", libc::ENOENT));
+        }
+        let at = Self::pending_at(&self.st(), dir.ino, name);
+        match at {
+            AtName::Nas => {}
+            AtName::Gone => return Err(err("lookup", libc::ENOENT)),
+            AtName::MovedIn(id) => return self.moved_in(dir, name, id),
         }
         let _w = self.window_read(&[dir.ino]);
         let (node, a) = self.lower.lookup(&n, name)?;
@@ -2941,12 +3332,16 @@ impl<B: Backend> Backend for Overlay<B> {
                 .and_then(|p| self.local_node(p))
             {
                 Some(x) => out.push(Some(Ok(x))),
-                None if Self::is_removed(&self.st(), dir.ino, name) => {
-                    out.push(Some(Err(err("lookup", libc::ENOENT))));
-                }
                 None => {
-                    out.push(None);
-                    ask.push(name.clone());
+                    let at = Self::pending_at(&self.st(), dir.ino, name);
+                    match at {
+                        AtName::Gone => out.push(Some(Err(err("lookup", libc::ENOENT)))),
+                        AtName::MovedIn(id) => out.push(Some(self.moved_in(dir, name, id))),
+                        AtName::Nas => {
+                            out.push(None);
+                            ask.push(name.clone());
+                        }
+                    }
                 }
             }
         }
@@ -3142,13 +3537,14 @@ impl<B: Backend> Backend for Overlay<B> {
                 v.retain(|e| {
                     !is_hidden(&e.name)
                         && !Self::is_leftover(&st, dir.ino, &e.name, e.ino)
-                        && !Self::is_removed(&st, dir.ino, &e.name)
+                        && Self::pending_at(&st, dir.ino, &e.name) == AtName::Nas
                 });
                 for e in &mut v {
                     if let Some(al) = st.alias.get(&e.ino) {
                         e.ino = al.prov;
                     }
                 }
+                v.extend(Self::moved_into(&st, dir.ino));
                 v
             }
             None => {
@@ -3382,6 +3778,12 @@ impl<B: Backend> Backend for Overlay<B> {
                 (_, Some(_)) => false,
                 (None, None) => false,
                 (Some(_), None) if Self::is_removed(&self.st(), newdir.ino, newname) => false,
+                // A NAS object renamed here to that name.
+                (Some(_), None)
+                    if Self::pending_at(&self.st(), newdir.ino, newname) != AtName::Nas =>
+                {
+                    true
+                }
                 (Some(n), None) => match self.lower.lookup(n, newname) {
                     Ok(_) => true,
                     Err(e) if e.raw_errno() == libc::ENOENT => false,
@@ -3521,15 +3923,8 @@ impl<B: Backend> Backend for Overlay<B> {
         }
         // The journal holds the paths of NAS directories with new objects
         // in them: a directory renamed on the NAS moves them.
-        let rows: Vec<u64> = st
-            .objs
-            .iter()
-            .filter(|(_, o)| o.nas.is_none() && !o.gone)
-            .filter(|(_, o)| st.objs.get(&o.parent).is_none_or(|p| p.nas.is_some()))
-            .map(|(p, _)| *p)
-            .collect();
-        for p in rows {
-            if let Err(e) = self.persist(&st, p) {
+        for r in Self::nas_rows(&st) {
+            if let Err(e) = self.journal.put_object(&r, st.next_prov) {
                 log::warn!("journal: {e}");
             }
         }
@@ -3908,6 +4303,8 @@ impl<B: Backend> Backend for Overlay<B> {
             name: name.to_os_string(),
             kind,
             was,
+            to: None,
+            link: false,
         };
         let id = self
             .journal
@@ -3924,6 +4321,7 @@ impl<B: Backend> Backend for Overlay<B> {
             was,
             since: Instant::now(),
             error: None,
+            to: None,
         });
         if kind == FileKind::Dir {
             st.dirs
@@ -3935,12 +4333,164 @@ impl<B: Backend> Backend for Overlay<B> {
         Ok(())
     }
 
+    fn move_later(
+        &self,
+        (dir, name): (&Self::Node, &OsStr),
+        (newdir, newname): (&Self::Node, &OsStr),
+        node: &Self::Node,
+        kind: FileKind,
+        was: Validator,
+        link: bool,
+    ) -> BResult<()> {
+        let op = if link { "link" } else { "rename" };
+        let _w = self.window_read(&[dir.ino, newdir.ino]);
+        let (Some(d), Some(nd), Some(obj)) =
+            (self.nas_of(dir), self.nas_of(newdir), self.nas_of(node))
+        else {
+            return Err(err(op, libc::EIO));
+        };
+        if is_hidden(newname) {
+            return Err(err(op, libc::EINVAL));
+        }
+        let mut st = self.st();
+        if st
+            .children
+            .get(&dir.ino)
+            .is_some_and(|m| m.contains_key(name))
+        {
+            return Err(err(op, libc::EIO));
+        }
+        match Self::pending_at(&st, dir.ino, name) {
+            AtName::Gone => return Err(err(op, libc::ENOENT)),
+            AtName::Nas | AtName::MovedIn(_) => {}
+        }
+        // The caller removed what was at the new name first.
+        if let AtName::MovedIn(_) = Self::pending_at(&st, newdir.ino, newname) {
+            return Err(err(op, if link { libc::EEXIST } else { libc::EIO }));
+        }
+        // Paths as the NAS will have them once the changes before this
+        // one are made there (without them the change could not be found
+        // again after a restart: refused).
+        let (Some(dir_path), Some(newdir_path)) = (
+            Self::dir_path(&st, dir.ino),
+            Self::dir_path(&st, newdir.ino),
+        ) else {
+            return Err(err(op, libc::EIO));
+        };
+        // A new object there is replaced (the caller checked the kinds).
+        let replaced = st
+            .children
+            .get(&newdir.ino)
+            .and_then(|m| m.get(newname))
+            .copied();
+        if let (Some(_), true) = (replaced, link) {
+            return Err(err(op, libc::EEXIST));
+        }
+        if let Some(q) = replaced {
+            let qdir = st
+                .objs
+                .get(&q)
+                .is_some_and(|o| o.attr.kind == FileKind::Dir);
+            match (kind == FileKind::Dir, qdir) {
+                (true, false) => return Err(err(op, libc::ENOTDIR)),
+                (false, true) => return Err(err(op, libc::EISDIR)),
+                (true, true) if st.children.get(&q).is_some_and(|m| !m.is_empty()) => {
+                    return Err(err(op, libc::ENOTEMPTY));
+                }
+                _ => {}
+            }
+        }
+        let nas_ino = st
+            .alias
+            .values()
+            .find(|al| al.prov == node.ino)
+            .map(|al| al.nas_ino)
+            .unwrap_or(node.ino);
+        let was = Validator {
+            ino: nas_ino,
+            ..was
+        };
+        let rec = RemovalRecord {
+            id: 0,
+            dir_path,
+            name: name.to_os_string(),
+            kind,
+            was,
+            to: Some((newdir_path, newname.to_os_string())),
+            link,
+        };
+        if let Some(q) = replaced {
+            self.remove_local(&mut st, newdir.ino, newname, q)?;
+        }
+        // A directory takes the new objects in it along: their rows name
+        // it by its new path, in the same transaction.
+        let before = st.dirs.get(&node.ino).cloned();
+        if kind == FileKind::Dir {
+            if let Some(x) = st.dirs.get_mut(&node.ino) {
+                x.parent = newdir.ino;
+                x.name = newname.to_os_string();
+            }
+        }
+        let rows = if kind == FileKind::Dir {
+            Self::nas_rows(&st)
+        } else {
+            Vec::new()
+        };
+        let id = match self.journal.add_change(&rec, None, &rows) {
+            Ok(id) => id,
+            Err(e) => {
+                if let Some(b) = before {
+                    st.dirs.insert(node.ino, b);
+                }
+                return Err(journal_err("journal")(e));
+            }
+        };
+        let (path, newpath) = (
+            join_path(&rec.dir_path, &rec.name),
+            join_path(
+                &rec.to.as_ref().map(|t| t.0.clone()).unwrap_or_default(),
+                newname,
+            ),
+        );
+        log::debug!(
+            "{path:?} (nas ino {nas_ino}) {} here to {newpath:?}; on the NAS once it answers",
+            if link { "linked" } else { "renamed" }
+        );
+        st.removals.push(Removal {
+            id,
+            dir: d,
+            dir_ino: dir.ino,
+            path,
+            name: rec.name,
+            kind,
+            was,
+            since: Instant::now(),
+            error: None,
+            to: Some(MoveTo {
+                node: obj,
+                dir: nd,
+                dir_ino: newdir.ino,
+                name: newname.to_os_string(),
+                path: newpath,
+                link,
+            }),
+        });
+        let t = now();
+        if !link {
+            Self::dir_changed(&mut st, dir.ino, t, 0);
+        }
+        Self::dir_changed(&mut st, newdir.ino, t, 0);
+        drop(st);
+        self.kick(false);
+        Ok(())
+    }
+
     fn undo_remove_later(&self, dir: &Self::Node, name: &OsStr) {
         let mut st = self.st();
         let Some(i) = st
             .removals
             .iter()
-            .rposition(|r| r.dir_ino == dir.ino && r.name == name)
+            .rposition(|r| r.dir_ino == dir.ino && r.name == name && r.to.is_none())
         else {
             return;
         };
@@ -3971,6 +4521,10 @@ impl<B: Backend> Staged for Overlay<B> {
         let _ = self.data_pending.set(pending);
     }
 
+    fn watch_own_meta(&self, own: Box<dyn Fn(u64) + Send + Sync>) {
+        let _ = self.own_meta.set(own);
+    }
+
     fn settle(&self) {
         if self.lower.online() {
             self.settle_dirs();
@@ -3981,8 +4535,9 @@ impl<B: Backend> Staged for Overlay<B> {
         self.pending_objects()
             .into_iter()
             .map(|o| PendingInfo {
-                new: (!o.removed).then_some(kind_name(o.kind)),
+                new: (!o.removed && o.moved_to.is_none()).then_some(kind_name(o.kind)),
                 removed: o.removed.then_some(kind_name(o.kind)),
+                moved: o.moved_to.map(|to| (kind_name(o.kind), to, o.link)),
                 path: o.path,
                 bytes: 0,
                 age: o.age,

@@ -31,7 +31,7 @@ use crate::cache::CacheError;
 
 /// Journal format version. A journal of another version is refused, never
 /// emptied: it may hold the only copy of someone's work.
-pub const FORMAT: i64 = 5;
+pub const FORMAT: i64 = 6;
 
 /// Tables added by format 2 (objects created through the mount and not on
 /// the NAS yet, and the inode numbers they keep once there). A format-1
@@ -90,6 +90,13 @@ const FORMAT4_COLUMNS: &str = "ALTER TABLE objects ADD COLUMN link_to INTEGER;
 /// chmod, chown or utimensat while the NAS did not answer).
 const FORMAT5_COLUMNS: &str = "ALTER TABLE ops ADD COLUMN owner_here INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE ops ADD COLUMN atime_ns INTEGER;";
+
+/// Added by format 6: a row of `removals` with a destination is a rename
+/// (or with `to_link`, a hard link) of a NAS object made while the NAS
+/// did not answer (in the same order as the removals).
+const FORMAT6_COLUMNS: &str = "ALTER TABLE removals ADD COLUMN to_dir_path BLOB;
+    ALTER TABLE removals ADD COLUMN to_name BLOB;
+    ALTER TABLE removals ADD COLUMN to_link INTEGER NOT NULL DEFAULT 0;";
 
 /// Where a data row is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -321,7 +328,8 @@ impl Journal {
                  COMMIT;",
             )?;
             conn.execute_batch(&format!(
-                "BEGIN; {FORMAT2_TABLES} {FORMAT3_TABLES} {FORMAT4_COLUMNS} {FORMAT5_COLUMNS} COMMIT;"
+                "BEGIN; {FORMAT2_TABLES} {FORMAT3_TABLES} {FORMAT4_COLUMNS} {FORMAT5_COLUMNS} \
+                 {FORMAT6_COLUMNS} COMMIT;"
             ))?;
             conn.execute("INSERT INTO meta VALUES ('format', ?1)", params![FORMAT])?;
         }
@@ -359,6 +367,13 @@ impl Journal {
             .map_err(|e| corrupt(&e))?;
         }
         let format = if format == Some(4) { Some(5) } else { format };
+        if format == Some(5) {
+            conn.execute_batch(&format!(
+                "BEGIN; {FORMAT6_COLUMNS} UPDATE meta SET value = 6 WHERE key = 'format'; COMMIT;"
+            ))
+            .map_err(|e| corrupt(&e))?;
+        }
+        let format = if format == Some(5) { Some(6) } else { format };
         if format != Some(FORMAT) {
             return Err(corrupt(&format!(
                 "format {format:?}, this nassync reads format {FORMAT}"
@@ -650,6 +665,12 @@ pub struct RemovalRecord {
     pub name: OsString,
     pub kind: FileKind,
     pub was: Validator,
+    /// A rename rather than a removal: the directory (path from the
+    /// share's root, as it is once the changes before this one are made)
+    /// and the name it moves to.
+    pub to: Option<(OsString, OsString)>,
+    /// With `to`: a hard link made there, the object staying where it is.
+    pub link: bool,
 }
 
 /// A NAS inode number that stands for a local object's provisional one.
@@ -1005,11 +1026,25 @@ impl Journal {
     /// a crash, write-back would take the file for one removed by another
     /// client and restore it.
     pub fn add_removal(&self, r: &RemovalRecord, data_of: Option<u64>) -> Result<u64, CacheError> {
+        self.add_change(r, data_of, &[])
+    }
+
+    /// Records a removal or a rename (`r.to`), and in the same transaction
+    /// drops the data rows of `data_of` (see [`Journal::add_removal`]) and
+    /// rewrites the object rows `objects` (new objects under a directory
+    /// renamed: their path changed with it).
+    pub fn add_change(
+        &self,
+        r: &RemovalRecord,
+        data_of: Option<u64>,
+        objects: &[ObjectRecord],
+    ) -> Result<u64, CacheError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute(
-            "INSERT INTO removals (dir_path, name, kind, nas_ino, size, mtime_ns, ctime_ns)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO removals (dir_path, name, kind, nas_ino, size, mtime_ns, ctime_ns,
+                 to_dir_path, to_name, to_link)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 r.dir_path.as_bytes(),
                 r.name.as_bytes(),
@@ -1018,11 +1053,17 @@ impl Journal {
                 r.was.size as i64,
                 nanos(r.was.mtime),
                 nanos(r.was.ctime),
+                r.to.as_ref().map(|t| t.0.as_bytes()),
+                r.to.as_ref().map(|t| t.1.as_bytes()),
+                r.link as i64,
             ],
         )?;
         let id = tx.last_insert_rowid() as u64;
         if let Some(ino) = data_of {
             Self::delete_data_of(&tx, ino)?;
+        }
+        for o in objects {
+            Self::put_in(&tx, o)?;
         }
         tx.commit()?;
         Ok(id)
@@ -1038,25 +1079,37 @@ impl Journal {
     pub fn load_removals(&self) -> Result<Vec<RemovalRecord>, CacheError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT id, dir_path, name, kind, nas_ino, size, mtime_ns, ctime_ns
+            "SELECT id, dir_path, name, kind, nas_ino, size, mtime_ns, ctime_ns,
+                 to_dir_path, to_name, to_link
              FROM removals ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, Vec<u8>>(1)?,
-                r.get::<_, Vec<u8>>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, i64>(4)?,
-                r.get::<_, i64>(5)?,
-                r.get::<_, i64>(6)?,
-                r.get::<_, i64>(7)?,
+                (
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, i64>(3)?,
+                ),
+                (
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                    r.get::<_, i64>(7)?,
+                ),
+                r.get::<_, Option<Vec<u8>>>(8)?,
+                r.get::<_, Option<Vec<u8>>>(9)?,
+                r.get::<_, i64>(10)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, dir, name, kind, ino, size, mtime, ctime) = row?;
+            let ((id, dir, name, kind), (ino, size, mtime, ctime), to_dir, to_name, link) = row?;
             let Some(kind) = kind_of(kind) else { continue };
+            let to = match (to_dir, to_name) {
+                (Some(d), Some(n)) => Some((OsString::from_vec(d), OsString::from_vec(n))),
+                _ => None,
+            };
             out.push(RemovalRecord {
                 id: id as u64,
                 dir_path: OsString::from_vec(dir),
@@ -1068,9 +1121,27 @@ impl Journal {
                     mtime: from_nanos(mtime),
                     ctime: from_nanos(ctime),
                 },
+                link: link != 0 && to.is_some(),
+                to,
             });
         }
         Ok(out)
+    }
+
+    /// nassync itself renamed NAS file `ino` (a rename made while the NAS
+    /// did not answer, applied at mount): the data rows whose base had its
+    /// ctime of before, `old`, get the one of after (it is not another
+    /// client's change).
+    pub fn rebase_ctime(
+        &self,
+        ino: u64,
+        old: SystemTime,
+        new: SystemTime,
+    ) -> Result<usize, CacheError> {
+        Ok(self.conn().execute(
+            "UPDATE ops SET base_ctime_ns = ?3 WHERE base_ino = ?1 AND base_ctime_ns = ?2",
+            params![ino as i64, nanos(old), nanos(new)],
+        )?)
     }
 
     /// Drops the aliases that no data row refers to: at mount, nothing
@@ -1174,6 +1245,9 @@ mod tests {
                      ALTER TABLE ops DROP COLUMN perm;
                      ALTER TABLE ops DROP COLUMN uid;
                      ALTER TABLE ops DROP COLUMN gid;
+                     ALTER TABLE removals DROP COLUMN to_dir_path;
+                     ALTER TABLE removals DROP COLUMN to_name;
+                     ALTER TABLE removals DROP COLUMN to_link;
                      UPDATE meta SET value = 3 WHERE key = 'format';",
                 )
                 .unwrap();
@@ -1195,8 +1269,26 @@ mod tests {
         r.owner_here = true;
         j.update_data(&r).unwrap();
         assert_eq!(j.load_data().unwrap(), vec![r]);
+        // Format 6: removals and renames, in order.
+        let mut gone = RemovalRecord {
+            id: 0,
+            dir_path: "a".into(),
+            name: "b".into(),
+            kind: FileKind::File,
+            was: record().base,
+            to: None,
+            link: false,
+        };
+        let mut moved = gone.clone();
+        moved.to = Some(("c/d".into(), "e".into()));
+        let mut linked = moved.clone();
+        linked.link = true;
+        gone.id = j.add_removal(&gone, None).unwrap();
+        moved.id = j.add_change(&moved, None, &[]).unwrap();
+        linked.id = j.add_change(&linked, None, &[]).unwrap();
+        assert_eq!(j.load_removals().unwrap(), vec![gone, moved, linked]);
         j.conn()
-            .execute("UPDATE meta SET value = 6 WHERE key = 'format'", [])
+            .execute("UPDATE meta SET value = 7 WHERE key = 'format'", [])
             .unwrap();
         drop(j);
         assert!(Journal::open(dir.path()).is_err());

@@ -207,6 +207,10 @@ pub trait Staged: Send + Sync {
     /// still to write back: a new file then waits for it, and reaches
     /// the NAS with it in one go.
     fn watch_data(&self, pending: Box<dyn Fn(u64) -> bool + Send + Sync>);
+    /// How to tell write-back that nassync itself has just moved the
+    /// ctime of a file on the NAS (a rename made here while the NAS did
+    /// not answer, applied there): see [`WriteBack::own_meta_op`].
+    fn watch_own_meta(&self, _own: Box<dyn Fn(u64) + Send + Sync>) {}
 }
 
 /// One pending file, for `nassync status`.
@@ -216,6 +220,10 @@ pub struct PendingInfo {
     pub new: Option<&'static str>,
     /// An object on the NAS removed here, not there yet, and its kind.
     pub removed: Option<&'static str>,
+    /// An object on the NAS renamed here, not there yet: its kind and new
+    /// path (`path` is the old one), and whether it is a hard link made
+    /// there (the object keeping its name) rather than a rename.
+    pub moved: Option<(&'static str, OsString, bool)>,
     pub path: OsString,
     pub bytes: u64,
     pub age: Duration,
@@ -414,6 +422,12 @@ impl<B: Backend> WriteBack<B> {
         let wb = Arc::downgrade(self);
         s.watch_data(Box::new(move |ino| {
             wb.upgrade().is_some_and(|wb| wb.is_dirty(ino))
+        }));
+        let wb = Arc::downgrade(self);
+        s.watch_own_meta(Box::new(move |ino| {
+            if let Some(wb) = wb.upgrade() {
+                wb.own_meta_op(ino);
+            }
         }));
         let _ = self.staged.set(s);
     }
@@ -1325,6 +1339,7 @@ impl<B: Backend> WriteBack<B> {
             out.push(PendingInfo {
                 new: None,
                 removed: None,
+                moved: None,
                 path: g.rec.path.clone(),
                 bytes: g.weight(),
                 age: g.rec.created.elapsed().unwrap_or_default(),
