@@ -1096,7 +1096,13 @@ impl<B: Backend> Core<B> {
                 changes.mode = Some((cached.perm & !bits) as u32);
             }
         }
-        let mut attr = self.backend.setattr(&node, file, &changes)?;
+        let mut attr = match self.backend.setattr(&node, file, &changes) {
+            Ok(a) => a,
+            Err(e) if is_unreachable(&e) && kind != FileKind::File => {
+                return self.setattr_later(ino, &node, kind, &changes, e);
+            }
+            Err(e) => return Err(e.into()),
+        };
         if let Some((who, change)) = kill.filter(|_| !owner) {
             // The cached attributes may have been out of date.
             let bits = self.bits_to_clear(&attr, who, change);
@@ -1121,6 +1127,78 @@ impl<B: Backend> Core<B> {
             }
         }
         Ok((self.present(attr), self.attr_ttl(&attr)))
+    }
+
+    /// The NAS does not answer: the mode, owner or times of a directory,
+    /// symlink or special file on the NAS that the cache knows (by a name
+    /// of it) are set here and on the NAS once it answers
+    /// ([`Backend::set_later`]); a file's go with its data instead (see
+    /// `setattr_local`). `e`, the NAS's error, where the cache cannot tell.
+    fn setattr_later(
+        &self,
+        ino: u64,
+        node: &B::Node,
+        kind: FileKind,
+        changes: &SetAttr,
+        e: BackendError,
+    ) -> FsResult<(Attr, Duration)> {
+        if self.wb.is_none() || changes.size.is_some() {
+            return Err(e.into());
+        }
+        let (mut attr, parent, name) = match self.known_name(ino) {
+            Some(x) => x,
+            None => return Err(e.into()),
+        };
+        let now = crate::clock::now();
+        let at = |t: Option<SetTime>| {
+            t.map(|t| match t {
+                SetTime::Now => now,
+                SetTime::At(t) => t,
+            })
+        };
+        let (atime, mtime) = (at(changes.atime), at(changes.mtime));
+        let changes = SetAttr {
+            atime: atime.map(SetTime::At),
+            mtime: mtime.map(SetTime::At),
+            ..*changes
+        };
+        let dir = self.parent_node(parent)?;
+        match self
+            .backend
+            .set_later((&dir, &name), node, kind, attr.validator(), &changes)
+        {
+            Ok(()) => {}
+            Err(x) if x.raw_errno() == libc::EIO => return Err(e.into()),
+            Err(x) => return Err(x.into()),
+        }
+        if let Some(m) = changes.mode {
+            attr.perm = (m & 0o7777) as u16;
+        }
+        attr.uid = changes.uid.unwrap_or(attr.uid);
+        attr.gid = changes.gid.unwrap_or(attr.gid);
+        attr.atime = atime.unwrap_or(attr.atime);
+        attr.mtime = mtime.unwrap_or(attr.mtime);
+        attr.ctime = now;
+        let mut t = self.tables();
+        if let Some(i) = t.inodes.get_mut(&ino) {
+            i.attr = attr;
+            i.attr_until = Instant::now() + self.attr_ttl(&attr);
+        }
+        Ok((self.present(attr), self.attr_ttl(&attr)))
+    }
+
+    /// An inode's attributes as cached and a name of it that the cache
+    /// still leads to it by: (attributes, directory, name).
+    fn known_name(&self, ino: u64) -> Option<(Attr, u64, OsString)> {
+        let t = self.tables();
+        let i = t.inodes.get(&ino)?;
+        let key = (i.parent, i.name.clone());
+        let here = t.names.get(&key).copied().or_else(|| {
+            t.listings
+                .get(&i.parent)
+                .and_then(|l| l.names.get(&i.name).copied())
+        });
+        (here == Some(ino)).then(|| (i.attr, i.parent, i.name.clone()))
     }
 
     /// setattr with write-back: the size and mtime of a file change
@@ -1478,22 +1556,9 @@ impl<B: Backend> Core<B> {
         if self.backend.local_path(self.fuse_ino(ino)).is_some() {
             return Err(e.into());
         }
-        let (mut attr, parent, name) = {
-            let t = self.tables();
-            let Some(i) = t.inodes.get(&ino) else {
-                return Err(e.into());
-            };
-            // Its known name must still lead to it.
-            let key = (i.parent, i.name.clone());
-            let here = t.names.get(&key).copied().or_else(|| {
-                t.listings
-                    .get(&i.parent)
-                    .and_then(|l| l.names.get(&i.name).copied())
-            });
-            if here != Some(ino) || i.kind == FileKind::Dir {
-                return Err(e.into());
-            }
-            (i.attr, i.parent, i.name.clone())
+        let (mut attr, parent, name) = match self.known_name(ino) {
+            Some(x) if x.0.kind != FileKind::Dir => x,
+            _ => return Err(e.into()),
         };
         if self.known_child(newparent, newname).is_some() {
             return Err(BackendError::errno("link", libc::EEXIST).into());

@@ -924,6 +924,9 @@ fn status_text<B: Backend>(core: &Core<B>) -> String {
         if let Some(k) = p.removed {
             out.push_str(&format!(" removed={k}"));
         }
+        if let Some(k) = p.attrs {
+            out.push_str(&format!(" attrs={k}"));
+        }
         if let Some((k, to, link)) = &p.moved {
             let what = if *link { "linked" } else { "moved" };
             out.push_str(&format!(" {what}={k} to={}", esc(to)));

@@ -993,3 +993,68 @@ fn hard_links_made_offline_to_nas_files_reach_the_nas() {
     assert!(status.contains("conflict r/pl"), "{status}");
     assert!(status.contains("conflict r/taken"), "{status}");
 }
+
+fn lowner(p: &Path) -> u32 {
+    std::os::unix::fs::MetadataExt::uid(&std::fs::symlink_metadata(p).unwrap())
+}
+
+#[test]
+fn attribute_changes_of_directories_and_symlinks_made_offline_reach_the_nas() {
+    let _caches = kernel_caches(false);
+    let (mut m, sim) =
+        removal_setup("timeo=30,actimeo=1,writeback_delay=1h,unmount_flush_timeout=1s");
+    let nas = |p: &str| sim.backing.join(p);
+    go_offline(&m, &sim);
+    // Another client removes one of the directories meanwhile.
+    std::fs::remove_dir(nas("r/dir")).unwrap();
+    let mode = |p: &Path, m: u32| {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(m))
+    };
+    mode(&m.m("r/dir"), 0o700).unwrap();
+    set_times(&m.m("r/grown"), 1_000_000_000, 1_100_000_000).unwrap();
+    std::os::unix::fs::lchown(m.m("r/link"), Some(1234), None).unwrap();
+    // As tar does: the directory's mode, its new entries, then its times.
+    mode(&m.m("r/tree"), 0o750).unwrap();
+    std::fs::write(m.m("r/tree/new"), "new").unwrap();
+    set_times(&m.m("r/tree"), 1_200_000_000, 1_300_000_000).unwrap();
+    // Shown at once.
+    assert_eq!(attrs(&m.m("r/dir")).0, 0o700);
+    let g = attrs(&m.m("r/grown"));
+    assert_eq!((g.3, g.4), (1_000_000_000, 1_100_000_000));
+    assert_eq!(lowner(&m.m("r/link")), 1234);
+    let t = attrs(&m.m("r/tree"));
+    assert_eq!((t.0, t.4), (0o750, 1_300_000_000));
+    let status = m.status();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("pending r/grown ") && l.contains(" attrs=dir")),
+        "{status}"
+    );
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("pending r/link ") && l.contains(" attrs=symlink")),
+        "{status}"
+    );
+    assert_eq!(attrs(&nas("r/tree")).0, 0o755);
+    // Kept across an unmount; set at the next mount.
+    m.unmount();
+    assert_eq!(m.last_exit.and_then(|s| s.code()), Some(75), "{}", m.log());
+    sim.ctl("fail off");
+    m.mount();
+    m.flush(None);
+    let g = attrs(&nas("r/grown"));
+    assert_eq!((g.3, g.4), (1_000_000_000, 1_100_000_000));
+    assert_eq!(lowner(&nas("r/link")), 1234);
+    // Set after the new file was put in it.
+    let t = attrs(&nas("r/tree"));
+    assert_eq!((t.0, t.4), (0o750, 1_300_000_000), "{}", m.log());
+    assert_eq!(std::fs::read_to_string(nas("r/tree/new")).unwrap(), "new");
+    // Removed there: stays removed, the change dropped and reported.
+    assert!(!nas("r/dir").exists());
+    let status = m.status();
+    assert!(!status.contains("\npending "), "{status}");
+    assert_eq!(m.status_value("conflicts"), 1, "{status}");
+    assert!(status.contains("conflict r/dir"), "{status}");
+}

@@ -409,6 +409,23 @@ pub trait Backend: Send + Sync + 'static {
         Err(BackendError::errno("rename", libc::EIO))
     }
 
+    /// While the NAS does not answer: sets the mode, owner or times in
+    /// `changes` (no size, no `SetTime::Now`) of `node` (of `kind`, the
+    /// NAS version `was`, known as `name` in `dir`) here at once and on the
+    /// NAS once it answers, in order with the removals and renames; the
+    /// attributes as they are then. EIO for a backend that keeps no local
+    /// view of the namespace.
+    fn set_later(
+        &self,
+        _at: (&Self::Node, &OsStr),
+        _node: &Self::Node,
+        _kind: FileKind,
+        _was: Validator,
+        _changes: &SetAttr,
+    ) -> BResult<()> {
+        Err(BackendError::errno("setattr", libc::EIO))
+    }
+
     /// Takes back the last [`Backend::remove_later`] of `name` in `dir`
     /// (the operation it was part of failed).
     fn undo_remove_later(&self, _dir: &Self::Node, _name: &OsStr) {}

@@ -62,6 +62,7 @@ use super::{
 use crate::cache::CacheError;
 use crate::writeback::journal::{
     AliasRecord, ConflictRecord, Journal, LeftoverRecord, ObjParent, ObjectRecord, RemovalRecord,
+    SetRecord,
 };
 use crate::writeback::{PendingInfo, Staged, conflict_name, conflict_stamp, under};
 
@@ -279,6 +280,22 @@ struct Removal<N> {
     /// Why the last attempt did not finish (the NAS did not answer).
     error: Option<String>,
     to: Option<MoveTo<N>>,
+    /// Neither removed nor renamed: attributes set here.
+    set: Option<SetHere<N>>,
+}
+
+impl<N> Removal<N> {
+    /// Whether it takes its name away (a removal, a rename; not a link
+    /// or a change of attributes).
+    fn takes_name(&self) -> bool {
+        self.set.is_none() && !self.to.as_ref().is_some_and(|t| t.link)
+    }
+}
+
+/// Attributes of a NAS object set here, to set there.
+struct SetHere<N> {
+    node: N,
+    rec: SetRecord,
 }
 
 /// Where a NAS object renamed here goes.
@@ -364,6 +381,8 @@ pub struct PendingObject {
     /// there: its new path (`path` is its old one).
     pub moved_to: Option<OsString>,
     pub link: bool,
+    /// A NAS object whose attributes were set here, not yet there.
+    pub set: bool,
     pub age: Duration,
     pub attempts: u32,
     pub error: Option<String>,
@@ -506,9 +525,12 @@ impl<B: Backend> Overlay<B> {
         // Renames made here change the paths that the rows after them name:
         // made on the NAS now, in order with the removals around them.
         let mut changes = ov.journal.load_removals()?;
-        if changes.iter().any(|r| r.to.is_some()) {
+        // Directories given times here: set again once the new objects in
+        // them are there (creating those moves them).
+        let mut retimed = Vec::new();
+        if changes.iter().any(|r| r.to.is_some() || r.set.is_some()) {
             for r in std::mem::take(&mut changes) {
-                ov.apply_at_open(&root_node, root_attr.ino, &r)?;
+                retimed.extend(ov.apply_at_open(&root_node, root_attr.ino, &r)?);
             }
         }
         let mut known = HashSet::new();
@@ -636,6 +658,19 @@ impl<B: Backend> Overlay<B> {
                 },
             );
         }
+        {
+            let mut st = ov.st();
+            for a in retimed {
+                if st.children.contains_key(&a.ino) {
+                    let d = Deferred {
+                        perm: Some(a.perm),
+                        atime: a.atime,
+                        mtime: a.mtime,
+                    };
+                    st.deferred.insert(a.ino, d);
+                }
+            }
+        }
         for l in ov.journal.load_leftovers()? {
             match ov.walk(&root_node, root_attr.ino, &l.dir_path) {
                 Ok((dir, dir_ino)) => ov.st().leftovers.push(Leftover {
@@ -666,6 +701,7 @@ impl<B: Backend> Overlay<B> {
                     since: Instant::now(),
                     error: None,
                     to: None,
+                    set: None,
                 }),
                 // Its directory is gone, and with it what was to go.
                 Err(e) if e.raw_errno() == libc::ENOENT => ov.journal.delete_removal(r.id)?,
@@ -695,14 +731,16 @@ impl<B: Backend> Overlay<B> {
         Ok(Arc::new(ov))
     }
 
-    /// Makes on the NAS a removal or rename recorded by an earlier mount
-    /// (the NAS must answer), then drops its row.
+    /// Makes on the NAS a removal, rename, link or change of attributes
+    /// recorded by an earlier mount (the NAS must answer), then drops its
+    /// row. A directory whose times it set: its attributes after.
     fn apply_at_open(
         &self,
         root: &B::Node,
         root_ino: u64,
         r: &RemovalRecord,
-    ) -> Result<(), CacheError> {
+    ) -> Result<Option<Attr>, CacheError> {
+        let mut retimed = None;
         let setup = |reason: String| CacheError::Setup {
             path: self.journal.upper_dir().display().to_string(),
             reason,
@@ -715,6 +753,22 @@ impl<B: Backend> Overlay<B> {
         };
         // (what is shown as changed, where the NAS's object is, why)
         let outcome = match (&r.to, find(&r.dir_path)?) {
+            (None, Some(d)) if r.set.is_some() => match self.lower.lookup(&d, &r.name) {
+                Ok((node, _)) => {
+                    let set = r.set.unwrap_or_else(|| unreachable!());
+                    let done = self.set_on_nas(&node, &r.was, &set, r.was.ino);
+                    if let (Ok(None), FileKind::Dir, Some(_)) = (&done, r.kind, set.mtime) {
+                        retimed = self.lower.getattr(&node).ok();
+                    }
+                    done.map(|c| c.map(|why| (path.clone(), path.clone(), why)))
+                }
+                Err(e) if matches!(e.raw_errno(), libc::ENOENT | libc::ESTALE) => Ok(Some((
+                    path.clone(),
+                    path.clone(),
+                    "attributes set here, and removed on the NAS meanwhile".to_string(),
+                ))),
+                Err(e) => Err(e),
+            },
             // Its directory is gone, and with it what was to go.
             (None, None) => Ok(None),
             (None, Some(d)) => self
@@ -771,7 +825,8 @@ impl<B: Backend> Overlay<B> {
                 self.note_conflict(&path, &path, &why);
             }
         }
-        self.journal.delete_removal(r.id)
+        self.journal.delete_removal(r.id)?;
+        Ok(retimed)
     }
 
     /// Starts the thread that creates local objects on the NAS.
@@ -889,6 +944,7 @@ impl<B: Backend> Overlay<B> {
                 .count() as u32;
             a.nlink += links;
         }
+        let nas_ino = a.ino;
         if let Some(al) = st.alias.get(&a.ino) {
             a.ino = al.prov;
             if a.ctime == al.nas_ctime {
@@ -903,6 +959,24 @@ impl<B: Backend> Overlay<B> {
             }
         }
         let mut a = Self::dir_up(st, a);
+        // Attributes set here, not on the NAS yet: newer than what
+        // `dir_up` knows, except times moved by entries made since.
+        for s in st.removals.iter().filter(|r| r.was.ino == nas_ino) {
+            if let Some(s) = &s.set {
+                let s = &s.rec;
+                if let Some(m) = s.mode {
+                    a.perm = (m & 0o7777) as u16;
+                }
+                a.uid = s.uid.unwrap_or(a.uid);
+                a.gid = s.gid.unwrap_or(a.gid);
+                a.atime = s.atime.unwrap_or(a.atime);
+                let touched = st.touched.get(&a.ino).is_some_and(|t| *t > s.ctime);
+                if !touched {
+                    a.mtime = s.mtime.unwrap_or(a.mtime);
+                }
+                a.ctime = a.ctime.max(s.ctime);
+            }
+        }
         if a.kind == FileKind::Dir {
             if st.placing.contains_key(&a.ino) {
                 if let Some(&(m, c)) = st.shown.get(&a.ino) {
@@ -943,7 +1017,10 @@ impl<B: Backend> Overlay<B> {
                 a.nlink += subdirs as u32;
             }
             let dirs = st.removals.iter().filter(|r| r.kind == FileKind::Dir);
-            let gone = dirs.clone().filter(|r| r.dir_ino == a.ino).count() as u32;
+            let gone = dirs
+                .clone()
+                .filter(|r| r.dir_ino == a.ino && r.takes_name())
+                .count() as u32;
             let came = dirs
                 .filter(|r| r.to.as_ref().is_some_and(|t| t.dir_ino == a.ino))
                 .count() as u32;
@@ -1645,7 +1722,7 @@ impl<B: Backend> Overlay<B> {
             {
                 return AtName::MovedIn(r.id);
             }
-            if r.dir_ino == dir && r.name == name && !r.to.as_ref().is_some_and(|t| t.link) {
+            if r.dir_ino == dir && r.name == name && r.takes_name() {
                 return AtName::Gone;
             }
         }
@@ -2028,8 +2105,18 @@ impl<B: Backend> Overlay<B> {
             let Some(((id, dir, path, name), (kind, was, shown), to)) = next else {
                 return Ok(());
             };
+            let set = {
+                let st = self.st();
+                let r = st.removals.first().and_then(|r| r.set.as_ref());
+                r.map(|s| (s.node.clone(), s.rec))
+            };
             // (what is shown as changed, where the NAS's object is, why)
             let outcome = match &to {
+                None if set.is_some() => {
+                    let (node, rec) = set.as_ref().unwrap_or_else(|| unreachable!());
+                    self.set_on_nas(node, &was, rec, shown)
+                        .map(|c| c.map(|reason| (path.clone(), path.clone(), reason)))
+                }
                 None => self
                     .remove_on_nas(&dir, &name, kind, &was)
                     .map(|c| c.map(|reason| (path.clone(), path.clone(), reason))),
@@ -2054,6 +2141,7 @@ impl<B: Backend> Overlay<B> {
             let what = match &to {
                 Some(t) if t.link => "linked",
                 Some(_) => "renamed",
+                None if set.is_some() => "changed",
                 None => "removed",
             };
             let conflict = match outcome {
@@ -2135,6 +2223,81 @@ impl<B: Backend> Overlay<B> {
                 Some(kept),
             )
         }))
+    }
+
+    /// setattr of NAS object `n` (`ino` here): a directory's mode and
+    /// times are set again after new objects still to create in it.
+    fn setattr_nas(
+        &self,
+        n: &B::Node,
+        ino: u64,
+        lf: Option<&B::File>,
+        changes: &SetAttr,
+    ) -> BResult<Attr> {
+        let _w = self.window_read(&[ino]);
+        let a = self.lower.setattr(n, lf, changes)?;
+        let mut st = self.st();
+
+        if a.kind == FileKind::Dir
+            && (changes.mtime.is_some() || changes.atime.is_some() || changes.mode.is_some())
+        {
+            let ino = st.alias.get(&a.ino).map(|al| al.prov).unwrap_or(a.ino);
+            if st.children.contains_key(&ino) || st.deferred.contains_key(&ino) {
+                // Local children still to create would move the mtime on
+                // the NAS: set again once they are there.
+                let prev = st.deferred.get(&ino).copied();
+                st.deferred.insert(
+                    ino,
+                    Deferred {
+                        perm: Some(a.perm).or(prev.and_then(|d| d.perm)),
+                        atime: a.atime,
+                        mtime: a.mtime,
+                    },
+                );
+            }
+        }
+        Ok(Self::up_in(&mut st, a))
+    }
+
+    /// Sets on NAS object `node` (`shown` here) the attributes set here, if
+    /// it is still the object they were set on; Some(reason) when they are
+    /// dropped instead (the object is gone, or the NAS refuses them).
+    fn set_on_nas(
+        &self,
+        node: &B::Node,
+        was: &Validator,
+        rec: &SetRecord,
+        shown: u64,
+    ) -> BResult<Option<String>> {
+        match self.lower.getattr(node) {
+            Ok(a) if a.ino == was.ino && a.nlink > 0 => {}
+            Ok(_) => {
+                return Ok(Some(
+                    "attributes set here, and removed on the NAS meanwhile".into(),
+                ));
+            }
+            Err(e) if matches!(e.raw_errno(), libc::ENOENT | libc::ESTALE) => {
+                return Ok(Some(
+                    "attributes set here, and removed on the NAS meanwhile".into(),
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+        let changes = SetAttr {
+            mode: rec.mode,
+            uid: rec.uid,
+            gid: rec.gid,
+            size: None,
+            atime: rec.atime.map(SetTime::At),
+            mtime: rec.mtime.map(SetTime::At),
+        };
+        match self.setattr_nas(node, shown, None, &changes) {
+            Ok(_) => Ok(None),
+            Err(e) if matches!(e.raw_errno(), libc::EPERM | libc::EACCES) => Ok(Some(format!(
+                "attributes set here that the NAS refuses ({e}): dropped"
+            ))),
+            Err(e) => Err(e),
+        }
     }
 
     /// Makes a hard link `newname` in `newdir` to NAS file `node` if it is
@@ -3088,6 +3251,7 @@ impl<B: Backend> Overlay<B> {
                         removed: false,
                         moved_to: None,
                         link: false,
+                        set: false,
                         age: o.created.elapsed(),
                         attempts: o.attempts,
                         error: o.error.clone(),
@@ -3099,7 +3263,8 @@ impl<B: Backend> Overlay<B> {
         let removals = st.removals.iter().map(|r| PendingObject {
             path: r.path.clone(),
             kind: r.kind,
-            removed: r.to.is_none(),
+            removed: r.to.is_none() && r.set.is_none(),
+            set: r.set.is_some(),
             moved_to: r.to.as_ref().map(|t| t.path.clone()),
             link: r.to.as_ref().is_some_and(|t| t.link),
             age: r.since.elapsed(),
@@ -3477,6 +3642,8 @@ impl<B: Backend> Backend for Overlay<B> {
             return Ok(a);
         }
         let n = self.materialize(node)?;
+        // After the changes made here while the NAS did not answer.
+        self.apply_removals()?;
         let nas_file;
         let lf = match file {
             Some(OFile::Nas(f, _)) => Some(f),
@@ -3489,28 +3656,7 @@ impl<B: Backend> Backend for Overlay<B> {
             },
             None => None,
         };
-        let _w = self.window_read(&[node.ino]);
-        let a = self.lower.setattr(&n, lf, changes)?;
-        let mut st = self.st();
-        if a.kind == FileKind::Dir
-            && (changes.mtime.is_some() || changes.atime.is_some() || changes.mode.is_some())
-        {
-            let ino = st.alias.get(&a.ino).map(|al| al.prov).unwrap_or(a.ino);
-            if st.children.contains_key(&ino) || st.deferred.contains_key(&ino) {
-                // Local children still to create would move the mtime on
-                // the NAS: set again once they are there.
-                let prev = st.deferred.get(&ino).copied();
-                st.deferred.insert(
-                    ino,
-                    Deferred {
-                        perm: Some(a.perm).or(prev.and_then(|d| d.perm)),
-                        atime: a.atime,
-                        mtime: a.mtime,
-                    },
-                );
-            }
-        }
-        Ok(Self::up_in(&mut st, a))
+        self.setattr_nas(&n, node.ino, lf, changes)
     }
 
     fn readlink(&self, node: &Self::Node) -> BResult<OsString> {
@@ -4305,6 +4451,7 @@ impl<B: Backend> Backend for Overlay<B> {
             was,
             to: None,
             link: false,
+            set: None,
         };
         let id = self
             .journal
@@ -4322,6 +4469,7 @@ impl<B: Backend> Backend for Overlay<B> {
             since: Instant::now(),
             error: None,
             to: None,
+            set: None,
         });
         if kind == FileKind::Dir {
             st.dirs
@@ -4418,6 +4566,7 @@ impl<B: Backend> Backend for Overlay<B> {
             was,
             to: Some((newdir_path, newname.to_os_string())),
             link,
+            set: None,
         };
         if let Some(q) = replaced {
             self.remove_local(&mut st, newdir.ino, newname, q)?;
@@ -4474,6 +4623,7 @@ impl<B: Backend> Backend for Overlay<B> {
                 path: newpath,
                 link,
             }),
+            set: None,
         });
         let t = now();
         if !link {
@@ -4485,13 +4635,98 @@ impl<B: Backend> Backend for Overlay<B> {
         Ok(())
     }
 
+    fn set_later(
+        &self,
+        (dir, name): (&Self::Node, &OsStr),
+        node: &Self::Node,
+        kind: FileKind,
+        was: Validator,
+        changes: &SetAttr,
+    ) -> BResult<()> {
+        let op = "setattr";
+        let at = |t: Option<SetTime>| match t {
+            Some(SetTime::At(t)) => Ok(Some(t)),
+            Some(SetTime::Now) => Err(err(op, libc::EIO)),
+            None => Ok(None),
+        };
+        let rec = SetRecord {
+            mode: changes.mode,
+            uid: changes.uid,
+            gid: changes.gid,
+            atime: at(changes.atime)?,
+            mtime: at(changes.mtime)?,
+            ctime: now(),
+        };
+        if changes.size.is_some() {
+            return Err(err(op, libc::EIO));
+        }
+        let _w = self.window_read(&[dir.ino]);
+        let (Some(d), Some(obj)) = (self.nas_of(dir), self.nas_of(node)) else {
+            return Err(err(op, libc::EIO));
+        };
+        let mut st = self.st();
+        if Self::pending_at(&st, dir.ino, name) == AtName::Gone
+            || st
+                .children
+                .get(&dir.ino)
+                .is_some_and(|m| m.contains_key(name))
+        {
+            // Known by a name changed here: not found again by it.
+            return Err(err(op, libc::EIO));
+        }
+        let Some(dir_path) = Self::dir_path(&st, dir.ino) else {
+            return Err(err(op, libc::EIO));
+        };
+        let nas_ino = st
+            .alias
+            .values()
+            .find(|al| al.prov == node.ino)
+            .map(|al| al.nas_ino)
+            .unwrap_or(node.ino);
+        let was = Validator {
+            ino: nas_ino,
+            ..was
+        };
+        let r = RemovalRecord {
+            id: 0,
+            dir_path,
+            name: name.to_os_string(),
+            kind,
+            was,
+            to: None,
+            link: false,
+            set: Some(rec),
+        };
+        let id = self
+            .journal
+            .add_change(&r, None, &[])
+            .map_err(journal_err("journal"))?;
+        log::debug!(
+            "attributes of {name:?} (nas ino {nas_ino}) set here; on the NAS once it answers"
+        );
+        st.removals.push(Removal {
+            id,
+            dir: d,
+            dir_ino: dir.ino,
+            path: join_path(&r.dir_path, &r.name),
+            name: r.name,
+            kind,
+            was,
+            since: Instant::now(),
+            error: None,
+            to: None,
+            set: Some(SetHere { node: obj, rec }),
+        });
+        drop(st);
+        self.kick(false);
+        Ok(())
+    }
+
     fn undo_remove_later(&self, dir: &Self::Node, name: &OsStr) {
         let mut st = self.st();
-        let Some(i) = st
-            .removals
-            .iter()
-            .rposition(|r| r.dir_ino == dir.ino && r.name == name && r.to.is_none())
-        else {
+        let Some(i) = st.removals.iter().rposition(|r| {
+            r.dir_ino == dir.ino && r.name == name && r.to.is_none() && r.set.is_none()
+        }) else {
             return;
         };
         let r = st.removals.remove(i);
@@ -4535,7 +4770,8 @@ impl<B: Backend> Staged for Overlay<B> {
         self.pending_objects()
             .into_iter()
             .map(|o| PendingInfo {
-                new: (!o.removed && o.moved_to.is_none()).then_some(kind_name(o.kind)),
+                new: (!o.removed && !o.set && o.moved_to.is_none()).then_some(kind_name(o.kind)),
+                attrs: o.set.then_some(kind_name(o.kind)),
                 removed: o.removed.then_some(kind_name(o.kind)),
                 moved: o.moved_to.map(|to| (kind_name(o.kind), to, o.link)),
                 path: o.path,

@@ -93,10 +93,17 @@ const FORMAT5_COLUMNS: &str = "ALTER TABLE ops ADD COLUMN owner_here INTEGER NOT
 
 /// Added by format 6: a row of `removals` with a destination is a rename
 /// (or with `to_link`, a hard link) of a NAS object made while the NAS
-/// did not answer (in the same order as the removals).
+/// did not answer, one with `set_ctime_ns` a change of its attributes
+/// (in the same order as the removals).
 const FORMAT6_COLUMNS: &str = "ALTER TABLE removals ADD COLUMN to_dir_path BLOB;
     ALTER TABLE removals ADD COLUMN to_name BLOB;
-    ALTER TABLE removals ADD COLUMN to_link INTEGER NOT NULL DEFAULT 0;";
+    ALTER TABLE removals ADD COLUMN to_link INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE removals ADD COLUMN set_mode INTEGER;
+    ALTER TABLE removals ADD COLUMN set_uid INTEGER;
+    ALTER TABLE removals ADD COLUMN set_gid INTEGER;
+    ALTER TABLE removals ADD COLUMN set_atime_ns INTEGER;
+    ALTER TABLE removals ADD COLUMN set_mtime_ns INTEGER;
+    ALTER TABLE removals ADD COLUMN set_ctime_ns INTEGER;";
 
 /// Where a data row is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -671,6 +678,20 @@ pub struct RemovalRecord {
     pub to: Option<(OsString, OsString)>,
     /// With `to`: a hard link made there, the object staying where it is.
     pub link: bool,
+    /// Neither a removal nor a rename: attributes set here.
+    pub set: Option<SetRecord>,
+}
+
+/// Attributes of a NAS object set here while the NAS did not answer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SetRecord {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub atime: Option<SystemTime>,
+    pub mtime: Option<SystemTime>,
+    /// When they were set (the object's ctime here).
+    pub ctime: SystemTime,
 }
 
 /// A NAS inode number that stands for a local object's provisional one.
@@ -1043,8 +1064,9 @@ impl Journal {
         let tx = conn.transaction()?;
         tx.execute(
             "INSERT INTO removals (dir_path, name, kind, nas_ino, size, mtime_ns, ctime_ns,
-                 to_dir_path, to_name, to_link)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                 to_dir_path, to_name, to_link, set_mode, set_uid, set_gid, set_atime_ns,
+                 set_mtime_ns, set_ctime_ns)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             params![
                 r.dir_path.as_bytes(),
                 r.name.as_bytes(),
@@ -1056,6 +1078,12 @@ impl Journal {
                 r.to.as_ref().map(|t| t.0.as_bytes()),
                 r.to.as_ref().map(|t| t.1.as_bytes()),
                 r.link as i64,
+                r.set.and_then(|s| s.mode),
+                r.set.and_then(|s| s.uid),
+                r.set.and_then(|s| s.gid),
+                r.set.and_then(|s| s.atime).map(nanos),
+                r.set.and_then(|s| s.mtime).map(nanos),
+                r.set.map(|s| nanos(s.ctime)),
             ],
         )?;
         let id = tx.last_insert_rowid() as u64;
@@ -1080,7 +1108,8 @@ impl Journal {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT id, dir_path, name, kind, nas_ino, size, mtime_ns, ctime_ns,
-                 to_dir_path, to_name, to_link
+                 to_dir_path, to_name, to_link, set_mode, set_uid, set_gid, set_atime_ns,
+                 set_mtime_ns, set_ctime_ns
              FROM removals ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -1100,11 +1129,34 @@ impl Journal {
                 r.get::<_, Option<Vec<u8>>>(8)?,
                 r.get::<_, Option<Vec<u8>>>(9)?,
                 r.get::<_, i64>(10)?,
+                (
+                    r.get::<_, Option<u32>>(11)?,
+                    r.get::<_, Option<u32>>(12)?,
+                    r.get::<_, Option<u32>>(13)?,
+                    r.get::<_, Option<i64>>(14)?,
+                    r.get::<_, Option<i64>>(15)?,
+                    r.get::<_, Option<i64>>(16)?,
+                ),
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let ((id, dir, name, kind), (ino, size, mtime, ctime), to_dir, to_name, link) = row?;
+            let (
+                (id, dir, name, kind),
+                (ino, size, mtime, ctime),
+                to_dir,
+                to_name,
+                link,
+                (mode, uid, gid, sa, sm, sc),
+            ) = row?;
+            let set = sc.map(|sc| SetRecord {
+                mode,
+                uid,
+                gid,
+                atime: sa.map(from_nanos),
+                mtime: sm.map(from_nanos),
+                ctime: from_nanos(sc),
+            });
             let Some(kind) = kind_of(kind) else { continue };
             let to = match (to_dir, to_name) {
                 (Some(d), Some(n)) => Some((OsString::from_vec(d), OsString::from_vec(n))),
@@ -1122,6 +1174,7 @@ impl Journal {
                     ctime: from_nanos(ctime),
                 },
                 link: link != 0 && to.is_some(),
+                set: set.filter(|_| to.is_none()),
                 to,
             });
         }
@@ -1248,6 +1301,12 @@ mod tests {
                      ALTER TABLE removals DROP COLUMN to_dir_path;
                      ALTER TABLE removals DROP COLUMN to_name;
                      ALTER TABLE removals DROP COLUMN to_link;
+                     ALTER TABLE removals DROP COLUMN set_mode;
+                     ALTER TABLE removals DROP COLUMN set_uid;
+                     ALTER TABLE removals DROP COLUMN set_gid;
+                     ALTER TABLE removals DROP COLUMN set_atime_ns;
+                     ALTER TABLE removals DROP COLUMN set_mtime_ns;
+                     ALTER TABLE removals DROP COLUMN set_ctime_ns;
                      UPDATE meta SET value = 3 WHERE key = 'format';",
                 )
                 .unwrap();
@@ -1278,7 +1337,17 @@ mod tests {
             was: record().base,
             to: None,
             link: false,
+            set: None,
         };
+        let mut set = gone.clone();
+        set.set = Some(SetRecord {
+            mode: Some(0o750),
+            uid: None,
+            gid: Some(7),
+            atime: None,
+            mtime: Some(UNIX_EPOCH + Duration::from_secs(1_000_000_000)),
+            ctime: UNIX_EPOCH + Duration::from_nanos(1_100_000_000_123_456_789),
+        });
         let mut moved = gone.clone();
         moved.to = Some(("c/d".into(), "e".into()));
         let mut linked = moved.clone();
@@ -1286,7 +1355,8 @@ mod tests {
         gone.id = j.add_removal(&gone, None).unwrap();
         moved.id = j.add_change(&moved, None, &[]).unwrap();
         linked.id = j.add_change(&linked, None, &[]).unwrap();
-        assert_eq!(j.load_removals().unwrap(), vec![gone, moved, linked]);
+        set.id = j.add_change(&set, None, &[]).unwrap();
+        assert_eq!(j.load_removals().unwrap(), vec![gone, moved, linked, set]);
         j.conn()
             .execute("UPDATE meta SET value = 7 WHERE key = 'format'", [])
             .unwrap();

@@ -224,6 +224,9 @@ pub struct PendingInfo {
     /// path (`path` is the old one), and whether it is a hard link made
     /// there (the object keeping its name) rather than a rename.
     pub moved: Option<(&'static str, OsString, bool)>,
+    /// An object on the NAS whose attributes were set here, not there
+    /// yet, and its kind (a file's go with its data instead).
+    pub attrs: Option<&'static str>,
     pub path: OsString,
     pub bytes: u64,
     pub age: Duration,
@@ -1340,6 +1343,7 @@ impl<B: Backend> WriteBack<B> {
                 new: None,
                 removed: None,
                 moved: None,
+                attrs: None,
                 path: g.rec.path.clone(),
                 bytes: g.weight(),
                 age: g.rec.created.elapsed().unwrap_or_default(),
