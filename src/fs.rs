@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use crate::backend::bounded::is_unreachable;
 use crate::backend::{
     Attr, BResult, Backend, BackendError, Creds, FileKind, OpenMode, RenameFlags, SetAttr, SetTime,
-    StatFs,
+    StatFs, Validator,
 };
 use crate::cache::CacheError;
 use crate::data::{DataCache, FetchFn, FileData};
@@ -1565,10 +1565,13 @@ impl<B: Backend> Core<B> {
         }
         let dir = self.parent_node(parent)?;
         let was = attr.validator();
-        match self
-            .backend
-            .move_later((&dir, &name), (newdir, newname), node, attr.kind, was, true)
-        {
+        match self.backend.move_later(
+            (&dir, &name),
+            (newdir, newname),
+            (node, attr.kind, was),
+            None,
+            true,
+        ) {
             Ok(()) => {}
             Err(x) if x.raw_errno() == libc::EIO => return Err(e.into()),
             Err(x) => return Err(x.into()),
@@ -1722,7 +1725,30 @@ impl<B: Backend> Core<B> {
         rmdir: bool,
         e: BackendError,
     ) -> FsResult<()> {
+        let (node, kind, was) = match self.vouch_removal(parent, name, rmdir) {
+            Ok(v) => v,
+            Err(Some(x)) => return Err(x),
+            Err(None) => return Err(e.into()),
+        };
+        match self.backend.remove_later(dir, name, &node, kind, was) {
+            Ok(()) => Ok(()),
+            // The backend keeps no such view: the NAS's error.
+            Err(x) if x.raw_errno() == libc::EIO => Err(e.into()),
+            Err(x) => Err(x.into()),
+        }
+    }
+
+    /// What the cache vouches for of `name` in `parent`, to remove it
+    /// while the NAS does not answer: its node, kind and the NAS version
+    /// to remove. Err(None) where it cannot tell (see `remove_later`).
+    fn vouch_removal(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        rmdir: bool,
+    ) -> Result<(B::Node, FileKind, Validator), Option<FsError>> {
         let op = if rmdir { "rmdir" } else { "unlink" };
+        let errno = |n| Err(Some(BackendError::errno(op, n).into()));
         let (ino, kind, mut was, node) = {
             let t = self.tables();
             let listing = t.listings.get(&parent).filter(|l| l.complete);
@@ -1732,25 +1758,19 @@ impl<B: Backend> Core<B> {
                 .copied()
                 .or_else(|| listing.and_then(|l| l.names.get(name).copied()));
             let Some(ino) = known else {
-                return Err(if listing.is_some() {
-                    FsError::NotFound
-                } else {
-                    e.into()
-                });
+                return Err(listing.map(|_| FsError::NotFound));
             };
             let Some(i) = t.inodes.get(&ino) else {
-                return Err(e.into());
+                return Err(None);
             };
             match (rmdir, i.kind == FileKind::Dir) {
-                (true, false) => return Err(BackendError::errno(op, libc::ENOTDIR).into()),
-                (false, true) => return Err(BackendError::errno(op, libc::EISDIR).into()),
-                (false, false) if i.attr.nlink > 1 => return Err(e.into()),
+                (true, false) => return errno(libc::ENOTDIR),
+                (false, true) => return errno(libc::EISDIR),
+                (false, false) if i.attr.nlink > 1 => return Err(None),
                 (true, true) => match t.listings.get(&ino) {
-                    Some(l) if l.complete && !l.names.is_empty() => {
-                        return Err(BackendError::errno(op, libc::ENOTEMPTY).into());
-                    }
+                    Some(l) if l.complete && !l.names.is_empty() => return errno(libc::ENOTEMPTY),
                     Some(l) if l.complete => {}
-                    _ => return Err(e.into()),
+                    _ => return Err(None),
                 },
                 _ => {}
             }
@@ -1760,15 +1780,10 @@ impl<B: Backend> Core<B> {
         // unless an attempt to write them back did not finish.
         match self.wb.as_ref().and_then(|wb| wb.base(self.fuse_ino(ino))) {
             Some(Some(base)) => was = base,
-            Some(None) => return Err(e.into()),
+            Some(None) => return Err(None),
             None => {}
         }
-        match self.backend.remove_later(dir, name, &node, kind, was) {
-            Ok(()) => Ok(()),
-            // The backend keeps no such view: the NAS's error.
-            Err(x) if x.raw_errno() == libc::EIO => Err(e.into()),
-            Err(x) => Err(x.into()),
-        }
+        Ok((node, kind, was))
     }
 
     /// The inode `name` in `parent` leads to, if known (with its node).
@@ -1983,6 +1998,8 @@ impl<B: Backend> Core<B> {
             }
         };
         let mut removed_first = false;
+        // A NAS object there, removed with the rename (one journal commit).
+        let mut over = None;
         match replaced {
             Some((r, _)) if r == s => return Ok(()),
             // A new object over another: the backend moves it over that one.
@@ -2002,9 +2019,17 @@ impl<B: Backend> Core<B> {
                     _ => {}
                 }
                 // (A new object there is replaced by the backend.)
-                if !local(*r) {
-                    self.remove_later(newparent, newdir, newname, rd, e)?;
-                    removed_first = true;
+                match (local(*r), nas_src.is_some()) {
+                    (true, _) => {}
+                    (false, true) => match self.vouch_removal(newparent, newname, rd) {
+                        Ok(v) => over = Some(v),
+                        Err(Some(x)) => return Err(x),
+                        Err(None) => return Err(e.into()),
+                    },
+                    (false, false) => {
+                        self.remove_later(newparent, newdir, newname, rd, e)?;
+                        removed_first = true;
+                    }
                 }
             }
             None => {}
@@ -2015,8 +2040,10 @@ impl<B: Backend> Core<B> {
         };
         let done = match nas_src {
             Some((kind, was)) => {
+                let over = over.as_ref().map(|(n, k, w)| (n, *k, *w));
+                let obj = (s_node, kind, was);
                 self.backend
-                    .move_later((dir, name), (newdir, newname), s_node, kind, was, false)
+                    .move_later((dir, name), (newdir, newname), obj, over, false)
             }
             None => self.backend.rename(dir, name, newdir, newname, vouched),
         };

@@ -1058,3 +1058,90 @@ fn attribute_changes_of_directories_and_symlinks_made_offline_reach_the_nas() {
     assert_eq!(m.status_value("conflicts"), 1, "{status}");
     assert!(status.contains("conflict r/dir"), "{status}");
 }
+
+fn listed_ino(dir: &Path, name: &str) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .find(|e| e.file_name() == name)
+        .map(|e| std::os::unix::fs::DirEntryExt::ino(&e))
+        .unwrap()
+}
+
+#[test]
+fn a_name_renamed_to_twice_offline_shows_the_last_object() {
+    let _caches = kernel_caches(false);
+    let (m, sim) = removal_setup("timeo=30,actimeo=1,writeback_delay=1h");
+    let nas = |p: &str| sim.backing.join(p);
+    let edited = ino(&m.m("r/edited.txt"));
+    go_offline(&m, &sim);
+    // Two log rotations.
+    std::fs::rename(m.m("r/gone.txt"), m.m("r/b")).unwrap();
+    std::fs::rename(m.m("r/b"), m.m("r/c")).unwrap();
+    std::fs::rename(m.m("r/edited.txt"), m.m("r/b")).unwrap();
+    assert_eq!(listed_ino(&m.m("r"), "b"), edited);
+    assert_eq!(ino(&m.m("r/b")), edited);
+    assert_eq!(
+        std::fs::read_to_string(m.m("r/b")).unwrap(),
+        "r/edited.txt on the NAS"
+    );
+    sim.ctl("fail off");
+    m.wait_status("nas online", Duration::from_secs(20));
+    m.flush(None);
+    let read = |p: &str| std::fs::read_to_string(nas(p)).unwrap();
+    assert_eq!(read("r/b"), "r/edited.txt on the NAS");
+    assert_eq!(read("r/c"), "r/gone.txt on the NAS");
+    assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
+}
+
+#[test]
+fn a_directory_renamed_offline_to_a_name_taken_meanwhile_keeps_its_new_files() {
+    let _caches = kernel_caches(false);
+    // Made once the NAS answers, and at the next mount.
+    for remount in [false, true] {
+        renamed_to_a_taken_name(remount);
+    }
+}
+
+fn renamed_to_a_taken_name(remount: bool) {
+    let (mut m, sim) =
+        removal_setup("timeo=30,actimeo=1,writeback_delay=1h,unmount_flush_timeout=1s");
+    let nas = |p: &str| sim.backing.join(p);
+    go_offline(&m, &sim);
+    std::fs::rename(m.m("r/tree"), m.m("r/T")).unwrap();
+    std::fs::write(m.m("r/T/new.txt"), "made in the renamed tree").unwrap();
+    std::fs::write(m.m("r/T/x"), "edited in the renamed tree").unwrap();
+    if remount {
+        m.unmount();
+        assert_eq!(m.last_exit.and_then(|s| s.code()), Some(75), "{}", m.log());
+    }
+    // Meanwhile another client makes a directory of that name.
+    std::fs::create_dir(nas("r/T")).unwrap();
+    sim.ctl("fail off");
+    if remount {
+        m.mount();
+    } else {
+        m.wait_status("nas online", Duration::from_secs(20));
+    }
+    m.flush(None);
+    // The other client's directory keeps the name, untouched; the tree
+    // renamed here has the conflict name, with what was made in it.
+    assert!(names(&nas("r/T")).is_empty(), "{:?}", names(&nas("r/T")));
+    let kept: Vec<String> = names(&nas("r"))
+        .into_iter()
+        .filter(|n| n.starts_with("T.nassync-conflict-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{:?}", names(&nas("r")));
+    let k = |p: &str| nas(&format!("r/{}/{p}", kept[0]));
+    assert_eq!(names(&k("")), ["new.txt", "sub", "x"]);
+    assert_eq!(
+        std::fs::read_to_string(k("new.txt")).unwrap(),
+        "made in the renamed tree"
+    );
+    assert_eq!(
+        std::fs::read_to_string(k("x")).unwrap(),
+        "edited in the renamed tree"
+    );
+    assert!(!nas("r/tree").exists());
+    assert_eq!(m.status_value("conflicts"), 1, "{}", m.status());
+}

@@ -390,20 +390,20 @@ pub trait Backend: Send + Sync + 'static {
         Err(BackendError::errno("remove", libc::EIO))
     }
 
-    /// While the NAS does not answer: renames `name` in `dir` (`node`, of
-    /// `kind`, the NAS version `was`) to `newname` in `newdir` here at
-    /// once, and on the NAS once it answers, in order with the removals
-    /// (see [`overlay`]); with `link`, makes `newname` a further name of
-    /// it instead. The caller vouches that the new name is free (what was
-    /// there removed with [`Backend::remove_later`] first). EIO for a
-    /// backend that keeps no local view of the namespace.
+    /// While the NAS does not answer: renames `name` in `dir` (`obj`: its
+    /// node, kind and NAS version) to `newname` in `newdir` here at once,
+    /// and on the NAS once it answers, in order with the removals (see
+    /// [`overlay`]); with `link`, makes `newname` a further name of it
+    /// instead. The caller vouches that the new name is free, or holds
+    /// `over` (a NAS object, as for [`Backend::remove_later`]), removed
+    /// with the rename. EIO for a backend that keeps no local view of the
+    /// namespace.
     fn move_later(
         &self,
         _from: (&Self::Node, &OsStr),
         _to: (&Self::Node, &OsStr),
-        _node: &Self::Node,
-        _kind: FileKind,
-        _was: Validator,
+        _obj: (&Self::Node, FileKind, Validator),
+        _over: Option<(&Self::Node, FileKind, Validator)>,
         _link: bool,
     ) -> BResult<()> {
         Err(BackendError::errno("rename", libc::EIO))

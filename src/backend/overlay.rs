@@ -64,7 +64,7 @@ use crate::writeback::journal::{
     AliasRecord, ConflictRecord, Journal, LeftoverRecord, ObjParent, ObjectRecord, RemovalRecord,
     SetRecord,
 };
-use crate::writeback::{PendingInfo, Staged, conflict_name, conflict_stamp, under};
+use crate::writeback::{Moved, OwnMeta, PendingInfo, Staged, conflict_name, conflict_stamp, under};
 
 /// Provisional inode numbers: far above any a NAS hands out in practice.
 pub const PROV_BASE: u64 = 0xFFFF_0000_0000_0000;
@@ -420,7 +420,10 @@ pub struct Overlay<B: Backend> {
     data_pending: std::sync::OnceLock<Box<dyn Fn(u64) -> bool + Send + Sync>>,
     /// Tells write-back that nassync itself moved a file's ctime on the
     /// NAS (see [`Staged::watch_own_meta`]).
-    own_meta: std::sync::OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
+    own_meta: std::sync::OnceLock<OwnMeta>,
+    /// Tells write-back that paths under one are now under another (see
+    /// [`Staged::watch_moved`]).
+    moved: std::sync::OnceLock<Moved>,
     created: AtomicU64,
     conflicts: AtomicU64,
     retries: AtomicU64,
@@ -463,7 +466,7 @@ impl<B: Backend> Overlay<B> {
             reason: e.to_string(),
         };
         let (root_node, root_attr) = lower.root().map_err(setup)?;
-        let (records, next) = journal.load_objects()?;
+        let next = journal.load_objects()?.1;
         // Aliases no data row names: nothing knows those numbers any more.
         journal.prune_aliases()?;
         let aliases = journal.load_aliases()?;
@@ -518,6 +521,7 @@ impl<B: Backend> Overlay<B> {
             upper_synced: AtomicBool::new(true),
             data_pending: std::sync::OnceLock::new(),
             own_meta: std::sync::OnceLock::new(),
+            moved: std::sync::OnceLock::new(),
             created: AtomicU64::new(0),
             conflicts: AtomicU64::new(0),
             retries: AtomicU64::new(0),
@@ -533,22 +537,30 @@ impl<B: Backend> Overlay<B> {
                 retimed.extend(ov.apply_at_open(&root_node, root_attr.ino, &r)?);
             }
         }
+        // (Read after: a rename that got the conflict name moved rows.)
+        let records = ov.journal.load_objects()?.0;
         let mut known = HashSet::new();
         for r in records {
             let (parent, parent_nas) = match &r.parent {
                 ObjParent::Local(p) => (*p, None),
                 ObjParent::Nas(path) => match ov.walk(&root_node, root_attr.ino, path) {
                     Ok((node, ino)) => (ino, Some(node)),
-                    Err(e) => {
-                        // Its directory went away on the NAS: it is
-                        // created again when the object is.
-                        log::warn!(
-                            "journal: the directory {:?} of a new object is gone ({e}); \
-                             it will be created again",
-                            path
-                        );
-                        (root_attr.ino, Some(root_node.clone()))
-                    }
+                    // Its directory went away on the NAS (or a rename made
+                    // here could not be made there): created again, so
+                    // that the object lands where it was shown.
+                    Err(e) => match ov
+                        .make_path(path)
+                        .and_then(|_| ov.walk(&root_node, root_attr.ino, path))
+                    {
+                        Ok((node, ino)) => (ino, Some(node)),
+                        Err(e2) => {
+                            log::warn!(
+                                "journal: the directory {path:?} of a new object is gone ({e}), \
+                                 and cannot be made again ({e2}); it goes into the share's root"
+                            );
+                            (root_attr.ino, Some(root_node.clone()))
+                        }
+                    },
                 },
             };
             // A further name of a local file, whose row comes first (a
@@ -748,7 +760,8 @@ impl<B: Backend> Overlay<B> {
         let path = join_path(&r.dir_path, &r.name);
         let find = |p: &OsStr| match self.walk(root, root_ino, p) {
             Ok((n, _)) => Ok(Some(n)),
-            Err(e) if e.raw_errno() == libc::ENOENT => Ok(None),
+            // Gone, or no longer a directory.
+            Err(e) if matches!(e.raw_errno(), libc::ENOENT | libc::ENOTDIR) => Ok(None),
             Err(e) => Err(setup(format!("finding {p:?} again: {e}"))),
         };
         // (what is shown as changed, where the NAS's object is, why)
@@ -807,7 +820,16 @@ impl<B: Backend> Overlay<B> {
                     };
                     done.map(|c| {
                         c.map(|(why, kept)| {
-                            let kept = kept.map_or(path.clone(), |k| join_path(td, &k));
+                            let kept = match kept {
+                                Some(k) => {
+                                    let kept = join_path(td, &k);
+                                    if !r.link {
+                                        self.repath(&join_path(td, tn), &kept);
+                                    }
+                                    kept
+                                }
+                                None => path.clone(),
+                            };
                             (join_path(td, tn), kept, why)
                         })
                     })
@@ -1197,18 +1219,23 @@ impl<B: Backend> Overlay<B> {
 
     /// NAS object `shown` (inode number as shown) was renamed on the NAS
     /// to `name` in `dir` rather than to the name it has here (a conflict):
-    /// a directory's path, as the journal names it, follows.
+    /// a directory's place follows.
     fn moved_to_conflict(&self, shown: u64, dir: u64, name: &OsStr) {
         let mut st = self.st();
-        let Some(d) = st.dirs.get_mut(&shown) else {
-            return;
-        };
-        d.parent = dir;
-        d.name = name.to_os_string();
-        for r in Self::nas_rows(&st) {
-            if let Err(e) = self.journal.put_object(&r, st.next_prov) {
-                log::warn!("journal: {e}");
-            }
+        if let Some(d) = st.dirs.get_mut(&shown) {
+            d.parent = dir;
+            d.name = name.to_os_string();
+        }
+    }
+
+    /// Rows that name `old` or a path under it follow to `new`: the
+    /// journal's, and write-back's.
+    fn repath(&self, old: &OsStr, new: &OsStr) {
+        if let Err(e) = self.journal.repath(old, new) {
+            log::warn!("journal: {e}");
+        }
+        if let Some(f) = self.moved.get() {
+            f(old, new);
         }
     }
 
@@ -1768,10 +1795,8 @@ impl<B: Backend> Overlay<B> {
             let Some(t) = r.to.as_ref().filter(|t| t.dir_ino == dir) else {
                 continue;
             };
-            if let AtName::MovedIn(_) = Self::pending_at(st, dir, &t.name) {
-                if out.iter().any(|e| e.name == t.name) {
-                    continue;
-                }
+            // The last change of that name, only.
+            if Self::pending_at(st, dir, &t.name) == AtName::MovedIn(r.id) {
                 let ino = st.alias.get(&r.was.ino).map_or(r.was.ino, |al| al.prov);
                 out.push(DirEntry {
                     name: t.name.clone(),
@@ -2105,11 +2130,20 @@ impl<B: Backend> Overlay<B> {
             let Some(((id, dir, path, name), (kind, was, shown), to)) = next else {
                 return Ok(());
             };
-            let set = {
+            let (set, dir_ino) = {
                 let st = self.st();
-                let r = st.removals.first().and_then(|r| r.set.as_ref());
-                r.map(|s| (s.node.clone(), s.rec))
+                let r = st.removals.first();
+                let set = r
+                    .and_then(|r| r.set.as_ref())
+                    .map(|s| (s.node.clone(), s.rec));
+                (set, r.map_or(0, |r| r.dir_ino))
             };
+            // Readers of the directories it changes wait until the view
+            // has the change too (a listing must not combine the NAS's of
+            // after with the pending change, or the other way round).
+            let mut dirs = vec![dir_ino];
+            dirs.extend(to.as_ref().map(|t| t.dir_ino));
+            let _w = set.is_none().then(|| self.window_place(&dirs));
             // (what is shown as changed, where the NAS's object is, why)
             let outcome = match &to {
                 None if set.is_some() => {
@@ -2127,12 +2161,14 @@ impl<B: Backend> Overlay<B> {
                 .map(|c| {
                     c.map(|(reason, kept)| match kept {
                         Some(kept) => {
-                            if !t.link {
-                                self.moved_to_conflict(shown, t.dir_ino, &kept);
-                            }
                             let parent = Path::new(&t.path).parent();
                             let parent = parent.map_or(OsStr::new(""), |p| p.as_os_str());
-                            (t.path.clone(), join_path(parent, &kept), reason)
+                            let kept_path = join_path(parent, &kept);
+                            if !t.link {
+                                self.moved_to_conflict(shown, t.dir_ino, &kept);
+                                self.repath(&t.path, &kept_path);
+                            }
+                            (t.path.clone(), kept_path, reason)
                         }
                         None => (t.path.clone(), path.clone(), reason),
                     })
@@ -2170,6 +2206,124 @@ impl<B: Backend> Overlay<B> {
         }
     }
 
+    /// Applies the pending changes, then checks that each of `names`
+    /// that showed a NAS object renamed or linked there here still leads
+    /// to it on the NAS: if that name was taken there meanwhile, the
+    /// object got the conflict name and what the NAS has under the name
+    /// is another client's, never to act on by this name (ENOENT).
+    fn apply_removals_at(
+        &self,
+        names: &[(&ONode<B::Node>, &OsStr)],
+        op: &'static str,
+    ) -> BResult<()> {
+        let expect: Vec<(&ONode<B::Node>, &OsStr, u64)> = {
+            let st = self.st();
+            names
+                .iter()
+                .filter_map(|(d, n)| match Self::pending_at(&st, d.ino, n) {
+                    AtName::MovedIn(id) => {
+                        let r = st.removals.iter().find(|r| r.id == id)?;
+                        Some((*d, *n, r.was.ino))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        self.apply_removals()?;
+        for (dir, name, ino) in expect {
+            let Some(d) = self.nas_of(dir) else { continue };
+            match self.lower.lookup(&d, name) {
+                Ok((_, a)) if a.ino == ino => {}
+                Ok(_) => {
+                    log::warn!(
+                        "{op} {name:?}: the NAS has another object under that name (a conflict); \
+                         not acting on it"
+                    );
+                    return Err(err(op, libc::ENOENT));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// The removal of NAS object `node` (of `kind`, version `was`), `name`
+    /// in `dir`, while the NAS does not answer: its journal row, whose
+    /// data rows go with it, and its entry (id 0 until journaled).
+    #[allow(clippy::type_complexity)]
+    fn removal(
+        st: &State<B>,
+        (dir, d, name): (&ONode<B::Node>, B::Node, &OsStr),
+        (node, kind, was): (&ONode<B::Node>, FileKind, Validator),
+    ) -> BResult<(RemovalRecord, Option<u64>, Removal<B::Node>)> {
+        let op = "remove";
+        if st
+            .children
+            .get(&dir.ino)
+            .is_some_and(|m| m.contains_key(name))
+        {
+            return Err(err(op, libc::EIO));
+        }
+        if kind == FileKind::Dir && st.children.get(&was.ino).is_some_and(|m| !m.is_empty()) {
+            return Err(err(op, libc::ENOTEMPTY));
+        }
+        if Self::is_removed(st, dir.ino, name) {
+            return Err(err(op, libc::ENOENT));
+        }
+        // Without its directory's path it could not be found after a
+        // restart: refused, as before.
+        let Some(dir_path) = Self::dir_path(st, dir.ino) else {
+            return Err(err(op, libc::EIO));
+        };
+        // The node's number, not the attributes' (a file saved over
+        // another shows the new file's until looked up again); an object
+        // created here is known by its provisional number.
+        let nas_ino = st
+            .alias
+            .values()
+            .find(|al| al.prov == node.ino)
+            .map(|al| al.nas_ino)
+            .unwrap_or(node.ino);
+        let was = Validator {
+            ino: nas_ino,
+            ..was
+        };
+        let rec = RemovalRecord {
+            id: 0,
+            dir_path,
+            name: name.to_os_string(),
+            kind,
+            was,
+            to: None,
+            link: false,
+            set: None,
+        };
+        let r = Removal {
+            id: 0,
+            dir: d,
+            dir_ino: dir.ino,
+            path: join_path(&rec.dir_path, &rec.name),
+            name: rec.name.clone(),
+            kind,
+            was,
+            since: Instant::now(),
+            error: None,
+            to: None,
+            set: None,
+        };
+        Ok((rec, (kind == FileKind::File).then_some(node.ino), r))
+    }
+
+    /// Removal `r`, journaled, is in the view.
+    fn removed(st: &mut State<B>, r: Removal<B::Node>) {
+        if r.kind == FileKind::Dir {
+            st.dirs
+                .retain(|_, v| !(v.parent == r.dir_ino && v.name == r.name));
+        }
+        Self::dir_changed(st, r.dir_ino, now(), 0);
+        st.removals.push(r);
+    }
+
     /// Renames `name` in NAS directory `dir` to `newname` in `newdir` if it
     /// is still the object renamed here (`shown`: its inode number here),
     /// never over anything: Some((reason, None)) when it stays where it
@@ -2184,34 +2338,46 @@ impl<B: Backend> Overlay<B> {
         shown: u64,
     ) -> BResult<Option<(String, Option<OsString>)>> {
         let a = match self.lower.lookup(dir, name) {
-            Ok((_, a)) => a,
-            Err(e) if matches!(e.raw_errno(), libc::ENOENT | libc::ESTALE) => {
+            Ok((_, a)) => Some(a),
+            Err(e) if matches!(e.raw_errno(), libc::ENOENT | libc::ESTALE) => None,
+            Err(e) => return Err(e),
+        };
+        let Some(a) = a.filter(|a| a.ino == was.ino && a.kind == kind) else {
+            // Made already (by an attempt cut short by a crash, or
+            // abandoned after `timeo` and finished since)?
+            if let Ok((_, b)) = self.lower.lookup(newdir, newname) {
+                if b.ino == was.ino {
+                    return Ok(None);
+                }
+            }
+            if a.is_none() {
                 return Ok(Some((
                     "renamed here, and removed on the NAS meanwhile: nothing to rename".into(),
                     None,
                 )));
             }
-            Err(e) => return Err(e),
-        };
-        if a.ino != was.ino || a.kind != kind {
             return Ok(Some((
                 "renamed here, and replaced on the NAS meanwhile: the NAS's stays where it is"
                     .into(),
                 None,
             )));
-        }
+        };
         // The rename moves its ctime: write-back must know that is ours.
-        if let Some(f) = self.own_meta.get() {
-            f(shown);
+        let own = self.own_meta.get();
+        if let Some(f) = own {
+            f(shown, None);
         }
         let kept = self.move_noreplace((dir, name), newdir, newname)?;
-        // Pending data of the file (in the journal, as after a restart)
-        // started from the version of before the rename.
+        // Pending data of the file (in write-back, or in the journal at
+        // mount) started from the version of before the rename.
         if kind == FileKind::File {
             match self.lower.lookup(newdir, &kept) {
                 Ok((_, b)) if b.ino == a.ino && b.ctime != a.ctime => {
                     if let Err(e) = self.journal.rebase_ctime(a.ino, a.ctime, b.ctime) {
                         log::warn!("journal: {e}");
+                    }
+                    if let Some(f) = own {
+                        f(shown, Some(&b));
                     }
                 }
                 _ => {}
@@ -2972,7 +3138,20 @@ impl<B: Backend> Overlay<B> {
     /// The parent of `p` is a NAS directory that is gone: created again
     /// (with its path), so that nothing written here is lost.
     fn recreate_parent(&self, parent: u64, path: &OsStr) -> BResult<B::Node> {
-        let (mut node, _) = self.lower.root()?;
+        let (node, _) = self.make_path(path)?;
+        let mut st = self.st();
+        for o in st.objs.values_mut() {
+            if o.parent == parent {
+                o.parent_nas = Some(node.clone());
+            }
+        }
+        Ok(node)
+    }
+
+    /// The NAS directory at `path`, made (with the directories above it)
+    /// where missing: a conflict, noted.
+    fn make_path(&self, path: &OsStr) -> BResult<(B::Node, Attr)> {
+        let (mut node, mut attr) = self.lower.root()?;
         let mut made = false;
         for c in path
             .as_bytes()
@@ -2980,8 +3159,8 @@ impl<B: Backend> Overlay<B> {
             .filter(|c| !c.is_empty())
         {
             let name = OsStr::from_bytes(c);
-            node = match self.lower.lookup(&node, name) {
-                Ok((n, _)) => n,
+            (node, attr) = match self.lower.lookup(&node, name) {
+                Ok(x) => x,
                 Err(e) if e.raw_errno() == libc::ENOENT => {
                     let creds = Creds {
                         uid: 0,
@@ -2989,7 +3168,7 @@ impl<B: Backend> Overlay<B> {
                         umask: 0o022,
                     };
                     made = true;
-                    self.lower.mkdir(&node, name, 0o755, creds)?.0
+                    self.lower.mkdir(&node, name, 0o755, creds)?
                 }
                 Err(e) => return Err(e),
             };
@@ -3001,13 +3180,7 @@ impl<B: Backend> Overlay<B> {
                 "the directory was removed on the NAS while new files in it were waiting; created again",
             );
         }
-        let mut st = self.st();
-        for o in st.objs.values_mut() {
-            if o.parent == parent {
-                o.parent_nas = Some(node.clone());
-            }
-        }
-        Ok(node)
+        Ok((node, attr))
     }
 
     fn note_conflict(&self, path: &OsStr, kept: &OsStr, reason: &str) {
@@ -3858,7 +4031,7 @@ impl<B: Backend> Backend for Overlay<B> {
             return Err(err("unlink", libc::ENOENT));
         }
         drop(_w);
-        self.apply_removals()?;
+        self.apply_removals_at(&[(dir, name)], "unlink")?;
         self.lower.unlink(&d, name)
     }
 
@@ -3883,7 +4056,7 @@ impl<B: Backend> Backend for Overlay<B> {
         }
         // Its entries removed here go from the NAS first.
         drop(_w);
-        self.apply_removals()?;
+        self.apply_removals_at(&[(dir, name)], "rmdir")?;
         // Local children still to create keep it from being empty.
         let has_local = !self.st().children.is_empty();
         if has_local {
@@ -3999,7 +4172,7 @@ impl<B: Backend> Backend for Overlay<B> {
         // (which may mean placing new objects there: not under `window`),
         // after the removals made while it did not answer.
         drop(w);
-        self.apply_removals()?;
+        self.apply_removals_at(&[(dir, name), (newdir, newname)], op)?;
         if !flags.exchange {
             // A directory with new objects in it is not empty, whatever
             // the NAS says.
@@ -4406,76 +4579,22 @@ impl<B: Backend> Backend for Overlay<B> {
         kind: FileKind,
         was: Validator,
     ) -> BResult<()> {
-        let op = "remove";
         let _w = self.window_read(&[dir.ino]);
+        // (Not under `state`: it may look there.)
         let Some(d) = self.nas_of(dir) else {
-            return Err(err(op, libc::EIO));
+            return Err(err("remove", libc::EIO));
         };
         let mut st = self.st();
-        if st
-            .children
-            .get(&dir.ino)
-            .is_some_and(|m| m.contains_key(name))
-        {
-            return Err(err(op, libc::EIO));
-        }
-        if kind == FileKind::Dir && st.children.get(&was.ino).is_some_and(|m| !m.is_empty()) {
-            return Err(err(op, libc::ENOTEMPTY));
-        }
-        if Self::is_removed(&st, dir.ino, name) {
-            return Err(err(op, libc::ENOENT));
-        }
-        // Without its directory's path it could not be found after a
-        // restart: refused, as before.
-        let Some(dir_path) = Self::dir_path(&st, dir.ino) else {
-            return Err(err(op, libc::EIO));
-        };
-        // The node's number, not the attributes' (a file saved over
-        // another shows the new file's until looked up again); an object
-        // created here is known by its provisional number.
-        let nas_ino = st
-            .alias
-            .values()
-            .find(|al| al.prov == node.ino)
-            .map(|al| al.nas_ino)
-            .unwrap_or(node.ino);
-        let was = Validator {
-            ino: nas_ino,
-            ..was
-        };
-        let rec = RemovalRecord {
-            id: 0,
-            dir_path,
-            name: name.to_os_string(),
-            kind,
-            was,
-            to: None,
-            link: false,
-            set: None,
-        };
-        let id = self
+        let (rec, data_of, mut r) = Self::removal(&st, (dir, d, name), (node, kind, was))?;
+        r.id = self
             .journal
-            .add_removal(&rec, (kind == FileKind::File).then_some(node.ino))
+            .add_removal(&rec, data_of)
             .map_err(journal_err("journal"))?;
-        log::debug!("{name:?} (nas ino {nas_ino}) removed here; on the NAS once it answers");
-        st.removals.push(Removal {
-            id,
-            dir: d,
-            dir_ino: dir.ino,
-            path: join_path(&rec.dir_path, &rec.name),
-            name: rec.name,
-            kind,
-            was,
-            since: Instant::now(),
-            error: None,
-            to: None,
-            set: None,
-        });
-        if kind == FileKind::Dir {
-            st.dirs
-                .retain(|_, v| !(v.parent == dir.ino && v.name == name));
-        }
-        Self::dir_changed(&mut st, dir.ino, now(), 0);
+        log::debug!(
+            "{name:?} (nas ino {}) removed here; on the NAS once it answers",
+            r.was.ino
+        );
+        Self::removed(&mut st, r);
         drop(st);
         self.kick(false);
         Ok(())
@@ -4485,9 +4604,8 @@ impl<B: Backend> Backend for Overlay<B> {
         &self,
         (dir, name): (&Self::Node, &OsStr),
         (newdir, newname): (&Self::Node, &OsStr),
-        node: &Self::Node,
-        kind: FileKind,
-        was: Validator,
+        (node, kind, was): (&Self::Node, FileKind, Validator),
+        over: Option<(&Self::Node, FileKind, Validator)>,
         link: bool,
     ) -> BResult<()> {
         let op = if link { "link" } else { "rename" };
@@ -4512,9 +4630,17 @@ impl<B: Backend> Backend for Overlay<B> {
             AtName::Gone => return Err(err(op, libc::ENOENT)),
             AtName::Nas | AtName::MovedIn(_) => {}
         }
-        // The caller removed what was at the new name first.
-        if let AtName::MovedIn(_) = Self::pending_at(&st, newdir.ino, newname) {
-            return Err(err(op, if link { libc::EEXIST } else { libc::EIO }));
+        // The NAS object at the new name goes with the rename, in the same
+        // journal transaction.
+        let gone = match (over, link) {
+            (Some(_), true) => return Err(err(op, libc::EEXIST)),
+            (Some(o), false) => Some(Self::removal(&st, (newdir, nd.clone(), newname), o)?),
+            (None, _) => None,
+        };
+        if gone.is_none() {
+            if let AtName::MovedIn(_) = Self::pending_at(&st, newdir.ino, newname) {
+                return Err(err(op, if link { libc::EEXIST } else { libc::EIO }));
+            }
         }
         // Paths as the NAS will have them once the changes before this
         // one are made there (without them the change could not be found
@@ -4568,32 +4694,6 @@ impl<B: Backend> Backend for Overlay<B> {
             link,
             set: None,
         };
-        if let Some(q) = replaced {
-            self.remove_local(&mut st, newdir.ino, newname, q)?;
-        }
-        // A directory takes the new objects in it along: their rows name
-        // it by its new path, in the same transaction.
-        let before = st.dirs.get(&node.ino).cloned();
-        if kind == FileKind::Dir {
-            if let Some(x) = st.dirs.get_mut(&node.ino) {
-                x.parent = newdir.ino;
-                x.name = newname.to_os_string();
-            }
-        }
-        let rows = if kind == FileKind::Dir {
-            Self::nas_rows(&st)
-        } else {
-            Vec::new()
-        };
-        let id = match self.journal.add_change(&rec, None, &rows) {
-            Ok(id) => id,
-            Err(e) => {
-                if let Some(b) = before {
-                    st.dirs.insert(node.ino, b);
-                }
-                return Err(journal_err("journal")(e));
-            }
-        };
         let (path, newpath) = (
             join_path(&rec.dir_path, &rec.name),
             join_path(
@@ -4601,12 +4701,61 @@ impl<B: Backend> Backend for Overlay<B> {
                 newname,
             ),
         );
+        // A directory takes along the rows that name it by path: those of
+        // the new objects in it (their paths as they will be, computed
+        // with its entry moved for the time it takes) and the leftovers.
+        let moved_dir = kind == FileKind::Dir && !link;
+        let rows = if moved_dir {
+            let old = st.dirs.get(&node.ino).cloned();
+            let there = st
+                .dirs
+                .iter()
+                .find(|(k, v)| **k != node.ino && v.parent == newdir.ino && v.name == newname)
+                .map(|(k, v)| (*k, v.clone()));
+            if let Some((k, _)) = &there {
+                st.dirs.remove(k);
+            }
+            if let Some(x) = st.dirs.get_mut(&node.ino) {
+                x.parent = newdir.ino;
+                x.name = newname.to_os_string();
+            }
+            let rows = Self::nas_rows(&st);
+            if let Some(o) = old {
+                st.dirs.insert(node.ino, o);
+            }
+            if let Some((k, v)) = there {
+                st.dirs.insert(k, v);
+            }
+            rows
+        } else {
+            Vec::new()
+        };
+        let mut changes = Vec::new();
+        if let Some((grec, data_of, _)) = &gone {
+            changes.push((grec, *data_of));
+        }
+        changes.push((&rec, None));
+        let repath = moved_dir.then_some((path.as_os_str(), newpath.as_os_str()));
+        let ids = self
+            .journal
+            .add_changes(&changes, &rows, repath)
+            .map_err(journal_err("journal"))?;
+        if let Some((_, _, mut g)) = gone {
+            g.id = ids[0];
+            Self::removed(&mut st, g);
+        }
+        if moved_dir {
+            if let Some(x) = st.dirs.get_mut(&node.ino) {
+                x.parent = newdir.ino;
+                x.name = newname.to_os_string();
+            }
+        }
         log::debug!(
             "{path:?} (nas ino {nas_ino}) {} here to {newpath:?}; on the NAS once it answers",
             if link { "linked" } else { "renamed" }
         );
         st.removals.push(Removal {
-            id,
+            id: ids[ids.len() - 1],
             dir: d,
             dir_ino: dir.ino,
             path,
@@ -4625,6 +4774,13 @@ impl<B: Backend> Backend for Overlay<B> {
             }),
             set: None,
         });
+        // Only once the rename is in the journal: a crash before keeps the
+        // new object (a conflict copy at worst), never loses it.
+        if let Some(q) = replaced {
+            if let Err(e) = self.remove_local(&mut st, newdir.ino, newname, q) {
+                log::warn!("{newname:?}: the new object replaced here stays in the journal: {e}");
+            }
+        }
         let t = now();
         if !link {
             Self::dir_changed(&mut st, dir.ino, t, 0);
@@ -4756,8 +4912,12 @@ impl<B: Backend> Staged for Overlay<B> {
         let _ = self.data_pending.set(pending);
     }
 
-    fn watch_own_meta(&self, own: Box<dyn Fn(u64) + Send + Sync>) {
+    fn watch_own_meta(&self, own: OwnMeta) {
         let _ = self.own_meta.set(own);
+    }
+
+    fn watch_moved(&self, moved: Moved) {
+        let _ = self.moved.set(moved);
     }
 
     fn settle(&self) {

@@ -13,7 +13,7 @@
 //! Durability: commits are not synced (synchronous=NORMAL) except those
 //! that confirm an fsync ([`Journal::commit_durable`]).
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -1060,41 +1060,119 @@ impl Journal {
         data_of: Option<u64>,
         objects: &[ObjectRecord],
     ) -> Result<u64, CacheError> {
+        let ids = self.add_changes(&[(r, data_of)], objects, None)?;
+        Ok(ids[0])
+    }
+
+    /// Several changes in one transaction, in order (a removal and the
+    /// rename over what it removed); with `repath` (a directory renamed),
+    /// the leftover rows under its old path follow it: they name it by
+    /// its path as it will be once the rename is made (the object rows
+    /// are in `objects`; the data rows follow through write-back). Their
+    /// ids.
+    pub fn add_changes(
+        &self,
+        changes: &[(&RemovalRecord, Option<u64>)],
+        objects: &[ObjectRecord],
+        repath: Option<(&OsStr, &OsStr)>,
+    ) -> Result<Vec<u64>, CacheError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(
-            "INSERT INTO removals (dir_path, name, kind, nas_ino, size, mtime_ns, ctime_ns,
-                 to_dir_path, to_name, to_link, set_mode, set_uid, set_gid, set_atime_ns,
-                 set_mtime_ns, set_ctime_ns)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
-            params![
-                r.dir_path.as_bytes(),
-                r.name.as_bytes(),
-                kind_code(r.kind),
-                r.was.ino as i64,
-                r.was.size as i64,
-                nanos(r.was.mtime),
-                nanos(r.was.ctime),
-                r.to.as_ref().map(|t| t.0.as_bytes()),
-                r.to.as_ref().map(|t| t.1.as_bytes()),
-                r.link as i64,
-                r.set.and_then(|s| s.mode),
-                r.set.and_then(|s| s.uid),
-                r.set.and_then(|s| s.gid),
-                r.set.and_then(|s| s.atime).map(nanos),
-                r.set.and_then(|s| s.mtime).map(nanos),
-                r.set.map(|s| nanos(s.ctime)),
-            ],
-        )?;
-        let id = tx.last_insert_rowid() as u64;
-        if let Some(ino) = data_of {
-            Self::delete_data_of(&tx, ino)?;
+        let mut ids = Vec::new();
+        for (r, data_of) in changes {
+            tx.execute(
+                "INSERT INTO removals (dir_path, name, kind, nas_ino, size, mtime_ns, ctime_ns,
+                     to_dir_path, to_name, to_link, set_mode, set_uid, set_gid, set_atime_ns,
+                     set_mtime_ns, set_ctime_ns)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                params![
+                    r.dir_path.as_bytes(),
+                    r.name.as_bytes(),
+                    kind_code(r.kind),
+                    r.was.ino as i64,
+                    r.was.size as i64,
+                    nanos(r.was.mtime),
+                    nanos(r.was.ctime),
+                    r.to.as_ref().map(|t| t.0.as_bytes()),
+                    r.to.as_ref().map(|t| t.1.as_bytes()),
+                    r.link as i64,
+                    r.set.and_then(|s| s.mode),
+                    r.set.and_then(|s| s.uid),
+                    r.set.and_then(|s| s.gid),
+                    r.set.and_then(|s| s.atime).map(nanos),
+                    r.set.and_then(|s| s.mtime).map(nanos),
+                    r.set.map(|s| nanos(s.ctime)),
+                ],
+            )?;
+            ids.push(tx.last_insert_rowid() as u64);
+            if let Some(ino) = data_of {
+                Self::delete_data_of(&tx, *ino)?;
+            }
+        }
+        if let Some((old, new)) = repath {
+            Self::repath_in(&tx, old, new, false)?;
         }
         for o in objects {
             Self::put_in(&tx, o)?;
         }
         tx.commit()?;
-        Ok(id)
+        Ok(ids)
+    }
+
+    /// An object on the NAS is at `new` rather than at `old`, where rows
+    /// expected it (a rename made here that got the conflict name there):
+    /// every row that names `old` or a path under it follows (objects,
+    /// data, leftovers, later removals and renames).
+    pub fn repath(&self, old: &OsStr, new: &OsStr) -> Result<(), CacheError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        Self::repath_in(&tx, old, new, true)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn repath_in(tx: &Connection, old: &OsStr, new: &OsStr, all: bool) -> Result<(), CacheError> {
+        let moved = |p: &[u8]| -> Option<Vec<u8>> {
+            let o = old.as_bytes();
+            let rest = p.strip_prefix(o)?;
+            if !(rest.is_empty() || rest[0] == b'/' || o.is_empty()) {
+                return None;
+            }
+            let mut v = new.as_bytes().to_vec();
+            if o.is_empty() && !rest.is_empty() && !v.is_empty() {
+                v.push(b'/');
+            }
+            v.extend_from_slice(rest);
+            Some(v)
+        };
+        let mut cols = vec![("leftovers", "id", "dir_path")];
+        if all {
+            cols.extend([
+                ("objects", "prov", "parent_path"),
+                ("ops", "seq", "path"),
+                ("ops", "seq", "path2"),
+                ("removals", "id", "dir_path"),
+                ("removals", "id", "to_dir_path"),
+            ]);
+        }
+        for (table, key, col) in cols {
+            let rows: Vec<(i64, Vec<u8>)> = {
+                let mut stmt = tx.prepare(&format!(
+                    "SELECT {key}, {col} FROM {table} WHERE {col} IS NOT NULL"
+                ))?;
+                let it = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                it.collect::<Result<_, _>>()?
+            };
+            for (k, p) in rows {
+                if let Some(np) = moved(&p) {
+                    tx.execute(
+                        &format!("UPDATE {table} SET {col} = ?2 WHERE {key} = ?1"),
+                        params![k, np],
+                    )?;
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn delete_removal(&self, id: u64) -> Result<(), CacheError> {
@@ -1212,6 +1290,8 @@ mod tests {
     use super::*;
 
     /// A new file's row, in directory "dir" of the NAS.
+    const PROV_TEST: u64 = 0xFFFF_0000_0000_0010;
+
     fn object(prov: u64) -> ObjectRecord {
         let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         ObjectRecord {
@@ -1362,6 +1442,41 @@ mod tests {
             .unwrap();
         drop(j);
         assert!(Journal::open(dir.path()).is_err());
+    }
+
+    /// A path that moved takes the rows under it along, and only those
+    /// (`dir2` is not under `dir`).
+    #[test]
+    fn rows_follow_a_path_that_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let mut objs = vec![object(PROV_TEST), object(PROV_TEST + 1)];
+        objs[1].parent = ObjParent::Nas("dir2/sub".into());
+        for o in &objs {
+            j.put_object(o, o.prov + 1).unwrap();
+        }
+        let mut data = record();
+        data.fid = j.insert_data(&data).unwrap();
+        let mut change = RemovalRecord {
+            id: 0,
+            dir_path: "dir/a".into(),
+            name: "b".into(),
+            kind: FileKind::File,
+            was: record().base,
+            to: Some(("dir".into(), "c".into())),
+            link: false,
+            set: None,
+        };
+        change.id = j.add_change(&change, None, &[]).unwrap();
+        j.repath(OsStr::new("dir"), OsStr::new("dir.k")).unwrap();
+        objs[0].parent = ObjParent::Nas("dir.k".into());
+        assert_eq!(j.load_objects().unwrap().0, objs);
+        data.path = "dir.k/file.txt".into();
+        data.path2 = Some("dir.k/new name.txt".into());
+        assert_eq!(j.load_data().unwrap(), vec![data]);
+        change.dir_path = "dir.k/a".into();
+        change.to = Some(("dir.k".into(), "c".into()));
+        assert_eq!(j.load_removals().unwrap(), vec![change]);
     }
 
     /// A local object and the data rows of its content go together, and

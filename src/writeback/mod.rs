@@ -207,11 +207,21 @@ pub trait Staged: Send + Sync {
     /// still to write back: a new file then waits for it, and reaches
     /// the NAS with it in one go.
     fn watch_data(&self, pending: Box<dyn Fn(u64) -> bool + Send + Sync>);
-    /// How to tell write-back that nassync itself has just moved the
+    /// How to tell write-back that nassync itself is about to move the
     /// ctime of a file on the NAS (a rename made here while the NAS did
-    /// not answer, applied there): see [`WriteBack::own_meta_op`].
-    fn watch_own_meta(&self, _own: Box<dyn Fn(u64) + Send + Sync>) {}
+    /// not answer, applied there: see [`WriteBack::own_meta_op`]), and
+    /// then its attributes after (see [`WriteBack::meta_changed`]).
+    fn watch_own_meta(&self, _own: OwnMeta) {}
+    /// How to tell write-back that a file it may know by path is now
+    /// under another one (`renamed`: a rename made here got the conflict
+    /// name on the NAS).
+    fn watch_moved(&self, _moved: Moved) {}
 }
+
+/// See [`Staged::watch_own_meta`].
+pub type OwnMeta = Box<dyn Fn(u64, Option<&Attr>) + Send + Sync>;
+/// See [`Staged::watch_moved`].
+pub type Moved = Box<dyn Fn(&OsStr, &OsStr) + Send + Sync>;
 
 /// One pending file, for `nassync status`.
 #[derive(Clone, Debug)]
@@ -427,9 +437,18 @@ impl<B: Backend> WriteBack<B> {
             wb.upgrade().is_some_and(|wb| wb.is_dirty(ino))
         }));
         let wb = Arc::downgrade(self);
-        s.watch_own_meta(Box::new(move |ino| {
+        s.watch_own_meta(Box::new(move |ino, attr| {
             if let Some(wb) = wb.upgrade() {
-                wb.own_meta_op(ino);
+                match attr {
+                    None => wb.own_meta_op(ino),
+                    Some(a) => wb.meta_changed(ino, a),
+                }
+            }
+        }));
+        let wb = Arc::downgrade(self);
+        s.watch_moved(Box::new(move |old, new| {
+            if let Some(wb) = wb.upgrade() {
+                wb.renamed(old, new);
             }
         }));
         let _ = self.staged.set(s);
