@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::Mount;
+use common::simnas::SimNas;
 
 const FILES: usize = 3;
 const MAX: u64 = 1 << 20;
@@ -368,6 +369,19 @@ fn ns_writer(
 /// kept under a conflict name beside a stale version) is a failure too.
 #[test]
 fn sigkill_during_namespace_operations_loses_nothing_fsync_confirmed() {
+    ns_crash_loop(false);
+}
+
+/// The same with the NAS (simnas) not answering while the writer runs:
+/// renames, hard links and removals of objects on the NAS are then kept
+/// in the journal, and made on the NAS at the next mount, before
+/// anything else (the NAS answers again before each mount).
+#[test]
+fn sigkill_during_offline_namespace_operations_loses_nothing() {
+    ns_crash_loop(true);
+}
+
+fn ns_crash_loop(offline: bool) {
     let seed = std::env::var("NASSYNC_CRASH_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -376,9 +390,21 @@ fn sigkill_during_namespace_operations_loses_nothing_fsync_confirmed() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(30);
-    eprintln!("namespace crash loop: seed {seed}, {iters} kills");
+    let what = if offline {
+        "offline namespace"
+    } else {
+        "namespace"
+    };
+    eprintln!("{what} crash loop: seed {seed}, {iters} kills");
     let mut rng = fastrand::Rng::with_seed(seed);
-    let mut m = Mount::prepare("writeback_delay=100ms");
+    let mut m = Mount::prepare(match offline {
+        true => "writeback_delay=100ms,timeo=30,actimeo=1,unmount_flush_timeout=1s",
+        false => "writeback_delay=100ms",
+    });
+    let sim = offline.then(|| SimNas::start(m.dir.path(), &["--attr-ttl", "0"]));
+    if let Some(sim) = &sim {
+        m.nas = sim.nas.clone();
+    }
     std::fs::create_dir(m.n("d0")).unwrap();
     std::fs::write(m.n("d0/old"), "on the NAS").unwrap();
     let mut initial = Tree::new();
@@ -388,6 +414,24 @@ fn sigkill_during_namespace_operations_loses_nothing_fsync_confirmed() {
     m.mount();
     let mut interrupted = 0;
     for iter in 0..iters {
+        if let Some(sim) = &sim {
+            // The tree as it is now is cached (read back below, or at the
+            // start), so that what the writer does offline is vouched for.
+            if iter == 0 {
+                read_tree(&m.mnt).unwrap();
+            }
+            sim.ctl("fail ENOTCONN");
+            // (Once the attributes expire, a call reaches the NAS.)
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !m.status().lines().any(|l| l == "nas offline") {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "seed {seed}: not offline"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+                let _ = std::fs::metadata(m.mnt.join("d0"));
+            }
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let w = {
             let (mnt, model, stop) = (m.mnt.clone(), model.clone(), stop.clone());
@@ -398,6 +442,9 @@ fn sigkill_during_namespace_operations_loses_nothing_fsync_confirmed() {
         m.kill();
         stop.store(true, Ordering::Relaxed);
         w.join().unwrap();
+        if let Some(sim) = &sim {
+            sim.ctl("fail off");
+        }
         m.mount();
         let got = match read_tree(&m.mnt) {
             Ok(t) => t,
@@ -450,7 +497,7 @@ fn sigkill_during_namespace_operations_loses_nothing_fsync_confirmed() {
     );
     assert_eq!(m.status_value("conflicts"), 0, "seed {seed}");
     eprintln!(
-        "namespace crash loop: {iters} kills ({interrupted} mid-operation), {} entries, \
+        "{what} crash loop: {iters} kills ({interrupted} mid-operation), {} entries, \
          nothing lost, no conflict copy",
         mm.0.len()
     );
