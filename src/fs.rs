@@ -1530,13 +1530,21 @@ impl<B: Backend> Core<B> {
         let (node, _, _) = self.node(ino)?;
         let dir = self.parent_node(newparent)?;
         let attr = match self.backend.link(&node, &dir, newname) {
-            Ok(a) => a,
+            Ok(attr) => {
+                self.own_meta_change(ino, Some(&attr));
+                attr
+            }
             Err(e) if is_unreachable(&e) => {
-                self.link_later(ino, &node, (newparent, &dir), newname, e)?
+                let attr = self.link_later(ino, &node, (newparent, &dir), newname, e)?;
+                // Not those attributes (made here): the NAS's ctime moves
+                // only once the link is made there (see `Overlay::own_ctime`).
+                if let Some(wb) = &self.wb {
+                    wb.own_meta_op(self.fuse_ino(ino));
+                }
+                attr
             }
             Err(e) => return Err(e.into()),
         };
-        self.own_meta_change(ino, Some(&attr));
         self.added_name(newparent);
         self.remember(newparent, newname, node, attr, true, self.settle_gen())
     }

@@ -889,8 +889,11 @@ fn renames_made_offline_survive_an_unmount_and_apply_at_the_next_mount() {
     std::fs::write(m.m("r/t2/x"), "changed after the move").unwrap();
     std::fs::write(m.m("r/t2/new"), "new in the moved tree").unwrap();
     std::fs::rename(m.m("r/t2/sub/y"), m.m("r/y2")).unwrap();
-    // A hard link into the renamed directory.
+    // A hard link into the renamed directory; one to a file edited here
+    // (the link moves its ctime on the NAS: nassync's own change).
     std::fs::hard_link(m.m("r/gone.txt"), m.m("r/t2/g")).unwrap();
+    std::fs::write(m.m("r/edited.txt"), "edited here, then linked").unwrap();
+    std::fs::hard_link(m.m("r/edited.txt"), m.m("r/t2/e")).unwrap();
     m.unmount();
     assert_eq!(m.last_exit.and_then(|s| s.code()), Some(75), "{}", m.log());
     assert!(nas("r/tree/x").exists() && !nas("r/t2").exists());
@@ -919,6 +922,8 @@ fn renames_made_offline_survive_an_unmount_and_apply_at_the_next_mount() {
     assert_eq!(read("r/y2"), "r/tree/sub/y on the NAS");
     assert_eq!(names(&nas("r/t2/sub")), Vec::<String>::new());
     assert_eq!(ino(&nas("r/t2/g")), ino(&nas("r/gone.txt")));
+    assert_eq!(ino(&nas("r/t2/e")), ino(&nas("r/edited.txt")));
+    assert_eq!(read("r/edited.txt"), "edited here, then linked");
     assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
 }
 
@@ -953,6 +958,7 @@ fn hard_links_made_offline_to_nas_files_reach_the_nas() {
         "r/gone.txt on the NAS"
     );
     std::fs::write(m.m("r/dir/hard"), "written through the link").unwrap();
+    std::fs::hard_link(m.m("r/dir/hard"), m.m("r/dir/hard2")).unwrap();
     assert_eq!(
         std::fs::read_to_string(m.m("r/gone.txt")).unwrap(),
         "written through the link"
@@ -972,7 +978,7 @@ fn hard_links_made_offline_to_nas_files_reach_the_nas() {
     m.flush(None);
     let read = |p: &str| std::fs::read_to_string(nas(p)).unwrap();
     assert_eq!(ino(&nas("r/dir/hard")), ino(&nas("r/gone.txt")));
-    assert_eq!(nlink(&nas("r/gone.txt")), 2);
+    assert_eq!(nlink(&nas("r/gone.txt")), 3);
     assert_eq!(read("r/gone.txt"), "written through the link");
     // The name taken there keeps the NAS's file; the link gets the
     // conflict name. No link to a file removed there.
@@ -1111,6 +1117,13 @@ fn renamed_to_a_taken_name(remount: bool) {
     std::fs::rename(m.m("r/tree"), m.m("r/T")).unwrap();
     std::fs::write(m.m("r/T/new.txt"), "made in the renamed tree").unwrap();
     std::fs::write(m.m("r/T/x"), "edited in the renamed tree").unwrap();
+    // Changes after it, by its path: of something in it, and of itself.
+    std::fs::rename(m.m("r/T/sub/y"), m.m("r/T/y2")).unwrap();
+    std::fs::set_permissions(
+        m.m("r/T"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
     if remount {
         m.unmount();
         assert_eq!(m.last_exit.and_then(|s| s.code()), Some(75), "{}", m.log());
@@ -1133,7 +1146,9 @@ fn renamed_to_a_taken_name(remount: bool) {
         .collect();
     assert_eq!(kept.len(), 1, "{:?}", names(&nas("r")));
     let k = |p: &str| nas(&format!("r/{}/{p}", kept[0]));
-    assert_eq!(names(&k("")), ["new.txt", "sub", "x"]);
+    assert_eq!(names(&k("")), ["new.txt", "sub", "x", "y2"]);
+    assert!(names(&k("sub")).is_empty());
+    assert_eq!(attrs(&k("")).0, 0o700);
     assert_eq!(
         std::fs::read_to_string(k("new.txt")).unwrap(),
         "made in the renamed tree"

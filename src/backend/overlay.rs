@@ -533,8 +533,13 @@ impl<B: Backend> Overlay<B> {
         // them are there (creating those moves them).
         let mut retimed = Vec::new();
         if changes.iter().any(|r| r.to.is_some() || r.set.is_some()) {
-            for r in std::mem::take(&mut changes) {
-                retimed.extend(ov.apply_at_open(&root_node, root_attr.ino, &r)?);
+            let mut queue: VecDeque<RemovalRecord> = std::mem::take(&mut changes).into();
+            while let Some(r) = queue.pop_front() {
+                let (attr, repathed) = ov.apply_at_open(&root_node, root_attr.ino, &r)?;
+                retimed.extend(attr);
+                if repathed {
+                    queue = ov.journal.load_removals()?.into();
+                }
             }
         }
         // (Read after: a rename that got the conflict name moved rows.)
@@ -745,14 +750,16 @@ impl<B: Backend> Overlay<B> {
 
     /// Makes on the NAS a removal, rename, link or change of attributes
     /// recorded by an earlier mount (the NAS must answer), then drops its
-    /// row. A directory whose times it set: its attributes after.
+    /// row. A directory whose times it set: its attributes after; and
+    /// whether later rows were rewritten (a rename got the conflict name).
     fn apply_at_open(
         &self,
         root: &B::Node,
         root_ino: u64,
         r: &RemovalRecord,
-    ) -> Result<Option<Attr>, CacheError> {
+    ) -> Result<(Option<Attr>, bool), CacheError> {
         let mut retimed = None;
+        let mut repathed = false;
         let setup = |reason: String| CacheError::Setup {
             path: self.journal.upper_dir().display().to_string(),
             reason,
@@ -824,7 +831,8 @@ impl<B: Backend> Overlay<B> {
                                 Some(k) => {
                                     let kept = join_path(td, &k);
                                     if !r.link {
-                                        self.repath(&join_path(td, tn), &kept);
+                                        self.repath(r.id, r.was.ino, &join_path(td, tn), &kept);
+                                        repathed = true;
                                     }
                                     kept
                                 }
@@ -848,7 +856,7 @@ impl<B: Backend> Overlay<B> {
             }
         }
         self.journal.delete_removal(r.id)?;
-        Ok(retimed)
+        Ok((retimed, repathed))
     }
 
     /// Starts the thread that creates local objects on the NAS.
@@ -1228,15 +1236,38 @@ impl<B: Backend> Overlay<B> {
         }
     }
 
-    /// Rows that name `old` or a path under it follow to `new`: the
-    /// journal's, and write-back's.
-    fn repath(&self, old: &OsStr, new: &OsStr) {
-        if let Err(e) = self.journal.repath(old, new) {
-            log::warn!("journal: {e}");
+    /// NAS object `ino`, renamed here to `old` by change `id`, is at `new`
+    /// on the NAS (a conflict): what acts on it there follows (see
+    /// [`Journal::repath`]): the journal's rows, the pending changes
+    /// here, and write-back's rows. Whether it stays at `old` here.
+    fn repath(&self, id: u64, ino: u64, old: &OsStr, new: &OsStr) -> bool {
+        let there = match self.journal.repath(id, ino, old, new) {
+            Ok(t) => t,
+            Err(e) => {
+                log::warn!("journal: {e}");
+                false
+            }
+        };
+        if let Some(new_name) = Path::new(new).file_name() {
+            let mut st = self.st();
+            for r in st.removals.iter_mut().filter(|r| r.id > id) {
+                if r.was.ino == ino && r.path == old {
+                    r.name = new_name.to_os_string();
+                    r.path = new.to_os_string();
+                    if r.takes_name() {
+                        break;
+                    }
+                } else if r.to.as_ref().is_some_and(|t| t.path == old) {
+                    break;
+                }
+            }
         }
-        if let Some(f) = self.moved.get() {
-            f(old, new);
+        if there {
+            if let Some(f) = self.moved.get() {
+                f(old, new);
+            }
         }
+        there
     }
 
     fn persist(&self, st: &State<B>, prov: u64) -> BResult<()> {
@@ -2166,7 +2197,7 @@ impl<B: Backend> Overlay<B> {
                             let kept_path = join_path(parent, &kept);
                             if !t.link {
                                 self.moved_to_conflict(shown, t.dir_ino, &kept);
-                                self.repath(&t.path, &kept_path);
+                                self.repath(id, was.ino, &t.path, &kept_path);
                             }
                             (t.path.clone(), kept_path, reason)
                         }
@@ -2362,25 +2393,11 @@ impl<B: Backend> Overlay<B> {
                 None,
             )));
         };
-        // The rename moves its ctime: write-back must know that is ours.
-        let own = self.own_meta.get();
-        if let Some(f) = own {
-            f(shown, None);
-        }
+        self.own_ctime(shown, None);
         let kept = self.move_noreplace((dir, name), newdir, newname)?;
-        // Pending data of the file (in write-back, or in the journal at
-        // mount) started from the version of before the rename.
         if kind == FileKind::File {
-            match self.lower.lookup(newdir, &kept) {
-                Ok((_, b)) if b.ino == a.ino && b.ctime != a.ctime => {
-                    if let Err(e) = self.journal.rebase_ctime(a.ino, a.ctime, b.ctime) {
-                        log::warn!("journal: {e}");
-                    }
-                    if let Some(f) = own {
-                        f(shown, Some(&b));
-                    }
-                }
-                _ => {}
+            if let Ok((_, b)) = self.lower.lookup(newdir, &kept) {
+                self.own_ctime(shown, Some((&a, &b)));
             }
         }
         Ok((kept != newname).then(|| {
@@ -2401,9 +2418,26 @@ impl<B: Backend> Overlay<B> {
         changes: &SetAttr,
     ) -> BResult<Attr> {
         let _w = self.window_read(&[ino]);
-        let a = self.lower.setattr(n, lf, changes)?;
+        // A directory with new objects still to create in it gets its mode
+        // after them (one without write for its owner could not take them).
+        let later_mode = changes
+            .mode
+            .filter(|_| self.st().children.contains_key(&ino));
+        let now = SetAttr {
+            mode: changes.mode.filter(|_| later_mode.is_none()),
+            ..*changes
+        };
+        let nothing = now.mode.is_none()
+            && now.uid.is_none()
+            && now.gid.is_none()
+            && now.size.is_none()
+            && now.atime.is_none()
+            && now.mtime.is_none();
+        let a = match nothing {
+            true => self.lower.getattr(n)?,
+            false => self.lower.setattr(n, lf, &now)?,
+        };
         let mut st = self.st();
-
         if a.kind == FileKind::Dir
             && (changes.mtime.is_some() || changes.atime.is_some() || changes.mode.is_some())
         {
@@ -2411,11 +2445,11 @@ impl<B: Backend> Overlay<B> {
             if st.children.contains_key(&ino) || st.deferred.contains_key(&ino) {
                 // Local children still to create would move the mtime on
                 // the NAS: set again once they are there.
-                let prev = st.deferred.get(&ino).copied();
+                let perm = later_mode.map_or(a.perm, |m| (m & 0o7777) as u16);
                 st.deferred.insert(
                     ino,
                     Deferred {
-                        perm: Some(a.perm).or(prev.and_then(|d| d.perm)),
+                        perm: Some(perm),
                         atime: a.atime,
                         mtime: a.mtime,
                     },
@@ -2475,28 +2509,42 @@ impl<B: Backend> Overlay<B> {
         was: &Validator,
         (newdir, newname): (&B::Node, &OsStr),
     ) -> BResult<Option<(String, Option<OsString>)>> {
-        match self.lower.getattr(node) {
-            Ok(a) if a.ino == was.ino && a.nlink > 0 => {}
-            Ok(_) => {
-                return Ok(Some((
-                    "linked here, and removed on the NAS meanwhile: no link made".into(),
-                    None,
-                )));
-            }
-            Err(e) if matches!(e.raw_errno(), libc::ENOENT | libc::ESTALE) => {
-                return Ok(Some((
-                    "linked here, and removed on the NAS meanwhile: no link made".into(),
-                    None,
-                )));
-            }
+        let gone = || {
+            Ok(Some((
+                "linked here, and removed on the NAS meanwhile: no link made".into(),
+                None,
+            )))
+        };
+        let before = match self.lower.getattr(node) {
+            Ok(a) if a.ino == was.ino && a.nlink > 0 => a,
+            Ok(_) => return gone(),
+            Err(e) if matches!(e.raw_errno(), libc::ENOENT | libc::ESTALE) => return gone(),
             Err(e) => return Err(e),
-        }
-        let kept = match self.lower.link(node, newdir, newname) {
+        };
+        let shown = self.st().alias.get(&was.ino).map_or(was.ino, |al| al.prov);
+        self.own_ctime(shown, None);
+        let linked = |r: BResult<Attr>| {
+            if let Ok(after) = &r {
+                self.own_ctime(shown, Some((&before, after)));
+            }
+            r
+        };
+        let kept = match linked(self.lower.link(node, newdir, newname)) {
             Ok(_) => return Ok(None),
             Err(e) if e.raw_errno() != libc::EEXIST => return Err(e),
+            // Made already (an attempt cut short by a crash, or abandoned
+            // after `timeo` and finished since)?
+            Err(_)
+                if self
+                    .lower
+                    .lookup(newdir, newname)
+                    .is_ok_and(|(_, a)| a.ino == was.ino) =>
+            {
+                return Ok(None);
+            }
             Err(_) => {
                 let made = self.conflict_create(newdir, newname, |n| {
-                    self.lower.link(node, newdir, n).map(|a| (node.clone(), a))
+                    linked(self.lower.link(node, newdir, n)).map(|a| (node.clone(), a))
                 })?;
                 made.0
             }
@@ -2505,6 +2553,30 @@ impl<B: Backend> Overlay<B> {
             "linked here to a name taken on the NAS meanwhile: the NAS's keeps it".into(),
             Some(kept),
         )))
+    }
+
+    /// nassync itself is about to move (`None`), or has moved from
+    /// `before` to `after`, the ctime of NAS file `shown` (a rename or a
+    /// link made here applied there): write-back, and the data rows in the
+    /// journal (at mount), must not take it for another client's change.
+    fn own_ctime(&self, shown: u64, change: Option<(&Attr, &Attr)>) {
+        let own = self.own_meta.get();
+        match change {
+            None => {
+                if let Some(f) = own {
+                    f(shown, None);
+                }
+            }
+            Some((a, b)) if a.kind == FileKind::File && b.ino == a.ino && b.ctime != a.ctime => {
+                if let Err(e) = self.journal.rebase_ctime(a.ino, a.ctime, b.ctime) {
+                    log::warn!("journal: {e}");
+                }
+                if let Some(f) = own {
+                    f(shown, Some(b));
+                }
+            }
+            Some(_) => {}
+        }
     }
 
     /// Removes `name` from NAS directory `dir` if it is still the version
@@ -4495,6 +4567,9 @@ impl<B: Backend> Backend for Overlay<B> {
 
     fn setxattr(&self, node: &Self::Node, name: &OsStr, value: &[u8], flags: i32) -> BResult<()> {
         let n = self.materialize(node)?;
+        // After the changes made here while the NAS did not answer (an
+        // older chmod must not land on a newer ACL).
+        self.apply_removals()?;
         self.lower.setxattr(&n, name, value, flags)?;
         if name == "system.posix_acl_default" {
             self.st().acl_default.insert(node.ino, true);
@@ -4507,6 +4582,7 @@ impl<B: Backend> Backend for Overlay<B> {
             return Err(err("removexattr", libc::ENODATA));
         }
         let n = self.materialize(node)?;
+        self.apply_removals()?;
         self.lower.removexattr(&n, name)?;
         if name == "system.posix_acl_default" {
             self.st().acl_default.remove(&node.ino);
@@ -4880,6 +4956,13 @@ impl<B: Backend> Backend for Overlay<B> {
             to: None,
             set: Some(SetHere { node: obj, rec }),
         });
+        // What new objects made in it inherit.
+        if let Some(x) = st.dirs.get_mut(&node.ino) {
+            if let Some(m) = rec.mode {
+                x.perm = (m & 0o7777) as u16;
+            }
+            x.gid = rec.gid.unwrap_or(x.gid);
+        }
         drop(st);
         self.kick(false);
         Ok(())

@@ -176,6 +176,40 @@ pub struct ConflictRecord {
     pub reason: String,
 }
 
+/// A change after another, as [`Journal::repath`] reads it.
+struct LaterRow {
+    id: i64,
+    dir: Vec<u8>,
+    name: Vec<u8>,
+    ino: i64,
+    to_dir: Option<Vec<u8>>,
+    to_name: Option<Vec<u8>>,
+    link: bool,
+    set: bool,
+}
+
+/// `p` with its leading `old` (a whole path, or its leading components)
+/// replaced by `new`; None when `p` is not `old` or under it.
+fn under_moved(p: &[u8], old: &OsStr, new: &OsStr) -> Option<Vec<u8>> {
+    let rest = p.strip_prefix(old.as_bytes())?;
+    if !(rest.is_empty() || rest[0] == b'/') {
+        return None;
+    }
+    let mut v = new.as_bytes().to_vec();
+    v.extend_from_slice(rest);
+    Some(v)
+}
+
+/// `dir/name`, or `name` in the share's root.
+fn join_bytes(dir: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut v = dir.to_vec();
+    if !v.is_empty() {
+        v.push(b'/');
+    }
+    v.extend_from_slice(name);
+    v
+}
+
 fn nanos(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_nanos() as i64,
@@ -1119,40 +1153,98 @@ impl Journal {
         Ok(ids)
     }
 
-    /// An object on the NAS is at `new` rather than at `old`, where rows
-    /// expected it (a rename made here that got the conflict name there):
-    /// every row that names `old` or a path under it follows (objects,
-    /// data, leftovers, later removals and renames).
-    pub fn repath(&self, old: &OsStr, new: &OsStr) -> Result<(), CacheError> {
+    /// NAS object `ino`, renamed here to `old` by change `id`, is at `new`
+    /// on the NAS instead (the name was taken there: a conflict). The
+    /// changes after `id` that act on it by that name, or on paths under
+    /// it, follow, up to the first that moves it away or puts something
+    /// else at `old`; past that, `old` is another object's. If it is
+    /// still at `old` once all are made, the other rows under `old`
+    /// (objects, data, leftovers: they hold the paths of now) follow too.
+    /// Returns whether it is (the caller's rows in memory then follow).
+    pub fn repath(&self, id: u64, ino: u64, old: &OsStr, new: &OsStr) -> Result<bool, CacheError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        Self::repath_in(&tx, old, new, true)?;
+        let new_name = Path::new(new).file_name().unwrap_or(new);
+        let later: Vec<LaterRow> = {
+            let mut stmt = tx.prepare(
+                "SELECT id, dir_path, name, nas_ino, to_dir_path, to_name, to_link,
+                        set_ctime_ns IS NOT NULL
+                 FROM removals WHERE id > ?1 ORDER BY id",
+            )?;
+            let it = stmt.query_map([id as i64], |r| {
+                Ok(LaterRow {
+                    id: r.get(0)?,
+                    dir: r.get(1)?,
+                    name: r.get(2)?,
+                    ino: r.get(3)?,
+                    to_dir: r.get(4)?,
+                    to_name: r.get(5)?,
+                    link: r.get::<_, i64>(6)? != 0,
+                    set: r.get(7)?,
+                })
+            })?;
+            it.collect::<Result<_, _>>()?
+        };
+        let join = |d: &[u8], n: &[u8]| join_bytes(d, n);
+        let mut there = true;
+        for LaterRow {
+            id: rid,
+            dir,
+            name,
+            ino: nino,
+            to_dir,
+            to_name,
+            link,
+            set,
+        } in later
+        {
+            let to = to_dir.as_deref().zip(to_name.as_deref());
+            if join(&dir, &name) == old.as_bytes() && nino as u64 == ino {
+                tx.execute(
+                    "UPDATE removals SET name = ?2 WHERE id = ?1",
+                    params![rid, new_name.as_bytes()],
+                )?;
+                // Renamed away or removed: `old` is no longer it.
+                if (to.is_some() && !link) || (to.is_none() && !set) {
+                    there = false;
+                    break;
+                }
+                continue;
+            }
+            for col in ["dir_path", "to_dir_path"] {
+                let p = if col == "dir_path" {
+                    Some(dir.as_slice())
+                } else {
+                    to_dir.as_deref()
+                };
+                if let Some(np) = p.and_then(|p| under_moved(p, old, new)) {
+                    tx.execute(
+                        &format!("UPDATE removals SET {col} = ?2 WHERE id = ?1"),
+                        params![rid, np],
+                    )?;
+                }
+            }
+            if to.is_some_and(|(d, n)| join(d, n) == old.as_bytes()) {
+                there = false;
+                break;
+            }
+        }
+        if there {
+            Self::repath_in(&tx, old, new, true)?;
+        }
         tx.commit()?;
-        Ok(())
+        Ok(there)
     }
 
+    /// The rows of now (leftovers; with `all`, also objects and data)
+    /// under `old` follow to `new`.
     fn repath_in(tx: &Connection, old: &OsStr, new: &OsStr, all: bool) -> Result<(), CacheError> {
-        let moved = |p: &[u8]| -> Option<Vec<u8>> {
-            let o = old.as_bytes();
-            let rest = p.strip_prefix(o)?;
-            if !(rest.is_empty() || rest[0] == b'/' || o.is_empty()) {
-                return None;
-            }
-            let mut v = new.as_bytes().to_vec();
-            if o.is_empty() && !rest.is_empty() && !v.is_empty() {
-                v.push(b'/');
-            }
-            v.extend_from_slice(rest);
-            Some(v)
-        };
         let mut cols = vec![("leftovers", "id", "dir_path")];
         if all {
             cols.extend([
                 ("objects", "prov", "parent_path"),
                 ("ops", "seq", "path"),
                 ("ops", "seq", "path2"),
-                ("removals", "id", "dir_path"),
-                ("removals", "id", "to_dir_path"),
             ]);
         }
         for (table, key, col) in cols {
@@ -1164,7 +1256,7 @@ impl Journal {
                 it.collect::<Result<_, _>>()?
             };
             for (k, p) in rows {
-                if let Some(np) = moved(&p) {
+                if let Some(np) = under_moved(&p, old, new) {
                     tx.execute(
                         &format!("UPDATE {table} SET {col} = ?2 WHERE {key} = ?1"),
                         params![k, np],
@@ -1444,8 +1536,10 @@ mod tests {
         assert!(Journal::open(dir.path()).is_err());
     }
 
-    /// A path that moved takes the rows under it along, and only those
-    /// (`dir2` is not under `dir`).
+    /// A renamed object found under another name takes along the rows
+    /// under its path and the changes that act on it, and only those
+    /// (`dir2` is not under `dir`); past a change that renames it away,
+    /// its old path is another's.
     #[test]
     fn rows_follow_a_path_that_moved() {
         let dir = tempfile::tempdir().unwrap();
@@ -1468,15 +1562,49 @@ mod tests {
             set: None,
         };
         change.id = j.add_change(&change, None, &[]).unwrap();
-        j.repath(OsStr::new("dir"), OsStr::new("dir.k")).unwrap();
+        let ino = 77;
+        let mut chmod = change.clone();
+        (chmod.dir_path, chmod.name, chmod.to, chmod.was.ino) =
+            ("".into(), "dir".into(), None, ino);
+        chmod.set = Some(SetRecord {
+            mode: Some(0o700),
+            uid: None,
+            gid: None,
+            atime: None,
+            mtime: None,
+            ctime: UNIX_EPOCH,
+        });
+        chmod.id = j.add_change(&chmod, None, &[]).unwrap();
+        assert!(
+            j.repath(0, ino, OsStr::new("dir"), OsStr::new("dir.k"))
+                .unwrap()
+        );
         objs[0].parent = ObjParent::Nas("dir.k".into());
         assert_eq!(j.load_objects().unwrap().0, objs);
         data.path = "dir.k/file.txt".into();
         data.path2 = Some("dir.k/new name.txt".into());
-        assert_eq!(j.load_data().unwrap(), vec![data]);
+        assert_eq!(j.load_data().unwrap(), vec![data.clone()]);
         change.dir_path = "dir.k/a".into();
         change.to = Some(("dir.k".into(), "c".into()));
-        assert_eq!(j.load_removals().unwrap(), vec![change]);
+        chmod.name = "dir.k".into();
+        assert_eq!(
+            j.load_removals().unwrap(),
+            vec![change.clone(), chmod.clone()]
+        );
+        // Renamed away from `dir.k` (to `e`) before a change under it: the
+        // change after, and the rows of now, are another object's.
+        let mut away = chmod.clone();
+        (away.name, away.set, away.to) = ("dir.k".into(), None, Some(("".into(), "e".into())));
+        away.id = j.add_change(&away, None, &[]).unwrap();
+        let mut after = change.clone();
+        after.id = j.add_change(&after, None, &[]).unwrap();
+        assert!(
+            !j.repath(chmod.id, ino, OsStr::new("dir.k"), OsStr::new("dir.l"))
+                .unwrap()
+        );
+        away.name = "dir.l".into();
+        assert_eq!(j.load_removals().unwrap(), vec![change, chmod, away, after]);
+        assert_eq!(j.load_data().unwrap(), vec![data]);
     }
 
     /// A local object and the data rows of its content go together, and
