@@ -20,7 +20,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use crate::backend::bounded::is_unreachable;
 use crate::backend::{
@@ -893,20 +893,6 @@ impl<B: Backend> Core<B> {
         }
     }
 
-    /// Directory `parent` changed here only (a removal kept to make on the
-    /// NAS later), `at`: its attributes as cached stay good, with that
-    /// mtime and ctime (as the backend shows them); asking the NAS would
-    /// cost a round trip per entry of an `rm -rf` (the kernel checks the
-    /// directory's permissions before each).
-    fn changed_here(&self, t: &mut Tables<B>, parent: u64, at: Option<SystemTime>) {
-        let Some(at) = at else { return };
-        if let Some(i) = t.inodes.get_mut(&parent) {
-            i.attr.mtime = i.attr.mtime.max(at);
-            i.attr.ctime = i.attr.ctime.max(at);
-            i.attr_until = Instant::now() + self.attr_ttl(&i.attr);
-        }
-    }
-
     /// A name was added to `parent` through the mount.
     fn added_name(&self, parent: u64) {
         let mut t = self.tables();
@@ -1611,22 +1597,18 @@ impl<B: Backend> Core<B> {
             (Some((ino, _)), Some(wb)) => Some(wb.unlinking(self.fuse_ino(*ino))),
             _ => None,
         };
-        let later = match self.journaled_removal(parent, &dir, name, false)? {
-            Some(at) => Some(at),
-            None => match self.backend.unlink(&dir, name) {
-                Ok(()) => None,
-                Err(e) if is_unreachable(&e) => {
-                    Some(self.remove_later(parent, &dir, name, false, e)?)
-                }
-                Err(e) => return Err(e.into()),
-            },
+        let later = match self.backend.unlink(&dir, name) {
+            Ok(()) => false,
+            Err(e) if is_unreachable(&e) => {
+                self.remove_later(parent, &dir, name, false, e)?;
+                true
+            }
+            Err(e) => return Err(e.into()),
         };
         {
             let mut t = self.tables();
             self.forget_name(&mut t, parent, name, true);
-            self.changed_here(&mut t, parent, later);
         }
-        let later = later.is_some();
         match (victim, &self.wb) {
             // Its only link (see `remove_later`), whatever the NAS says
             // if it answers again meanwhile.
@@ -1750,51 +1732,17 @@ impl<B: Backend> Core<B> {
         name: &OsStr,
         rmdir: bool,
         e: BackendError,
-    ) -> FsResult<SystemTime> {
+    ) -> FsResult<()> {
         let (node, kind, was) = match self.vouch_removal(parent, name, rmdir) {
             Ok(v) => v,
             Err(Some(x)) => return Err(x),
             Err(None) => return Err(e.into()),
         };
-        let at = crate::clock::now();
-        match self.backend.remove_later(dir, name, (&node, kind, was), at) {
-            Ok(()) => Ok(at),
+        match self.backend.remove_later(dir, name, &node, kind, was) {
+            Ok(()) => Ok(()),
             // The backend keeps no such view: the NAS's error.
             Err(x) if x.raw_errno() == libc::EIO => Err(e.into()),
             Err(x) => Err(x.into()),
-        }
-    }
-
-    /// An unlink or rmdir of an object on the NAS that the cache vouches
-    /// for (see `vouch_removal`) goes into the journal, as offline, and
-    /// returns at local speed: the replay makes it on the NAS after the
-    /// write-back delay (before any other change of the NAS's namespace
-    /// needs it), unless the object changed there meanwhile (a conflict,
-    /// as offline). When it did, the time its directory changed; None
-    /// (nothing done) when the cache cannot vouch: the NAS is asked.
-    fn journaled_removal(
-        &self,
-        parent: u64,
-        dir: &B::Node,
-        name: &OsStr,
-        rmdir: bool,
-    ) -> FsResult<Option<SystemTime>> {
-        if self.wb.is_none() {
-            return Ok(None);
-        }
-        // A new object goes at local speed anyway.
-        match self.known_child(parent, name) {
-            Some((ino, _)) if self.backend.local_path(self.fuse_ino(ino)).is_none() => {}
-            _ => return Ok(None),
-        }
-        let (node, kind, was) = match self.vouch_removal(parent, name, rmdir) {
-            Ok(v) => v,
-            Err(_) => return Ok(None),
-        };
-        let at = crate::clock::now();
-        match self.backend.remove_later(dir, name, (&node, kind, was), at) {
-            Ok(()) => Ok(Some(at)),
-            Err(_) => Ok(None),
         }
     }
 
@@ -1876,23 +1824,17 @@ impl<B: Backend> Core<B> {
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         let dir = self.parent_node(parent)?;
-        let later = match self.journaled_removal(parent, &dir, name, true)? {
-            Some(at) => Some(at),
-            None => match self.backend.rmdir(&dir, name) {
-                Ok(()) => None,
-                Err(e) if is_unreachable(&e) => {
-                    Some(self.remove_later(parent, &dir, name, true, e)?)
-                }
-                Err(e) => return Err(e.into()),
-            },
-        };
+        match self.backend.rmdir(&dir, name) {
+            Ok(()) => {}
+            Err(e) if is_unreachable(&e) => self.remove_later(parent, &dir, name, true, e)?,
+            Err(e) => return Err(e.into()),
+        }
         let mut t = self.tables();
         if let Some(ino) = t.names.get(&(parent, name.to_os_string())).copied() {
             t.listings.remove(&ino);
         }
         Self::subdirs_changed(&mut t, parent, -1);
         self.forget_name(&mut t, parent, name, true);
-        self.changed_here(&mut t, parent, later);
         Ok(())
     }
 

@@ -170,46 +170,6 @@ fn an_untar_makes_no_nas_round_trip_per_file_and_lands_identical() {
     assert!(!m.log().contains("conflict"), "{}", m.log());
 }
 
-/// rm -rf of a tree on the NAS that the mount has listed: the removals
-/// go into the journal and reach the NAS after the write-back delay (or a
-/// flush), not one NAS round trip per entry before rm returns.
-#[test]
-fn an_rm_rf_of_a_listed_tree_makes_no_nas_round_trip_per_entry() {
-    // (Names and attributes fresh for the whole test: the NAS calls
-    // counted are the removals', not revalidations.)
-    let m = Mount::new("writeback_delay=1h,actimeo=600");
-    for d in 0..10 {
-        let dd = m.n(&format!("top/d{d}/sub"));
-        fs::create_dir_all(&dd).unwrap();
-        for f in 0..100 {
-            fs::write(dd.join(format!("f{f:03}")), format!("{d} {f}")).unwrap();
-        }
-        std::os::unix::fs::symlink("f000", dd.join("link")).unwrap();
-    }
-    let entries = tree(&m.m(""), true).len();
-    assert!(entries > 1000);
-    let before = m.stats()["nas_ops"];
-    fs::remove_dir_all(m.m("top")).unwrap();
-    let calls = m.stats()["nas_ops"] - before;
-    eprintln!("rm -rf of {entries} entries: {calls} NAS calls");
-    assert!(calls < 20, "{calls} NAS calls for {entries} entries");
-    assert!(!m.m("top").exists());
-    assert!(
-        m.n("top/d5/sub/f050").exists(),
-        "on the NAS only after the delay"
-    );
-    let status = m.status();
-    assert!(
-        status
-            .lines()
-            .any(|l| l.starts_with("pending top/d5/sub/f050 ") && l.contains(" removed=file")),
-        "{status}"
-    );
-    m.flush(None);
-    assert!(!m.n("top").exists());
-    assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
-}
-
 #[test]
 fn a_temporary_file_created_and_removed_never_reaches_the_nas() {
     let m = Mount::new("writeback_delay=1h");

@@ -1903,20 +1903,9 @@ impl<B: Backend> Overlay<B> {
     fn next_due(&self) -> Option<Duration> {
         let st = self.st();
         let now = Instant::now();
-        if !st.leftovers.is_empty() {
+        if !st.leftovers.is_empty() || !st.removals.is_empty() {
             return Some(Duration::from_millis(500));
         }
-        // Removals and the like are made `writeback_delay` after they were
-        // made here, as data and creations are.
-        let removal = st.removals.first().map(|r| {
-            (r.since + self.delay)
-                .saturating_duration_since(now)
-                .max(Duration::from_millis(if r.error.is_some() {
-                    500
-                } else {
-                    0
-                }))
-        });
         // A directory whose last new child was placed outside a pass (by
         // an operation that needed it on the NAS) still waits for its mode
         // and times.
@@ -1930,7 +1919,6 @@ impl<B: Backend> Overlay<B> {
                 let due = o.retry_at.unwrap_or(o.created + self.delay);
                 due.saturating_duration_since(now)
             })
-            .chain(removal)
             .min()
     }
 
@@ -1959,10 +1947,9 @@ impl<B: Backend> Overlay<B> {
         if !self.st().leftovers.is_empty() {
             self.clean_leftovers();
         }
-        // Before the creations: one may take a name removed here (made
-        // before it, so due before it). The NAS not answering those, the
-        // creations wait too.
-        if self.apply_removals_until((!all).then_some(now)).is_err() {
+        // Before the creations: one may take a name removed here. The NAS
+        // not answering those, the creations wait too.
+        if self.apply_removals().is_err() {
             return Err(());
         }
         let (files, first): (Vec<_>, Vec<_>) =
@@ -2142,18 +2129,11 @@ impl<B: Backend> Overlay<B> {
         }
     }
 
-    /// Applies on the NAS, in the order they were made, the removals,
-    /// renames, links and attribute changes kept here. Err once the NAS
-    /// does not answer (the rest wait); every other outcome is final:
-    /// made, found made already, or kept as a conflict (changed there
-    /// meanwhile, or not empty).
+    /// Applies on the NAS, in the order they were made, the removals made
+    /// while it did not answer. Err once the NAS does not answer (the rest
+    /// wait); every other outcome is final: removed, gone already, or kept
+    /// as a conflict (changed there meanwhile, or not empty).
     fn apply_removals(&self) -> BResult<()> {
-        self.apply_removals_until(None)
-    }
-
-    /// As `apply_removals`, with `at`: only those due then
-    /// (`writeback_delay` after they were made).
-    fn apply_removals_until(&self, at: Option<Instant>) -> BResult<()> {
         if self.st().removals.is_empty() {
             return Ok(());
         }
@@ -2161,9 +2141,7 @@ impl<B: Backend> Overlay<B> {
         loop {
             let next = {
                 let st = self.st();
-                let first = st.removals.first();
-                let due = |r: &&Removal<B::Node>| at.is_none_or(|at| r.since + self.delay <= at);
-                first.filter(due).map(|r| {
+                st.removals.first().map(|r| {
                     let to = r.to.as_ref().map(|t| MoveTo {
                         node: t.node.clone(),
                         dir: t.dir.clone(),
@@ -2367,13 +2345,13 @@ impl<B: Backend> Overlay<B> {
         Ok((rec, (kind == FileKind::File).then_some(node.ino), r))
     }
 
-    /// Removal `r`, journaled, is in the view; its directory changed `at`.
-    fn removed(st: &mut State<B>, r: Removal<B::Node>, at: SystemTime) {
+    /// Removal `r`, journaled, is in the view.
+    fn removed(st: &mut State<B>, r: Removal<B::Node>) {
         if r.kind == FileKind::Dir {
             st.dirs
                 .retain(|_, v| !(v.parent == r.dir_ino && v.name == r.name));
         }
-        Self::dir_changed(st, r.dir_ino, at, 0);
+        Self::dir_changed(st, r.dir_ino, now(), 0);
         st.removals.push(r);
     }
 
@@ -4680,8 +4658,9 @@ impl<B: Backend> Backend for Overlay<B> {
         &self,
         dir: &Self::Node,
         name: &OsStr,
-        (node, kind, was): (&Self::Node, FileKind, Validator),
-        at: SystemTime,
+        node: &Self::Node,
+        kind: FileKind,
+        was: Validator,
     ) -> BResult<()> {
         let _w = self.window_read(&[dir.ino]);
         // (Not under `state`: it may look there.)
@@ -4698,7 +4677,7 @@ impl<B: Backend> Backend for Overlay<B> {
             "{name:?} (nas ino {}) removed here; on the NAS once it answers",
             r.was.ino
         );
-        Self::removed(&mut st, r, at);
+        Self::removed(&mut st, r);
         drop(st);
         self.kick(false);
         Ok(())
@@ -4846,7 +4825,7 @@ impl<B: Backend> Backend for Overlay<B> {
             .map_err(journal_err("journal"))?;
         if let Some((_, _, mut g)) = gone {
             g.id = ids[0];
-            Self::removed(&mut st, g, now());
+            Self::removed(&mut st, g);
         }
         if moved_dir {
             if let Some(x) = st.dirs.get_mut(&node.ino) {
