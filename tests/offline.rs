@@ -25,6 +25,22 @@ fn kernel_caches(drop: bool) -> Box<dyn std::any::Any> {
     }
 }
 
+/// Whether `nassync status` lists `path` as pending with `tag` (such as
+/// " removed=file").
+fn pending(status: &str, path: &str, tag: &str) -> bool {
+    status
+        .lines()
+        .any(|l| l.starts_with(&format!("pending {path} ")) && l.contains(tag))
+}
+
+/// The names in `dir` that are conflict copies of `stem`.
+fn conflict_copies(dir: &Path, stem: &str) -> Vec<String> {
+    names(dir)
+        .into_iter()
+        .filter(|n| n.starts_with(&format!("{stem}.nassync-conflict-")))
+        .collect()
+}
+
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
     (0..n)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -448,12 +464,7 @@ fn removals_made_offline_reach_the_nas_unless_it_changed_meanwhile() {
         "r/tree",
         "r/grown",
     ] {
-        assert!(
-            status
-                .lines()
-                .any(|l| l.starts_with(&format!("pending {p} ")) && l.contains(" removed=")),
-            "{p}: {status}"
-        );
+        assert!(pending(&status, p, " removed="), "{p}: {status}");
     }
     // The NAS still has it all; meanwhile another client edits one of the
     // files removed here and adds a file to a directory removed here.
@@ -582,10 +593,7 @@ fn a_save_through_a_temporary_file_works_offline() {
     assert_eq!(nas("r/gone.txt"), "saved offline");
     // Both kept: the NAS's edit under the name, this one beside it.
     assert_eq!(nas("r/edited.txt"), "edited on another machine");
-    let copies: Vec<String> = names(&sim.backing.join("r"))
-        .into_iter()
-        .filter(|n| n.starts_with("edited.nassync-conflict-"))
-        .collect();
+    let copies = conflict_copies(&sim.backing.join("r"), "edited");
     assert_eq!(copies.len(), 1, "{:?}", names(&sim.backing.join("r")));
     assert_eq!(nas(&format!("r/{}", copies[0])), "saved here");
     assert!(
@@ -817,17 +825,10 @@ fn renames_made_offline_reach_the_nas_in_order() {
     );
     let status = m.status();
     assert!(
-        status
-            .lines()
-            .any(|l| l.starts_with("pending r/tree ") && l.contains(" moved=dir to=r/dir")),
+        pending(&status, "r/tree", " moved=dir to=r/dir"),
         "{status}"
     );
-    assert!(
-        status
-            .lines()
-            .any(|l| l.starts_with("pending r/dir ") && l.contains(" removed=dir")),
-        "{status}"
-    );
+    assert!(pending(&status, "r/dir", " removed=dir"), "{status}");
     // The NAS has none of it yet.
     assert!(nas("r/gone.txt").exists() && nas("r/tree/x").exists());
 
@@ -851,10 +852,7 @@ fn renames_made_offline_reach_the_nas_in_order() {
     // but what was written to it here comes back, at its new name.
     assert_eq!(read("r/p2"), "edited here after the move");
     assert_eq!(read("r/taken"), "another machine's");
-    let copies: Vec<String> = names(&nas("r"))
-        .into_iter()
-        .filter(|n| n.starts_with("taken.nassync-conflict-"))
-        .collect();
+    let copies = conflict_copies(&nas("r"), "taken");
     assert_eq!(copies.len(), 1, "{:?}", names(&nas("r")));
     assert_eq!(read(&format!("r/{}", copies[0])), "r/edited.txt on the NAS");
     let mut want = vec!["a3", "dir", "grown", "moved.txt", "p2", "taken"];
@@ -965,10 +963,7 @@ fn hard_links_made_offline_to_nas_files_reach_the_nas() {
     );
     let status = m.status();
     assert!(
-        status
-            .lines()
-            .any(|l| l.starts_with("pending r/gone.txt ")
-                && l.contains(" linked=file to=r/dir/hard")),
+        pending(&status, "r/gone.txt", " linked=file to=r/dir/hard"),
         "{status}"
     );
     assert!(!nas("r/dir/hard").exists());
@@ -983,10 +978,7 @@ fn hard_links_made_offline_to_nas_files_reach_the_nas() {
     // The name taken there keeps the NAS's file; the link gets the
     // conflict name. No link to a file removed there.
     assert_eq!(read("r/taken"), "another machine's");
-    let copies: Vec<String> = names(&nas("r"))
-        .into_iter()
-        .filter(|n| n.starts_with("taken.nassync-conflict-"))
-        .collect();
+    let copies = conflict_copies(&nas("r"), "taken");
     assert_eq!(copies.len(), 1, "{:?}", names(&nas("r")));
     assert_eq!(
         ino(&nas(&format!("r/{}", copies[0]))),
@@ -1031,18 +1023,8 @@ fn attribute_changes_of_directories_and_symlinks_made_offline_reach_the_nas() {
     let t = attrs(&m.m("r/tree"));
     assert_eq!((t.0, t.4), (0o750, 1_300_000_000));
     let status = m.status();
-    assert!(
-        status
-            .lines()
-            .any(|l| l.starts_with("pending r/grown ") && l.contains(" attrs=dir")),
-        "{status}"
-    );
-    assert!(
-        status
-            .lines()
-            .any(|l| l.starts_with("pending r/link ") && l.contains(" attrs=symlink")),
-        "{status}"
-    );
+    assert!(pending(&status, "r/grown", " attrs=dir"), "{status}");
+    assert!(pending(&status, "r/link", " attrs=symlink"), "{status}");
     assert_eq!(attrs(&nas("r/tree")).0, 0o755);
     // Kept across an unmount; set at the next mount.
     m.unmount();
@@ -1140,10 +1122,7 @@ fn renamed_to_a_taken_name(remount: bool) {
     // The other client's directory keeps the name, untouched; the tree
     // renamed here has the conflict name, with what was made in it.
     assert!(names(&nas("r/T")).is_empty(), "{:?}", names(&nas("r/T")));
-    let kept: Vec<String> = names(&nas("r"))
-        .into_iter()
-        .filter(|n| n.starts_with("T.nassync-conflict-"))
-        .collect();
+    let kept = conflict_copies(&nas("r"), "T");
     assert_eq!(kept.len(), 1, "{:?}", names(&nas("r")));
     let k = |p: &str| nas(&format!("r/{}/{p}", kept[0]));
     assert_eq!(names(&k("")), ["new.txt", "sub", "x", "y2"]);

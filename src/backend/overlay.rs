@@ -47,7 +47,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -62,7 +62,7 @@ use super::{
 use crate::cache::CacheError;
 use crate::writeback::journal::{
     AliasRecord, ConflictRecord, Journal, LeftoverRecord, ObjParent, ObjectRecord, RemovalRecord,
-    SetRecord,
+    SetRecord, join_bytes,
 };
 use crate::writeback::{Moved, OwnMeta, PendingInfo, Staged, conflict_name, conflict_stamp, under};
 
@@ -265,6 +265,7 @@ struct Leftover<N> {
 /// A NAS object removed (or renamed: `to`) here while the NAS did not
 /// answer, still to remove (rename) there: not shown meanwhile (shown
 /// at its new name).
+#[derive(Clone)]
 struct Removal<N> {
     id: u64,
     dir: N,
@@ -293,12 +294,14 @@ impl<N> Removal<N> {
 }
 
 /// Attributes of a NAS object set here, to set there.
+#[derive(Clone)]
 struct SetHere<N> {
     node: N,
     rec: SetRecord,
 }
 
 /// Where a NAS object renamed here goes.
+#[derive(Clone)]
 struct MoveTo<N> {
     /// The object itself: shown at its new name until renamed there.
     node: N,
@@ -435,12 +438,7 @@ fn now() -> SystemTime {
 
 /// `dir/name`, or `name` in the share's root.
 fn join_path(dir: &OsStr, name: &OsStr) -> OsString {
-    let mut p = dir.to_os_string();
-    if !p.is_empty() {
-        p.push("/");
-    }
-    p.push(name);
-    p
+    OsString::from_vec(join_bytes(dir.as_bytes(), name.as_bytes()))
 }
 
 fn kind_name(k: FileKind) -> &'static str {
@@ -466,7 +464,6 @@ impl<B: Backend> Overlay<B> {
             reason: e.to_string(),
         };
         let (root_node, root_attr) = lower.root().map_err(setup)?;
-        let next = journal.load_objects()?.1;
         // Aliases no data row names: nothing knows those numbers any more.
         journal.prune_aliases()?;
         let aliases = journal.load_aliases()?;
@@ -485,7 +482,7 @@ impl<B: Backend> Overlay<B> {
             shown: HashMap::new(),
             masks: HashMap::new(),
             placing: HashMap::new(),
-            next_prov: next.max(PROV_BASE + 1),
+            next_prov: PROV_BASE + 1,
             root: root_attr.ino,
         };
         for a in &aliases {
@@ -543,7 +540,11 @@ impl<B: Backend> Overlay<B> {
             }
         }
         // (Read after: a rename that got the conflict name moved rows.)
-        let records = ov.journal.load_objects()?.0;
+        let (records, next) = ov.journal.load_objects()?;
+        {
+            let mut st = ov.st();
+            st.next_prov = st.next_prov.max(next);
+        }
         let mut known = HashSet::new();
         for r in records {
             let (parent, parent_nas) = match &r.parent {
@@ -811,7 +812,7 @@ impl<B: Backend> Overlay<B> {
                 Some(nd) => {
                     let done = match r.link {
                         true => match self.lower.lookup(&d, &r.name) {
-                            Ok((node, _)) => self.link_on_nas(&node, &r.was, (&nd, tn)),
+                            Ok((node, _)) => self.link_on_nas(&node, &r.was, (&nd, tn), r.was.ino),
                             Err(e) if matches!(e.raw_errno(), libc::ENOENT | libc::ESTALE) => {
                                 Ok(Some((
                                     "linked here, and removed on the NAS meanwhile: no link made"
@@ -1084,6 +1085,20 @@ impl<B: Backend> Overlay<B> {
             Some(n) => Some(n.clone()),
             None => self.st().objs.get(&node.ino).and_then(|o| o.nas.clone()),
         }
+    }
+
+    /// The NAS's inode number of the object shown as `shown` (an object
+    /// created here keeps its provisional number once on the NAS).
+    fn nas_ino_of(st: &State<B>, shown: u64) -> u64 {
+        st.alias
+            .values()
+            .find(|al| al.prov == shown)
+            .map_or(shown, |al| al.nas_ino)
+    }
+
+    /// The inode number shown for NAS inode number `ino`.
+    fn shown_of(st: &State<B>, ino: u64) -> u64 {
+        st.alias.get(&ino).map_or(ino, |al| al.prov)
     }
 
     fn local(&self, ino: u64) -> bool {
@@ -1828,7 +1843,7 @@ impl<B: Backend> Overlay<B> {
             };
             // The last change of that name, only.
             if Self::pending_at(st, dir, &t.name) == AtName::MovedIn(r.id) {
-                let ino = st.alias.get(&r.was.ino).map_or(r.was.ino, |al| al.prov);
+                let ino = Self::shown_of(st, r.was.ino);
                 out.push(DirEntry {
                     name: t.name.clone(),
                     ino,
@@ -2139,36 +2154,23 @@ impl<B: Backend> Overlay<B> {
         }
         let _g = self.removing.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            let next = {
-                let st = self.st();
-                st.removals.first().map(|r| {
-                    let to = r.to.as_ref().map(|t| MoveTo {
-                        node: t.node.clone(),
-                        dir: t.dir.clone(),
-                        dir_ino: t.dir_ino,
-                        name: t.name.clone(),
-                        path: t.path.clone(),
-                        link: t.link,
-                    });
-                    let shown = st.alias.get(&r.was.ino).map_or(r.was.ino, |al| al.prov);
-                    (
-                        (r.id, r.dir.clone(), r.path.clone(), r.name.clone()),
-                        (r.kind, r.was, shown),
-                        to,
-                    )
-                })
-            };
-            let Some(((id, dir, path, name), (kind, was, shown), to)) = next else {
+            let Some(r) = self.st().removals.first().cloned() else {
                 return Ok(());
             };
-            let (set, dir_ino) = {
-                let st = self.st();
-                let r = st.removals.first();
-                let set = r
-                    .and_then(|r| r.set.as_ref())
-                    .map(|s| (s.node.clone(), s.rec));
-                (set, r.map_or(0, |r| r.dir_ino))
-            };
+            let shown = Self::shown_of(&self.st(), r.was.ino);
+            let Removal {
+                id,
+                dir,
+                dir_ino,
+                path,
+                name,
+                kind,
+                was,
+                to,
+                set,
+                ..
+            } = r;
+            let set = set.map(|s| (s.node, s.rec));
             // Readers of the directories it changes wait until the view
             // has the change too (a listing must not combine the NAS's of
             // after with the pending change, or the other way round).
@@ -2186,7 +2188,7 @@ impl<B: Backend> Overlay<B> {
                     .remove_on_nas(&dir, &name, kind, &was)
                     .map(|c| c.map(|reason| (path.clone(), path.clone(), reason))),
                 Some(t) => match t.link {
-                    true => self.link_on_nas(&t.node, &was, (&t.dir, &t.name)),
+                    true => self.link_on_nas(&t.node, &was, (&t.dir, &t.name), shown),
                     false => self.move_on_nas((&dir, &name), (&t.dir, &t.name), kind, &was, shown),
                 }
                 .map(|c| {
@@ -2309,12 +2311,7 @@ impl<B: Backend> Overlay<B> {
         // The node's number, not the attributes' (a file saved over
         // another shows the new file's until looked up again); an object
         // created here is known by its provisional number.
-        let nas_ino = st
-            .alias
-            .values()
-            .find(|al| al.prov == node.ino)
-            .map(|al| al.nas_ino)
-            .unwrap_or(node.ino);
+        let nas_ino = Self::nas_ino_of(st, node.ino);
         let was = Validator {
             ino: nas_ino,
             ..was
@@ -2508,6 +2505,7 @@ impl<B: Backend> Overlay<B> {
         node: &B::Node,
         was: &Validator,
         (newdir, newname): (&B::Node, &OsStr),
+        shown: u64,
     ) -> BResult<Option<(String, Option<OsString>)>> {
         let gone = || {
             Ok(Some((
@@ -2521,7 +2519,6 @@ impl<B: Backend> Overlay<B> {
             Err(e) if matches!(e.raw_errno(), libc::ENOENT | libc::ESTALE) => return gone(),
             Err(e) => return Err(e),
         };
-        let shown = self.st().alias.get(&was.ino).map_or(was.ino, |al| al.prov);
         self.own_ctime(shown, None);
         let linked = |r: BResult<Attr>| {
             if let Ok(after) = &r {
@@ -4757,12 +4754,7 @@ impl<B: Backend> Backend for Overlay<B> {
                 _ => {}
             }
         }
-        let nas_ino = st
-            .alias
-            .values()
-            .find(|al| al.prov == node.ino)
-            .map(|al| al.nas_ino)
-            .unwrap_or(node.ino);
+        let nas_ino = Self::nas_ino_of(&st, node.ino);
         let was = Validator {
             ino: nas_ino,
             ..was
@@ -4916,12 +4908,7 @@ impl<B: Backend> Backend for Overlay<B> {
         let Some(dir_path) = Self::dir_path(&st, dir.ino) else {
             return Err(err(op, libc::EIO));
         };
-        let nas_ino = st
-            .alias
-            .values()
-            .find(|al| al.prov == node.ino)
-            .map(|al| al.nas_ino)
-            .unwrap_or(node.ino);
+        let nas_ino = Self::nas_ino_of(&st, node.ino);
         let was = Validator {
             ino: nas_ino,
             ..was

@@ -190,7 +190,7 @@ struct LaterRow {
 
 /// `p` with its leading `old` (a whole path, or its leading components)
 /// replaced by `new`; None when `p` is not `old` or under it.
-fn under_moved(p: &[u8], old: &OsStr, new: &OsStr) -> Option<Vec<u8>> {
+pub fn under_moved(p: &[u8], old: &OsStr, new: &OsStr) -> Option<Vec<u8>> {
     let rest = p.strip_prefix(old.as_bytes())?;
     if !(rest.is_empty() || rest[0] == b'/') {
         return None;
@@ -201,7 +201,7 @@ fn under_moved(p: &[u8], old: &OsStr, new: &OsStr) -> Option<Vec<u8>> {
 }
 
 /// `dir/name`, or `name` in the share's root.
-fn join_bytes(dir: &[u8], name: &[u8]) -> Vec<u8> {
+pub fn join_bytes(dir: &[u8], name: &[u8]) -> Vec<u8> {
     let mut v = dir.to_vec();
     if !v.is_empty() {
         v.push(b'/');
@@ -1185,7 +1185,6 @@ impl Journal {
             })?;
             it.collect::<Result<_, _>>()?
         };
-        let join = |d: &[u8], n: &[u8]| join_bytes(d, n);
         let mut there = true;
         for LaterRow {
             id: rid,
@@ -1199,7 +1198,7 @@ impl Journal {
         } in later
         {
             let to = to_dir.as_deref().zip(to_name.as_deref());
-            if join(&dir, &name) == old.as_bytes() && nino as u64 == ino {
+            if join_bytes(&dir, &name) == old.as_bytes() && nino as u64 == ino {
                 tx.execute(
                     "UPDATE removals SET name = ?2 WHERE id = ?1",
                     params![rid, new_name.as_bytes()],
@@ -1224,7 +1223,7 @@ impl Journal {
                     )?;
                 }
             }
-            if to.is_some_and(|(d, n)| join(d, n) == old.as_bytes()) {
+            if to.is_some_and(|(d, n)| join_bytes(d, n) == old.as_bytes()) {
                 there = false;
                 break;
             }

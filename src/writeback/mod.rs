@@ -971,12 +971,7 @@ impl<B: Backend> WriteBack<B> {
         let files: Vec<_> = self.files_lock().values().cloned().collect();
         for d in files {
             let mut g = d.lock();
-            let p = g.rec.path.as_bytes();
-            let o = old.as_bytes();
-            let hit = p == o || (p.starts_with(o) && p.get(o.len()) == Some(&b'/'));
-            if hit {
-                let mut np = new.as_bytes().to_vec();
-                np.extend_from_slice(&p[o.len()..]);
+            if let Some(np) = journal::under_moved(g.rec.path.as_bytes(), old, new) {
                 let np = OsString::from(std::ffi::OsStr::from_bytes(&np));
                 if ahead {
                     g.rec.path2 = Some(np);
