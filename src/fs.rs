@@ -20,7 +20,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::backend::bounded::is_unreachable;
 use crate::backend::{
@@ -175,6 +175,8 @@ struct Tables<B: Backend> {
     /// not taken as current after it.
     names_gen: u64,
     negatives: HashMap<(u64, OsString), Instant>,
+    /// Open files unlinked on the NAS -> the directory they were in.
+    open_unlinked: HashMap<u64, u64>,
 }
 
 struct FileHandle<B: Backend> {
@@ -301,6 +303,7 @@ impl<B: Backend> Core<B> {
                 listings: HashMap::new(),
                 names_gen: 0,
                 negatives: HashMap::new(),
+                open_unlinked: HashMap::new(),
             }),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -890,6 +893,20 @@ impl<B: Backend> Core<B> {
     fn expire_attr(&self, t: &mut Tables<B>, ino: u64) {
         if let Some(i) = t.inodes.get_mut(&ino) {
             i.attr_until = Instant::now();
+        }
+    }
+
+    /// Directory `parent` changed here only (a removal kept to make on the
+    /// NAS later), `at`: its attributes as cached stay good, with that
+    /// mtime and ctime (as the backend shows them); asking the NAS would
+    /// cost a round trip per entry of an `rm -rf` (the kernel checks the
+    /// directory's permissions before each).
+    fn changed_here(&self, t: &mut Tables<B>, parent: u64, at: Option<SystemTime>) {
+        let Some(at) = at else { return };
+        if let Some(i) = t.inodes.get_mut(&parent) {
+            i.attr.mtime = i.attr.mtime.max(at);
+            i.attr.ctime = i.attr.ctime.max(at);
+            i.attr_until = Instant::now() + self.attr_ttl(&i.attr);
         }
     }
 
@@ -1597,18 +1614,28 @@ impl<B: Backend> Core<B> {
             (Some((ino, _)), Some(wb)) => Some(wb.unlinking(self.fuse_ino(*ino))),
             _ => None,
         };
-        let later = match self.backend.unlink(&dir, name) {
-            Ok(()) => false,
-            Err(e) if is_unreachable(&e) => {
-                self.remove_later(parent, &dir, name, false, e)?;
-                true
-            }
-            Err(e) => return Err(e.into()),
+        let later = match self.journaled_removal(parent, &dir, name, false)? {
+            Some(at) => Some(at),
+            None => match self.backend.unlink(&dir, name) {
+                Ok(()) => None,
+                Err(e) if is_unreachable(&e) => {
+                    Some(self.remove_later(parent, &dir, name, false, e)?)
+                }
+                Err(e) => return Err(e.into()),
+            },
         };
+        let open = victim.as_ref().is_some_and(|(ino, _)| self.is_open(*ino));
         {
             let mut t = self.tables();
             self.forget_name(&mut t, parent, name, true);
+            self.changed_here(&mut t, parent, later);
+            // The NAS may keep an open file under a hidden name (nfs://)
+            // until it is closed: its directory may not be empty there.
+            if let (None, true, Some((ino, _))) = (later, open, &victim) {
+                t.open_unlinked.insert(*ino, parent);
+            }
         }
+        let later = later.is_some();
         match (victim, &self.wb) {
             // Its only link (see `remove_later`), whatever the NAS says
             // if it answers again meanwhile.
@@ -1732,18 +1759,78 @@ impl<B: Backend> Core<B> {
         name: &OsStr,
         rmdir: bool,
         e: BackendError,
-    ) -> FsResult<()> {
+    ) -> FsResult<SystemTime> {
         let (node, kind, was) = match self.vouch_removal(parent, name, rmdir) {
             Ok(v) => v,
             Err(Some(x)) => return Err(x),
             Err(None) => return Err(e.into()),
         };
-        match self.backend.remove_later(dir, name, &node, kind, was) {
-            Ok(()) => Ok(()),
+        let at = crate::clock::now();
+        match self.backend.remove_later(dir, name, (&node, kind, was), at) {
+            Ok(()) => Ok(at),
             // The backend keeps no such view: the NAS's error.
             Err(x) if x.raw_errno() == libc::EIO => Err(e.into()),
             Err(x) => Err(x.into()),
         }
+    }
+
+    /// An unlink or rmdir of an object on the NAS that the cache vouches
+    /// for (see `vouch_removal`) goes into the journal, as offline, and
+    /// returns at local speed: the replay makes it on the NAS after the
+    /// write-back delay (before any other change of the NAS's namespace
+    /// needs it), unless the object changed there meanwhile (a conflict,
+    /// as offline). When it did, the time its directory changed; None
+    /// (nothing done) when the cache cannot vouch: the NAS is asked.
+    fn journaled_removal(
+        &self,
+        parent: u64,
+        dir: &B::Node,
+        name: &OsStr,
+        rmdir: bool,
+    ) -> FsResult<Option<SystemTime>> {
+        let Some(wb) = &self.wb else { return Ok(None) };
+        if !self.backend.defers_removals() {
+            return Ok(None);
+        }
+        // A new object goes at local speed anyway. An open file stays
+        // where the NAS keeps open unlinked files (nfs://: a hidden name,
+        // which its directory's rmdir must see), and one with changes
+        // pending is removed with them: both go to the NAS at once.
+        let ino = match self.known_child(parent, name) {
+            Some((ino, _)) if self.backend.local_path(self.fuse_ino(ino)).is_none() => ino,
+            _ => return Ok(None),
+        };
+        if self.is_open(ino) || wb.is_dirty(self.fuse_ino(ino)) || !self.vouch_is_fresh(ino, rmdir)
+        {
+            return Ok(None);
+        }
+        let (node, kind, was) = match self.vouch_removal(parent, name, rmdir) {
+            Ok(v) => v,
+            Err(_) => return Ok(None),
+        };
+        let at = crate::clock::now();
+        match self.backend.remove_later(dir, name, (&node, kind, was), at) {
+            Ok(()) => Ok(Some(at)),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Whether what the cache knows of `ino` is still within its time to
+    /// live, as a kernel NFS client would trust it: its attributes (a
+    /// link count, a version) and, for a directory, its listing. Older,
+    /// the NAS is asked. (Its name is the kernel's, as fresh as the
+    /// entry's time to live.)
+    fn vouch_is_fresh(&self, ino: u64, dir: bool) -> bool {
+        let t = self.tables();
+        let now = Instant::now();
+        let known = t.inodes.get(&ino).is_some_and(|i| i.attr_until > now);
+        let listed = |d: u64| {
+            t.listings
+                .get(&d)
+                .is_some_and(|l| l.complete && l.until > now)
+        };
+        let hides = || t.open_unlinked.values().any(|d| *d == ino);
+        known && (!dir || listed(ino) && !hides())
     }
 
     /// What the cache vouches for of `name` in `parent`, to remove it
@@ -1824,17 +1911,23 @@ impl<B: Backend> Core<B> {
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         let dir = self.parent_node(parent)?;
-        match self.backend.rmdir(&dir, name) {
-            Ok(()) => {}
-            Err(e) if is_unreachable(&e) => self.remove_later(parent, &dir, name, true, e)?,
-            Err(e) => return Err(e.into()),
-        }
+        let later = match self.journaled_removal(parent, &dir, name, true)? {
+            Some(at) => Some(at),
+            None => match self.backend.rmdir(&dir, name) {
+                Ok(()) => None,
+                Err(e) if is_unreachable(&e) => {
+                    Some(self.remove_later(parent, &dir, name, true, e)?)
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
         let mut t = self.tables();
         if let Some(ino) = t.names.get(&(parent, name.to_os_string())).copied() {
             t.listings.remove(&ino);
         }
         Self::subdirs_changed(&mut t, parent, -1);
         self.forget_name(&mut t, parent, name, true);
+        self.changed_here(&mut t, parent, later);
         Ok(())
     }
 
@@ -2307,6 +2400,9 @@ impl<B: Backend> Core<B> {
             };
             (h, open)
         };
+        if let (false, Handle::File(h)) = (open, &h) {
+            self.tables().open_unlinked.remove(&h.ino);
+        }
         if let (Some(wb), Handle::File(h)) = (&self.wb, &h) {
             if !open {
                 wb.closed(self.fuse_ino(h.ino));

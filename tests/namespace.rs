@@ -170,6 +170,46 @@ fn an_untar_makes_no_nas_round_trip_per_file_and_lands_identical() {
     assert!(!m.log().contains("conflict"), "{}", m.log());
 }
 
+/// rm -rf of a tree on the NAS that the mount has listed: the removals
+/// go into the journal and reach the NAS after the write-back delay (or a
+/// flush), not one NAS round trip per entry before rm returns.
+#[test]
+fn an_rm_rf_of_a_listed_tree_makes_no_nas_round_trip_per_entry() {
+    // (Names and attributes fresh for the whole test: the NAS calls
+    // counted are the removals', not revalidations.)
+    let m = Mount::new("writeback_delay=1h,actimeo=600");
+    for d in 0..10 {
+        let dd = m.n(&format!("top/d{d}/sub"));
+        fs::create_dir_all(&dd).unwrap();
+        for f in 0..100 {
+            fs::write(dd.join(format!("f{f:03}")), format!("{d} {f}")).unwrap();
+        }
+        std::os::unix::fs::symlink("f000", dd.join("link")).unwrap();
+    }
+    let entries = tree(&m.m(""), true).len();
+    assert!(entries > 1000);
+    let before = m.stats()["nas_ops"];
+    fs::remove_dir_all(m.m("top")).unwrap();
+    let calls = m.stats()["nas_ops"] - before;
+    eprintln!("rm -rf of {entries} entries: {calls} NAS calls");
+    assert!(calls < 20, "{calls} NAS calls for {entries} entries");
+    assert!(!m.m("top").exists());
+    assert!(
+        m.n("top/d5/sub/f050").exists(),
+        "on the NAS only after the delay"
+    );
+    let status = m.status();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("pending top/d5/sub/f050 ") && l.contains(" removed=file")),
+        "{status}"
+    );
+    m.flush(None);
+    assert!(!m.n("top").exists());
+    assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
+}
+
 #[test]
 fn a_temporary_file_created_and_removed_never_reaches_the_nas() {
     let m = Mount::new("writeback_delay=1h");
@@ -527,4 +567,84 @@ fn a_flush_the_nas_refuses_says_why_and_keeps_the_change() {
     m.flush(None);
     assert_eq!(fs::read_to_string(m.n("locked/new.txt")).unwrap(), "kept");
     assert_eq!(m.status_value("pending_files"), 0);
+}
+
+/// A removal kept for later that the NAS then refuses (an immutable file
+/// here; a read-only export or a squashed root elsewhere) comes back,
+/// reported as a conflict; from then on removals go to the NAS at once,
+/// and its refusals reach the caller.
+#[test]
+fn a_removal_the_nas_refuses_later_comes_back_and_the_next_are_refused_at_once() {
+    if common::skip_over_nfs("chattr works on the server's directory only") {
+        return;
+    }
+    let mut m = Mount::prepare("writeback_delay=1h,actimeo=2");
+    for f in ["a", "b", "c"] {
+        fs::write(m.nas.join(f), f).unwrap();
+    }
+    m.mount();
+    let _a = Immutable::set(&m.nas.join("a"));
+    let _b = Immutable::set(&m.nas.join("b"));
+    fs::metadata(m.m("a")).unwrap();
+    let before = m.stats()["nas_ops"];
+    fs::remove_file(m.m("a")).unwrap();
+    assert_eq!(m.stats()["nas_ops"], before, "kept for later");
+    assert!(!m.m("a").exists());
+    m.flush(None);
+    let status = m.status();
+    assert_eq!(m.status_value("conflicts"), 1, "{status}");
+    assert!(status.contains("conflict a"), "{status}");
+    assert!(
+        m.log().contains("could not be removed on the NAS"),
+        "{}",
+        m.log()
+    );
+    assert_eq!(fs::read_to_string(m.n("a")).unwrap(), "a");
+    // The mount shows it again once its name expires.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !m.m("a").exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(fs::read_to_string(m.m("a")).unwrap(), "a");
+    // The NAS refused once: the next removal is its to refuse, at once.
+    fs::metadata(m.m("b")).unwrap();
+    assert_eq!(errno(&fs::remove_file(m.m("b"))), libc::EPERM);
+    assert_eq!(fs::read_to_string(m.m("b")).unwrap(), "b");
+    fs::metadata(m.m("c")).unwrap();
+    fs::remove_file(m.m("c")).unwrap();
+    assert!(!m.n("c").exists(), "made on the NAS at once");
+    assert_eq!(m.status_value("conflicts"), 1, "{}", m.status());
+}
+
+/// What cannot wait for the write-back delay is removed on the NAS at
+/// once: a file open here (its reader keeps it, with no link left, as on
+/// a local filesystem) and a file with changes still to write back; what
+/// the cache knows fresh is kept for later.
+#[test]
+fn removals_of_open_or_changed_files_go_to_the_nas_at_once() {
+    let mut m = Mount::prepare("writeback_delay=1h,actimeo=600");
+    for f in ["open.txt", "changed.txt", "plain.txt"] {
+        fs::write(m.nas.join(f), f).unwrap();
+    }
+    m.mount();
+    for f in ["open.txt", "changed.txt", "plain.txt"] {
+        fs::metadata(m.m(f)).unwrap();
+    }
+    let open = fs::File::open(m.m("open.txt")).unwrap();
+    fs::remove_file(m.m("open.txt")).unwrap();
+    assert!(!m.n("open.txt").exists());
+    assert_eq!(open.metadata().unwrap().nlink(), 0);
+    let mut got = String::new();
+    std::io::Read::read_to_string(&mut &open, &mut got).unwrap();
+    assert_eq!(got, "open.txt");
+    drop(open);
+    fs::write(m.m("changed.txt"), "changed here").unwrap();
+    fs::remove_file(m.m("changed.txt")).unwrap();
+    assert!(!m.n("changed.txt").exists());
+    fs::remove_file(m.m("plain.txt")).unwrap();
+    assert!(m.n("plain.txt").exists(), "kept for later");
+    m.flush(None);
+    assert!(!m.n("plain.txt").exists());
+    assert_eq!(fs::read_dir(m.m("")).unwrap().count(), 0);
+    assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
 }

@@ -375,17 +375,27 @@ pub trait Backend: Send + Sync + 'static {
     /// for it alone may go.
     fn forget(&self, _node: &Self::Node) {}
 
-    /// While the NAS does not answer: removes `name` (`node`, of `kind`,
-    /// the NAS version `was`: its inode number is the node's) from `dir`
-    /// here at once, and from the NAS once it answers (see [`overlay`]).
-    /// EIO for a backend that keeps no local view of the namespace.
+    /// Removes `name` (`node`, of `kind`, the NAS version `was`: its inode
+    /// number is the node's) from `dir` here at once, `dir` changed `at`,
+    /// and from the NAS later, in order with the other changes kept (see
+    /// [`overlay`]): while the NAS does not answer, or for what the
+    /// caller's cache vouches for. EIO for a backend that keeps no local
+    /// view of the namespace.
+    /// Whether removals of what the cache vouches for may be kept for
+    /// later while the NAS answers (see [`Backend::remove_later`]): not
+    /// for a backend without a local view, nor once the NAS refused one
+    /// (a read-only export, a squashed root), after which they go to the
+    /// NAS at once and its refusals reach the caller.
+    fn defers_removals(&self) -> bool {
+        false
+    }
+
     fn remove_later(
         &self,
         _dir: &Self::Node,
         _name: &OsStr,
-        _node: &Self::Node,
-        _kind: FileKind,
-        _was: Validator,
+        (_node, _kind, _was): (&Self::Node, FileKind, Validator),
+        _at: std::time::SystemTime,
     ) -> BResult<()> {
         Err(BackendError::errno("remove", libc::EIO))
     }

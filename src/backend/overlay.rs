@@ -10,8 +10,10 @@
 //! A hard link to a local file is a local object of its own (`link_to`),
 //! shown as the file and made on the NAS together with it.
 //!
-//! The pending namespace changes are therefore creations, and removals
-//! and renames of NAS objects made while the NAS did not answer: the
+//! The pending namespace changes are therefore creations; removals of
+//! NAS objects, made while the NAS did not answer or vouched for by the
+//! core's fresh cache while it does; and renames, hard links and
+//! attribute changes of NAS objects made while it did not answer: the
 //! NAS's tree with the local objects added, the removed names taken away
 //! and the renamed objects shown at their new names (`removals`, one
 //! ordered list: a rename's paths are those of after the changes before
@@ -21,8 +23,9 @@
 //! stays), a rename never over anything (a name taken there meanwhile
 //! gives the conflict name); then it creates the local objects on the NAS,
 //! parents first, `writeback_delay` after their creation (or at once on
-//! `flush`). Everything else that changes the NAS's namespace (link,
-//! unlink or rename of an object that is on the NAS while it answers,
+//! `flush`); the removals too wait that long. Everything else that
+//! changes the NAS's namespace (link, rename, and the removals the cache
+//! cannot vouch for, of an object that is on the NAS while it answers;
 //! xattrs) goes to the NAS at once, after the pending removals and after
 //! *materializing* the local objects it involves: those, and only those,
 //! are created on the NAS first. Any order that creates parents first is
@@ -403,6 +406,9 @@ pub struct Overlay<B: Backend> {
     replay: RwLock<()>,
     /// Held while removals made offline are applied on the NAS (in order).
     removing: Mutex<()>,
+    /// Set once the NAS refused a change kept here (see
+    /// [`Backend::defers_removals`]).
+    refused: AtomicBool,
     /// Write-held from the NAS call that puts a new object in its
     /// directory until the view knows it is there; read-held by getattr
     /// and readdir of directories, which combine the NAS's answer with
@@ -505,6 +511,7 @@ impl<B: Backend> Overlay<B> {
             state: Mutex::new(st),
             replay: RwLock::new(()),
             removing: Mutex::new(()),
+            refused: AtomicBool::new(false),
             window: RwLock::new(()),
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             sched: Mutex::new(Sched {
@@ -1918,9 +1925,20 @@ impl<B: Backend> Overlay<B> {
     fn next_due(&self) -> Option<Duration> {
         let st = self.st();
         let now = Instant::now();
-        if !st.leftovers.is_empty() || !st.removals.is_empty() {
+        if !st.leftovers.is_empty() {
             return Some(Duration::from_millis(500));
         }
+        // Removals and the like are made `writeback_delay` after they were
+        // made here, as data and creations are.
+        let removal = st.removals.first().map(|r| {
+            (r.since + self.delay)
+                .saturating_duration_since(now)
+                .max(Duration::from_millis(if r.error.is_some() {
+                    500
+                } else {
+                    0
+                }))
+        });
         // A directory whose last new child was placed outside a pass (by
         // an operation that needed it on the NAS) still waits for its mode
         // and times.
@@ -1934,6 +1952,7 @@ impl<B: Backend> Overlay<B> {
                 let due = o.retry_at.unwrap_or(o.created + self.delay);
                 due.saturating_duration_since(now)
             })
+            .chain(removal)
             .min()
     }
 
@@ -1962,9 +1981,10 @@ impl<B: Backend> Overlay<B> {
         if !self.st().leftovers.is_empty() {
             self.clean_leftovers();
         }
-        // Before the creations: one may take a name removed here. The NAS
-        // not answering those, the creations wait too.
-        if self.apply_removals().is_err() {
+        // Before the creations: one may take a name removed here (made
+        // before it, so due before it). The NAS not answering those, the
+        // creations wait too.
+        if self.apply_removals_until((!all).then_some(now)).is_err() {
             return Err(());
         }
         let (files, first): (Vec<_>, Vec<_>) =
@@ -2144,17 +2164,25 @@ impl<B: Backend> Overlay<B> {
         }
     }
 
-    /// Applies on the NAS, in the order they were made, the removals made
-    /// while it did not answer. Err once the NAS does not answer (the rest
-    /// wait); every other outcome is final: removed, gone already, or kept
-    /// as a conflict (changed there meanwhile, or not empty).
+    /// Applies on the NAS, in the order they were made, the removals,
+    /// renames, links and attribute changes kept here. Err once the NAS
+    /// does not answer (the rest wait); every other outcome is final:
+    /// made, found made already, or kept as a conflict (changed there
+    /// meanwhile, or not empty).
     fn apply_removals(&self) -> BResult<()> {
+        self.apply_removals_until(None)
+    }
+
+    /// As `apply_removals`, with `at`: only those due then
+    /// (`writeback_delay` after they were made).
+    fn apply_removals_until(&self, at: Option<Instant>) -> BResult<()> {
         if self.st().removals.is_empty() {
             return Ok(());
         }
         let _g = self.removing.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            let Some(r) = self.st().removals.first().cloned() else {
+            let due = |r: &&Removal<B::Node>| at.is_none_or(|at| r.since + self.delay <= at);
+            let Some(r) = self.st().removals.first().filter(due).cloned() else {
                 return Ok(());
             };
             let shown = Self::shown_of(&self.st(), r.was.ino);
@@ -2221,11 +2249,19 @@ impl<B: Backend> Overlay<B> {
                     }
                     return Err(e);
                 }
-                Err(e) => Some((
-                    path.clone(),
-                    path.clone(),
-                    format!("could not be {what} on the NAS ({e})"),
-                )),
+                Err(e) => {
+                    if !self.refused.swap(true, Ordering::Relaxed) {
+                        log::warn!(
+                            "the NAS refused a change kept here ({e}): from now on, \
+                             removals go to it at once"
+                        );
+                    }
+                    Some((
+                        path.clone(),
+                        path.clone(),
+                        format!("could not be {what} on the NAS ({e})"),
+                    ))
+                }
             };
             if let Some((shown_path, kept, reason)) = conflict {
                 self.note_conflict(&shown_path, &kept, &reason);
@@ -2342,13 +2378,13 @@ impl<B: Backend> Overlay<B> {
         Ok((rec, (kind == FileKind::File).then_some(node.ino), r))
     }
 
-    /// Removal `r`, journaled, is in the view.
-    fn removed(st: &mut State<B>, r: Removal<B::Node>) {
+    /// Removal `r`, journaled, is in the view; its directory changed `at`.
+    fn removed(st: &mut State<B>, r: Removal<B::Node>, at: SystemTime) {
         if r.kind == FileKind::Dir {
             st.dirs
                 .retain(|_, v| !(v.parent == r.dir_ino && v.name == r.name));
         }
-        Self::dir_changed(st, r.dir_ino, now(), 0);
+        Self::dir_changed(st, r.dir_ino, at, 0);
         st.removals.push(r);
     }
 
@@ -4651,13 +4687,16 @@ impl<B: Backend> Backend for Overlay<B> {
         Some(p)
     }
 
+    fn defers_removals(&self) -> bool {
+        !self.refused.load(Ordering::Relaxed)
+    }
+
     fn remove_later(
         &self,
         dir: &Self::Node,
         name: &OsStr,
-        node: &Self::Node,
-        kind: FileKind,
-        was: Validator,
+        (node, kind, was): (&Self::Node, FileKind, Validator),
+        at: SystemTime,
     ) -> BResult<()> {
         let _w = self.window_read(&[dir.ino]);
         // (Not under `state`: it may look there.)
@@ -4674,7 +4713,7 @@ impl<B: Backend> Backend for Overlay<B> {
             "{name:?} (nas ino {}) removed here; on the NAS once it answers",
             r.was.ino
         );
-        Self::removed(&mut st, r);
+        Self::removed(&mut st, r, at);
         drop(st);
         self.kick(false);
         Ok(())
@@ -4817,7 +4856,7 @@ impl<B: Backend> Backend for Overlay<B> {
             .map_err(journal_err("journal"))?;
         if let Some((_, _, mut g)) = gone {
             g.id = ids[0];
-            Self::removed(&mut st, g);
+            Self::removed(&mut st, g, now());
         }
         if moved_dir {
             if let Some(x) = st.dirs.get_mut(&node.ino) {
