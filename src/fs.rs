@@ -228,6 +228,8 @@ pub struct Core<B: Backend> {
     /// Counts nassync's own xattr changes: an answer read from the NAS
     /// before one is not stored after it.
     xattr_gen: AtomicU64,
+    /// Conflicts seen by `drain_settled`.
+    conflicts_seen: AtomicU64,
     data: Arc<DataCache>,
     stats: Arc<Stats>,
     /// Write-back, unless writes go straight to the NAS (`-o sync`).
@@ -308,6 +310,7 @@ impl<B: Backend> Core<B> {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             xattr_gen: AtomicU64::new(0),
+            conflicts_seen: AtomicU64::new(0),
             data,
             stats,
             wb: None,
@@ -536,6 +539,20 @@ impl<B: Backend> Core<B> {
     /// again: their cached ones expire.
     fn drain_settled(&self) {
         let Some(wb) = &self.wb else { return };
+        // A conflict leaves on the NAS what the listings cached here do
+        // not show (an object whose removal or rename it kept, a conflict
+        // copy): they expire now rather than hide it for their time to
+        // live (kept, to serve while the NAS is offline). Conflicts are
+        // rare; telling which listings they touch is not worth it.
+        let conflicts = wb.conflict_count();
+        if self.conflicts_seen.swap(conflicts, Ordering::Relaxed) != conflicts {
+            let mut t = self.tables();
+            let now = Instant::now();
+            for l in t.listings.values_mut() {
+                l.until = l.until.min(now);
+            }
+            t.negatives.clear();
+        }
         let settled = wb.take_settled();
         if settled.is_empty() {
             return;
@@ -2505,6 +2522,7 @@ impl<B: Backend> Core<B> {
     }
 
     pub fn opendir(&self, ino: u64) -> FsResult<Opened> {
+        self.drain_settled();
         let (_, kind, _) = self.node(ino)?;
         if kind != FileKind::Dir {
             return Err(BackendError::errno("opendir", libc::ENOTDIR).into());

@@ -516,6 +516,14 @@ impl<B: Backend> WriteBack<B> {
         std::mem::take(&mut *self.settled.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// Conflicts found since the mount, data and namespace: each makes
+    /// the NAS show what the mount's cached listings do not (a conflict
+    /// copy, an object kept there).
+    pub fn conflict_count(&self) -> u64 {
+        let staged = self.staged.get().map_or(0, |s| s.conflicts());
+        self.counters.conflicts.load(Ordering::Relaxed) + staged
+    }
+
     /// Counts files that stopped being dirty.
     pub fn settle_gen(&self) -> u64 {
         self.settle_count.load(Ordering::Acquire)
