@@ -18,7 +18,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -125,6 +125,16 @@ struct Inode<B: Backend> {
     kernel: Option<Box<KernelListings>>,
 }
 
+impl<B: Backend> Inode<B> {
+    /// Its ctime moved from `was` by a change kept here, not made on the
+    /// NAS: the NAS's xattrs, read at `was`, are still its xattrs.
+    fn changed_here(&mut self, was: std::time::SystemTime) {
+        if let Some(c) = self.xattrs.as_deref_mut().filter(|c| c.ctime == was) {
+            c.ctime = self.attr.ctime;
+        }
+    }
+}
+
 /// See [`Inode::kernel`].
 #[derive(Default)]
 struct KernelListings {
@@ -218,6 +228,12 @@ enum Handle<B: Backend> {
 }
 
 /// See the module documentation.
+/// At most this many changes of NAS objects are kept for later while the
+/// NAS answers (see `Core::defers_changes`): each lookup of the overlay's
+/// view looks through them, and an operation that goes to the NAS first
+/// makes those pending; beyond it, changes go to the NAS at once.
+const MAX_KEPT_CHANGES: usize = 4096;
+
 pub struct Core<B: Backend> {
     backend: Arc<B>,
     cfg: FsConfig,
@@ -230,6 +246,8 @@ pub struct Core<B: Backend> {
     xattr_gen: AtomicU64,
     /// Conflicts seen by `drain_settled`.
     conflicts_seen: AtomicU64,
+    /// Whether `defers_changes` logged the NAS's first refusal.
+    refusal_noted: AtomicBool,
     data: Arc<DataCache>,
     stats: Arc<Stats>,
     /// Write-back, unless writes go straight to the NAS (`-o sync`).
@@ -311,6 +329,7 @@ impl<B: Backend> Core<B> {
             next_fh: AtomicU64::new(1),
             xattr_gen: AtomicU64::new(0),
             conflicts_seen: AtomicU64::new(0),
+            refusal_noted: AtomicBool::new(false),
             data,
             stats,
             wb: None,
@@ -609,7 +628,9 @@ impl<B: Backend> Core<B> {
         let mut t = self.tables();
         match t.inodes.get_mut(&ino) {
             Some(i) => {
+                let was = i.attr.ctime;
                 l.apply(&mut i.attr);
+                i.changed_here(was);
                 i.attr
             }
             None => {
@@ -1130,10 +1151,18 @@ impl<B: Backend> Core<B> {
                 changes.mode = Some((cached.perm & !bits) as u32);
             }
         }
+        // As a file's (see `setattr_local`), kept to set on the NAS later.
+        if kind != FileKind::File && kill.is_none() && self.defers_attrs(ino) {
+            if let Some(done) = self.setattr_later(ino, &node, kind, &changes)? {
+                return Ok(done);
+            }
+        }
         let mut attr = match self.backend.setattr(&node, file, &changes) {
             Ok(a) => a,
             Err(e) if is_unreachable(&e) && kind != FileKind::File => {
-                return self.setattr_later(ino, &node, kind, &changes, e);
+                return self
+                    .setattr_later(ino, &node, kind, &changes)?
+                    .ok_or_else(|| e.into());
             }
             Err(e) => return Err(e.into()),
         };
@@ -1163,25 +1192,24 @@ impl<B: Backend> Core<B> {
         Ok((self.present(attr), self.attr_ttl(&attr)))
     }
 
-    /// The NAS does not answer: the mode, owner or times of a directory,
-    /// symlink or special file on the NAS that the cache knows (by a name
+    /// The NAS does not answer (or see `defers_attrs`): the mode, owner or
+    /// times of a directory, symlink or special file on the NAS that the cache knows (by a name
     /// of it) are set here and on the NAS once it answers
     /// ([`Backend::set_later`]); a file's go with its data instead (see
-    /// `setattr_local`). `e`, the NAS's error, where the cache cannot tell.
+    /// `setattr_local`). None, having done nothing, where the cache cannot
+    /// tell.
     fn setattr_later(
         &self,
         ino: u64,
         node: &B::Node,
         kind: FileKind,
         changes: &SetAttr,
-        e: BackendError,
-    ) -> FsResult<(Attr, Duration)> {
+    ) -> FsResult<Option<(Attr, Duration)>> {
         if self.wb.is_none() || changes.size.is_some() {
-            return Err(e.into());
+            return Ok(None);
         }
-        let (mut attr, parent, name) = match self.known_name(ino) {
-            Some(x) => x,
-            None => return Err(e.into()),
+        let Some((mut attr, parent, name)) = self.known_name(ino) else {
+            return Ok(None);
         };
         let now = crate::clock::now();
         let at = |t: Option<SetTime>| {
@@ -1202,7 +1230,7 @@ impl<B: Backend> Core<B> {
             .set_later((&dir, &name), node, kind, attr.validator(), &changes)
         {
             Ok(()) => {}
-            Err(x) if x.raw_errno() == libc::EIO => return Err(e.into()),
+            Err(x) if x.raw_errno() == libc::EIO => return Ok(None),
             Err(x) => return Err(x.into()),
         }
         if let Some(m) = changes.mode {
@@ -1215,10 +1243,12 @@ impl<B: Backend> Core<B> {
         attr.ctime = now;
         let mut t = self.tables();
         if let Some(i) = t.inodes.get_mut(&ino) {
+            let was = i.attr.ctime;
             i.attr = attr;
             i.attr_until = Instant::now() + self.attr_ttl(&attr);
+            i.changed_here(was);
         }
-        Ok((self.present(attr), self.attr_ttl(&attr)))
+        Ok(Some((self.present(attr), self.attr_ttl(&attr))))
     }
 
     /// An inode's attributes as cached and a name of it that the cache
@@ -1282,7 +1312,7 @@ impl<B: Backend> Core<B> {
             || remote.gid.is_some()
             || remote.atime.is_some()
             || remote.mtime.is_some();
-        if has_remote && self.attrs_here(wb, nas) {
+        if has_remote && (self.attrs_here(wb, nas) || self.defers_attrs(ino)) {
             let cur = self.cached_attr(ino).ok_or(FsError::UnknownInode(ino))?;
             let owner = (remote.mode.is_some() || remote.uid.is_some() || remote.gid.is_some())
                 .then(|| {
@@ -1343,6 +1373,37 @@ impl<B: Backend> Core<B> {
     /// Not for new objects: the overlay keeps theirs.
     fn attrs_here(&self, wb: &WriteBack<B>, nas: u64) -> bool {
         (!self.backend.online() || wb.owner_here(nas)) && self.backend.local_path(nas).is_none()
+    }
+
+    /// Whether a chmod, chown or utimensat of `ino`, on the NAS, may be
+    /// kept here while the NAS answers, to reach it after the write-back
+    /// delay as if it had not answered: while the cache's attributes of
+    /// it are fresh (see `vouch_is_fresh`), and until the NAS refuses a
+    /// change kept here.
+    fn defers_attrs(&self, ino: u64) -> bool {
+        self.wb.is_some()
+            && self.defers_changes()
+            && self.backend.online()
+            && self.backend.local_path(self.fuse_ino(ino)).is_none()
+            && self.vouch_is_fresh(ino, false)
+    }
+
+    /// Whether changes of NAS objects may be kept for later while the NAS
+    /// answers: not once it refused a change in this mount (EPERM, EACCES,
+    /// EROFS: a read-only export, a squashed root, an immutable file), so
+    /// that its refusals reach the caller rather than undo, after the
+    /// fact, what succeeded here.
+    fn defers_changes(&self) -> bool {
+        let refusals = self.stats.nas_refusals.load(Ordering::Relaxed);
+        if refusals > 0 && !self.refusal_noted.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "the NAS refused a change: from now on, changes of objects on the NAS go to it \
+                 at once while it answers"
+            );
+        }
+        refusals == 0
+            && self.backend.defers_removals()
+            && self.backend.changes_kept() < MAX_KEPT_CHANGES
     }
 
     /// The set-user-ID and set-group-ID bits that `who` making `change` to
@@ -1806,9 +1867,12 @@ impl<B: Backend> Core<B> {
         rmdir: bool,
     ) -> FsResult<Option<SystemTime>> {
         let Some(wb) = &self.wb else { return Ok(None) };
-        if !self.backend.defers_removals() {
+        if !self.defers_changes() {
             return Ok(None);
         }
+        // Attributes cached here from before a write-back that just ended
+        // are not the NAS's version to remove.
+        self.drain_settled();
         // A new object goes at local speed anyway. An open file stays
         // where the NAS keeps open unlinked files (nfs://: a hidden name,
         // which its directory's rmdir must see), and one with changes
@@ -2023,6 +2087,10 @@ impl<B: Backend> Core<B> {
         }
         if let (Some(r), false) = (replaced, flags.exchange) {
             if moved.as_ref().map(|m| m.0) != Some(r.0) {
+                // As an unlink of an open file (see `unlink`).
+                if self.is_open(r.0) {
+                    self.tables().open_unlinked.insert(r.0, newparent);
+                }
                 self.link_removed(r);
             }
         }

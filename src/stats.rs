@@ -32,6 +32,7 @@ counters! {
     fuse_ops: "FUSE requests served",
     nas_ops: "calls made to the NAS",
     nas_errors: "calls to the NAS that failed (including ENOENT answers)",
+    nas_refusals: "changes the NAS refused (EPERM, EACCES, EROFS): from the first, changes of NAS objects go to it at once",
     nas_slow_calls: "calls to the NAS that took a second or more",
     nas_timeouts: "calls to the NAS abandoned after timeo",
     offline_periods: "times the NAS went offline",

@@ -652,3 +652,129 @@ fn removals_of_open_or_changed_files_go_to_the_nas_at_once() {
     assert_eq!(fs::read_dir(m.m("")).unwrap().count(), 0);
     assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
 }
+
+/// chmod -R, chown -R and touch of a tree on the NAS that the mount has
+/// listed: kept here and set on the NAS after the write-back delay (or a
+/// flush), not one NAS round trip per entry before they return.
+#[test]
+fn attribute_changes_of_a_listed_tree_make_no_nas_round_trip_per_entry() {
+    let m = Mount::new("writeback_delay=1h,actimeo=600,log_level=trace");
+    for d in 0..5 {
+        let dd = m.n(&format!("top/d{d}"));
+        fs::create_dir_all(&dd).unwrap();
+        for f in 0..40 {
+            fs::write(dd.join(format!("f{f:02}")), format!("{d} {f}")).unwrap();
+        }
+        std::os::unix::fs::symlink("f00", dd.join("link")).unwrap();
+    }
+    let before_tree = tree(&m.m(""), true);
+    assert!(before_tree.len() > 200);
+    let run = |args: &[&str]| {
+        let st = Command::new(args[0])
+            .args(&args[1..])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "{args:?}");
+    };
+    let top = m.m("top");
+    let top = top.to_str().unwrap();
+    // (Their ACLs too, which a chmod reads: `ls -l` shows them.)
+    run(&["ls", "-lR", top]);
+    let before = m.stats()["nas_ops"];
+    let log0 = m.log().len();
+    run(&["chmod", "-R", "g+w,o-r", top]);
+    run(&["chown", "-R", "-h", "1234:5678", top]);
+    run(&[
+        "find",
+        top,
+        "-exec",
+        "touch",
+        "-h",
+        "-d",
+        "2001-02-03 04:05:06",
+        "{}",
+        "+",
+    ]);
+    let calls = m.stats()["nas_ops"] - before;
+    eprintln!("{} entries: {calls} NAS calls", before_tree.len());
+    let mut ops: BTreeMap<String, usize> = BTreeMap::new();
+    for l in m.log()[log0..]
+        .lines()
+        .filter_map(|l| l.split("NAS ").nth(1))
+    {
+        *ops.entry(l.to_string()).or_default() += 1;
+    }
+    eprintln!("{ops:?}");
+    assert!(
+        calls < 20,
+        "{calls} NAS calls for {} entries",
+        before_tree.len()
+    );
+    let shown = tree(&m.m(""), true);
+    assert_ne!(shown, before_tree);
+    let nas_md = fs::metadata(m.n("top/d3/f07")).unwrap();
+    assert_eq!(
+        nas_md.mode() & 0o777,
+        0o644,
+        "on the NAS only after the delay"
+    );
+    assert!(pending_line(&m.status(), "top/d3/f07"), "{}", m.status());
+    m.flush(None);
+    assert_eq!(diff(&shown, &tree(&m.n(""), true)), "");
+    for p in ["top", "top/d3", "top/d3/f07", "top/d3/link"] {
+        let md = fs::symlink_metadata(m.n(p)).unwrap();
+        assert_eq!((md.uid(), md.gid()), (1234, 5678), "{p}");
+    }
+    assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
+}
+
+fn pending_line(status: &str, path: &str) -> bool {
+    status
+        .lines()
+        .any(|l| l.starts_with(&format!("pending {path} ")))
+}
+
+/// A chmod kept for later that the NAS then refuses is dropped, reported
+/// as a conflict, and the mount shows the NAS's mode again once its
+/// attributes expire; from then on
+/// attribute changes go to the NAS at once, and its refusals reach the
+/// caller.
+#[test]
+fn attributes_the_nas_refuses_later_are_dropped_and_the_next_are_refused_at_once() {
+    if common::skip_over_nfs("chattr works on the server's directory only") {
+        return;
+    }
+    let mut m = Mount::prepare("writeback_delay=1h,actimeo=1");
+    for f in ["a", "b", "c"] {
+        fs::write(m.nas.join(f), f).unwrap();
+        fs::set_permissions(m.nas.join(f), fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    m.mount();
+    let _a = Immutable::set(&m.nas.join("a"));
+    let _b = Immutable::set(&m.nas.join("b"));
+    let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o7777;
+    assert_eq!(mode(&m.m("a")), 0o644);
+    let before = m.stats()["nas_ops"];
+    fs::set_permissions(m.m("a"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(m.stats()["nas_ops"], before, "kept for later");
+    assert_eq!(mode(&m.m("a")), 0o600);
+    m.flush(None);
+    assert_eq!(m.status_value("conflicts"), 1, "{}", m.status());
+    assert_eq!(mode(&m.n("a")), 0o644);
+    assert!(m.log().contains("the NAS refused"), "{}", m.log());
+    // The mount shows the NAS's once its attributes expire.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mode(&m.m("a")) != 0o644 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(mode(&m.m("a")), 0o644);
+    // The NAS refused once: the next change is its to refuse, at once.
+    assert_eq!(mode(&m.m("b")), 0o644);
+    let r = fs::set_permissions(m.m("b"), fs::Permissions::from_mode(0o600));
+    assert_eq!(errno(&r), libc::EPERM);
+    assert_eq!(mode(&m.m("b")), 0o644);
+    assert_eq!(mode(&m.m("c")), 0o644);
+    fs::set_permissions(m.m("c"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(mode(&m.n("c")), 0o600, "made on the NAS at once");
+}

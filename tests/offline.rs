@@ -1139,3 +1139,38 @@ fn renamed_to_a_taken_name(remount: bool) {
     assert!(!nas("r/tree").exists());
     assert_eq!(m.status_value("conflicts"), 1, "{}", m.status());
 }
+
+/// A flush while the NAS answers but refuses the change (EACCES here; an
+/// immutable file or a read-only export elsewhere) fails and says why,
+/// rather than wait for retries refused too; the change stays pending
+/// and lands once the NAS takes it.
+#[test]
+fn a_flush_the_nas_refuses_fails_with_its_reason_instead_of_waiting() {
+    let _caches = kernel_caches(false);
+    let (m, sim, _) = setup("timeo=5,writeback_delay=1h");
+    std::fs::write(m.m("d/cold"), "changed here").unwrap();
+    sim.ctl("fail EACCES");
+    let out = std::process::Command::new(common::NASSYNC)
+        .arg("flush")
+        .arg(&m.mnt)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    sim.ctl("fail off");
+    assert!(!out.status.success(), "flush succeeded: {err}");
+    assert!(
+        err.contains("\"d/cold\"") && err.contains("Permission denied"),
+        "{err}"
+    );
+    assert!(
+        m.status().lines().any(|l| l == "nas online"),
+        "{}",
+        m.status()
+    );
+    m.flush(None);
+    assert_eq!(
+        std::fs::read_to_string(sim.backing.join("d/cold")).unwrap(),
+        "changed here"
+    );
+    assert_eq!(m.status_value("pending_files"), 0);
+}

@@ -110,7 +110,22 @@ impl<B: Backend> Instrumented<B> {
     }
 
     fn call<T>(&self, op: &'static str, f: impl FnOnce() -> BResult<T>) -> BResult<T> {
+        self.call_as(op, false, f)
+    }
+
+    /// A call that changes the NAS: its refusals are counted.
+    fn change<T>(&self, op: &'static str, f: impl FnOnce() -> BResult<T>) -> BResult<T> {
+        self.call_as(op, true, f)
+    }
+
+    fn call_as<T>(
+        &self,
+        op: &'static str,
+        changes: bool,
+        f: impl FnOnce() -> BResult<T>,
+    ) -> BResult<T> {
         Stats::inc(&self.stats.nas_ops);
+        log::trace!("NAS {op}");
         let start = Instant::now();
         let r = self.faults.check(op).and_then(|()| f());
         let took = start.elapsed();
@@ -120,6 +135,9 @@ impl<B: Backend> Instrumented<B> {
         }
         if let Err(e) = &r {
             Stats::inc(&self.stats.nas_errors);
+            if changes && matches!(e.raw_errno(), libc::EPERM | libc::EACCES | libc::EROFS) {
+                Stats::inc(&self.stats.nas_refusals);
+            }
             log::debug!("NAS {op} failed: {e}");
         }
         r
@@ -142,7 +160,7 @@ impl<B: Backend> Backend for Instrumented<B> {
         self.call("getattr", || self.inner.getattr(node))
     }
     fn setattr(&self, n: &Self::Node, f: Option<&Self::File>, c: &SetAttr) -> BResult<Attr> {
-        self.call("setattr", || self.inner.setattr(n, f, c))
+        self.change("setattr", || self.inner.setattr(n, f, c))
     }
     fn readlink(&self, node: &Self::Node) -> BResult<OsString> {
         self.call("readlink", || self.inner.readlink(node))
@@ -159,10 +177,10 @@ impl<B: Backend> Backend for Instrumented<B> {
         rdev: u64,
         creds: Creds,
     ) -> BResult<(Self::Node, Attr)> {
-        self.call("mknod", || self.inner.mknod(dir, name, mode, rdev, creds))
+        self.change("mknod", || self.inner.mknod(dir, name, mode, rdev, creds))
     }
     fn mkdir(&self, d: &Self::Node, n: &OsStr, mode: u32, c: Creds) -> BResult<(Self::Node, Attr)> {
-        self.call("mkdir", || self.inner.mkdir(d, n, mode, c))
+        self.change("mkdir", || self.inner.mkdir(d, n, mode, c))
     }
     fn symlink(
         &self,
@@ -171,16 +189,16 @@ impl<B: Backend> Backend for Instrumented<B> {
         t: &OsStr,
         c: Creds,
     ) -> BResult<(Self::Node, Attr)> {
-        self.call("symlink", || self.inner.symlink(d, n, t, c))
+        self.change("symlink", || self.inner.symlink(d, n, t, c))
     }
     fn link(&self, node: &Self::Node, dir: &Self::Node, name: &OsStr) -> BResult<Attr> {
-        self.call("link", || self.inner.link(node, dir, name))
+        self.change("link", || self.inner.link(node, dir, name))
     }
     fn unlink(&self, dir: &Self::Node, name: &OsStr) -> BResult<()> {
-        self.call("unlink", || self.inner.unlink(dir, name))
+        self.change("unlink", || self.inner.unlink(dir, name))
     }
     fn rmdir(&self, dir: &Self::Node, name: &OsStr) -> BResult<()> {
-        self.call("rmdir", || self.inner.rmdir(dir, name))
+        self.change("rmdir", || self.inner.rmdir(dir, name))
     }
     fn rename(
         &self,
@@ -190,10 +208,14 @@ impl<B: Backend> Backend for Instrumented<B> {
         nn: &OsStr,
         f: RenameFlags,
     ) -> BResult<()> {
-        self.call("rename", || self.inner.rename(d, n, nd, nn, f))
+        self.change("rename", || self.inner.rename(d, n, nd, nn, f))
     }
     fn open(&self, node: &Self::Node, mode: OpenMode) -> BResult<Self::File> {
-        self.call("open", || self.inner.open(node, mode))
+        let op = |f| match mode.write || mode.truncate {
+            true => self.change("open", f),
+            false => self.call("open", f),
+        };
+        op(|| self.inner.open(node, mode))
     }
     fn create(
         &self,
@@ -204,7 +226,7 @@ impl<B: Backend> Backend for Instrumented<B> {
         exclusive: bool,
         creds: Creds,
     ) -> BResult<(Self::Node, Attr, Self::File)> {
-        self.call("create", || {
+        self.change("create", || {
             self.inner.create(dir, name, mode, open, exclusive, creds)
         })
     }
@@ -216,7 +238,7 @@ impl<B: Backend> Backend for Instrumented<B> {
     }
     fn write(&self, file: &Self::File, offset: u64, data: &[u8]) -> BResult<usize> {
         Stats::inc(&self.stats.nas_writes);
-        let n = self.call("write", || self.inner.write(file, offset, data))?;
+        let n = self.change("write", || self.inner.write(file, offset, data))?;
         Stats::add(&self.stats.nas_bytes_written, n as u64);
         Ok(n)
     }
@@ -224,7 +246,7 @@ impl<B: Backend> Backend for Instrumented<B> {
         self.call("fsync", || self.inner.fsync(file, datasync))
     }
     fn fallocate(&self, file: &Self::File, mode: i32, offset: u64, len: u64) -> BResult<()> {
-        self.call("fallocate", || {
+        self.change("fallocate", || {
             self.inner.fallocate(file, mode, offset, len)
         })
     }
@@ -260,9 +282,9 @@ impl<B: Backend> Backend for Instrumented<B> {
         self.call("listxattr", || self.inner.listxattr(node))
     }
     fn setxattr(&self, node: &Self::Node, name: &OsStr, value: &[u8], flags: i32) -> BResult<()> {
-        self.call("setxattr", || self.inner.setxattr(node, name, value, flags))
+        self.change("setxattr", || self.inner.setxattr(node, name, value, flags))
     }
     fn removexattr(&self, node: &Self::Node, name: &OsStr) -> BResult<()> {
-        self.call("removexattr", || self.inner.removexattr(node, name))
+        self.change("removexattr", || self.inner.removexattr(node, name))
     }
 }

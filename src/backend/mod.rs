@@ -383,11 +383,15 @@ pub trait Backend: Send + Sync + 'static {
     /// view of the namespace.
     /// Whether removals of what the cache vouches for may be kept for
     /// later while the NAS answers (see [`Backend::remove_later`]): not
-    /// for a backend without a local view, nor once the NAS refused one
-    /// (a read-only export, a squashed root), after which they go to the
-    /// NAS at once and its refusals reach the caller.
+    /// for a backend without a local view of the namespace.
     fn defers_removals(&self) -> bool {
         false
+    }
+
+    /// How many removals, renames, links and attribute changes of NAS
+    /// objects are kept here, waiting for the NAS.
+    fn changes_kept(&self) -> usize {
+        0
     }
 
     fn remove_later(

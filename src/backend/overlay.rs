@@ -333,7 +333,7 @@ struct State<B: Backend> {
     objs: HashMap<u64, Obj<B>>,
     leftovers: Vec<Leftover<B::Node>>,
     /// In the order they were made.
-    removals: Vec<Removal<B::Node>>,
+    removals: VecDeque<Removal<B::Node>>,
     /// Local objects not on the NAS yet, per directory (shown inode).
     children: HashMap<u64, BTreeMap<OsString, u64>>,
     /// A local file's further names (hard links made here), by the
@@ -406,9 +406,6 @@ pub struct Overlay<B: Backend> {
     replay: RwLock<()>,
     /// Held while removals made offline are applied on the NAS (in order).
     removing: Mutex<()>,
-    /// Set once the NAS refused a change kept here (see
-    /// [`Backend::defers_removals`]).
-    refused: AtomicBool,
     /// Write-held from the NAS call that puts a new object in its
     /// directory until the view knows it is there; read-held by getattr
     /// and readdir of directories, which combine the NAS's answer with
@@ -476,7 +473,7 @@ impl<B: Backend> Overlay<B> {
         let mut st = State {
             objs: HashMap::new(),
             leftovers: Vec::new(),
-            removals: Vec::new(),
+            removals: VecDeque::new(),
             children: HashMap::new(),
             links: HashMap::new(),
             dirs: HashMap::new(),
@@ -511,7 +508,6 @@ impl<B: Backend> Overlay<B> {
             state: Mutex::new(st),
             replay: RwLock::new(()),
             removing: Mutex::new(()),
-            refused: AtomicBool::new(false),
             window: RwLock::new(()),
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             sched: Mutex::new(Sched {
@@ -715,7 +711,7 @@ impl<B: Backend> Overlay<B> {
         }
         for r in changes {
             match ov.walk(&root_node, root_attr.ino, &r.dir_path) {
-                Ok((dir, dir_ino)) => ov.st().removals.push(Removal {
+                Ok((dir, dir_ino)) => ov.st().removals.push_back(Removal {
                     id: r.id,
                     dir,
                     dir_ino,
@@ -728,8 +724,18 @@ impl<B: Backend> Overlay<B> {
                     to: None,
                     set: None,
                 }),
-                // Its directory is gone, and with it what was to go.
-                Err(e) if e.raw_errno() == libc::ENOENT => ov.journal.delete_removal(r.id)?,
+                // Its directory is gone from there (removed, or renamed
+                // by another client): what was to go is not found again.
+                Err(e) if e.raw_errno() == libc::ENOENT => {
+                    let path = join_path(&r.dir_path, &r.name);
+                    ov.note_conflict(
+                        &path,
+                        &path,
+                        "removed here, but its directory is no longer there on the NAS: \
+                         nothing removed",
+                    );
+                    ov.journal.delete_removal(r.id)?
+                }
                 Err(e) => {
                     return Err(CacheError::Setup {
                         path: ov.journal.upper_dir().display().to_string(),
@@ -1930,7 +1936,7 @@ impl<B: Backend> Overlay<B> {
         }
         // Removals and the like are made `writeback_delay` after they were
         // made here, as data and creations are.
-        let removal = st.removals.first().map(|r| {
+        let removal = st.removals.front().map(|r| {
             (r.since + self.delay)
                 .saturating_duration_since(now)
                 .max(Duration::from_millis(if r.error.is_some() {
@@ -2180,9 +2186,14 @@ impl<B: Backend> Overlay<B> {
             return Ok(());
         }
         let _g = self.removing.lock().unwrap_or_else(|e| e.into_inner());
+        // Those made before the call: rows made meanwhile (an rm -rf
+        // going on) must not keep the caller waiting for them.
+        let last = self.st().removals.back().map_or(0, |r| r.id);
         loop {
-            let due = |r: &&Removal<B::Node>| at.is_none_or(|at| r.since + self.delay <= at);
-            let Some(r) = self.st().removals.first().filter(due).cloned() else {
+            let due = |r: &&Removal<B::Node>| {
+                r.id <= last && at.is_none_or(|at| r.since + self.delay <= at)
+            };
+            let Some(r) = self.st().removals.front().filter(due).cloned() else {
                 return Ok(());
             };
             let shown = Self::shown_of(&self.st(), r.was.ino);
@@ -2244,31 +2255,29 @@ impl<B: Backend> Overlay<B> {
             let conflict = match outcome {
                 Ok(c) => c,
                 Err(e) if is_unreachable(&e) => {
-                    if let Some(r) = self.st().removals.first_mut() {
+                    if let Some(r) = self.st().removals.front_mut() {
                         r.error = Some(e.to_string());
                     }
                     return Err(e);
                 }
-                Err(e) => {
-                    if !self.refused.swap(true, Ordering::Relaxed) {
-                        log::warn!(
-                            "the NAS refused a change kept here ({e}): from now on, \
-                             removals go to it at once"
-                        );
-                    }
-                    Some((
-                        path.clone(),
-                        path.clone(),
-                        format!("could not be {what} on the NAS ({e})"),
-                    ))
-                }
+                Err(e) => Some((
+                    path.clone(),
+                    path.clone(),
+                    format!("could not be {what} on the NAS ({e})"),
+                )),
             };
             if let Some((shown_path, kept, reason)) = conflict {
                 self.note_conflict(&shown_path, &kept, &reason);
             } else {
                 log::debug!("{what} {path:?} (nas ino {}) on the NAS", was.ino);
             }
-            self.st().removals.retain(|r| r.id != id);
+            // The first, unless a rollback took it meanwhile.
+            let mut st = self.st();
+            match st.removals.front() {
+                Some(r) if r.id == id => drop(st.removals.pop_front()),
+                _ => st.removals.retain(|r| r.id != id),
+            }
+            drop(st);
             if let Err(e) = self.journal.delete_removal(id) {
                 log::warn!("journal: {e}");
             }
@@ -2385,7 +2394,7 @@ impl<B: Backend> Overlay<B> {
                 .retain(|_, v| !(v.parent == r.dir_ino && v.name == r.name));
         }
         Self::dir_changed(st, r.dir_ino, at, 0);
-        st.removals.push(r);
+        st.removals.push_back(r);
     }
 
     /// Renames `name` in NAS directory `dir` to `newname` in `newdir` if it
@@ -4688,7 +4697,11 @@ impl<B: Backend> Backend for Overlay<B> {
     }
 
     fn defers_removals(&self) -> bool {
-        !self.refused.load(Ordering::Relaxed)
+        true
+    }
+
+    fn changes_kept(&self) -> usize {
+        self.st().removals.len()
     }
 
     fn remove_later(
@@ -4715,7 +4728,9 @@ impl<B: Backend> Backend for Overlay<B> {
         );
         Self::removed(&mut st, r, at);
         drop(st);
-        self.kick(false);
+        // Due after the write-back delay, as creations (an rm -rf must
+        // not run a pass per entry).
+        self.due_at(Instant::now() + self.delay);
         Ok(())
     }
 
@@ -4868,7 +4883,7 @@ impl<B: Backend> Backend for Overlay<B> {
             "{path:?} (nas ino {nas_ino}) {} here to {newpath:?}; on the NAS once it answers",
             if link { "linked" } else { "renamed" }
         );
-        st.removals.push(Removal {
+        st.removals.push_back(Removal {
             id: ids[ids.len() - 1],
             dir: d,
             dir_ino: dir.ino,
@@ -4901,7 +4916,9 @@ impl<B: Backend> Backend for Overlay<B> {
         }
         Self::dir_changed(&mut st, newdir.ino, t, 0);
         drop(st);
-        self.kick(false);
+        // Due after the write-back delay, as creations (an rm -rf must
+        // not run a pass per entry).
+        self.due_at(Instant::now() + self.delay);
         Ok(())
     }
 
@@ -4969,7 +4986,7 @@ impl<B: Backend> Backend for Overlay<B> {
         log::debug!(
             "attributes of {name:?} (nas ino {nas_ino}) set here; on the NAS once it answers"
         );
-        st.removals.push(Removal {
+        st.removals.push_back(Removal {
             id,
             dir: d,
             dir_ino: dir.ino,
@@ -4990,7 +5007,9 @@ impl<B: Backend> Backend for Overlay<B> {
             x.gid = rec.gid.unwrap_or(x.gid);
         }
         drop(st);
-        self.kick(false);
+        // Due after the write-back delay, as creations (an rm -rf must
+        // not run a pass per entry).
+        self.due_at(Instant::now() + self.delay);
         Ok(())
     }
 
@@ -5001,7 +5020,9 @@ impl<B: Backend> Backend for Overlay<B> {
         }) else {
             return;
         };
-        let r = st.removals.remove(i);
+        let Some(r) = st.removals.remove(i) else {
+            return;
+        };
         drop(st);
         if let Err(e) = self.journal.delete_removal(r.id) {
             log::warn!("journal: {e}");

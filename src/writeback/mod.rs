@@ -111,6 +111,9 @@ struct DirtyInner<B: Backend> {
     removed: bool,
     /// The errno of the last failure.
     last_errno: i32,
+    /// When the NAS last refused an attempt (EPERM, EACCES, EROFS): a
+    /// flush does not wait for a retry refused again.
+    refused_at: Option<Instant>,
     /// [`WriteBack::meta_clock`] when `rec.base` was read from the NAS
     /// (0: unknown).
     base_clock: u64,
@@ -411,6 +414,7 @@ impl<B: Backend> WriteBack<B> {
                     row_stale: false,
                     removed: false,
                     last_errno: 0,
+                    refused_at: None,
                     base_clock: 0,
                 }),
             };
@@ -596,6 +600,7 @@ impl<B: Backend> WriteBack<B> {
                 row_stale: false,
                 removed: false,
                 last_errno: 0,
+                refused_at: None,
                 base_clock: 0,
             }),
         });
@@ -1046,6 +1051,7 @@ impl<B: Backend> WriteBack<B> {
             row_stale: false,
             removed: false,
             last_errno: 0,
+            refused_at: None,
             base_clock: 0,
         };
         self.journal.update_data(&inner.rec).map_err(cache_err)?;
@@ -1194,6 +1200,27 @@ impl<B: Backend> WriteBack<B> {
         self.progress.notify_all();
     }
 
+    /// Whether every file with changes under `prefix` had its last
+    /// attempt refused by the NAS after `since`, and no new object waits.
+    fn all_refused_since(&self, prefix: Option<&OsStr>, since: Instant) -> bool {
+        if self.staged_under(prefix) > 0 {
+            return false;
+        }
+        let files: Vec<_> = self.files_lock().values().cloned().collect();
+        let mut refused = 0;
+        for d in files {
+            let g = d.lock();
+            if g.orphan || !under(&g.rec.path, prefix) {
+                continue;
+            }
+            if !matches!(g.phase, Phase::Retry { .. }) || g.refused_at.is_none_or(|t| t < since) {
+                return false;
+            }
+            refused += 1;
+        }
+        refused > 0
+    }
+
     /// Files and bytes pending (under `prefix`).
     pub fn pending(&self, prefix: Option<&OsStr>) -> (u64, u64) {
         let files: Vec<_> = self.files_lock().values().cloned().collect();
@@ -1218,11 +1245,18 @@ impl<B: Backend> WriteBack<B> {
         progress: &mut dyn FnMut(u64, u64) -> bool,
     ) -> (u64, u64) {
         let mut last_mark = Instant::now();
+        let start = last_mark;
         self.mark_due(prefix);
         self.kick();
         let mut staged_tried = false;
         loop {
             let mut left = self.pending(prefix);
+            // What is left, the NAS refused since the flush began: waiting
+            // for the retries would wait for ever (a read-only export, an
+            // immutable file). The caller says why.
+            if left.0 > 0 && self.all_refused_since(prefix, start) {
+                return left;
+            }
             if left.0 > 0 && left.1 == 0 && !staged_tried {
                 // Only new objects are left (files without data are
                 // counted as objects): they go to the NAS now.
@@ -1691,6 +1725,11 @@ impl<B: Backend> WriteBack<B> {
                 }
                 g.last_error = Some(e.to_string());
                 g.last_errno = e.errno();
+                // A refusal a retry will meet again, not a passing state
+                // (a file busy, a rename on its way, space that a flush
+                // may free here or there).
+                let refused = matches!(e.errno(), libc::EPERM | libc::EACCES | libc::EROFS);
+                g.refused_at = (!offline && refused).then(Instant::now);
                 let applying = std::mem::take(&mut g.applying);
                 g.rec.ranges.union(&applying);
                 if wrote {
@@ -1871,7 +1910,9 @@ impl<B: Backend> WriteBack<B> {
                 &node,
                 OpenMode {
                     read: true,
-                    write: true,
+                    // Setting a mode, owner or times needs no write access
+                    // (a file read-only to a squashed root).
+                    write: !snap.attrs_only(),
                     append: false,
                     truncate: false,
                 },
@@ -1973,9 +2014,22 @@ impl<B: Backend> WriteBack<B> {
                 Err(e) => return Err(wrote(e)),
             }
         }
-        self.backend
-            .setattr(&node, Some(&file), &changes)
-            .map_err(wrote)?;
+        match self.backend.setattr(&node, Some(&file), &changes) {
+            Ok(_) => {}
+            // Times only (the size went first, when it changed): dropped
+            // as the mode and owner are, not retried for ever.
+            Err(e)
+                if changes.size.is_none()
+                    && matches!(e.raw_errno(), libc::EPERM | libc::EACCES) =>
+            {
+                let what = format!("the NAS refused the times set here ({e}); they were dropped");
+                refused = Some(match refused {
+                    Some(r) => format!("{r}; {what}"),
+                    None => what,
+                });
+            }
+            Err(e) => return Err(wrote(e)),
+        }
         self.backend.fsync(&file, false).map_err(wrote)?;
         let clock = self.meta_clock.load(Ordering::Acquire);
         let after = self.backend.fgetattr(&file).map_err(wrote)?;
