@@ -10,7 +10,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use crate::backend::{BResult, Validator};
 use crate::cache::disk::DiskCache;
@@ -77,6 +77,9 @@ pub struct DataCache {
     stats: Arc<Stats>,
     prefetch: Option<SyncSender<Job>>,
     in_flight: Mutex<HashSet<BlockKey>>,
+    /// Told the inode of a file whose cached data was dropped because the
+    /// NAS version changed: the kernel's page cache of it is stale too.
+    on_stale: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
 }
 
 impl DataCache {
@@ -100,6 +103,7 @@ impl DataCache {
             stats,
             prefetch,
             in_flight: Mutex::new(HashSet::new()),
+            on_stale: OnceLock::new(),
         });
         if let Some(rx) = rx {
             for i in 0..readahead_threads {
@@ -124,6 +128,12 @@ impl DataCache {
         self.block_size
     }
 
+    /// Sets what [`Self::revalidate`] calls with the inode of a file whose
+    /// cached data it dropped (the mount drops the kernel's page cache).
+    pub fn on_stale(&self, f: Box<dyn Fn(u64) + Send + Sync>) {
+        let _ = self.on_stale.set(f);
+    }
+
     /// Called at open and whenever fresh attributes of a regular file are
     /// seen: if the NAS version is not the cached one, the cached data is
     /// dropped. Returns whether the cached data (and so the kernel's page
@@ -139,9 +149,13 @@ impl DataCache {
         if let Some(disk) = &self.disk {
             disk.check_validator(ino, v)?;
         }
+        drop(g);
         if had_version {
             Stats::inc(&self.stats.invalidations);
             log::debug!("inode {ino}: changed on the NAS, cached data dropped");
+            if let Some(f) = self.on_stale.get() {
+                f(ino);
+            }
         }
         Ok(false)
     }

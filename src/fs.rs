@@ -1080,6 +1080,41 @@ impl<B: Backend> Core<B> {
         }
     }
 
+    /// Files open here whose attributes expired are asked for again: if
+    /// one changed on the NAS, its cached data goes, and with it the
+    /// kernel's page cache ([`DataCache::on_stale`]). This is the check
+    /// the kernel makes before a read with FUSE_AUTO_INVAL_DATA, which
+    /// the mount does not ask for (see `init` in fuse.rs): a reader that
+    /// keeps a file open sees a change on the NAS once the attributes
+    /// expire, as one that opens it again does. Called about once a
+    /// second.
+    pub fn revalidate_open(&self) {
+        if !self.backend.online() {
+            return;
+        }
+        let inos: HashSet<u64> = self
+            .handles()
+            .values()
+            .filter_map(|h| match h {
+                Handle::File(f) => Some(f.ino),
+                _ => None,
+            })
+            .collect();
+        let now = Instant::now();
+        for ino in inos {
+            let expired = self
+                .tables()
+                .inodes
+                .get(&ino)
+                .is_some_and(|i| i.attr_until <= now);
+            if expired {
+                if let Err(e) = self.getattr(ino, None) {
+                    log::debug!("inode {ino}: revalidating an open file: {e}");
+                }
+            }
+        }
+    }
+
     pub fn getattr(&self, ino: u64, fh: Option<u64>) -> FsResult<(Attr, Duration)> {
         self.drain_settled();
         let node = {
@@ -1635,6 +1670,13 @@ impl<B: Backend> Core<B> {
                 // only once the link is made there (see `Overlay::own_ctime`).
                 if let Some(wb) = &self.wb {
                     wb.own_meta_op(self.fuse_ino(ino));
+                }
+                // The ctime shown moved by this link alone: the cached data
+                // is still the file's (and all there is while offline).
+                if let Ok((_, FileKind::File, data)) = self.node(ino) {
+                    if let Err(e) = self.data.own_ctime(ino, &data, &attr.validator()) {
+                        log::warn!("cache: {e}");
+                    }
                 }
                 attr
             }

@@ -174,9 +174,21 @@ fn reply_xattr(reply: ReplyXattr, size: u32, r: Result<Vec<u8>, FsError>) {
 
 impl<B: Backend> Filesystem for FuseFs<B> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Not FUSE_AUTO_INVAL_DATA: with it the kernel drops a file's whole
+        // page cache whenever the mtime it is shown moves, which this
+        // mount's own writes do. A page fully written by one thread is
+        // unlocked while its WRITE is on its way here; dropped then, and
+        // read again by another thread before the write arrives, it holds
+        // the bytes from before the write, and the write's mtime (often
+        // the same coarse-clock tick) drops it no more: the writer reads
+        // its old bytes back. A change on the NAS (seen when the data
+        // cache drops its version) drops the page cache explicitly
+        // instead (DataCache::on_stale, see mount.rs); and as reads through
+        // a descriptor kept open no longer make the kernel ask for
+        // attributes, the daemon asks for those of open files itself as
+        // they expire (Core::revalidate_open).
         let wanted = InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
-            | InitFlags::FUSE_AUTO_INVAL_DATA
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
             // The kernel enforces POSIX ACLs (stored on the NAS as xattrs),

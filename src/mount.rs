@@ -619,6 +619,37 @@ fn serve_core<B: Backend>(
         (session, Some(unmounter))
     };
 
+    // The kernel's page cache of a file found changed on the NAS is dropped
+    // from here (the kernel does not, see `init` in fuse.rs), by a thread
+    // of its own: a notification sent while handling a request may wait
+    // for pages the kernel holds locked until that request is answered.
+    let notifier = session.notifier();
+    let (stale_tx, stale_rx) = std::sync::mpsc::channel::<u64>();
+    core.data_cache().on_stale(Box::new(move |ino| {
+        let _ = stale_tx.send(ino);
+    }));
+    std::thread::Builder::new()
+        .name("inval".into())
+        .spawn(move || {
+            for ino in stale_rx {
+                if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), 0, 0) {
+                    log::debug!("inode {ino}: dropping the kernel's page cache: {e}");
+                }
+            }
+        })?;
+
+    // Open files are checked for changes on the NAS as their attributes
+    // expire (see `Core::revalidate_open`).
+    let open_core = core.clone();
+    std::thread::Builder::new()
+        .name("revalidate".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                open_core.revalidate_open();
+            }
+        })?;
+
     // Pins are completed after the mount, then kept current.
     let pin_core = core.clone();
     let pin_every = o.pin_refresh;

@@ -69,6 +69,24 @@ fn an_external_change_is_seen_after_the_time_limit() {
         .exists()));
 }
 
+/// A reader that keeps a file open and only reads (no stat) sees a
+/// same-size change on the NAS once the attributes expire, as one that
+/// opens it again does.
+#[test]
+fn a_same_size_change_is_seen_through_a_descriptor_kept_open() {
+    let m = Mount::new("actimeo=1");
+    fs::write(m.n("f"), "version one").unwrap();
+    let f = fs::File::open(m.m("f")).unwrap();
+    let mut buf = [0u8; 11];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"version one");
+    std::thread::sleep(Duration::from_millis(50));
+    fs::write(m.n("f"), "version two").unwrap();
+    assert!(eventually(Duration::from_secs(10), || {
+        f.read_exact_at(&mut buf, 0).is_ok() && &buf == b"version two"
+    }));
+}
+
 #[test]
 fn the_disk_cache_serves_a_remount_without_reading_the_nas() {
     let mut m = Mount::new("block_size=256K");
