@@ -125,16 +125,6 @@ struct Inode<B: Backend> {
     kernel: Option<Box<KernelListings>>,
 }
 
-impl<B: Backend> Inode<B> {
-    /// Its ctime moved from `was` by a change kept here, not made on the
-    /// NAS: the NAS's xattrs, read at `was`, are still its xattrs.
-    fn changed_here(&mut self, was: std::time::SystemTime) {
-        if let Some(c) = self.xattrs.as_deref_mut().filter(|c| c.ctime == was) {
-            c.ctime = self.attr.ctime;
-        }
-    }
-}
-
 /// See [`Inode::kernel`].
 #[derive(Default)]
 struct KernelListings {
@@ -628,9 +618,7 @@ impl<B: Backend> Core<B> {
         let mut t = self.tables();
         match t.inodes.get_mut(&ino) {
             Some(i) => {
-                let was = i.attr.ctime;
                 l.apply(&mut i.attr);
-                i.changed_here(was);
                 i.attr
             }
             None => {
@@ -1186,12 +1174,6 @@ impl<B: Backend> Core<B> {
                 changes.mode = Some((cached.perm & !bits) as u32);
             }
         }
-        // As a file's (see `setattr_local`), kept to set on the NAS later.
-        if kind != FileKind::File && kill.is_none() && self.defers_attrs(ino) {
-            if let Some(done) = self.setattr_later(ino, &node, kind, &changes)? {
-                return Ok(done);
-            }
-        }
         let mut attr = match self.backend.setattr(&node, file, &changes) {
             Ok(a) => a,
             Err(e) if is_unreachable(&e) && kind != FileKind::File => {
@@ -1227,8 +1209,8 @@ impl<B: Backend> Core<B> {
         Ok((self.present(attr), self.attr_ttl(&attr)))
     }
 
-    /// The NAS does not answer (or see `defers_attrs`): the mode, owner or
-    /// times of a directory, symlink or special file on the NAS that the cache knows (by a name
+    /// The NAS does not answer: the mode, owner or times of a directory,
+    /// symlink or special file on the NAS that the cache knows (by a name
     /// of it) are set here and on the NAS once it answers
     /// ([`Backend::set_later`]); a file's go with its data instead (see
     /// `setattr_local`). None, having done nothing, where the cache cannot
@@ -1278,10 +1260,8 @@ impl<B: Backend> Core<B> {
         attr.ctime = now;
         let mut t = self.tables();
         if let Some(i) = t.inodes.get_mut(&ino) {
-            let was = i.attr.ctime;
             i.attr = attr;
             i.attr_until = Instant::now() + self.attr_ttl(&attr);
-            i.changed_here(was);
         }
         Ok(Some((self.present(attr), self.attr_ttl(&attr))))
     }
@@ -1347,7 +1327,7 @@ impl<B: Backend> Core<B> {
             || remote.gid.is_some()
             || remote.atime.is_some()
             || remote.mtime.is_some();
-        if has_remote && (self.attrs_here(wb, nas) || self.defers_attrs(ino)) {
+        if has_remote && self.attrs_here(wb, nas) {
             let cur = self.cached_attr(ino).ok_or(FsError::UnknownInode(ino))?;
             let owner = (remote.mode.is_some() || remote.uid.is_some() || remote.gid.is_some())
                 .then(|| {
@@ -1408,19 +1388,6 @@ impl<B: Backend> Core<B> {
     /// Not for new objects: the overlay keeps theirs.
     fn attrs_here(&self, wb: &WriteBack<B>, nas: u64) -> bool {
         (!self.backend.online() || wb.owner_here(nas)) && self.backend.local_path(nas).is_none()
-    }
-
-    /// Whether a chmod, chown or utimensat of `ino`, on the NAS, may be
-    /// kept here while the NAS answers, to reach it after the write-back
-    /// delay as if it had not answered: while the cache's attributes of
-    /// it are fresh (see `vouch_is_fresh`), and until the NAS refuses a
-    /// change kept here.
-    fn defers_attrs(&self, ino: u64) -> bool {
-        self.wb.is_some()
-            && self.defers_changes()
-            && self.backend.online()
-            && self.backend.local_path(self.fuse_ino(ino)).is_none()
-            && self.vouch_is_fresh(ino, false)
     }
 
     /// Whether changes of NAS objects may be kept for later while the NAS
