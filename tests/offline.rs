@@ -1174,3 +1174,69 @@ fn a_flush_the_nas_refuses_fails_with_its_reason_instead_of_waiting() {
     );
     assert_eq!(m.status_value("pending_files"), 0);
 }
+
+/// `cp -a` of files with extended attributes into the mount while the NAS
+/// does not answer: the copies keep them (and the mode-only ACL cp sets),
+/// and take them to the NAS.
+#[test]
+fn cp_a_with_xattrs_works_offline() {
+    use common::{xget, xset};
+    let _caches = kernel_caches(false);
+    let (m, sim) = removal_setup("timeo=30,actimeo=1,writeback_delay=1h");
+    let src = m.dir.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("doc.pdf"), "a document").unwrap();
+    std::fs::set_permissions(
+        src.join("doc.pdf"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o640),
+    )
+    .unwrap();
+    let url = b"https://example.org/doc.pdf";
+    xset(&src.join("doc.pdf"), "user.xdg.origin.url", url, 0).unwrap();
+    xset(&src, "user.note", b"folder", 0).unwrap();
+    go_offline(&m, &sim);
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(m.m("r/copied"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cp -a failed offline: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let copy = m.m("r/copied/doc.pdf");
+    assert_eq!(xget(&copy, "user.xdg.origin.url"), Ok(url.to_vec()));
+    let mode = |p: &Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions())
+            & 0o7777
+    };
+    assert_eq!(mode(&copy), 0o640);
+    // An access ACL that says no more than a mode (owner rwx, group r-x,
+    // other ---), as cp sets when copying one: a chmod, kept here.
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm) in [(1u16, 7u16), (4, 5), (0x20, 0)] {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&u32::MAX.to_le_bytes());
+    }
+    xset(&copy, "system.posix_acl_access", &acl, 0).unwrap();
+    assert_eq!(mode(&copy), 0o750);
+    assert_eq!(xget(&copy, "system.posix_acl_access"), Err(libc::ENODATA));
+    sim.ctl("fail off");
+    m.wait_status("nas online", Duration::from_secs(20));
+    m.flush(None);
+    let nas = sim.backing.join("r/copied");
+    assert_eq!(
+        std::fs::read_to_string(nas.join("doc.pdf")).unwrap(),
+        "a document"
+    );
+    assert_eq!(mode(&nas.join("doc.pdf")), 0o750);
+    assert_eq!(
+        xget(&nas.join("doc.pdf"), "user.xdg.origin.url"),
+        Ok(url.to_vec())
+    );
+    assert_eq!(xget(&nas, "user.note"), Ok(b"folder".to_vec()));
+    assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
+}

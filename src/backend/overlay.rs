@@ -348,6 +348,9 @@ struct State<B: Backend> {
     /// Whether a NAS directory has a default ACL (then creations in it
     /// go to the NAS, which applies it).
     acl_default: HashMap<u64, bool>,
+    /// Extended attributes set here on local files and directories (not
+    /// ACLs: see `local_xattr`), made on the NAS with them.
+    xattrs: HashMap<u64, BTreeMap<OsString, Vec<u8>>>,
     /// Directories this mount created on the NAS: names in them are not
     /// checked there before a creation (nobody else is expected to add
     /// any; one that did meanwhile makes a conflict, as offline).
@@ -400,6 +403,9 @@ pub struct Overlay<B: Backend> {
     journal: Arc<Journal>,
     delay: Duration,
     host: String,
+    /// Whether the NAS keeps user xattrs: those of new objects are then
+    /// kept here until they are created there (`local_xattr`).
+    xattrs_ok: bool,
     state: Mutex<State<B>>,
     /// Write-held by a creation on the NAS that may make directories;
     /// read-held by each of the files made several at a time.
@@ -467,6 +473,12 @@ impl<B: Backend> Overlay<B> {
             reason: e.to_string(),
         };
         let (root_node, root_attr) = lower.root().map_err(setup)?;
+        // Whether the NAS keeps user xattrs (not a kernel NFSv3 mount, not
+        // nfs://): asking for one it does not have says so (reading only).
+        let xattrs_ok = matches!(
+            lower.getxattr(&root_node, OsStr::new("user.nassync-probe")),
+            Err(e) if e.raw_errno() == libc::ENODATA
+        );
         // Aliases no data row names: nothing knows those numbers any more.
         journal.prune_aliases()?;
         let aliases = journal.load_aliases()?;
@@ -481,6 +493,7 @@ impl<B: Backend> Overlay<B> {
             touched: HashMap::new(),
             deferred: HashMap::new(),
             acl_default: HashMap::new(),
+            xattrs: HashMap::new(),
             own: HashSet::new(),
             shown: HashMap::new(),
             masks: HashMap::new(),
@@ -505,6 +518,7 @@ impl<B: Backend> Overlay<B> {
             journal,
             delay,
             host,
+            xattrs_ok,
             state: Mutex::new(st),
             replay: RwLock::new(()),
             removing: Mutex::new(()),
@@ -547,6 +561,13 @@ impl<B: Backend> Overlay<B> {
         {
             let mut st = ov.st();
             st.next_prov = st.next_prov.max(next);
+        }
+        {
+            let xattrs = ov.journal.xattrs()?;
+            let mut st = ov.st();
+            for (p, name, value) in xattrs {
+                st.xattrs.entry(p).or_default().insert(name, value);
+            }
         }
         let mut known = HashSet::new();
         for r in records {
@@ -1118,6 +1139,119 @@ impl<B: Backend> Overlay<B> {
         self.st().objs.get(&ino).is_some_and(|o| o.nas.is_none())
     }
 
+    /// The local file (by a name of it) or directory `ino` is, while not
+    /// on the NAS: its extended attributes are kept here.
+    fn local_file_or_dir(st: &State<B>, ino: u64) -> Option<u64> {
+        let o = st.objs.get(&ino)?;
+        let p = o.link_to.unwrap_or(ino);
+        let o = st.objs.get(&p)?;
+        (o.nas.is_none() && matches!(o.attr.kind, FileKind::File | FileKind::Dir)).then_some(p)
+    }
+
+    /// setxattr (`set`: value and flags) or removexattr of `name` on a
+    /// local file or directory, kept here and in the journal and made on
+    /// the NAS with the object (`put_xattrs`), so that `cp -a` or `tar
+    /// --xattrs` into the mount keeps its local speed, and works while
+    /// the NAS does not answer. None (nothing done) for what goes to the
+    /// NAS as before: an object on the NAS or being created there, a
+    /// symlink or special file, a name outside `user.*` (a POSIX ACL: the
+    /// NAS derives the mode from it), or a NAS without user xattrs.
+    fn local_xattr(
+        &self,
+        node: &ONode<B::Node>,
+        name: &OsStr,
+        set: Option<(&[u8], i32)>,
+    ) -> Option<BResult<()>> {
+        // Only user.*: what the probe says the NAS keeps; security.* and
+        // trusted.* have rules of their own (a capability goes at a
+        // write), left to the NAS.
+        if !name.as_bytes().starts_with(b"user.") || !self.xattrs_ok {
+            return None;
+        }
+        let op = if set.is_some() {
+            "setxattr"
+        } else {
+            "removexattr"
+        };
+        let mut st = self.st();
+        let p = Self::local_file_or_dir(&st, node.ino)?;
+        if st.objs.get(&p).is_none_or(|o| o.applying || o.gone) {
+            return None;
+        }
+        let has = st.xattrs.get(&p).is_some_and(|m| m.contains_key(name));
+        let refused = match set {
+            Some((_, f)) if f & libc::XATTR_CREATE != 0 && has => Some(libc::EEXIST),
+            Some((_, f)) if f & libc::XATTR_REPLACE != 0 && !has => Some(libc::ENODATA),
+            None if !has => Some(libc::ENODATA),
+            _ => None,
+        };
+        if let Some(errno) = refused {
+            return Some(Err(err(op, errno)));
+        }
+        let value = set.map(|(v, _)| v);
+        if let Err(e) = self.journal.set_xattr(p, name, value) {
+            return Some(Err(journal_err("journal")(e)));
+        }
+        match value {
+            Some(v) => {
+                st.xattrs
+                    .entry(p)
+                    .or_default()
+                    .insert(name.to_os_string(), v.to_vec());
+            }
+            None => {
+                if let Some(m) = st.xattrs.get_mut(&p) {
+                    m.remove(name);
+                }
+            }
+        }
+        // As on the NAS: an xattr change moves the ctime.
+        if let Some(o) = st.objs.get_mut(&p) {
+            o.attr.ctime = now();
+        }
+        Some(Ok(()))
+    }
+
+    /// Sets on `node`, local object `p` being created on the NAS, the
+    /// extended attributes set here (before a file is renamed into
+    /// place: it appears whole). One the NAS refuses is dropped, a
+    /// conflict; a NAS that does not answer fails the creation (retried).
+    fn put_xattrs(&self, p: u64, node: &B::Node) -> BResult<()> {
+        let xattrs: Vec<(OsString, Vec<u8>)> = match self.st().xattrs.get(&p) {
+            Some(m) => m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            None => return Ok(()),
+        };
+        for (name, value) in xattrs {
+            match self.lower.setxattr(node, &name, &value, 0) {
+                Ok(()) => {}
+                Err(e) if is_unreachable(&e) => return Err(e),
+                Err(e) => {
+                    let path = {
+                        let mut st = self.st();
+                        if let Some(m) = st.xattrs.get_mut(&p) {
+                            m.remove(&name);
+                        }
+                        st.objs.get(&p).map_or_else(OsString::new, |o| {
+                            let dir = Self::dir_path(&st, o.parent).unwrap_or_default();
+                            join_path(&dir, &o.name)
+                        })
+                    };
+                    if let Err(e) = self.journal.set_xattr(p, &name, None) {
+                        log::warn!("journal: {e}");
+                    }
+                    self.note_conflict(
+                        &path,
+                        &path,
+                        &format!(
+                            "extended attribute {name:?} set here, refused by the NAS ({e}): dropped"
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The NAS node of `node`, creating it (and the local directories it is
     /// in) on the NAS first if it is local.
     fn materialize(&self, node: &ONode<B::Node>) -> BResult<B::Node> {
@@ -1508,6 +1642,7 @@ impl<B: Backend> Overlay<B> {
         );
         if let Err(e) = self.persist(&st, prov) {
             st.objs.remove(&prov);
+            st.xattrs.remove(&prov);
             drop(st);
             let _ = std::fs::remove_file(self.journal.upper_path(prov));
             return Err(e);
@@ -2186,13 +2321,12 @@ impl<B: Backend> Overlay<B> {
             return Ok(());
         }
         let _g = self.removing.lock().unwrap_or_else(|e| e.into_inner());
-        // Those made before the call: rows made meanwhile (an rm -rf
-        // going on) must not keep the caller waiting for them.
-        let last = self.st().removals.back().map_or(0, |r| r.id);
+        // Also the rows made meanwhile (an rm -rf going on): the caller
+        // may be about to rename a directory they are under, whose path
+        // they hold. (At most MAX_KEPT_CHANGES, see fs.rs, are kept while
+        // the NAS answers: the wait is bounded.)
         loop {
-            let due = |r: &&Removal<B::Node>| {
-                r.id <= last && at.is_none_or(|at| r.since + self.delay <= at)
-            };
+            let due = |r: &&Removal<B::Node>| at.is_none_or(|at| r.since + self.delay <= at);
             let Some(r) = self.st().removals.front().filter(due).cloned() else {
                 return Ok(());
             };
@@ -2842,6 +2976,9 @@ impl<B: Backend> Overlay<B> {
                     if let Some((n, a)) = placed {
                         if a.kind == FileKind::File && hidden_ino == Some(a.ino) {
                             let f = self.lower.open(&n, rw)?;
+                            // Before its mode (which may not let its owner
+                            // write).
+                            self.put_xattrs(p, &n)?;
                             self.fill(&n, &f, &upper, &attr, a.perm, true)?;
                             drop(f);
                             let _ = self.lower.unlink(&dir, &tmp);
@@ -2878,6 +3015,7 @@ impl<B: Backend> Overlay<B> {
                     }
                     self.persist(&st, p)?;
                 }
+                self.put_xattrs(p, &node)?;
                 self.fill(&node, &f, &upper, &attr, hattr.perm, hattr.size > 0)?;
                 drop(f);
                 // Its directories held off, not the whole view; all of it
@@ -2934,6 +3072,7 @@ impl<B: Backend> Overlay<B> {
                     },
                     Err(e) => return Err(e),
                 };
+                self.put_xattrs(p, &n)?;
                 self.st().deferred.insert(
                     p,
                     Deferred {
@@ -3386,6 +3525,8 @@ impl<B: Backend> Overlay<B> {
         self.journal
             .object_created(&alias, &kids, &link_rows)
             .map_err(journal_err("journal"))?;
+        // On the NAS with it now (their rows went with the object's).
+        st.xattrs.remove(&p);
         self.created.fetch_add(1, Ordering::Relaxed);
         st.alias.insert(a.ino, alias);
         let Some(o) = st.objs.get_mut(&p) else {
@@ -4588,6 +4729,17 @@ impl<B: Backend> Backend for Overlay<B> {
     }
 
     fn getxattr(&self, node: &Self::Node, name: &OsStr) -> BResult<Vec<u8>> {
+        {
+            let st = self.st();
+            if let Some(p) = Self::local_file_or_dir(&st, node.ino) {
+                return st
+                    .xattrs
+                    .get(&p)
+                    .and_then(|m| m.get(name))
+                    .cloned()
+                    .ok_or_else(|| err("getxattr", libc::ENODATA));
+            }
+        }
         if self.local(node.ino) {
             return Err(err("getxattr", libc::ENODATA));
         }
@@ -4598,6 +4750,17 @@ impl<B: Backend> Backend for Overlay<B> {
     }
 
     fn listxattr(&self, node: &Self::Node) -> BResult<Vec<u8>> {
+        {
+            let st = self.st();
+            if let Some(p) = Self::local_file_or_dir(&st, node.ino) {
+                let mut out = Vec::new();
+                for name in st.xattrs.get(&p).into_iter().flat_map(|m| m.keys()) {
+                    out.extend_from_slice(name.as_bytes());
+                    out.push(0);
+                }
+                return Ok(out);
+            }
+        }
         if self.local(node.ino) {
             return Ok(Vec::new());
         }
@@ -4608,6 +4771,28 @@ impl<B: Backend> Backend for Overlay<B> {
     }
 
     fn setxattr(&self, node: &Self::Node, name: &OsStr, value: &[u8], flags: i32) -> BResult<()> {
+        if let Some(done) = self.local_xattr(node, name, Some((value, flags))) {
+            return done;
+        }
+        // An access ACL that says no more than the mode (`cp -a` sets one
+        // on each copy) is a chmod of a local object: no need for the NAS.
+        if let (true, Some(bits)) = (name == "system.posix_acl_access", acl_mode_bits(value)) {
+            let perm = {
+                let st = self.st();
+                Self::local_file_or_dir(&st, node.ino)
+                    .and_then(|p| st.objs.get(&p))
+                    .filter(|o| !o.applying && !o.gone)
+                    .map(|o| o.attr.perm)
+            };
+            if let Some(perm) = perm {
+                let mode = (perm as u32 & !0o777) | bits;
+                let chmod = SetAttr {
+                    mode: Some(mode),
+                    ..SetAttr::default()
+                };
+                return self.setattr(node, None, &chmod).map(|_| ());
+            }
+        }
         let n = self.materialize(node)?;
         // After the changes made here while the NAS did not answer (an
         // older chmod must not land on a newer ACL).
@@ -4620,7 +4805,17 @@ impl<B: Backend> Backend for Overlay<B> {
     }
 
     fn removexattr(&self, node: &Self::Node, name: &OsStr) -> BResult<()> {
-        if self.local(node.ino) {
+        if let Some(done) = self.local_xattr(node, name, None) {
+            return done;
+        }
+        // A local object being created on the NAS takes the name there.
+        let kept = {
+            let st = self.st();
+            Self::local_file_or_dir(&st, node.ino)
+                .and_then(|p| st.xattrs.get(&p))
+                .is_some_and(|m| m.contains_key(name))
+        };
+        if self.local(node.ino) && !kept {
             return Err(err("removexattr", libc::ENODATA));
         }
         let n = self.materialize(node)?;
@@ -5102,9 +5297,67 @@ impl<B: Backend> Staged for Overlay<B> {
     }
 }
 
+/// The permission bits an access ACL (system.posix_acl_access, Linux's
+/// xattr format: version 2, then tag, perm, id per entry) gives, if it
+/// has only the owner, group and other entries: then it says no more
+/// than a mode.
+fn acl_mode_bits(value: &[u8]) -> Option<u32> {
+    const USER_OBJ: u16 = 0x01;
+    const GROUP_OBJ: u16 = 0x04;
+    const OTHER: u16 = 0x20;
+    let (head, entries) = value.split_at_checked(4)?;
+    if u32::from_le_bytes(head.try_into().ok()?) != 2 || entries.len() != 3 * 8 {
+        return None;
+    }
+    let mut bits = 0;
+    let mut seen = 0;
+    for e in entries.chunks_exact(8) {
+        let tag = u16::from_le_bytes([e[0], e[1]]);
+        let perm = u16::from_le_bytes([e[2], e[3]]) as u32 & 7;
+        let shift = match tag {
+            USER_OBJ => 6,
+            GROUP_OBJ => 3,
+            OTHER => 0,
+            _ => return None,
+        };
+        seen |= tag;
+        bits |= perm << shift;
+    }
+    (seen == USER_OBJ | GROUP_OBJ | OTHER).then_some(bits)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_acl_that_says_no_more_than_the_mode_is_a_mode() {
+        let acl = |entries: &[(u16, u16)]| {
+            let mut v = 2u32.to_le_bytes().to_vec();
+            for (tag, perm) in entries {
+                v.extend_from_slice(&tag.to_le_bytes());
+                v.extend_from_slice(&perm.to_le_bytes());
+                v.extend_from_slice(&u32::MAX.to_le_bytes());
+            }
+            v
+        };
+        // What `cp -a` sets for mode 0640: user rw-, group r--, other ---.
+        assert_eq!(
+            acl_mode_bits(&acl(&[(1, 6), (4, 4), (0x20, 0)])),
+            Some(0o640)
+        );
+        assert_eq!(
+            acl_mode_bits(&acl(&[(1, 7), (4, 5), (0x20, 5)])),
+            Some(0o755)
+        );
+        // A named user and a mask: a real ACL, for the NAS.
+        let named = acl(&[(1, 6), (2, 6), (4, 4), (0x10, 6), (0x20, 0)]);
+        assert_eq!(acl_mode_bits(&named), None);
+        // Malformed, or another version.
+        assert_eq!(acl_mode_bits(&acl(&[(1, 6), (1, 6), (0x20, 0)])), None);
+        assert_eq!(acl_mode_bits(&[1, 0, 0, 0]), None);
+        assert_eq!(acl_mode_bits(&[]), None);
+    }
     use crate::backend::dir::DirBackend;
 
     struct Setup {

@@ -31,7 +31,7 @@ use crate::cache::CacheError;
 
 /// Journal format version. A journal of another version is refused, never
 /// emptied: it may hold the only copy of someone's work.
-pub const FORMAT: i64 = 6;
+pub const FORMAT: i64 = 7;
 
 /// Tables added by format 2 (objects created through the mount and not on
 /// the NAS yet, and the inode numbers they keep once there). A format-1
@@ -90,6 +90,17 @@ const FORMAT4_COLUMNS: &str = "ALTER TABLE objects ADD COLUMN link_to INTEGER;
 /// chmod, chown or utimensat while the NAS did not answer).
 const FORMAT5_COLUMNS: &str = "ALTER TABLE ops ADD COLUMN owner_here INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE ops ADD COLUMN atime_ns INTEGER;";
+
+/// Added by format 7: extended attributes set on new files and
+/// directories here, made on the NAS with them. Earlier formats gain it at
+/// open.
+const FORMAT7_TABLES: &str = "
+    CREATE TABLE xattrs (
+        prov INTEGER NOT NULL,
+        name BLOB NOT NULL,
+        value BLOB NOT NULL,
+        PRIMARY KEY (prov, name)
+    );";
 
 /// Added by format 6: a row of `removals` with a destination is a rename
 /// (or with `to_link`, a hard link) of a NAS object made while the NAS
@@ -370,7 +381,7 @@ impl Journal {
             )?;
             conn.execute_batch(&format!(
                 "BEGIN; {FORMAT2_TABLES} {FORMAT3_TABLES} {FORMAT4_COLUMNS} {FORMAT5_COLUMNS} \
-                 {FORMAT6_COLUMNS} COMMIT;"
+                 {FORMAT6_COLUMNS} {FORMAT7_TABLES} COMMIT;"
             ))?;
             conn.execute("INSERT INTO meta VALUES ('format', ?1)", params![FORMAT])?;
         }
@@ -415,6 +426,13 @@ impl Journal {
             .map_err(|e| corrupt(&e))?;
         }
         let format = if format == Some(5) { Some(6) } else { format };
+        if format == Some(6) {
+            conn.execute_batch(&format!(
+                "BEGIN; {FORMAT7_TABLES} UPDATE meta SET value = 7 WHERE key = 'format'; COMMIT;"
+            ))
+            .map_err(|e| corrupt(&e))?;
+        }
+        let format = if format == Some(6) { Some(7) } else { format };
         if format != Some(FORMAT) {
             return Err(corrupt(&format!(
                 "format {format:?}, this nassync reads format {FORMAT}"
@@ -861,7 +879,44 @@ impl Journal {
     fn delete_obj_row(conn: &Connection, prov: u64) -> Result<(), CacheError> {
         conn.prepare_cached("DELETE FROM objects WHERE prov = ?1")?
             .execute([prov as i64])?;
+        conn.prepare_cached("DELETE FROM xattrs WHERE prov = ?1")?
+            .execute([prov as i64])?;
         Ok(())
+    }
+
+    /// Sets (or with None removes) extended attribute `name` of new object
+    /// `prov`.
+    pub fn set_xattr(
+        &self,
+        prov: u64,
+        name: &OsStr,
+        value: Option<&[u8]>,
+    ) -> Result<(), CacheError> {
+        let conn = self.conn();
+        match value {
+            Some(v) => conn
+                .prepare_cached("INSERT OR REPLACE INTO xattrs VALUES (?1, ?2, ?3)")?
+                .execute(params![prov as i64, name.as_bytes(), v])?,
+            None => conn
+                .prepare_cached("DELETE FROM xattrs WHERE prov = ?1 AND name = ?2")?
+                .execute(params![prov as i64, name.as_bytes()])?,
+        };
+        Ok(())
+    }
+
+    /// The extended attributes of new objects: (prov, name, value).
+    #[allow(clippy::type_complexity)]
+    pub fn xattrs(&self) -> Result<Vec<(u64, OsString, Vec<u8>)>, CacheError> {
+        let conn = self.conn();
+        let mut q = conn.prepare("SELECT prov, name, value FROM xattrs")?;
+        let rows = q.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                OsString::from_vec(r.get::<_, Vec<u8>>(1)?),
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Drops the data rows of the file write-back knows as `nas_ino`, in
@@ -1450,9 +1505,9 @@ mod tests {
         assert!(j.load_data().unwrap().is_empty());
     }
 
-    /// A format-3 journal (before hard links of new files, and attributes
-    /// in data rows) is upgraded in place and keeps its objects and rows;
-    /// a newer format is refused, untouched.
+    /// A format-3 journal (before hard links of new files, attributes in
+    /// data rows, and xattrs of new objects) is upgraded in place and keeps
+    /// its objects and rows; a newer format is refused, untouched.
     #[test]
     fn a_format_3_journal_is_upgraded_and_a_newer_one_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -1478,6 +1533,7 @@ mod tests {
                      ALTER TABLE removals DROP COLUMN set_atime_ns;
                      ALTER TABLE removals DROP COLUMN set_mtime_ns;
                      ALTER TABLE removals DROP COLUMN set_ctime_ns;
+                     DROP TABLE xattrs;
                      UPDATE meta SET value = 3 WHERE key = 'format';",
                 )
                 .unwrap();
@@ -1528,8 +1584,19 @@ mod tests {
         linked.id = j.add_change(&linked, None, &[]).unwrap();
         set.id = j.add_change(&set, None, &[]).unwrap();
         assert_eq!(j.load_removals().unwrap(), vec![gone, moved, linked, set]);
+        // Format 7: xattrs of new objects.
+        let prov = 0xFFFF_0000_0000_0009;
+        j.set_xattr(prov, OsStr::new("user.a"), Some(b"1")).unwrap();
+        j.set_xattr(prov, OsStr::new("user.b"), Some(b"2")).unwrap();
+        j.set_xattr(prov, OsStr::new("user.b"), None).unwrap();
+        assert_eq!(
+            j.xattrs().unwrap(),
+            vec![(prov, OsString::from("user.a"), b"1".to_vec())]
+        );
+        j.delete_object(prov).unwrap();
+        assert!(j.xattrs().unwrap().is_empty());
         j.conn()
-            .execute("UPDATE meta SET value = 7 WHERE key = 'format'", [])
+            .execute("UPDATE meta SET value = 8 WHERE key = 'format'", [])
             .unwrap();
         drop(j);
         assert!(Journal::open(dir.path()).is_err());

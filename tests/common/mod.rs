@@ -351,3 +351,64 @@ pub fn errno<T>(r: &std::io::Result<T>) -> i32 {
         Err(e) => e.raw_os_error().unwrap_or(-1),
     }
 }
+
+/// setxattr of `p`: Ok, or the errno.
+pub fn xset(p: &Path, name: &str, value: &[u8], flags: i32) -> Result<(), i32> {
+    let (cp, cn) = (cstr(p), std::ffi::CString::new(name).unwrap());
+    // SAFETY: valid C strings and buffer.
+    let r = unsafe {
+        libc::setxattr(
+            cp.as_ptr(),
+            cn.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    };
+    if r == 0 { Ok(()) } else { Err(last_errno()) }
+}
+
+/// getxattr of `p`: the value, or the errno.
+pub fn xget(p: &Path, name: &str) -> Result<Vec<u8>, i32> {
+    let (cp, cn) = (cstr(p), std::ffi::CString::new(name).unwrap());
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: valid C strings and buffer.
+    let n = unsafe { libc::getxattr(cp.as_ptr(), cn.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(last_errno());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+/// removexattr of `p`: Ok, or the errno.
+pub fn xremove(p: &Path, name: &str) -> Result<(), i32> {
+    let (cp, cn) = (cstr(p), std::ffi::CString::new(name).unwrap());
+    // SAFETY: valid C strings.
+    let r = unsafe { libc::removexattr(cp.as_ptr(), cn.as_ptr()) };
+    if r == 0 { Ok(()) } else { Err(last_errno()) }
+}
+
+/// The user.* names of `p`'s xattrs, sorted.
+pub fn xlist(p: &Path) -> Vec<String> {
+    let cp = cstr(p);
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: valid C string and buffer.
+    let n = unsafe { libc::listxattr(cp.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(n >= 0, "listxattr {}: {}", p.display(), last_errno());
+    let mut names: Vec<String> = buf[..n as usize]
+        .split(|b| *b == 0)
+        .filter(|s| s.starts_with(b"user."))
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn cstr(p: &Path) -> std::ffi::CString {
+    std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(p.as_os_str())).unwrap()
+}
+
+fn last_errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
