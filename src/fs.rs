@@ -1900,6 +1900,12 @@ impl<B: Backend> Core<B> {
         };
         let at = crate::clock::now();
         match self.backend.remove_later(dir, name, (&node, kind, was), at) {
+            // Opened meanwhile (the kernel does not hold an open off an
+            // unlink): as an open file, it goes to the NAS at once.
+            Ok(()) if !rmdir && self.is_open(ino) => {
+                self.backend.undo_remove_later(dir, name);
+                Ok(None)
+            }
             Ok(()) => Ok(Some(at)),
             Err(_) => Ok(None),
         }
