@@ -77,6 +77,11 @@ pub struct DataCache {
     stats: Arc<Stats>,
     prefetch: Option<SyncSender<Job>>,
     in_flight: Mutex<HashSet<BlockKey>>,
+    /// Files whose kernel page cache holds a version the NAS no longer
+    /// has, until it is dropped: by the next open (without keeping the
+    /// cache), or by the mount's notification (`on_stale`), whichever is
+    /// first.
+    kernel_stale: Mutex<HashSet<u64>>,
     /// Told the inode of a file whose cached data was dropped because the
     /// NAS version changed: the kernel's page cache of it is stale too.
     on_stale: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
@@ -103,6 +108,7 @@ impl DataCache {
             stats,
             prefetch,
             in_flight: Mutex::new(HashSet::new()),
+            kernel_stale: Mutex::new(HashSet::new()),
             on_stale: OnceLock::new(),
         });
         if let Some(rx) = rx {
@@ -143,21 +149,40 @@ impl DataCache {
         if g.cached.as_ref() == Some(v) {
             return Ok(true);
         }
-        let had_version = g.cached.is_some();
+        let old = g.cached;
         g.epoch = next_epoch();
         g.cached = Some(*v);
-        if let Some(disk) = &self.disk {
-            disk.check_validator(ino, v)?;
-        }
+        let checked = match &self.disk {
+            Some(disk) => disk.check_validator(ino, v).map(|_| ()),
+            None => Ok(()),
+        };
         drop(g);
-        if had_version {
+        if let Some(old) = old {
             Stats::inc(&self.stats.invalidations);
             log::debug!("inode {ino}: changed on the NAS, cached data dropped");
-            if let Some(f) = self.on_stale.get() {
-                f(ino);
+            // The kernel's pages, only if the content may differ (as
+            // FUSE_AUTO_INVAL_DATA judged: not for a ctime alone).
+            if (old.ino, old.size, old.mtime) != (v.ino, v.size, v.mtime) {
+                self.kernel_stale_lock().insert(ino);
+                if let Some(f) = self.on_stale.get() {
+                    f(ino);
+                }
             }
         }
+        checked?;
         Ok(false)
+    }
+
+    fn kernel_stale_lock(&self) -> MutexGuard<'_, HashSet<u64>> {
+        self.kernel_stale.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the kernel's page cache of `ino` is still to be dropped
+    /// (see `kernel_stale`); taken: whoever asks drops it. An open asks
+    /// (then answering without FOPEN_KEEP_CACHE), and so does the mount's
+    /// notification thread, which skips what an open has dropped.
+    pub fn take_kernel_stale(&self, ino: u64) -> bool {
+        self.kernel_stale_lock().remove(&ino)
     }
 
     /// Fresh attributes seen outside an open (getattr, lookup): drops the

@@ -1088,6 +1088,12 @@ impl<B: Backend> Core<B> {
                 _ => None,
             })
             .collect();
+        // Files with changes here show the local version: nothing to check.
+        let dirty = |ino: u64| {
+            self.wb
+                .as_ref()
+                .is_some_and(|wb| wb.is_dirty(self.fuse_ino(ino)))
+        };
         let now = Instant::now();
         for ino in inos {
             let expired = self
@@ -1095,7 +1101,7 @@ impl<B: Backend> Core<B> {
                 .inodes
                 .get(&ino)
                 .is_some_and(|i| i.attr_until <= now);
-            if expired {
+            if expired && !dirty(ino) {
                 if let Err(e) = self.getattr(ino, None) {
                     log::debug!("inode {ino}: revalidating an open file: {e}");
                 }
@@ -2342,7 +2348,11 @@ impl<B: Backend> Core<B> {
             }
         }
         let keep_cache = if kind == FileKind::File {
-            self.data.revalidate(ino, &data, &attr.validator())?
+            // Also not when a change seen earlier (a stat before this open)
+            // still has the kernel's pages to drop: dropped now, at once.
+            let same = self.data.revalidate(ino, &data, &attr.validator())?;
+            let stale = self.data.take_kernel_stale(ino);
+            same && !stale
         } else {
             false
         };
@@ -2370,6 +2380,8 @@ impl<B: Backend> Core<B> {
         let ino = entry.attr.ino;
         let (_, _, data) = self.node(ino)?;
         self.data.revalidate(ino, &data, &attr.validator())?;
+        // Not kept (keep_cache false below): nothing left to drop later.
+        self.data.take_kernel_stale(ino);
         let fh = self.open_handle(ino, file, data, omode.append);
         Ok((
             entry,

@@ -628,10 +628,16 @@ fn serve_core<B: Backend>(
     core.data_cache().on_stale(Box::new(move |ino| {
         let _ = stale_tx.send(ino);
     }));
+    let stale_cache = core.data_cache().clone();
     std::thread::Builder::new()
         .name("inval".into())
         .spawn(move || {
             for ino in stale_rx {
+                // An open may have dropped them since (without keeping
+                // the cache): a late drop could then land amid its writes.
+                if !stale_cache.take_kernel_stale(ino) {
+                    continue;
+                }
                 if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), 0, 0) {
                     log::debug!("inode {ino}: dropping the kernel's page cache: {e}");
                 }
