@@ -1699,6 +1699,33 @@ impl<B: Backend> Core<B> {
         Ok(attr)
     }
 
+    /// Removes `name` (rmdir or unlink): kept for later when the cache
+    /// vouches for it (`journaled_removal`), else on the NAS, else, while
+    /// the NAS does not answer, kept for later if it can be
+    /// (`remove_later`). When kept, the time its directory changed.
+    fn remove(
+        &self,
+        parent: u64,
+        dir: &B::Node,
+        name: &OsStr,
+        rmdir: bool,
+    ) -> FsResult<Option<SystemTime>> {
+        if let Some(at) = self.journaled_removal(parent, dir, name, rmdir)? {
+            return Ok(Some(at));
+        }
+        let r = match rmdir {
+            true => self.backend.rmdir(dir, name),
+            false => self.backend.unlink(dir, name),
+        };
+        match r {
+            Ok(()) => Ok(None),
+            Err(e) if is_unreachable(&e) => {
+                Ok(Some(self.remove_later(parent, dir, name, rmdir, e)?))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         let dir = self.parent_node(parent)?;
         let victim = self.known_child(parent, name);
@@ -1707,16 +1734,7 @@ impl<B: Backend> Core<B> {
             (Some((ino, _)), Some(wb)) => Some(wb.unlinking(self.fuse_ino(*ino))),
             _ => None,
         };
-        let later = match self.journaled_removal(parent, &dir, name, false)? {
-            Some(at) => Some(at),
-            None => match self.backend.unlink(&dir, name) {
-                Ok(()) => None,
-                Err(e) if is_unreachable(&e) => {
-                    Some(self.remove_later(parent, &dir, name, false, e)?)
-                }
-                Err(e) => return Err(e.into()),
-            },
-        };
+        let later = self.remove(parent, &dir, name, false)?;
         let open = victim.as_ref().is_some_and(|(ino, _)| self.is_open(*ino));
         {
             let mut t = self.tables();
@@ -2013,16 +2031,7 @@ impl<B: Backend> Core<B> {
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         let dir = self.parent_node(parent)?;
-        let later = match self.journaled_removal(parent, &dir, name, true)? {
-            Some(at) => Some(at),
-            None => match self.backend.rmdir(&dir, name) {
-                Ok(()) => None,
-                Err(e) if is_unreachable(&e) => {
-                    Some(self.remove_later(parent, &dir, name, true, e)?)
-                }
-                Err(e) => return Err(e.into()),
-            },
-        };
+        let later = self.remove(parent, &dir, name, true)?;
         let mut t = self.tables();
         if let Some(ino) = t.names.get(&(parent, name.to_os_string())).copied() {
             t.listings.remove(&ino);

@@ -211,11 +211,9 @@ impl<B: Backend> Backend for Instrumented<B> {
         self.change("rename", || self.inner.rename(d, n, nd, nn, f))
     }
     fn open(&self, node: &Self::Node, mode: OpenMode) -> BResult<Self::File> {
-        let op = |f| match mode.write || mode.truncate {
-            true => self.change("open", f),
-            false => self.call("open", f),
-        };
-        op(|| self.inner.open(node, mode))
+        // Opening to write is a change (its refusals count).
+        let changes = mode.write || mode.truncate;
+        self.call_as("open", changes, || self.inner.open(node, mode))
     }
     fn create(
         &self,

@@ -1231,10 +1231,9 @@ impl<B: Backend> Overlay<B> {
                         if let Some(m) = st.xattrs.get_mut(&p) {
                             m.remove(&name);
                         }
-                        st.objs.get(&p).map_or_else(OsString::new, |o| {
-                            let dir = Self::dir_path(&st, o.parent).unwrap_or_default();
-                            join_path(&dir, &o.name)
-                        })
+                        st.objs
+                            .get(&p)
+                            .map_or_else(OsString::new, |o| Self::obj_path(&st, o))
                     };
                     if let Err(e) = self.journal.set_xattr(p, &name, None) {
                         log::warn!("journal: {e}");
