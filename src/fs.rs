@@ -1632,6 +1632,12 @@ impl<B: Backend> Core<B> {
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Entry> {
         let (node, _, _) = self.node(ino)?;
         let dir = self.parent_node(newparent)?;
+        if let Some((attr, at)) = self.journaled_link(ino, &node, (newparent, &dir), newname) {
+            let mut t = self.tables();
+            self.changed_here(&mut t, newparent, Some(at));
+            drop(t);
+            return self.remember(newparent, newname, node, attr, true, self.settle_gen());
+        }
         let attr = match self.backend.link(&node, &dir, newname) {
             Ok(attr) => {
                 self.own_meta_change(ino, Some(&attr));
@@ -1639,24 +1645,86 @@ impl<B: Backend> Core<B> {
             }
             Err(e) if is_unreachable(&e) => {
                 let attr = self.link_later(ino, &node, (newparent, &dir), newname, e)?;
-                // Not those attributes (made here): the NAS's ctime moves
-                // only once the link is made there (see `Overlay::own_ctime`).
-                if let Some(wb) = &self.wb {
-                    wb.own_meta_op(self.fuse_ino(ino));
-                }
-                // The ctime shown moved by this link alone: the cached data
-                // is still the file's (and all there is while offline).
-                if let Ok((_, FileKind::File, data)) = self.node(ino) {
-                    if let Err(e) = self.data.own_ctime(ino, &data, &attr.validator()) {
-                        log::warn!("cache: {e}");
-                    }
-                }
+                self.own_link_later(ino, &attr);
                 attr
             }
             Err(e) => return Err(e.into()),
         };
         self.added_name(newparent);
         self.remember(newparent, newname, node, attr, true, self.settle_gen())
+    }
+
+    /// A change kept for later (a rename, a link) was made on the NAS and
+    /// moved the ctime of file `shown` (the NAS inode number, as shown) to
+    /// `attr`'s: the data cached is still the NAS's version, as when such
+    /// a change goes to the NAS at once (`own_meta_change`).
+    pub fn own_ctime_on_nas(&self, shown: u64, attr: &Attr) {
+        let ino = self.fuse_ino(shown);
+        let data = self
+            .tables()
+            .inodes
+            .get(&ino)
+            .filter(|i| i.kind == FileKind::File)
+            .map(|i| i.data.clone());
+        if let Some(data) = data {
+            if let Err(e) = self.data.own_ctime(ino, &data, &attr.validator()) {
+                log::warn!("cache: {e}");
+            }
+        }
+    }
+
+    /// A hard link kept for later (`attr`, as shown) is nassync's own.
+    fn own_link_later(&self, ino: u64, attr: &Attr) {
+        // Not those attributes (made here): the NAS's ctime moves only
+        // once the link is made there (see `Overlay::own_ctime`).
+        if let Some(wb) = &self.wb {
+            wb.own_meta_op(self.fuse_ino(ino));
+        }
+        // The ctime shown moved by this link alone: the cached data is
+        // still the file's (and all there is while offline).
+        if let Ok((_, FileKind::File, data)) = self.node(ino) {
+            if let Err(e) = self.data.own_ctime(ino, &data, &attr.validator()) {
+                log::warn!("cache: {e}");
+            }
+        }
+    }
+
+    /// A hard link to a file on the NAS that the cache vouches for (as
+    /// `journaled_removal`), under a name it knows free, goes into the
+    /// journal as offline (`link_later`) and returns at local speed: its
+    /// attributes, and the time its new directory changed. The file's
+    /// ctime is the NAS's until the link is made there (it moves then, as
+    /// the view shows it: a ctime shown here first would go back once the
+    /// attributes expire, and drop the cached data). None (nothing done)
+    /// when the NAS is to be asked.
+    fn journaled_link(
+        &self,
+        ino: u64,
+        node: &B::Node,
+        (newparent, newdir): (u64, &B::Node),
+        newname: &OsStr,
+    ) -> Option<(Attr, SystemTime)> {
+        let wb = self.wb.as_ref()?;
+        if !self.defers_changes() {
+            return None;
+        }
+        self.drain_settled();
+        let nas = self.fuse_ino(ino);
+        if self.backend.local_path(nas).is_some()
+            || wb.is_dirty(nas)
+            || !self.vouch_is_fresh(ino, false)
+            || !self.vouch_free(newparent, newname)
+        {
+            return None;
+        }
+        let ctime = self.cached_attr(ino)?.ctime;
+        let e = BackendError::errno("link", libc::EIO);
+        let mut attr = self
+            .link_later(ino, node, (newparent, newdir), newname, e)
+            .ok()?;
+        Stats::inc(&self.stats.kept_changes);
+        let at = std::mem::replace(&mut attr.ctime, ctime);
+        Some((attr, at))
     }
 
     /// The NAS does not answer: a hard link to a file on the NAS that the
@@ -1683,19 +1751,21 @@ impl<B: Backend> Core<B> {
         }
         let dir = self.parent_node(parent)?;
         let was = attr.validator();
+        let at = crate::clock::now();
         match self.backend.move_later(
             (&dir, &name),
             (newdir, newname),
             (node, attr.kind, was),
             None,
             true,
+            at,
         ) {
             Ok(()) => {}
             Err(x) if x.raw_errno() == libc::EIO => return Err(e.into()),
             Err(x) => return Err(x.into()),
         }
         attr.nlink += 1;
-        attr.ctime = crate::clock::now();
+        attr.ctime = at;
         Ok(attr)
     }
 
@@ -1930,9 +2000,89 @@ impl<B: Backend> Core<B> {
                 self.backend.undo_remove_later(dir, name);
                 Ok(None)
             }
-            Ok(()) => Ok(Some(at)),
+            Ok(()) => {
+                Stats::inc(&self.stats.kept_changes);
+                Ok(Some(at))
+            }
             Err(_) => Ok(None),
         }
+    }
+
+    /// A rename of a file or symlink on the NAS that the cache vouches for
+    /// (as `journaled_removal`), to a name it vouches for (free, or a NAS
+    /// object it could remove), goes into the journal, as offline, and
+    /// returns at local speed: the replay makes it on the NAS after the
+    /// write-back delay, before any other change of the NAS needs it. When
+    /// kept, the time its directories changed; None (nothing done) when
+    /// the NAS is to be asked.
+    /// Directories go to the NAS at once: what is under them is written
+    /// back by path.
+    fn journaled_rename(
+        &self,
+        (dir, name): (&B::Node, &OsStr),
+        (newparent, newdir, newname): (u64, &B::Node, &OsStr),
+        flags: RenameFlags,
+        moved: &Option<(u64, B::Node)>,
+        replaced: &Option<(u64, B::Node)>,
+    ) -> Option<SystemTime> {
+        let Some(wb) = &self.wb else { return None };
+        let Some((s, s_node)) = moved else {
+            return None;
+        };
+        if flags.exchange || !self.defers_changes() {
+            return None;
+        }
+        self.drain_settled();
+        // New objects move here anyway; open files and those with changes
+        // pending go at once, as for removals.
+        let kept_back = |i: u64| {
+            self.backend.local_path(self.fuse_ino(i)).is_some()
+                || self.is_open(i)
+                || wb.is_dirty(self.fuse_ino(i))
+                || !self.vouch_is_fresh(i, false)
+        };
+        if kept_back(*s) {
+            return None;
+        }
+        let (kind, was) = match self.tables().inodes.get(s) {
+            Some(i) if i.kind != FileKind::Dir => (i.kind, i.attr.validator()),
+            _ => return None,
+        };
+        let over = match replaced {
+            // (A rename onto another link of itself does nothing.)
+            Some((r, _)) if r == s || flags.noreplace || kept_back(*r) => return None,
+            Some(_) => match self.vouch_removal(newparent, newname, false) {
+                Ok(v) => Some(v),
+                Err(_) => return None,
+            },
+            None if self.vouch_free(newparent, newname) => None,
+            None => return None,
+        };
+        let over = over.as_ref().map(|(n, k, w)| (n, *k, *w));
+        let at = crate::clock::now();
+        let obj = (s_node, kind, was);
+        self.backend
+            .move_later((dir, name), (newdir, newname), obj, over, false, at)
+            .ok()?;
+        Stats::inc(&self.stats.kept_changes);
+        Some(at)
+    }
+
+    /// Whether the cache vouches that `name` is free in `parent`, within
+    /// the time to live of the negative entries.
+    fn vouch_free(&self, parent: u64, name: &OsStr) -> bool {
+        let t = self.tables();
+        let now = Instant::now();
+        let key = (parent, name.to_os_string());
+        if t.names.contains_key(&key) {
+            return false;
+        }
+        let negative = t.negatives.get(&key).is_some_and(|u| *u > now);
+        let unlisted = !self.cfg.negative_timeout.is_zero()
+            && t.listings
+                .get(&parent)
+                .is_some_and(|l| l.complete && l.until > now && !l.names.contains_key(name));
+        negative || unlisted
     }
 
     /// Whether what the cache knows of `ino` is still within its time to
@@ -2087,21 +2237,26 @@ impl<B: Backend> Core<B> {
         if let (Some(wb), Some((ino, _))) = (&self.wb, &moved) {
             wb.own_meta_op(self.fuse_ino(*ino));
         }
-        if let Err(e) = self.rename_or_later(
+        let kept = match self.rename_or_later(
             (&dir, name),
             (newparent, &newdir, newname),
             flags,
             &moved,
             &replaced,
         ) {
-            if let (Some(wb), Some((old, _))) = (&self.wb, &paths) {
-                wb.rename_failed(old);
+            Ok(kept) => kept,
+            Err(e) => {
+                if let (Some(wb), Some((old, _))) = (&self.wb, &paths) {
+                    wb.rename_failed(old);
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
-        if let Some((ino, _)) = &moved {
+        };
+        if let (Some((ino, _)), None) = (&moved, kept) {
             // rename changes the ctime (before the rows drop the rename in
             // flight: until then, a ctime moved is known to be this one).
+            // (A rename kept for later moves it when made there, see
+            // `Overlay::own_ctime`.)
             self.own_meta_change(*ino, None);
         }
         if let (Some(wb), Some((old, new))) = (&self.wb, &paths) {
@@ -2147,9 +2302,18 @@ impl<B: Backend> Core<B> {
                 Self::subdirs_changed(t, newparent, 1);
             }
         }
+        // A rename kept for later leaves the NAS's object as it was: what
+        // is known of it stays good for its time (a second mv of it is
+        // kept too).
+        let src_until = kept
+            .and(src)
+            .and_then(|i| t.inodes.get(&i))
+            .map(|i| i.attr_until);
         // The replaced or exchanged inode changed (link count, ctime).
         self.forget_name(t, newparent, newname, false);
         self.forget_name(t, parent, name, !flags.exchange);
+        self.changed_here(t, parent, kept);
+        self.changed_here(t, newparent, kept);
         let place = |t: &mut Tables<B>, ino: Option<u64>, key: &(u64, OsString)| {
             let Some(ino) = ino else { return };
             t.negatives.remove(key);
@@ -2164,6 +2328,9 @@ impl<B: Backend> Core<B> {
             }
         };
         place(t, src, &dst_key);
+        if let (Some(until), Some(i)) = (src_until, src.and_then(|i| t.inodes.get_mut(&i))) {
+            i.attr_until = until;
+        }
         if flags.exchange {
             place(t, dst, &src_key);
         }
@@ -2192,9 +2359,19 @@ impl<B: Backend> Core<B> {
         flags: RenameFlags,
         moved: &Option<(u64, B::Node)>,
         replaced: &Option<(u64, B::Node)>,
-    ) -> FsResult<()> {
+    ) -> FsResult<Option<SystemTime>> {
+        let kept = self.journaled_rename(
+            (dir, name),
+            (newparent, newdir, newname),
+            flags,
+            moved,
+            replaced,
+        );
+        if kept.is_some() {
+            return Ok(kept);
+        }
         let e = match self.backend.rename(dir, name, newdir, newname, flags) {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(None),
             Err(e) if is_unreachable(&e) && !flags.exchange => e,
             Err(e) => return Err(e.into()),
         };
@@ -2217,7 +2394,7 @@ impl<B: Backend> Core<B> {
         // A NAS object there, removed with the rename (one journal commit).
         let mut over = None;
         match replaced {
-            Some((r, _)) if r == s => return Ok(()),
+            Some((r, _)) if r == s => return Ok(None),
             // A new object over another: the backend moves it over that one.
             Some((r, _)) if local(*r) && nas_src.is_none() => return Err(e.into()),
             Some((r, _)) => {
@@ -2258,13 +2435,14 @@ impl<B: Backend> Core<B> {
             Some((kind, was)) => {
                 let over = over.as_ref().map(|(n, k, w)| (n, *k, *w));
                 let obj = (s_node, kind, was);
+                let at = crate::clock::now();
                 self.backend
-                    .move_later((dir, name), (newdir, newname), obj, over, false)
+                    .move_later((dir, name), (newdir, newname), obj, over, false, at)
             }
             None => self.backend.rename(dir, name, newdir, newname, vouched),
         };
         match done {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(None),
             Err(e) => {
                 // The target stays, as the failed rename leaves it.
                 if removed_first {

@@ -571,6 +571,14 @@ fn serve_core<B: Backend>(
         None
     };
     let core = Arc::new(core);
+    if let Some(wb) = &wb {
+        let c = Arc::downgrade(&core);
+        wb.on_own_ctime(Box::new(move |ino, attr| {
+            if let Some(c) = c.upgrade() {
+                c.own_ctime_on_nas(ino, attr);
+            }
+        }));
+    }
     let fs = FuseFs::new(core.clone(), o.block_size.min(16 << 20) as u32);
     let mut config = fuser::Config::default();
     config.mount_options = mount_options(plan);

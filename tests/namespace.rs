@@ -210,6 +210,213 @@ fn an_rm_rf_of_a_listed_tree_makes_no_nas_round_trip_per_entry() {
     assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
 }
 
+/// mv of files on the NAS that the mount has listed, to names it knows
+/// free (or over a NAS file it knows): the renames go into the journal and
+/// reach the NAS after the write-back delay (or a flush), each file
+/// keeping its NAS inode; a file written after its rename lands under
+/// its new name.
+#[test]
+fn renames_of_listed_nas_files_make_no_nas_round_trip_each() {
+    let mut m = Mount::prepare("writeback_delay=1h,actimeo=600");
+    fs::create_dir_all(m.n("in")).unwrap();
+    fs::create_dir_all(m.n("out")).unwrap();
+    for f in 0..200 {
+        fs::write(m.n(&format!("in/f{f:03}")), format!("file {f}")).unwrap();
+    }
+    std::os::unix::fs::symlink("f000", m.n("in/link")).unwrap();
+    fs::write(m.n("out/old"), "replaced").unwrap();
+    m.mount();
+    let inos: Vec<u64> = (0..200)
+        .map(|f| fs::metadata(m.n(&format!("in/f{f:03}"))).unwrap().ino())
+        .collect();
+    // Listed: names and attributes known.
+    assert!(tree(&m.m(""), true).len() >= 204);
+    let before = m.stats();
+    for f in 0..100 {
+        fs::rename(m.m(&format!("in/f{f:03}")), m.m(&format!("out/g{f:03}"))).unwrap();
+    }
+    for f in 100..200 {
+        fs::rename(m.m(&format!("in/f{f:03}")), m.m(&format!("in/h{f:03}"))).unwrap();
+    }
+    fs::rename(m.m("in/link"), m.m("out/link")).unwrap();
+    fs::rename(m.m("in/h199"), m.m("out/old")).unwrap();
+    let after = m.stats();
+    let calls = after["nas_ops"] - before["nas_ops"];
+    eprintln!("201 renames and one over a file: {calls} NAS calls");
+    assert!(calls < 10, "{calls} NAS calls for 202 renames");
+    assert_eq!(after["kept_changes"] - before["kept_changes"], 202);
+    // Seen at once here, on the NAS only later.
+    assert_eq!(fs::read_to_string(m.m("out/g042")).unwrap(), "file 42");
+    assert_eq!(fs::read_to_string(m.m("out/old")).unwrap(), "file 199");
+    assert_eq!(
+        fs::read_link(m.m("out/link")).unwrap().to_str(),
+        Some("f000")
+    );
+    assert!(!m.m("in/f042").exists());
+    assert_eq!(fs::read_to_string(m.n("in/f042")).unwrap(), "file 42");
+    assert_eq!(fs::read_to_string(m.n("out/old")).unwrap(), "replaced");
+    let status = m.status();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("pending in/f042 ") && l.contains(" moved=file to=out/g042")),
+        "{status}"
+    );
+    // Written after the rename: lands under the new name.
+    fs::write(m.m("in/h150"), "changed after its rename").unwrap();
+    m.flush(None);
+    assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
+    let names = |d: &str| {
+        let mut v: Vec<String> = fs::read_dir(m.n(d))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    let mut want_in: Vec<String> = (100..199).map(|f| format!("h{f:03}")).collect();
+    want_in.sort();
+    assert_eq!(names("in"), want_in);
+    assert_eq!(names("out").len(), 102);
+    for (f, ino) in inos.iter().enumerate().take(100) {
+        let p = m.n(&format!("out/g{f:03}"));
+        assert_eq!(fs::read_to_string(&p).unwrap(), format!("file {f}"));
+        assert_eq!(fs::metadata(&p).unwrap().ino(), *ino, "renamed, not copied");
+    }
+    assert_eq!(fs::metadata(m.n("out/old")).unwrap().ino(), inos[199]);
+    assert_eq!(fs::read_to_string(m.n("out/old")).unwrap(), "file 199");
+    assert_eq!(
+        fs::read_to_string(m.n("in/h150")).unwrap(),
+        "changed after its rename"
+    );
+    assert_eq!(
+        fs::read_link(m.n("out/link")).unwrap().to_str(),
+        Some("f000")
+    );
+}
+
+/// ln of listed NAS files (cp -al, a snapshot backup): the links go into
+/// the journal, show at once (link counts included), and reach the NAS
+/// later as links of the same NAS files.
+#[test]
+fn hard_links_of_listed_nas_files_make_no_nas_round_trip_each() {
+    let mut m = Mount::prepare("writeback_delay=1h,actimeo=600");
+    fs::create_dir_all(m.n("src")).unwrap();
+    fs::create_dir_all(m.n("snap")).unwrap();
+    for f in 0..100 {
+        fs::write(m.n(&format!("src/f{f:02}")), format!("file {f}")).unwrap();
+    }
+    m.mount();
+    assert!(tree(&m.m(""), true).len() >= 102);
+    let before = m.stats();
+    for f in 0..100 {
+        fs::hard_link(m.m(&format!("src/f{f:02}")), m.m(&format!("snap/f{f:02}"))).unwrap();
+    }
+    let after = m.stats();
+    let calls = after["nas_ops"] - before["nas_ops"];
+    eprintln!("100 links: {calls} NAS calls");
+    assert!(calls < 10, "{calls} NAS calls for 100 links");
+    assert_eq!(after["kept_changes"] - before["kept_changes"], 100);
+    assert_eq!(fs::metadata(m.m("src/f07")).unwrap().nlink(), 2);
+    assert_eq!(fs::metadata(m.m("snap/f07")).unwrap().nlink(), 2);
+    assert_eq!(
+        fs::metadata(m.m("src/f07")).unwrap().ino(),
+        fs::metadata(m.m("snap/f07")).unwrap().ino()
+    );
+    assert_eq!(fs::read_to_string(m.m("snap/f07")).unwrap(), "file 7");
+    assert!(!m.n("snap/f07").exists(), "on the NAS only after the delay");
+    // A link's name removed again before it reached the NAS.
+    fs::remove_file(m.m("snap/f99")).unwrap();
+    m.flush(None);
+    assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
+    for f in 0..99 {
+        let (a, b) = (m.n(&format!("src/f{f:02}")), m.n(&format!("snap/f{f:02}")));
+        assert_eq!(
+            fs::metadata(&a).unwrap().ino(),
+            fs::metadata(&b).unwrap().ino()
+        );
+        assert_eq!(fs::metadata(&a).unwrap().nlink(), 2);
+    }
+    assert!(!m.n("snap/f99").exists());
+    assert_eq!(fs::metadata(m.n("src/f99")).unwrap().nlink(), 1);
+}
+
+/// A file's cached data outlives its kept rename and link: once they are
+/// made on the NAS, the NAS's ctime moved by nassync itself is not taken
+/// for another client's change.
+#[test]
+fn cached_data_outlives_a_kept_rename_and_link() {
+    let mut m = Mount::prepare("writeback_delay=1h,actimeo=1");
+    fs::create_dir(m.n("d")).unwrap();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    fs::write(m.n("d/movie"), &data).unwrap();
+    fs::write(m.n("d/song"), &data[..500_000]).unwrap();
+    m.mount();
+    assert_eq!(fs::read(m.m("d/movie")).unwrap(), data);
+    assert_eq!(fs::read(m.m("d/song")).unwrap(), &data[..500_000]);
+    assert!(tree(&m.m(""), true).len() >= 3);
+    let before = m.stats();
+    fs::rename(m.m("d/movie"), m.m("d/film")).unwrap();
+    fs::hard_link(m.m("d/song"), m.m("d/track")).unwrap();
+    assert_eq!(m.stats()["kept_changes"] - before["kept_changes"], 2);
+    let ctime = |p: &str| fs::metadata(m.m(p)).unwrap().ctime_nsec();
+    let song_ctime = ctime("d/track");
+    // Attributes expired, before and after the changes reach the NAS:
+    // the next opens see the NAS's.
+    for flush in [false, true] {
+        if flush {
+            m.flush(None);
+            assert!(m.n("d/film").exists() && m.n("d/track").exists());
+        }
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(fs::read(m.m("d/film")).unwrap(), data);
+        assert_eq!(fs::read(m.m("d/track")).unwrap(), &data[..500_000]);
+        assert_eq!(fs::metadata(m.m("d/song")).unwrap().nlink(), 2);
+        if !flush {
+            assert_eq!(ctime("d/track"), song_ctime, "the NAS's until made there");
+        }
+        let after = m.stats();
+        assert_eq!(
+            after["invalidations"], before["invalidations"],
+            "flush {flush}"
+        );
+        assert_eq!(
+            after["nas_bytes_read"], before["nas_bytes_read"],
+            "flush {flush}"
+        );
+    }
+}
+
+/// A rename kept for later whose new name another client takes on the
+/// NAS meanwhile: the NAS's file keeps the name, the renamed one gets the
+/// conflict name, and the conflict is reported (docs/SEMANTICS.md).
+#[test]
+fn a_kept_rename_to_a_name_taken_on_the_nas_meanwhile_keeps_both() {
+    let mut m = Mount::prepare("writeback_delay=1h,actimeo=600");
+    fs::create_dir(m.n("d")).unwrap();
+    fs::write(m.n("d/draft"), "mine").unwrap();
+    m.mount();
+    assert!(tree(&m.m(""), true).len() >= 2);
+    let before = m.stats()["nas_ops"];
+    fs::rename(m.m("d/draft"), m.m("d/final")).unwrap();
+    assert_eq!(m.stats()["nas_ops"], before, "kept for later");
+    fs::write(m.n("d/final"), "theirs").unwrap();
+    m.flush(None);
+    assert_eq!(fs::read_to_string(m.n("d/final")).unwrap(), "theirs");
+    assert!(!m.n("d/draft").exists());
+    let kept: Vec<_> = fs::read_dir(m.n("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != "final")
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(
+        fs::read_to_string(m.n(&format!("d/{}", kept[0]))).unwrap(),
+        "mine"
+    );
+    assert_eq!(m.status_value("conflicts"), 1, "{}", m.status());
+}
+
 #[test]
 fn a_temporary_file_created_and_removed_never_reaches_the_nas() {
     let m = Mount::new("writeback_delay=1h");

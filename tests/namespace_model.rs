@@ -299,7 +299,11 @@ fn run(seed: u64, ops: usize) {
             }
         }
     }
-    eprintln!("{done} operations applied, {eio} refused with EIO while the NAS was away");
+    eprintln!(
+        "{done} operations applied, {eio} refused with EIO while the NAS was away, {} \
+         removals, renames and links kept for later while it answered",
+        m.stats()["kept_changes"]
+    );
     sim.ctl("fail off");
     m.wait_status("nas online", Duration::from_secs(30));
     let got = tree(&m.mnt);

@@ -411,7 +411,7 @@ pub trait Backend: Send + Sync + 'static {
     /// instead. The caller vouches that the new name is free, or holds
     /// `over` (a NAS object, as for [`Backend::remove_later`]), removed
     /// with the rename. EIO for a backend that keeps no local view of the
-    /// namespace.
+    /// namespace. `at`: the time the directories changed.
     fn move_later(
         &self,
         _from: (&Self::Node, &OsStr),
@@ -419,6 +419,7 @@ pub trait Backend: Send + Sync + 'static {
         _obj: (&Self::Node, FileKind, Validator),
         _over: Option<(&Self::Node, FileKind, Validator)>,
         _link: bool,
+        _at: SystemTime,
     ) -> BResult<()> {
         Err(BackendError::errno("rename", libc::EIO))
     }

@@ -4935,6 +4935,7 @@ impl<B: Backend> Backend for Overlay<B> {
         (node, kind, was): (&Self::Node, FileKind, Validator),
         over: Option<(&Self::Node, FileKind, Validator)>,
         link: bool,
+        at: SystemTime,
     ) -> BResult<()> {
         let op = if link { "link" } else { "rename" };
         let _w = self.window_read(&[dir.ino, newdir.ino]);
@@ -5065,7 +5066,7 @@ impl<B: Backend> Backend for Overlay<B> {
             .map_err(journal_err("journal"))?;
         if let Some((_, _, mut g)) = gone {
             g.id = ids[0];
-            Self::removed(&mut st, g, now());
+            Self::removed(&mut st, g, at);
         }
         if moved_dir {
             if let Some(x) = st.dirs.get_mut(&node.ino) {
@@ -5104,11 +5105,10 @@ impl<B: Backend> Backend for Overlay<B> {
                 log::warn!("{newname:?}: the new object replaced here stays in the journal: {e}");
             }
         }
-        let t = now();
         if !link {
-            Self::dir_changed(&mut st, dir.ino, t, 0);
+            Self::dir_changed(&mut st, dir.ino, at, 0);
         }
-        Self::dir_changed(&mut st, newdir.ino, t, 0);
+        Self::dir_changed(&mut st, newdir.ino, at, 0);
         drop(st);
         // Due after the write-back delay, as creations (an rm -rf must
         // not run a pass per entry).

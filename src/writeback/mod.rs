@@ -221,6 +221,9 @@ pub trait Staged: Send + Sync {
     fn watch_moved(&self, _moved: Moved) {}
 }
 
+/// See [`WriteBack::own_ctime`].
+pub type OwnCtime = Box<dyn Fn(u64, &Attr) + Send + Sync>;
+
 /// See [`Staged::watch_own_meta`].
 pub type OwnMeta = Box<dyn Fn(u64, Option<&Attr>) + Send + Sync>;
 /// See [`Staged::watch_moved`].
@@ -275,6 +278,9 @@ pub struct WriteBack<B: Backend> {
     backend: Arc<B>,
     journal: Arc<Journal>,
     staged: std::sync::OnceLock<Arc<dyn Staged>>,
+    /// Told when a change kept for later and made on the NAS since moved
+    /// a file's ctime (shown inode number, its NAS attributes after).
+    own_ctime: std::sync::OnceLock<OwnCtime>,
     data: Arc<DataCache>,
     cfg: WbConfig,
     files: Mutex<HashMap<u64, Arc<Dirty<B>>>>,
@@ -331,6 +337,7 @@ impl<B: Backend> WriteBack<B> {
             nodes_held: AtomicUsize::new(0),
             journal,
             staged: std::sync::OnceLock::new(),
+            own_ctime: std::sync::OnceLock::new(),
             data,
             cfg,
             files: Mutex::new(HashMap::new()),
@@ -445,7 +452,12 @@ impl<B: Backend> WriteBack<B> {
             if let Some(wb) = wb.upgrade() {
                 match attr {
                     None => wb.own_meta_op(ino),
-                    Some(a) => wb.meta_changed(ino, a),
+                    Some(a) => {
+                        wb.meta_changed(ino, a);
+                        if let Some(f) = wb.own_ctime.get() {
+                            f(ino, a);
+                        }
+                    }
                 }
             }
         }));
@@ -456,6 +468,11 @@ impl<B: Backend> WriteBack<B> {
             }
         }));
         let _ = self.staged.set(s);
+    }
+
+    /// See [`WriteBack::own_ctime`].
+    pub fn on_own_ctime(&self, f: OwnCtime) {
+        let _ = self.own_ctime.set(f);
     }
 
     fn staged_under(&self, prefix: Option<&OsStr>) -> u64 {
