@@ -1710,6 +1710,14 @@ impl<B: Backend> Core<B> {
         }
         self.drain_settled();
         let nas = self.fuse_ino(ino);
+        // (`same_fs`, as for renames: the file's directory, as known.)
+        let (_, parent, _) = self.known_name(ino)?;
+        if !self
+            .backend
+            .same_fs(&self.parent_node(parent).ok()?, newdir)
+        {
+            return None;
+        }
         if self.backend.local_path(nas).is_some()
             || wb.is_dirty(nas)
             || !self.vouch_is_fresh(ino, false)
@@ -2029,7 +2037,9 @@ impl<B: Backend> Core<B> {
         let Some((s, s_node)) = moved else {
             return None;
         };
-        if flags.exchange || !self.defers_changes() {
+        // Between filesystems (a snapshot directory, a filesystem mounted
+        // in the share) the NAS refuses it (EXDEV): mv is to copy at once.
+        if flags.exchange || !self.defers_changes() || !self.backend.same_fs(dir, newdir) {
             return None;
         }
         self.drain_settled();

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Mount, NASSYNC, errno};
+use common::{Mount, NASSYNC, SmallFs, errno};
 
 fn write_file(p: &Path, data: &[u8]) {
     let mut f = OpenOptions::new()
@@ -118,40 +118,6 @@ fn unmount_writes_back_what_is_pending() {
         "{}",
         m.log()
     );
-}
-
-/// A small tmpfs standing in for a full NAS; unmounted when dropped.
-struct SmallFs(std::path::PathBuf);
-
-impl SmallFs {
-    fn mount(at: &Path, size: &str) -> SmallFs {
-        nix::mount::mount(
-            Some("tmpfs"),
-            at,
-            Some("tmpfs"),
-            nix::mount::MsFlags::empty(),
-            Some(format!("size={size}").as_str()),
-        )
-        .expect("mount a tmpfs for the NAS");
-        SmallFs(at.to_path_buf())
-    }
-
-    fn resize(&self, size: &str) {
-        nix::mount::mount(
-            None::<&str>,
-            &self.0,
-            None::<&str>,
-            nix::mount::MsFlags::MS_REMOUNT,
-            Some(format!("size={size}").as_str()),
-        )
-        .expect("resize the tmpfs");
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-    }
 }
 
 #[test]

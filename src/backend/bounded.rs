@@ -646,6 +646,9 @@ impl<B: Backend> Backend for BoundedBackend<B> {
     fn lists_acls(&self, node: &Self::Node) -> bool {
         self.0.inner.lists_acls(node)
     }
+    fn same_fs(&self, a: &Self::Node, b: &Self::Node) -> bool {
+        self.0.inner.same_fs(a, b)
+    }
     fn getxattr(&self, node: &Self::Node, name: &OsStr) -> BResult<Vec<u8>> {
         let (node, name) = (node.clone(), name.to_os_string());
         self.call("getxattr", false, move |b| b.getxattr(&node, &name))

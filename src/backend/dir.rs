@@ -39,6 +39,8 @@ pub struct DirNode {
     kind: FileKind,
     /// See [`Backend::lists_acls`]: decided per filesystem.
     lists_acls: bool,
+    /// The device it is on (see [`Backend::same_fs`]).
+    dev: u64,
 }
 
 impl DirNode {
@@ -332,6 +334,7 @@ impl DirBackend {
                 fd,
                 kind: attr.kind,
                 lists_acls,
+                dev,
             }),
             attr,
         ))
@@ -794,6 +797,10 @@ impl Backend for DirBackend {
         File::from(f)
             .sync_all()
             .map_err(|e| BackendError::new("fsyncdir", e))
+    }
+
+    fn same_fs(&self, a: &Self::Node, b: &Self::Node) -> bool {
+        a.dev == b.dev
     }
 
     fn lists_acls(&self, node: &Self::Node) -> bool {

@@ -339,6 +339,14 @@ pub trait Backend: Send + Sync + 'static {
         false
     }
 
+    /// Whether directories `a` and `b` are on the same filesystem of the
+    /// NAS, as the backend knows without asking it: a rename or link
+    /// between them cannot fail with EXDEV (a snapshot directory, a
+    /// filesystem mounted inside the share). False where it cannot tell.
+    fn same_fs(&self, _a: &Self::Node, _b: &Self::Node) -> bool {
+        false
+    }
+
     /// Whether the NAS is answering, as far as the backend knows; while it
     /// is not, calls fail at once ([`bounded::is_unreachable`]) and
     /// write-back waits.

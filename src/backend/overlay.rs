@@ -2356,9 +2356,19 @@ impl<B: Backend> Overlay<B> {
                     self.set_on_nas(node, &was, rec, shown)
                         .map(|c| c.map(|reason| (path.clone(), path.clone(), reason)))
                 }
-                None => self
-                    .remove_on_nas(&dir, &name, kind, &was)
-                    .map(|c| c.map(|reason| (path.clone(), path.clone(), reason))),
+                None => match self.replacing_move_stale(id, dir_ino, &name) {
+                    Ok(true) => Ok(Some((
+                        path.clone(),
+                        path.clone(),
+                        "to be replaced by a rename here, whose object was removed or replaced \
+                         on the NAS meanwhile: the NAS's stays"
+                            .to_string(),
+                    ))),
+                    Ok(false) => self
+                        .remove_on_nas(&dir, &name, kind, &was)
+                        .map(|c| c.map(|reason| (path.clone(), path.clone(), reason))),
+                    Err(e) => Err(e),
+                },
                 Some(t) => match t.link {
                     true => self.link_on_nas(&t.node, &was, (&t.dir, &t.name), shown),
                     false => self.move_on_nas((&dir, &name), (&t.dir, &t.name), kind, &was, shown),
@@ -2414,6 +2424,30 @@ impl<B: Backend> Overlay<B> {
             if let Err(e) = self.journal.delete_removal(id) {
                 log::warn!("journal: {e}");
             }
+        }
+    }
+
+    /// Whether removal `id` (of `name` in `dir_ino`) was made for a rename
+    /// over it (the next row, of the same journal transaction) whose
+    /// object is no longer on the NAS as it was renamed here: the rename
+    /// will not be made, so neither is the removal (the NAS's object
+    /// stays, rather than neither).
+    fn replacing_move_stale(&self, id: u64, dir_ino: u64, name: &OsStr) -> BResult<bool> {
+        let next = {
+            let st = self.st();
+            st.removals.get(1).filter(|m| m.id == id + 1).and_then(|m| {
+                let t = m.to.as_ref()?;
+                (!t.link && t.dir_ino == dir_ino && t.name == name)
+                    .then(|| (m.dir.clone(), m.name.clone(), m.kind, m.was.ino))
+            })
+        };
+        let Some((mdir, mname, kind, ino)) = next else {
+            return Ok(false);
+        };
+        match self.lower.lookup(&mdir, &mname) {
+            Ok((_, a)) => Ok(a.ino != ino || a.kind != kind),
+            Err(e) if matches!(e.raw_errno(), libc::ENOENT | libc::ESTALE) => Ok(true),
+            Err(e) => Err(e),
         }
     }
 
@@ -3723,7 +3757,11 @@ impl<B: Backend> Overlay<B> {
                     .count()
                     + st.removals
                         .iter()
-                        .filter(|r| under(&r.path, prefix))
+                        .filter(|r| {
+                            // A rename or link counts under both places.
+                            under(&r.path, prefix)
+                                || r.to.as_ref().is_some_and(|t| under(&t.path, prefix))
+                        })
                         .count()
             }
         };
@@ -4834,6 +4872,13 @@ impl<B: Backend> Backend for Overlay<B> {
         match &node.nas {
             Some(n) => self.lower.lists_acls(n),
             None => false,
+        }
+    }
+
+    fn same_fs(&self, a: &Self::Node, b: &Self::Node) -> bool {
+        match (self.nas_of(a), self.nas_of(b)) {
+            (Some(a), Some(b)) => self.lower.same_fs(&a, &b),
+            _ => false,
         }
     }
 

@@ -1584,6 +1584,13 @@ impl Backend for NfsBackend {
         Err(BackendError::errno("removexattr", libc::EOPNOTSUPP))
     }
 
+    /// Only a directory with itself: NFSv3 file ids do not say which
+    /// filesystem of the server an object is on (its snapshots share
+    /// them), and the fsid is not kept with the nodes.
+    fn same_fs(&self, a: &Self::Node, b: &Self::Node) -> bool {
+        a.ino == b.ino
+    }
+
     fn max_file_size(&self) -> u64 {
         self.maxfilesize
     }
