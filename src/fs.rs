@@ -922,6 +922,26 @@ impl<B: Backend> Core<B> {
         }
     }
 
+    /// A name of file `ino` went through the mount (unlink, renamed over):
+    /// its link count as last seen follows, as the kernel's does, since it
+    /// is what is shown while the NAS does not answer (its other names).
+    fn link_dropped(t: &mut Tables<B>, ino: u64) {
+        if let Some(i) = t.inodes.get_mut(&ino) {
+            if i.attr.kind != FileKind::Dir {
+                i.attr.nlink = i.attr.nlink.saturating_sub(1);
+            }
+        }
+    }
+
+    /// How long the kernel may keep what is served while the NAS does not
+    /// answer: the attributes last seen, which may be older than changes
+    /// made through the mount since (an unlink expires the attributes of
+    /// the file's other names, it does not rewrite them). Short, so that
+    /// the kernel asks again soon after the NAS is back.
+    fn offline_ttl(&self) -> Duration {
+        self.cfg.attr_timeout.min(Duration::from_secs(1))
+    }
+
     /// Directory `parent` changed here only (a removal kept to make on the
     /// NAS later), `at`: its attributes as cached stay good, with that
     /// mtime and ctime (as the backend shows them); asking the NAS would
@@ -1017,8 +1037,8 @@ impl<B: Backend> Core<B> {
                     drop(t);
                     Stats::inc(&self.stats.offline_hits);
                     let mut entry = self.entry_of(ino, attr);
-                    entry.attr_ttl = self.cfg.attr_timeout;
-                    entry.entry_ttl = self.cfg.entry_timeout;
+                    entry.attr_ttl = self.offline_ttl();
+                    entry.entry_ttl = self.offline_ttl();
                     return Ok(entry);
                 }
                 if in_listing == Some(None) {
@@ -1134,7 +1154,7 @@ impl<B: Backend> Core<B> {
                 let t = self.tables();
                 let i = t.inodes.get(&ino).ok_or(e)?;
                 Stats::inc(&self.stats.offline_hits);
-                return Ok((self.present(i.attr), self.cfg.attr_timeout));
+                return Ok((self.present(i.attr), self.offline_ttl()));
             }
             Err(e) => return Err(e.into()),
         };
@@ -1816,6 +1836,9 @@ impl<B: Backend> Core<B> {
         let open = victim.as_ref().is_some_and(|(ino, _)| self.is_open(*ino));
         {
             let mut t = self.tables();
+            if let Some((ino, _)) = &victim {
+                Self::link_dropped(&mut t, *ino);
+            }
             self.forget_name(&mut t, parent, name, true);
             self.changed_here(&mut t, parent, later);
             // The NAS may keep an open file under a hidden name (nfs://)
@@ -2320,6 +2343,11 @@ impl<B: Backend> Core<B> {
             .and_then(|i| t.inodes.get(&i))
             .map(|i| i.attr_until);
         // The replaced or exchanged inode changed (link count, ctime).
+        if let (Some(d), false) = (dst, flags.exchange) {
+            if Some(d) != src {
+                Self::link_dropped(t, d);
+            }
+        }
         self.forget_name(t, newparent, newname, false);
         self.forget_name(t, parent, name, !flags.exchange);
         self.changed_here(t, parent, kept);
@@ -3208,6 +3236,22 @@ impl<B: Backend> Core<B> {
                     self.fresh(node, &mut shown, g0);
                     self.overlay(item.ino, &mut shown);
                     let mut provisional = self.entry(shown);
+                    if item.cached {
+                        // Attributes from the tables: the kernel keeps them
+                        // as long as they are good here, not longer for
+                        // being listed again; those served while the NAS
+                        // does not answer (expired), as `offline_ttl`.
+                        let until = self.tables().inodes.get(&item.ino).map(|i| i.attr_until);
+                        let left = until.map_or(Duration::ZERO, |u| {
+                            u.saturating_duration_since(Instant::now())
+                        });
+                        let ttl = if left.is_zero() {
+                            self.offline_ttl()
+                        } else {
+                            left
+                        };
+                        provisional.attr_ttl = provisional.attr_ttl.min(ttl);
+                    }
                     if self.tables().names_gen != names_gen {
                         // A name was removed since the listing was taken,
                         // perhaps this one: the kernel must not keep it.
