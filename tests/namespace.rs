@@ -464,6 +464,26 @@ fn a_kept_rename_over_a_file_whose_object_goes_meanwhile_leaves_the_file() {
     assert!(m.status_value("conflicts") >= 1, "{}", m.status());
 }
 
+/// A directory on the NAS chmod'ed while new files wait to be created in
+/// it gets the mode once they are there (creating them needs write
+/// access): also when it was renamed, or moved, meanwhile.
+#[test]
+fn a_mode_waiting_for_new_children_follows_its_directory_through_renames() {
+    let mut m = Mount::prepare("writeback_delay=1h");
+    fs::create_dir_all(m.n("top/d")).unwrap();
+    fs::create_dir(m.n("other")).unwrap();
+    m.mount();
+    fs::write(m.m("top/d/new"), "waiting").unwrap();
+    fs::set_permissions(m.m("top/d"), fs::Permissions::from_mode(0o500)).unwrap();
+    fs::rename(m.m("top/d"), m.m("top/e")).unwrap();
+    fs::rename(m.m("top"), m.m("other/top")).unwrap();
+    m.flush(None);
+    let p = m.n("other/top/e");
+    assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o500);
+    assert_eq!(fs::read_to_string(p.join("new")).unwrap(), "waiting");
+    assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
+}
+
 /// A rename kept for later whose new name another client takes on the
 /// NAS meanwhile: the NAS's file keeps the name, the renamed one gets the
 /// conflict name, and the conflict is reported (docs/SEMANTICS.md).

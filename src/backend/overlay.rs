@@ -345,6 +345,10 @@ struct State<B: Backend> {
     /// Directories with local children: when they last changed here.
     touched: HashMap<u64, SystemTime>,
     deferred: HashMap<u64, Deferred>,
+    /// The NAS nodes of `deferred` directories, where known: found again
+    /// by path, a directory renamed since may not be (its mode was then
+    /// dropped).
+    deferred_nodes: HashMap<u64, B::Node>,
     /// Whether a NAS directory has a default ACL (then creations in it
     /// go to the NAS, which applies it).
     acl_default: HashMap<u64, bool>,
@@ -492,6 +496,7 @@ impl<B: Backend> Overlay<B> {
             alias: aliases.iter().map(|a| (a.nas_ino, *a)).collect(),
             touched: HashMap::new(),
             deferred: HashMap::new(),
+            deferred_nodes: HashMap::new(),
             acl_default: HashMap::new(),
             xattrs: HashMap::new(),
             own: HashSet::new(),
@@ -2663,6 +2668,7 @@ impl<B: Backend> Overlay<B> {
                         mtime: a.mtime,
                     },
                 );
+                st.deferred_nodes.insert(ino, n.clone());
             }
         }
         Ok(Self::up_in(&mut st, a))
@@ -2852,8 +2858,15 @@ impl<B: Backend> Overlay<B> {
             // Found first: finding it may walk the NAS, which must not
             // hold off the view's readers.
             let node = ONode { ino: d, nas: None };
-            let Some(n) = self.nas_of(&node).or_else(|| self.dir_node(d)) else {
-                self.st().deferred.remove(&d);
+            let held = self.st().deferred_nodes.get(&d).cloned();
+            let Some(n) = self.nas_of(&node).or(held).or_else(|| self.dir_node(d)) else {
+                log::warn!(
+                    "directory {:?}: not found on the NAS to set its mode and times",
+                    Self::dir_path(&self.st(), d)
+                );
+                let mut st = self.st();
+                st.deferred.remove(&d);
+                st.deferred_nodes.remove(&d);
                 continue;
             };
             // A chmod or utimes of the directory here goes to the NAS under
@@ -2881,6 +2894,7 @@ impl<B: Backend> Overlay<B> {
                         continue;
                     }
                     st.deferred.remove(&d);
+                    st.deferred_nodes.remove(&d);
                     st.touched.remove(&d);
                     let ctime = st.shown.get(&d).map(|s| s.1).unwrap_or(a.ctime);
                     st.masks.insert(
@@ -2899,7 +2913,9 @@ impl<B: Backend> Overlay<B> {
                 // Gone, or refused: nothing to wait for.
                 Err(e) => {
                     log::warn!("setting the mode and times of a directory made on the NAS: {e}");
-                    self.st().deferred.remove(&d);
+                    let mut st = self.st();
+                    st.deferred.remove(&d);
+                    st.deferred_nodes.remove(&d);
                 }
             }
         }
