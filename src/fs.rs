@@ -922,13 +922,34 @@ impl<B: Backend> Core<B> {
         }
     }
 
-    /// A name of file `ino` went through the mount (unlink, renamed over):
+    /// The inode `name` in `parent` leads to as the tables know it, with
+    /// its link count and ctime then: see `link_dropped`.
+    fn links_of(t: &Tables<B>, parent: u64, name: &OsStr) -> Option<(u64, u32, SystemTime)> {
+        let ino = t
+            .names
+            .get(&(parent, name.to_os_string()))
+            .copied()
+            .or_else(|| {
+                t.listings
+                    .get(&parent)
+                    .and_then(|l| l.names.get(name).copied())
+            })?;
+        let i = t.inodes.get(&ino)?;
+        (i.attr.kind != FileKind::Dir).then_some((ino, i.attr.nlink, i.attr.ctime))
+    }
+
+    /// A name of a file went through the mount (unlink, renamed over):
     /// its link count as last seen follows, as the kernel's does, since it
     /// is what is shown while the NAS does not answer (its other names).
-    fn link_dropped(t: &mut Tables<B>, ino: u64) {
+    /// `before`, from `links_of` before the operation: unless the tables
+    /// learned the file's attributes anew meanwhile (then already after).
+    fn link_dropped(t: &mut Tables<B>, before: Option<(u64, u32, SystemTime)>) {
+        let Some((ino, nlink, ctime)) = before else {
+            return;
+        };
         if let Some(i) = t.inodes.get_mut(&ino) {
-            if i.attr.kind != FileKind::Dir {
-                i.attr.nlink = i.attr.nlink.saturating_sub(1);
+            if (i.attr.nlink, i.attr.ctime) == (nlink, ctime) {
+                i.attr.nlink = nlink.saturating_sub(1);
             }
         }
     }
@@ -1038,7 +1059,7 @@ impl<B: Backend> Core<B> {
                     Stats::inc(&self.stats.offline_hits);
                     let mut entry = self.entry_of(ino, attr);
                     entry.attr_ttl = self.offline_ttl();
-                    entry.entry_ttl = self.offline_ttl();
+                    entry.entry_ttl = self.cfg.entry_timeout.min(Duration::from_secs(1));
                     return Ok(entry);
                 }
                 if in_listing == Some(None) {
@@ -1832,13 +1853,12 @@ impl<B: Backend> Core<B> {
             (Some((ino, _)), Some(wb)) => Some(wb.unlinking(self.fuse_ino(*ino))),
             _ => None,
         };
+        let links = Self::links_of(&self.tables(), parent, name);
         let later = self.remove(parent, &dir, name, false)?;
         let open = victim.as_ref().is_some_and(|(ino, _)| self.is_open(*ino));
         {
             let mut t = self.tables();
-            if let Some((ino, _)) = &victim {
-                Self::link_dropped(&mut t, *ino);
-            }
+            Self::link_dropped(&mut t, links);
             self.forget_name(&mut t, parent, name, true);
             self.changed_here(&mut t, parent, later);
             // The NAS may keep an open file under a hidden name (nfs://)
@@ -2237,6 +2257,7 @@ impl<B: Backend> Core<B> {
         let newdir = self.parent_node(newparent)?;
         let moved = self.known_child(parent, name);
         let replaced = self.known_child(newparent, newname);
+        let replaced_links = Self::links_of(&self.tables(), newparent, newname);
         // A write-back attempt that finds either gone from its path meanwhile
         // must not restore it (see `WriteBack::unlinking`).
         let _marks: Vec<_> = match &self.wb {
@@ -2343,10 +2364,8 @@ impl<B: Backend> Core<B> {
             .and_then(|i| t.inodes.get(&i))
             .map(|i| i.attr_until);
         // The replaced or exchanged inode changed (link count, ctime).
-        if let (Some(d), false) = (dst, flags.exchange) {
-            if Some(d) != src {
-                Self::link_dropped(t, d);
-            }
+        if !flags.exchange && dst != src {
+            Self::link_dropped(t, replaced_links);
         }
         self.forget_name(t, newparent, newname, false);
         self.forget_name(t, parent, name, !flags.exchange);
@@ -3232,16 +3251,25 @@ impl<B: Backend> Core<B> {
             let next = i as u64 + 1;
             match (&item.plus, plus) {
                 (Some((node, attr)), true) => {
-                    let mut shown = *attr;
+                    // Attributes from the tables: as they are now (a long
+                    // listing is handed out over several requests), and
+                    // kept by the kernel as long as they are good here,
+                    // not longer for being listed again; those served
+                    // while the NAS does not answer (expired), as
+                    // `offline_ttl`.
+                    let now_known = item
+                        .cached
+                        .then(|| {
+                            let t = self.tables();
+                            t.inodes.get(&item.ino).map(|i| (i.attr, i.attr_until))
+                        })
+                        .flatten();
+                    let mut shown = now_known.map_or(*attr, |(a, _)| a);
                     self.fresh(node, &mut shown, g0);
                     self.overlay(item.ino, &mut shown);
                     let mut provisional = self.entry(shown);
                     if item.cached {
-                        // Attributes from the tables: the kernel keeps them
-                        // as long as they are good here, not longer for
-                        // being listed again; those served while the NAS
-                        // does not answer (expired), as `offline_ttl`.
-                        let until = self.tables().inodes.get(&item.ino).map(|i| i.attr_until);
+                        let until = now_known.map(|(_, u)| u);
                         let left = until.map_or(Duration::ZERO, |u| {
                             u.saturating_duration_since(Instant::now())
                         });

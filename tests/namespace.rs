@@ -466,21 +466,41 @@ fn a_kept_rename_over_a_file_whose_object_goes_meanwhile_leaves_the_file() {
 
 /// A directory on the NAS chmod'ed while new files wait to be created in
 /// it gets the mode once they are there (creating them needs write
-/// access): also when it was renamed, or moved, meanwhile.
+/// access), on that directory: also when it was renamed, moved, or
+/// exchanged with another one meanwhile (the other keeps its own mode).
 #[test]
 fn a_mode_waiting_for_new_children_follows_its_directory_through_renames() {
+    if common::skip_over_nfs("RENAME_EXCHANGE is not in NFSv3") {
+        return;
+    }
     let mut m = Mount::prepare("writeback_delay=1h");
     fs::create_dir_all(m.n("top/d")).unwrap();
+    fs::create_dir_all(m.n("top/x")).unwrap();
     fs::create_dir(m.n("other")).unwrap();
     m.mount();
+    let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o7777;
     fs::write(m.m("top/d/new"), "waiting").unwrap();
     fs::set_permissions(m.m("top/d"), fs::Permissions::from_mode(0o500)).unwrap();
-    fs::rename(m.m("top/d"), m.m("top/e")).unwrap();
+    let c = |p: PathBuf| std::ffi::CString::new(p.into_os_string().into_encoded_bytes()).unwrap();
+    let (pd, px) = (c(m.m("top/d")), c(m.m("top/x")));
+    // SAFETY: valid C strings.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            pd.as_ptr(),
+            libc::AT_FDCWD,
+            px.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    fs::rename(m.m("top/x"), m.m("top/e")).unwrap();
     fs::rename(m.m("top"), m.m("other/top")).unwrap();
     m.flush(None);
     let p = m.n("other/top/e");
-    assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o500);
+    assert_eq!(mode(&p), 0o500);
     assert_eq!(fs::read_to_string(p.join("new")).unwrap(), "waiting");
+    assert_eq!(mode(&m.n("other/top/d")), 0o755, "the other one's own");
     assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
 }
 

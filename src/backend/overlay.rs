@@ -4537,13 +4537,29 @@ impl<B: Backend> Backend for Overlay<B> {
         let nd = self.materialize(newdir)?;
         self.lower.rename(&d, name, &nd, newname, flags)?;
         let mut st = self.st();
-        if let Some(k) = st
-            .dirs
-            .iter()
-            .find(|(_, v)| v.parent == dir.ino && v.name == name)
-            .map(|(k, _)| *k)
-        {
-            if let Some(v) = st.dirs.get_mut(&k) {
+        // The paths of the directories known there follow: the moved one
+        // takes the new name, the one it replaced goes, the one it was
+        // exchanged with takes the old name.
+        let at = |st: &State<B>, p: u64, n: &OsStr| -> Vec<u64> {
+            st.dirs
+                .iter()
+                .filter(|(_, v)| v.parent == p && v.name == n)
+                .map(|(k, _)| *k)
+                .collect()
+        };
+        let (moved, there) = (at(&st, dir.ino, name), at(&st, newdir.ino, newname));
+        for k in &there {
+            if flags.exchange {
+                if let Some(v) = st.dirs.get_mut(k) {
+                    v.parent = dir.ino;
+                    v.name = name.to_os_string();
+                }
+            } else {
+                st.dirs.remove(k);
+            }
+        }
+        for k in &moved {
+            if let Some(v) = st.dirs.get_mut(k) {
                 v.parent = newdir.ino;
                 v.name = newname.to_os_string();
             }
