@@ -7,7 +7,7 @@
 mod common;
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -429,6 +429,33 @@ fn go_offline(m: &Mount, sim: &SimNas) {
     std::thread::sleep(Duration::from_millis(1200));
     let _ = std::fs::metadata(m.m("r"));
     m.wait_status("nas offline", Duration::from_secs(5));
+}
+
+/// Offline, a file's attributes are the last seen, with what was done
+/// through the mount since: a name of a file with two links unlinked just
+/// before the NAS went away leaves it showing one link, not two (the
+/// kernel asks again after the unlink, and is answered from the cache).
+#[test]
+fn the_link_count_shown_offline_follows_unlinks_made_here() {
+    let mut m = Mount::prepare("timeo=30,actimeo=600,writeback_delay=1h");
+    let sim = SimNas::start(m.dir.path(), &["--attr-ttl", "0"]);
+    m.nas = sim.nas.clone();
+    std::fs::create_dir(sim.backing.join("d")).unwrap();
+    std::fs::write(sim.backing.join("d/f"), "two names").unwrap();
+    std::fs::hard_link(sim.backing.join("d/f"), sim.backing.join("d/g")).unwrap();
+    std::fs::write(sim.backing.join("other"), "x").unwrap();
+    m.mount();
+    assert_eq!(std::fs::metadata(m.m("d/f")).unwrap().nlink(), 2);
+    assert_eq!(std::fs::metadata(m.m("d/g")).unwrap().nlink(), 2);
+    std::fs::remove_file(m.m("d/g")).unwrap();
+    sim.ctl("fail ENOTCONN");
+    let _ = std::fs::read(m.m("other"));
+    m.wait_status("nas offline", Duration::from_secs(5));
+    assert_eq!(std::fs::metadata(m.m("d/f")).unwrap().nlink(), 1);
+    sim.ctl("fail off");
+    m.wait_status("nas online", Duration::from_secs(30));
+    assert_eq!(std::fs::metadata(m.m("d/f")).unwrap().nlink(), 1);
+    m.unmount();
 }
 
 #[test]
