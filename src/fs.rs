@@ -922,18 +922,23 @@ impl<B: Backend> Core<B> {
         }
     }
 
-    /// The inode `name` in `parent` leads to as the tables know it, with
-    /// its link count and ctime then: see `link_dropped`.
-    fn links_of(t: &Tables<B>, parent: u64, name: &OsStr) -> Option<(u64, u32, SystemTime)> {
-        let ino = t
-            .names
+    /// The inode `name` in `parent` leads to as the tables know it: a name
+    /// the kernel holds, or an entry of the directory's listing.
+    fn ino_at(t: &Tables<B>, parent: u64, name: &OsStr) -> Option<u64> {
+        t.names
             .get(&(parent, name.to_os_string()))
             .copied()
             .or_else(|| {
                 t.listings
                     .get(&parent)
                     .and_then(|l| l.names.get(name).copied())
-            })?;
+            })
+    }
+
+    /// The inode `name` in `parent` leads to as the tables know it, with
+    /// its link count and ctime then: see `link_dropped`.
+    fn links_of(t: &Tables<B>, parent: u64, name: &OsStr) -> Option<(u64, u32, SystemTime)> {
+        let ino = Self::ino_at(t, parent, name)?;
         let i = t.inodes.get(&ino)?;
         (i.attr.kind != FileKind::Dir).then_some((ino, i.attr.nlink, i.attr.ctime))
     }
@@ -1686,7 +1691,18 @@ impl<B: Backend> Core<B> {
             }
             Err(e) if is_unreachable(&e) => {
                 let attr = self.link_later(ino, &node, (newparent, &dir), newname, e)?;
-                self.own_link_later(ino, &attr);
+                // Not those attributes (made here): the NAS's ctime moves
+                // only once the link is made there (see `Overlay::own_ctime`).
+                if let Some(wb) = &self.wb {
+                    wb.own_meta_op(self.fuse_ino(ino));
+                }
+                // The ctime shown moved by this link alone: the cached data
+                // is still the file's (and all there is while offline).
+                if let Ok((_, FileKind::File, data)) = self.node(ino) {
+                    if let Err(e) = self.data.own_ctime(ino, &data, &attr.validator()) {
+                        log::warn!("cache: {e}");
+                    }
+                }
                 attr
             }
             Err(e) => return Err(e.into()),
@@ -1708,22 +1724,6 @@ impl<B: Backend> Core<B> {
             .filter(|i| i.kind == FileKind::File)
             .map(|i| i.data.clone());
         if let Some(data) = data {
-            if let Err(e) = self.data.own_ctime(ino, &data, &attr.validator()) {
-                log::warn!("cache: {e}");
-            }
-        }
-    }
-
-    /// A hard link kept for later (`attr`, as shown) is nassync's own.
-    fn own_link_later(&self, ino: u64, attr: &Attr) {
-        // Not those attributes (made here): the NAS's ctime moves only
-        // once the link is made there (see `Overlay::own_ctime`).
-        if let Some(wb) = &self.wb {
-            wb.own_meta_op(self.fuse_ino(ino));
-        }
-        // The ctime shown moved by this link alone: the cached data is
-        // still the file's (and all there is while offline).
-        if let Ok((_, FileKind::File, data)) = self.node(ino) {
             if let Err(e) = self.data.own_ctime(ino, &data, &attr.validator()) {
                 log::warn!("cache: {e}");
             }
@@ -2208,12 +2208,7 @@ impl<B: Backend> Core<B> {
     fn known_child(&self, parent: u64, name: &OsStr) -> Option<(u64, B::Node)> {
         self.wb.as_ref()?;
         let t = self.tables();
-        let key = (parent, name.to_os_string());
-        let ino = t.names.get(&key).copied().or_else(|| {
-            t.listings
-                .get(&parent)
-                .and_then(|l| l.names.get(name).copied())
-        })?;
+        let ino = Self::ino_at(&t, parent, name)?;
         Some((ino, t.inodes.get(&ino)?.node.clone()))
     }
 
@@ -2337,15 +2332,8 @@ impl<B: Backend> Core<B> {
         let t = &mut *t;
         let src_key = (parent, name.to_os_string());
         let dst_key = (newparent, newname.to_os_string());
-        let lookup = |t: &Tables<B>, key: &(u64, OsString)| {
-            t.names.get(key).copied().or_else(|| {
-                t.listings
-                    .get(&key.0)
-                    .and_then(|l| l.names.get(&key.1).copied())
-            })
-        };
-        let src = lookup(t, &src_key);
-        let dst = lookup(t, &dst_key);
+        let src = Self::ino_at(t, parent, name);
+        let dst = Self::ino_at(t, newparent, newname);
         let is_dir = |t: &Tables<B>, ino: Option<u64>| {
             ino.and_then(|i| t.inodes.get(&i))
                 .is_some_and(|i| i.kind == FileKind::Dir)
@@ -3269,8 +3257,7 @@ impl<B: Backend> Core<B> {
                     self.overlay(item.ino, &mut shown);
                     let mut provisional = self.entry(shown);
                     if item.cached {
-                        let until = now_known.map(|(_, u)| u);
-                        let left = until.map_or(Duration::ZERO, |u| {
+                        let left = now_known.map_or(Duration::ZERO, |(_, u)| {
                             u.saturating_duration_since(Instant::now())
                         });
                         let ttl = if left.is_zero() {
