@@ -458,6 +458,36 @@ fn the_link_count_shown_offline_follows_unlinks_made_here() {
     m.unmount();
 }
 
+/// What is served from the cache while the NAS does not answer is kept
+/// by the kernel for at most a second, not the attribute time: once the
+/// NAS is back, a change made there meanwhile shows within about a second
+/// even with actimeo=600.
+#[test]
+fn attributes_served_offline_are_asked_again_soon_after_the_nas_is_back() {
+    let mut m = Mount::prepare("timeo=30,actimeo=600,writeback_delay=1h");
+    let sim = SimNas::start(m.dir.path(), &["--attr-ttl", "0"]);
+    m.nas = sim.nas.clone();
+    std::fs::create_dir(sim.backing.join("d")).unwrap();
+    std::fs::write(sim.backing.join("d/f"), "short").unwrap();
+    std::fs::hard_link(sim.backing.join("d/f"), sim.backing.join("d/g")).unwrap();
+    std::fs::write(sim.backing.join("other"), "x").unwrap();
+    m.mount();
+    assert_eq!(std::fs::metadata(m.m("d/f")).unwrap().len(), 5);
+    assert_eq!(std::fs::metadata(m.m("d/g")).unwrap().len(), 5);
+    // (The unlink leaves f's cached attributes expired: served offline.)
+    std::fs::remove_file(m.m("d/g")).unwrap();
+    sim.ctl("fail ENOTCONN");
+    let _ = std::fs::read(m.m("other"));
+    m.wait_status("nas offline", Duration::from_secs(5));
+    assert_eq!(std::fs::metadata(m.m("d/f")).unwrap().len(), 5);
+    std::fs::write(sim.backing.join("d/f"), "longer, from another client").unwrap();
+    sim.ctl("fail off");
+    m.wait_status("nas online", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(std::fs::metadata(m.m("d/f")).unwrap().len(), 27);
+    m.unmount();
+}
+
 #[test]
 fn removals_made_offline_reach_the_nas_unless_it_changed_meanwhile() {
     let _caches = kernel_caches(false);
