@@ -875,7 +875,9 @@ impl<B: Backend> Core<B> {
             }
             data
         };
-        if attr.kind == FileKind::File && !dirty {
+        // Only a fresh answer tells the NAS's version: attributes kept in
+        // a listing may predate what write-back made there since.
+        if attr.kind == FileKind::File && !dirty && stamp {
             self.data.observe(ino, &data, &attr.validator())?;
         }
         Ok(self.entry(attr))

@@ -22,8 +22,8 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::Mount;
 use common::simnas::SimNas;
+use common::{Mount, NASSYNC};
 
 /// File contents are runs of one byte value: (value, length).
 #[derive(Clone, Debug)]
@@ -233,13 +233,13 @@ fn random_op(rng: &mut fastrand::Rng) -> Op {
     }
 }
 
-/// One run. With `long`: names and attributes cached for 10 minutes, the
-/// NAS always answering, what is made here flushed to it every 50
-/// operations, and each operation's directories looked at first (as `ls
-/// -l` would): most removals, renames and links of NAS objects are then
-/// kept for later while it answers. (With the NAS going away too, long
-/// cache times meet open problems of the offline path: see
-/// docs/SEMANTICS.md.)
+/// One run; the NAS goes away and comes back at random moments. With
+/// `long`: names and attributes cached for 10 minutes, what is made here
+/// flushed to the NAS every 50 operations, and each operation's
+/// directories looked at first (as `ls -l` would): most removals, renames
+/// and links of NAS objects are then kept for later while it answers, and
+/// what is served offline comes from listings and attributes cached long
+/// before.
 fn run(seed: u64, ops: usize, long: bool) {
     let actimeo = if long { 600 } else { 1 };
     eprintln!("namespace model test: seed {seed}, {ops} operations, actimeo={actimeo}");
@@ -277,7 +277,7 @@ fn run(seed: u64, ops: usize, long: bool) {
         .and_then(|v| v.parse().ok());
     for step in 0..ops {
         // Away now and then, for a few dozen operations.
-        if rng.u16(0..1000) < if away { 40 } else { 15 } && !long {
+        if rng.u16(0..1000) < if away { 40 } else { 15 } {
             away = !away;
             sim.ctl(if away { "fail ENOTCONN" } else { "fail off" });
             if !away {
@@ -293,12 +293,21 @@ fn run(seed: u64, ops: usize, long: bool) {
         }
         let op = random_op(&mut rng);
         if long {
-            // What is made here reaches the NAS now and then (3,000
-            // operations take about a second, which the write-back delay
-            // alone would leave local), so that later operations act on
+            // What is made here reaches the NAS now and then (operations
+            // come faster than the write-back delay, which alone would
+            // leave most of it local), so that later operations act on
             // NAS objects, which the mount looks at first.
             if step % 50 == 0 {
-                m.flush(None);
+                if away {
+                    // Fails (offline): tried all the same.
+                    let _ = std::process::Command::new(NASSYNC)
+                        .arg("flush")
+                        .arg(&m.mnt)
+                        .output();
+                } else {
+                    m.wait_status("nas online", Duration::from_secs(30));
+                    m.flush(None);
+                }
             }
             look(&m.mnt, &op);
         }

@@ -488,6 +488,80 @@ fn attributes_served_offline_are_asked_again_soon_after_the_nas_is_back() {
     m.unmount();
 }
 
+/// `ls -l` of `dir`: the listing and each entry's attributes.
+fn ls_l(dir: &Path) -> Vec<(String, u64)> {
+    names(dir)
+        .into_iter()
+        .map(|n| {
+            let len = std::fs::symlink_metadata(dir.join(&n)).unwrap().len();
+            (n, len)
+        })
+        .collect()
+}
+
+/// A listing cached before a write keeps the attributes the NAS had then;
+/// served again after that write reached the NAS (offline, or within its
+/// time to live), they must not pass for the NAS's version: the next
+/// write would take them as its base and, at the replay, report a
+/// conflict with nassync's own write (a false conflict copy).
+#[test]
+fn a_listing_cached_before_a_write_back_does_not_make_the_next_write_a_conflict() {
+    let mut m = Mount::prepare("timeo=30,actimeo=600,writeback_delay=1h");
+    let sim = SimNas::start(m.dir.path(), &["--attr-ttl", "0"]);
+    m.nas = sim.nas.clone();
+    std::fs::create_dir(sim.backing.join("d")).unwrap();
+    std::fs::write(sim.backing.join("d/f"), "old").unwrap();
+    std::fs::write(sim.backing.join("other"), "x").unwrap();
+    m.mount();
+    assert_eq!(ls_l(&m.m("d")), [("f".to_string(), 3)]);
+    let write_at = |at: u64, what: &str| {
+        let f = OpenOptions::new().write(true).open(m.m("d/f")).unwrap();
+        f.write_all_at(what.as_bytes(), at).unwrap();
+    };
+    write_at(3, " and new");
+    m.flush(None);
+    assert_eq!(
+        std::fs::read(sim.backing.join("d/f")).unwrap(),
+        b"old and new"
+    );
+    // Online, within the listing's time to live, then offline; the new
+    // names make the kernel read the directory again.
+    std::fs::write(m.m("d/g"), "").unwrap();
+    assert_eq!(
+        ls_l(&m.m("d")),
+        [("f".to_string(), 11), ("g".to_string(), 0)]
+    );
+    write_at(11, ", again");
+    m.flush(None);
+    assert_eq!(
+        std::fs::read(sim.backing.join("d/f")).unwrap(),
+        b"old and new, again"
+    );
+    sim.ctl("fail ENOTCONN");
+    let _ = std::fs::read(m.m("other"));
+    m.wait_status("nas offline", Duration::from_secs(5));
+    std::fs::write(m.m("d/h"), "").unwrap();
+    assert_eq!(
+        ls_l(&m.m("d")),
+        [
+            ("f".to_string(), 18),
+            ("g".to_string(), 0),
+            ("h".to_string(), 0)
+        ]
+    );
+    write_at(18, ", offline");
+    sim.ctl("fail off");
+    m.wait_status("nas online", Duration::from_secs(30));
+    m.flush(None);
+    assert_eq!(
+        std::fs::read(sim.backing.join("d/f")).unwrap(),
+        b"old and new, again, offline"
+    );
+    assert_eq!(names(&sim.backing.join("d")), ["f", "g", "h"]);
+    assert!(!m.log().contains("conflict"), "{}", m.log());
+    m.unmount();
+}
+
 #[test]
 fn removals_made_offline_reach_the_nas_unless_it_changed_meanwhile() {
     let _caches = kernel_caches(false);
