@@ -369,7 +369,7 @@ fn ns_writer(
 /// kept under a conflict name beside a stale version) is a failure too.
 #[test]
 fn sigkill_during_namespace_operations_loses_nothing_fsync_confirmed() {
-    ns_crash_loop(false);
+    ns_crash_loop(Loop::Online);
 }
 
 /// The same with the NAS (simnas) not answering while the writer runs:
@@ -378,10 +378,27 @@ fn sigkill_during_namespace_operations_loses_nothing_fsync_confirmed() {
 /// anything else (the NAS answers again before each mount).
 #[test]
 fn sigkill_during_offline_namespace_operations_loses_nothing() {
-    ns_crash_loop(true);
+    ns_crash_loop(Loop::Offline);
 }
 
-fn ns_crash_loop(offline: bool) {
+/// The same with names and attributes cached for 10 minutes while the
+/// NAS answers: renames, hard links and removals of objects on the NAS
+/// that the cache vouches for are kept in the journal (as offline) and
+/// made on the NAS by the write-back, which the kills interrupt.
+#[test]
+fn sigkill_during_kept_namespace_changes_loses_nothing() {
+    ns_crash_loop(Loop::Kept);
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Loop {
+    Online,
+    Offline,
+    Kept,
+}
+
+fn ns_crash_loop(kind: Loop) {
+    let offline = kind == Loop::Offline;
     let seed = std::env::var("NASSYNC_CRASH_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -390,16 +407,17 @@ fn ns_crash_loop(offline: bool) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(30);
-    let what = if offline {
-        "offline namespace"
-    } else {
-        "namespace"
+    let what = match kind {
+        Loop::Online => "namespace",
+        Loop::Offline => "offline namespace",
+        Loop::Kept => "kept namespace",
     };
     eprintln!("{what} crash loop: seed {seed}, {iters} kills");
     let mut rng = fastrand::Rng::with_seed(seed);
-    let mut m = Mount::prepare(match offline {
-        true => "writeback_delay=100ms,timeo=30,actimeo=1,unmount_flush_timeout=1s",
-        false => "writeback_delay=100ms",
+    let mut m = Mount::prepare(match kind {
+        Loop::Online => "writeback_delay=100ms",
+        Loop::Offline => "writeback_delay=100ms,timeo=30,actimeo=1,unmount_flush_timeout=1s",
+        Loop::Kept => "writeback_delay=100ms,actimeo=600",
     });
     let sim = offline.then(|| SimNas::start(m.dir.path(), &["--attr-ttl", "0"]));
     if let Some(sim) = &sim {
@@ -413,7 +431,12 @@ fn ns_crash_loop(offline: bool) {
     let model = Arc::new(Mutex::new((initial, None)));
     m.mount();
     let mut interrupted = 0;
+    let mut kept = 0;
     for iter in 0..iters {
+        if kind == Loop::Kept {
+            // Cached, so that the writer's changes are vouched for.
+            read_tree(&m.mnt).unwrap();
+        }
         if let Some(sim) = &sim {
             // The tree as it is now is cached (read back below, or at the
             // start), so that what the writer does offline is vouched for.
@@ -439,6 +462,7 @@ fn ns_crash_loop(offline: bool) {
             std::thread::spawn(move || ns_writer(mnt, model, s, stop))
         };
         std::thread::sleep(Duration::from_millis(rng.u64(20..400)));
+        kept += m.stats().get("kept_changes").copied().unwrap_or(0);
         m.kill();
         stop.store(true, Ordering::Relaxed);
         w.join().unwrap();
@@ -498,7 +522,10 @@ fn ns_crash_loop(offline: bool) {
     assert_eq!(m.status_value("conflicts"), 0, "seed {seed}");
     eprintln!(
         "{what} crash loop: {iters} kills ({interrupted} mid-operation), {} entries, \
-         nothing lost, no conflict copy",
+         {kept} changes kept while the NAS answered, nothing lost, no conflict copy",
         mm.0.len()
     );
+    if kind == Loop::Kept {
+        assert!(kept > 0, "seed {seed}: nothing was kept for later");
+    }
 }
