@@ -824,19 +824,28 @@ fn a_new_file_renamed_over_a_renamed_nas_file_keeps_its_own_mode() {
     assert!(!m.n("b").exists());
 }
 
-/// A new directory that an operation needs on the NAS at once (a NAS file
-/// moved into it) is made there with the owner's rights to fill it, and
-/// gets its own mode back after: also when nothing else is waiting, and
-/// by the time a flush returns.
+/// A new directory that an operation needs on the NAS at once (a NAS
+/// directory moved into it) is made there with the owner's rights to fill
+/// it, and gets its own mode back after: also when nothing else is
+/// waiting, and by the time a flush returns. So does one that a NAS file
+/// renamed into it (kept for later) needs at the replay.
 #[test]
 fn a_new_directory_placed_for_a_rename_into_it_gets_its_mode_on_the_nas() {
     let m = Mount::new("writeback_delay=1h");
     fs::write(m.n("x"), "on the NAS").unwrap();
+    fs::create_dir(m.n("sub")).unwrap();
     fs::create_dir(m.m("d")).unwrap();
     fs::set_permissions(m.m("d"), fs::Permissions::from_mode(0o640)).unwrap();
-    fs::rename(m.m("x"), m.m("d/x")).unwrap();
-    assert_eq!(fs::read_to_string(m.n("d/x")).unwrap(), "on the NAS");
+    fs::rename(m.m("sub"), m.m("d/sub")).unwrap();
+    assert!(m.n("d/sub").is_dir());
+    fs::create_dir(m.m("e")).unwrap();
+    fs::set_permissions(m.m("e"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::rename(m.m("x"), m.m("e/x")).unwrap();
+    assert!(m.n("x").exists(), "kept for later");
     m.flush(None);
+    assert_eq!(fs::read_to_string(m.n("e/x")).unwrap(), "on the NAS");
+    let md = fs::symlink_metadata(m.n("e")).unwrap();
+    assert_eq!(md.mode() & 0o7777, 0o640);
     let md = fs::symlink_metadata(m.n("d")).unwrap();
     assert_eq!(md.mode() & 0o7777, 0o640);
     assert_eq!(

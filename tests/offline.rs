@@ -1007,6 +1007,106 @@ fn renames_made_offline_reach_the_nas_in_order() {
     );
 }
 
+/// `mkdir x; mv f x/` offline: a NAS object renamed or linked into a
+/// directory made here is shown there at once; at the replay the
+/// directory is made on the NAS first, and the object renamed into it
+/// (not copied).
+#[test]
+fn renames_into_a_directory_made_offline_reach_the_nas() {
+    into_new_directory(false);
+}
+
+/// The same across an unmount: made on the NAS at the next mount.
+#[test]
+fn renames_into_a_directory_made_offline_survive_an_unmount() {
+    into_new_directory(true);
+}
+
+fn into_new_directory(remount: bool) {
+    let _caches = kernel_caches(false);
+    let (mut m, sim) =
+        removal_setup("timeo=30,actimeo=1,writeback_delay=1h,unmount_flush_timeout=1s");
+    let nas = |p: &str| sim.backing.join(p);
+    let (file_ino, nas_file_ino) = (ino(&m.m("r/gone.txt")), ino(&nas("r/gone.txt")));
+    std::fs::read_link(m.m("r/link")).unwrap();
+    go_offline(&m, &sim);
+    std::fs::create_dir_all(m.m("r/new/deep")).unwrap();
+    std::fs::rename(m.m("r/gone.txt"), m.m("r/new/deep/moved.txt")).unwrap();
+    std::fs::rename(m.m("r/link"), m.m("r/new/link")).unwrap();
+    std::fs::hard_link(m.m("r/edited.txt"), m.m("r/new/e")).unwrap();
+    std::fs::write(m.m("r/new/made"), "made here").unwrap();
+    assert_eq!(names(&m.m("r/new")), ["deep", "e", "link", "made"]);
+    assert_eq!(names(&m.m("r/new/deep")), ["moved.txt"]);
+    assert_eq!(ino(&m.m("r/new/deep/moved.txt")), file_ino);
+    assert_eq!(
+        std::fs::read_to_string(m.m("r/new/deep/moved.txt")).unwrap(),
+        "r/gone.txt on the NAS"
+    );
+    // Not empty; and the directory stays where the renames into it go
+    // until they are made (offline: EIO).
+    assert_eq!(
+        errno(&std::fs::remove_dir(m.m("r/new/deep"))),
+        libc::ENOTEMPTY
+    );
+    assert_eq!(
+        errno(&std::fs::rename(m.m("r/new"), m.m("r/new2"))),
+        libc::EIO
+    );
+    // What was renamed into it is replaced or removed on the NAS, after
+    // the rename (offline: EIO), never hidden by a new file.
+    std::fs::write(m.m("r/new/tmp"), "a save").unwrap();
+    assert_eq!(
+        errno(&std::fs::rename(
+            m.m("r/new/tmp"),
+            m.m("r/new/deep/moved.txt")
+        )),
+        libc::EIO
+    );
+    assert_eq!(
+        errno(&std::fs::remove_file(m.m("r/new/deep/moved.txt"))),
+        libc::EIO
+    );
+    std::fs::remove_file(m.m("r/new/tmp")).unwrap();
+    assert!(!nas("r/new").exists() && nas("r/gone.txt").exists());
+    if remount {
+        m.unmount();
+        assert_eq!(m.last_exit.and_then(|s| s.code()), Some(75), "{}", m.log());
+        sim.ctl("fail off");
+        m.mount();
+        assert_eq!(names(&m.m("r/new")), ["deep", "e", "link", "made"]);
+    } else {
+        sim.ctl("fail off");
+        m.wait_status("nas online", Duration::from_secs(20));
+    }
+    m.flush(None);
+    let read = |p: &str| std::fs::read_to_string(nas(p)).unwrap();
+    assert_eq!(read("r/new/deep/moved.txt"), "r/gone.txt on the NAS");
+    // Renamed, not copied.
+    assert_eq!(ino(&nas("r/new/deep/moved.txt")), nas_file_ino);
+    assert_eq!(ino(&nas("r/new/e")), ino(&nas("r/edited.txt")));
+    assert_eq!(
+        std::fs::read_link(nas("r/new/link")).unwrap(),
+        Path::new("gone.txt")
+    );
+    assert_eq!(read("r/new/made"), "made here");
+    assert!(!nas("r/gone.txt").exists() && !nas("r/link").exists());
+    assert_eq!(names(&nas("r/new")), ["deep", "e", "link", "made"]);
+    assert_eq!(
+        m.status_value("conflicts"),
+        0,
+        "{}\n{}",
+        m.status(),
+        m.log()
+    );
+    // Now on the NAS: as any directory there.
+    std::fs::rename(m.m("r/new"), m.m("r/new2")).unwrap();
+    std::fs::write(m.m("r/new2/tmp"), "a save").unwrap();
+    std::fs::rename(m.m("r/new2/tmp"), m.m("r/new2/deep/moved.txt")).unwrap();
+    m.flush(None);
+    assert_eq!(read("r/new2/deep/moved.txt"), "a save");
+    assert_eq!(names(&nas("r/new2/deep")), ["moved.txt"]);
+}
+
 #[test]
 fn renames_made_offline_survive_an_unmount_and_apply_at_the_next_mount() {
     let _caches = kernel_caches(false);

@@ -308,7 +308,9 @@ struct SetHere<N> {
 struct MoveTo<N> {
     /// The object itself: shown at its new name until renamed there.
     node: N,
-    dir: N,
+    /// None: a directory made here, not on the NAS yet when the change
+    /// was made; made there first at the replay.
+    dir: Option<N>,
     /// The directory's inode number as shown.
     dir_ino: u64,
     name: OsString,
@@ -316,6 +318,13 @@ struct MoveTo<N> {
     path: OsString,
     /// A hard link: the object keeps its name too.
     link: bool,
+}
+
+/// The directories made here, by path (their journal rows), and the
+/// journal's next provisional number, at open.
+struct NewDirs {
+    by_path: HashMap<OsString, ObjectRecord>,
+    next_prov: u64,
 }
 
 /// What pending removals and renames make of a name (see
@@ -551,13 +560,19 @@ impl<B: Backend> Overlay<B> {
         // Directories given times here: set again once the new objects in
         // them are there (creating those moves them).
         let mut retimed = Vec::new();
+        // Directories made here that such renames go into are made on the
+        // NAS with them, and taken as theirs once the objects are loaded.
+        let mut made_dirs = Vec::new();
         if changes.iter().any(|r| r.to.is_some() || r.set.is_some()) {
+            let mut new_dirs = Self::new_dir_paths(ov.journal.load_objects()?);
             let mut queue: VecDeque<RemovalRecord> = std::mem::take(&mut changes).into();
             while let Some(r) = queue.pop_front() {
-                let (attr, repathed) = ov.apply_at_open(&root_node, root_attr.ino, &r)?;
+                let (attr, repathed) =
+                    ov.apply_at_open(&root_node, root_attr.ino, &r, (&new_dirs, &mut made_dirs))?;
                 retimed.extend(attr);
                 if repathed {
                     queue = ov.journal.load_removals()?.into();
+                    new_dirs = Self::new_dir_paths(ov.journal.load_objects()?);
                 }
             }
         }
@@ -705,6 +720,27 @@ impl<B: Backend> Overlay<B> {
                 },
             );
         }
+        for p in made_dirs {
+            let found = {
+                let mut st = ov.st();
+                match st.objs.get_mut(&p) {
+                    Some(o) if !o.gone && o.nas.is_none() => {
+                        o.applying = true;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if found {
+                let persisted = ov.persist(&ov.st(), p);
+                persisted
+                    .and_then(|()| ov.promote_chain_now(p))
+                    .map_err(|e| CacheError::Setup {
+                        path: ov.journal.upper_dir().display().to_string(),
+                        reason: format!("creating a new directory on the NAS: {e}"),
+                    })?;
+            }
+        }
         {
             let mut st = ov.st();
             for a in retimed {
@@ -788,6 +824,97 @@ impl<B: Backend> Overlay<B> {
         Ok(Arc::new(ov))
     }
 
+    /// The paths of the directories made here (journal rows `records`),
+    /// with their row.
+    fn new_dir_paths((records, next_prov): (Vec<ObjectRecord>, u64)) -> NewDirs {
+        let by: HashMap<u64, &ObjectRecord> = records.iter().map(|r| (r.prov, r)).collect();
+        fn path<'a>(
+            by: &HashMap<u64, &'a ObjectRecord>,
+            mut r: &'a ObjectRecord,
+        ) -> Option<OsString> {
+            let mut names = vec![r.name.clone()];
+            for _ in 0..4096 {
+                match &r.parent {
+                    ObjParent::Nas(p) => {
+                        return Some(names.iter().rev().fold(p.clone(), |a, n| join_path(&a, n)));
+                    }
+                    ObjParent::Local(q) => {
+                        r = by.get(q)?;
+                        names.push(r.name.clone());
+                    }
+                }
+            }
+            None
+        }
+        let by_path = records
+            .iter()
+            .filter(|r| r.kind == FileKind::Dir && r.link_to.is_none())
+            .filter_map(|r| Some((path(&by, r)?, r.clone())))
+            .collect();
+        NewDirs { by_path, next_prov }
+    }
+
+    /// At open, for a rename or link into `path`, a directory made here
+    /// (`new_dirs`) and not on the NAS yet: it is made there, with the new
+    /// directories above it (noted in `made`). None where `path` is not
+    /// one, or a directory above it is gone from the NAS.
+    fn make_new_dirs(
+        &self,
+        root: &B::Node,
+        path: &OsStr,
+        new_dirs: &NewDirs,
+        made: &mut Vec<u64>,
+    ) -> Result<Option<B::Node>, CacheError> {
+        let setup = |reason: String| CacheError::Setup {
+            path: self.journal.upper_dir().display().to_string(),
+            reason,
+        };
+        if !new_dirs.by_path.contains_key(path) {
+            return Ok(None);
+        }
+        let mut node = root.clone();
+        let mut here = OsString::new();
+        for c in path
+            .as_bytes()
+            .split(|b| *b == b'/')
+            .filter(|c| !c.is_empty())
+        {
+            let name = OsStr::from_bytes(c);
+            here = join_path(&here, name);
+            node = match self.lower.lookup(&node, name) {
+                Ok((n, a)) if a.kind == FileKind::Dir => n,
+                // Something else there now: gone as a directory.
+                Ok(_) => return Ok(None),
+                Err(e) if e.raw_errno() == libc::ENOENT => match new_dirs.by_path.get(&here) {
+                    Some(r) => {
+                        // Its row says first that the NAS may hold it: a
+                        // crash before it is taken as the new directory
+                        // leaves it taken then, not a conflict.
+                        let mut r = r.clone();
+                        r.applying = true;
+                        self.journal.put_object(&r, new_dirs.next_prov)?;
+                        let creds = Creds {
+                            uid: r.uid,
+                            gid: r.gid,
+                            umask: 0,
+                        };
+                        let mode = (r.perm & 0o777) as u32 | 0o700;
+                        let (n, _) = self
+                            .lower
+                            .mkdir(&node, name, mode, creds)
+                            .map_err(|e| setup(format!("making {here:?} on the NAS: {e}")))?;
+                        made.push(r.prov);
+                        n
+                    }
+                    None => return Ok(None),
+                },
+                Err(e) if e.raw_errno() == libc::ENOTDIR => return Ok(None),
+                Err(e) => return Err(setup(format!("finding {here:?} again: {e}"))),
+            };
+        }
+        Ok(Some(node))
+    }
+
     /// Makes on the NAS a removal, rename, link or change of attributes
     /// recorded by an earlier mount (the NAS must answer), then drops its
     /// row. A directory whose times it set: its attributes after; and
@@ -797,6 +924,7 @@ impl<B: Backend> Overlay<B> {
         root: &B::Node,
         root_ino: u64,
         r: &RemovalRecord,
+        (new_dirs, made): (&NewDirs, &mut Vec<u64>),
     ) -> Result<(Option<Attr>, bool), CacheError> {
         let mut retimed = None;
         let mut repathed = false;
@@ -840,7 +968,10 @@ impl<B: Backend> Overlay<B> {
                 "renamed here, and its directory removed on the NAS meanwhile: nothing to rename"
                     .to_string(),
             ))),
-            (Some((td, tn)), Some(d)) => match find(td)? {
+            (Some((td, tn)), Some(d)) => match find(td)?.map_or_else(
+                || self.make_new_dirs(root, td, new_dirs, made),
+                |n| Ok(Some(n)),
+            )? {
                 None => Ok(Some((
                     join_path(td, tn),
                     path.clone(),
@@ -1126,6 +1257,74 @@ impl<B: Backend> Overlay<B> {
         }
     }
 
+    /// The NAS directory that local object `ino` is (to be made) under.
+    fn nas_dir_above(&self, ino: u64) -> Option<B::Node> {
+        let st = self.st();
+        let mut cur = ino;
+        for _ in 0..4096 {
+            let o = st.objs.get(&cur).filter(|o| !o.gone)?;
+            if let Some(n) = &o.nas {
+                return Some(n.clone());
+            }
+            match st.objs.get(&o.parent) {
+                Some(_) => cur = o.parent,
+                None => return o.parent_nas.clone(),
+            }
+        }
+        None
+    }
+
+    /// Whether directory `dir` made here has entries: new objects, or NAS
+    /// objects renamed into it.
+    fn has_entries(st: &State<B>, dir: u64) -> bool {
+        st.children.get(&dir).is_some_and(|m| !m.is_empty())
+            || !Self::moved_into(st, dir).is_empty()
+    }
+
+    /// Whether renames or links still to make on the NAS go into `dir`
+    /// (its mode, which may not let its owner write, waits for them).
+    fn moves_into(st: &State<B>, dir: u64) -> bool {
+        st.removals
+            .iter()
+            .any(|r| r.to.as_ref().is_some_and(|t| t.dir_ino == dir))
+    }
+
+    /// Whether `ino` is `anc` or under it, as the view knows the tree.
+    fn is_under(st: &State<B>, mut ino: u64, anc: u64) -> bool {
+        for _ in 0..4096 {
+            if ino == anc {
+                return true;
+            }
+            ino = match (st.objs.get(&ino), st.dirs.get(&ino)) {
+                (Some(o), _) if o.nas.is_none() => o.parent,
+                (_, Some(d)) => d.parent,
+                _ => return false,
+            };
+        }
+        false
+    }
+
+    /// Whether renames or links still to make on the NAS go into `dir` (a
+    /// directory made here), or into a directory made here under it.
+    fn moves_into_tree(st: &State<B>, dir: u64) -> bool {
+        st.removals.iter().any(|r| {
+            let Some(t) = r.to.as_ref().filter(|t| t.dir.is_none()) else {
+                return false;
+            };
+            let mut cur = t.dir_ino;
+            for _ in 0..4096 {
+                if cur == dir {
+                    return true;
+                }
+                match st.objs.get(&cur) {
+                    Some(o) if o.nas.is_none() => cur = o.parent,
+                    _ => return false,
+                }
+            }
+            false
+        })
+    }
+
     /// The NAS's inode number of the object shown as `shown` (an object
     /// created here keeps its provisional number once on the NAS).
     fn nas_ino_of(st: &State<B>, shown: u64) -> u64 {
@@ -1268,6 +1467,13 @@ impl<B: Backend> Overlay<B> {
     fn promote_chain(&self, ino: u64) -> BResult<B::Node> {
         // A name removed here may be the one to take.
         self.apply_removals()?;
+        self.promote_chain_now(ino)
+    }
+
+    /// [`Self::promote_chain`] without the pending removals and renames
+    /// first: called by their replay, for a directory made here that a
+    /// rename or link goes into.
+    fn promote_chain_now(&self, ino: u64) -> BResult<B::Node> {
         let _g = self.replay.write().unwrap_or_else(|e| e.into_inner());
         let mut chain = Vec::new();
         {
@@ -2348,6 +2554,30 @@ impl<B: Backend> Overlay<B> {
                 ..
             } = r;
             let set = set.map(|s| (s.node, s.rec));
+            // Into a directory made here: it (and the new directories it
+            // is in) is made on the NAS first. (Not under `window_place`,
+            // which its creation takes.)
+            let mut to = to;
+            let mut made_err = None;
+            if let Some(t) = to.as_mut().filter(|t| t.dir.is_none()) {
+                match self.promote_chain_now(t.dir_ino) {
+                    Ok(n) => {
+                        if let Some(f) = self.st().removals.iter_mut().find(|r| r.id == id) {
+                            if let Some(ft) = f.to.as_mut() {
+                                ft.dir = Some(n.clone());
+                            }
+                        }
+                        t.dir = Some(n);
+                    }
+                    Err(e) if is_unreachable(&e) => {
+                        if let Some(r) = self.st().removals.front_mut() {
+                            r.error = Some(e.to_string());
+                        }
+                        return Err(e);
+                    }
+                    Err(e) => made_err = Some(e),
+                }
+            }
             // Readers of the directories it changes wait until the view
             // has the change too (a listing must not combine the NAS's of
             // after with the pending change, or the other way round).
@@ -2356,6 +2586,7 @@ impl<B: Backend> Overlay<B> {
             let _w = set.is_none().then(|| self.window_place(&dirs));
             // (what is shown as changed, where the NAS's object is, why)
             let outcome = match &to {
+                _ if made_err.is_some() => Err(made_err.take().unwrap_or_else(|| unreachable!())),
                 None if set.is_some() => {
                     let (node, rec) = set.as_ref().unwrap_or_else(|| unreachable!());
                     self.set_on_nas(node, &was, rec, shown)
@@ -2374,9 +2605,12 @@ impl<B: Backend> Overlay<B> {
                         .map(|c| c.map(|reason| (path.clone(), path.clone(), reason))),
                     Err(e) => Err(e),
                 },
-                Some(t) => match t.link {
-                    true => self.link_on_nas(&t.node, &was, (&t.dir, &t.name), shown),
-                    false => self.move_on_nas((&dir, &name), (&t.dir, &t.name), kind, &was, shown),
+                Some(t) => match (t.link, &t.dir) {
+                    (_, None) => Err(err("rename", libc::EIO)),
+                    (true, Some(td)) => self.link_on_nas(&t.node, &was, (td, &t.name), shown),
+                    (false, Some(td)) => {
+                        self.move_on_nas((&dir, &name), (td, &t.name), kind, &was, shown)
+                    }
                 }
                 .map(|c| {
                     c.map(|(reason, kept)| match kept {
@@ -2850,7 +3084,7 @@ impl<B: Backend> Overlay<B> {
             let st = self.st();
             st.deferred
                 .keys()
-                .filter(|d| !st.children.contains_key(d))
+                .filter(|d| !st.children.contains_key(d) && !Self::moves_into(&st, **d))
                 .copied()
                 .collect()
         };
@@ -2877,7 +3111,7 @@ impl<B: Backend> Overlay<B> {
             let x = {
                 let st = self.st();
                 match st.deferred.get(&d) {
-                    Some(x) if !st.children.contains_key(&d) => *x,
+                    Some(x) if !st.children.contains_key(&d) && !Self::moves_into(&st, d) => *x,
                     _ => continue,
                 }
             };
@@ -3943,7 +4177,12 @@ impl<B: Backend> Backend for Overlay<B> {
             }
         }
         let Some(n) = self.nas_of(dir) else {
-            return Err(err("lookup", libc::ENOENT));
+            // A directory made here: a NAS object renamed into it.
+            let at = Self::pending_at(&self.st(), dir.ino, name);
+            return match at {
+                AtName::MovedIn(id) => self.moved_in(dir, name, id),
+                _ => Err(err("lookup", libc::ENOENT)),
+            };
         };
         if is_hidden(name) {
             return Err(err("lookup", libc::ENOENT));
@@ -4180,7 +4419,7 @@ impl<B: Backend> Backend for Overlay<B> {
                     Some(o) if !o.gone => {}
                     _ => return Err(err("readdir", libc::ENOENT)),
                 }
-                Vec::new()
+                Self::moved_into(&st, dir.ino)
             }
         };
         let st = self.st();
@@ -4332,14 +4571,16 @@ impl<B: Backend> Backend for Overlay<B> {
                 _ => {}
             }
         }
-        let d = self
-            .nas_of(dir)
-            .ok_or_else(|| err("unlink", libc::ENOENT))?;
-        if Self::is_removed(&self.st(), dir.ino, name) {
+        let at = Self::pending_at(&self.st(), dir.ino, name);
+        if at == AtName::Gone || self.nas_of(dir).is_none() && at == AtName::Nas {
             return Err(err("unlink", libc::ENOENT));
         }
         drop(_w);
+        // (A rename into a directory made here makes that directory.)
         self.apply_removals_at(&[(dir, name)], "unlink")?;
+        let d = self
+            .nas_of(dir)
+            .ok_or_else(|| err("unlink", libc::ENOENT))?;
         self.lower.unlink(&d, name)
     }
 
@@ -4350,7 +4591,7 @@ impl<B: Backend> Backend for Overlay<B> {
             match st.objs.get(&p) {
                 Some(o) if o.attr.kind != FileKind::Dir => return Err(err("rmdir", libc::ENOTDIR)),
                 Some(o) if o.nas.is_none() => {
-                    if st.children.get(&p).is_some_and(|m| !m.is_empty()) {
+                    if Self::has_entries(&st, p) {
                         return Err(err("rmdir", libc::ENOTEMPTY));
                     }
                     return self.remove_local(&mut st, dir.ino, name, p);
@@ -4358,7 +4599,16 @@ impl<B: Backend> Backend for Overlay<B> {
                 _ => {}
             }
         }
-        let d = self.nas_of(dir).ok_or_else(|| err("rmdir", libc::ENOENT))?;
+        let Some(d) = self.nas_of(dir) else {
+            // (Only files are renamed into a directory made here.)
+            return Err(err(
+                "rmdir",
+                match Self::pending_at(&self.st(), dir.ino, name) {
+                    AtName::MovedIn(_) => libc::ENOTDIR,
+                    _ => libc::ENOENT,
+                },
+            ));
+        };
         if Self::is_removed(&self.st(), dir.ino, name) {
             return Err(err("rmdir", libc::ENOENT));
         }
@@ -4403,7 +4653,9 @@ impl<B: Backend> Backend for Overlay<B> {
             let newdir_nas = self.nas_of(newdir);
             let taken_on_nas = match (&newdir_nas, dst) {
                 (_, Some(_)) => false,
-                (None, None) => false,
+                // A NAS object renamed here into a directory made here:
+                // replaced on the NAS, once the rename is made there.
+                (None, None) => Self::pending_at(&self.st(), newdir.ino, newname) != AtName::Nas,
                 (Some(_), None) if Self::is_removed(&self.st(), newdir.ino, newname) => false,
                 // A NAS object renamed here to that name.
                 (Some(_), None)
@@ -4425,7 +4677,11 @@ impl<B: Backend> Backend for Overlay<B> {
             if is_hidden(newname) && newdir_nas.is_some() {
                 return Err(err(op, libc::EINVAL));
             }
-            if !taken_on_nas {
+            // A directory that renames still to make go into: made on the
+            // NAS (and they there) first, so that their rows keep naming
+            // it by its path.
+            let holds_moves = Self::moves_into_tree(&self.st(), p);
+            if !taken_on_nas && !holds_moves {
                 let mut st = self.st();
                 let kind = st
                     .objs
@@ -4447,7 +4703,7 @@ impl<B: Backend> Backend for Overlay<B> {
                     match (kind == FileKind::Dir, qkind == Some(FileKind::Dir)) {
                         (true, false) => return Err(err(op, libc::ENOTDIR)),
                         (false, true) => return Err(err(op, libc::EISDIR)),
-                        (true, true) if st.children.get(&q).is_some_and(|m| !m.is_empty()) => {
+                        (true, true) if Self::has_entries(&st, q) => {
                             return Err(err(op, libc::ENOTEMPTY));
                         }
                         _ => {}
@@ -4908,7 +5164,10 @@ impl<B: Backend> Backend for Overlay<B> {
     }
 
     fn same_fs(&self, a: &Self::Node, b: &Self::Node) -> bool {
-        match (self.nas_of(a), self.nas_of(b)) {
+        // A directory made here will be made in the NAS directory it is
+        // under.
+        let nas = |n: &Self::Node| self.nas_of(n).or_else(|| self.nas_dir_above(n.ino));
+        match (nas(a), nas(b)) {
             (Some(a), Some(b)) => self.lower.same_fs(&a, &b),
             _ => false,
         }
@@ -5016,11 +5275,24 @@ impl<B: Backend> Backend for Overlay<B> {
     ) -> BResult<()> {
         let op = if link { "link" } else { "rename" };
         let _w = self.window_read(&[dir.ino, newdir.ino]);
-        let (Some(d), Some(nd), Some(obj)) =
-            (self.nas_of(dir), self.nas_of(newdir), self.nas_of(node))
-        else {
+        let (Some(d), Some(obj)) = (self.nas_of(dir), self.nas_of(node)) else {
             return Err(err(op, libc::EIO));
         };
+        // Into a directory made here, not on the NAS yet (`mkdir x; mv f
+        // x/` offline): made there first at the replay. Not a directory
+        // (the rows under it name it by path), not over another object,
+        // and not where the NAS may refuse it (EXDEV).
+        let nd = self.nas_of(newdir);
+        if nd.is_none() {
+            let new_dir = self
+                .st()
+                .objs
+                .get(&newdir.ino)
+                .is_some_and(|o| !o.gone && o.nas.is_none() && o.attr.kind == FileKind::Dir);
+            if !new_dir || kind == FileKind::Dir || over.is_some() || !self.same_fs(dir, newdir) {
+                return Err(err(op, libc::EIO));
+            }
+        }
         if is_hidden(newname) {
             return Err(err(op, libc::EINVAL));
         }
@@ -5040,7 +5312,10 @@ impl<B: Backend> Backend for Overlay<B> {
         // journal transaction.
         let gone = match (over, link) {
             (Some(_), true) => return Err(err(op, libc::EEXIST)),
-            (Some(o), false) => Some(Self::removal(&st, (newdir, nd.clone(), newname), o)?),
+            (Some(o), false) => {
+                let nd = nd.clone().ok_or_else(|| err(op, libc::EIO))?;
+                Some(Self::removal(&st, (newdir, nd, newname), o)?)
+            }
             (None, _) => None,
         };
         if gone.is_none() {
@@ -5074,7 +5349,7 @@ impl<B: Backend> Backend for Overlay<B> {
             match (kind == FileKind::Dir, qdir) {
                 (true, false) => return Err(err(op, libc::ENOTDIR)),
                 (false, true) => return Err(err(op, libc::EISDIR)),
-                (true, true) if st.children.get(&q).is_some_and(|m| !m.is_empty()) => {
+                (true, true) if Self::has_entries(&st, q) => {
                     return Err(err(op, libc::ENOTEMPTY));
                 }
                 _ => {}
@@ -5106,6 +5381,16 @@ impl<B: Backend> Backend for Overlay<B> {
         // the new objects in it (their paths as they will be, computed
         // with its entry moved for the time it takes) and the leftovers.
         let moved_dir = kind == FileKind::Dir && !link;
+        // Not a directory above a new one that renames still to make go
+        // into: their rows name it by the path it has now.
+        if moved_dir
+            && st.removals.iter().any(|r| {
+                r.to.as_ref()
+                    .is_some_and(|t| t.dir.is_none() && Self::is_under(&st, t.dir_ino, node.ino))
+            })
+        {
+            return Err(err(op, libc::EIO));
+        }
         let rows = if moved_dir {
             let old = st.dirs.get(&node.ino).cloned();
             let there = st
@@ -5152,8 +5437,13 @@ impl<B: Backend> Backend for Overlay<B> {
             }
         }
         log::debug!(
-            "{path:?} (nas ino {nas_ino}) {} here to {newpath:?}; on the NAS once it answers",
-            if link { "linked" } else { "renamed" }
+            "{path:?} (nas ino {nas_ino}) {} here to {newpath:?}{}; on the NAS once it answers",
+            if link { "linked" } else { "renamed" },
+            if nd.is_none() {
+                ", a new directory"
+            } else {
+                ""
+            }
         );
         st.removals.push_back(Removal {
             id: ids[ids.len() - 1],
