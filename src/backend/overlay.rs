@@ -567,8 +567,12 @@ impl<B: Backend> Overlay<B> {
             let mut new_dirs = Self::new_dir_paths(ov.journal.load_objects()?);
             let mut queue: VecDeque<RemovalRecord> = std::mem::take(&mut changes).into();
             while let Some(r) = queue.pop_front() {
-                let (attr, repathed) =
-                    ov.apply_at_open(&root_node, root_attr.ino, &r, (&new_dirs, &mut made_dirs))?;
+                let (attr, repathed) = ov.apply_at_open(
+                    &root_node,
+                    root_attr.ino,
+                    &r,
+                    (&mut new_dirs, &mut made_dirs),
+                )?;
                 retimed.extend(attr);
                 if repathed {
                     queue = ov.journal.load_removals()?.into();
@@ -733,12 +737,17 @@ impl<B: Backend> Overlay<B> {
             };
             if found {
                 let persisted = ov.persist(&ov.st(), p);
-                persisted
-                    .and_then(|()| ov.promote_chain_now(p))
-                    .map_err(|e| CacheError::Setup {
-                        path: ov.journal.upper_dir().display().to_string(),
-                        reason: format!("creating a new directory on the NAS: {e}"),
-                    })?;
+                match persisted.and_then(|()| ov.promote_chain_now(p)) {
+                    Ok(_) => {}
+                    Err(e) if is_unreachable(&e) => {
+                        return Err(CacheError::Setup {
+                            path: ov.journal.upper_dir().display().to_string(),
+                            reason: format!("creating a new directory on the NAS: {e}"),
+                        });
+                    }
+                    // Tried again by the write-back, as any new directory.
+                    Err(e) => log::warn!("journal: a new directory on the NAS: {e}"),
+                }
             }
         }
         {
@@ -862,7 +871,7 @@ impl<B: Backend> Overlay<B> {
         &self,
         root: &B::Node,
         path: &OsStr,
-        new_dirs: &NewDirs,
+        new_dirs: &mut NewDirs,
         made: &mut Vec<u64>,
     ) -> Result<Option<B::Node>, CacheError> {
         let setup = |reason: String| CacheError::Setup {
@@ -890,6 +899,7 @@ impl<B: Backend> Overlay<B> {
                         // Its row says first that the NAS may hold it: a
                         // crash before it is taken as the new directory
                         // leaves it taken then, not a conflict.
+                        let was = r.clone();
                         let mut r = r.clone();
                         r.applying = true;
                         self.journal.put_object(&r, new_dirs.next_prov)?;
@@ -899,17 +909,33 @@ impl<B: Backend> Overlay<B> {
                             umask: 0,
                         };
                         let mode = (r.perm & 0o777) as u32 | 0o700;
-                        let (n, _) = self
-                            .lower
-                            .mkdir(&node, name, mode, creds)
-                            .map_err(|e| setup(format!("making {here:?} on the NAS: {e}")))?;
-                        made.push(r.prov);
-                        n
+                        match self.lower.mkdir(&node, name, mode, creds) {
+                            Ok((n, _)) => {
+                                made.push(r.prov);
+                                new_dirs.by_path.insert(here.clone(), r);
+                                n
+                            }
+                            Err(e) if is_unreachable(&e) => {
+                                return Err(setup(format!("making {here:?} on the NAS: {e}")));
+                            }
+                            // Refused: made later as any new directory
+                            // (the rename stays undone, a conflict).
+                            Err(e) => {
+                                log::warn!("journal: {here:?} cannot be made on the NAS: {e}");
+                                self.journal.put_object(&was, new_dirs.next_prov)?;
+                                return Ok(None);
+                            }
+                        }
                     }
                     None => return Ok(None),
                 },
-                Err(e) if e.raw_errno() == libc::ENOTDIR => return Ok(None),
-                Err(e) => return Err(setup(format!("finding {here:?} again: {e}"))),
+                Err(e) if is_unreachable(&e) => {
+                    return Err(setup(format!("finding {here:?} again: {e}")));
+                }
+                Err(e) => {
+                    log::warn!("journal: {here:?} cannot be found on the NAS: {e}");
+                    return Ok(None);
+                }
             };
         }
         Ok(Some(node))
@@ -924,7 +950,7 @@ impl<B: Backend> Overlay<B> {
         root: &B::Node,
         root_ino: u64,
         r: &RemovalRecord,
-        (new_dirs, made): (&NewDirs, &mut Vec<u64>),
+        (new_dirs, made): (&mut NewDirs, &mut Vec<u64>),
     ) -> Result<(Option<Attr>, bool), CacheError> {
         let mut retimed = None;
         let mut repathed = false;
@@ -968,10 +994,41 @@ impl<B: Backend> Overlay<B> {
                 "renamed here, and its directory removed on the NAS meanwhile: nothing to rename"
                     .to_string(),
             ))),
-            (Some((td, tn)), Some(d)) => match find(td)?.map_or_else(
-                || self.make_new_dirs(root, td, new_dirs, made),
-                |n| Ok(Some(n)),
-            )? {
+            (Some((td, tn)), Some(d)) => match match find(td)? {
+                None => self.make_new_dirs(root, td, new_dirs, made)?,
+                Some(n) => {
+                    match new_dirs.by_path.get(td) {
+                        // Made there by nassync (an earlier mount, or a
+                        // creation cut short): taken as the new directory
+                        // at this mount, with the new ones above it.
+                        Some(o) if o.applying => {
+                            let mut here = OsString::new();
+                            for c in td.as_bytes().split(|b| *b == b'/') {
+                                here = join_path(&here, OsStr::from_bytes(c));
+                                if let Some(o) = new_dirs.by_path.get(&here) {
+                                    if o.applying && !made.contains(&o.prov) {
+                                        made.push(o.prov);
+                                    }
+                                }
+                            }
+                        }
+                        // Not made by nassync: another client took its name
+                        // meanwhile. The object goes into that one (the new
+                        // directory gets the conflict name).
+                        Some(_) => {
+                            let shown = join_path(td, tn);
+                            self.note_conflict(
+                                &shown,
+                                &shown,
+                                "renamed here into a new directory whose name was taken on the \
+                                 NAS meanwhile: it went into the NAS's directory",
+                            );
+                        }
+                        None => {}
+                    }
+                    Some(n)
+                }
+            } {
                 None => Ok(Some((
                     join_path(td, tn),
                     path.clone(),
@@ -2293,13 +2350,19 @@ impl<B: Backend> Overlay<B> {
         // A directory whose last new child was placed outside a pass (by
         // an operation that needed it on the NAS) still waits for its mode
         // and times.
-        if st.deferred.keys().any(|d| !st.children.contains_key(d)) {
+        if st
+            .deferred
+            .keys()
+            .any(|d| !st.children.contains_key(d) && !Self::moves_into(&st, *d))
+        {
             return Some(Duration::from_millis(500));
         }
         st.objs
-            .values()
-            .filter(|o| o.nas.is_none() && !o.gone)
-            .map(|o| {
+            .iter()
+            .filter(|(_, o)| o.nas.is_none() && !o.gone)
+            // (Made with the first rename into it, see `pass`.)
+            .filter(|(p, o)| o.attr.kind != FileKind::Dir || !Self::moves_into_tree(&st, **p))
+            .map(|(_, o)| {
                 let due = o.retry_at.unwrap_or(o.created + self.delay);
                 due.saturating_duration_since(now)
             })
@@ -2324,6 +2387,10 @@ impl<B: Backend> Overlay<B> {
                 // Further names of files are made with their files.
                 .filter(|(_, o)| o.nas.is_none() && !o.gone && o.link_to.is_none())
                 .filter(|(_, o)| all || o.retry_at.unwrap_or(o.created + self.delay) <= now)
+                // Made by the replay of the first rename into it (or into
+                // a new directory under it): placed under a conflict name
+                // before, it would leave the rows naming its old path.
+                .filter(|(p, o)| o.attr.kind != FileKind::Dir || !Self::moves_into_tree(&st, **p))
                 .map(|(p, o)| (!o.applying, o.attr.kind == FileKind::File, *p))
                 .collect();
             v.sort_unstable();
