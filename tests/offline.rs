@@ -1052,18 +1052,11 @@ fn into_new_directory(remount: bool) {
         errno(&std::fs::rename(m.m("r/new"), m.m("r/new2"))),
         libc::EIO
     );
-    // What was renamed into it is replaced or removed on the NAS, after
-    // the rename (offline: EIO), never hidden by a new file.
+    // A hard link made into it is replaced on the NAS, after the link
+    // (offline: EIO), never hidden by a new file.
     std::fs::write(m.m("r/new/tmp"), "a save").unwrap();
     assert_eq!(
-        errno(&std::fs::rename(
-            m.m("r/new/tmp"),
-            m.m("r/new/deep/moved.txt")
-        )),
-        libc::EIO
-    );
-    assert_eq!(
-        errno(&std::fs::remove_file(m.m("r/new/deep/moved.txt"))),
+        errno(&std::fs::rename(m.m("r/new/tmp"), m.m("r/new/e"))),
         libc::EIO
     );
     std::fs::remove_file(m.m("r/new/tmp")).unwrap();
@@ -1105,6 +1098,78 @@ fn into_new_directory(remount: bool) {
     m.flush(None);
     assert_eq!(read("r/new2/deep/moved.txt"), "a save");
     assert_eq!(names(&nas("r/new2/deep")), ["moved.txt"]);
+}
+
+/// Offline, a NAS file renamed into a directory made here can be renamed
+/// on (the rename still to make goes there instead, when it is the last
+/// change) or removed (the rename becomes its removal): the NAS ends as
+/// if it had been done there, the file renamed, never copied.
+#[test]
+fn what_was_renamed_into_a_new_directory_offline_can_be_moved_on_or_removed() {
+    let _caches = kernel_caches(false);
+    let (m, sim) = removal_setup("timeo=30,actimeo=1,writeback_delay=1h");
+    let nas = |p: &str| sim.backing.join(p);
+    let nas_ino = ino(&nas("r/gone.txt"));
+    go_offline(&m, &sim);
+    std::fs::create_dir(m.m("r/new")).unwrap();
+    std::fs::create_dir(m.m("r/new2")).unwrap();
+    std::fs::rename(m.m("r/edited.txt"), m.m("r/new/e")).unwrap();
+    std::fs::rename(m.m("r/gone.txt"), m.m("r/new/a")).unwrap();
+    std::fs::rename(m.m("r/new/a"), m.m("r/new/b")).unwrap();
+    std::fs::rename(m.m("r/new/b"), m.m("r/new2/c")).unwrap();
+    std::fs::remove_file(m.m("r/new/e")).unwrap();
+    assert_eq!(names(&m.m("r/new")), Vec::<String>::new());
+    assert_eq!(names(&m.m("r/new2")), ["c"]);
+    assert_eq!(
+        std::fs::read_to_string(m.m("r/new2/c")).unwrap(),
+        "r/gone.txt on the NAS"
+    );
+    std::fs::remove_dir(m.m("r/new")).unwrap();
+    // Back to a directory on the NAS: a plain rename there.
+    std::fs::rename(m.m("r/new2/c"), m.m("r/final")).unwrap();
+    assert_eq!(names(&m.m("r/new2")), Vec::<String>::new());
+    // An editor's save over a file renamed into a new directory: the NAS
+    // file goes, the new one takes its name.
+    std::fs::rename(m.m("r/again.txt"), m.m("r/new2/s")).unwrap();
+    std::fs::write(m.m("r/new2/tmp"), "a save").unwrap();
+    std::fs::rename(m.m("r/new2/tmp"), m.m("r/new2/s")).unwrap();
+    assert_eq!(std::fs::read_to_string(m.m("r/new2/s")).unwrap(), "a save");
+    // A file edited here, renamed into a new directory, then removed: the
+    // NAS's version goes (not kept as "changed on the NAS meanwhile").
+    std::fs::write(m.m("r/pending.txt"), "edited here").unwrap();
+    std::fs::create_dir(m.m("r/new3")).unwrap();
+    std::fs::rename(m.m("r/pending.txt"), m.m("r/new3/p")).unwrap();
+    std::fs::remove_file(m.m("r/new3/p")).unwrap();
+    // Renamed into a new directory and back: nothing to make on the NAS.
+    std::fs::rename(m.m("r/link"), m.m("r/new3/l")).unwrap();
+    std::fs::rename(m.m("r/new3/l"), m.m("r/link")).unwrap();
+    assert_eq!(names(&m.m("r/new3")), Vec::<String>::new());
+    assert!(nas("r/gone.txt").exists() && nas("r/edited.txt").exists());
+    sim.ctl("fail off");
+    m.wait_status("nas online", Duration::from_secs(20));
+    m.flush(None);
+    assert_eq!(
+        std::fs::read_to_string(nas("r/final")).unwrap(),
+        "r/gone.txt on the NAS"
+    );
+    assert_eq!(ino(&nas("r/final")), nas_ino);
+    assert!(!nas("r/gone.txt").exists() && !nas("r/edited.txt").exists());
+    assert!(!nas("r/new").exists() && !nas("r/again.txt").exists());
+    assert!(!nas("r/pending.txt").exists());
+    assert_eq!(
+        std::fs::read_link(nas("r/link")).unwrap(),
+        Path::new("gone.txt")
+    );
+    assert_eq!(names(&nas("r/new3")), Vec::<String>::new());
+    assert_eq!(names(&nas("r/new2")), ["s"]);
+    assert_eq!(std::fs::read_to_string(nas("r/new2/s")).unwrap(), "a save");
+    assert_eq!(
+        m.status_value("conflicts"),
+        0,
+        "{}\n{}",
+        m.status(),
+        m.log()
+    );
 }
 
 #[test]

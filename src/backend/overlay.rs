@@ -343,6 +343,10 @@ struct State<B: Backend> {
     leftovers: Vec<Leftover<B::Node>>,
     /// In the order they were made.
     removals: VecDeque<Removal<B::Node>>,
+    /// Renames into new directories turned into removals (row id: the
+    /// rename and the version it had), until made on the NAS: for
+    /// `undo_remove_later`.
+    unmoved: HashMap<u64, (MoveTo<B::Node>, Validator)>,
     /// Local objects not on the NAS yet, per directory (shown inode).
     children: HashMap<u64, BTreeMap<OsString, u64>>,
     /// A local file's further names (hard links made here), by the
@@ -499,6 +503,7 @@ impl<B: Backend> Overlay<B> {
             objs: HashMap::new(),
             leftovers: Vec::new(),
             removals: VecDeque::new(),
+            unmoved: HashMap::new(),
             children: HashMap::new(),
             links: HashMap::new(),
             dirs: HashMap::new(),
@@ -2629,9 +2634,12 @@ impl<B: Backend> Overlay<B> {
             if let Some(t) = to.as_mut().filter(|t| t.dir.is_none()) {
                 match self.promote_chain_now(t.dir_ino) {
                     Ok(n) => {
+                        // (Unless sent elsewhere meanwhile, see below.)
                         if let Some(f) = self.st().removals.iter_mut().find(|r| r.id == id) {
                             if let Some(ft) = f.to.as_mut() {
-                                ft.dir = Some(n.clone());
+                                if ft.dir_ino == t.dir_ino && ft.dir.is_none() {
+                                    ft.dir = Some(n.clone());
+                                }
                             }
                         }
                         t.dir = Some(n);
@@ -2651,6 +2659,17 @@ impl<B: Backend> Overlay<B> {
             let mut dirs = vec![dir_ino];
             dirs.extend(to.as_ref().map(|t| t.dir_ino));
             let _w = set.is_none().then(|| self.window_place(&dirs));
+            // A rename into a new directory may have been undone or sent
+            // elsewhere meanwhile (`remove_moved_in`, `move_moved_in`,
+            // which hold that directory's stripe): taken again.
+            if let Some(t) = &to {
+                let now = self.st().removals.front().and_then(|f| {
+                    (f.id == id).then(|| f.to.as_ref().map(|x| (x.dir_ino, x.name.clone())))
+                });
+                if now != Some(Some((t.dir_ino, t.name.clone()))) {
+                    continue;
+                }
+            }
             // (what is shown as changed, where the NAS's object is, why)
             let outcome = match &to {
                 _ if made_err.is_some() => Err(made_err.take().unwrap_or_else(|| unreachable!())),
@@ -2722,6 +2741,7 @@ impl<B: Backend> Overlay<B> {
             }
             // The first, unless a rollback took it meanwhile.
             let mut st = self.st();
+            st.unmoved.remove(&id);
             match st.removals.front() {
                 Some(r) if r.id == id => drop(st.removals.pop_front()),
                 _ => st.removals.retain(|r| r.id != id),
@@ -2858,6 +2878,151 @@ impl<B: Backend> Overlay<B> {
             set: None,
         };
         Ok((rec, (kind == FileKind::File).then_some(node.ino), r))
+    }
+
+    /// The rename still to make that put NAS object `node` at `name` in
+    /// `dir`, a directory made here (not on the NAS yet): its position in
+    /// the queue. None if it is not one (a link, another object).
+    fn moved_in_row(
+        st: &State<B>,
+        dir: &ONode<B::Node>,
+        name: &OsStr,
+        node: &ONode<B::Node>,
+    ) -> Option<usize> {
+        let AtName::MovedIn(id) = Self::pending_at(st, dir.ino, name) else {
+            return None;
+        };
+        let pos = st.removals.iter().position(|r| r.id == id)?;
+        let r = &st.removals[pos];
+        let t = r.to.as_ref()?;
+        let ours = r.was.ino == Self::nas_ino_of(st, node.ino);
+        (!t.link && t.dir.is_none() && ours).then_some(pos)
+    }
+
+    /// `rm` of a NAS object renamed here into a directory made here, before
+    /// the rename reached the NAS: the rename becomes the removal of the
+    /// object where it is on the NAS (the same row, in its place: the
+    /// changes after it found its old name vacated, as it still is).
+    fn remove_moved_in(
+        &self,
+        dir: &ONode<B::Node>,
+        name: &OsStr,
+        (node, kind, was): (&ONode<B::Node>, FileKind, Validator),
+        at: SystemTime,
+    ) -> BResult<()> {
+        let mut st = self.st();
+        let Some(pos) = Self::moved_in_row(&st, dir, name, node) else {
+            return Err(err("remove", libc::EIO));
+        };
+        let id = st.removals[pos].id;
+        // The version to remove is the caller's (the NAS's, for a file
+        // with changes pending), not the one the rename noted.
+        let was = Validator {
+            ino: Self::nas_ino_of(&st, node.ino),
+            ..was
+        };
+        let data_of = (kind == FileKind::File).then_some(node.ino);
+        self.journal
+            .reshape(id, None, &was, data_of)
+            .map_err(journal_err("journal"))?;
+        let r = &mut st.removals[pos];
+        let before = (r.to.take(), r.was);
+        r.was = was;
+        if let (Some(t), old) = before {
+            st.unmoved.insert(id, (t, old));
+        }
+        log::debug!(
+            "{:?} (nas ino {}) renamed here into a new directory, then removed: removed \
+             where it is on the NAS once it answers",
+            st.removals[pos].path,
+            st.removals[pos].was.ino
+        );
+        Self::dir_changed(&mut st, dir.ino, at, 0);
+        Ok(())
+    }
+
+    /// `mv` of a NAS object renamed here into a directory made here, before
+    /// that rename reached the NAS: the rename goes to the new name
+    /// instead, when it is the last change (none after it may rely on its
+    /// target), the new name is free and the new directory is one the
+    /// first rename could go to.
+    fn move_moved_in(
+        &self,
+        (dir, name): (&ONode<B::Node>, &OsStr),
+        (newdir, newname): (&ONode<B::Node>, &OsStr),
+        node: &ONode<B::Node>,
+        at: SystemTime,
+    ) -> BResult<()> {
+        let op = "rename";
+        let nd = self.nas_of(newdir);
+        let mut st = self.st();
+        let Some(pos) = Self::moved_in_row(&st, dir, name, node) else {
+            return Err(err(op, libc::EIO));
+        };
+        if pos + 1 != st.removals.len() || is_hidden(newname) {
+            return Err(err(op, libc::EIO));
+        }
+        // (A NAS object there: the caller vouched that there is none.)
+        let free = !st
+            .children
+            .get(&newdir.ino)
+            .is_some_and(|m| m.contains_key(newname))
+            && !matches!(
+                Self::pending_at(&st, newdir.ino, newname),
+                AtName::MovedIn(_)
+            );
+        let (src_dir, kind) = (st.removals[pos].dir.clone(), st.removals[pos].kind);
+        // Back where it was on the NAS: nothing to make there.
+        let r = &st.removals[pos];
+        if (r.dir_ino, r.name.as_os_str()) == (newdir.ino, newname) {
+            let id = r.id;
+            self.journal
+                .delete_removal(id)
+                .map_err(journal_err("journal"))?;
+            st.removals.remove(pos);
+            log::debug!("a rename still to make was undone here");
+            Self::dir_changed(&mut st, dir.ino, at, 0);
+            Self::dir_changed(&mut st, newdir.ino, at, 0);
+            return Ok(());
+        }
+        let new_dir_ok = nd.is_some()
+            || st
+                .objs
+                .get(&newdir.ino)
+                .is_some_and(|o| !o.gone && o.nas.is_none() && o.attr.kind == FileKind::Dir);
+        if !free || !new_dir_ok || kind == FileKind::Dir {
+            return Err(err(op, libc::EIO));
+        }
+        let Some(newdir_path) = Self::dir_path(&st, newdir.ino) else {
+            return Err(err(op, libc::EIO));
+        };
+        drop(st);
+        // (Where the NAS's filesystem may differ: EXDEV at the replay.)
+        let target = nd.clone().or_else(|| self.nas_dir_above(newdir.ino));
+        if !target.is_some_and(|t| self.lower.same_fs(&src_dir, &t)) {
+            return Err(err(op, libc::EIO));
+        }
+        let mut st = self.st();
+        // Still the last, and still that row.
+        if st.removals.len() != pos + 1 || Self::moved_in_row(&st, dir, name, node) != Some(pos) {
+            return Err(err(op, libc::EIO));
+        }
+        let id = st.removals[pos].id;
+        let was = st.removals[pos].was;
+        self.journal
+            .reshape(id, Some((&newdir_path, newname)), &was, None)
+            .map_err(journal_err("journal"))?;
+        let newpath = join_path(&newdir_path, newname);
+        if let Some(t) = st.removals[pos].to.as_mut() {
+            t.dir = nd;
+            t.dir_ino = newdir.ino;
+            t.name = newname.to_os_string();
+            t.path = newpath.clone();
+        }
+        log::debug!("a rename still to make goes to {newpath:?} instead");
+        Self::dir_changed(&mut st, dir.ino, at, 0);
+        Self::dir_changed(&mut st, newdir.ino, at, 0);
+        Ok(())
     }
 
     /// Removal `r`, journaled, is in the view; its directory changed `at`.
@@ -5311,7 +5476,7 @@ impl<B: Backend> Backend for Overlay<B> {
         let _w = self.window_read(&[dir.ino]);
         // (Not under `state`: it may look there.)
         let Some(d) = self.nas_of(dir) else {
-            return Err(err("remove", libc::EIO));
+            return self.remove_moved_in(dir, name, (node, kind, was), at);
         };
         let mut st = self.st();
         let (rec, data_of, mut r) = Self::removal(&st, (dir, d, name), (node, kind, was))?;
@@ -5342,6 +5507,9 @@ impl<B: Backend> Backend for Overlay<B> {
     ) -> BResult<()> {
         let op = if link { "link" } else { "rename" };
         let _w = self.window_read(&[dir.ino, newdir.ino]);
+        if self.nas_of(dir).is_none() && !link && over.is_none() {
+            return self.move_moved_in((dir, name), (newdir, newname), node, at);
+        }
         let (Some(d), Some(obj)) = (self.nas_of(dir), self.nas_of(node)) else {
             return Err(err(op, libc::EIO));
         };
@@ -5643,6 +5811,42 @@ impl<B: Backend> Backend for Overlay<B> {
 
     fn undo_remove_later(&self, dir: &Self::Node, name: &OsStr) {
         let mut st = self.st();
+        // A rename into a new directory turned into a removal: made a
+        // rename again.
+        let unmoved = st
+            .unmoved
+            .iter()
+            .find(|(_, (t, _))| t.dir_ino == dir.ino && t.name == name)
+            .map(|(id, _)| *id);
+        if let Some(id) = unmoved {
+            let Some((t, was)) = st.unmoved.remove(&id) else {
+                return;
+            };
+            let Some(pos) = st
+                .removals
+                .iter()
+                .position(|r| r.id == id && r.to.is_none())
+            else {
+                return;
+            };
+            let dir_path = Path::new(&t.path)
+                .parent()
+                .map(|p| p.as_os_str().to_os_string());
+            let done = self.journal.reshape(
+                id,
+                Some((&dir_path.unwrap_or_default(), &t.name)),
+                &was,
+                None,
+            );
+            if let Err(e) = done {
+                log::warn!("journal: {e}");
+                return;
+            }
+            let r = &mut st.removals[pos];
+            r.was = was;
+            r.to = Some(t);
+            return;
+        }
         let Some(i) = st.removals.iter().rposition(|r| {
             r.dir_ino == dir.ino && r.name == name && r.to.is_none() && r.set.is_none()
         }) else {

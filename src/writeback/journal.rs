@@ -1321,6 +1321,40 @@ impl Journal {
         Ok(())
     }
 
+    /// Rename `id` is undone (`to` None: its row becomes the removal of
+    /// the object where it was, in its place in the order, of version
+    /// `was`), or done again (`to`: where to), and the data rows of
+    /// `data_of` go, in one transaction.
+    pub fn reshape(
+        &self,
+        id: u64,
+        to: Option<(&OsStr, &OsStr)>,
+        was: &Validator,
+        data_of: Option<u64>,
+    ) -> Result<(), CacheError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE removals SET to_dir_path = ?2, to_name = ?3, to_link = 0, nas_ino = ?4,
+                 size = ?5, mtime_ns = ?6, ctime_ns = ?7
+             WHERE id = ?1",
+            params![
+                id as i64,
+                to.map(|t| t.0.as_bytes()),
+                to.map(|t| t.1.as_bytes()),
+                was.ino as i64,
+                was.size as i64,
+                nanos(was.mtime),
+                nanos(was.ctime),
+            ],
+        )?;
+        if let Some(ino) = data_of {
+            Self::delete_data_of(&tx, ino)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn delete_removal(&self, id: u64) -> Result<(), CacheError> {
         self.conn()
             .execute("DELETE FROM removals WHERE id = ?1", [id as i64])?;
