@@ -1106,10 +1106,24 @@ fn into_new_directory(remount: bool) {
 /// if it had been done there, the file renamed, never copied.
 #[test]
 fn what_was_renamed_into_a_new_directory_offline_can_be_moved_on_or_removed() {
+    moved_on_or_removed(false);
+}
+
+/// The same across an unmount: the rows as changed are what the next
+/// mount makes on the NAS.
+#[test]
+fn what_was_renamed_into_a_new_directory_offline_and_moved_on_or_removed_survives_an_unmount() {
+    moved_on_or_removed(true);
+}
+
+fn moved_on_or_removed(remount: bool) {
     let _caches = kernel_caches(false);
-    let (m, sim) = removal_setup("timeo=30,actimeo=1,writeback_delay=1h");
+    let (mut m, sim) =
+        removal_setup("timeo=30,actimeo=1,writeback_delay=1h,unmount_flush_timeout=1s");
     let nas = |p: &str| sim.backing.join(p);
     let nas_ino = ino(&nas("r/gone.txt"));
+    // Its target cached, to be shown offline.
+    std::fs::read_link(m.m("r/link")).unwrap();
     go_offline(&m, &sim);
     std::fs::create_dir(m.m("r/new")).unwrap();
     std::fs::create_dir(m.m("r/new2")).unwrap();
@@ -1119,6 +1133,7 @@ fn what_was_renamed_into_a_new_directory_offline_can_be_moved_on_or_removed() {
     std::fs::rename(m.m("r/new/b"), m.m("r/new2/c")).unwrap();
     std::fs::remove_file(m.m("r/new/e")).unwrap();
     assert_eq!(names(&m.m("r/new")), Vec::<String>::new());
+    assert!(!names(&m.m("r")).contains(&"edited.txt".to_string()));
     assert_eq!(names(&m.m("r/new2")), ["c"]);
     assert_eq!(
         std::fs::read_to_string(m.m("r/new2/c")).unwrap(),
@@ -1144,9 +1159,27 @@ fn what_was_renamed_into_a_new_directory_offline_can_be_moved_on_or_removed() {
     std::fs::rename(m.m("r/link"), m.m("r/new3/l")).unwrap();
     std::fs::rename(m.m("r/new3/l"), m.m("r/link")).unwrap();
     assert_eq!(names(&m.m("r/new3")), Vec::<String>::new());
+    assert_eq!(
+        std::fs::read_link(m.m("r/link")).unwrap(),
+        Path::new("gone.txt")
+    );
+    // Renamed on when it is not the last change kept: needs the NAS.
+    std::fs::rename(m.m("r/tree/x"), m.m("r/new3/x")).unwrap();
+    std::fs::rename(m.m("r/tree/sub/y"), m.m("r/new3/y")).unwrap();
+    assert_eq!(
+        errno(&std::fs::rename(m.m("r/new3/x"), m.m("r/new3/x2"))),
+        libc::EIO
+    );
     assert!(nas("r/gone.txt").exists() && nas("r/edited.txt").exists());
-    sim.ctl("fail off");
-    m.wait_status("nas online", Duration::from_secs(20));
+    if remount {
+        m.unmount();
+        assert_eq!(m.last_exit.and_then(|s| s.code()), Some(75), "{}", m.log());
+        sim.ctl("fail off");
+        m.mount();
+    } else {
+        sim.ctl("fail off");
+        m.wait_status("nas online", Duration::from_secs(20));
+    }
     m.flush(None);
     assert_eq!(
         std::fs::read_to_string(nas("r/final")).unwrap(),
@@ -1160,7 +1193,7 @@ fn what_was_renamed_into_a_new_directory_offline_can_be_moved_on_or_removed() {
         std::fs::read_link(nas("r/link")).unwrap(),
         Path::new("gone.txt")
     );
-    assert_eq!(names(&nas("r/new3")), Vec::<String>::new());
+    assert_eq!(names(&nas("r/new3")), ["x", "y"]);
     assert_eq!(names(&nas("r/new2")), ["s"]);
     assert_eq!(std::fs::read_to_string(nas("r/new2/s")).unwrap(), "a save");
     assert_eq!(

@@ -2972,9 +2972,17 @@ impl<B: Backend> Overlay<B> {
                 AtName::MovedIn(_)
             );
         let (src_dir, kind) = (st.removals[pos].dir.clone(), st.removals[pos].kind);
-        // Back where it was on the NAS: nothing to make there.
+        // Back where it was on the NAS: nothing to make there (unless a
+        // new object took the name meanwhile: the NAS way).
         let r = &st.removals[pos];
         if (r.dir_ino, r.name.as_os_str()) == (newdir.ino, newname) {
+            if st
+                .children
+                .get(&newdir.ino)
+                .is_some_and(|m| m.contains_key(newname))
+            {
+                return Err(err(op, libc::EIO));
+            }
             let id = r.id;
             self.journal
                 .delete_removal(id)
@@ -5811,53 +5819,60 @@ impl<B: Backend> Backend for Overlay<B> {
 
     fn undo_remove_later(&self, dir: &Self::Node, name: &OsStr) {
         let mut st = self.st();
-        // A rename into a new directory turned into a removal: made a
-        // rename again.
-        let unmoved = st
-            .unmoved
-            .iter()
-            .find(|(_, (t, _))| t.dir_ino == dir.ino && t.name == name)
-            .map(|(id, _)| *id);
-        if let Some(id) = unmoved {
-            let Some((t, was)) = st.unmoved.remove(&id) else {
-                return;
-            };
-            let Some(pos) = st
-                .removals
-                .iter()
-                .position(|r| r.id == id && r.to.is_none())
-            else {
-                return;
-            };
-            let dir_path = Path::new(&t.path)
-                .parent()
-                .map(|p| p.as_os_str().to_os_string());
-            let done = self.journal.reshape(
-                id,
-                Some((&dir_path.unwrap_or_default(), &t.name)),
-                &was,
-                None,
-            );
-            if let Err(e) = done {
-                log::warn!("journal: {e}");
-                return;
-            }
-            let r = &mut st.removals[pos];
-            r.was = was;
-            r.to = Some(t);
-            return;
-        }
-        let Some(i) = st.removals.iter().rposition(|r| {
+        // The latest removal of that name: a plain one, or a rename into a
+        // new directory turned into a removal (made a rename again).
+        let plain = st.removals.iter().rposition(|r| {
             r.dir_ino == dir.ino && r.name == name && r.to.is_none() && r.set.is_none()
-        }) else {
-            return;
-        };
-        let Some(r) = st.removals.remove(i) else {
-            return;
-        };
-        drop(st);
-        if let Err(e) = self.journal.delete_removal(r.id) {
-            log::warn!("journal: {e}");
+        });
+        let unmoved = st
+            .removals
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, r)| {
+                r.to.is_none()
+                    && st
+                        .unmoved
+                        .get(&r.id)
+                        .is_some_and(|(t, _)| t.dir_ino == dir.ino && t.name == name)
+            })
+            .map(|(i, _)| i);
+        match (plain, unmoved) {
+            (_, Some(u)) if plain.is_none_or(|p| u > p) => {
+                let id = st.removals[u].id;
+                let Some((t, was)) = st.unmoved.remove(&id) else {
+                    return;
+                };
+                // Where its directory is now; gone, the removal stays.
+                let gone = st.objs.get(&t.dir_ino).is_none_or(|o| o.gone);
+                let Some(dir_path) = Self::dir_path(&st, t.dir_ino).filter(|_| !gone) else {
+                    log::warn!("{:?}: its directory is gone; the removal stays", t.path);
+                    return;
+                };
+                let done = self
+                    .journal
+                    .reshape(id, Some((&dir_path, &t.name)), &was, None);
+                if let Err(e) = done {
+                    log::warn!("journal: {e}");
+                    return;
+                }
+                let r = &mut st.removals[u];
+                r.was = was;
+                r.to = Some(MoveTo {
+                    path: join_path(&dir_path, &t.name),
+                    ..t
+                });
+            }
+            (Some(i), _) => {
+                let Some(r) = st.removals.remove(i) else {
+                    return;
+                };
+                drop(st);
+                if let Err(e) = self.journal.delete_removal(r.id) {
+                    log::warn!("journal: {e}");
+                }
+            }
+            _ => {}
         }
     }
 
