@@ -1205,6 +1205,26 @@ fn moved_on_or_removed(remount: bool) {
     );
 }
 
+/// `rm a; mv b a` offline, and another client removes b meanwhile: the
+/// removal of a is made (the rename, whose object is gone, is the
+/// conflict). Only a removal made for a rename over it (`mv b a` over a
+/// NAS file, one journal transaction) waits for that rename.
+#[test]
+fn a_removal_followed_by_a_rename_to_that_name_is_made_on_its_own() {
+    let _caches = kernel_caches(false);
+    let (m, sim) = removal_setup("timeo=30,actimeo=1,writeback_delay=1h");
+    let nas = |p: &str| sim.backing.join(p);
+    go_offline(&m, &sim);
+    std::fs::remove_file(m.m("r/edited.txt")).unwrap();
+    std::fs::rename(m.m("r/gone.txt"), m.m("r/edited.txt")).unwrap();
+    std::fs::remove_file(nas("r/gone.txt")).unwrap();
+    sim.ctl("fail off");
+    m.wait_status("nas online", Duration::from_secs(20));
+    m.flush(None);
+    assert!(!nas("r/edited.txt").exists() && !nas("r/gone.txt").exists());
+    assert_eq!(m.status_value("conflicts"), 1, "{}", m.status());
+}
+
 #[test]
 fn renames_made_offline_survive_an_unmount_and_apply_at_the_next_mount() {
     let _caches = kernel_caches(false);

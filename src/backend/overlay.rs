@@ -286,6 +286,9 @@ struct Removal<N> {
     to: Option<MoveTo<N>>,
     /// Neither removed nor renamed: attributes set here.
     set: Option<SetHere<N>>,
+    /// Made for the rename over it that follows, in the same journal
+    /// transaction (see [`Overlay::replacing_move_stale`]).
+    for_next: bool,
 }
 
 impl<N> Removal<N> {
@@ -799,6 +802,7 @@ impl<B: Backend> Overlay<B> {
                     error: None,
                     to: None,
                     set: None,
+                    for_next: false,
                 }),
                 // Its directory is gone from there (removed, or renamed
                 // by another client): what was to go is not found again.
@@ -2761,6 +2765,14 @@ impl<B: Backend> Overlay<B> {
     fn replacing_move_stale(&self, id: u64, dir_ino: u64, name: &OsStr) -> BResult<bool> {
         let next = {
             let st = self.st();
+            // (Not a removal made on its own just before a rename there.)
+            if !st
+                .removals
+                .front()
+                .is_some_and(|f| f.id == id && f.for_next)
+            {
+                return Ok(false);
+            }
             st.removals.get(1).filter(|m| m.id == id + 1).and_then(|m| {
                 let t = m.to.as_ref()?;
                 (!t.link && t.dir_ino == dir_ino && t.name == name)
@@ -2876,6 +2888,7 @@ impl<B: Backend> Overlay<B> {
             error: None,
             to: None,
             set: None,
+            for_next: false,
         };
         Ok((rec, (kind == FileKind::File).then_some(node.ino), r))
     }
@@ -5671,6 +5684,7 @@ impl<B: Backend> Backend for Overlay<B> {
             .map_err(journal_err("journal"))?;
         if let Some((_, _, mut g)) = gone {
             g.id = ids[0];
+            g.for_next = true;
             Self::removed(&mut st, g, at);
         }
         if moved_dir {
@@ -5707,6 +5721,7 @@ impl<B: Backend> Backend for Overlay<B> {
                 link,
             }),
             set: None,
+            for_next: false,
         });
         // Only once the rename is in the journal: a crash before keeps the
         // new object (a conflict copy at worst), never loses it.
@@ -5802,6 +5817,7 @@ impl<B: Backend> Backend for Overlay<B> {
             error: None,
             to: None,
             set: Some(SetHere { node: obj, rec }),
+            for_next: false,
         });
         // What new objects made in it inherit.
         if let Some(x) = st.dirs.get_mut(&node.ino) {
