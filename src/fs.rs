@@ -34,6 +34,10 @@ use crate::killpriv::{self, Change, Modifier};
 use crate::stats::Stats;
 use crate::writeback::{LocalAttr, Start, WriteBack};
 
+/// The longest the kernel may keep what is served while the NAS does not
+/// answer (see `Core::offline_ttl`).
+const OFFLINE_TTL: Duration = Duration::from_secs(1);
+
 /// The FUSE root inode number.
 pub const ROOT: u64 = 1;
 
@@ -967,7 +971,7 @@ impl<B: Backend> Core<B> {
     /// the file's other names, it does not rewrite them). Short, so that
     /// the kernel asks again soon after the NAS is back.
     fn offline_ttl(&self) -> Duration {
-        self.cfg.attr_timeout.min(Duration::from_secs(1))
+        self.cfg.attr_timeout.min(OFFLINE_TTL)
     }
 
     /// Directory `parent` changed here only (a removal kept to make on the
@@ -1066,7 +1070,7 @@ impl<B: Backend> Core<B> {
                     Stats::inc(&self.stats.offline_hits);
                     let mut entry = self.entry_of(ino, attr);
                     entry.attr_ttl = self.offline_ttl();
-                    entry.entry_ttl = self.cfg.entry_timeout.min(Duration::from_secs(1));
+                    entry.entry_ttl = self.cfg.entry_timeout.min(OFFLINE_TTL);
                     return Ok(entry);
                 }
                 if in_listing == Some(None) {

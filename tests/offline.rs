@@ -431,26 +431,41 @@ fn go_offline(m: &Mount, sim: &SimNas) {
     m.wait_status("nas offline", Duration::from_secs(5));
 }
 
+/// A mount of simnas with names and attributes cached for 10 minutes and
+/// write-back held for an hour; the NAS has a directory `d`, what `fill`
+/// makes there, and `other` (see `nas_gone`).
+fn long_cache_mount(fill: impl FnOnce(&Path)) -> (Mount, SimNas) {
+    let mut m = Mount::prepare("timeo=30,actimeo=600,writeback_delay=1h");
+    let sim = SimNas::start(m.dir.path(), &["--attr-ttl", "0"]);
+    m.nas = sim.nas.clone();
+    std::fs::create_dir(sim.backing.join("d")).unwrap();
+    fill(&sim.backing);
+    std::fs::write(sim.backing.join("other"), "x").unwrap();
+    m.mount();
+    (m, sim)
+}
+
+/// The NAS goes away; reading `other`, never read before, finds it out.
+fn nas_gone(m: &Mount, sim: &SimNas) {
+    sim.ctl("fail ENOTCONN");
+    let _ = std::fs::read(m.m("other"));
+    m.wait_status("nas offline", Duration::from_secs(5));
+}
+
 /// Offline, a file's attributes are the last seen, with what was done
 /// through the mount since: a name of a file with two links unlinked just
 /// before the NAS went away leaves it showing one link, not two (the
 /// kernel asks again after the unlink, and is answered from the cache).
 #[test]
 fn the_link_count_shown_offline_follows_unlinks_made_here() {
-    let mut m = Mount::prepare("timeo=30,actimeo=600,writeback_delay=1h");
-    let sim = SimNas::start(m.dir.path(), &["--attr-ttl", "0"]);
-    m.nas = sim.nas.clone();
-    std::fs::create_dir(sim.backing.join("d")).unwrap();
-    std::fs::write(sim.backing.join("d/f"), "two names").unwrap();
-    std::fs::hard_link(sim.backing.join("d/f"), sim.backing.join("d/g")).unwrap();
-    std::fs::write(sim.backing.join("other"), "x").unwrap();
-    m.mount();
+    let (mut m, sim) = long_cache_mount(|nas| {
+        std::fs::write(nas.join("d/f"), "two names").unwrap();
+        std::fs::hard_link(nas.join("d/f"), nas.join("d/g")).unwrap();
+    });
     assert_eq!(std::fs::metadata(m.m("d/f")).unwrap().nlink(), 2);
     assert_eq!(std::fs::metadata(m.m("d/g")).unwrap().nlink(), 2);
     std::fs::remove_file(m.m("d/g")).unwrap();
-    sim.ctl("fail ENOTCONN");
-    let _ = std::fs::read(m.m("other"));
-    m.wait_status("nas offline", Duration::from_secs(5));
+    nas_gone(&m, &sim);
     assert_eq!(std::fs::metadata(m.m("d/f")).unwrap().nlink(), 1);
     sim.ctl("fail off");
     m.wait_status("nas online", Duration::from_secs(30));
@@ -464,21 +479,15 @@ fn the_link_count_shown_offline_follows_unlinks_made_here() {
 /// even with actimeo=600.
 #[test]
 fn attributes_served_offline_are_asked_again_soon_after_the_nas_is_back() {
-    let mut m = Mount::prepare("timeo=30,actimeo=600,writeback_delay=1h");
-    let sim = SimNas::start(m.dir.path(), &["--attr-ttl", "0"]);
-    m.nas = sim.nas.clone();
-    std::fs::create_dir(sim.backing.join("d")).unwrap();
-    std::fs::write(sim.backing.join("d/f"), "short").unwrap();
-    std::fs::hard_link(sim.backing.join("d/f"), sim.backing.join("d/g")).unwrap();
-    std::fs::write(sim.backing.join("other"), "x").unwrap();
-    m.mount();
+    let (mut m, sim) = long_cache_mount(|nas| {
+        std::fs::write(nas.join("d/f"), "short").unwrap();
+        std::fs::hard_link(nas.join("d/f"), nas.join("d/g")).unwrap();
+    });
     assert_eq!(std::fs::metadata(m.m("d/f")).unwrap().len(), 5);
     assert_eq!(std::fs::metadata(m.m("d/g")).unwrap().len(), 5);
     // (The unlink leaves f's cached attributes expired: served offline.)
     std::fs::remove_file(m.m("d/g")).unwrap();
-    sim.ctl("fail ENOTCONN");
-    let _ = std::fs::read(m.m("other"));
-    m.wait_status("nas offline", Duration::from_secs(5));
+    nas_gone(&m, &sim);
     assert_eq!(std::fs::metadata(m.m("d/f")).unwrap().len(), 5);
     std::fs::write(sim.backing.join("d/f"), "longer, from another client").unwrap();
     sim.ctl("fail off");
@@ -506,13 +515,7 @@ fn ls_l(dir: &Path) -> Vec<(String, u64)> {
 /// conflict with nassync's own write (a false conflict copy).
 #[test]
 fn a_listing_cached_before_a_write_back_does_not_make_the_next_write_a_conflict() {
-    let mut m = Mount::prepare("timeo=30,actimeo=600,writeback_delay=1h");
-    let sim = SimNas::start(m.dir.path(), &["--attr-ttl", "0"]);
-    m.nas = sim.nas.clone();
-    std::fs::create_dir(sim.backing.join("d")).unwrap();
-    std::fs::write(sim.backing.join("d/f"), "old").unwrap();
-    std::fs::write(sim.backing.join("other"), "x").unwrap();
-    m.mount();
+    let (mut m, sim) = long_cache_mount(|nas| std::fs::write(nas.join("d/f"), "old").unwrap());
     assert_eq!(ls_l(&m.m("d")), [("f".to_string(), 3)]);
     let write_at = |at: u64, what: &str| {
         let f = OpenOptions::new().write(true).open(m.m("d/f")).unwrap();
@@ -537,9 +540,7 @@ fn a_listing_cached_before_a_write_back_does_not_make_the_next_write_a_conflict(
         std::fs::read(sim.backing.join("d/f")).unwrap(),
         b"old and new, again"
     );
-    sim.ctl("fail ENOTCONN");
-    let _ = std::fs::read(m.m("other"));
-    m.wait_status("nas offline", Duration::from_secs(5));
+    nas_gone(&m, &sim);
     std::fs::write(m.m("d/h"), "").unwrap();
     assert_eq!(
         ls_l(&m.m("d")),

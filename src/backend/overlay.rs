@@ -470,6 +470,20 @@ fn join_path(dir: &OsStr, name: &OsStr) -> OsString {
     OsString::from_vec(join_bytes(dir.as_bytes(), name.as_bytes()))
 }
 
+/// The directories on the way down to `path` (from the share's root):
+/// the path of each, and its name.
+fn path_steps(path: &OsStr) -> impl Iterator<Item = (OsString, &OsStr)> {
+    let mut here = OsString::new();
+    path.as_bytes()
+        .split(|b| *b == b'/')
+        .filter(|c| !c.is_empty())
+        .map(move |c| {
+            let name = OsStr::from_bytes(c);
+            here = join_path(&here, name);
+            (here.clone(), name)
+        })
+}
+
 fn kind_name(k: FileKind) -> &'static str {
     match k {
         FileKind::File => "file",
@@ -872,6 +886,37 @@ impl<B: Backend> Overlay<B> {
         NewDirs { by_path, next_prov }
     }
 
+    /// At open, the target directory `td` of a rename or link (to `tn`)
+    /// is on the NAS: if it is one made here (`new_dirs`), made there by
+    /// nassync (an earlier mount, or a creation cut short), it is taken as
+    /// the new directory at this mount, with the new ones above it (noted
+    /// in `made`); not made by nassync, another client took its name
+    /// meanwhile: the object goes into that one (the new directory gets
+    /// the conflict name), a conflict.
+    fn found_new_dir(&self, (td, tn): (&OsStr, &OsStr), new_dirs: &NewDirs, made: &mut Vec<u64>) {
+        match new_dirs.by_path.get(td) {
+            Some(o) if o.applying => {
+                for (here, _) in path_steps(td) {
+                    if let Some(o) = new_dirs.by_path.get(&here) {
+                        if o.applying && !made.contains(&o.prov) {
+                            made.push(o.prov);
+                        }
+                    }
+                }
+            }
+            Some(_) => {
+                let shown = join_path(td, tn);
+                self.note_conflict(
+                    &shown,
+                    &shown,
+                    "renamed here into a new directory whose name was taken on the NAS \
+                     meanwhile: it went into the NAS's directory",
+                );
+            }
+            None => {}
+        }
+    }
+
     /// At open, for a rename or link into `path`, a directory made here
     /// (`new_dirs`) and not on the NAS yet: it is made there, with the new
     /// directories above it (noted in `made`). None where `path` is not
@@ -891,14 +936,7 @@ impl<B: Backend> Overlay<B> {
             return Ok(None);
         }
         let mut node = root.clone();
-        let mut here = OsString::new();
-        for c in path
-            .as_bytes()
-            .split(|b| *b == b'/')
-            .filter(|c| !c.is_empty())
-        {
-            let name = OsStr::from_bytes(c);
-            here = join_path(&here, name);
+        for (here, name) in path_steps(path) {
             node = match self.lower.lookup(&node, name) {
                 Ok((n, a)) if a.kind == FileKind::Dir => n,
                 // Something else there now: gone as a directory.
@@ -1006,35 +1044,7 @@ impl<B: Backend> Overlay<B> {
             (Some((td, tn)), Some(d)) => match match find(td)? {
                 None => self.make_new_dirs(root, td, new_dirs, made)?,
                 Some(n) => {
-                    match new_dirs.by_path.get(td) {
-                        // Made there by nassync (an earlier mount, or a
-                        // creation cut short): taken as the new directory
-                        // at this mount, with the new ones above it.
-                        Some(o) if o.applying => {
-                            let mut here = OsString::new();
-                            for c in td.as_bytes().split(|b| *b == b'/') {
-                                here = join_path(&here, OsStr::from_bytes(c));
-                                if let Some(o) = new_dirs.by_path.get(&here) {
-                                    if o.applying && !made.contains(&o.prov) {
-                                        made.push(o.prov);
-                                    }
-                                }
-                            }
-                        }
-                        // Not made by nassync: another client took its name
-                        // meanwhile. The object goes into that one (the new
-                        // directory gets the conflict name).
-                        Some(_) => {
-                            let shown = join_path(td, tn);
-                            self.note_conflict(
-                                &shown,
-                                &shown,
-                                "renamed here into a new directory whose name was taken on the \
-                                 NAS meanwhile: it went into the NAS's directory",
-                            );
-                        }
-                        None => {}
-                    }
+                    self.found_new_dir((td, tn), new_dirs, made);
                     Some(n)
                 }
             } {
@@ -1340,6 +1350,13 @@ impl<B: Backend> Overlay<B> {
         None
     }
 
+    /// Whether `ino` is a directory made here, not on the NAS yet.
+    fn is_new_dir(st: &State<B>, ino: u64) -> bool {
+        st.objs
+            .get(&ino)
+            .is_some_and(|o| !o.gone && o.nas.is_none() && o.attr.kind == FileKind::Dir)
+    }
+
     /// Whether directory `dir` made here has entries: new objects, or NAS
     /// objects renamed into it.
     fn has_entries(st: &State<B>, dir: u64) -> bool {
@@ -1370,24 +1387,12 @@ impl<B: Backend> Overlay<B> {
         false
     }
 
-    /// Whether renames or links still to make on the NAS go into `dir` (a
-    /// directory made here), or into a directory made here under it.
+    /// Whether renames or links still to make on the NAS go into a
+    /// directory made here that is `dir` or under it.
     fn moves_into_tree(st: &State<B>, dir: u64) -> bool {
         st.removals.iter().any(|r| {
-            let Some(t) = r.to.as_ref().filter(|t| t.dir.is_none()) else {
-                return false;
-            };
-            let mut cur = t.dir_ino;
-            for _ in 0..4096 {
-                if cur == dir {
-                    return true;
-                }
-                match st.objs.get(&cur) {
-                    Some(o) if o.nas.is_none() => cur = o.parent,
-                    _ => return false,
-                }
-            }
-            false
+            r.to.as_ref()
+                .is_some_and(|t| t.dir.is_none() && Self::is_under(st, t.dir_ino, dir))
         })
     }
 
@@ -2975,27 +2980,19 @@ impl<B: Backend> Overlay<B> {
         if pos + 1 != st.removals.len() || is_hidden(newname) {
             return Err(err(op, libc::EIO));
         }
-        // (A NAS object there: the caller vouched that there is none.)
-        let free = !st
+        // A new object there: the NAS way. (A NAS object there: the
+        // caller vouched that there is none.)
+        if st
             .children
             .get(&newdir.ino)
             .is_some_and(|m| m.contains_key(newname))
-            && !matches!(
-                Self::pending_at(&st, newdir.ino, newname),
-                AtName::MovedIn(_)
-            );
+        {
+            return Err(err(op, libc::EIO));
+        }
         let (src_dir, kind) = (st.removals[pos].dir.clone(), st.removals[pos].kind);
-        // Back where it was on the NAS: nothing to make there (unless a
-        // new object took the name meanwhile: the NAS way).
+        // Back where it was on the NAS: nothing to make there.
         let r = &st.removals[pos];
         if (r.dir_ino, r.name.as_os_str()) == (newdir.ino, newname) {
-            if st
-                .children
-                .get(&newdir.ino)
-                .is_some_and(|m| m.contains_key(newname))
-            {
-                return Err(err(op, libc::EIO));
-            }
             let id = r.id;
             self.journal
                 .delete_removal(id)
@@ -3006,12 +3003,12 @@ impl<B: Backend> Overlay<B> {
             Self::dir_changed(&mut st, newdir.ino, at, 0);
             return Ok(());
         }
-        let new_dir_ok = nd.is_some()
-            || st
-                .objs
-                .get(&newdir.ino)
-                .is_some_and(|o| !o.gone && o.nas.is_none() && o.attr.kind == FileKind::Dir);
-        if !free || !new_dir_ok || kind == FileKind::Dir {
+        let new_dir_ok = nd.is_some() || Self::is_new_dir(&st, newdir.ino);
+        let moved_there = matches!(
+            Self::pending_at(&st, newdir.ino, newname),
+            AtName::MovedIn(_)
+        );
+        if moved_there || !new_dir_ok || kind == FileKind::Dir {
             return Err(err(op, libc::EIO));
         }
         let Some(newdir_path) = Self::dir_path(&st, newdir.ino) else {
@@ -3942,12 +3939,7 @@ impl<B: Backend> Overlay<B> {
     fn make_path(&self, path: &OsStr) -> BResult<(B::Node, Attr)> {
         let (mut node, mut attr) = self.lower.root()?;
         let mut made = false;
-        for c in path
-            .as_bytes()
-            .split(|b| *b == b'/')
-            .filter(|c| !c.is_empty())
-        {
-            let name = OsStr::from_bytes(c);
+        for (_, name) in path_steps(path) {
             (node, attr) = match self.lower.lookup(&node, name) {
                 Ok(x) => x,
                 Err(e) if e.raw_errno() == libc::ENOENT => {
@@ -5540,11 +5532,7 @@ impl<B: Backend> Backend for Overlay<B> {
         // and not where the NAS may refuse it (EXDEV).
         let nd = self.nas_of(newdir);
         if nd.is_none() {
-            let new_dir = self
-                .st()
-                .objs
-                .get(&newdir.ino)
-                .is_some_and(|o| !o.gone && o.nas.is_none() && o.attr.kind == FileKind::Dir);
+            let new_dir = Self::is_new_dir(&self.st(), newdir.ino);
             if !new_dir || kind == FileKind::Dir || over.is_some() || !self.same_fs(dir, newdir) {
                 return Err(err(op, libc::EIO));
             }
@@ -5639,12 +5627,7 @@ impl<B: Backend> Backend for Overlay<B> {
         let moved_dir = kind == FileKind::Dir && !link;
         // Not a directory above a new one that renames still to make go
         // into: their rows name it by the path it has now.
-        if moved_dir
-            && st.removals.iter().any(|r| {
-                r.to.as_ref()
-                    .is_some_and(|t| t.dir.is_none() && Self::is_under(&st, t.dir_ino, node.ino))
-            })
-        {
+        if moved_dir && Self::moves_into_tree(&st, node.ino) {
             return Err(err(op, libc::EIO));
         }
         let rows = if moved_dir {
