@@ -3427,7 +3427,14 @@ impl<B: Backend> Core<B> {
     /// Records an xattr answer of the NAS for `ino`, unless nassync changed
     /// xattrs or saw the inode change since `stamp`: the answer may then
     /// be older than the ctime it would be filed under.
+    ///
+    /// Nor while the NAS does not answer: an answer then is of changes
+    /// kept here (see `xattr_later`), which the cache has already, and
+    /// filed under a ctime changed here it would drop the rest.
     fn xattr_store(&self, ino: u64, stamp: XattrStamp, f: impl FnOnce(&mut XattrCache)) {
+        if self.backend.offline_since().is_some() {
+            return;
+        }
         let mut t = self.tables();
         if self.xattr_gen.load(Ordering::SeqCst) != stamp.xgen {
             return;
@@ -3532,11 +3539,17 @@ impl<B: Backend> Core<B> {
     }
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
-        let (node, _, _) = self.node(ino)?;
+        let (node, kind, _) = self.node(ino)?;
         self.xattr_gen.fetch_add(1, Ordering::SeqCst);
         let r = self.backend.setxattr(&node, name, value, flags);
         self.xattr_gen.fetch_add(1, Ordering::SeqCst);
-        r?;
+        match r {
+            Ok(()) => {}
+            Err(e) if is_unreachable(&e) => {
+                return self.xattr_later(ino, (&node, kind), (name, Some(value)), flags, e);
+            }
+            Err(e) => return Err(e.into()),
+        }
         self.own_meta_change(ino, None);
         // ctime changed (and the mode, for an ACL).
         let mut t = self.tables();
@@ -3549,17 +3562,102 @@ impl<B: Backend> Core<B> {
     }
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
-        let (node, _, _) = self.node(ino)?;
+        let (node, kind, _) = self.node(ino)?;
         self.xattr_gen.fetch_add(1, Ordering::SeqCst);
         let r = self.backend.removexattr(&node, name);
         self.xattr_gen.fetch_add(1, Ordering::SeqCst);
-        r?;
+        match r {
+            Ok(()) => {}
+            Err(e) if is_unreachable(&e) => {
+                return self.xattr_later(ino, (&node, kind), (name, None), 0, e);
+            }
+            Err(e) => return Err(e.into()),
+        }
         self.own_meta_change(ino, None);
         let mut t = self.tables();
         self.expire_attr(&mut t, ino);
         if let Some(i) = t.inodes.get_mut(&ino) {
             i.default_acl = None;
             i.xattrs = None;
+        }
+        Ok(())
+    }
+
+    /// The NAS does not answer (`e`): extended attribute `name` of an
+    /// object on the NAS that the cache knows (by a name of it) is set to
+    /// `value` (None: removed) here, and on the NAS once it answers
+    /// ([`Backend::xattr_later`]). `e` where the cache cannot tell (it
+    /// does not know the object's name, or whether it has the attribute
+    /// when that matters) or the backend cannot keep it.
+    fn xattr_later(
+        &self,
+        ino: u64,
+        (node, kind): (&B::Node, FileKind),
+        (name, value): (&OsStr, Option<&[u8]>),
+        flags: i32,
+        e: BackendError,
+    ) -> FsResult<()> {
+        let Some((attr, parent, at)) = self.known_name(ino).filter(|_| self.wb.is_some()) else {
+            return Err(e.into());
+        };
+        // Whether it has it now, as far as the cache knows (of any age:
+        // as getxattr answers while the NAS does not).
+        let has = self.xattr_cache(ino, true, |c| match c.values.get(name) {
+            Some(v) => Some(v.is_ok()),
+            None => c.list.as_deref().map(|l| xattr_listed(l, name)),
+        });
+        let refused = |errno| Err(BackendError::errno("setxattr", errno).into());
+        match (value, has) {
+            (None, Some(false)) => return refused(libc::ENODATA),
+            (Some(_), Some(true)) if flags & libc::XATTR_CREATE != 0 => {
+                return refused(libc::EEXIST);
+            }
+            (Some(_), Some(false)) if flags & libc::XATTR_REPLACE != 0 => {
+                return refused(libc::ENODATA);
+            }
+            (None, None) => return Err(e.into()),
+            (Some(_), None) if flags != 0 => return Err(e.into()),
+            _ => {}
+        }
+        let dir = self.parent_node(parent)?;
+        match self
+            .backend
+            .xattr_later((&dir, &at), node, kind, attr.validator(), (name, value))
+        {
+            Ok(()) => {}
+            Err(x) if x.raw_errno() == libc::EIO => return Err(e.into()),
+            Err(x) => return Err(x.into()),
+        }
+        // A NAS answer asked before is older than this.
+        self.xattr_gen.fetch_add(1, Ordering::SeqCst);
+        let mut t = self.tables();
+        if let Some(i) = t.inodes.get_mut(&ino) {
+            let ctime = i.attr.ctime;
+            let c = i.xattrs.get_or_insert_with(|| {
+                Box::new(XattrCache {
+                    ctime,
+                    list: None,
+                    acls_listed: false,
+                    values: HashMap::new(),
+                })
+            });
+            let v = value.map(|v| v.to_vec()).ok_or(libc::ENODATA);
+            c.values.insert(name.to_os_string(), v);
+            if let Some(list) = c.list.as_mut() {
+                use std::os::unix::ffi::OsStrExt;
+                let mut out: Vec<u8> = Vec::with_capacity(list.len() + name.len() + 1);
+                for n in list.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+                    if n != name.as_bytes() {
+                        out.extend_from_slice(n);
+                        out.push(0);
+                    }
+                }
+                if value.is_some() {
+                    out.extend_from_slice(name.as_bytes());
+                    out.push(0);
+                }
+                *list = out;
+            }
         }
         Ok(())
     }

@@ -1590,3 +1590,109 @@ fn cp_a_with_xattrs_works_offline() {
     assert_eq!(xget(&nas, "user.note"), Ok(b"folder".to_vec()));
     assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
 }
+
+#[test]
+fn xattr_changes_of_nas_objects_made_offline_reach_the_nas() {
+    xattrs_offline(false);
+}
+
+#[test]
+fn xattr_changes_of_nas_objects_made_offline_survive_an_unmount() {
+    xattrs_offline(true);
+}
+
+/// setfattr on files and directories that are on the NAS, while it does
+/// not answer: shown at once, kept in order with the file's new data, and
+/// made on the NAS once it answers (or at the next mount) without taking
+/// nassync's own change for another client's; an object removed on the
+/// NAS meanwhile stays removed, the change reported.
+fn xattrs_offline(remount: bool) {
+    use common::{xget, xlist, xremove, xset};
+    let _caches = kernel_caches(false);
+    let (mut m, sim) =
+        removal_setup("timeo=30,actimeo=1,writeback_delay=1h,unmount_flush_timeout=1s");
+    let nas = |p: &str| sim.backing.join(p);
+    xset(&nas("r/edited.txt"), "user.a", b"1", 0).unwrap();
+    xset(&nas("r/dir"), "user.b", b"2", 0).unwrap();
+    // What the cache knows of them: their attributes (past `actimeo`) and
+    // lists, read through the mount.
+    std::thread::sleep(Duration::from_millis(1100));
+    for p in ["r/edited.txt", "r/dir", "r/gone.txt"] {
+        std::fs::metadata(m.m(p)).unwrap();
+        xlist(&m.m(p));
+    }
+    go_offline(&m, &sim);
+    std::fs::remove_file(nas("r/gone.txt")).unwrap();
+    let file = m.m("r/edited.txt");
+    xset(&file, "user.new", b"x", 0).unwrap();
+    std::fs::write(&file, "edited offline").unwrap();
+    assert_eq!(xremove(&file, "user.a"), Ok(()));
+    // As a local filesystem answers, from what the cache knows.
+    assert_eq!(xremove(&file, "user.a"), Err(libc::ENODATA));
+    assert_eq!(xremove(&file, "user.never"), Err(libc::ENODATA));
+    let dir = m.m("r/dir");
+    assert_eq!(
+        xset(&dir, "user.b", b"3", libc::XATTR_CREATE),
+        Err(libc::EEXIST)
+    );
+    assert_eq!(
+        xset(&dir, "user.c", b"3", libc::XATTR_REPLACE),
+        Err(libc::ENODATA)
+    );
+    xset(&dir, "user.b", b"3", libc::XATTR_REPLACE).unwrap();
+    xset(&dir, "user.empty", b"", 0).unwrap();
+    // Never asked about: set, but not removed or replaced blind.
+    xset(&m.m("r/tree"), "user.t", b"tree", 0).unwrap();
+    assert_eq!(xremove(&m.m("r/tree/sub"), "user.t"), Err(libc::EIO));
+    xset(&m.m("r/gone.txt"), "user.z", b"z", 0).unwrap();
+    // Shown at once.
+    assert_eq!(xget(&file, "user.new"), Ok(b"x".to_vec()));
+    assert_eq!(xget(&file, "user.a"), Err(libc::ENODATA));
+    assert_eq!(xlist(&file), ["user.new"]);
+    assert_eq!(xget(&dir, "user.b"), Ok(b"3".to_vec()));
+    assert_eq!(xlist(&dir), ["user.b", "user.empty"]);
+    assert_eq!(xget(&m.m("r/tree"), "user.t"), Ok(b"tree".to_vec()));
+    // Not on the NAS yet.
+    assert_eq!(xget(&nas("r/edited.txt"), "user.a"), Ok(b"1".to_vec()));
+    assert_eq!(xget(&nas("r/dir"), "user.b"), Ok(b"2".to_vec()));
+    if remount {
+        m.unmount();
+        assert_eq!(m.last_exit.and_then(|s| s.code()), Some(75), "{}", m.log());
+        sim.ctl("fail off");
+        m.mount();
+    } else {
+        sim.ctl("fail off");
+        m.wait_status("nas online", Duration::from_secs(20));
+        // The NAS answers, the changes are still to make there: shown
+        // over what it says (the cached answers are too old by now).
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(xget(&file, "user.new"), Ok(b"x".to_vec()));
+        assert_eq!(xget(&file, "user.a"), Err(libc::ENODATA));
+        assert_eq!(xlist(&file), ["user.new"]);
+        assert_eq!(xlist(&dir), ["user.b", "user.empty"]);
+        assert_eq!(xget(&nas("r/edited.txt"), "user.a"), Ok(b"1".to_vec()));
+    }
+    m.flush(None);
+    let f = nas("r/edited.txt");
+    assert_eq!(
+        std::fs::read_to_string(&f).unwrap(),
+        "edited offline",
+        "{}\n{}",
+        m.status(),
+        m.log()
+    );
+    assert_eq!(xlist(&f), ["user.new"], "{}", m.log());
+    assert_eq!(xget(&f, "user.new"), Ok(b"x".to_vec()));
+    assert_eq!(xget(&nas("r/dir"), "user.b"), Ok(b"3".to_vec()));
+    assert_eq!(xget(&nas("r/dir"), "user.empty"), Ok(Vec::new()));
+    assert_eq!(xget(&nas("r/tree"), "user.t"), Ok(b"tree".to_vec()));
+    assert!(!nas("r/gone.txt").exists());
+    assert_eq!(conflict_copies(&nas("r"), "edited"), Vec::<String>::new());
+    let status = m.status();
+    assert!(!status.contains("\npending "), "{status}");
+    assert_eq!(m.status_value("conflicts"), 1, "{status}");
+    assert!(status.contains("conflict r/gone.txt"), "{status}");
+    // And through the mount, as on the NAS.
+    assert_eq!(xlist(&m.m("r/edited.txt")), ["user.new"]);
+    assert_eq!(xget(&m.m("r/dir"), "user.b"), Ok(b"3".to_vec()));
+}

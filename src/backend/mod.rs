@@ -383,12 +383,6 @@ pub trait Backend: Send + Sync + 'static {
     /// for it alone may go.
     fn forget(&self, _node: &Self::Node) {}
 
-    /// Removes `name` (`node`, of `kind`, the NAS version `was`: its inode
-    /// number is the node's) from `dir` here at once, `dir` changed `at`,
-    /// and from the NAS later, in order with the other changes kept (see
-    /// [`overlay`]): while the NAS does not answer, or for what the
-    /// caller's cache vouches for. EIO for a backend that keeps no local
-    /// view of the namespace.
     /// Whether removals of what the cache vouches for may be kept for
     /// later while the NAS answers (see [`Backend::remove_later`]): not
     /// for a backend without a local view of the namespace.
@@ -402,6 +396,12 @@ pub trait Backend: Send + Sync + 'static {
         0
     }
 
+    /// Removes `name` (`node`, of `kind`, the NAS version `was`: its inode
+    /// number is the node's) from `dir` here at once, `dir` changed `at`,
+    /// and from the NAS later, in order with the other changes kept (see
+    /// [`overlay`]): while the NAS does not answer, or for what the
+    /// caller's cache vouches for. EIO for a backend that keeps no local
+    /// view of the namespace.
     fn remove_later(
         &self,
         _dir: &Self::Node,
@@ -447,6 +447,23 @@ pub trait Backend: Send + Sync + 'static {
         _changes: &SetAttr,
     ) -> BResult<()> {
         Err(BackendError::errno("setattr", libc::EIO))
+    }
+
+    /// While the NAS does not answer: sets extended attribute `name` of
+    /// `node` to `value` (None: removes it), as [`Backend::set_later`].
+    /// Only attributes the NAS keeps as they are (`user.*`, where it
+    /// keeps those); the caller has checked any XATTR_CREATE or
+    /// XATTR_REPLACE. EIO for others, and for a backend that keeps no
+    /// local view of the namespace.
+    fn xattr_later(
+        &self,
+        _at: (&Self::Node, &OsStr),
+        _node: &Self::Node,
+        _kind: FileKind,
+        _was: Validator,
+        _xattr: (&OsStr, Option<&[u8]>),
+    ) -> BResult<()> {
+        Err(BackendError::errno("setxattr", libc::EIO))
     }
 
     /// Takes back the last [`Backend::remove_later`] of `name` in `dir`

@@ -65,7 +65,7 @@ use super::{
 use crate::cache::CacheError;
 use crate::writeback::journal::{
     AliasRecord, ConflictRecord, Journal, LeftoverRecord, ObjParent, ObjectRecord, RemovalRecord,
-    SetRecord, join_bytes,
+    SetRecord, XattrRecord, join_bytes,
 };
 use crate::writeback::{Moved, OwnMeta, PendingInfo, Staged, conflict_name, conflict_stamp, under};
 
@@ -304,6 +304,8 @@ impl<N> Removal<N> {
 struct SetHere<N> {
     node: N,
     rec: SetRecord,
+    /// An extended attribute instead (`rec` then sets nothing).
+    xattr: Option<XattrRecord>,
 }
 
 /// Where a NAS object renamed here goes.
@@ -1017,7 +1019,7 @@ impl<B: Backend> Overlay<B> {
             (None, Some(d)) if r.set.is_some() => match self.lower.lookup(&d, &r.name) {
                 Ok((node, _)) => {
                     let set = r.set.unwrap_or_else(|| unreachable!());
-                    let done = self.set_on_nas(&node, &r.was, &set, r.was.ino);
+                    let done = self.set_on_nas(&node, &r.was, (&set, r.xattr.as_ref()), r.was.ino);
                     if let (Ok(None), FileKind::Dir, Some(_)) = (&done, r.kind, set.mtime) {
                         retimed = self.lower.getattr(&node).ok();
                     }
@@ -1238,8 +1240,10 @@ impl<B: Backend> Overlay<B> {
         let mut a = Self::dir_up(st, a);
         // Attributes set here, not on the NAS yet: newer than what
         // `dir_up` knows, except times moved by entries made since.
+        // (Not an extended attribute's: the ctime a file's data is
+        // checked by stays the NAS's until it is set there.)
         for s in st.removals.iter().filter(|r| r.was.ino == nas_ino) {
-            if let Some(s) = &s.set {
+            if let Some(s) = s.set.as_ref().filter(|s| s.xattr.is_none()) {
                 let s = &s.rec;
                 if let Some(m) = s.mode {
                     a.perm = (m & 0o7777) as u16;
@@ -1403,6 +1407,16 @@ impl<B: Backend> Overlay<B> {
             .values()
             .find(|al| al.prov == shown)
             .map_or(shown, |al| al.nas_ino)
+    }
+
+    /// The extended attributes of NAS object `shown` set or removed here
+    /// and not on the NAS yet, in the order they were.
+    fn xattrs_kept(st: &State<B>, shown: u64) -> impl Iterator<Item = &XattrRecord> {
+        let nas_ino = Self::nas_ino_of(st, shown);
+        st.removals
+            .iter()
+            .filter(move |r| r.was.ino == nas_ino)
+            .filter_map(|r| r.set.as_ref()?.xattr.as_ref())
     }
 
     /// The inode number shown for NAS inode number `ino`.
@@ -2634,7 +2648,7 @@ impl<B: Backend> Overlay<B> {
                 set,
                 ..
             } = r;
-            let set = set.map(|s| (s.node, s.rec));
+            let set = set.map(|s| (s.node, s.rec, s.xattr));
             // Into a directory made here: it (and the new directories it
             // is in) is made on the NAS first. (Not under `window_place`,
             // which its creation takes.)
@@ -2683,8 +2697,8 @@ impl<B: Backend> Overlay<B> {
             let outcome = match &to {
                 _ if made_err.is_some() => Err(made_err.take().unwrap_or_else(|| unreachable!())),
                 None if set.is_some() => {
-                    let (node, rec) = set.as_ref().unwrap_or_else(|| unreachable!());
-                    self.set_on_nas(node, &was, rec, shown)
+                    let (node, rec, x) = set.as_ref().unwrap_or_else(|| unreachable!());
+                    self.set_on_nas(node, &was, (rec, x.as_ref()), shown)
                         .map(|c| c.map(|reason| (path.clone(), path.clone(), reason)))
                 }
                 None => match self.replacing_move_stale(id, dir_ino, &name) {
@@ -2880,6 +2894,7 @@ impl<B: Backend> Overlay<B> {
             to: None,
             link: false,
             set: None,
+            xattr: None,
         };
         let r = Removal {
             id: 0,
@@ -3106,6 +3121,97 @@ impl<B: Backend> Overlay<B> {
         }))
     }
 
+    /// [`Backend::set_later`] and [`Backend::xattr_later`]: a row that
+    /// sets `rec` (or, with `xattr`, an extended attribute) of NAS object
+    /// `node`, known as `name` in `dir`.
+    fn keep_set(
+        &self,
+        (dir, name): (&ONode<B::Node>, &OsStr),
+        node: &ONode<B::Node>,
+        kind: FileKind,
+        was: Validator,
+        rec: SetRecord,
+        xattr: Option<XattrRecord>,
+    ) -> BResult<()> {
+        let op = if xattr.is_some() {
+            "setxattr"
+        } else {
+            "setattr"
+        };
+        let _w = self.window_read(&[dir.ino]);
+        let (Some(d), Some(obj)) = (self.nas_of(dir), self.nas_of(node)) else {
+            return Err(err(op, libc::EIO));
+        };
+        let mut st = self.st();
+        if Self::pending_at(&st, dir.ino, name) == AtName::Gone
+            || st
+                .children
+                .get(&dir.ino)
+                .is_some_and(|m| m.contains_key(name))
+        {
+            // Known by a name changed here: not found again by it.
+            return Err(err(op, libc::EIO));
+        }
+        let Some(dir_path) = Self::dir_path(&st, dir.ino) else {
+            return Err(err(op, libc::EIO));
+        };
+        let nas_ino = Self::nas_ino_of(&st, node.ino);
+        let was = Validator {
+            ino: nas_ino,
+            ..was
+        };
+        let r = RemovalRecord {
+            id: 0,
+            dir_path,
+            name: name.to_os_string(),
+            kind,
+            was,
+            to: None,
+            link: false,
+            set: Some(rec),
+            xattr: xattr.clone(),
+        };
+        let id = self
+            .journal
+            .add_change(&r, None, &[])
+            .map_err(journal_err("journal"))?;
+        let what = match &r.xattr {
+            Some(x) => format!("xattr {:?}", x.name),
+            None => "attributes".into(),
+        };
+        log::debug!("{what} of {name:?} (nas ino {nas_ino}) set here; on the NAS once it answers");
+        st.removals.push_back(Removal {
+            id,
+            dir: d,
+            dir_ino: dir.ino,
+            path: join_path(&r.dir_path, &r.name),
+            name: r.name,
+            kind,
+            was,
+            since: Instant::now(),
+            error: None,
+            to: None,
+            set: Some(SetHere {
+                node: obj,
+                rec,
+                xattr,
+            }),
+            for_next: false,
+        });
+        // What new objects made in it inherit.
+        if let Some(x) = st.dirs.get_mut(&node.ino) {
+            if let Some(m) = rec.mode {
+                x.perm = (m & 0o7777) as u16;
+            }
+            x.gid = rec.gid.unwrap_or(x.gid);
+        }
+        drop(st);
+        // Due after the write-back delay, as creations (an rm -rf must
+        // not run a pass per entry).
+        self.due_at(Instant::now() + self.delay);
+        Ok(())
+    }
+
     /// setattr of NAS object `n` (`ino` here): a directory's mode and
     /// times are set again after new objects still to create in it.
     fn setattr_nas(
@@ -3158,43 +3264,79 @@ impl<B: Backend> Overlay<B> {
         Ok(Self::up_in(&mut st, a))
     }
 
-    /// Sets on NAS object `node` (`shown` here) the attributes set here, if
-    /// it is still the object they were set on; Some(reason) when they are
-    /// dropped instead (the object is gone, or the NAS refuses them).
+    /// Sets on NAS object `node` (`shown` here) the attributes (or the
+    /// extended attribute) set here, if it is still the object they were
+    /// set on; Some(reason) when they are dropped instead (the object is
+    /// gone, or the NAS refuses them).
     fn set_on_nas(
         &self,
         node: &B::Node,
         was: &Validator,
-        rec: &SetRecord,
+        (rec, xattr): (&SetRecord, Option<&XattrRecord>),
         shown: u64,
     ) -> BResult<Option<String>> {
-        match self.lower.getattr(node) {
-            Ok(a) if a.ino == was.ino && a.nlink > 0 => {}
+        let what = match xattr {
+            Some(x) => format!("extended attribute {:?}", x.name),
+            None => "attributes".into(),
+        };
+        let before = match self.lower.getattr(node) {
+            Ok(a) if a.ino == was.ino && a.nlink > 0 => a,
             Ok(_) => {
-                return Ok(Some(
-                    "attributes set here, and removed on the NAS meanwhile".into(),
-                ));
+                return Ok(Some(format!(
+                    "{what} set here, and removed on the NAS meanwhile"
+                )));
             }
             Err(e) if matches!(e.raw_errno(), libc::ENOENT | libc::ESTALE) => {
-                return Ok(Some(
-                    "attributes set here, and removed on the NAS meanwhile".into(),
-                ));
+                return Ok(Some(format!(
+                    "{what} set here, and removed on the NAS meanwhile"
+                )));
             }
             Err(e) => return Err(e),
-        }
-        let changes = SetAttr {
-            mode: rec.mode,
-            uid: rec.uid,
-            gid: rec.gid,
-            size: None,
-            atime: rec.atime.map(SetTime::At),
-            mtime: rec.mtime.map(SetTime::At),
         };
-        match self.setattr_nas(node, shown, None, &changes) {
-            Ok(_) => Ok(None),
-            Err(e) if matches!(e.raw_errno(), libc::EPERM | libc::EACCES) => Ok(Some(format!(
-                "attributes set here that the NAS refuses ({e}): dropped"
-            ))),
+        let done = match xattr {
+            Some(x) => {
+                // A file's write-back must not take the new ctime for
+                // another client's change.
+                self.own_ctime(shown, None);
+                let r = match &x.value {
+                    Some(v) => self.lower.setxattr(node, &x.name, v, 0),
+                    // Gone already (by another client): as wished.
+                    None => match self.lower.removexattr(node, &x.name) {
+                        Err(e) if e.raw_errno() == libc::ENODATA => Ok(()),
+                        r => r,
+                    },
+                };
+                if r.is_ok() {
+                    if let Ok(after) = self.lower.getattr(node) {
+                        self.own_ctime(shown, Some((&before, &after)));
+                    }
+                }
+                r
+            }
+            None => {
+                let changes = SetAttr {
+                    mode: rec.mode,
+                    uid: rec.uid,
+                    gid: rec.gid,
+                    size: None,
+                    atime: rec.atime.map(SetTime::At),
+                    mtime: rec.mtime.map(SetTime::At),
+                };
+                self.setattr_nas(node, shown, None, &changes).map(|_| ())
+            }
+        };
+        match done {
+            Ok(()) => Ok(None),
+            Err(e)
+                if matches!(
+                    e.raw_errno(),
+                    libc::EPERM | libc::EACCES | libc::EOPNOTSUPP | libc::E2BIG | libc::ERANGE
+                ) || (xattr.is_some() && e.raw_errno() == libc::ENOSPC) =>
+            {
+                Ok(Some(format!(
+                    "{what} set here that the NAS refuses ({e}): dropped"
+                )))
+            }
             Err(e) => Err(e),
         }
     }
@@ -5316,6 +5458,16 @@ impl<B: Backend> Backend for Overlay<B> {
         let n = self
             .nas_of(node)
             .ok_or_else(|| err("getxattr", libc::ENOENT))?;
+        // Set or removed here, not on the NAS yet: the latest change.
+        if let Some(v) = Self::xattrs_kept(&self.st(), node.ino)
+            .filter(|x| x.name == name)
+            .last()
+        {
+            return v
+                .value
+                .clone()
+                .ok_or_else(|| err("getxattr", libc::ENODATA));
+        }
         self.lower.getxattr(&n, name)
     }
 
@@ -5337,7 +5489,25 @@ impl<B: Backend> Backend for Overlay<B> {
         let n = self
             .nas_of(node)
             .ok_or_else(|| err("listxattr", libc::ENOENT))?;
-        self.lower.listxattr(&n)
+        let list = self.lower.listxattr(&n)?;
+        let st = self.st();
+        let mut kept = Self::xattrs_kept(&st, node.ino).peekable();
+        if kept.peek().is_none() {
+            return Ok(list);
+        }
+        let mut names: Vec<&[u8]> = list.split(|b| *b == 0).filter(|n| !n.is_empty()).collect();
+        for x in kept {
+            names.retain(|n| *n != x.name.as_bytes());
+            if x.value.is_some() {
+                names.push(x.name.as_bytes());
+            }
+        }
+        let mut out = Vec::new();
+        for n in names {
+            out.extend_from_slice(n);
+            out.push(0);
+        }
+        Ok(out)
     }
 
     fn setxattr(&self, node: &Self::Node, name: &OsStr, value: &[u8], flags: i32) -> BResult<()> {
@@ -5613,6 +5783,7 @@ impl<B: Backend> Backend for Overlay<B> {
             to: Some((newdir_path, newname.to_os_string())),
             link,
             set: None,
+            xattr: None,
         };
         let (path, newpath) = (
             join_path(&rec.dir_path, &rec.name),
@@ -5749,71 +5920,35 @@ impl<B: Backend> Backend for Overlay<B> {
         if changes.size.is_some() {
             return Err(err(op, libc::EIO));
         }
-        let _w = self.window_read(&[dir.ino]);
-        let (Some(d), Some(obj)) = (self.nas_of(dir), self.nas_of(node)) else {
-            return Err(err(op, libc::EIO));
-        };
-        let mut st = self.st();
-        if Self::pending_at(&st, dir.ino, name) == AtName::Gone
-            || st
-                .children
-                .get(&dir.ino)
-                .is_some_and(|m| m.contains_key(name))
-        {
-            // Known by a name changed here: not found again by it.
-            return Err(err(op, libc::EIO));
+        self.keep_set((dir, name), node, kind, was, rec, None)
+    }
+
+    fn xattr_later(
+        &self,
+        at: (&Self::Node, &OsStr),
+        node: &Self::Node,
+        kind: FileKind,
+        was: Validator,
+        (name, value): (&OsStr, Option<&[u8]>),
+    ) -> BResult<()> {
+        // Those the NAS keeps as they are (not ACLs, which set the mode,
+        // nor security labels).
+        if !name.as_bytes().starts_with(b"user.") || !self.xattrs_ok {
+            return Err(err("setxattr", libc::EIO));
         }
-        let Some(dir_path) = Self::dir_path(&st, dir.ino) else {
-            return Err(err(op, libc::EIO));
+        let rec = SetRecord {
+            mode: None,
+            uid: None,
+            gid: None,
+            atime: None,
+            mtime: None,
+            ctime: now(),
         };
-        let nas_ino = Self::nas_ino_of(&st, node.ino);
-        let was = Validator {
-            ino: nas_ino,
-            ..was
-        };
-        let r = RemovalRecord {
-            id: 0,
-            dir_path,
+        let x = XattrRecord {
             name: name.to_os_string(),
-            kind,
-            was,
-            to: None,
-            link: false,
-            set: Some(rec),
+            value: value.map(|v| v.to_vec()),
         };
-        let id = self
-            .journal
-            .add_change(&r, None, &[])
-            .map_err(journal_err("journal"))?;
-        log::debug!(
-            "attributes of {name:?} (nas ino {nas_ino}) set here; on the NAS once it answers"
-        );
-        st.removals.push_back(Removal {
-            id,
-            dir: d,
-            dir_ino: dir.ino,
-            path: join_path(&r.dir_path, &r.name),
-            name: r.name,
-            kind,
-            was,
-            since: Instant::now(),
-            error: None,
-            to: None,
-            set: Some(SetHere { node: obj, rec }),
-            for_next: false,
-        });
-        // What new objects made in it inherit.
-        if let Some(x) = st.dirs.get_mut(&node.ino) {
-            if let Some(m) = rec.mode {
-                x.perm = (m & 0o7777) as u16;
-            }
-            x.gid = rec.gid.unwrap_or(x.gid);
-        }
-        drop(st);
-        // Due after the write-back delay, as creations (an rm -rf must
-        // not run a pass per entry).
-        self.due_at(Instant::now() + self.delay);
-        Ok(())
+        self.keep_set(at, node, kind, was, rec, Some(x))
     }
 
     fn undo_remove_later(&self, dir: &Self::Node, name: &OsStr) {

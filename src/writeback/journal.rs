@@ -31,7 +31,7 @@ use crate::cache::CacheError;
 
 /// Journal format version. A journal of another version is refused, never
 /// emptied: it may hold the only copy of someone's work.
-pub const FORMAT: i64 = 7;
+pub const FORMAT: i64 = 8;
 
 /// Tables added by format 2 (objects created through the mount and not on
 /// the NAS yet, and the inode numbers they keep once there). A format-1
@@ -101,6 +101,12 @@ const FORMAT7_TABLES: &str = "
         value BLOB NOT NULL,
         PRIMARY KEY (prov, name)
     );";
+
+/// Added by format 8: a row of `removals` that sets attributes can set or
+/// remove an extended attribute of a NAS object instead (a NULL value
+/// removes it).
+const FORMAT8_COLUMNS: &str = "ALTER TABLE removals ADD COLUMN xattr_name BLOB;
+    ALTER TABLE removals ADD COLUMN xattr_value BLOB;";
 
 /// Added by format 6: a row of `removals` with a destination is a rename
 /// (or with `to_link`, a hard link) of a NAS object made while the NAS
@@ -381,7 +387,7 @@ impl Journal {
             )?;
             conn.execute_batch(&format!(
                 "BEGIN; {FORMAT2_TABLES} {FORMAT3_TABLES} {FORMAT4_COLUMNS} {FORMAT5_COLUMNS} \
-                 {FORMAT6_COLUMNS} {FORMAT7_TABLES} COMMIT;"
+                 {FORMAT6_COLUMNS} {FORMAT7_TABLES} {FORMAT8_COLUMNS} COMMIT;"
             ))?;
             conn.execute("INSERT INTO meta VALUES ('format', ?1)", params![FORMAT])?;
         }
@@ -433,6 +439,13 @@ impl Journal {
             .map_err(|e| corrupt(&e))?;
         }
         let format = if format == Some(6) { Some(7) } else { format };
+        if format == Some(7) {
+            conn.execute_batch(&format!(
+                "BEGIN; {FORMAT8_COLUMNS} UPDATE meta SET value = 8 WHERE key = 'format'; COMMIT;"
+            ))
+            .map_err(|e| corrupt(&e))?;
+        }
+        let format = if format == Some(7) { Some(8) } else { format };
         if format != Some(FORMAT) {
             return Err(corrupt(&format!(
                 "format {format:?}, this nassync reads format {FORMAT}"
@@ -732,6 +745,17 @@ pub struct RemovalRecord {
     pub link: bool,
     /// Neither a removal nor a rename: attributes set here.
     pub set: Option<SetRecord>,
+    /// With `set` (its attributes all None): an extended attribute set or
+    /// removed here instead.
+    pub xattr: Option<XattrRecord>,
+}
+
+/// An extended attribute of a NAS object set (`value`) or removed (None)
+/// here while the NAS did not answer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct XattrRecord {
+    pub name: OsString,
+    pub value: Option<Vec<u8>>,
 }
 
 /// Attributes of a NAS object set here while the NAS did not answer.
@@ -1172,8 +1196,9 @@ impl Journal {
             tx.execute(
                 "INSERT INTO removals (dir_path, name, kind, nas_ino, size, mtime_ns, ctime_ns,
                      to_dir_path, to_name, to_link, set_mode, set_uid, set_gid, set_atime_ns,
-                     set_mtime_ns, set_ctime_ns)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                     set_mtime_ns, set_ctime_ns, xattr_name, xattr_value)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+                     ?17, ?18)",
                 params![
                     r.dir_path.as_bytes(),
                     r.name.as_bytes(),
@@ -1191,6 +1216,8 @@ impl Journal {
                     r.set.and_then(|s| s.atime).map(nanos),
                     r.set.and_then(|s| s.mtime).map(nanos),
                     r.set.map(|s| nanos(s.ctime)),
+                    r.xattr.as_ref().map(|x| x.name.as_bytes()),
+                    r.xattr.as_ref().and_then(|x| x.value.as_deref()),
                 ],
             )?;
             ids.push(tx.last_insert_rowid() as u64);
@@ -1367,7 +1394,7 @@ impl Journal {
         let mut stmt = conn.prepare(
             "SELECT id, dir_path, name, kind, nas_ino, size, mtime_ns, ctime_ns,
                  to_dir_path, to_name, to_link, set_mode, set_uid, set_gid, set_atime_ns,
-                 set_mtime_ns, set_ctime_ns
+                 set_mtime_ns, set_ctime_ns, xattr_name, xattr_value
              FROM removals ORDER BY id",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -1395,6 +1422,10 @@ impl Journal {
                     r.get::<_, Option<i64>>(15)?,
                     r.get::<_, Option<i64>>(16)?,
                 ),
+                (
+                    r.get::<_, Option<Vec<u8>>>(17)?,
+                    r.get::<_, Option<Vec<u8>>>(18)?,
+                ),
             ))
         })?;
         let mut out = Vec::new();
@@ -1406,6 +1437,7 @@ impl Journal {
                 to_name,
                 link,
                 (mode, uid, gid, sa, sm, sc),
+                (xname, xvalue),
             ) = row?;
             let set = sc.map(|sc| SetRecord {
                 mode,
@@ -1432,6 +1464,12 @@ impl Journal {
                     ctime: from_nanos(ctime),
                 },
                 link: link != 0 && to.is_some(),
+                xattr: xname
+                    .filter(|_| set.is_some() && to.is_none())
+                    .map(|n| XattrRecord {
+                        name: OsString::from_vec(n),
+                        value: xvalue,
+                    }),
                 set: set.filter(|_| to.is_none()),
                 to,
             });
@@ -1567,6 +1605,8 @@ mod tests {
                      ALTER TABLE removals DROP COLUMN set_atime_ns;
                      ALTER TABLE removals DROP COLUMN set_mtime_ns;
                      ALTER TABLE removals DROP COLUMN set_ctime_ns;
+                     ALTER TABLE removals DROP COLUMN xattr_name;
+                     ALTER TABLE removals DROP COLUMN xattr_value;
                      DROP TABLE xattrs;
                      UPDATE meta SET value = 3 WHERE key = 'format';",
                 )
@@ -1599,6 +1639,7 @@ mod tests {
             to: None,
             link: false,
             set: None,
+            xattr: None,
         };
         let mut set = gone.clone();
         set.set = Some(SetRecord {
@@ -1617,7 +1658,28 @@ mod tests {
         moved.id = j.add_change(&moved, None, &[]).unwrap();
         linked.id = j.add_change(&linked, None, &[]).unwrap();
         set.id = j.add_change(&set, None, &[]).unwrap();
-        assert_eq!(j.load_removals().unwrap(), vec![gone, moved, linked, set]);
+        // Format 8: xattrs of NAS objects; an empty value is not a removal.
+        let mut xattrs = Vec::new();
+        for value in [Some(b"v".to_vec()), Some(Vec::new()), None] {
+            let mut x = gone.clone();
+            x.set = Some(SetRecord {
+                mode: None,
+                uid: None,
+                gid: None,
+                atime: None,
+                mtime: None,
+                ctime: UNIX_EPOCH + Duration::from_secs(5),
+            });
+            x.xattr = Some(XattrRecord {
+                name: "user.k".into(),
+                value,
+            });
+            x.id = j.add_change(&x, None, &[]).unwrap();
+            xattrs.push(x);
+        }
+        let mut all = vec![gone, moved, linked, set];
+        all.extend(xattrs);
+        assert_eq!(j.load_removals().unwrap(), all);
         // Format 7: xattrs of new objects.
         let prov = 0xFFFF_0000_0000_0009;
         j.set_xattr(prov, OsStr::new("user.a"), Some(b"1")).unwrap();
@@ -1630,7 +1692,7 @@ mod tests {
         j.delete_object(prov).unwrap();
         assert!(j.xattrs().unwrap().is_empty());
         j.conn()
-            .execute("UPDATE meta SET value = 8 WHERE key = 'format'", [])
+            .execute("UPDATE meta SET value = 9 WHERE key = 'format'", [])
             .unwrap();
         drop(j);
         assert!(Journal::open(dir.path()).is_err());
@@ -1660,6 +1722,7 @@ mod tests {
             to: Some(("dir".into(), "c".into())),
             link: false,
             set: None,
+            xattr: None,
         };
         change.id = j.add_change(&change, None, &[]).unwrap();
         let ino = 77;
