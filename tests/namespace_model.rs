@@ -1,5 +1,6 @@
 //! Randomized namespace model test: random creates, mkdirs, symlinks,
-//! writes, renames, unlinks, rmdirs, links and chmods through the mount
+//! writes, renames, unlinks, rmdirs, links, chmods and user xattr changes
+//! through the mount
 //! and on a plain directory (the model), while the NAS (simnas) stops
 //! answering and comes back at random moments and write-back runs
 //! alongside (`writeback_delay` 300 ms). An operation that succeeds through
@@ -47,6 +48,17 @@ enum Op {
     Rmdir(String),
     Link(String, String),
     Chmod(String, u32),
+    /// lsetxattr of a user.* name: (path, name, value, flags).
+    SetXattr(String, &'static str, Data, i32),
+    RemoveXattr(String, &'static str),
+}
+
+fn cpath(p: &Path) -> std::ffi::CString {
+    std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap()
+}
+
+fn last_errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
 }
 
 fn errno_of(e: std::io::Error) -> i32 {
@@ -94,6 +106,60 @@ fn apply(root: &Path, op: &Op) -> Result<(), i32> {
             }
             fs::set_permissions(p(a), fs::Permissions::from_mode(*mode)).map_err(errno_of)
         }
+        Op::SetXattr(a, name, value, flags) => {
+            let (c, n, v) = (
+                cpath(&p(a)),
+                std::ffi::CString::new(*name).unwrap(),
+                value.bytes(),
+            );
+            // SAFETY: valid C strings and buffer.
+            let r = unsafe {
+                libc::lsetxattr(c.as_ptr(), n.as_ptr(), v.as_ptr().cast(), v.len(), *flags)
+            };
+            if r == 0 { Ok(()) } else { Err(last_errno()) }
+        }
+        Op::RemoveXattr(a, name) => {
+            let (c, n) = (cpath(&p(a)), std::ffi::CString::new(*name).unwrap());
+            // SAFETY: valid C strings.
+            let r = unsafe { libc::lremovexattr(c.as_ptr(), n.as_ptr()) };
+            if r == 0 { Ok(()) } else { Err(last_errno()) }
+        }
+    }
+}
+
+/// The user.* xattrs of `p` (not following a symlink), sorted, as
+/// " x=[name=value ...]"; empty without any.
+fn xattrs(p: &Path) -> String {
+    let c = cpath(p);
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: valid C string and buffer.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(n >= 0, "llistxattr {}: {}", p.display(), last_errno());
+    let mut names: Vec<&[u8]> = buf[..n as usize]
+        .split(|b| *b == 0)
+        .filter(|s| s.starts_with(b"user."))
+        .collect();
+    names.sort();
+    let mut out = Vec::new();
+    for name in names {
+        let cn = std::ffi::CString::new(name).unwrap();
+        let mut v = vec![0u8; 4096];
+        // SAFETY: valid C strings and buffer.
+        let len =
+            unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        assert!(
+            len >= 0,
+            "lgetxattr {} {cn:?}: {}",
+            p.display(),
+            last_errno()
+        );
+        v.truncate(len as usize);
+        out.push(format!("{}={}", String::from_utf8_lossy(name), runs(&v)));
+    }
+    if out.is_empty() {
+        String::new()
+    } else {
+        format!(" x=[{}]", out.join(" "))
     }
 }
 
@@ -104,9 +170,13 @@ fn apply(root: &Path, op: &Op) -> Result<(), i32> {
 fn look(root: &Path, op: &Op) {
     let paths: Vec<&String> = match op {
         Op::Rename(a, b) | Op::Link(a, b) => vec![a, b],
-        Op::Unlink(a) | Op::Rmdir(a) | Op::Chmod(a, _) | Op::Write(a, ..) | Op::Truncate(a, _) => {
-            vec![a]
-        }
+        Op::Unlink(a)
+        | Op::Rmdir(a)
+        | Op::Chmod(a, _)
+        | Op::Write(a, ..)
+        | Op::Truncate(a, _)
+        | Op::SetXattr(a, ..)
+        | Op::RemoveXattr(a, _) => vec![a],
         Op::Mkdir(_) | Op::Create(..) | Op::Symlink(..) => vec![],
     };
     for rel in paths {
@@ -143,6 +213,9 @@ fn tree(root: &Path) -> BTreeMap<String, String> {
             let path = root.join(&r);
             let md = fs::symlink_metadata(&path).unwrap();
             let mut d = format!("mode={:o}", md.mode());
+            if md.is_file() || md.is_dir() {
+                d.push_str(&xattrs(&path));
+            }
             if md.is_file() {
                 d.push_str(&format!(" data={}", runs(&fs::read(&path).unwrap())));
                 if md.nlink() > 1 {
@@ -219,7 +292,8 @@ fn path(rng: &mut fastrand::Rng) -> String {
 
 fn random_op(rng: &mut fastrand::Rng) -> Op {
     let data = |rng: &mut fastrand::Rng| Data(rng.u8(..), rng.usize(0..3000));
-    match rng.u8(0..100) {
+    let xname = |rng: &mut fastrand::Rng| ["user.x", "user.y"][rng.usize(0..2)];
+    match rng.u8(0..106) {
         0..=17 => Op::Mkdir(path(rng)),
         18..=37 => Op::Create(path(rng), data(rng)),
         38..=45 => Op::Write(path(rng), rng.u64(0..4000), data(rng)),
@@ -229,7 +303,14 @@ fn random_op(rng: &mut fastrand::Rng) -> Op {
         72..=81 => Op::Unlink(path(rng)),
         82..=89 => Op::Rmdir(path(rng)),
         90..=94 => Op::Link(path(rng), path(rng)),
-        _ => Op::Chmod(path(rng), [0o755, 0o700, 0o644, 0o600][rng.usize(0..4)]),
+        95..=99 => Op::Chmod(path(rng), [0o755, 0o700, 0o644, 0o600][rng.usize(0..4)]),
+        100..=103 => Op::SetXattr(
+            path(rng),
+            xname(rng),
+            Data(rng.u8(..), rng.usize(0..20)),
+            [0, 0, libc::XATTR_CREATE, libc::XATTR_REPLACE][rng.usize(0..4)],
+        ),
+        _ => Op::RemoveXattr(path(rng), xname(rng)),
     }
 }
 
@@ -269,7 +350,7 @@ fn run(seed: u64, ops: usize, long: bool) {
     let mut away = false;
     let mut back_at: Option<Instant> = None;
     let mut recent: Vec<String> = Vec::new();
-    let (mut done, mut eio) = (0, 0);
+    let (mut done, mut eio, mut xattrs_away) = (0, 0, 0);
     // Every operation on stderr (shown if the test fails).
     let trace = std::env::var_os("NASSYNC_NS_TRACE").is_some();
     let check_every: Option<usize> = std::env::var("NASSYNC_NS_CHECK")
@@ -344,6 +425,9 @@ fn run(seed: u64, ops: usize, long: bool) {
         let want = apply(&model, &op);
         assert_eq!(got, want, "{}", context(&format!("{op:?}: mount vs model")));
         done += 1;
+        if away && got.is_ok() && matches!(op, Op::SetXattr(..) | Op::RemoveXattr(..)) {
+            xattrs_away += 1;
+        }
         if step % 250 == 249 && !nas_away {
             let d = diff(&tree(&model), &tree(&m.mnt));
             assert!(
@@ -365,7 +449,8 @@ fn run(seed: u64, ops: usize, long: bool) {
     }
     eprintln!(
         "{done} operations applied, {eio} refused with EIO while the NAS was away, {} \
-         removals, renames and links kept for later while it answered",
+         removals, renames and links kept for later while it answered, {xattrs_away} \
+         xattr changes made while it was away",
         m.stats()["kept_changes"]
     );
     sim.ctl("fail off");
