@@ -565,6 +565,12 @@ impl<B: Backend> Core<B> {
                 l.until = l.until.min(now);
             }
             t.negatives.clear();
+            // So do xattrs answered with a change kept here that the NAS
+            // then refused (its ctime did not move).
+            self.xattr_gen.fetch_add(1, Ordering::SeqCst);
+            for i in t.inodes.values_mut() {
+                i.xattrs = None;
+            }
         }
         let settled = wb.take_settled();
         if settled.is_empty() {
@@ -3597,7 +3603,11 @@ impl<B: Backend> Core<B> {
         flags: i32,
         e: BackendError,
     ) -> FsResult<()> {
-        let Some((attr, parent, at)) = self.known_name(ino).filter(|_| self.wb.is_some()) else {
+        // Those the NAS keeps as they are (not ACLs, which set the mode,
+        // nor security labels).
+        let user = std::os::unix::ffi::OsStrExt::as_bytes(name).starts_with(b"user.");
+        let Some((attr, parent, at)) = self.known_name(ino).filter(|_| self.wb.is_some() && user)
+        else {
             return Err(e.into());
         };
         // Whether it has it now, as far as the cache knows (of any age:
@@ -3632,15 +3642,18 @@ impl<B: Backend> Core<B> {
         self.xattr_gen.fetch_add(1, Ordering::SeqCst);
         let mut t = self.tables();
         if let Some(i) = t.inodes.get_mut(&ino) {
-            let ctime = i.attr.ctime;
+            // Filed under no ctime the NAS shows: offline it answers (of any
+            // age), online the NAS does, with the changes kept here laid
+            // over (and if the NAS refuses the change, without it).
             let c = i.xattrs.get_or_insert_with(|| {
                 Box::new(XattrCache {
-                    ctime,
+                    ctime: std::time::UNIX_EPOCH,
                     list: None,
                     acls_listed: false,
                     values: HashMap::new(),
                 })
             });
+            c.ctime = std::time::UNIX_EPOCH;
             let v = value.map(|v| v.to_vec()).ok_or(libc::ENODATA);
             c.values.insert(name.to_os_string(), v);
             if let Some(list) = c.list.as_mut() {

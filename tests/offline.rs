@@ -1696,3 +1696,53 @@ fn xattrs_offline(remount: bool) {
     assert_eq!(xlist(&m.m("r/edited.txt")), ["user.new"]);
     assert_eq!(xget(&m.m("r/dir"), "user.b"), Ok(b"3".to_vec()));
 }
+
+/// An xattr change kept offline that the NAS then refuses (an immutable
+/// directory: EPERM even for root) is dropped and reported, and the mount
+/// shows the NAS's value again, not the refused one. Names other than
+/// user.* (ACLs, security labels) still need the NAS: EIO offline.
+#[test]
+fn an_xattr_change_the_nas_refuses_is_dropped_and_no_longer_shown() {
+    use common::{xget, xlist, xremove, xset};
+    let _caches = kernel_caches(false);
+    let (m, sim) = removal_setup("timeo=30,actimeo=1,writeback_delay=1h");
+    let nas = sim.backing.join("r/dir");
+    xset(&nas, "user.b", b"nas", 0).unwrap();
+    // Made immutable by another client before the mount reads it (its
+    // ctime does not move after).
+    let st = std::process::Command::new("chattr")
+        .arg("+i")
+        .arg(&nas)
+        .status()
+        .unwrap();
+    assert!(st.success(), "chattr +i {}", nas.display());
+    std::thread::sleep(Duration::from_millis(1100));
+    let dir = m.m("r/dir");
+    std::fs::metadata(&dir).unwrap();
+    assert_eq!(xlist(&dir), ["user.b"]);
+    assert_eq!(xget(&dir, "user.b"), Ok(b"nas".to_vec()));
+    go_offline(&m, &sim);
+    xset(&dir, "user.b", b"here", 0).unwrap();
+    assert_eq!(xget(&dir, "user.b"), Ok(b"here".to_vec()));
+    // An ACL is not kept: it sets the mode, the NAS applies it.
+    assert_eq!(xremove(&dir, "system.posix_acl_default"), Err(libc::EIO));
+    assert_eq!(xset(&dir, "security.x", b"1", 0), Err(libc::EIO));
+    sim.ctl("fail off");
+    m.wait_status("nas online", Duration::from_secs(20));
+    m.flush(None);
+    let _ = std::process::Command::new("chattr")
+        .arg("-i")
+        .arg(&nas)
+        .status();
+    let status = m.status();
+    assert_eq!(m.status_value("conflicts"), 1, "{status}");
+    assert!(
+        status.contains("conflict r/dir") && status.contains("refuses"),
+        "{status}"
+    );
+    assert_eq!(xget(&nas, "user.b"), Ok(b"nas".to_vec()));
+    // Past the attributes' time to live: the NAS's value.
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::metadata(&dir).unwrap();
+    assert_eq!(xget(&dir, "user.b"), Ok(b"nas".to_vec()), "{}", m.log());
+}

@@ -1411,12 +1411,20 @@ impl<B: Backend> Overlay<B> {
 
     /// The extended attributes of NAS object `shown` set or removed here
     /// and not on the NAS yet, in the order they were.
-    fn xattrs_kept(st: &State<B>, shown: u64) -> impl Iterator<Item = &XattrRecord> {
-        let nas_ino = Self::nas_ino_of(st, shown);
-        st.removals
+    fn xattrs_kept(st: &State<B>, shown: u64) -> Vec<XattrRecord> {
+        let mut rows = st
+            .removals
             .iter()
-            .filter(move |r| r.was.ino == nas_ino)
-            .filter_map(|r| r.set.as_ref()?.xattr.as_ref())
+            .filter_map(|r| Some((r.was.ino, r.set.as_ref()?.xattr.as_ref()?)))
+            .peekable();
+        // (The aliases only looked through when there are any.)
+        if rows.peek().is_none() {
+            return Vec::new();
+        }
+        let nas_ino = Self::nas_ino_of(st, shown);
+        rows.filter(|(ino, _)| *ino == nas_ino)
+            .map(|(_, x)| x.clone())
+            .collect()
     }
 
     /// The inode number shown for NAS inode number `ino`.
@@ -5459,14 +5467,9 @@ impl<B: Backend> Backend for Overlay<B> {
             .nas_of(node)
             .ok_or_else(|| err("getxattr", libc::ENOENT))?;
         // Set or removed here, not on the NAS yet: the latest change.
-        if let Some(v) = Self::xattrs_kept(&self.st(), node.ino)
-            .filter(|x| x.name == name)
-            .last()
-        {
-            return v
-                .value
-                .clone()
-                .ok_or_else(|| err("getxattr", libc::ENODATA));
+        let kept = Self::xattrs_kept(&self.st(), node.ino);
+        if let Some(x) = kept.into_iter().rfind(|x| x.name == name) {
+            return x.value.ok_or_else(|| err("getxattr", libc::ENODATA));
         }
         self.lower.getxattr(&n, name)
     }
@@ -5489,14 +5492,15 @@ impl<B: Backend> Backend for Overlay<B> {
         let n = self
             .nas_of(node)
             .ok_or_else(|| err("listxattr", libc::ENOENT))?;
+        // Taken first: one made on the NAS meanwhile is in its answer, and
+        // laying it over again changes nothing.
+        let kept = Self::xattrs_kept(&self.st(), node.ino);
         let list = self.lower.listxattr(&n)?;
-        let st = self.st();
-        let mut kept = Self::xattrs_kept(&st, node.ino).peekable();
-        if kept.peek().is_none() {
+        if kept.is_empty() {
             return Ok(list);
         }
         let mut names: Vec<&[u8]> = list.split(|b| *b == 0).filter(|n| !n.is_empty()).collect();
-        for x in kept {
+        for x in &kept {
             names.retain(|n| *n != x.name.as_bytes());
             if x.value.is_some() {
                 names.push(x.name.as_bytes());
