@@ -216,8 +216,13 @@ fn sigkill_at_random_moments_loses_nothing_fsync_confirmed() {
 }
 
 /// The namespace as the crash loop sees it: directories and files with
-/// their content.
+/// their content, and the value of a directory's xattr `user.k` under
+/// `xattr_key(dir)`.
 type Tree = std::collections::BTreeMap<String, Option<Vec<u8>>>;
+
+fn xattr_key(dir: &str) -> String {
+    format!("{dir}\0user.k")
+}
 
 fn read_tree(root: &std::path::Path) -> std::io::Result<Tree> {
     let mut out = Tree::new();
@@ -232,6 +237,14 @@ fn read_tree(root: &std::path::Path) -> std::io::Result<Tree> {
                 format!("{rel}/{name}")
             };
             if e.file_type()?.is_dir() {
+                match common::xget(&root.join(&r), "user.k") {
+                    Ok(v) => drop(out.insert(xattr_key(&r), Some(v))),
+                    Err(libc::ENODATA) => {}
+                    Err(e) => {
+                        let e = std::io::Error::from_raw_os_error(e);
+                        return Err(std::io::Error::new(e.kind(), format!("{r}: getxattr: {e}")));
+                    }
+                }
                 stack.push(r.clone());
                 out.insert(r, None);
             } else {
@@ -252,6 +265,8 @@ enum NsOp {
     Rename(String, String),
     Unlink(String),
     Link(String, String),
+    /// setxattr user.k of a directory.
+    SetXattr(String, Vec<u8>),
 }
 
 /// The states an interrupted `op` may leave `t` in (a creation also as
@@ -280,6 +295,9 @@ fn outcomes(t: &Tree, op: &NsOp) -> Vec<Tree> {
             let v = done.get(a).cloned().unwrap();
             done.insert(b.clone(), v);
         }
+        NsOp::SetXattr(d, v) => {
+            done.insert(xattr_key(d), Some(v.clone()));
+        }
     }
     [Some(t.clone()), Some(done), empty]
         .into_iter()
@@ -287,9 +305,10 @@ fn outcomes(t: &Tree, op: &NsOp) -> Vec<Tree> {
         .collect()
 }
 
-/// Creates, renames, links and removes files and directories through the mount,
-/// each confirmed by fsync of the file and of its directories, until an
-/// operation fails (the daemon is gone).
+/// Creates, renames, links and removes files and directories, and sets
+/// directories' xattrs, through the mount, each confirmed by fsync of the
+/// file and of its directories, until an operation fails (the daemon is
+/// gone).
 fn ns_writer(
     mnt: std::path::PathBuf,
     model: Arc<Mutex<(Tree, Option<NsOp>)>>,
@@ -324,7 +343,7 @@ fn ns_writer(
             .collect();
         let files: Vec<&String> = t
             .iter()
-            .filter(|(_, v)| v.is_some())
+            .filter(|(k, v)| v.is_some() && !k.contains('\0'))
             .map(|(k, _)| k)
             .collect();
         n = n.wrapping_add(1);
@@ -335,7 +354,7 @@ fn ns_writer(
                 i => format!("{}/{leaf}", dirs[i]),
             },
         };
-        let op = match rng.u8(..11) {
+        let op = match rng.u8(..12) {
             0..=4 => {
                 let data: Vec<u8> = (0..rng.usize(..20_000)).map(|_| rng.u8(1..)).collect();
                 NsOp::Create(in_dir(&mut rng, format!("f{n}")), data)
@@ -349,6 +368,10 @@ fn ns_writer(
             10 if !files.is_empty() => {
                 let a = files[rng.usize(..files.len())].clone();
                 NsOp::Link(a, in_dir(&mut rng, format!("l{n}")))
+            }
+            11 if !dirs.is_empty() => {
+                let d = dirs[rng.usize(..dirs.len())].clone();
+                NsOp::SetXattr(d, (0..rng.usize(..40)).map(|_| rng.u8(..)).collect())
             }
             _ => continue,
         };
@@ -369,6 +392,12 @@ fn ns_writer(
             }
             NsOp::Unlink(a) => std::fs::remove_file(mnt.join(a)).is_ok() && sync_dir(a),
             NsOp::Link(a, b) => std::fs::hard_link(mnt.join(a), mnt.join(b)).is_ok() && sync_dir(b),
+            NsOp::SetXattr(d, v) => {
+                common::xset(&mnt.join(d), "user.k", v, 0).is_ok()
+                    && std::fs::File::open(mnt.join(d))
+                        .and_then(|f| f.sync_all())
+                        .is_ok()
+            }
         };
         if !ok {
             return;
@@ -537,9 +566,11 @@ fn ns_crash_loop(kind: Loop) {
     );
     assert_eq!(m.status_value("conflicts"), 0, "seed {seed}");
     eprintln!(
-        "{what} crash loop: {iters} kills ({interrupted} mid-operation), {} entries, \
-         {kept} changes kept while the NAS answered, nothing lost, no conflict copy",
-        mm.0.len()
+        "{what} crash loop: {iters} kills ({interrupted} mid-operation), {} entries \
+         ({} directories with an xattr), {kept} changes kept while the NAS answered, \
+         nothing lost, no conflict copy",
+        mm.0.len(),
+        mm.0.keys().filter(|k| k.contains('\0')).count()
     );
     if kind == Loop::Kept {
         assert!(kept > 0, "seed {seed}: nothing was kept for later");
