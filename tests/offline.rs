@@ -1746,3 +1746,92 @@ fn an_xattr_change_the_nas_refuses_is_dropped_and_no_longer_shown() {
     std::fs::metadata(&dir).unwrap();
     assert_eq!(xget(&dir, "user.b"), Ok(b"nas".to_vec()), "{}", m.log());
 }
+
+#[test]
+fn a_nas_directory_renamed_into_a_directory_made_offline_reaches_the_nas() {
+    dir_into_new_directory(false);
+}
+
+#[test]
+fn a_nas_directory_renamed_into_a_directory_made_offline_survives_an_unmount() {
+    dir_into_new_directory(true);
+}
+
+/// Offline, `mkdir -p archive/2026; mv tree archive/2026/` of a directory
+/// on the NAS: shown there at once with what is in it, worked in (new
+/// files and directories, an edit, a rename), and on the NAS, once it
+/// answers (or at the next mount), the same directory renamed there,
+/// never copied, with all of it.
+fn dir_into_new_directory(remount: bool) {
+    let _caches = kernel_caches(false);
+    let (mut m, sim) =
+        removal_setup("timeo=30,actimeo=1,writeback_delay=1h,unmount_flush_timeout=1s");
+    let nas = |p: &str| sim.backing.join(p);
+    let (dir_ino, nas_dir_ino) = (ino(&m.m("r/tree")), ino(&nas("r/tree")));
+    go_offline(&m, &sim);
+    std::fs::create_dir_all(m.m("r/archive/2026")).unwrap();
+    std::fs::rename(m.m("r/tree"), m.m("r/archive/2026/tree")).unwrap();
+    let mnt = m.mnt.clone();
+    let t = |p: &str| mnt.join(format!("r/archive/2026/tree/{p}"));
+    assert_eq!(names(&m.m("r/archive/2026")), ["tree"]);
+    assert_eq!(ino(&t("")), dir_ino);
+    assert_eq!(names(&t("")), ["sub", "x"]);
+    assert_eq!(
+        std::fs::read_to_string(t("x")).unwrap(),
+        "r/tree/x on the NAS"
+    );
+    std::fs::write(t("x"), "x edited offline").unwrap();
+    std::fs::write(t("new.txt"), "new here").unwrap();
+    std::fs::create_dir(t("sub/newsub")).unwrap();
+    std::fs::write(t("sub/newsub/f"), "deeper").unwrap();
+    std::fs::rename(t("sub/y"), t("y2")).unwrap();
+    assert_eq!(names(&t("")), ["new.txt", "sub", "x", "y2"]);
+    assert!(!m.m("r/tree").exists());
+    assert_eq!(nlink(&m.m("r/archive/2026")), 3);
+    assert_eq!(errno(&std::fs::remove_dir(t(""))), libc::ENOTEMPTY);
+    // Not empty, and stays where the rename goes until it is made.
+    assert_eq!(
+        errno(&std::fs::remove_dir(m.m("r/archive/2026"))),
+        libc::ENOTEMPTY
+    );
+    assert_eq!(
+        errno(&std::fs::rename(m.m("r/archive"), m.m("r/old"))),
+        libc::EIO
+    );
+    assert!(!nas("r/archive").exists() && nas("r/tree/sub/y").exists());
+    if remount {
+        m.unmount();
+        assert_eq!(m.last_exit.and_then(|s| s.code()), Some(75), "{}", m.log());
+        sim.ctl("fail off");
+        m.mount();
+        assert_eq!(names(&t("")), ["new.txt", "sub", "x", "y2"]);
+    } else {
+        sim.ctl("fail off");
+        m.wait_status("nas online", Duration::from_secs(20));
+    }
+    m.flush(None);
+    let n = |p: &str| nas(&format!("r/archive/2026/tree/{p}"));
+    let read = |p: &str| std::fs::read_to_string(n(p)).unwrap();
+    assert_eq!(ino(&n("")), nas_dir_ino, "renamed, not copied");
+    assert!(!nas("r/tree").exists());
+    assert_eq!(names(&n("")), ["new.txt", "sub", "x", "y2"]);
+    assert_eq!(read("x"), "x edited offline");
+    assert_eq!(read("new.txt"), "new here");
+    assert_eq!(read("sub/newsub/f"), "deeper");
+    assert_eq!(read("y2"), "r/tree/sub/y on the NAS");
+    assert_eq!(names(&n("sub")), ["newsub"]);
+    assert_eq!(
+        m.status_value("conflicts"),
+        0,
+        "{}\n{}",
+        m.status(),
+        m.log()
+    );
+    // Now on the NAS: as any directory there.
+    std::fs::rename(m.m("r/archive"), m.m("r/old")).unwrap();
+    m.flush(None);
+    assert_eq!(
+        std::fs::read_to_string(nas("r/old/2026/tree/x")).unwrap(),
+        "x edited offline"
+    );
+}

@@ -2955,6 +2955,10 @@ impl<B: Backend> Overlay<B> {
         let Some(pos) = Self::moved_in_row(&st, dir, name, node) else {
             return Err(err("remove", libc::EIO));
         };
+        // A directory's rows followed it there: the NAS way.
+        if kind == FileKind::Dir {
+            return Err(err("remove", libc::EIO));
+        }
         let id = st.removals[pos].id;
         // The version to remove is the caller's (the NAS's, for a file
         // with changes pending), not the one the rename noted.
@@ -3000,7 +3004,11 @@ impl<B: Backend> Overlay<B> {
         let Some(pos) = Self::moved_in_row(&st, dir, name, node) else {
             return Err(err(op, libc::EIO));
         };
-        if pos + 1 != st.removals.len() || is_hidden(newname) {
+        // (A directory's rows followed it there: the NAS way.)
+        if pos + 1 != st.removals.len()
+            || is_hidden(newname)
+            || st.removals[pos].kind == FileKind::Dir
+        {
             return Err(err(op, libc::EIO));
         }
         // A new object there: the NAS way. (A NAS object there: the
@@ -4995,14 +5003,27 @@ impl<B: Backend> Backend for Overlay<B> {
             }
         }
         let Some(d) = self.nas_of(dir) else {
-            // (Only files are renamed into a directory made here.)
-            return Err(err(
-                "rmdir",
-                match Self::pending_at(&self.st(), dir.ino, name) {
-                    AtName::MovedIn(_) => libc::ENOTDIR,
-                    _ => libc::ENOENT,
-                },
-            ));
+            let moved_in = {
+                let st = self.st();
+                match Self::pending_at(&st, dir.ino, name) {
+                    AtName::MovedIn(id) => st.removals.iter().find(|r| r.id == id).map(|r| r.kind),
+                    _ => None,
+                }
+            };
+            return match moved_in {
+                // A NAS directory renamed into this new one: the NAS way,
+                // once that rename is made there (with this directory).
+                Some(FileKind::Dir) => {
+                    drop(_w);
+                    self.apply_removals_at(&[(dir, name)], "rmdir")?;
+                    if self.nas_of(dir).is_none() {
+                        return Err(err("rmdir", libc::EIO));
+                    }
+                    self.rmdir(dir, name)
+                }
+                Some(_) => Err(err("rmdir", libc::ENOTDIR)),
+                None => Err(err("rmdir", libc::ENOENT)),
+            };
         };
         if Self::is_removed(&self.st(), dir.ino, name) {
             return Err(err("rmdir", libc::ENOENT));
@@ -5701,13 +5722,15 @@ impl<B: Backend> Backend for Overlay<B> {
             return Err(err(op, libc::EIO));
         };
         // Into a directory made here, not on the NAS yet (`mkdir x; mv f
-        // x/` offline): made there first at the replay. Not a directory
-        // (the rows under it name it by path), not over another object,
-        // and not where the NAS may refuse it (EXDEV).
+        // x/` offline): made there first at the replay. Not over another
+        // object, and not where the NAS may refuse it (EXDEV). A directory
+        // takes the rows under it along as into any directory (their
+        // paths then go through the new one, which the replay, and a
+        // later mount, make before them).
         let nd = self.nas_of(newdir);
         if nd.is_none() {
             let new_dir = Self::is_new_dir(&self.st(), newdir.ino);
-            if !new_dir || kind == FileKind::Dir || over.is_some() || !self.same_fs(dir, newdir) {
+            if !new_dir || over.is_some() || !self.same_fs(dir, newdir) {
                 return Err(err(op, libc::EIO));
             }
         }
@@ -5860,6 +5883,7 @@ impl<B: Backend> Backend for Overlay<B> {
                 ""
             }
         );
+        let subdirs = i32::from(moved_dir && nd.is_none());
         st.removals.push_back(Removal {
             id: ids[ids.len() - 1],
             dir: d,
@@ -5891,7 +5915,8 @@ impl<B: Backend> Backend for Overlay<B> {
         if !link {
             Self::dir_changed(&mut st, dir.ino, at, 0);
         }
-        Self::dir_changed(&mut st, newdir.ino, at, 0);
+        // (A NAS directory's link count follows its rows: `dir_up`.)
+        Self::dir_changed(&mut st, newdir.ino, at, subdirs);
         drop(st);
         // Due after the write-back delay, as creations (an rm -rf must
         // not run a pass per entry).
