@@ -1892,6 +1892,28 @@ impl<B: Backend> Core<B> {
         Ok(())
     }
 
+    /// The extended attributes of `node`, names and values, sorted (none
+    /// where the backend keeps none); None where it cannot tell.
+    fn xattrs_of(&self, node: &B::Node) -> Option<Vec<(OsString, Vec<u8>)>> {
+        use std::os::unix::ffi::OsStrExt;
+        let list = match self.backend.listxattr(node) {
+            Ok(l) => l,
+            Err(e) if e.raw_errno() == libc::EOPNOTSUPP => return Some(Vec::new()),
+            Err(_) => return None,
+        };
+        let mut out = Vec::new();
+        for n in list.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+            let name = OsStr::from_bytes(n);
+            match self.backend.getxattr(node, name) {
+                Ok(v) => out.push((name.to_os_string(), v)),
+                Err(e) if e.raw_errno() == libc::ENODATA => {}
+                Err(_) => return None,
+            }
+        }
+        out.sort();
+        Some(out)
+    }
+
     /// A file written from scratch renamed over an existing file (how
     /// editors save): rather than replace the NAS file, write-back writes
     /// the new content into it as a delta (see [`WriteBack::retarget`]),
@@ -1899,7 +1921,8 @@ impl<B: Backend> Core<B> {
     /// changed nothing, when the rename does not qualify: the new file must
     /// be all local and closed, the old one a regular file with one link
     /// and nothing pending, open nowhere on this machine, with the new
-    /// file's mode (else the rename goes to the NAS as usual).
+    /// file's mode and extended attributes (else the rename goes to the
+    /// NAS as usual).
     #[allow(clippy::too_many_arguments)]
     fn save_over(
         &self,
@@ -1923,12 +1946,13 @@ impl<B: Backend> Core<B> {
         {
             return Ok(false);
         }
-        let (src_kind, src_links, src_perm, dst_data) = {
+        let (src_kind, src_links, src_perm, src_node, dst_data) = {
             let t = self.tables();
             let (Some(si), Some(di)) = (t.inodes.get(&src), t.inodes.get(dst)) else {
                 return Ok(false);
             };
-            (si.kind, si.attr.nlink, si.attr.perm, di.data.clone())
+            let s = (si.kind, si.attr.nlink, si.attr.perm, si.node.clone());
+            (s.0, s.1, s.2, s.3, di.data.clone())
         };
         if src_kind != FileKind::File || src_links != 1 {
             return Ok(false);
@@ -1941,6 +1965,11 @@ impl<B: Backend> Core<B> {
             Ok(a) if a.kind == FileKind::File && a.nlink == 1 && a.perm == src_perm => a,
             _ => return Ok(false),
         };
+        // Nor its extended attributes (the new file's own would be lost).
+        match (self.xattrs_of(&src_node), self.xattrs_of(dst_node)) {
+            (Some(a), Some(b)) if a == b => {}
+            _ => return Ok(false),
+        }
         let start = Start {
             fuse_ino: *dst,
             node: dst_node.clone(),

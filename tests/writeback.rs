@@ -676,3 +676,37 @@ fn timestamps_of_local_and_nas_changes_keep_their_order() {
     }
     m.unmount();
 }
+
+/// A save through a temporary file carrying extended attributes of its
+/// own (or without those of the old file) ends with the temporary file's,
+/// as a rename does: it is not turned into a delta that would keep the
+/// old file's (found by the namespace model test).
+#[test]
+fn a_save_through_a_temporary_file_with_other_xattrs_keeps_its_own() {
+    use common::{xget, xlist, xset};
+    let m = Mount::new("writeback_delay=1h");
+    for (name, old_x, new_x) in [
+        ("a.txt", None, Some(b"".as_slice())),
+        ("b.txt", Some(b"old".as_slice()), None),
+    ] {
+        std::fs::write(m.n(name), "old").unwrap();
+        if let Some(v) = old_x {
+            xset(&m.n(name), "user.k", v, 0).unwrap();
+        }
+        let tmp = m.m(&format!(".{name}.tmp"));
+        std::fs::write(&tmp, "new content").unwrap();
+        if let Some(v) = new_x {
+            xset(&tmp, "user.k", v, 0).unwrap();
+        }
+        std::fs::rename(&tmp, m.m(name)).unwrap();
+        let want: Vec<String> = new_x.iter().map(|_| "user.k".to_string()).collect();
+        assert_eq!(xlist(&m.m(name)), want, "{name}");
+        m.flush(None);
+        assert_eq!(std::fs::read_to_string(m.n(name)).unwrap(), "new content");
+        assert_eq!(xlist(&m.n(name)), want, "{name} on the NAS");
+        if let Some(v) = new_x {
+            assert_eq!(xget(&m.n(name), "user.k"), Ok(v.to_vec()));
+        }
+    }
+    assert_eq!(m.status_value("conflicts"), 0);
+}
