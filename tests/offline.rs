@@ -1835,3 +1835,76 @@ fn dir_into_new_directory(remount: bool) {
         "x edited offline"
     );
 }
+
+#[test]
+fn a_directory_moved_offline_into_a_new_one_whose_name_is_taken_keeps_its_files() {
+    dir_into_taken_new_directory(false);
+}
+
+#[test]
+fn a_directory_moved_offline_into_a_new_one_whose_name_is_taken_keeps_its_files_after_an_unmount() {
+    dir_into_taken_new_directory(true);
+}
+
+/// Offline `mkdir x; mv tree x/`, then work in x/tree; meanwhile another
+/// client makes a *file* named x on the NAS. Once the NAS answers the new
+/// directory gets the conflict name and tree goes into it with what was
+/// made there; at the next mount (the directory's row then finds the
+/// file at its path and the rename fails) tree stays where it was, with
+/// them. Either way nothing lands elsewhere, nothing is lost, and the
+/// other client's file stays.
+fn dir_into_taken_new_directory(remount: bool) {
+    let _caches = kernel_caches(false);
+    let (mut m, sim) =
+        removal_setup("timeo=30,actimeo=1,writeback_delay=1h,unmount_flush_timeout=1s");
+    let nas = |p: &str| sim.backing.join(p);
+    let nas_dir_ino = ino(&nas("r/tree"));
+    go_offline(&m, &sim);
+    std::fs::create_dir(m.m("r/x")).unwrap();
+    std::fs::rename(m.m("r/tree"), m.m("r/x/tree")).unwrap();
+    std::fs::write(m.m("r/x/tree/new.txt"), "new here").unwrap();
+    std::fs::write(m.m("r/x/tree/x"), "x edited offline").unwrap();
+    std::fs::create_dir(m.m("r/x/tree/sub/newsub")).unwrap();
+    std::fs::remove_file(m.m("r/x/tree/sub/y")).unwrap();
+    std::fs::write(nas("r/x"), "another client's").unwrap();
+    if remount {
+        m.unmount();
+        assert_eq!(m.last_exit.and_then(|s| s.code()), Some(75), "{}", m.log());
+        sim.ctl("fail off");
+        m.mount();
+    } else {
+        sim.ctl("fail off");
+        m.wait_status("nas online", Duration::from_secs(20));
+    }
+    m.flush(None);
+    let status = m.status();
+    assert_eq!(
+        std::fs::read_to_string(nas("r/x")).unwrap(),
+        "another client's"
+    );
+    let tree = if remount {
+        nas("r/tree")
+    } else {
+        let taken: Vec<String> = names(&nas("r"))
+            .into_iter()
+            .filter(|n| n.starts_with("x.nassync-conflict-"))
+            .collect();
+        assert_eq!(taken.len(), 1, "{taken:?}\n{status}");
+        nas(&format!("r/{}/tree", taken[0]))
+    };
+    assert_eq!(ino(&tree), nas_dir_ino, "{status}\n{}", m.log());
+    assert_eq!(names(&tree), ["new.txt", "sub", "x"], "{status}");
+    assert_eq!(
+        std::fs::read_to_string(tree.join("new.txt")).unwrap(),
+        "new here"
+    );
+    assert_eq!(
+        std::fs::read_to_string(tree.join("x")).unwrap(),
+        "x edited offline"
+    );
+    assert_eq!(names(&tree.join("sub")), ["newsub"]);
+    // Nothing went to the share's root or anywhere else.
+    assert_eq!(names(&nas("")), ["r"], "{status}");
+    assert!(!status.contains("\npending "), "{status}");
+    assert!(m.status_value("conflicts") >= 1, "{status}");
+}

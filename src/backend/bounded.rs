@@ -45,7 +45,8 @@ impl fmt::Display for Unreachable {
 
 impl std::error::Error for Unreachable {}
 
-fn unreachable(op: &'static str) -> BackendError {
+/// The error of a call made while the NAS does not answer.
+pub(crate) fn unreachable(op: &'static str) -> BackendError {
     BackendError::new(
         op,
         std::io::Error::new(std::io::ErrorKind::TimedOut, Unreachable),

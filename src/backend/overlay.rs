@@ -57,7 +57,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::bounded::is_unreachable;
+use super::bounded::{is_unreachable, unreachable};
 use super::{
     Attr, BResult, Backend, BackendError, Creds, DirEntry, FileKind, OpenMode, RenameFlags,
     SetAttr, SetTime, StatFs, Validator,
@@ -1093,6 +1093,27 @@ impl<B: Backend> Overlay<B> {
                 }
             },
         };
+        // A rename not made (the object stays where it was): what followed
+        // it to its new path (a directory's rows, a file's data rows)
+        // comes back.
+        let stayed = match &outcome {
+            Ok(Some((_, kept, _))) => *kept == path,
+            Ok(None) => false,
+            Err(e) => !is_unreachable(e),
+        };
+        // (Gone there: what was made in it or written to it here comes back
+        // at the new name, as shown.)
+        let stayed = stayed
+            && find(&r.dir_path)?.is_some_and(|d| {
+                self.lower
+                    .lookup(&d, &r.name)
+                    .is_ok_and(|(_, a)| a.ino == r.was.ino)
+            });
+        if let (Some((td, tn)), false, true) = (&r.to, r.link, stayed) {
+            self.journal
+                .repath(r.id, r.was.ino, &join_path(td, tn), &path)?;
+            repathed = true;
+        }
         match outcome {
             Ok(None) => log::info!("journal: {path:?} changed on the NAS as it was here"),
             Ok(Some((shown, kept, why))) => self.note_conflict(&shown, &kept, &why),
@@ -2765,6 +2786,28 @@ impl<B: Backend> Overlay<B> {
                     format!("could not be {what} on the NAS ({e})"),
                 )),
             };
+            // A rename not made (the object stays where it was, or is
+            // gone): what followed it to its new path comes back (a
+            // directory's rows, a file's data rows), and a directory made
+            // here no longer counts a directory that did not come.
+            if let (Some(t), Some((_, kept, _))) = (to.as_ref().filter(|t| !t.link), &conflict) {
+                // (Gone there: what was made in it or written to it here
+                // comes back at the new name, as shown.)
+                let there = || {
+                    self.lower
+                        .lookup(&dir, &name)
+                        .is_ok_and(|(_, a)| a.ino == was.ino)
+                };
+                if *kept == path && there() {
+                    self.moved_to_conflict(shown, dir_ino, &name);
+                    self.repath(id, was.ino, &t.path, &path);
+                    let mut st = self.st();
+                    let new_dir = st.objs.get_mut(&t.dir_ino).filter(|o| o.nas.is_none());
+                    if let (FileKind::Dir, Some(o)) = (kind, new_dir) {
+                        o.attr.nlink = o.attr.nlink.saturating_sub(1).max(2);
+                    }
+                }
+            }
             if let Some((shown_path, kept, reason)) = conflict {
                 self.note_conflict(&shown_path, &kept, &reason);
             } else {
@@ -3618,6 +3661,11 @@ impl<B: Backend> Overlay<B> {
             // Its further names' directories must be on the NAS too.
             self.link_places(p, make_dirs)?;
         }
+        // Marked as being made only when the attempt may reach the NAS: a
+        // directory marked so takes one found at its name as its own.
+        if !applying && self.lower.offline_since().is_some() {
+            return Err(unreachable(op));
+        }
         if !applying {
             let mut st = self.st();
             if let Some(o) = st.objs.get_mut(&p) {
@@ -4277,6 +4325,10 @@ impl<B: Backend> Overlay<B> {
             self.quiet(d);
         }
         for (full, kept_full) in conflicts {
+            // What was renamed into it here names it by path.
+            if kind == FileKind::Dir {
+                self.repath(0, a.ino, &full, &kept_full);
+            }
             self.note_conflict(
                 &full,
                 &kept_full,
