@@ -511,10 +511,11 @@ impl<B: Backend> Overlay<B> {
         let (root_node, root_attr) = lower.root().map_err(setup)?;
         // Whether the NAS keeps user xattrs (not a kernel NFSv3 mount, not
         // nfs://): asking for one it does not have says so (reading only).
-        let xattrs_ok = matches!(
-            lower.getxattr(&root_node, OsStr::new("user.nassync-probe")),
-            Err(e) if e.raw_errno() == libc::ENODATA
-        );
+        let xattrs_ok = lower.keeps_xattrs()
+            && matches!(
+                lower.getxattr(&root_node, OsStr::new("user.nassync-probe")),
+                Err(e) if e.raw_errno() == libc::ENODATA
+            );
         // Aliases no data row names: nothing knows those numbers any more.
         journal.prune_aliases()?;
         let aliases = journal.load_aliases()?;
@@ -1104,11 +1105,16 @@ impl<B: Backend> Overlay<B> {
         // (Gone there: what was made in it or written to it here comes back
         // at the new name, as shown.)
         let stayed = stayed
-            && find(&r.dir_path)?.is_some_and(|d| {
-                self.lower
-                    .lookup(&d, &r.name)
-                    .is_ok_and(|(_, a)| a.ino == r.was.ino)
-            });
+            && match find(&r.dir_path)? {
+                Some(d) => match self.lower.lookup(&d, &r.name) {
+                    Ok((_, a)) => a.ino == r.was.ino,
+                    Err(e) if is_unreachable(&e) => {
+                        return Err(setup(format!("finding {path:?} again: {e}")));
+                    }
+                    Err(_) => false,
+                },
+                None => false,
+            };
         if let (Some((td, tn)), false, true) = (&r.to, r.link, stayed) {
             self.journal
                 .repath(r.id, r.was.ino, &join_path(td, tn), &path)?;
@@ -2791,20 +2797,29 @@ impl<B: Backend> Overlay<B> {
             // directory's rows, a file's data rows), and a directory made
             // here no longer counts a directory that did not come.
             if let (Some(t), Some((_, kept, _))) = (to.as_ref().filter(|t| !t.link), &conflict) {
-                // (Gone there: what was made in it or written to it here
-                // comes back at the new name, as shown.)
-                let there = || {
-                    self.lower
-                        .lookup(&dir, &name)
-                        .is_ok_and(|(_, a)| a.ino == was.ino)
-                };
-                if *kept == path && there() {
-                    self.moved_to_conflict(shown, dir_ino, &name);
-                    self.repath(id, was.ino, &t.path, &path);
-                    let mut st = self.st();
-                    let new_dir = st.objs.get_mut(&t.dir_ino).filter(|o| o.nas.is_none());
-                    if let (FileKind::Dir, Some(o)) = (kind, new_dir) {
-                        o.attr.nlink = o.attr.nlink.saturating_sub(1).max(2);
+                if *kept == path {
+                    // (Gone there: what was made in it or written to it
+                    // here comes back at the new name, as shown.)
+                    let there = match self.lower.lookup(&dir, &name) {
+                        Ok((_, a)) => a.ino == was.ino,
+                        // Not knowing is not "gone": the row stays, tried
+                        // again.
+                        Err(e) if is_unreachable(&e) => {
+                            if let Some(r) = self.st().removals.front_mut() {
+                                r.error = Some(e.to_string());
+                            }
+                            return Err(e);
+                        }
+                        Err(_) => false,
+                    };
+                    if there {
+                        self.moved_to_conflict(shown, dir_ino, &name);
+                        self.repath(id, was.ino, &t.path, &path);
+                        let mut st = self.st();
+                        let new_dir = st.objs.get_mut(&t.dir_ino).filter(|o| o.nas.is_none());
+                        if let (FileKind::Dir, Some(o)) = (kind, new_dir) {
+                            o.attr.nlink = o.attr.nlink.saturating_sub(1).max(2);
+                        }
                     }
                 }
             }
@@ -4325,10 +4340,6 @@ impl<B: Backend> Overlay<B> {
             self.quiet(d);
         }
         for (full, kept_full) in conflicts {
-            // What was renamed into it here names it by path.
-            if kind == FileKind::Dir {
-                self.repath(0, a.ino, &full, &kept_full);
-            }
             self.note_conflict(
                 &full,
                 &kept_full,
