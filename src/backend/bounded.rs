@@ -647,6 +647,9 @@ impl<B: Backend> Backend for BoundedBackend<B> {
     fn lists_acls(&self, node: &Self::Node) -> bool {
         self.0.inner.lists_acls(node)
     }
+    fn keeps_xattrs(&self) -> bool {
+        self.0.inner.keeps_xattrs()
+    }
     fn same_fs(&self, a: &Self::Node, b: &Self::Node) -> bool {
         self.0.inner.same_fs(a, b)
     }

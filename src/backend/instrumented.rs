@@ -264,6 +264,9 @@ impl<B: Backend> Backend for Instrumented<B> {
     fn lists_acls(&self, node: &Self::Node) -> bool {
         self.inner.lists_acls(node)
     }
+    fn keeps_xattrs(&self) -> bool {
+        self.inner.keeps_xattrs()
+    }
     fn same_fs(&self, a: &Self::Node, b: &Self::Node) -> bool {
         self.inner.same_fs(a, b)
     }

@@ -339,6 +339,13 @@ pub trait Backend: Send + Sync + 'static {
         false
     }
 
+    /// Whether the NAS can keep extended attributes at all (not NFSv3,
+    /// whose getxattr finds none and setxattr is EOPNOTSUPP). Answered
+    /// without I/O.
+    fn keeps_xattrs(&self) -> bool {
+        true
+    }
+
     /// Whether directories `a` and `b` are on the same filesystem of the
     /// NAS, as the backend knows without asking it: a rename or link
     /// between them cannot fail with EXDEV (a snapshot directory, a

@@ -1560,6 +1560,10 @@ impl Backend for NfsBackend {
     }
 
     // NFSv3 has no extended attributes (Linux's client has none either).
+    fn keeps_xattrs(&self) -> bool {
+        false
+    }
+
     fn getxattr(&self, _node: &Self::Node, _name: &OsStr) -> BResult<Vec<u8>> {
         // None is there (the kernel asks for ACLs at every access check,
         // and must hear "no ACL", not an error).
