@@ -566,10 +566,11 @@ impl<B: Backend> Core<B> {
             }
             t.negatives.clear();
             // So do xattrs answered with a change kept here that the NAS
-            // then refused (its ctime did not move).
+            // then refused (its ctime did not move): asked again while it
+            // answers, still served while it does not.
             self.xattr_gen.fetch_add(1, Ordering::SeqCst);
-            for i in t.inodes.values_mut() {
-                i.xattrs = None;
+            for c in t.inodes.values_mut().filter_map(|i| i.xattrs.as_mut()) {
+                c.ctime = std::time::UNIX_EPOCH;
             }
         }
         let settled = wb.take_settled();
@@ -1892,9 +1893,11 @@ impl<B: Backend> Core<B> {
         Ok(())
     }
 
-    /// The extended attributes of `node`, names and values, sorted (none
-    /// where the backend keeps none); None where it cannot tell.
-    fn xattrs_of(&self, node: &B::Node) -> Option<Vec<(OsString, Vec<u8>)>> {
+    /// The `user.*` extended attributes of `node`, names and values,
+    /// sorted (none where the backend keeps none); None where it cannot
+    /// tell. (Only those: a new file here has no others, and a NAS file's
+    /// security label or NFSv4 ACL would be the NAS's to give it anyway.)
+    fn user_xattrs_of(&self, node: &B::Node) -> Option<Vec<(OsString, Vec<u8>)>> {
         use std::os::unix::ffi::OsStrExt;
         let list = match self.backend.listxattr(node) {
             Ok(l) => l,
@@ -1902,7 +1905,8 @@ impl<B: Backend> Core<B> {
             Err(_) => return None,
         };
         let mut out = Vec::new();
-        for n in list.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let names = list.split(|&b| b == 0);
+        for n in names.filter(|n| n.starts_with(b"user.")) {
             let name = OsStr::from_bytes(n);
             match self.backend.getxattr(node, name) {
                 Ok(v) => out.push((name.to_os_string(), v)),
@@ -1921,8 +1925,8 @@ impl<B: Backend> Core<B> {
     /// changed nothing, when the rename does not qualify: the new file must
     /// be all local and closed, the old one a regular file with one link
     /// and nothing pending, open nowhere on this machine, with the new
-    /// file's mode and extended attributes (else the rename goes to the
-    /// NAS as usual).
+    /// file's mode and user xattrs (else the rename goes to the NAS as
+    /// usual).
     #[allow(clippy::too_many_arguments)]
     fn save_over(
         &self,
@@ -1965,8 +1969,11 @@ impl<B: Backend> Core<B> {
             Ok(a) if a.kind == FileKind::File && a.nlink == 1 && a.perm == src_perm => a,
             _ => return Ok(false),
         };
-        // Nor its extended attributes (the new file's own would be lost).
-        match (self.xattrs_of(&src_node), self.xattrs_of(dst_node)) {
+        // Nor its user xattrs (the new file's own would be lost).
+        match (
+            self.user_xattrs_of(&src_node),
+            self.user_xattrs_of(dst_node),
+        ) {
             (Some(a), Some(b)) if a == b => {}
             _ => return Ok(false),
         }

@@ -330,7 +330,7 @@ fn a_server_cut_off_the_network_fails_requests_in_time() {
 
 #[test]
 fn nfs_sources_refuse_what_nfsv3_lacks() {
-    let (mut m, _server) = setup("");
+    let (mut m, _server) = setup("writeback_delay=1h");
     m.mount();
     std::fs::write(m.m("a"), b"a").unwrap();
     std::fs::write(m.m("b"), b"b").unwrap();
@@ -360,6 +360,18 @@ fn nfs_sources_refuse_what_nfsv3_lacks() {
         Some(libc::EOPNOTSUPP)
     );
     assert_eq!(std::fs::read(m.m("a")).unwrap(), b"a");
+    // The same for a new file, not on the NAS yet: at once, and it is not
+    // made there for it (nor kept here to be lost there).
+    std::fs::write(m.m("c"), b"c").unwrap();
+    let pc = c(m.m("c"));
+    // SAFETY: valid C strings and buffer.
+    let r = unsafe { libc::setxattr(pc.as_ptr(), name.as_ptr(), b"v".as_ptr().cast(), 1, 0) };
+    assert_eq!(r, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EOPNOTSUPP)
+    );
+    assert!(!m.nas.join("c").exists(), "made on the NAS for a setxattr");
 }
 
 /// The server restarts between unstable WRITEs and the COMMIT, having

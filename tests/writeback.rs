@@ -711,5 +711,23 @@ fn a_save_through_a_temporary_file_with_other_xattrs_keeps_its_own() {
             assert_eq!(xget(&m.n(name), "user.k"), Ok(v.to_vec()));
         }
     }
+    // Names a new file here never has (a security label, an ACL, trusted.*
+    // as here) are the NAS file's: still a delta, and they stay.
+    std::fs::write(m.n("c.txt"), "old").unwrap();
+    xset(&m.n("c.txt"), "trusted.t", b"nas", 0).unwrap();
+    let ino = std::fs::metadata(m.n("c.txt")).unwrap().ino();
+    std::fs::write(m.m(".c.txt.tmp"), "new content").unwrap();
+    std::fs::rename(m.m(".c.txt.tmp"), m.m("c.txt")).unwrap();
+    m.flush(None);
+    assert_eq!(
+        std::fs::read_to_string(m.n("c.txt")).unwrap(),
+        "new content"
+    );
+    assert_eq!(
+        std::fs::metadata(m.n("c.txt")).unwrap().ino(),
+        ino,
+        "a delta"
+    );
+    assert_eq!(xget(&m.n("c.txt"), "trusted.t"), Ok(b"nas".to_vec()));
     assert_eq!(m.status_value("conflicts"), 0);
 }

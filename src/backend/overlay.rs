@@ -5599,6 +5599,11 @@ impl<B: Backend> Backend for Overlay<B> {
     }
 
     fn setxattr(&self, node: &Self::Node, name: &OsStr, value: &[u8], flags: i32) -> BResult<()> {
+        // (Not worth making a new object on the NAS for: the same answer
+        // whether it answers or not.)
+        if !self.lower.keeps_xattrs() {
+            return Err(err("setxattr", libc::EOPNOTSUPP));
+        }
         if let Some(done) = self.local_xattr(node, name, Some((value, flags))) {
             return done;
         }
@@ -5633,6 +5638,9 @@ impl<B: Backend> Backend for Overlay<B> {
     }
 
     fn removexattr(&self, node: &Self::Node, name: &OsStr) -> BResult<()> {
+        if !self.lower.keeps_xattrs() {
+            return Err(err("removexattr", libc::EOPNOTSUPP));
+        }
         if let Some(done) = self.local_xattr(node, name, None) {
             return done;
         }
@@ -5657,6 +5665,10 @@ impl<B: Backend> Backend for Overlay<B> {
 
     fn max_file_size(&self) -> u64 {
         self.lower.max_file_size()
+    }
+
+    fn keeps_xattrs(&self) -> bool {
+        self.lower.keeps_xattrs()
     }
 
     fn lists_acls(&self, node: &Self::Node) -> bool {
