@@ -1955,8 +1955,8 @@ impl<B: Backend> Core<B> {
             let (Some(si), Some(di)) = (t.inodes.get(&src), t.inodes.get(dst)) else {
                 return Ok(false);
             };
-            let s = (si.kind, si.attr.nlink, si.attr.perm, si.node.clone());
-            (s.0, s.1, s.2, s.3, di.data.clone())
+            let (kind, nlink, perm) = (si.kind, si.attr.nlink, si.attr.perm);
+            (kind, nlink, perm, si.node.clone(), di.data.clone())
         };
         if src_kind != FileKind::File || src_links != 1 {
             return Ok(false);
@@ -3693,19 +3693,7 @@ impl<B: Backend> Core<B> {
             let v = value.map(|v| v.to_vec()).ok_or(libc::ENODATA);
             c.values.insert(name.to_os_string(), v);
             if let Some(list) = c.list.as_mut() {
-                use std::os::unix::ffi::OsStrExt;
-                let mut out: Vec<u8> = Vec::with_capacity(list.len() + name.len() + 1);
-                for n in list.split(|&b| b == 0).filter(|n| !n.is_empty()) {
-                    if n != name.as_bytes() {
-                        out.extend_from_slice(n);
-                        out.push(0);
-                    }
-                }
-                if value.is_some() {
-                    out.extend_from_slice(name.as_bytes());
-                    out.push(0);
-                }
-                *list = out;
+                *list = crate::backend::xattr_list_with(list, name, value.is_some());
             }
         }
         Ok(())

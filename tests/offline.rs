@@ -445,6 +445,20 @@ fn long_cache_mount(fill: impl FnOnce(&Path)) -> (Mount, SimNas) {
     (m, sim)
 }
 
+/// The NAS answers again: with the mount kept, or after an unmount while
+/// it did not (the changes stay in the journal: exit 75) and a new mount.
+fn nas_back(m: &mut Mount, sim: &SimNas, remount: bool) {
+    if remount {
+        m.unmount();
+        assert_eq!(m.last_exit.and_then(|s| s.code()), Some(75), "{}", m.log());
+        sim.ctl("fail off");
+        m.mount();
+    } else {
+        sim.ctl("fail off");
+        m.wait_status("nas online", Duration::from_secs(20));
+    }
+}
+
 /// The NAS goes away; reading `other`, never read before, finds it out.
 fn nas_gone(m: &Mount, sim: &SimNas) {
     sim.ctl("fail ENOTCONN");
@@ -1062,15 +1076,9 @@ fn into_new_directory(remount: bool) {
     );
     std::fs::remove_file(m.m("r/new/tmp")).unwrap();
     assert!(!nas("r/new").exists() && nas("r/gone.txt").exists());
+    nas_back(&mut m, &sim, remount);
     if remount {
-        m.unmount();
-        assert_eq!(m.last_exit.and_then(|s| s.code()), Some(75), "{}", m.log());
-        sim.ctl("fail off");
-        m.mount();
         assert_eq!(names(&m.m("r/new")), ["deep", "e", "link", "made"]);
-    } else {
-        sim.ctl("fail off");
-        m.wait_status("nas online", Duration::from_secs(20));
     }
     m.flush(None);
     let read = |p: &str| std::fs::read_to_string(nas(p)).unwrap();
@@ -1172,15 +1180,7 @@ fn moved_on_or_removed(remount: bool) {
         libc::EIO
     );
     assert!(nas("r/gone.txt").exists() && nas("r/edited.txt").exists());
-    if remount {
-        m.unmount();
-        assert_eq!(m.last_exit.and_then(|s| s.code()), Some(75), "{}", m.log());
-        sim.ctl("fail off");
-        m.mount();
-    } else {
-        sim.ctl("fail off");
-        m.wait_status("nas online", Duration::from_secs(20));
-    }
+    nas_back(&mut m, &sim, remount);
     m.flush(None);
     assert_eq!(
         std::fs::read_to_string(nas("r/final")).unwrap(),
@@ -1655,14 +1655,8 @@ fn xattrs_offline(remount: bool) {
     // Not on the NAS yet.
     assert_eq!(xget(&nas("r/edited.txt"), "user.a"), Ok(b"1".to_vec()));
     assert_eq!(xget(&nas("r/dir"), "user.b"), Ok(b"2".to_vec()));
-    if remount {
-        m.unmount();
-        assert_eq!(m.last_exit.and_then(|s| s.code()), Some(75), "{}", m.log());
-        sim.ctl("fail off");
-        m.mount();
-    } else {
-        sim.ctl("fail off");
-        m.wait_status("nas online", Duration::from_secs(20));
+    nas_back(&mut m, &sim, remount);
+    if !remount {
         // The NAS answers, the changes are still to make there: shown
         // over what it says (the cached answers are too old by now).
         std::thread::sleep(Duration::from_millis(1100));
@@ -1799,15 +1793,9 @@ fn dir_into_new_directory(remount: bool) {
         libc::EIO
     );
     assert!(!nas("r/archive").exists() && nas("r/tree/sub/y").exists());
+    nas_back(&mut m, &sim, remount);
     if remount {
-        m.unmount();
-        assert_eq!(m.last_exit.and_then(|s| s.code()), Some(75), "{}", m.log());
-        sim.ctl("fail off");
-        m.mount();
         assert_eq!(names(&t("")), ["new.txt", "sub", "x", "y2"]);
-    } else {
-        sim.ctl("fail off");
-        m.wait_status("nas online", Duration::from_secs(20));
     }
     m.flush(None);
     let n = |p: &str| nas(&format!("r/archive/2026/tree/{p}"));
@@ -1867,15 +1855,7 @@ fn dir_into_taken_new_directory(remount: bool) {
     std::fs::create_dir(m.m("r/x/tree/sub/newsub")).unwrap();
     std::fs::remove_file(m.m("r/x/tree/sub/y")).unwrap();
     std::fs::write(nas("r/x"), "another client's").unwrap();
-    if remount {
-        m.unmount();
-        assert_eq!(m.last_exit.and_then(|s| s.code()), Some(75), "{}", m.log());
-        sim.ctl("fail off");
-        m.mount();
-    } else {
-        sim.ctl("fail off");
-        m.wait_status("nas online", Duration::from_secs(20));
-    }
+    nas_back(&mut m, &sim, remount);
     m.flush(None);
     let status = m.status();
     assert_eq!(

@@ -212,6 +212,26 @@ pub fn errno_of(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(libc::EIO)
 }
 
+/// A listxattr answer (NUL-terminated names) with `name` in it (last) or
+/// not, as after a setxattr (`present`) or removexattr of it.
+pub fn xattr_list_with(list: &[u8], name: &OsStr, present: bool) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    let name = name.as_bytes();
+    let mut out = Vec::with_capacity(list.len() + name.len() + 1);
+    for n in list
+        .split(|&b| b == 0)
+        .filter(|n| !n.is_empty() && *n != name)
+    {
+        out.extend_from_slice(n);
+        out.push(0);
+    }
+    if present {
+        out.extend_from_slice(name);
+        out.push(0);
+    }
+    out
+}
+
 /// An errno and a message.
 #[derive(Debug, Clone)]
 pub struct Coded(pub i32, pub String);

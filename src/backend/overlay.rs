@@ -5579,23 +5579,11 @@ impl<B: Backend> Backend for Overlay<B> {
         // Taken first: one made on the NAS meanwhile is in its answer, and
         // laying it over again changes nothing.
         let kept = Self::xattrs_kept(&self.st(), node.ino);
-        let list = self.lower.listxattr(&n)?;
-        if kept.is_empty() {
-            return Ok(list);
-        }
-        let mut names: Vec<&[u8]> = list.split(|b| *b == 0).filter(|n| !n.is_empty()).collect();
+        let mut list = self.lower.listxattr(&n)?;
         for x in &kept {
-            names.retain(|n| *n != x.name.as_bytes());
-            if x.value.is_some() {
-                names.push(x.name.as_bytes());
-            }
+            list = super::xattr_list_with(&list, &x.name, x.value.is_some());
         }
-        let mut out = Vec::new();
-        for n in names {
-            out.extend_from_slice(n);
-            out.push(0);
-        }
-        Ok(out)
+        Ok(list)
     }
 
     fn setxattr(&self, node: &Self::Node, name: &OsStr, value: &[u8], flags: i32) -> BResult<()> {
