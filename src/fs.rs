@@ -19,7 +19,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::backend::bounded::is_unreachable;
@@ -102,6 +102,19 @@ pub struct DirOut<'a> {
     pub entry: Option<&'a Entry>,
 }
 
+impl<B: Backend> Inode<B> {
+    /// Lays a file's local attributes over the cached ones. The ctime a
+    /// change made here moves does not make the xattrs known stale (so a
+    /// chown after a chmod kept here asks the NAS nothing).
+    fn apply_local(&mut self, l: &LocalAttr) {
+        let was = self.attr.ctime;
+        l.apply(&mut self.attr);
+        if let Some(c) = self.xattrs.as_mut().filter(|c| c.ctime == was) {
+            c.ctime = self.attr.ctime;
+        }
+    }
+}
+
 struct Inode<B: Backend> {
     node: B::Node,
     kind: FileKind,
@@ -181,6 +194,10 @@ struct Tables<B: Backend> {
     negatives: HashMap<(u64, OsString), Instant>,
     /// Open files unlinked on the NAS -> the directory they were in.
     open_unlinked: HashMap<u64, u64>,
+    /// NAS objects whose mode, owner or times were set here for the NAS
+    /// to take later: if it refuses, the kernel's copy of their
+    /// attributes is to go too (see `drain_settled`).
+    attrs_set_here: HashSet<u64>,
 }
 
 struct FileHandle<B: Backend> {
@@ -240,6 +257,9 @@ pub struct Core<B: Backend> {
     xattr_gen: AtomicU64,
     /// Conflicts seen by `drain_settled`.
     conflicts_seen: AtomicU64,
+    /// Tells the kernel to drop its copy of an inode's attributes (set by
+    /// the mount: a notification, sent from a thread of its own).
+    kernel_attrs_stale: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
     /// Whether `defers_changes` logged the NAS's first refusal.
     refusal_noted: AtomicBool,
     data: Arc<DataCache>,
@@ -318,11 +338,13 @@ impl<B: Backend> Core<B> {
                 names_gen: 0,
                 negatives: HashMap::new(),
                 open_unlinked: HashMap::new(),
+                attrs_set_here: HashSet::new(),
             }),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             xattr_gen: AtomicU64::new(0),
             conflicts_seen: AtomicU64::new(0),
+            kernel_attrs_stale: OnceLock::new(),
             refusal_noted: AtomicBool::new(false),
             data,
             stats,
@@ -572,6 +594,22 @@ impl<B: Backend> Core<B> {
             for c in t.inodes.values_mut().filter_map(|i| i.xattrs.as_mut()) {
                 c.ctime = std::time::UNIX_EPOCH;
             }
+            // And attributes set here that the NAS may have refused: the
+            // kernel holds them for their time to live otherwise.
+            let Tables {
+                inodes,
+                attrs_set_here,
+                ..
+            } = &mut *t;
+            attrs_set_here.retain(|ino| inodes.contains_key(ino));
+            let set_here: Vec<u64> = attrs_set_here.iter().copied().collect();
+            for ino in &set_here {
+                self.expire_attr(&mut t, *ino);
+            }
+            drop(t);
+            if let Some(f) = self.kernel_attrs_stale.get() {
+                set_here.into_iter().for_each(f);
+            }
         }
         let settled = wb.take_settled();
         if settled.is_empty() {
@@ -582,6 +620,19 @@ impl<B: Backend> Core<B> {
             let ino = self.fuse_ino(nas);
             self.expire_attr(&mut t, ino);
         }
+    }
+
+    /// Takes note of conflicts found since the last request (see
+    /// `drain_settled`): for the mount's background thread, and the end of
+    /// a flush, as the kernel asks nothing while it trusts its caches.
+    pub fn notice_conflicts(&self) {
+        self.drain_settled();
+    }
+
+    /// Sets how the kernel is told to drop its copy of an inode's
+    /// attributes.
+    pub fn on_kernel_attrs_stale(&self, f: Box<dyn Fn(u64) + Send + Sync>) {
+        let _ = self.kernel_attrs_stale.set(f);
     }
 
     /// The path of `ino` from the share's root, as last known.
@@ -629,7 +680,7 @@ impl<B: Backend> Core<B> {
         let mut t = self.tables();
         match t.inodes.get_mut(&ino) {
             Some(i) => {
-                l.apply(&mut i.attr);
+                i.apply_local(l);
                 i.attr
             }
             None => {
@@ -1239,6 +1290,12 @@ impl<B: Backend> Core<B> {
                 changes.mode = Some((cached.perm & !bits) as u32);
             }
         }
+        if kind != FileKind::File && self.keeps_set(ino, &changes) {
+            if let Some(r) = self.setattr_later(ino, &node, kind, &changes)? {
+                Stats::inc(&self.stats.kept_changes);
+                return Ok(r);
+            }
+        }
         let mut attr = match self.backend.setattr(&node, file, &changes) {
             Ok(a) => a,
             Err(e) if is_unreachable(&e) && kind != FileKind::File => {
@@ -1324,7 +1381,12 @@ impl<B: Backend> Core<B> {
         attr.mtime = mtime.unwrap_or(attr.mtime);
         attr.ctime = now;
         let mut t = self.tables();
+        t.attrs_set_here.insert(ino);
         if let Some(i) = t.inodes.get_mut(&ino) {
+            // (Its xattrs are still as known.)
+            if let Some(c) = i.xattrs.as_mut().filter(|c| c.ctime == i.attr.ctime) {
+                c.ctime = now;
+            }
             i.attr = attr;
             i.attr_until = Instant::now() + self.attr_ttl(&attr);
         }
@@ -1392,7 +1454,13 @@ impl<B: Backend> Core<B> {
             || remote.gid.is_some()
             || remote.atime.is_some()
             || remote.mtime.is_some();
-        if has_remote && self.attrs_here(wb, nas) {
+        let here = has_remote && self.attrs_here(wb, nas);
+        let kept = has_remote && !here && self.keeps_set(ino, &remote);
+        if kept || (here && self.backend.online()) {
+            Stats::inc(&self.stats.kept_changes);
+        }
+        if here || kept {
+            self.tables().attrs_set_here.insert(ino);
             let cur = self.cached_attr(ino).ok_or(FsError::UnknownInode(ino))?;
             let owner = (remote.mode.is_some() || remote.uid.is_some() || remote.gid.is_some())
                 .then(|| {
@@ -1437,12 +1505,10 @@ impl<B: Backend> Core<B> {
         let attr = {
             let mut t = self.tables();
             let i = t.inodes.get_mut(&ino).ok_or(FsError::UnknownInode(ino))?;
-            let mut a = i.attr;
             if let Some(l) = wb.local_attr(nas) {
-                l.apply(&mut a);
-                i.attr = a;
+                i.apply_local(&l);
             }
-            a
+            i.attr
         };
         Ok((self.present(attr), self.attr_ttl(&attr)))
     }
@@ -1453,6 +1519,29 @@ impl<B: Backend> Core<B> {
     /// Not for new objects: the overlay keeps theirs.
     fn attrs_here(&self, wb: &WriteBack<B>, nas: u64) -> bool {
         (!self.backend.online() || wb.owner_here(nas)) && self.backend.local_path(nas).is_none()
+    }
+
+    /// Whether a chmod, chown or utimensat of NAS object `ino` is kept for
+    /// later while the NAS answers (as a removal is, `journaled_removal`):
+    /// the cache knows the object within its time to live, and the NAS
+    /// would let this daemon make the change (it is root there, or owns
+    /// the object and keeps its owner: otherwise the NAS's EPERM is to
+    /// reach the caller now, not undo the change later).
+    fn keeps_set(&self, ino: u64, changes: &SetAttr) -> bool {
+        if self.wb.is_none()
+            || changes.size.is_some()
+            || !self.backend.online()
+            || self.backend.local_path(self.fuse_ino(ino)).is_some()
+            || !self.vouch_is_fresh(ino, false)
+            || !self.defers_changes()
+        {
+            return false;
+        }
+        let Some(attr) = self.cached_attr(ino) else {
+            return false;
+        };
+        let me = nix::unistd::geteuid().as_raw();
+        me == 0 || (attr.uid == me && changes.uid.is_none_or(|u| u == me) && changes.gid.is_none())
     }
 
     /// Whether changes of NAS objects may be kept for later while the NAS
@@ -1563,6 +1652,7 @@ impl<B: Backend> Core<B> {
                 let start = || self.start_info(ino, &data);
                 let l = wb.set_attrs(nas, &start, Some(owner), None, None)?;
                 self.store_local(ino, &l);
+                self.tables().attrs_set_here.insert(ino);
                 return Ok(());
             }
         }

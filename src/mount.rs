@@ -631,16 +631,29 @@ fn serve_core<B: Backend>(
     // from here (the kernel does not, see `init` in fuse.rs), by a thread
     // of its own: a notification sent while handling a request may wait
     // for pages the kernel holds locked until that request is answered.
+    // So are its attributes where a change kept here was refused by the
+    // NAS later (see `Core::notice_conflicts`).
     let notifier = session.notifier();
-    let (stale_tx, stale_rx) = std::sync::mpsc::channel::<u64>();
+    let (stale_tx, stale_rx) = std::sync::mpsc::channel::<(u64, bool)>();
+    let attrs_tx = stale_tx.clone();
     core.data_cache().on_stale(Box::new(move |ino| {
-        let _ = stale_tx.send(ino);
+        let _ = stale_tx.send((ino, true));
+    }));
+    core.on_kernel_attrs_stale(Box::new(move |ino| {
+        let _ = attrs_tx.send((ino, false));
     }));
     let stale_cache = core.data_cache().clone();
     std::thread::Builder::new()
         .name("inval".into())
         .spawn(move || {
-            for ino in stale_rx {
+            for (ino, data) in stale_rx {
+                if !data {
+                    // (An offset below 0: the attributes only.)
+                    if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), -1, 0) {
+                        log::debug!("inode {ino}: dropping the kernel's attributes: {e}");
+                    }
+                    continue;
+                }
                 // An open may have dropped them since (without keeping
                 // the cache): a late drop could then land amid its writes.
                 if !stale_cache.take_kernel_stale(ino) {
@@ -661,6 +674,7 @@ fn serve_core<B: Backend>(
             loop {
                 std::thread::sleep(Duration::from_secs(1));
                 open_core.revalidate_open();
+                open_core.notice_conflicts();
             }
         })?;
 
@@ -1013,6 +1027,7 @@ fn flush_reply<B: Backend>(core: &Core<B>, arg: &str, out: &mut dyn Write) {
         last = std::time::Instant::now();
         writeln!(out, "progress {files} {bytes}").is_ok()
     });
+    core.notice_conflicts();
     if left.0 > 0 && core.nas_offline_since().is_some() {
         let _ = writeln!(
             out,

@@ -33,7 +33,7 @@ counters! {
     nas_ops: "calls made to the NAS",
     nas_errors: "calls to the NAS that failed (including ENOENT answers)",
     nas_refusals: "changes the NAS refused (EPERM, EACCES, EROFS): from the first, changes of NAS objects go to it at once",
-    kept_changes: "removals, renames and hard links of NAS objects kept in the journal while the NAS answered (made there after writeback_delay)",
+    kept_changes: "removals, renames, hard links and attribute changes of NAS objects kept in the journal while the NAS answered (made there after writeback_delay)",
     nas_slow_calls: "calls to the NAS that took a second or more",
     nas_timeouts: "calls to the NAS abandoned after timeo",
     offline_periods: "times the NAS went offline",

@@ -359,6 +359,82 @@ fn hard_links_of_listed_nas_files_make_no_nas_round_trip_each() {
     assert_eq!(fs::metadata(m.n("src/f99")).unwrap().nlink(), 1);
 }
 
+/// chmod -R, chown -R and touch of a listed tree on the NAS: the changes
+/// go into the journal, show at once, and reach the same NAS objects
+/// later, without dropping cached data or making a conflict.
+#[test]
+fn attribute_changes_of_listed_nas_objects_make_no_nas_round_trip_each() {
+    let mut m = Mount::prepare("writeback_delay=1h,actimeo=600");
+    fs::create_dir_all(m.n("d/sub")).unwrap();
+    for f in 0..100 {
+        fs::write(m.n(&format!("d/f{f:02}")), format!("file {f}")).unwrap();
+    }
+    std::os::unix::fs::symlink("f00", m.n("d/link")).unwrap();
+    m.mount();
+    assert!(tree(&m.m(""), true).len() >= 103);
+    let inos: Vec<u64> = (0..100)
+        .map(|f| fs::metadata(m.m(&format!("d/f{f:02}"))).unwrap().ino())
+        .collect();
+    assert_eq!(fs::read_to_string(m.m("d/f07")).unwrap(), "file 7");
+    // As `ls -l` does (chown asks for security.capability).
+    for f in 0..100 {
+        common::xlist(&m.m(&format!("d/f{f:02}")));
+    }
+    let before = m.stats();
+    for f in 0..100 {
+        let p = m.m(&format!("d/f{f:02}"));
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
+        std::os::unix::fs::chown(&p, Some(1234), Some(4321)).unwrap();
+        set_mtime(&p, 1_000_000_000 + f);
+    }
+    fs::set_permissions(m.m("d/sub"), fs::Permissions::from_mode(0o711)).unwrap();
+    set_mtime(&m.m("d/sub"), 1_200_000_000);
+    std::os::unix::fs::lchown(m.m("d/link"), Some(1234), None).unwrap();
+    let after = m.stats();
+    let calls = after["nas_ops"] - before["nas_ops"];
+    eprintln!("302 attribute changes: {calls} NAS calls");
+    for (k, v) in &after {
+        if before.get(k) != Some(v) {
+            eprintln!("{k}: {:?} -> {v}", before.get(k));
+        }
+    }
+    assert!(calls < 10, "{calls} NAS calls for 303 attribute changes");
+    assert_eq!(after["kept_changes"] - before["kept_changes"], 303);
+    // Seen at once here, on the NAS only later.
+    let here = fs::metadata(m.m("d/f42")).unwrap();
+    assert_eq!(
+        (here.mode() & 0o7777, here.uid(), here.gid(), here.mtime()),
+        (0o640, 1234, 4321, 1_000_000_042)
+    );
+    let sub = fs::metadata(m.m("d/sub")).unwrap();
+    assert_eq!((sub.mode() & 0o7777, sub.mtime()), (0o711, 1_200_000_000));
+    assert_eq!(fs::symlink_metadata(m.m("d/link")).unwrap().uid(), 1234);
+    assert_eq!(fs::metadata(m.n("d/f42")).unwrap().uid(), 0);
+    assert_ne!(fs::metadata(m.n("d/sub")).unwrap().mode() & 0o7777, 0o711);
+    m.flush(None);
+    assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
+    for (f, ino) in inos.iter().enumerate() {
+        let p = m.n(&format!("d/f{f:02}"));
+        let md = fs::metadata(&p).unwrap();
+        assert_eq!(
+            (md.ino(), md.mode() & 0o7777, md.uid(), md.gid()),
+            (*ino, 0o640, 1234, 4321),
+            "{}",
+            p.display()
+        );
+        assert_eq!(md.mtime(), 1_000_000_000 + f as i64);
+        assert_eq!(fs::read_to_string(&p).unwrap(), format!("file {f}"));
+    }
+    let sub = fs::metadata(m.n("d/sub")).unwrap();
+    assert_eq!((sub.mode() & 0o7777, sub.mtime()), (0o711, 1_200_000_000));
+    assert_eq!(fs::symlink_metadata(m.n("d/link")).unwrap().uid(), 1234);
+    // The cached data outlived the changes: no NAS read for it.
+    let before = m.stats();
+    assert_eq!(fs::read_to_string(m.m("d/f07")).unwrap(), "file 7");
+    let after = m.stats();
+    assert_eq!(after["nas_reads"], before["nas_reads"]);
+}
+
 /// A file's cached data outlives its kept rename and link: once they are
 /// made on the NAS, the NAS's ctime moved by nassync itself is not taken
 /// for another client's change.
@@ -957,6 +1033,63 @@ fn a_removal_the_nas_refuses_later_comes_back_and_the_next_are_refused_at_once()
     fs::remove_file(m.m("c")).unwrap();
     assert!(!m.n("c").exists(), "made on the NAS at once");
     assert_eq!(m.status_value("conflicts"), 1, "{}", m.status());
+}
+
+/// A chmod kept for later that the NAS then refuses (an immutable file, a
+/// squashed root) is a conflict and undone here; from then on, attribute
+/// changes of NAS objects go to the NAS at once and its refusal reaches
+/// the caller.
+#[test]
+fn an_attribute_change_the_nas_refuses_later_is_undone_and_the_next_are_refused_at_once() {
+    if common::skip_over_nfs("chattr works on the server's directory only") {
+        return;
+    }
+    let mut m = Mount::prepare("writeback_delay=1h,actimeo=600");
+    for f in ["a", "b", "c"] {
+        fs::write(m.nas.join(f), f).unwrap();
+        fs::set_permissions(m.nas.join(f), fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    fs::create_dir(m.nas.join("d")).unwrap();
+    fs::set_permissions(m.nas.join("d"), fs::Permissions::from_mode(0o755)).unwrap();
+    m.mount();
+    let _a = Immutable::set(&m.nas.join("a"));
+    let _b = Immutable::set(&m.nas.join("b"));
+    let _d = Immutable::set(&m.nas.join("d"));
+    assert_eq!(fs::read_dir(m.m("")).unwrap().count(), 4);
+    let before = m.stats()["nas_ops"];
+    fs::set_permissions(m.m("a"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(m.m("d"), fs::Permissions::from_mode(0o700)).unwrap();
+    assert_eq!(m.stats()["nas_ops"], before, "kept for later");
+    assert_eq!(fs::metadata(m.m("a")).unwrap().mode() & 0o7777, 0o600);
+    assert_eq!(fs::metadata(m.m("d")).unwrap().mode() & 0o7777, 0o700);
+    m.flush(None);
+    let status = m.status();
+    assert_eq!(m.status_value("conflicts"), 2, "{status}");
+    // Shown as the NAS has it again, though cached for ten minutes (the
+    // kernel is told from a thread of the daemon's: within a moment).
+    let mode = |p: &str| fs::metadata(m.m(p)).unwrap().mode() & 0o7777;
+    let t0 = Instant::now();
+    while (mode("a"), mode("d")) != (0o644, 0o755) && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!((mode("a"), mode("d")), (0o644, 0o755));
+    assert_eq!(fs::read_to_string(m.m("a")).unwrap(), "a");
+    // The NAS refused: the next change is its to refuse, at once.
+    assert_eq!(
+        errno(&fs::set_permissions(
+            m.m("b"),
+            fs::Permissions::from_mode(0o600)
+        )),
+        libc::EPERM
+    );
+    assert_eq!(fs::metadata(m.m("b")).unwrap().mode() & 0o7777, 0o644);
+    fs::set_permissions(m.m("c"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(
+        fs::metadata(m.n("c")).unwrap().mode() & 0o7777,
+        0o600,
+        "made on the NAS at once"
+    );
+    assert_eq!(m.status_value("conflicts"), 2, "{}", m.status());
 }
 
 /// What cannot wait for the write-back delay is removed on the NAS at

@@ -1,5 +1,5 @@
 //! Randomized namespace model test: random creates, mkdirs, symlinks,
-//! writes, renames, unlinks, rmdirs, links, chmods and user xattr changes
+//! writes, renames, unlinks, rmdirs, links, chmods, chowns and user xattr changes
 //! through the mount
 //! and on a plain directory (the model), while the NAS (simnas) stops
 //! answering and comes back at random moments and write-back runs
@@ -48,6 +48,8 @@ enum Op {
     Rmdir(String),
     Link(String, String),
     Chmod(String, u32),
+    /// lchown: (path, uid, gid).
+    Chown(String, u32, u32),
     /// lsetxattr of a user.* name: (path, name, value, flags).
     SetXattr(String, &'static str, Data, i32),
     RemoveXattr(String, &'static str),
@@ -105,6 +107,9 @@ fn apply(root: &Path, op: &Op) -> Result<(), i32> {
                 return Ok(());
             }
             fs::set_permissions(p(a), fs::Permissions::from_mode(*mode)).map_err(errno_of)
+        }
+        Op::Chown(a, uid, gid) => {
+            std::os::unix::fs::lchown(p(a), Some(*uid), Some(*gid)).map_err(errno_of)
         }
         Op::SetXattr(a, name, value, flags) => {
             let (c, n, v) = (
@@ -173,6 +178,7 @@ fn look(root: &Path, op: &Op) {
         Op::Unlink(a)
         | Op::Rmdir(a)
         | Op::Chmod(a, _)
+        | Op::Chown(a, _, _)
         | Op::Write(a, ..)
         | Op::Truncate(a, _)
         | Op::SetXattr(a, ..)
@@ -212,7 +218,7 @@ fn tree(root: &Path) -> BTreeMap<String, String> {
             let r = rel.join(&n);
             let path = root.join(&r);
             let md = fs::symlink_metadata(&path).unwrap();
-            let mut d = format!("mode={:o}", md.mode());
+            let mut d = format!("mode={:o} owner={}:{}", md.mode(), md.uid(), md.gid());
             if md.is_file() || md.is_dir() {
                 d.push_str(&xattrs(&path));
             }
@@ -293,7 +299,8 @@ fn path(rng: &mut fastrand::Rng) -> String {
 fn random_op(rng: &mut fastrand::Rng) -> Op {
     let data = |rng: &mut fastrand::Rng| Data(rng.u8(..), rng.usize(0..3000));
     let xname = |rng: &mut fastrand::Rng| ["user.x", "user.y"][rng.usize(0..2)];
-    match rng.u8(0..106) {
+    let id = |rng: &mut fastrand::Rng| [0, 1000, 2000][rng.usize(0..3)];
+    match rng.u8(0..108) {
         0..=17 => Op::Mkdir(path(rng)),
         18..=37 => Op::Create(path(rng), data(rng)),
         38..=45 => Op::Write(path(rng), rng.u64(0..4000), data(rng)),
@@ -310,6 +317,7 @@ fn random_op(rng: &mut fastrand::Rng) -> Op {
             Data(rng.u8(..), rng.usize(0..20)),
             [0, 0, libc::XATTR_CREATE, libc::XATTR_REPLACE][rng.usize(0..4)],
         ),
+        104..=105 => Op::Chown(path(rng), id(rng), id(rng)),
         _ => Op::RemoveXattr(path(rng), xname(rng)),
     }
 }
@@ -449,7 +457,7 @@ fn run(seed: u64, ops: usize, long: bool) {
     }
     eprintln!(
         "{done} operations applied, {eio} refused with EIO while the NAS was away, {} \
-         removals, renames and links kept for later while it answered, {xattrs_away} \
+         removals, renames, links and attribute changes kept for later while it answered, {xattrs_away} \
          xattr changes made while it was away",
         m.stats()["kept_changes"]
     );
