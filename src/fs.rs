@@ -3672,13 +3672,16 @@ impl<B: Backend> Core<B> {
 
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
         let (node, kind, _) = self.node(ino)?;
+        if self.keep_xattr(ino, (&node, kind), (name, Some(value)), flags)? {
+            return Ok(());
+        }
         self.xattr_gen.fetch_add(1, Ordering::SeqCst);
         let r = self.backend.setxattr(&node, name, value, flags);
         self.xattr_gen.fetch_add(1, Ordering::SeqCst);
         match r {
             Ok(()) => {}
             Err(e) if is_unreachable(&e) => {
-                return self.xattr_later(ino, (&node, kind), (name, Some(value)), flags, e);
+                return self.xattr_later(ino, (&node, kind), (name, Some(value)), flags, e, false);
             }
             Err(e) => return Err(e.into()),
         }
@@ -3695,13 +3698,16 @@ impl<B: Backend> Core<B> {
 
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
         let (node, kind, _) = self.node(ino)?;
+        if self.keep_xattr(ino, (&node, kind), (name, None), 0)? {
+            return Ok(());
+        }
         self.xattr_gen.fetch_add(1, Ordering::SeqCst);
         let r = self.backend.removexattr(&node, name);
         self.xattr_gen.fetch_add(1, Ordering::SeqCst);
         match r {
             Ok(()) => {}
             Err(e) if is_unreachable(&e) => {
-                return self.xattr_later(ino, (&node, kind), (name, None), 0, e);
+                return self.xattr_later(ino, (&node, kind), (name, None), 0, e, false);
             }
             Err(e) => return Err(e.into()),
         }
@@ -3715,12 +3721,39 @@ impl<B: Backend> Core<B> {
         Ok(())
     }
 
+    /// While the NAS answers, a `user.*` xattr change of NAS object `ino`
+    /// is kept for later as offline (`xattr_later`), with the rules of
+    /// `keeps_set`: true when it was (or refused from what the cache knows
+    /// fresh: EEXIST, ENODATA), false when the NAS is to be asked.
+    fn keep_xattr(
+        &self,
+        ino: u64,
+        (node, kind): (&B::Node, FileKind),
+        (name, value): (&OsStr, Option<&[u8]>),
+        flags: i32,
+    ) -> FsResult<bool> {
+        let user = std::os::unix::ffi::OsStrExt::as_bytes(name).starts_with(b"user.");
+        if !user || !self.backend.keeps_xattrs() || !self.keeps_set(ino, &SetAttr::default()) {
+            return Ok(false);
+        }
+        let e = BackendError::errno("setxattr", libc::EIO);
+        match self.xattr_later(ino, (node, kind), (name, value), flags, e, true) {
+            Ok(()) => {
+                Stats::inc(&self.stats.kept_changes);
+                Ok(true)
+            }
+            Err(e) if e.errno() == libc::EIO => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The NAS does not answer (`e`): extended attribute `name` of an
     /// object on the NAS that the cache knows (by a name of it) is set to
     /// `value` (None: removed) here, and on the NAS once it answers
     /// ([`Backend::xattr_later`]). `e` where the cache cannot tell (it
     /// does not know the object's name, or whether it has the attribute
-    /// when that matters) or the backend cannot keep it.
+    /// when that matters: with `fresh`, from answers within their time to
+    /// live only) or the backend cannot keep it.
     fn xattr_later(
         &self,
         ino: u64,
@@ -3728,6 +3761,7 @@ impl<B: Backend> Core<B> {
         (name, value): (&OsStr, Option<&[u8]>),
         flags: i32,
         e: BackendError,
+        fresh: bool,
     ) -> FsResult<()> {
         // Those the NAS keeps as they are (not ACLs, which set the mode,
         // nor security labels).
@@ -3738,7 +3772,7 @@ impl<B: Backend> Core<B> {
         };
         // Whether it has it now, as far as the cache knows (of any age:
         // as getxattr answers while the NAS does not).
-        let has = self.xattr_cache(ino, true, |c| match c.values.get(name) {
+        let has = self.xattr_cache(ino, !fresh, |c| match c.values.get(name) {
             Some(v) => Some(v.is_ok()),
             None => c.list.as_deref().map(|l| xattr_listed(l, name)),
         });
@@ -3770,7 +3804,13 @@ impl<B: Backend> Core<B> {
         if let Some(i) = t.inodes.get_mut(&ino) {
             // Filed under no ctime the NAS shows: offline it answers (of any
             // age), online the NAS does, with the changes kept here laid
-            // over (and if the NAS refuses the change, without it).
+            // over (and if the NAS refuses the change, without it). Kept
+            // while the NAS answers, over what was known fresh, it is still
+            // current: until the NAS makes it (its ctime moves then) or a
+            // conflict (`drain_settled`).
+            let current = fresh
+                && i.attr_until > Instant::now()
+                && i.xattrs.as_ref().is_none_or(|c| c.ctime == i.attr.ctime);
             let c = i.xattrs.get_or_insert_with(|| {
                 Box::new(XattrCache {
                     ctime: std::time::UNIX_EPOCH,
@@ -3779,7 +3819,10 @@ impl<B: Backend> Core<B> {
                     values: HashMap::new(),
                 })
             });
-            c.ctime = std::time::UNIX_EPOCH;
+            c.ctime = match current {
+                true => i.attr.ctime,
+                false => std::time::UNIX_EPOCH,
+            };
             let v = value.map(|v| v.to_vec()).ok_or(libc::ENODATA);
             c.values.insert(name.to_os_string(), v);
             if let Some(list) = c.list.as_mut() {

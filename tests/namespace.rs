@@ -435,6 +435,69 @@ fn attribute_changes_of_listed_nas_objects_make_no_nas_round_trip_each() {
     assert_eq!(after["nas_reads"], before["nas_reads"]);
 }
 
+/// setfattr of listed NAS files and directories (`user.*`, as tagging
+/// tools do): kept in the journal, shown at once, made on the NAS later.
+#[test]
+fn user_xattr_changes_of_listed_nas_objects_make_no_nas_round_trip_each() {
+    if common::skip_over_nfs("nfs:// keeps no xattrs") {
+        return;
+    }
+    let mut m = Mount::prepare("writeback_delay=1h,actimeo=600");
+    fs::create_dir_all(m.n("d/sub")).unwrap();
+    for f in 0..100 {
+        let p = m.n(&format!("d/f{f:02}"));
+        fs::write(&p, format!("file {f}")).unwrap();
+        common::xset(&p, "user.old", b"was", 0).unwrap();
+    }
+    m.mount();
+    assert!(tree(&m.m(""), true).len() >= 101);
+    // As `ls -l` and `getfattr` do.
+    for f in 0..100 {
+        common::xlist(&m.m(&format!("d/f{f:02}")));
+    }
+    common::xlist(&m.m("d/sub"));
+    let before = m.stats();
+    for f in 0..100 {
+        let p = m.m(&format!("d/f{f:02}"));
+        common::xset(&p, "user.tag", format!("t{f}").as_bytes(), 0).unwrap();
+        common::xremove(&p, "user.old").unwrap();
+        // Answered from what is known.
+        assert_eq!(common::xremove(&p, "user.old"), Err(libc::ENODATA));
+        assert_eq!(
+            common::xset(&p, "user.tag", b"again", libc::XATTR_CREATE),
+            Err(libc::EEXIST)
+        );
+        assert_eq!(
+            common::xget(&p, "user.tag").unwrap(),
+            format!("t{f}").as_bytes()
+        );
+    }
+    common::xset(&m.m("d/sub"), "user.tag", b"dir", libc::XATTR_CREATE).unwrap();
+    let after = m.stats();
+    let calls = after["nas_ops"] - before["nas_ops"];
+    eprintln!("201 xattr changes: {calls} NAS calls");
+    assert!(calls < 10, "{calls} NAS calls for 201 xattr changes");
+    assert_eq!(after["kept_changes"] - before["kept_changes"], 201);
+    assert_eq!(common::xlist(&m.m("d/f42")), ["user.tag"]);
+    assert_eq!(common::xget(&m.n("d/f42"), "user.old").unwrap(), b"was");
+    assert_eq!(common::xget(&m.n("d/f42"), "user.tag"), Err(libc::ENODATA));
+    m.flush(None);
+    assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
+    for f in 0..100 {
+        let p = m.n(&format!("d/f{f:02}"));
+        assert_eq!(common::xlist(&p), ["user.tag"], "{}", p.display());
+        assert_eq!(
+            common::xget(&p, "user.tag").unwrap(),
+            format!("t{f}").as_bytes()
+        );
+        assert_eq!(fs::read_to_string(&p).unwrap(), format!("file {f}"));
+    }
+    assert_eq!(common::xget(&m.n("d/sub"), "user.tag").unwrap(), b"dir");
+    // And the mount shows the NAS's, now that it has them.
+    assert_eq!(common::xget(&m.m("d/f07"), "user.tag").unwrap(), b"t7");
+    assert_eq!(common::xlist(&m.m("d/f07")), ["user.tag"]);
+}
+
 /// A file's cached data outlives its kept rename and link: once they are
 /// made on the NAS, the NAS's ctime moved by nassync itself is not taken
 /// for another client's change.
@@ -1056,15 +1119,23 @@ fn an_attribute_change_the_nas_refuses_later_is_undone_and_the_next_are_refused_
     let _b = Immutable::set(&m.nas.join("b"));
     let _d = Immutable::set(&m.nas.join("d"));
     assert_eq!(fs::read_dir(m.m("")).unwrap().count(), 4);
+    let xattrs = !over_nfs();
+    if xattrs {
+        common::xlist(&m.m("a"));
+    }
     let before = m.stats()["nas_ops"];
     fs::set_permissions(m.m("a"), fs::Permissions::from_mode(0o600)).unwrap();
     fs::set_permissions(m.m("d"), fs::Permissions::from_mode(0o700)).unwrap();
+    if xattrs {
+        common::xset(&m.m("a"), "user.t", b"1", 0).unwrap();
+    }
     assert_eq!(m.stats()["nas_ops"], before, "kept for later");
     assert_eq!(fs::metadata(m.m("a")).unwrap().mode() & 0o7777, 0o600);
     assert_eq!(fs::metadata(m.m("d")).unwrap().mode() & 0o7777, 0o700);
     m.flush(None);
     let status = m.status();
-    assert_eq!(m.status_value("conflicts"), 2, "{status}");
+    let conflicts = if xattrs { 3 } else { 2 };
+    assert_eq!(m.status_value("conflicts"), conflicts, "{status}");
     // Shown as the NAS has it again, though cached for ten minutes (the
     // kernel is told from a thread of the daemon's: within a moment).
     let mode = |p: &str| fs::metadata(m.m(p)).unwrap().mode() & 0o7777;
@@ -1074,6 +1145,10 @@ fn an_attribute_change_the_nas_refuses_later_is_undone_and_the_next_are_refused_
     }
     assert_eq!((mode("a"), mode("d")), (0o644, 0o755));
     assert_eq!(fs::read_to_string(m.m("a")).unwrap(), "a");
+    if xattrs {
+        assert_eq!(common::xget(&m.m("a"), "user.t"), Err(libc::ENODATA));
+        assert_eq!(common::xset(&m.m("b"), "user.t", b"1", 0), Err(libc::EPERM));
+    }
     // The NAS refused: the next change is its to refuse, at once.
     assert_eq!(
         errno(&fs::set_permissions(
@@ -1089,7 +1164,7 @@ fn an_attribute_change_the_nas_refuses_later_is_undone_and_the_next_are_refused_
         0o600,
         "made on the NAS at once"
     );
-    assert_eq!(m.status_value("conflicts"), 2, "{}", m.status());
+    assert_eq!(m.status_value("conflicts"), conflicts, "{}", m.status());
 }
 
 /// What cannot wait for the write-back delay is removed on the NAS at
