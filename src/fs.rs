@@ -102,11 +102,30 @@ pub struct DirOut<'a> {
     pub entry: Option<&'a Entry>,
 }
 
+/// What the NAS let this daemon do, learned from the changes it took in
+/// this mount: whose objects' mode and owner it may change (as the NAS
+/// sees the daemon: root, a squashed root, the `uid=` of an nfs://
+/// source...). A change is only kept for later (`Core::keeps_set`) where
+/// an earlier one proved the NAS would take it, so that the first of a
+/// kind goes to the NAS at once and a refusal reaches the caller.
+#[derive(Default)]
+struct NasProof {
+    /// Owners of objects whose mode or owner the NAS changed.
+    owners: HashSet<u32>,
+    /// Owners of objects with write permission for their owner whose
+    /// `user.*` xattrs the NAS changed.
+    writes: HashSet<u32>,
+    /// The NAS gave an object away (chown to another user): the daemon is
+    /// its root, which file modes do not bind.
+    any_owner: bool,
+}
+
 impl<B: Backend> Inode<B> {
-    /// Lays a file's local attributes over the cached ones. The ctime a
-    /// change made here moves does not make the xattrs known stale (so a
-    /// chown after a chmod kept here asks the NAS nothing).
-    fn apply_local(&mut self, l: &LocalAttr) {
+    /// Lays a file's local attributes, after an attribute change kept
+    /// here, over the cached ones. The ctime it moved does not make the
+    /// xattrs known stale (so a chown after a chmod kept here asks the NAS
+    /// nothing).
+    fn apply_local_attrs(&mut self, l: &LocalAttr) {
         let was = self.attr.ctime;
         l.apply(&mut self.attr);
         if let Some(c) = self.xattrs.as_mut().filter(|c| c.ctime == was) {
@@ -257,6 +276,8 @@ pub struct Core<B: Backend> {
     xattr_gen: AtomicU64,
     /// Conflicts seen by `drain_settled`.
     conflicts_seen: AtomicU64,
+    /// What the NAS let this daemon change so far (`keeps_set`).
+    nas_proof: Mutex<NasProof>,
     /// Tells the kernel to drop its copy of an inode's attributes (set by
     /// the mount: a notification, sent from a thread of its own).
     kernel_attrs_stale: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
@@ -344,6 +365,7 @@ impl<B: Backend> Core<B> {
             next_fh: AtomicU64::new(1),
             xattr_gen: AtomicU64::new(0),
             conflicts_seen: AtomicU64::new(0),
+            nas_proof: Mutex::new(NasProof::default()),
             kernel_attrs_stale: OnceLock::new(),
             refusal_noted: AtomicBool::new(false),
             data,
@@ -616,9 +638,19 @@ impl<B: Backend> Core<B> {
             return;
         }
         let mut t = self.tables();
+        let mut set_here = Vec::new();
         for nas in settled {
             let ino = self.fuse_ino(nas);
             self.expire_attr(&mut t, ino);
+            // Its attributes set here are on the NAS now, or refused: the
+            // kernel asks again.
+            if t.attrs_set_here.remove(&ino) {
+                set_here.push(ino);
+            }
+        }
+        drop(t);
+        if let Some(f) = self.kernel_attrs_stale.get() {
+            set_here.into_iter().for_each(f);
         }
     }
 
@@ -680,7 +712,7 @@ impl<B: Backend> Core<B> {
         let mut t = self.tables();
         match t.inodes.get_mut(&ino) {
             Some(i) => {
-                i.apply_local(l);
+                l.apply(&mut i.attr);
                 i.attr
             }
             None => {
@@ -1296,8 +1328,12 @@ impl<B: Backend> Core<B> {
                 return Ok(r);
             }
         }
+        let before = self.cached_attr(ino);
         let mut attr = match self.backend.setattr(&node, file, &changes) {
-            Ok(a) => a,
+            Ok(a) => {
+                self.nas_took(before.as_ref(), &changes);
+                a
+            }
             Err(e) if is_unreachable(&e) && kind != FileKind::File => {
                 return self
                     .setattr_later(ino, &node, kind, &changes)?
@@ -1454,7 +1490,13 @@ impl<B: Backend> Core<B> {
             || remote.gid.is_some()
             || remote.atime.is_some()
             || remote.mtime.is_some();
-        let here = has_remote && self.attrs_here(wb, nas);
+        let mut here = has_remote && self.attrs_here(wb, nas);
+        if here && self.backend.online() && !self.keeps_set(ino, &remote) {
+            // Kept behind a change kept before it (their order holds), but
+            // not one the NAS may refuse: both go to it now, in order.
+            wb.flush_file(nas)?;
+            here = self.attrs_here(wb, nas);
+        }
         let kept = has_remote && !here && self.keeps_set(ino, &remote);
         if kept || (here && self.backend.online()) {
             Stats::inc(&self.stats.kept_changes);
@@ -1476,11 +1518,15 @@ impl<B: Backend> Core<B> {
             };
             let mtime = remote.mtime.map(at).or(local_mtime.take());
             let l = wb.set_attrs(nas, &start, owner, remote.atime.map(at), mtime)?;
-            self.store_local(ino, &l);
+            if let Some(i) = self.tables().inodes.get_mut(&ino) {
+                i.apply_local_attrs(&l);
+            }
         } else if has_remote {
             let file = fh.and_then(|fh| self.file_handle(fh).ok());
             let file = file.as_ref().map(|h| &*h.file);
+            let before = self.cached_attr(ino);
             let mut attr = self.backend.setattr(node, file, &remote)?;
+            self.nas_took(before.as_ref(), &remote);
             if let Some((who, change)) = kill.filter(|_| !owner) {
                 // The cached attributes may have been out of date.
                 let bits = self.bits_to_clear(&attr, who, change);
@@ -1506,7 +1552,7 @@ impl<B: Backend> Core<B> {
             let mut t = self.tables();
             let i = t.inodes.get_mut(&ino).ok_or(FsError::UnknownInode(ino))?;
             if let Some(l) = wb.local_attr(nas) {
-                i.apply_local(&l);
+                l.apply(&mut i.attr);
             }
             i.attr
         };
@@ -1528,20 +1574,61 @@ impl<B: Backend> Core<B> {
     /// the object and keeps its owner: otherwise the NAS's EPERM is to
     /// reach the caller now, not undo the change later).
     fn keeps_set(&self, ino: u64, changes: &SetAttr) -> bool {
+        if changes.size.is_some() {
+            return false;
+        }
+        let Some(attr) = self.may_keep(ino) else {
+            return false;
+        };
+        let proof = self.nas_proof.lock().unwrap_or_else(|e| e.into_inner());
+        let owns = proof.any_owner || proof.owners.contains(&attr.uid);
+        let gives_away = changes.uid.is_some_and(|u| u != attr.uid)
+            || changes.gid.is_some_and(|g| g != attr.gid);
+        // A mode that grants what the object lacks may be needed by the
+        // NAS calls that follow it (making a file in a directory, opening
+        // a file to write it back), which would come first; a directory's
+        // set-group-ID bit decides the group of what is made in it.
+        let grants = changes.mode.is_some_and(|m| {
+            let m = (m & 0o7777) as u16;
+            m & !attr.perm & 0o777 != 0
+                || (attr.kind == FileKind::Dir && (m ^ attr.perm) & 0o2000 != 0)
+        });
+        owns && (proof.any_owner || !gives_away && !grants)
+    }
+
+    /// The cached attributes of NAS object `ino` if a change of it may be
+    /// kept for later while the NAS answers, as far as the cache and the
+    /// NAS's refusals tell.
+    fn may_keep(&self, ino: u64) -> Option<Attr> {
         if self.wb.is_none()
-            || changes.size.is_some()
             || !self.backend.online()
             || self.backend.local_path(self.fuse_ino(ino)).is_some()
             || !self.vouch_is_fresh(ino, false)
             || !self.defers_changes()
         {
-            return false;
+            return None;
         }
-        let Some(attr) = self.cached_attr(ino) else {
-            return false;
-        };
-        let me = nix::unistd::geteuid().as_raw();
-        me == 0 || (attr.uid == me && changes.uid.is_none_or(|u| u == me) && changes.gid.is_none())
+        self.cached_attr(ino)
+    }
+
+    /// What a change the NAS took proves about what it lets this daemon
+    /// do (see `NasProof`); `before`: the object's attributes before it.
+    fn nas_took(&self, before: Option<&Attr>, changes: &SetAttr) {
+        let Some(b) = before else { return };
+        let set = |t: Option<SetTime>| matches!(t, Some(SetTime::At(_)));
+        if changes.mode.is_none()
+            && changes.uid.is_none()
+            && changes.gid.is_none()
+            && !set(changes.atime)
+            && !set(changes.mtime)
+        {
+            return; // (utimensat to now needs write access only)
+        }
+        let mut proof = self.nas_proof.lock().unwrap_or_else(|e| e.into_inner());
+        proof.owners.insert(b.uid);
+        if changes.uid.is_some_and(|u| u != b.uid) {
+            proof.any_owner = true;
+        }
     }
 
     /// Whether changes of NAS objects may be kept for later while the NAS
@@ -3685,6 +3772,7 @@ impl<B: Backend> Core<B> {
             }
             Err(e) => return Err(e.into()),
         }
+        self.nas_took_xattr(ino, name);
         self.own_meta_change(ino, None);
         // ctime changed (and the mode, for an ACL).
         let mut t = self.tables();
@@ -3711,6 +3799,7 @@ impl<B: Backend> Core<B> {
             }
             Err(e) => return Err(e.into()),
         }
+        self.nas_took_xattr(ino, name);
         self.own_meta_change(ino, None);
         let mut t = self.tables();
         self.expire_attr(&mut t, ino);
@@ -3719,6 +3808,18 @@ impl<B: Backend> Core<B> {
             i.xattrs = None;
         }
         Ok(())
+    }
+
+    /// The NAS changed a `user.*` xattr of `ino` (see `NasProof::writes`).
+    fn nas_took_xattr(&self, ino: u64, name: &OsStr) {
+        let user = std::os::unix::ffi::OsStrExt::as_bytes(name).starts_with(b"user.");
+        if let Some(a) = self
+            .cached_attr(ino)
+            .filter(|a| user && a.perm & 0o200 != 0)
+        {
+            let mut proof = self.nas_proof.lock().unwrap_or_else(|e| e.into_inner());
+            proof.writes.insert(a.uid);
+        }
     }
 
     /// While the NAS answers, a `user.*` xattr change of NAS object `ino`
@@ -3733,9 +3834,20 @@ impl<B: Backend> Core<B> {
         flags: i32,
     ) -> FsResult<bool> {
         let user = std::os::unix::ffi::OsStrExt::as_bytes(name).starts_with(b"user.");
-        if !user || !self.backend.keeps_xattrs() || !self.keeps_set(ino, &SetAttr::default()) {
+        if !user || !self.backend.keeps_xattrs() {
             return Ok(false);
         }
+        let Some(attr) = self.may_keep(ino) else {
+            return Ok(false);
+        };
+        // user.* names take write permission (the owner's, for the owners
+        // the NAS let this daemon write to).
+        let proof = self.nas_proof.lock().unwrap_or_else(|e| e.into_inner());
+        let writes = proof.writes.contains(&attr.uid) || proof.owners.contains(&attr.uid);
+        if !proof.any_owner && !(writes && attr.perm & 0o200 != 0) {
+            return Ok(false);
+        }
+        drop(proof);
         let e = BackendError::errno("setxattr", libc::EIO);
         match self.xattr_later(ino, (node, kind), (name, value), flags, e, true) {
             Ok(()) => {

@@ -2823,11 +2823,6 @@ impl<B: Backend> Overlay<B> {
                     }
                 }
             }
-            if let Some((shown_path, kept, reason)) = conflict {
-                self.note_conflict(&shown_path, &kept, &reason);
-            } else {
-                log::debug!("{what} {path:?} (nas ino {}) on the NAS", was.ino);
-            }
             // The first, unless a rollback took it meanwhile.
             let mut st = self.st();
             st.unmoved.remove(&id);
@@ -2836,6 +2831,13 @@ impl<B: Backend> Overlay<B> {
                 _ => st.removals.retain(|r| r.id != id),
             }
             drop(st);
+            // Counted once the row no longer shows: a conflict makes the
+            // mount ask again, which must not see the row.
+            if let Some((shown_path, kept, reason)) = conflict {
+                self.note_conflict(&shown_path, &kept, &reason);
+            } else {
+                log::debug!("{what} {path:?} (nas ino {}) on the NAS", was.ino);
+            }
             if let Err(e) = self.journal.delete_removal(id) {
                 log::warn!("journal: {e}");
             }
