@@ -3844,7 +3844,7 @@ impl<B: Backend> Core<B> {
         // the NAS let this daemon write to).
         let proof = self.nas_proof.lock().unwrap_or_else(|e| e.into_inner());
         let writes = proof.writes.contains(&attr.uid) || proof.owners.contains(&attr.uid);
-        if !proof.any_owner && !(writes && attr.perm & 0o200 != 0) {
+        if !(proof.any_owner || writes && attr.perm & 0o200 != 0) {
             return Ok(false);
         }
         drop(proof);
