@@ -112,9 +112,11 @@ pub struct DirOut<'a> {
 struct NasProof {
     /// Owners of objects whose mode or owner the NAS changed.
     owners: HashSet<u32>,
-    /// Owners of objects with write permission for their owner whose
-    /// `user.*` xattrs the NAS changed.
+    /// Owners of objects writable by their owner only whose `user.*`
+    /// xattrs the NAS changed.
     writes: HashSet<u32>,
+    /// The longest `user.*` value the NAS took.
+    xattr_len: usize,
     /// The NAS gave an object away (chown to another user): the daemon is
     /// its root, which file modes do not bind.
     any_owner: bool,
@@ -617,17 +619,26 @@ impl<B: Backend> Core<B> {
                 c.ctime = std::time::UNIX_EPOCH;
             }
             // And attributes set here that the NAS may have refused: the
-            // kernel holds them for their time to live otherwise.
+            // kernel holds them for their time to live otherwise. Those
+            // made on the NAS since leave the set (a file's, once settled:
+            // below).
+            drop(t);
+            let pending = self.backend.attrs_pending();
+            let mut t = self.tables();
+            let set_here: Vec<u64> = t.attrs_set_here.iter().copied().collect();
+            for ino in &set_here {
+                self.expire_attr(&mut t, *ino);
+            }
             let Tables {
                 inodes,
                 attrs_set_here,
                 ..
             } = &mut *t;
-            attrs_set_here.retain(|ino| inodes.contains_key(ino));
-            let set_here: Vec<u64> = attrs_set_here.iter().copied().collect();
-            for ino in &set_here {
-                self.expire_attr(&mut t, *ino);
-            }
+            attrs_set_here.retain(|ino| {
+                inodes.get(ino).is_some_and(|i| {
+                    i.kind == FileKind::File || pending.contains(&self.fuse_ino(*ino))
+                })
+            });
             drop(t);
             if let Some(f) = self.kernel_attrs_stale.get() {
                 set_here.into_iter().for_each(f);
@@ -1328,7 +1339,7 @@ impl<B: Backend> Core<B> {
                 return Ok(r);
             }
         }
-        let before = self.cached_attr(ino);
+        let before = self.proof_base(ino);
         let mut attr = match self.backend.setattr(&node, file, &changes) {
             Ok(a) => {
                 self.nas_took(before.as_ref(), &changes);
@@ -1491,7 +1502,8 @@ impl<B: Backend> Core<B> {
             || remote.atime.is_some()
             || remote.mtime.is_some();
         let mut here = has_remote && self.attrs_here(wb, nas);
-        if here && self.backend.online() && !self.keeps_set(ino, &remote) {
+        let takes = |a: Attr| self.nas_takes(&a, &remote);
+        if here && self.backend.online() && !self.cached_attr(ino).is_some_and(takes) {
             // Kept behind a change kept before it (their order holds), but
             // not one the NAS may refuse: both go to it now, in order.
             wb.flush_file(nas)?;
@@ -1502,7 +1514,6 @@ impl<B: Backend> Core<B> {
             Stats::inc(&self.stats.kept_changes);
         }
         if here || kept {
-            self.tables().attrs_set_here.insert(ino);
             let cur = self.cached_attr(ino).ok_or(FsError::UnknownInode(ino))?;
             let owner = (remote.mode.is_some() || remote.uid.is_some() || remote.gid.is_some())
                 .then(|| {
@@ -1518,13 +1529,15 @@ impl<B: Backend> Core<B> {
             };
             let mtime = remote.mtime.map(at).or(local_mtime.take());
             let l = wb.set_attrs(nas, &start, owner, remote.atime.map(at), mtime)?;
-            if let Some(i) = self.tables().inodes.get_mut(&ino) {
+            let mut t = self.tables();
+            t.attrs_set_here.insert(ino);
+            if let Some(i) = t.inodes.get_mut(&ino) {
                 i.apply_local_attrs(&l);
             }
         } else if has_remote {
             let file = fh.and_then(|fh| self.file_handle(fh).ok());
             let file = file.as_ref().map(|h| &*h.file);
-            let before = self.cached_attr(ino);
+            let before = self.proof_base(ino);
             let mut attr = self.backend.setattr(node, file, &remote)?;
             self.nas_took(before.as_ref(), &remote);
             if let Some((who, change)) = kill.filter(|_| !owner) {
@@ -1574,12 +1587,16 @@ impl<B: Backend> Core<B> {
     /// the object and keeps its owner: otherwise the NAS's EPERM is to
     /// reach the caller now, not undo the change later).
     fn keeps_set(&self, ino: u64, changes: &SetAttr) -> bool {
-        if changes.size.is_some() {
-            return false;
-        }
-        let Some(attr) = self.may_keep(ino) else {
-            return false;
-        };
+        changes.size.is_none()
+            && self
+                .may_keep(ino)
+                .is_some_and(|a| self.nas_takes(&a, changes))
+    }
+
+    /// Whether the NAS is known to take `changes` of an object with
+    /// attributes `attr` (see `NasProof`), and to need nothing of them
+    /// before what nassync does there next.
+    fn nas_takes(&self, attr: &Attr, changes: &SetAttr) -> bool {
         let proof = self.nas_proof.lock().unwrap_or_else(|e| e.into_inner());
         let owns = proof.any_owner || proof.owners.contains(&attr.uid);
         let gives_away = changes.uid.is_some_and(|u| u != attr.uid)
@@ -1588,12 +1605,13 @@ impl<B: Backend> Core<B> {
         // NAS calls that follow it (making a file in a directory, opening
         // a file to write it back), which would come first; a directory's
         // set-group-ID bit decides the group of what is made in it.
-        let grants = changes.mode.is_some_and(|m| {
-            let m = (m & 0o7777) as u16;
-            m & !attr.perm & 0o777 != 0
-                || (attr.kind == FileKind::Dir && (m ^ attr.perm) & 0o2000 != 0)
+        let grants = changes
+            .mode
+            .is_some_and(|m| (m & 0o777) as u16 & !attr.perm != 0);
+        let setgid = changes.mode.is_some_and(|m| {
+            attr.kind == FileKind::Dir && ((m & 0o7777) as u16 ^ attr.perm) & 0o2000 != 0
         });
-        owns && (proof.any_owner || !gives_away && !grants)
+        owns && !setgid && (proof.any_owner || !gives_away && !grants)
     }
 
     /// The cached attributes of NAS object `ino` if a change of it may be
@@ -1609,6 +1627,16 @@ impl<B: Backend> Core<B> {
             return None;
         }
         self.cached_attr(ino)
+    }
+
+    /// What a change of `ino` about to go to the NAS can prove (see
+    /// `nas_took`): its attributes, fresh, if it is on the NAS and the call
+    /// will carry the change there (not a new object's, made here; not a
+    /// directory's, whose mode waits for what is to be made in it).
+    fn proof_base(&self, ino: u64) -> Option<Attr> {
+        let a = self.cached_attr(ino)?;
+        let on_nas = self.backend.local_path(self.fuse_ino(ino)).is_none();
+        (on_nas && a.kind != FileKind::Dir && self.vouch_is_fresh(ino, false)).then_some(a)
     }
 
     /// What a change the NAS took proves about what it lets this daemon
@@ -3681,6 +3709,8 @@ impl<B: Backend> Core<B> {
     }
 
     pub fn getxattr(&self, ino: u64, name: &OsStr) -> FsResult<Vec<u8>> {
+        // (A refused change kept here must not be answered.)
+        self.drain_settled();
         let cached = |c: &XattrCache| {
             c.values.get(name).cloned().or_else(|| {
                 let list = c.list.as_deref()?;
@@ -3735,6 +3765,7 @@ impl<B: Backend> Core<B> {
     }
 
     pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
+        self.drain_settled();
         if let Some(l) = self.xattr_cache(ino, false, |c| c.list.clone()) {
             Stats::inc(&self.stats.attr_hits);
             return Ok(l);
@@ -3762,6 +3793,7 @@ impl<B: Backend> Core<B> {
         if self.keep_xattr(ino, (&node, kind), (name, Some(value)), flags)? {
             return Ok(());
         }
+        let before = self.xattr_proof_base(ino);
         self.xattr_gen.fetch_add(1, Ordering::SeqCst);
         let r = self.backend.setxattr(&node, name, value, flags);
         self.xattr_gen.fetch_add(1, Ordering::SeqCst);
@@ -3772,7 +3804,7 @@ impl<B: Backend> Core<B> {
             }
             Err(e) => return Err(e.into()),
         }
-        self.nas_took_xattr(ino, name);
+        self.nas_took_xattr(before, name, value.len());
         self.own_meta_change(ino, None);
         // ctime changed (and the mode, for an ACL).
         let mut t = self.tables();
@@ -3799,7 +3831,6 @@ impl<B: Backend> Core<B> {
             }
             Err(e) => return Err(e.into()),
         }
-        self.nas_took_xattr(ino, name);
         self.own_meta_change(ino, None);
         let mut t = self.tables();
         self.expire_attr(&mut t, ino);
@@ -3810,16 +3841,22 @@ impl<B: Backend> Core<B> {
         Ok(())
     }
 
-    /// The NAS changed a `user.*` xattr of `ino` (see `NasProof::writes`).
-    fn nas_took_xattr(&self, ino: u64, name: &OsStr) {
+    /// The NAS changed a `user.*` xattr of `ino`, to a value of `len`
+    /// bytes (see `NasProof::writes`): only its owner could write to it.
+    fn nas_took_xattr(&self, before: Option<Attr>, name: &OsStr, len: usize) {
         let user = std::os::unix::ffi::OsStrExt::as_bytes(name).starts_with(b"user.");
-        if let Some(a) = self
-            .cached_attr(ino)
-            .filter(|a| user && a.perm & 0o200 != 0)
-        {
+        if let Some(a) = before.filter(|a| user && a.perm & 0o222 == 0o200) {
             let mut proof = self.nas_proof.lock().unwrap_or_else(|e| e.into_inner());
             proof.writes.insert(a.uid);
+            proof.xattr_len = proof.xattr_len.max(len);
         }
+    }
+
+    /// As `proof_base`, for an xattr change (a directory's counts too).
+    fn xattr_proof_base(&self, ino: u64) -> Option<Attr> {
+        let a = self.cached_attr(ino)?;
+        let on_nas = self.backend.local_path(self.fuse_ino(ino)).is_none();
+        (on_nas && self.vouch_is_fresh(ino, false)).then_some(a)
     }
 
     /// While the NAS answers, a `user.*` xattr change of NAS object `ino`
@@ -3834,7 +3871,9 @@ impl<B: Backend> Core<B> {
         flags: i32,
     ) -> FsResult<bool> {
         let user = std::os::unix::ffi::OsStrExt::as_bytes(name).starts_with(b"user.");
-        if !user || !self.backend.keeps_xattrs() {
+        // XATTR_CREATE and XATTR_REPLACE are the NAS's to answer: another
+        // client may have set or removed the name meanwhile.
+        if !user || flags != 0 || !self.backend.keeps_xattrs() {
             return Ok(false);
         }
         let Some(attr) = self.may_keep(ino) else {
@@ -3845,6 +3884,11 @@ impl<B: Backend> Core<B> {
         let proof = self.nas_proof.lock().unwrap_or_else(|e| e.into_inner());
         let writes = proof.writes.contains(&attr.uid) || proof.owners.contains(&attr.uid);
         if !(proof.any_owner || writes && attr.perm & 0o200 != 0) {
+            return Ok(false);
+        }
+        // Nor a long value the NAS may have no room for (ext4 keeps about
+        // 4 KiB an inode), unless it took one as long.
+        if value.is_some_and(|v| v.len() > proof.xattr_len.max(255)) {
             return Ok(false);
         }
         drop(proof);

@@ -224,6 +224,15 @@ fn xattr_key(dir: &str) -> String {
     format!("{dir}\0user.k")
 }
 
+/// Where a file's mode is kept in a [`Tree`], when not 644.
+fn mode_key(file: &str) -> String {
+    format!("{file}\0mode")
+}
+
+fn mode_value(mode: u32) -> Option<Vec<u8>> {
+    (mode != 0o644).then(|| format!("{mode:o}").into_bytes())
+}
+
 fn read_tree(root: &std::path::Path) -> std::io::Result<Tree> {
     let mut out = Tree::new();
     let mut stack = vec![String::new()];
@@ -250,6 +259,10 @@ fn read_tree(root: &std::path::Path) -> std::io::Result<Tree> {
             } else {
                 let data = std::fs::read(root.join(&r))
                     .map_err(|e| std::io::Error::new(e.kind(), format!("{r}: {e}")))?;
+                let mode = std::os::unix::fs::MetadataExt::mode(&e.metadata()?) & 0o7777;
+                if let Some(v) = mode_value(mode) {
+                    out.insert(mode_key(&r), Some(v));
+                }
                 out.insert(r.clone(), Some(data));
             }
         }
@@ -267,6 +280,8 @@ enum NsOp {
     Link(String, String),
     /// setxattr user.k of a directory.
     SetXattr(String, Vec<u8>),
+    /// chmod of a file with one link.
+    Chmod(String, u32),
 }
 
 /// The states an interrupted `op` may leave `t` in (a creation also as
@@ -287,13 +302,26 @@ fn outcomes(t: &Tree, op: &NsOp) -> Vec<Tree> {
         NsOp::Rename(a, b) => {
             let v = done.remove(a).unwrap();
             done.insert(b.clone(), v);
+            if let Some(v) = done.remove(&mode_key(a)) {
+                done.insert(mode_key(b), v);
+            }
         }
         NsOp::Unlink(a) => {
             done.remove(a);
+            done.remove(&mode_key(a));
         }
         NsOp::Link(a, b) => {
             let v = done.get(a).cloned().unwrap();
             done.insert(b.clone(), v);
+            if let Some(v) = done.get(&mode_key(a)).cloned() {
+                done.insert(mode_key(b), v);
+            }
+        }
+        NsOp::Chmod(a, mode) => {
+            done.remove(&mode_key(a));
+            if let Some(v) = mode_value(*mode) {
+                done.insert(mode_key(a), Some(v));
+            }
         }
         NsOp::SetXattr(d, v) => {
             done.insert(xattr_key(d), Some(v.clone()));
@@ -354,7 +382,7 @@ fn ns_writer(
                 i => format!("{}/{leaf}", dirs[i]),
             },
         };
-        let op = match rng.u8(..12) {
+        let op = match rng.u8(..13) {
             0..=4 => {
                 let data: Vec<u8> = (0..rng.usize(..20_000)).map(|_| rng.u8(1..)).collect();
                 NsOp::Create(in_dir(&mut rng, format!("f{n}")), data)
@@ -373,6 +401,16 @@ fn ns_writer(
                 let d = dirs[rng.usize(..dirs.len())].clone();
                 NsOp::SetXattr(d, (0..rng.usize(..40)).map(|_| rng.u8(..)).collect())
             }
+            12 if !files.is_empty() => {
+                let a = files[rng.usize(..files.len())].clone();
+                // (The model keeps modes by name: not of a file with links.)
+                match std::fs::metadata(mnt.join(&a)) {
+                    Ok(md) if std::os::unix::fs::MetadataExt::nlink(&md) == 1 => {}
+                    Ok(_) => continue,
+                    Err(_) => return,
+                }
+                NsOp::Chmod(a, [0o600, 0o640, 0o644, 0o444][rng.usize(..4)])
+            }
             _ => continue,
         };
         model.lock().unwrap().1 = Some(op.clone());
@@ -381,6 +419,9 @@ fn ns_writer(
                 std::fs::File::create_new(mnt.join(p))
                     .and_then(|mut f| {
                         std::io::Write::write_all(&mut f, data)?;
+                        // (Whatever the umask: the model's mode.)
+                        use std::os::unix::fs::PermissionsExt;
+                        f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
                         f.sync_all()
                     })
                     .is_ok()
@@ -392,6 +433,12 @@ fn ns_writer(
             }
             NsOp::Unlink(a) => std::fs::remove_file(mnt.join(a)).is_ok() && sync_dir(a),
             NsOp::Link(a, b) => std::fs::hard_link(mnt.join(a), mnt.join(b)).is_ok() && sync_dir(b),
+            NsOp::Chmod(a, mode) => {
+                use std::os::unix::fs::PermissionsExt;
+                let p = mnt.join(a);
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).is_ok()
+                    && std::fs::File::open(&p).and_then(|f| f.sync_all()).is_ok()
+            }
             NsOp::SetXattr(d, v) => {
                 common::xset(&mnt.join(d), "user.k", v, 0).is_ok()
                     && std::fs::File::open(mnt.join(d))
@@ -470,6 +517,11 @@ fn ns_crash_loop(kind: Loop) {
     }
     std::fs::create_dir(m.n("d0")).unwrap();
     std::fs::write(m.n("d0/old"), "on the NAS").unwrap();
+    std::fs::set_permissions(
+        m.n("d0/old"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
     let mut initial = Tree::new();
     initial.insert("d0".into(), None);
     initial.insert("d0/old".into(), Some(b"on the NAS".to_vec()));
@@ -567,10 +619,11 @@ fn ns_crash_loop(kind: Loop) {
     assert_eq!(m.status_value("conflicts"), 0, "seed {seed}");
     eprintln!(
         "{what} crash loop: {iters} kills ({interrupted} mid-operation), {} entries \
-         ({} directories with an xattr), {kept} changes kept while the NAS answered, \
-         nothing lost, no conflict copy",
+         ({} directories with an xattr, {} files with a mode set), {kept} changes kept while \
+         the NAS answered, nothing lost, no conflict copy",
         mm.0.len(),
-        mm.0.keys().filter(|k| k.contains('\0')).count()
+        mm.0.keys().filter(|k| k.ends_with("\0user.k")).count(),
+        mm.0.keys().filter(|k| k.ends_with("\0mode")).count()
     );
     if kind == Loop::Kept {
         assert!(kept > 0, "seed {seed}: nothing was kept for later");

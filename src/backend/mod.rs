@@ -423,6 +423,12 @@ pub trait Backend: Send + Sync + 'static {
         0
     }
 
+    /// The objects (by inode number here) with attribute or xattr
+    /// changes kept for later, not made on the NAS yet.
+    fn attrs_pending(&self) -> std::collections::HashSet<u64> {
+        std::collections::HashSet::new()
+    }
+
     /// Removes `name` (`node`, of `kind`, the NAS version `was`: its inode
     /// number is the node's) from `dir` here at once, `dir` changed `at`,
     /// and from the NAS later, in order with the other changes kept (see

@@ -5739,6 +5739,15 @@ impl<B: Backend> Backend for Overlay<B> {
         self.st().removals.len()
     }
 
+    fn attrs_pending(&self) -> HashSet<u64> {
+        let st = self.st();
+        st.removals
+            .iter()
+            .filter(|r| r.set.is_some())
+            .map(|r| st.alias.get(&r.was.ino).map_or(r.was.ino, |al| al.prov))
+            .collect()
+    }
+
     fn remove_later(
         &self,
         dir: &Self::Node,
