@@ -219,6 +219,9 @@ struct Tables<B: Backend> {
     /// to take later: if it refuses, the kernel's copy of their
     /// attributes is to go too (see `drain_settled`).
     attrs_set_here: HashSet<u64>,
+    /// Files and directories whose `user.*` xattrs were set here for the
+    /// NAS to take later (see `keeps_set`).
+    xattrs_set_here: HashSet<u64>,
 }
 
 struct FileHandle<B: Backend> {
@@ -362,6 +365,7 @@ impl<B: Backend> Core<B> {
                 negatives: HashMap::new(),
                 open_unlinked: HashMap::new(),
                 attrs_set_here: HashSet::new(),
+                xattrs_set_here: HashSet::new(),
             }),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -1342,7 +1346,7 @@ impl<B: Backend> Core<B> {
         let before = self.proof_base(ino);
         let mut attr = match self.backend.setattr(&node, file, &changes) {
             Ok(a) => {
-                self.nas_took(before.as_ref(), &changes);
+                self.nas_took(before.as_ref(), &changes, &a);
                 a
             }
             Err(e) if is_unreachable(&e) && kind != FileKind::File => {
@@ -1503,7 +1507,8 @@ impl<B: Backend> Core<B> {
             || remote.mtime.is_some();
         let mut here = has_remote && self.attrs_here(wb, nas);
         let takes = |a: Attr| self.nas_takes(&a, &remote);
-        if here && self.backend.online() && !self.cached_attr(ino).is_some_and(takes) {
+        let keeps = || self.defers_changes() && self.cached_attr(ino).is_some_and(takes);
+        if here && self.backend.online() && !keeps() {
             // Kept behind a change kept before it (their order holds), but
             // not one the NAS may refuse: both go to it now, in order.
             wb.flush_file(nas)?;
@@ -1539,7 +1544,7 @@ impl<B: Backend> Core<B> {
             let file = file.as_ref().map(|h| &*h.file);
             let before = self.proof_base(ino);
             let mut attr = self.backend.setattr(node, file, &remote)?;
-            self.nas_took(before.as_ref(), &remote);
+            self.nas_took(before.as_ref(), &remote, &attr);
             if let Some((who, change)) = kill.filter(|_| !owner) {
                 // The cached attributes may have been out of date.
                 let bits = self.bits_to_clear(&attr, who, change);
@@ -1587,10 +1592,20 @@ impl<B: Backend> Core<B> {
     /// the object and keeps its owner: otherwise the NAS's EPERM is to
     /// reach the caller now, not undo the change later).
     fn keeps_set(&self, ino: u64, changes: &SetAttr) -> bool {
-        changes.size.is_none()
-            && self
-                .may_keep(ino)
-                .is_some_and(|a| self.nas_takes(&a, changes))
+        let Some(a) = self.may_keep(ino).filter(|_| changes.size.is_none()) else {
+            return false;
+        };
+        // A file's xattrs kept here reach the NAS apart from its mode
+        // (journal rows, write-back rows): a mode without write for its
+        // owner could come first and refuse them.
+        let unwritable = changes.mode.is_some_and(|m| m & 0o200 == 0)
+            && self.tables().xattrs_set_here.contains(&ino)
+            && !self
+                .nas_proof
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .any_owner;
+        !unwritable && self.nas_takes(&a, changes)
     }
 
     /// Whether the NAS is known to take `changes` of an object with
@@ -1611,7 +1626,11 @@ impl<B: Backend> Core<B> {
         let setgid = changes.mode.is_some_and(|m| {
             attr.kind == FileKind::Dir && ((m & 0o7777) as u16 ^ attr.perm) & 0o2000 != 0
         });
-        owns && !setgid && (proof.any_owner || !gives_away && !grants)
+        // Write-back opens a file to set what was kept (its owner needs
+        // read permission there, before and after).
+        let unreadable = attr.kind == FileKind::File
+            && (attr.perm & 0o400 == 0 || changes.mode.is_some_and(|m| m & 0o400 == 0));
+        owns && !setgid && (proof.any_owner || !gives_away && !grants && !unreadable)
     }
 
     /// The cached attributes of NAS object `ino` if a change of it may be
@@ -1641,8 +1660,18 @@ impl<B: Backend> Core<B> {
 
     /// What a change the NAS took proves about what it lets this daemon
     /// do (see `NasProof`); `before`: the object's attributes before it.
-    fn nas_took(&self, before: Option<&Attr>, changes: &SetAttr) {
+    fn nas_took(&self, before: Option<&Attr>, changes: &SetAttr, after: &Attr) {
         let Some(b) = before else { return };
+        // (A share that ignores a chmod or chown, as some SMB ones do,
+        // proves nothing.)
+        if changes
+            .mode
+            .is_some_and(|m| (m & 0o7777) as u16 != after.perm)
+            || changes.uid.is_some_and(|u| u != after.uid)
+            || changes.gid.is_some_and(|g| g != after.gid)
+        {
+            return;
+        }
         let set = |t: Option<SetTime>| matches!(t, Some(SetTime::At(_)));
         if changes.mode.is_none()
             && changes.uid.is_none()
@@ -2066,6 +2095,7 @@ impl<B: Backend> Core<B> {
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         let dir = self.parent_node(parent)?;
         let victim = self.known_child(parent, name);
+        self.flush_before_link_goes(&victim)?;
         // Until `link_removed` below has told write-back.
         let _mark = match (&victim, &self.wb) {
             (Some((ino, _)), Some(wb)) => Some(wb.unlinking(self.fuse_ino(*ino))),
@@ -2467,6 +2497,22 @@ impl<B: Backend> Core<B> {
 
     /// A name of `victim` was removed on the NAS (unlink, or replaced by a
     /// rename): if it was the last, its pending changes have nowhere to go.
+    /// Before a name of a file on the NAS with other links goes (an unlink,
+    /// a rename over it): its changes still to write back go first. Their
+    /// row finds the file by a path, maybe this name; after a crash the
+    /// row would lead nowhere, and what it holds would be lost.
+    fn flush_before_link_goes(&self, victim: &Option<(u64, B::Node)>) -> FsResult<()> {
+        let (Some((ino, _)), Some(wb)) = (victim, &self.wb) else {
+            return Ok(());
+        };
+        let nas = self.fuse_ino(*ino);
+        let links = self.cached_attr(*ino).map_or(0, |a| a.nlink);
+        if links > 1 && wb.is_dirty(nas) && self.backend.local_path(nas).is_none() {
+            wb.flush_file(nas)?;
+        }
+        Ok(())
+    }
+
     fn link_removed(&self, (ino, node): (u64, B::Node)) {
         let Some(wb) = &self.wb else { return };
         let nas = self.fuse_ino(ino);
@@ -2505,6 +2551,9 @@ impl<B: Backend> Core<B> {
         let newdir = self.parent_node(newparent)?;
         let moved = self.known_child(parent, name);
         let replaced = self.known_child(newparent, newname);
+        if !flags.exchange && moved.as_ref().map(|m| m.0) != replaced.as_ref().map(|r| r.0) {
+            self.flush_before_link_goes(&replaced)?;
+        }
         let replaced_links = Self::links_of(&self.tables(), newparent, newname);
         // A write-back attempt that finds either gone from its path meanwhile
         // must not restore it (see `WriteBack::unlinking`).
@@ -3793,6 +3842,7 @@ impl<B: Backend> Core<B> {
         if self.keep_xattr(ino, (&node, kind), (name, Some(value)), flags)? {
             return Ok(());
         }
+        self.owner_first(ino, kind)?;
         let before = self.xattr_proof_base(ino);
         self.xattr_gen.fetch_add(1, Ordering::SeqCst);
         let r = self.backend.setxattr(&node, name, value, flags);
@@ -3821,6 +3871,7 @@ impl<B: Backend> Core<B> {
         if self.keep_xattr(ino, (&node, kind), (name, None), 0)? {
             return Ok(());
         }
+        self.owner_first(ino, kind)?;
         self.xattr_gen.fetch_add(1, Ordering::SeqCst);
         let r = self.backend.removexattr(&node, name);
         self.xattr_gen.fetch_add(1, Ordering::SeqCst);
@@ -3849,6 +3900,19 @@ impl<B: Backend> Core<B> {
             let mut proof = self.nas_proof.lock().unwrap_or_else(|e| e.into_inner());
             proof.writes.insert(a.uid);
             proof.xattr_len = proof.xattr_len.max(len);
+        }
+    }
+
+    /// Before an xattr change of file `ino` goes to the NAS: a mode or
+    /// owner kept here for it goes first (set after, it would undo an
+    /// ACL's mask).
+    fn owner_first(&self, ino: u64, kind: FileKind) -> FsResult<()> {
+        let nas = self.fuse_ino(ino);
+        match &self.wb {
+            Some(wb) if kind == FileKind::File && self.backend.online() && wb.owner_here(nas) => {
+                wb.flush_file(nas)
+            }
+            _ => Ok(()),
         }
     }
 
@@ -3957,6 +4021,7 @@ impl<B: Backend> Core<B> {
         // A NAS answer asked before is older than this.
         self.xattr_gen.fetch_add(1, Ordering::SeqCst);
         let mut t = self.tables();
+        t.xattrs_set_here.insert(ino);
         if let Some(i) = t.inodes.get_mut(&ino) {
             // Filed under no ctime the NAS shows: offline it answers (of any
             // age), online the NAS does, with the changes kept here laid

@@ -1187,7 +1187,7 @@ fn attribute_changes_the_nas_may_refuse_or_needs_first_go_to_it_at_once() {
         return;
     }
     let mut m = Mount::prepare("writeback_delay=1h,actimeo=600");
-    for f in ["locked", "f"] {
+    for f in ["locked", "f", "r", "g"] {
         fs::write(m.nas.join(f), f).unwrap();
         fs::set_permissions(m.nas.join(f), fs::Permissions::from_mode(0o644)).unwrap();
     }
@@ -1195,7 +1195,7 @@ fn attribute_changes_the_nas_may_refuse_or_needs_first_go_to_it_at_once() {
     fs::set_permissions(m.nas.join("d"), fs::Permissions::from_mode(0o555)).unwrap();
     m.mount();
     let _l = Immutable::set(&m.nas.join("locked"));
-    assert_eq!(fs::read_dir(m.m("")).unwrap().count(), 3);
+    assert_eq!(fs::read_dir(m.m("")).unwrap().count(), 5);
     let nas = m.nas.clone();
     let nas_mode = |p: &str| fs::metadata(nas.join(p)).unwrap().mode() & 0o7777;
     // Changes of objects made here prove nothing about the NAS.
@@ -1218,7 +1218,7 @@ fn attribute_changes_the_nas_may_refuse_or_needs_first_go_to_it_at_once() {
     // A fresh mount (the refusal stops keeping for the rest of one).
     m.unmount();
     m.mount();
-    assert_eq!(fs::read_dir(m.m("")).unwrap().count(), 4);
+    assert_eq!(fs::read_dir(m.m("")).unwrap().count(), 6);
     fs::set_permissions(m.m("f"), fs::Permissions::from_mode(0o640)).unwrap();
     assert_eq!(nas_mode("f"), 0o640, "the first goes to the NAS");
     fs::set_permissions(m.m("f"), fs::Permissions::from_mode(0o600)).unwrap();
@@ -1236,9 +1236,84 @@ fn attribute_changes_the_nas_may_refuse_or_needs_first_go_to_it_at_once() {
     fs::set_permissions(m.m("d"), fs::Permissions::from_mode(0o2750)).unwrap();
     assert_eq!(nas_mode("d"), 0o2755, "taking away waits");
     fs::write(m.m("d/new"), "new").unwrap();
+    // A file's mode without read for its owner: write-back could not
+    // open it to set what follows.
+    fs::set_permissions(m.m("r"), fs::Permissions::from_mode(0o200)).unwrap();
+    assert_eq!(nas_mode("r"), 0o200, "unreadable goes to the NAS");
+    // An ACL set after a kept mode: the mode goes first (set after, it
+    // would narrow the ACL's mask again).
+    fs::set_permissions(m.m("g"), fs::Permissions::from_mode(0o640)).unwrap();
+    assert_eq!(nas_mode("g"), 0o644, "taking away waits");
+    let acl = Command::new("setfacl")
+        .args(["-m", "u:1234:rw"])
+        .arg(m.m("g"))
+        .status()
+        .unwrap();
+    assert!(acl.success());
+    assert_eq!(nas_mode("g"), 0o660, "the ACL's mask shows as the group's");
     m.flush(None);
-    assert_eq!((nas_mode("d"), nas_mode("f")), (0o2750, 0o644));
+    assert_eq!(nas_mode("g"), 0o660, "and stays");
+    // A mode without write for the owner of a file with xattrs kept: the
+    // xattrs could not be set after it.
+    let x = m.m("g");
+    fs::metadata(&x).unwrap();
+    common::xset(&x, "user.t", b"1", 0).unwrap();
+    assert_eq!(common::xget(&nas.join("g"), "user.t"), Err(libc::ENODATA));
+    fs::set_permissions(&x, fs::Permissions::from_mode(0o440)).unwrap();
+    assert_eq!(nas_mode("g"), 0o440, "goes to the NAS, after the xattr");
+    assert_eq!(common::xget(&nas.join("g"), "user.t").unwrap(), b"1");
+    m.flush(None);
+    assert_eq!(
+        (nas_mode("d"), nas_mode("f"), nas_mode("g")),
+        (0o2750, 0o644, 0o440)
+    );
     assert_eq!(fs::read_to_string(m.n("d/new")).unwrap(), "new");
+    assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
+}
+
+/// A file with changes to write back keeps them by a path of it: when
+/// that name goes while other links remain (ln f g; rm f), the changes
+/// go to the NAS first, so that a crash after it loses none of them.
+#[test]
+fn changes_of_a_file_whose_name_goes_while_other_links_remain_survive_a_crash() {
+    let mut m = Mount::prepare("writeback_delay=1h,actimeo=600");
+    for f in ["proof", "chmodded", "written"] {
+        fs::write(m.n(f), f).unwrap();
+        fs::set_permissions(m.n(f), fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    m.mount();
+    assert_eq!(fs::read_dir(m.m("")).unwrap().count(), 3);
+    // (The first chmod goes to the NAS; the next waits.)
+    fs::set_permissions(m.m("proof"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::set_permissions(m.m("chmodded"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(
+        fs::metadata(m.n("chmodded")).unwrap().mode() & 0o7777,
+        0o644
+    );
+    fs::write(m.m("written"), "written here").unwrap();
+    for f in ["chmodded", "written"] {
+        fs::hard_link(m.m(f), m.m(&format!("{f}.link"))).unwrap();
+        fs::remove_file(m.m(f)).unwrap();
+        fs::File::open(m.m(&format!("{f}.link")))
+            .unwrap()
+            .sync_all()
+            .unwrap();
+    }
+    m.kill();
+    m.mount();
+    let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o7777;
+    assert_eq!(mode(&m.m("chmodded.link")), 0o600);
+    assert_eq!(
+        fs::read_to_string(m.m("written.link")).unwrap(),
+        "written here"
+    );
+    m.flush(None);
+    assert_eq!(mode(&m.n("chmodded.link")), 0o600);
+    assert_eq!(
+        fs::read_to_string(m.n("written.link")).unwrap(),
+        "written here"
+    );
+    assert!(!m.n("chmodded").exists() && !m.n("written").exists());
     assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
 }
 

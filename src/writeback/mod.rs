@@ -1921,6 +1921,9 @@ impl<B: Backend> WriteBack<B> {
             }
         }
         let wrote = |e: BackendError| (FsError::from(e), true);
+        if snap.attrs_only() {
+            return self.set_attrs_only(&node, &attr, snap).map_err(wrote);
+        }
         let file = self
             .backend
             .open(
@@ -2051,6 +2054,48 @@ impl<B: Backend> WriteBack<B> {
         let clock = self.meta_clock.load(Ordering::Acquire);
         let after = self.backend.fgetattr(&file).map_err(wrote)?;
         Ok(Outcome::Written(after, written, clock, refused))
+    }
+
+    /// A row of attributes only (a chmod, chown or utimensat kept here):
+    /// set on NAS file `node` (attributes `attr`) by its node, without
+    /// opening, writing or syncing it, which would cost a NAS round trip
+    /// each. Refused ones are dropped, as in `write_back`.
+    fn set_attrs_only(&self, node: &B::Node, attr: &Attr, snap: &Snap<B>) -> BResult<Outcome> {
+        let mut refused = None;
+        let mut now = *attr;
+        let refusal = |e: &BackendError| matches!(e.raw_errno(), libc::EPERM | libc::EACCES);
+        if let Some(owner) = snap.owner {
+            match self.set_owner(node, None, attr, owner) {
+                Ok(a) => now = a,
+                Err(e) if refusal(&e) => {
+                    refused = Some(format!(
+                        "the NAS refused the mode and owner set here ({e}); they were dropped"
+                    ));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let times = SetAttr {
+            atime: snap.atime.map(SetTime::At),
+            mtime: (snap.mtime != now.mtime).then_some(SetTime::At(snap.mtime)),
+            ..Default::default()
+        };
+        if times.atime.is_some() || times.mtime.is_some() {
+            match self.backend.setattr(node, None, &times) {
+                Ok(a) => now = a,
+                Err(e) if refusal(&e) => {
+                    let what =
+                        format!("the NAS refused the times set here ({e}); they were dropped");
+                    refused = Some(match refused {
+                        Some(r) => format!("{r}; {what}"),
+                        None => what,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let clock = self.meta_clock.load(Ordering::Acquire);
+        Ok(Outcome::Written(now, 0, clock, refused))
     }
 
     /// Gives the NAS file `node` (attributes `attr`) the permission bits,
