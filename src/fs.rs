@@ -997,23 +997,50 @@ impl<B: Backend> Core<B> {
     fn forget_name(&self, t: &mut Tables<B>, parent: u64, name: &OsStr, negative: bool) {
         t.names_gen += 1;
         let key = (parent, name.to_os_string());
-        if let Some(ino) = t.names.remove(&key) {
-            if let Some(i) = t.inodes.get_mut(&ino) {
-                i.attr_until = Instant::now();
-            }
+        let held = t.names.remove(&key);
+        if let Some(i) = held.and_then(|ino| t.inodes.get_mut(&ino)) {
+            i.attr_until = Instant::now();
         }
-        if let Some(l) = t.listings.get_mut(&parent) {
-            if let Some(ino) = l.names.remove(name) {
-                if let Some(i) = t.inodes.get_mut(&ino) {
-                    i.attr_until = Instant::now();
-                }
-            }
+        let listed = t
+            .listings
+            .get_mut(&parent)
+            .and_then(|l| l.names.remove(name));
+        if let Some(i) = listed.and_then(|ino| t.inodes.get_mut(&ino)) {
+            i.attr_until = Instant::now();
         }
         if negative && !self.cfg.negative_timeout.is_zero() {
             t.negatives
                 .insert(key, Instant::now() + self.cfg.negative_timeout);
         }
         self.expire_attr(t, parent);
+    }
+
+    /// `name` in `parent`, which led to `ino`, is gone: if `ino` was last
+    /// known by it (a file with other links), it is known by another name
+    /// the tables hold, if any,
+    /// since write-back records a file's changes by that path.
+    fn name_went(t: &mut Tables<B>, ino: u64, parent: u64, name: &OsStr) {
+        let by_it = |i: &Inode<B>| i.parent == parent && i.name == name && i.attr.nlink > 0;
+        if !t.inodes.get(&ino).is_some_and(by_it) {
+            return;
+        }
+        let other = t
+            .names
+            .iter()
+            .find(|(_, v)| **v == ino)
+            .map(|(k, _)| k.clone())
+            .or_else(|| {
+                t.listings.iter().find_map(|(d, l)| {
+                    l.names
+                        .iter()
+                        .find(|(_, v)| **v == ino)
+                        .map(|(n, _)| (*d, n.clone()))
+                })
+            });
+        if let (Some((p, n)), Some(i)) = (other, t.inodes.get_mut(&ino)) {
+            i.parent = p;
+            i.name = n;
+        }
     }
 
     /// A subdirectory came to or left directory `ino` through the mount:
@@ -1645,7 +1672,9 @@ impl<B: Backend> Core<B> {
         {
             return None;
         }
-        self.cached_attr(ino)
+        // (And by a name that still leads to it: a file's changes are
+        // kept by its path.)
+        self.known_name(ino).map(|(a, _, _)| a)
     }
 
     /// What a change of `ino` about to go to the NAS can prove (see
@@ -2108,6 +2137,9 @@ impl<B: Backend> Core<B> {
             let mut t = self.tables();
             Self::link_dropped(&mut t, links);
             self.forget_name(&mut t, parent, name, true);
+            if let Some((ino, _)) = &victim {
+                Self::name_went(&mut t, *ino, parent, name);
+            }
             self.changed_here(&mut t, parent, later);
             // The NAS may keep an open file under a hidden name (nfs://)
             // until it is closed: its directory may not be empty there.
@@ -2659,6 +2691,9 @@ impl<B: Backend> Core<B> {
         }
         self.forget_name(t, newparent, newname, false);
         self.forget_name(t, parent, name, !flags.exchange);
+        if let (Some(d), false) = (dst.filter(|d| Some(*d) != src), flags.exchange) {
+            Self::name_went(t, d, newparent, newname);
+        }
         self.changed_here(t, parent, kept);
         self.changed_here(t, newparent, kept);
         let place = |t: &mut Tables<B>, ino: Option<u64>, key: &(u64, OsString)| {

@@ -1277,12 +1277,12 @@ fn attribute_changes_the_nas_may_refuse_or_needs_first_go_to_it_at_once() {
 #[test]
 fn changes_of_a_file_whose_name_goes_while_other_links_remain_survive_a_crash() {
     let mut m = Mount::prepare("writeback_delay=1h,actimeo=600");
-    for f in ["proof", "chmodded", "written"] {
+    for f in ["proof", "chmodded", "written", "other"] {
         fs::write(m.n(f), f).unwrap();
         fs::set_permissions(m.n(f), fs::Permissions::from_mode(0o644)).unwrap();
     }
     m.mount();
-    assert_eq!(fs::read_dir(m.m("")).unwrap().count(), 3);
+    assert_eq!(fs::read_dir(m.m("")).unwrap().count(), 4);
     // (The first chmod goes to the NAS; the next waits.)
     fs::set_permissions(m.m("proof"), fs::Permissions::from_mode(0o640)).unwrap();
     fs::set_permissions(m.m("chmodded"), fs::Permissions::from_mode(0o600)).unwrap();
@@ -1299,9 +1299,18 @@ fn changes_of_a_file_whose_name_goes_while_other_links_remain_survive_a_crash() 
             .sync_all()
             .unwrap();
     }
+    // And the other way: ln f l; rm l; chmod f (the file was last known
+    // by the name that went).
+    fs::metadata(m.m("other")).unwrap();
+    fs::hard_link(m.m("other"), m.m("other.link")).unwrap();
+    fs::remove_file(m.m("other.link")).unwrap();
+    fs::metadata(m.m("other")).unwrap();
+    fs::set_permissions(m.m("other"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::File::open(m.m("other")).unwrap().sync_all().unwrap();
     m.kill();
     m.mount();
     let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o7777;
+    assert_eq!(mode(&m.m("other")), 0o600);
     assert_eq!(mode(&m.m("chmodded.link")), 0o600);
     assert_eq!(
         fs::read_to_string(m.m("written.link")).unwrap(),
@@ -1314,6 +1323,7 @@ fn changes_of_a_file_whose_name_goes_while_other_links_remain_survive_a_crash() 
         "written here"
     );
     assert!(!m.n("chmodded").exists() && !m.n("written").exists());
+    assert_eq!(mode(&m.n("other")), 0o600);
     assert_eq!(m.status_value("conflicts"), 0, "{}", m.status());
 }
 
