@@ -1015,12 +1015,12 @@ impl<B: Backend> Core<B> {
         self.expire_attr(t, parent);
     }
 
-    /// `name` in `parent`, which led to `ino`, is gone: if `ino` was last
-    /// known by it (a file with other links), it is known by another name
-    /// the tables hold, if any,
-    /// since write-back records a file's changes by that path.
+    /// `name` in `parent`, which led to `ino` (a file with other links),
+    /// is gone: if `ino` was last known by it, it is known by another name
+    /// the tables hold, if any, since write-back records a file's changes
+    /// by that path.
     fn name_went(t: &mut Tables<B>, ino: u64, parent: u64, name: &OsStr) {
-        let by_it = |i: &Inode<B>| i.parent == parent && i.name == name && i.attr.nlink > 0;
+        let by_it = |i: &Inode<B>| i.parent == parent && i.name == name;
         if !t.inodes.get(&ino).is_some_and(by_it) {
             return;
         }
@@ -1370,7 +1370,7 @@ impl<B: Backend> Core<B> {
                 return Ok(r);
             }
         }
-        let before = self.proof_base(ino);
+        let before = self.proof_base(ino, false);
         let mut attr = match self.backend.setattr(&node, file, &changes) {
             Ok(a) => {
                 self.nas_took(before.as_ref(), &changes, &a);
@@ -1569,7 +1569,7 @@ impl<B: Backend> Core<B> {
         } else if has_remote {
             let file = fh.and_then(|fh| self.file_handle(fh).ok());
             let file = file.as_ref().map(|h| &*h.file);
-            let before = self.proof_base(ino);
+            let before = self.proof_base(ino, false);
             let mut attr = self.backend.setattr(node, file, &remote)?;
             self.nas_took(before.as_ref(), &remote, &attr);
             if let Some((who, change)) = kill.filter(|_| !owner) {
@@ -1681,10 +1681,13 @@ impl<B: Backend> Core<B> {
     /// `nas_took`): its attributes, fresh, if it is on the NAS and the call
     /// will carry the change there (not a new object's, made here; not a
     /// directory's, whose mode waits for what is to be made in it).
-    fn proof_base(&self, ino: u64) -> Option<Attr> {
+    /// With `dirs`, a directory's too (for an xattr change, which it
+    /// carries at once).
+    fn proof_base(&self, ino: u64, dirs: bool) -> Option<Attr> {
         let a = self.cached_attr(ino)?;
         let on_nas = self.backend.local_path(self.fuse_ino(ino)).is_none();
-        (on_nas && a.kind != FileKind::Dir && self.vouch_is_fresh(ino, false)).then_some(a)
+        let carried = dirs || a.kind != FileKind::Dir;
+        (on_nas && carried && self.vouch_is_fresh(ino, false)).then_some(a)
     }
 
     /// What a change the NAS took proves about what it lets this daemon
@@ -2137,8 +2140,8 @@ impl<B: Backend> Core<B> {
             let mut t = self.tables();
             Self::link_dropped(&mut t, links);
             self.forget_name(&mut t, parent, name, true);
-            if let Some((ino, _)) = &victim {
-                Self::name_went(&mut t, *ino, parent, name);
+            if let Some((ino, _, _)) = links.filter(|l| l.1 > 1) {
+                Self::name_went(&mut t, ino, parent, name);
             }
             self.changed_here(&mut t, parent, later);
             // The NAS may keep an open file under a hidden name (nfs://)
@@ -2691,7 +2694,8 @@ impl<B: Backend> Core<B> {
         }
         self.forget_name(t, newparent, newname, false);
         self.forget_name(t, parent, name, !flags.exchange);
-        if let (Some(d), false) = (dst.filter(|d| Some(*d) != src), flags.exchange) {
+        let other_links = replaced_links.filter(|l| l.1 > 1 && Some(l.0) != src);
+        if let (Some((d, _, _)), false) = (other_links, flags.exchange) {
             Self::name_went(t, d, newparent, newname);
         }
         self.changed_here(t, parent, kept);
@@ -3878,7 +3882,7 @@ impl<B: Backend> Core<B> {
             return Ok(());
         }
         self.owner_first(ino, kind)?;
-        let before = self.xattr_proof_base(ino);
+        let before = self.proof_base(ino, true);
         self.xattr_gen.fetch_add(1, Ordering::SeqCst);
         let r = self.backend.setxattr(&node, name, value, flags);
         self.xattr_gen.fetch_add(1, Ordering::SeqCst);
@@ -3930,7 +3934,7 @@ impl<B: Backend> Core<B> {
     /// The NAS changed a `user.*` xattr of `ino`, to a value of `len`
     /// bytes (see `NasProof::writes`): only its owner could write to it.
     fn nas_took_xattr(&self, before: Option<Attr>, name: &OsStr, len: usize) {
-        let user = std::os::unix::ffi::OsStrExt::as_bytes(name).starts_with(b"user.");
+        let user = is_user_xattr(name);
         if let Some(a) = before.filter(|a| user && a.perm & 0o222 == 0o200) {
             let mut proof = self.nas_proof.lock().unwrap_or_else(|e| e.into_inner());
             proof.writes.insert(a.uid);
@@ -3951,13 +3955,6 @@ impl<B: Backend> Core<B> {
         }
     }
 
-    /// As `proof_base`, for an xattr change (a directory's counts too).
-    fn xattr_proof_base(&self, ino: u64) -> Option<Attr> {
-        let a = self.cached_attr(ino)?;
-        let on_nas = self.backend.local_path(self.fuse_ino(ino)).is_none();
-        (on_nas && self.vouch_is_fresh(ino, false)).then_some(a)
-    }
-
     /// While the NAS answers, a `user.*` xattr change of NAS object `ino`
     /// is kept for later as offline (`xattr_later`), with the rules of
     /// `keeps_set`: true when it was (or refused from what the cache knows
@@ -3969,7 +3966,7 @@ impl<B: Backend> Core<B> {
         (name, value): (&OsStr, Option<&[u8]>),
         flags: i32,
     ) -> FsResult<bool> {
-        let user = std::os::unix::ffi::OsStrExt::as_bytes(name).starts_with(b"user.");
+        let user = is_user_xattr(name);
         // XATTR_CREATE and XATTR_REPLACE are the NAS's to answer: another
         // client may have set or removed the name meanwhile.
         if !user || flags != 0 || !self.backend.keeps_xattrs() {
@@ -4020,7 +4017,7 @@ impl<B: Backend> Core<B> {
     ) -> FsResult<()> {
         // Those the NAS keeps as they are (not ACLs, which set the mode,
         // nor security labels).
-        let user = std::os::unix::ffi::OsStrExt::as_bytes(name).starts_with(b"user.");
+        let user = is_user_xattr(name);
         let Some((attr, parent, at)) = self.known_name(ino).filter(|_| self.wb.is_some() && user)
         else {
             return Err(e.into());
@@ -4119,6 +4116,13 @@ fn always_listed(name: &OsStr, lists_acls: bool) -> bool {
     n.starts_with(b"user.")
         || n.starts_with(b"security.")
         || (lists_acls && (n == b"system.posix_acl_access" || n == b"system.posix_acl_default"))
+}
+
+/// Whether `name` is in the `user.*` namespace: what the NAS keeps as
+/// it is (not ACLs, which set the mode, nor security labels).
+fn is_user_xattr(name: &OsStr) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    name.as_bytes().starts_with(b"user.")
 }
 
 /// Whether a listxattr answer (NUL-terminated names) holds `name`.
