@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::backend::bounded::is_unreachable;
+use crate::backend::bounded::{cache_can_answer, is_unreachable};
 use crate::backend::{
     Attr, BResult, Backend, BackendError, Creds, FileKind, OpenMode, RenameFlags, SetAttr, SetTime,
     StatFs, Validator,
@@ -1177,11 +1177,21 @@ impl<B: Backend> Core<B> {
                 .ok_or(FsError::UnknownInode(parent))?
                 .node
                 .clone();
-            (node, known, listed)
+            // What the offline branch below can answer with.
+            let answerable = match known {
+                Some(ino) => t.inodes.contains_key(&ino),
+                None => listed,
+            };
+            (node, known, listed, answerable)
         };
-        let (dir_node, known, listed) = dir_node;
+        let (dir_node, known, listed, answerable) = dir_node;
         let g0 = self.settle_gen();
-        match self.backend.lookup(&dir_node, name) {
+        let got = if answerable {
+            cache_can_answer(|| self.backend.lookup(&dir_node, name))
+        } else {
+            self.backend.lookup(&dir_node, name)
+        };
+        match got {
             Ok((node, attr)) => self.remember(parent, name, node, attr, true, g0),
             Err(e) if is_unreachable(&e) => {
                 // Offline: what the cache knows, however old. A name that
@@ -1307,10 +1317,11 @@ impl<B: Backend> Core<B> {
         };
         let file = fh.and_then(|fh| self.file_handle(fh).ok());
         let g0 = self.settle_gen();
-        let got = match file {
+        // The attributes last seen answer if the NAS is slow to.
+        let got = cache_can_answer(|| match file {
             Some(h) => self.backend.fgetattr(&h.file),
             None => self.backend.getattr(&node),
-        };
+        });
         let mut attr = match got {
             Ok(a) => a,
             Err(e) if is_unreachable(&e) => {
@@ -1887,10 +1898,16 @@ impl<B: Backend> Core<B> {
             .get(&parent)
             .and_then(|i| i.default_acl);
         let has = known.unwrap_or_else(|| {
-            let has = self
-                .backend
-                .getxattr(dir, OsStr::new("system.posix_acl_default"))
-                .is_ok_and(|v| !v.is_empty());
+            // Offline (or slow to answer): taken as none (the overlay
+            // does the same), and asked again next time.
+            let got = cache_can_answer(|| {
+                self.backend
+                    .getxattr(dir, OsStr::new("system.posix_acl_default"))
+            });
+            if got.as_ref().is_err_and(is_unreachable) {
+                return false;
+            }
+            let has = got.is_ok_and(|v| !v.is_empty());
             if let Some(i) = self.tables().inodes.get_mut(&parent) {
                 i.default_acl = Some(has);
             }
@@ -2863,9 +2880,14 @@ impl<B: Backend> Core<B> {
         let (node, kind, data) = self.node(ino)?;
         let mode = open_mode(flags);
         let g0 = self.settle_gen();
-        let file = self.backend.open(&node, mode)?;
-        // Close-to-open: the attributes of what was just opened.
-        let mut attr = match self.backend.fgetattr(&file) {
+        // Close-to-open: the attributes of what was just opened; the
+        // cached version serves if the NAS is slow to answer.
+        let (file, got) = cache_can_answer(|| {
+            let file = self.backend.open(&node, mode)?;
+            let got = self.backend.fgetattr(&file);
+            Ok::<_, BackendError>((file, got))
+        })?;
+        let mut attr = match got {
             Ok(a) => a,
             Err(e) if is_unreachable(&e) => {
                 // Offline: the cached version is the one there is; the NAS
@@ -3496,6 +3518,11 @@ impl<B: Backend> Core<B> {
     /// The listing of `ino` as last seen, however old, while the NAS is
     /// offline. With `plus`, only the entries whose inode is still known
     /// (the kernel holds it): the others have no attributes to give.
+    /// Whether `list_cached` has a listing of `ino` to answer with.
+    fn listed_whole(&self, ino: u64) -> bool {
+        self.tables().listings.get(&ino).is_some_and(|l| l.complete)
+    }
+
     fn list_cached(&self, ino: u64, plus: bool) -> Option<Vec<DirItem<B>>> {
         let t = self.tables();
         let l = t.listings.get(&ino).filter(|l| l.complete)?;
@@ -3557,6 +3584,8 @@ impl<B: Backend> Core<B> {
             h.names_gen = self.tables().names_gen;
             let listed = match self.list_fresh(h.ino, plus) {
                 Some(items) => Ok(items),
+                // A listing held whole answers if the NAS is slow to.
+                None if self.listed_whole(h.ino) => cache_can_answer(|| self.list(h.ino, plus)),
                 None => self.list(h.ino, plus),
             };
             let items = match listed {

@@ -10,10 +10,19 @@
 //! tells them apart) and the core answers from its caches, until a probe in
 //! the background finds the NAS answering again.
 //!
+//! A request that the cache can answer (the attributes of an object it
+//! knows, a name it knows or a listing it holds whole) waits for the NAS
+//! at most [`PATIENCE`]: a NAS that hangs costs the first such request a
+//! second, not `timeo`, and an untar or a build carries on from the cache
+//! while nassync finds out whether the NAS is gone. Until that call
+//! answers, such requests are answered from the cache at once; if it has
+//! not answered by `timeo`, the NAS is offline as above.
+//!
 //! Files opened while offline are opened on the NAS when first needed
 //! (a read of data that is not cached), so that an application can open a
 //! cached file and read it without the NAS.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -32,6 +41,31 @@ const MIN_THREADS: usize = 4;
 const MAX_THREADS: usize = 1024;
 /// An idle thread beyond MIN_THREADS ends after this long.
 const IDLE: Duration = Duration::from_secs(30);
+
+/// How long a request the cache can answer waits for the NAS (at most
+/// `timeo`): a NAS on a slow link answers within it, one that hangs does
+/// not hold up what the cache can serve.
+pub const PATIENCE: Duration = Duration::from_secs(1);
+
+thread_local! {
+    /// Set by [`cache_can_answer`] for the calls made inside it.
+    static CACHE_CAN_ANSWER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f`, whose NAS calls that change nothing wait at most
+/// [`PATIENCE`], and none while an earlier such call is still unanswered:
+/// they then fail as if offline ([`is_unreachable`]), and the caller
+/// answers from its caches. Only for requests the caches can answer.
+pub fn cache_can_answer<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            CACHE_CAN_ANSWER.with(|c| c.set(self.0));
+        }
+    }
+    let _reset = Reset(CACHE_CAN_ANSWER.with(|c| c.replace(true)));
+    f()
+}
 
 /// The error a call gets while the NAS does not answer.
 #[derive(Debug)]
@@ -147,6 +181,15 @@ impl Pool {
     }
 }
 
+/// Sets its flag when dropped: when a pool job ends, even by a panic.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 /// Where one call's answer is left for its caller.
 struct Slot<T> {
     answer: Mutex<(Option<T>, bool)>,
@@ -168,6 +211,9 @@ pub struct Bounded<B: Backend> {
     link: Arc<Link>,
     /// Abandoned calls that change the NAS and have not finished yet.
     stuck_changes: Arc<AtomicUsize>,
+    /// A call given up on after [`PATIENCE`]: when it was made, its name,
+    /// and whether it has finished (see [`cache_can_answer`]).
+    slow: Mutex<Option<(Instant, &'static str, Arc<AtomicBool>)>>,
     /// The share's root as first seen: the probe checks that the source is
     /// still the same share (not the empty directory under a lost mount).
     root_ino: Mutex<Option<u64>>,
@@ -218,6 +264,7 @@ impl<B: Backend> Bounded<B> {
                 changed: Condvar::new(),
             }),
             stuck_changes: Arc::new(AtomicUsize::new(0)),
+            slow: Mutex::new(None),
             root_ino: Mutex::new(None),
             stats,
             probing: AtomicBool::new(false),
@@ -355,11 +402,36 @@ impl<B: Backend> Bounded<B> {
         }
     }
 
-    /// Runs `f` on a pool thread and waits for it at most `timeo`.
+    /// Whether a call given up on after [`PATIENCE`] is still unanswered;
+    /// once it has been so for `timeo`, the NAS goes offline.
+    fn slow_call_pending(self: &Arc<Self>) -> bool {
+        let mut g = self.slow.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((since, op, done)) = &*g else {
+            return false;
+        };
+        if done.load(Ordering::Acquire) {
+            *g = None;
+            return false;
+        }
+        if since.elapsed() < self.timeo {
+            return true;
+        }
+        let op = *op;
+        *g = None;
+        drop(g);
+        Stats::inc(&self.stats.nas_timeouts);
+        self.go_offline(&format!("{op} did not answer within {:?}", self.timeo));
+        false
+    }
+
+    /// Runs `f` on a pool thread and waits for it at most `wait`; a call
+    /// given up on before `timeo` is left to answer (see
+    /// [`Self::slow_call_pending`]).
     fn run<T: Send + 'static>(
         &self,
         op: &'static str,
         changes: bool,
+        wait: Duration,
         f: impl FnOnce(&B) -> BResult<T> + Send + 'static,
     ) -> Result<T, Option<BackendError>> {
         let slot = Arc::new(Slot {
@@ -369,7 +441,11 @@ impl<B: Backend> Bounded<B> {
         let inner = self.inner.clone();
         let stuck = self.stuck_changes.clone();
         let s2 = slot.clone();
+        let finished = Arc::new(AtomicBool::new(false));
+        let f2 = finished.clone();
+        let start = Instant::now();
         self.pool.submit(Box::new(move || {
+            let _finished = SetOnDrop(f2);
             // A panic in a backend is a bug, but it must not look like a
             // hung NAS (its caller would wait out timeo and go offline).
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&inner)))
@@ -389,13 +465,23 @@ impl<B: Backend> Bounded<B> {
                 s2.done.notify_all();
             }
         }));
-        let deadline = Instant::now() + self.timeo;
+        let deadline = start + wait.min(self.timeo);
         let mut a = slot.answer.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(r) = a.0.take() {
                 return r.map_err(Some);
             }
             let now = Instant::now();
+            if now >= deadline && wait < self.timeo && !changes {
+                a.1 = true;
+                drop(a);
+                let mut g = self.slow.lock().unwrap_or_else(|e| e.into_inner());
+                if g.as_ref().is_none_or(|s| s.2.load(Ordering::Acquire)) {
+                    log::info!("{op} did not answer within {wait:?}: answering from the cache");
+                    *g = Some((start, op, finished));
+                }
+                return Err(None);
+            }
             if now >= deadline {
                 a.1 = true;
                 if changes {
@@ -435,16 +521,27 @@ impl<B: Backend> BoundedBackend<B> {
         changes: bool,
         f: impl FnOnce(&B) -> BResult<T> + Send + 'static,
     ) -> BResult<T> {
+        let slow = self.0.slow_call_pending();
         if self.0.is_offline() {
             return Err(unreachable(op));
         }
-        match self.0.run(op, changes, f) {
+        let patient = !changes && CACHE_CAN_ANSWER.with(|c| c.get());
+        if patient && slow {
+            Stats::inc(&self.0.stats.slow_nas_hits);
+            return Err(unreachable(op));
+        }
+        let wait = if patient { PATIENCE } else { self.0.timeo };
+        match self.0.run(op, changes, wait, f) {
             Ok(v) => Ok(v),
             Err(Some(e)) if means_gone(&e) => {
                 self.0.go_offline(&format!("{op}: {e}"));
                 Err(unreachable(op))
             }
             Err(Some(e)) => Err(e),
+            Err(None) if patient && PATIENCE < self.0.timeo => {
+                Stats::inc(&self.0.stats.slow_nas_hits);
+                Err(unreachable(op))
+            }
             Err(None) => {
                 self.0
                     .go_offline(&format!("{op} did not answer within {:?}", self.0.timeo));
@@ -745,6 +842,57 @@ mod tests {
         wait_online(&b);
         assert!(b.offline_since().is_none());
         assert_eq!(b.lookup(&root, OsStr::new("f")).unwrap().1.size, 5);
+    }
+
+    #[test]
+    fn what_the_cache_can_answer_waits_for_a_slow_nas_a_second_not_timeo() {
+        let (_d, b, faults) = setup_with(Duration::from_secs(4));
+        let (root, _) = b.root().unwrap();
+        faults.set(Fault::Stall, None);
+        // The first waits PATIENCE; the NAS is not offline for that.
+        let t0 = Instant::now();
+        let e = cache_can_answer(|| b.getattr(&root)).unwrap_err();
+        assert!(is_unreachable(&e), "{e}");
+        let took = t0.elapsed();
+        assert!(
+            took >= PATIENCE && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        assert!(b.online());
+        // While that call is unanswered, the next ones do not wait.
+        let t0 = Instant::now();
+        assert!(is_unreachable(
+            &cache_can_answer(|| b.lookup(&root, OsStr::new("f"))).unwrap_err()
+        ));
+        assert!(t0.elapsed() < Duration::from_millis(500));
+        assert_eq!(faults.stalled(), 1, "no second call");
+        // It answers (the NAS was slow, not gone): they ask again.
+        faults.set(Fault::None, None);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while cache_can_answer(|| b.getattr(&root)).is_err() {
+            assert!(Instant::now() < deadline, "never asked again");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(b.online());
+        // One that does not answer by timeo makes the NAS offline, at
+        // the next call (here one the cache could not answer).
+        faults.set(Fault::Stall, None);
+        assert!(is_unreachable(
+            &cache_can_answer(|| b.getattr(&root)).unwrap_err()
+        ));
+        std::thread::sleep(Duration::from_secs(4));
+        let t0 = Instant::now();
+        assert!(is_unreachable(
+            &b.lookup(&root, OsStr::new("f")).unwrap_err()
+        ));
+        assert!(
+            t0.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert!(!b.online() && b.offline_since().is_some());
+        faults.set(Fault::None, None);
+        wait_online(&b);
     }
 
     #[test]

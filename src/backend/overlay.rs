@@ -57,7 +57,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::bounded::{is_unreachable, unreachable};
+use super::bounded::{cache_can_answer, is_unreachable, unreachable};
 use super::{
     Attr, BResult, Backend, BackendError, Creds, DirEntry, FileKind, OpenMode, RenameFlags,
     SetAttr, SetTime, StatFs, Validator,
@@ -1794,12 +1794,15 @@ impl<B: Backend> Overlay<B> {
             let acl = match known {
                 Some(a) => a,
                 None => {
-                    let a = match self
-                        .lower
-                        .getxattr(n, OsStr::new("system.posix_acl_default"))
-                    {
+                    // Offline (or slow to answer), taken as none, and
+                    // asked again next time.
+                    let got = cache_can_answer(|| {
+                        self.lower
+                            .getxattr(n, OsStr::new("system.posix_acl_default"))
+                    });
+                    let a = match got {
                         Ok(_) => true,
-                        Err(e) if is_unreachable(&e) => false,
+                        Err(e) if is_unreachable(&e) => return Some(self.no_acl(perm, gid, creds)),
                         Err(_) => false,
                     };
                     self.st().acl_default.insert(dir.ino, a);
@@ -1810,8 +1813,14 @@ impl<B: Backend> Overlay<B> {
                 return None;
             }
         }
+        Some(self.no_acl(perm, gid, creds))
+    }
+
+    /// The group and set-group-ID bit of an object made in a directory
+    /// of mode `perm` and group `gid` without a default ACL.
+    fn no_acl(&self, perm: u16, gid: u32, creds: Creds) -> (u32, bool) {
         let setgid = perm & libc::S_ISGID as u16 != 0;
-        Some((if setgid { gid } else { creds.gid }, setgid))
+        (if setgid { gid } else { creds.gid }, setgid)
     }
 
     /// Makes a local object in `dir`, or None when it must be made on the
@@ -1860,7 +1869,9 @@ impl<B: Backend> Overlay<B> {
                 if is_hidden(name) {
                     return Err(err(op, libc::EEXIST));
                 }
-                match self.lower.lookup(n, name) {
+                // Answered as offline if the NAS is slow to (see
+                // `cache_can_answer`).
+                match cache_can_answer(|| self.lower.lookup(n, name)) {
                     Ok(_) => return Err(err(op, libc::EEXIST)),
                     Err(e) if e.raw_errno() == libc::ENOENT => {}
                     // Offline: taken here; a name taken on the NAS
