@@ -41,6 +41,9 @@ const OFFLINE_TTL: Duration = Duration::from_secs(1);
 /// The FUSE root inode number.
 pub const ROOT: u64 = 1;
 
+/// Tells the kernel to drop a name (a parent's inode and a name in it).
+pub type NameDropper = Box<dyn Fn(u64, &OsStr) + Send + Sync>;
+
 /// Cache lifetimes of the core.
 #[derive(Clone, Debug)]
 pub struct FsConfig {
@@ -286,6 +289,11 @@ pub struct Core<B: Backend> {
     /// Tells the kernel to drop its copy of an inode's attributes (set by
     /// the mount: a notification, sent from a thread of its own).
     kernel_attrs_stale: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
+    /// How many inodes are too many, and how the kernel is told to drop
+    /// a name (see `shed_names`).
+    kernel_names: OnceLock<(usize, NameDropper)>,
+    /// Set when there are too many inodes, for `wait_shed`.
+    shed_wanted: (Mutex<bool>, std::sync::Condvar),
     /// Whether `defers_changes` logged the NAS's first refusal.
     refusal_noted: AtomicBool,
     data: Arc<DataCache>,
@@ -373,6 +381,8 @@ impl<B: Backend> Core<B> {
             conflicts_seen: AtomicU64::new(0),
             nas_proof: Mutex::new(NasProof::default()),
             kernel_attrs_stale: OnceLock::new(),
+            kernel_names: OnceLock::new(),
+            shed_wanted: (Mutex::new(false), std::sync::Condvar::new()),
             refusal_noted: AtomicBool::new(false),
             data,
             stats,
@@ -682,6 +692,88 @@ impl<B: Backend> Core<B> {
         let _ = self.kernel_attrs_stale.set(f);
     }
 
+    /// Sets the most inodes to hold, and how the kernel is told to drop
+    /// one of its names (see `shed_names`).
+    pub fn on_too_many_inodes(&self, max: usize, f: NameDropper) {
+        let _ = self.kernel_names.set((max, f));
+    }
+
+    /// Waits at most `max` until there are too many inodes (see
+    /// `shed_names`): for the mount's thread that sheds them.
+    pub fn wait_shed(&self, max: Duration) {
+        let (m, cv) = &self.shed_wanted;
+        let g = m.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut g, _) = cv
+            .wait_timeout_while(g, max, |wanted| !*wanted)
+            .unwrap_or_else(|e| e.into_inner());
+        *g = false;
+    }
+
+    fn want_shed(&self) {
+        let (m, cv) = &self.shed_wanted;
+        *m.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+    }
+
+    /// Whether there are more inodes than `on_too_many_inodes` allows.
+    fn too_many(&self, inodes: usize) -> bool {
+        self.kernel_names
+            .get()
+            .is_some_and(|(max, _)| inodes > *max)
+    }
+
+    /// Each inode the kernel holds keeps its NAS node, which on a
+    /// directory source is an open descriptor, and the kernel lets go of
+    /// names only under memory pressure: a `find` over a share larger
+    /// than the descriptor limit would end in EMFILE. Past the most set by
+    /// `on_too_many_inodes`, the kernel is asked to drop the names of the
+    /// inodes least recently asked about (down to three quarters of it),
+    /// except those open or with changes here; what it does not use it
+    /// then forgets, and looks up again when needed. Called by a thread of
+    /// the mount as soon as there are too many, and once a second.
+    pub fn shed_names(&self) {
+        let Some((max, drop_name)) = self.kernel_names.get() else {
+            return;
+        };
+        // Offline, a name forgotten could not be looked up again, and
+        // nothing opens descriptors.
+        if self.tables().inodes.len() <= *max || self.backend.offline_since().is_some() {
+            return;
+        }
+        let open: HashSet<u64> = self
+            .handles()
+            .values()
+            .filter_map(|h| match h {
+                Handle::File(f) => Some(f.ino),
+                _ => None,
+            })
+            .collect();
+        let mut victims: Vec<(Instant, u64, u64, OsString)> = {
+            let t = self.tables();
+            let Some(want) = t.inodes.len().checked_sub(max * 3 / 4) else {
+                return;
+            };
+            let mut c: Vec<_> = t
+                .inodes
+                .iter()
+                .filter(|(ino, i)| {
+                    **ino != ROOT && i.lookups > 0 && !i.kept && !open.contains(*ino)
+                })
+                .map(|(ino, i)| (i.attr_until, *ino, i.parent, i.name.clone()))
+                .collect();
+            if c.len() > want {
+                c.select_nth_unstable_by_key(want, |v| v.0);
+                c.truncate(want);
+            }
+            c
+        };
+        victims.retain(|v| !self.is_dirty(v.1));
+        log::debug!("asking the kernel to drop {} names", victims.len());
+        for (_, _, parent, name) in victims {
+            drop_name(parent, &name);
+        }
+    }
+
     /// The path of `ino` from the share's root, as last known.
     fn path_of(&self, ino: u64) -> Option<OsString> {
         use std::os::unix::ffi::OsStringExt;
@@ -929,9 +1021,11 @@ impl<B: Backend> Core<B> {
             None
         };
         let now = Instant::now();
+        let many;
         let data = {
             let mut t = self.tables();
             let t = &mut *t;
+            many = t.inodes.len() + 1;
             let inode = t.inodes.entry(ino).or_insert_with(|| Inode {
                 node: node.clone(),
                 kind: attr.kind,
@@ -984,6 +1078,9 @@ impl<B: Backend> Core<B> {
             }
             data
         };
+        if self.too_many(many) {
+            self.want_shed();
+        }
         // Only a fresh answer tells the NAS's version: attributes kept in
         // a listing may predate what write-back made there since.
         if attr.kind == FileKind::File && !dirty && stamp {
@@ -1186,11 +1283,28 @@ impl<B: Backend> Core<B> {
         };
         let (dir_node, known, listed, answerable) = dir_node;
         let g0 = self.settle_gen();
-        let got = if answerable {
-            cache_can_answer(|| self.backend.lookup(&dir_node, name))
-        } else {
-            self.backend.lookup(&dir_node, name)
+        let ask = || {
+            if answerable {
+                cache_can_answer(|| self.backend.lookup(&dir_node, name))
+            } else {
+                self.backend.lookup(&dir_node, name)
+            }
         };
+        let mut got = ask();
+        // Out of descriptors (a directory source's nodes are some): the
+        // kernel is asked to drop names, and forgets their inodes.
+        let mut tries = 0;
+        while got
+            .as_ref()
+            .is_err_and(|e| matches!(e.raw_errno(), libc::EMFILE | libc::ENFILE))
+            && tries < 20
+            && self.kernel_names.get().is_some()
+        {
+            tries += 1;
+            self.want_shed();
+            std::thread::sleep(Duration::from_millis(50));
+            got = ask();
+        }
         match got {
             Ok((node, attr)) => self.remember(parent, name, node, attr, true, g0),
             Err(e) if is_unreachable(&e) => {

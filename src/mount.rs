@@ -420,6 +420,27 @@ fn raise_fd_limit() {
     let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
 }
 
+/// What the kernel is told to drop.
+enum Inval {
+    /// An inode's page cache.
+    Data(u64),
+    /// An inode's attributes.
+    Attrs(u64),
+    /// A name in a directory.
+    Name(u64, std::ffi::OsString),
+}
+
+/// The most inodes held before the kernel is asked to drop names: each
+/// is a descriptor (see `raise_fd_limit`), and a quarter of the limit, or
+/// at least 1,024, is left for files open, pending files, the journal
+/// and the caches.
+fn max_inodes() -> usize {
+    use nix::sys::resource::{Resource, getrlimit};
+    let soft = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(s, _)| s);
+    let spare = (soft / 4).max(1024);
+    soft.saturating_sub(spare).max(256) as usize
+}
+
 fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
     use nix::sys::signal::{SigSet, Signal};
     let o = &plan.options;
@@ -633,27 +654,46 @@ fn serve_core<B: Backend>(
     // for pages the kernel holds locked until that request is answered.
     // So are its attributes where a change kept here was refused by the
     // NAS later (see `Core::notice_conflicts`).
+    // And names, when the kernel holds more inodes than the descriptors
+    // allow (see `Core::shed_names`).
     let notifier = session.notifier();
-    let (stale_tx, stale_rx) = std::sync::mpsc::channel::<(u64, bool)>();
+    let (stale_tx, stale_rx) = std::sync::mpsc::channel::<Inval>();
     let attrs_tx = stale_tx.clone();
+    let names_tx = stale_tx.clone();
     core.data_cache().on_stale(Box::new(move |ino| {
-        let _ = stale_tx.send((ino, true));
+        let _ = stale_tx.send(Inval::Data(ino));
     }));
     core.on_kernel_attrs_stale(Box::new(move |ino| {
-        let _ = attrs_tx.send((ino, false));
+        let _ = attrs_tx.send(Inval::Attrs(ino));
     }));
+    core.on_too_many_inodes(
+        max_inodes(),
+        Box::new(move |parent, name| {
+            let _ = names_tx.send(Inval::Name(parent, name.to_os_string()));
+        }),
+    );
     let stale_cache = core.data_cache().clone();
     std::thread::Builder::new()
         .name("inval".into())
         .spawn(move || {
-            for (ino, data) in stale_rx {
-                if !data {
-                    // (An offset below 0: the attributes only.)
-                    if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), -1, 0) {
-                        log::debug!("inode {ino}: dropping the kernel's attributes: {e}");
+            for what in stale_rx {
+                let ino = match what {
+                    Inval::Data(ino) => ino,
+                    Inval::Attrs(ino) => {
+                        // (An offset below 0: the attributes only.)
+                        if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), -1, 0) {
+                            log::debug!("inode {ino}: dropping the kernel's attributes: {e}");
+                        }
+                        continue;
                     }
-                    continue;
-                }
+                    Inval::Name(parent, name) => {
+                        // ENOENT: the kernel no longer has it.
+                        if let Err(e) = notifier.inval_entry(fuser::INodeNo(parent), &name) {
+                            log::debug!("dropping the kernel's name {name:?}: {e}");
+                        }
+                        continue;
+                    }
+                };
                 // An open may have dropped them since (without keeping
                 // the cache): a late drop could then land amid its writes.
                 if !stale_cache.take_kernel_stale(ino) {
@@ -675,6 +715,17 @@ fn serve_core<B: Backend>(
                 std::thread::sleep(Duration::from_secs(1));
                 open_core.revalidate_open();
                 open_core.notice_conflicts();
+            }
+        })?;
+
+    // Names the kernel is asked to drop when it holds too many inodes.
+    let shed_core = core.clone();
+    std::thread::Builder::new()
+        .name("shed".into())
+        .spawn(move || {
+            loop {
+                shed_core.wait_shed(Duration::from_secs(1));
+                shed_core.shed_names();
             }
         })?;
 

@@ -601,3 +601,56 @@ fn listing_again_and_again_does_not_keep_attributes_fresh() {
         "the change was never seen while the directory was polled"
     );
 }
+
+#[test]
+fn a_tree_with_more_entries_than_the_daemon_has_descriptors_can_be_walked() {
+    // Each inode the kernel holds keeps a descriptor open in the daemon
+    // (a directory source's nodes), and the kernel keeps names until
+    // memory runs short: the daemon asks it to drop some before it runs
+    // out (EMFILE), here with a limit it cannot raise.
+    let mut m = Mount::prepare("");
+    m.nofile = Some(2048);
+    for d in 0..20 {
+        let dir = m.nas.join(format!("d{d:02}"));
+        fs::create_dir(&dir).unwrap();
+        for f in 0..250 {
+            fs::write(dir.join(format!("f{f:03}")), format!("{d} {f}")).unwrap();
+        }
+    }
+    m.mount();
+    let limits = fs::read_to_string(format!("/proc/{}/limits", m.pid())).unwrap();
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max open files") && l.contains(" 2048 ")),
+        "{limits}"
+    );
+    let fds = || {
+        fs::read_dir(format!("/proc/{}/fd", m.pid()))
+            .unwrap()
+            .count()
+    };
+    for pass in 0..2 {
+        let mut seen = 0;
+        for d in 0..20 {
+            let dir = m.m(&format!("d{d:02}"));
+            for e in fs::read_dir(&dir).unwrap() {
+                let e = e.unwrap();
+                fs::symlink_metadata(e.path()).unwrap();
+                seen += 1;
+            }
+            for f in (0..250).step_by(25) {
+                let p = dir.join(format!("f{f:03}"));
+                assert_eq!(
+                    fs::read_to_string(&p).unwrap(),
+                    format!("{d} {f}"),
+                    "pass {pass}"
+                );
+            }
+        }
+        assert_eq!(seen, 5000);
+        assert!(fds() < 2048, "{} descriptors open", fds());
+    }
+    m.unmount();
+    assert!(m.last_exit.unwrap().success(), "{}", m.log());
+}

@@ -100,6 +100,8 @@ pub struct Mount {
     child: Option<Child>,
     /// How the daemon exited at the last unmount.
     pub last_exit: Option<std::process::ExitStatus>,
+    /// A descriptor limit for the daemon that it cannot raise.
+    pub nofile: Option<u64>,
 }
 
 impl Mount {
@@ -155,6 +157,7 @@ impl Mount {
             own_cache,
             child: None,
             last_exit: None,
+            nofile: None,
         }
     }
 
@@ -177,6 +180,27 @@ impl Mount {
         cmd.arg("mount").arg(source).arg(&self.mnt);
         if !opts.is_empty() {
             cmd.arg("-o").arg(opts.join(","));
+        }
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit and prctl are async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let l = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // Without CAP_SYS_RESOURCE, root cannot raise it again.
+                    const CAP_SYS_RESOURCE: libc::c_ulong = 24;
+                    if libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_RESOURCE, 0, 0, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut child = cmd
             .arg("--foreground")
