@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::backend::bounded::{cache_can_answer, is_unreachable};
+use crate::backend::bounded::{cache_can_answer, is_unreachable, name_absent_here};
 use crate::backend::{
     Attr, BResult, Backend, BackendError, Creds, FileKind, OpenMode, RenameFlags, SetAttr, SetTime,
     StatFs, Validator,
@@ -1277,7 +1277,10 @@ impl<B: Backend> Core<B> {
             // What the offline branch below can answer with.
             let answerable = match known {
                 Some(ino) => t.inodes.contains_key(&ino),
-                None => listed,
+                // Absent, or there with its inode still held.
+                None => t.listings.get(&parent).is_some_and(|l| {
+                    l.complete && l.names.get(name).is_none_or(|i| t.inodes.contains_key(i))
+                }),
             };
             (node, known, listed, answerable)
         };
@@ -2012,12 +2015,11 @@ impl<B: Backend> Core<B> {
             .get(&parent)
             .and_then(|i| i.default_acl);
         let has = known.unwrap_or_else(|| {
-            // Offline (or slow to answer): taken as none (the overlay
-            // does the same), and asked again next time.
-            let got = cache_can_answer(|| {
-                self.backend
-                    .getxattr(dir, OsStr::new("system.posix_acl_default"))
-            });
+            // Offline: taken as none (the overlay does the same), and
+            // asked again next time.
+            let got = self
+                .backend
+                .getxattr(dir, OsStr::new("system.posix_acl_default"));
             if got.as_ref().is_err_and(is_unreachable) {
                 return false;
             }
@@ -2044,7 +2046,9 @@ impl<B: Backend> Core<B> {
     ) -> FsResult<Entry> {
         let dir = self.parent_node(parent)?;
         let mode = self.creation_mode(parent, &dir, mode, creds);
-        let (node, attr) = self.backend.mknod(&dir, name, mode, rdev, creds)?;
+        let (node, attr) = self.creating(parent, name, || {
+            self.backend.mknod(&dir, name, mode, rdev, creds)
+        })?;
         self.added_name(parent);
         self.remember(parent, name, node, attr, true, self.settle_gen())
     }
@@ -2052,7 +2056,8 @@ impl<B: Backend> Core<B> {
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, creds: Creds) -> FsResult<Entry> {
         let dir = self.parent_node(parent)?;
         let mode = self.creation_mode(parent, &dir, mode, creds);
-        let (node, attr) = self.backend.mkdir(&dir, name, mode, creds)?;
+        let (node, attr) =
+            self.creating(parent, name, || self.backend.mkdir(&dir, name, mode, creds))?;
         let ino = self.fuse_ino(attr.ino);
         {
             let mut t = self.tables();
@@ -2069,7 +2074,28 @@ impl<B: Backend> Core<B> {
                 },
             );
         }
-        self.remember(parent, name, node, attr, true, self.settle_gen())
+        let entry = self.remember(parent, name, node, attr, true, self.settle_gen())?;
+        // Made where there is no default ACL: it has none either.
+        let mut t = self.tables();
+        if t.inodes.get(&parent).and_then(|i| i.default_acl) == Some(false) {
+            if let Some(i) = t.inodes.get_mut(&ino) {
+                i.default_acl = Some(false);
+            }
+        }
+        drop(t);
+        Ok(entry)
+    }
+
+    /// Runs the creation `f` of `name` in `parent`; where a listing held
+    /// whole says the name is absent, the NAS's word on that waits at
+    /// most `PATIENCE` (see `name_absent_here`), as for a lookup.
+    fn creating<T>(&self, parent: u64, name: &OsStr, f: impl FnOnce() -> T) -> T {
+        let absent = self
+            .tables()
+            .listings
+            .get(&parent)
+            .is_some_and(|l| l.complete && !l.names.contains_key(name));
+        if absent { name_absent_here(f) } else { f() }
     }
 
     pub fn symlink(
@@ -2080,7 +2106,9 @@ impl<B: Backend> Core<B> {
         creds: Creds,
     ) -> FsResult<Entry> {
         let dir = self.parent_node(parent)?;
-        let (node, attr) = self.backend.symlink(&dir, name, target, creds)?;
+        let (node, attr) = self.creating(parent, name, || {
+            self.backend.symlink(&dir, name, target, creds)
+        })?;
         self.added_name(parent);
         self.remember(parent, name, node, attr, true, self.settle_gen())
     }
@@ -3081,9 +3109,10 @@ impl<B: Backend> Core<B> {
         let mode = self.creation_mode(parent, &dir, mode, creds);
         let omode = open_mode(flags);
         let exclusive = flags & libc::O_EXCL != 0;
-        let (node, attr, file) = self
-            .backend
-            .create(&dir, name, mode, omode, exclusive, creds)?;
+        let (node, attr, file) = self.creating(parent, name, || {
+            self.backend
+                .create(&dir, name, mode, omode, exclusive, creds)
+        })?;
         self.added_name(parent);
         let entry = self.remember(parent, name, node, attr, true, self.settle_gen())?;
         let ino = entry.attr.ino;
@@ -3632,11 +3661,6 @@ impl<B: Backend> Core<B> {
     /// The listing of `ino` as last seen, however old, while the NAS is
     /// offline. With `plus`, only the entries whose inode is still known
     /// (the kernel holds it): the others have no attributes to give.
-    /// Whether `list_cached` has a listing of `ino` to answer with.
-    fn listed_whole(&self, ino: u64) -> bool {
-        self.tables().listings.get(&ino).is_some_and(|l| l.complete)
-    }
-
     fn list_cached(&self, ino: u64, plus: bool) -> Option<Vec<DirItem<B>>> {
         let t = self.tables();
         let l = t.listings.get(&ino).filter(|l| l.complete)?;
@@ -3698,8 +3722,6 @@ impl<B: Backend> Core<B> {
             h.names_gen = self.tables().names_gen;
             let listed = match self.list_fresh(h.ino, plus) {
                 Some(items) => Ok(items),
-                // A listing held whole answers if the NAS is slow to.
-                None if self.listed_whole(h.ino) => cache_can_answer(|| self.list(h.ino, plus)),
                 None => self.list(h.ino, plus),
             };
             let items = match listed {

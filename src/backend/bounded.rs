@@ -15,8 +15,10 @@
 //! at most [`PATIENCE`]: a NAS that hangs costs the first such request a
 //! second, not `timeo`, and an untar or a build carries on from the cache
 //! while nassync finds out whether the NAS is gone. Until that call
-//! answers, such requests are answered from the cache at once; if it has
-//! not answered by `timeo`, the NAS is offline as above.
+//! answers, such requests are answered from the cache at once (and
+//! write-back waits); if it has not answered by `timeo`, the NAS is
+//! offline as above. If it answers, the NAS is slow rather than gone, and
+//! calls wait `timeo` again for a while.
 //!
 //! Files opened while offline are opened on the NAS when first needed
 //! (a read of data that is not cached), so that an application can open a
@@ -50,6 +52,8 @@ pub const PATIENCE: Duration = Duration::from_secs(1);
 thread_local! {
     /// Set by [`cache_can_answer`] for the calls made inside it.
     static CACHE_CAN_ANSWER: Cell<bool> = const { Cell::new(false) };
+    /// Set by [`name_absent_here`].
+    static NAME_ABSENT: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Runs `f`, whose NAS calls that change nothing wait at most
@@ -57,13 +61,30 @@ thread_local! {
 /// they then fail as if offline ([`is_unreachable`]), and the caller
 /// answers from its caches. Only for requests the caches can answer.
 pub fn cache_can_answer<T>(f: impl FnOnce() -> T) -> T {
-    struct Reset(bool);
+    with_flag(&CACHE_CAN_ANSWER, f)
+}
+
+/// Runs `f`, the creation of a name that the caller's listing held whole
+/// says is absent: the check that it is absent on the NAS too may then be
+/// made inside [`cache_can_answer`] ([`name_known_absent`]); the creation
+/// itself is not (it changes the NAS).
+pub fn name_absent_here<T>(f: impl FnOnce() -> T) -> T {
+    with_flag(&NAME_ABSENT, f)
+}
+
+/// Whether the caller runs inside [`name_absent_here`].
+pub fn name_known_absent() -> bool {
+    NAME_ABSENT.with(|c| c.get())
+}
+
+fn with_flag<T>(flag: &'static std::thread::LocalKey<Cell<bool>>, f: impl FnOnce() -> T) -> T {
+    struct Reset(&'static std::thread::LocalKey<Cell<bool>>, bool);
     impl Drop for Reset {
         fn drop(&mut self) {
-            CACHE_CAN_ANSWER.with(|c| c.set(self.0));
+            self.0.with(|c| c.set(self.1));
         }
     }
-    let _reset = Reset(CACHE_CAN_ANSWER.with(|c| c.replace(true)));
+    let _reset = Reset(flag, flag.with(|c| c.replace(true)));
     f()
 }
 
@@ -181,6 +202,22 @@ impl Pool {
     }
 }
 
+/// See [`Bounded::slow_call_pending`].
+#[derive(Default)]
+struct Slow {
+    /// The call given up on after [`PATIENCE`]: when it was made, its
+    /// name, and whether it has finished.
+    call: Option<(Instant, &'static str, Arc<AtomicBool>)>,
+    /// Until when calls wait `timeo` again: one of them answered after
+    /// [`PATIENCE`], so the NAS is slow rather than gone, and its answers
+    /// (fresh ones, as NFS would wait for) are worth the wait.
+    impatient_until: Option<Instant>,
+}
+
+/// How long calls wait `timeo` again after a NAS slower than [`PATIENCE`]
+/// answered.
+const SLOW_NAS_MEMORY: Duration = Duration::from_secs(60);
+
 /// Sets its flag when dropped: when a pool job ends, even by a panic.
 struct SetOnDrop(Arc<AtomicBool>);
 
@@ -213,7 +250,7 @@ pub struct Bounded<B: Backend> {
     stuck_changes: Arc<AtomicUsize>,
     /// A call given up on after [`PATIENCE`]: when it was made, its name,
     /// and whether it has finished (see [`cache_can_answer`]).
-    slow: Mutex<Option<(Instant, &'static str, Arc<AtomicBool>)>>,
+    slow: Mutex<Slow>,
     /// The share's root as first seen: the probe checks that the source is
     /// still the same share (not the empty directory under a lost mount).
     root_ino: Mutex<Option<u64>>,
@@ -264,7 +301,7 @@ impl<B: Backend> Bounded<B> {
                 changed: Condvar::new(),
             }),
             stuck_changes: Arc::new(AtomicUsize::new(0)),
-            slow: Mutex::new(None),
+            slow: Mutex::new(Slow::default()),
             root_ino: Mutex::new(None),
             stats,
             probing: AtomicBool::new(false),
@@ -406,22 +443,34 @@ impl<B: Backend> Bounded<B> {
     /// once it has been so for `timeo`, the NAS goes offline.
     fn slow_call_pending(self: &Arc<Self>) -> bool {
         let mut g = self.slow.lock().unwrap_or_else(|e| e.into_inner());
-        let Some((since, op, done)) = &*g else {
+        let Some((since, op, done)) = &g.call else {
             return false;
         };
         if done.load(Ordering::Acquire) {
-            *g = None;
+            log::info!(
+                "the NAS answered after {:?}: waiting for it again",
+                since.elapsed()
+            );
+            g.call = None;
+            g.impatient_until = Some(Instant::now() + SLOW_NAS_MEMORY);
             return false;
         }
         if since.elapsed() < self.timeo {
             return true;
         }
         let op = *op;
-        *g = None;
+        g.call = None;
         drop(g);
         Stats::inc(&self.stats.nas_timeouts);
         self.go_offline(&format!("{op} did not answer within {:?}", self.timeo));
         false
+    }
+
+    /// Whether calls of requests the cache can answer wait only
+    /// [`PATIENCE`] now (see [`Slow::impatient_until`]).
+    fn patient(&self) -> bool {
+        let g = self.slow.lock().unwrap_or_else(|e| e.into_inner());
+        g.impatient_until.is_none_or(|t| Instant::now() >= t)
     }
 
     /// Runs `f` on a pool thread and waits for it at most `wait`; a call
@@ -476,9 +525,9 @@ impl<B: Backend> Bounded<B> {
                 a.1 = true;
                 drop(a);
                 let mut g = self.slow.lock().unwrap_or_else(|e| e.into_inner());
-                if g.as_ref().is_none_or(|s| s.2.load(Ordering::Acquire)) {
+                if g.call.as_ref().is_none_or(|s| s.2.load(Ordering::Acquire)) {
                     log::info!("{op} did not answer within {wait:?}: answering from the cache");
-                    *g = Some((start, op, finished));
+                    g.call = Some((start, op, finished));
                 }
                 return Err(None);
             }
@@ -525,7 +574,7 @@ impl<B: Backend> BoundedBackend<B> {
         if self.0.is_offline() {
             return Err(unreachable(op));
         }
-        let patient = !changes && CACHE_CAN_ANSWER.with(|c| c.get());
+        let patient = !changes && CACHE_CAN_ANSWER.with(|c| c.get()) && self.0.patient();
         if patient && slow {
             Stats::inc(&self.0.stats.slow_nas_hits);
             return Err(unreachable(op));
@@ -768,10 +817,15 @@ impl<B: Backend> Backend for BoundedBackend<B> {
         let (node, name) = (node.clone(), name.to_os_string());
         self.call("removexattr", true, move |b| b.removexattr(&node, &name))
     }
+    /// Not while a call is given up on after [`PATIENCE`]: write-back
+    /// would hold up what the cache answers behind a hung call.
     fn online(&self) -> bool {
-        !self.0.is_offline() && self.0.stuck_changes.load(Ordering::Acquire) == 0
+        !self.0.slow_call_pending()
+            && !self.0.is_offline()
+            && self.0.stuck_changes.load(Ordering::Acquire) == 0
     }
     fn offline_since(&self) -> Option<SystemTime> {
+        self.0.slow_call_pending();
         self.0.offline_since()
     }
     fn unfinished_changes(&self) -> usize {
@@ -849,7 +903,8 @@ mod tests {
         let (_d, b, faults) = setup_with(Duration::from_secs(4));
         let (root, _) = b.root().unwrap();
         faults.set(Fault::Stall, None);
-        // The first waits PATIENCE; the NAS is not offline for that.
+        // The first waits PATIENCE; the NAS is not offline for that, but
+        // write-back holds off (`online`).
         let t0 = Instant::now();
         let e = cache_can_answer(|| b.getattr(&root)).unwrap_err();
         assert!(is_unreachable(&e), "{e}");
@@ -858,7 +913,7 @@ mod tests {
             took >= PATIENCE && took < Duration::from_secs(3),
             "{took:?}"
         );
-        assert!(b.online());
+        assert!(!b.online() && b.offline_since().is_none());
         // While that call is unanswered, the next ones do not wait.
         let t0 = Instant::now();
         assert!(is_unreachable(
@@ -866,21 +921,40 @@ mod tests {
         ));
         assert!(t0.elapsed() < Duration::from_millis(500));
         assert_eq!(faults.stalled(), 1, "no second call");
-        // It answers (the NAS was slow, not gone): they ask again.
+        // It answers: the NAS is slow, not gone, and its answers are worth
+        // waiting for again (up to timeo), as before.
         faults.set(Fault::None, None);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while cache_can_answer(|| b.getattr(&root)).is_err() {
-            assert!(Instant::now() < deadline, "never asked again");
+        while !b.online() {
+            assert!(Instant::now() < deadline, "never online again");
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(b.online());
-        // One that does not answer by timeo makes the NAS offline, at
-        // the next call (here one the cache could not answer).
+        assert_eq!(
+            cache_can_answer(|| b.lookup(&root, OsStr::new("f")))
+                .unwrap()
+                .1
+                .size,
+            5
+        );
+        faults.set(Fault::Stall, None);
+        let t0 = Instant::now();
+        assert!(is_unreachable(
+            &cache_can_answer(|| b.getattr(&root)).unwrap_err()
+        ));
+        assert!(t0.elapsed() >= Duration::from_secs(4), "{:?}", t0.elapsed());
+        assert!(b.offline_since().is_some());
+        faults.set(Fault::None, None);
+        wait_online(&b);
+
+        // One that does not answer by timeo makes the NAS offline, at the
+        // next call (here one the cache could not answer).
+        let (_d, b, faults) = setup_with(Duration::from_secs(3));
+        let (root, _) = b.root().unwrap();
         faults.set(Fault::Stall, None);
         assert!(is_unreachable(
             &cache_can_answer(|| b.getattr(&root)).unwrap_err()
         ));
-        std::thread::sleep(Duration::from_secs(4));
+        std::thread::sleep(Duration::from_secs(3));
         let t0 = Instant::now();
         assert!(is_unreachable(
             &b.lookup(&root, OsStr::new("f")).unwrap_err()

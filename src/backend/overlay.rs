@@ -57,7 +57,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::bounded::{cache_can_answer, is_unreachable, unreachable};
+use super::bounded::{cache_can_answer, is_unreachable, name_known_absent, unreachable};
 use super::{
     Attr, BResult, Backend, BackendError, Creds, DirEntry, FileKind, OpenMode, RenameFlags,
     SetAttr, SetTime, StatFs, Validator,
@@ -1794,12 +1794,10 @@ impl<B: Backend> Overlay<B> {
             let acl = match known {
                 Some(a) => a,
                 None => {
-                    // Offline (or slow to answer), taken as none, and
-                    // asked again next time.
-                    let got = cache_can_answer(|| {
-                        self.lower
-                            .getxattr(n, OsStr::new("system.posix_acl_default"))
-                    });
+                    // Offline, taken as none, and asked again next time.
+                    let got = self
+                        .lower
+                        .getxattr(n, OsStr::new("system.posix_acl_default"));
                     let a = match got {
                         Ok(_) => true,
                         Err(e) if is_unreachable(&e) => return Some(self.no_acl(perm, gid, creds)),
@@ -1869,9 +1867,15 @@ impl<B: Backend> Overlay<B> {
                 if is_hidden(name) {
                     return Err(err(op, libc::EEXIST));
                 }
-                // Answered as offline if the NAS is slow to (see
-                // `cache_can_answer`).
-                match cache_can_answer(|| self.lower.lookup(n, name)) {
+                // Where the core's listing says the name is absent, as
+                // offline if the NAS is slow to answer (`name_absent_here`).
+                let ask = || self.lower.lookup(n, name);
+                let got = if name_known_absent() {
+                    cache_can_answer(ask)
+                } else {
+                    ask()
+                };
+                match got {
                     Ok(_) => return Err(err(op, libc::EEXIST)),
                     Err(e) if e.raw_errno() == libc::ENOENT => {}
                     // Offline: taken here; a name taken on the NAS
