@@ -41,6 +41,9 @@ const OFFLINE_TTL: Duration = Duration::from_secs(1);
 /// The FUSE root inode number.
 pub const ROOT: u64 = 1;
 
+/// How long `shed_names` leaves the inodes it sent alone.
+const SHED_AGAIN: Duration = Duration::from_secs(5);
+
 /// Tells the kernel to drop a name (a parent's inode and a name in it).
 pub type NameDropper = Box<dyn Fn(u64, &OsStr) + Send + Sync>;
 
@@ -294,6 +297,10 @@ pub struct Core<B: Backend> {
     kernel_names: OnceLock<(usize, NameDropper)>,
     /// Set when there are too many inodes, for `wait_shed`.
     shed_wanted: (Mutex<bool>, std::sync::Condvar),
+    /// The inodes whose names `shed_names` sent lately and the kernel
+    /// has not forgotten: not sent again until `SHED_AGAIN` has passed
+    /// (the kernel may be using them).
+    shed_recently: Mutex<(Instant, HashSet<u64>)>,
     /// Whether `defers_changes` logged the NAS's first refusal.
     refusal_noted: AtomicBool,
     data: Arc<DataCache>,
@@ -383,6 +390,7 @@ impl<B: Backend> Core<B> {
             kernel_attrs_stale: OnceLock::new(),
             kernel_names: OnceLock::new(),
             shed_wanted: (Mutex::new(false), std::sync::Condvar::new()),
+            shed_recently: Mutex::new((Instant::now(), HashSet::new())),
             refusal_noted: AtomicBool::new(false),
             data,
             stats,
@@ -715,6 +723,30 @@ impl<B: Backend> Core<B> {
         cv.notify_all();
     }
 
+    /// Runs `f` again while it fails for want of descriptors (a directory
+    /// source's nodes are some), at most for a second: the kernel is asked
+    /// to drop names meanwhile, and forgets their inodes.
+    fn short_of_descriptors<T, E>(
+        &self,
+        mut f: impl FnMut() -> Result<T, E>,
+        errno: impl Fn(&E) -> i32,
+    ) -> Result<T, E> {
+        let mut got = f();
+        let mut tries = 0;
+        while got
+            .as_ref()
+            .is_err_and(|e| matches!(errno(e), libc::EMFILE | libc::ENFILE))
+            && tries < 20
+            && self.kernel_names.get().is_some()
+        {
+            tries += 1;
+            self.want_shed();
+            std::thread::sleep(Duration::from_millis(50));
+            got = f();
+        }
+        got
+    }
+
     /// Whether there are more inodes than `on_too_many_inodes` allows.
     fn too_many(&self, inodes: usize) -> bool {
         self.kernel_names
@@ -727,9 +759,9 @@ impl<B: Backend> Core<B> {
     /// names only under memory pressure: a `find` over a share larger
     /// than the descriptor limit would end in EMFILE. Past the most set by
     /// `on_too_many_inodes`, the kernel is asked to drop the names of the
-    /// inodes least recently asked about (down to three quarters of it),
-    /// except those open or with changes here; what it does not use it
-    /// then forgets, and looks up again when needed. Called by a thread of
+    /// files whose attributes expire first (down to three quarters of it),
+    /// except those open, with changes here or with other links; what it
+    /// does not use it then forgets, and looks up again when needed. Called by a thread of
     /// the mount as soon as there are too many, and once a second.
     pub fn shed_names(&self) {
         let Some((max, drop_name)) = self.kernel_names.get() else {
@@ -748,28 +780,49 @@ impl<B: Backend> Core<B> {
                 _ => None,
             })
             .collect();
-        let mut victims: Vec<(Instant, u64, u64, OsString)> = {
+        let mut recent = self.shed_recently.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.0.elapsed() > SHED_AGAIN {
+            *recent = (Instant::now(), HashSet::new());
+        }
+        let mut victims: Vec<(u64, u64, OsString)> = {
             let t = self.tables();
             let Some(want) = t.inodes.len().checked_sub(max * 3 / 4) else {
                 return;
             };
-            let mut c: Vec<_> = t
+            // Not directories: one in use (a shell's working directory)
+            // would be unhashed, its path lost to getcwd. Not files with
+            // other names: only the last one known would go.
+            let mut c: Vec<(Instant, u64)> = t
                 .inodes
                 .iter()
                 .filter(|(ino, i)| {
-                    **ino != ROOT && i.lookups > 0 && !i.kept && !open.contains(*ino)
+                    **ino != ROOT
+                        && i.lookups > 0
+                        && !i.kept
+                        && i.kind != FileKind::Dir
+                        && i.attr.nlink <= 1
+                        && !open.contains(*ino)
+                        && !recent.1.contains(*ino)
                 })
-                .map(|(ino, i)| (i.attr_until, *ino, i.parent, i.name.clone()))
+                .map(|(ino, i)| (i.attr_until, *ino))
                 .collect();
             if c.len() > want {
                 c.select_nth_unstable_by_key(want, |v| v.0);
                 c.truncate(want);
             }
-            c
+            c.into_iter()
+                .filter_map(|(_, ino)| {
+                    let i = t.inodes.get(&ino)?;
+                    Some((ino, i.parent, i.name.clone()))
+                })
+                .collect()
         };
-        victims.retain(|v| !self.is_dirty(v.1));
+        victims.retain(|v| !self.is_dirty(v.0));
+        recent.1.extend(victims.iter().map(|v| v.0));
+        drop(recent);
         log::debug!("asking the kernel to drop {} names", victims.len());
-        for (_, _, parent, name) in victims {
+        Stats::add(&self.stats.kernel_names_dropped, victims.len() as u64);
+        for (_, parent, name) in victims {
             drop_name(parent, &name);
         }
     }
@@ -1293,21 +1346,7 @@ impl<B: Backend> Core<B> {
                 self.backend.lookup(&dir_node, name)
             }
         };
-        let mut got = ask();
-        // Out of descriptors (a directory source's nodes are some): the
-        // kernel is asked to drop names, and forgets their inodes.
-        let mut tries = 0;
-        while got
-            .as_ref()
-            .is_err_and(|e| matches!(e.raw_errno(), libc::EMFILE | libc::ENFILE))
-            && tries < 20
-            && self.kernel_names.get().is_some()
-        {
-            tries += 1;
-            self.want_shed();
-            std::thread::sleep(Duration::from_millis(50));
-            got = ask();
-        }
+        let got = self.short_of_descriptors(ask, |e| e.raw_errno());
         match got {
             Ok((node, attr)) => self.remember(parent, name, node, attr, true, g0),
             Err(e) if is_unreachable(&e) => {
@@ -1374,6 +1413,12 @@ impl<B: Backend> Core<B> {
                     t.names.remove(&key);
                 }
                 drop(t);
+                // Forgotten: if it comes back, it may be sent again.
+                self.shed_recently
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .1
+                    .remove(&ino);
                 self.backend.forget(&i.node);
             }
         }
@@ -3722,7 +3767,7 @@ impl<B: Backend> Core<B> {
             h.names_gen = self.tables().names_gen;
             let listed = match self.list_fresh(h.ino, plus) {
                 Some(items) => Ok(items),
-                None => self.list(h.ino, plus),
+                None => self.short_of_descriptors(|| self.list(h.ino, plus), |e| e.errno()),
             };
             let items = match listed {
                 Ok(items) => items,

@@ -426,19 +426,17 @@ enum Inval {
     Data(u64),
     /// An inode's attributes.
     Attrs(u64),
-    /// A name in a directory.
-    Name(u64, std::ffi::OsString),
 }
 
 /// The most inodes held before the kernel is asked to drop names: each
 /// is a descriptor (see `raise_fd_limit`), and a quarter of the limit, or
-/// at least 1,024, is left for files open, pending files, the journal
-/// and the caches.
+/// 1,024 (at most half), is left for files open, pending files, the
+/// journal and the caches.
 fn max_inodes() -> usize {
     use nix::sys::resource::{Resource, getrlimit};
     let soft = getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(s, _)| s);
-    let spare = (soft / 4).max(1024);
-    soft.saturating_sub(spare).max(256) as usize
+    let spare = (soft / 4).max(1024.min(soft / 2));
+    (soft - spare) as usize
 }
 
 fn serve(plan: Plan, ready: &mut Ready) -> Result<(), MountError> {
@@ -659,19 +657,36 @@ fn serve_core<B: Backend>(
     let notifier = session.notifier();
     let (stale_tx, stale_rx) = std::sync::mpsc::channel::<Inval>();
     let attrs_tx = stale_tx.clone();
-    let names_tx = stale_tx.clone();
+
     core.data_cache().on_stale(Box::new(move |ino| {
         let _ = stale_tx.send(Inval::Data(ino));
     }));
     core.on_kernel_attrs_stale(Box::new(move |ino| {
         let _ = attrs_tx.send(Inval::Attrs(ino));
     }));
-    core.on_too_many_inodes(
-        max_inodes(),
-        Box::new(move |parent, name| {
-            let _ = names_tx.send(Inval::Name(parent, name.to_os_string()));
-        }),
-    );
+    // Names by a thread of their own: the kernel takes the directory's
+    // lock for one, which may wait behind a request in that directory.
+    // Only for a directory source, whose nodes are descriptors.
+    if plan.nfs.is_none() {
+        let (names_tx, names_rx) = std::sync::mpsc::channel::<(u64, std::ffi::OsString)>();
+        core.on_too_many_inodes(
+            max_inodes(),
+            Box::new(move |parent, name| {
+                let _ = names_tx.send((parent, name.to_os_string()));
+            }),
+        );
+        let notifier = session.notifier();
+        std::thread::Builder::new()
+            .name("inval-names".into())
+            .spawn(move || {
+                for (parent, name) in names_rx {
+                    // ENOENT: the kernel no longer has it.
+                    if let Err(e) = notifier.inval_entry(fuser::INodeNo(parent), &name) {
+                        log::debug!("dropping the kernel's name {name:?}: {e}");
+                    }
+                }
+            })?;
+    }
     let stale_cache = core.data_cache().clone();
     std::thread::Builder::new()
         .name("inval".into())
@@ -683,13 +698,6 @@ fn serve_core<B: Backend>(
                         // (An offset below 0: the attributes only.)
                         if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), -1, 0) {
                             log::debug!("inode {ino}: dropping the kernel's attributes: {e}");
-                        }
-                        continue;
-                    }
-                    Inval::Name(parent, name) => {
-                        // ENOENT: the kernel no longer has it.
-                        if let Err(e) = notifier.inval_entry(fuser::INodeNo(parent), &name) {
-                            log::debug!("dropping the kernel's name {name:?}: {e}");
                         }
                         continue;
                     }
@@ -726,6 +734,8 @@ fn serve_core<B: Backend>(
             loop {
                 shed_core.wait_shed(Duration::from_secs(1));
                 shed_core.shed_names();
+                // The kernel's forgets take a moment to come back.
+                std::thread::sleep(Duration::from_millis(100));
             }
         })?;
 

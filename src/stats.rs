@@ -38,6 +38,7 @@ counters! {
     nas_timeouts: "calls to the NAS abandoned after timeo",
     offline_periods: "times the NAS went offline",
     offline_hits: "requests answered from the cache because the NAS was offline",
+    kernel_names_dropped: "names the kernel was asked to drop, so that it forgets inodes before the daemon runs out of descriptors",
     slow_nas_hits: "NAS calls of requests the cache can answer not waited for, the NAS being over a second late with one (see offline_hits for the requests)",
     nas_bytes_read: "file bytes read from the NAS",
     nas_bytes_written: "file bytes written to the NAS",

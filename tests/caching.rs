@@ -651,6 +651,7 @@ fn a_tree_with_more_entries_than_the_daemon_has_descriptors_can_be_walked() {
         assert_eq!(seen, 5000);
         assert!(fds() < 2048, "{} descriptors open", fds());
     }
+    assert!(m.stats()["kernel_names_dropped"] > 0);
     m.unmount();
     assert!(m.last_exit.unwrap().success(), "{}", m.log());
 }
