@@ -2879,10 +2879,15 @@ impl<B: Backend> Core<B> {
             ino.and_then(|i| t.inodes.get(&i))
                 .is_some_and(|i| i.kind == FileKind::Dir)
         };
-        if !flags.exchange && parent != newparent && is_dir(t, src) {
-            Self::subdirs_changed(t, parent, -1);
-            if !is_dir(t, dst) {
-                Self::subdirs_changed(t, newparent, 1);
+        if !flags.exchange && is_dir(t, src) {
+            if parent != newparent {
+                Self::subdirs_changed(t, parent, -1);
+                if !is_dir(t, dst) {
+                    Self::subdirs_changed(t, newparent, 1);
+                }
+            } else if dst != src && is_dir(t, dst) {
+                // The directory it replaced is gone.
+                Self::subdirs_changed(t, parent, -1);
             }
         }
         // A rename kept for later leaves the NAS's object as it was: what

@@ -549,6 +549,33 @@ fn the_link_count_shown_offline_follows_unlinks_made_here() {
     m.unmount();
 }
 
+/// A directory renamed over an empty one in the same directory leaves it
+/// one subdirectory fewer: its link count shown follows, offline and once
+/// the NAS is back (found by the namespace model test).
+#[test]
+fn a_directory_renamed_over_another_offline_lowers_its_parents_link_count() {
+    let _caches = kernel_caches(false);
+    let (mut m, sim) = long_cache_mount(|_| {});
+    assert_eq!(names(&m.m("d")), Vec::<String>::new());
+    // Made here: not on the NAS yet (writeback_delay=1h).
+    std::fs::create_dir(m.m("d/a")).unwrap();
+    std::fs::create_dir(m.m("d/b")).unwrap();
+    assert_eq!(std::fs::metadata(m.m("d")).unwrap().nlink(), 4);
+    assert!(std::fs::metadata(m.m("d/a")).unwrap().is_dir());
+    assert!(std::fs::metadata(m.m("d/b")).unwrap().is_dir());
+    nas_gone(&m, &sim);
+    std::fs::rename(m.m("d/b"), m.m("d/a")).unwrap();
+    assert_eq!(std::fs::metadata(m.m("d")).unwrap().nlink(), 3);
+    nas_back(&mut m, &sim, false);
+    assert_eq!(std::fs::metadata(m.m("d")).unwrap().nlink(), 3);
+    std::fs::remove_dir(m.m("d/a")).unwrap();
+    assert_eq!(std::fs::metadata(m.m("d")).unwrap().nlink(), 2);
+    m.flush(None);
+    assert_eq!(std::fs::metadata(sim.backing.join("d")).unwrap().nlink(), 2);
+    assert_eq!(std::fs::metadata(m.m("d")).unwrap().nlink(), 2);
+    m.unmount();
+}
+
 /// What is served from the cache while the NAS does not answer is kept
 /// by the kernel for at most a second, not the attribute time: once the
 /// NAS is back, a change made there meanwhile shows within about a second
