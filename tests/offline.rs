@@ -172,10 +172,14 @@ fn a_nas_that_went_away_is_offline_at_once() {
 fn a_hung_nas_holds_up_what_the_cache_can_answer_for_a_second_not_timeo() {
     let _caches = kernel_caches(false);
     // timeo is long: a request that waited for it would fail the test.
-    let (mut m, sim, a) = setup("timeo=60,actimeo=1,writeback_delay=1h,unmount_flush_timeout=5s");
+    // Write-back soon: it must not start calls that would wait for the
+    // hung NAS holding what the requests below need.
+    let (mut m, sim, a) =
+        setup("timeo=60,actimeo=1,writeback_delay=200ms,unmount_flush_timeout=5s");
     // Whether `d` has a default ACL is asked at the first creation in it
     // (that one waits for the NAS); then it is known.
     std::fs::create_dir(m.m("d/first")).unwrap();
+    m.flush(None);
     sim.ctl("freeze");
     std::thread::sleep(Duration::from_millis(1200));
 

@@ -822,6 +822,9 @@ impl<B: Backend> Backend for BoundedBackend<B> {
         self.0.slow_call_pending();
         !self.0.is_offline() && self.0.stuck_changes.load(Ordering::Acquire) == 0
     }
+    fn held_up(&self) -> bool {
+        self.0.slow_call_pending()
+    }
     fn offline_since(&self) -> Option<SystemTime> {
         self.0.slow_call_pending();
         self.0.offline_since()
@@ -902,7 +905,7 @@ mod tests {
         let (root, _) = b.root().unwrap();
         faults.set(Fault::Stall, None);
         // The first waits PATIENCE; the NAS is not offline for that, but
-        // write-back holds off (`online`).
+        // write-back holds off (`held_up`).
         let t0 = Instant::now();
         let e = cache_can_answer(|| b.getattr(&root)).unwrap_err();
         assert!(is_unreachable(&e), "{e}");
@@ -911,7 +914,7 @@ mod tests {
             took >= PATIENCE && took < Duration::from_secs(3),
             "{took:?}"
         );
-        assert!(b.online() && b.offline_since().is_none());
+        assert!(b.online() && b.held_up() && b.offline_since().is_none());
         // While that call is unanswered, the next ones do not wait.
         let t0 = Instant::now();
         assert!(is_unreachable(

@@ -273,6 +273,9 @@ impl<B: Backend> Backend for Instrumented<B> {
     fn online(&self) -> bool {
         !self.faults.offline() && self.inner.online()
     }
+    fn held_up(&self) -> bool {
+        self.inner.held_up()
+    }
     fn offline_since(&self) -> Option<std::time::SystemTime> {
         self.inner.offline_since()
     }

@@ -381,6 +381,13 @@ pub trait Backend: Send + Sync + 'static {
         true
     }
 
+    /// Whether a call the cache answered for is still unanswered (see
+    /// [`bounded::cache_can_answer`]): write-back then starts nothing new,
+    /// whose calls would wait `timeo` holding what readers need.
+    fn held_up(&self) -> bool {
+        false
+    }
+
     /// Since when the NAS has not been answering, if it is not.
     fn offline_since(&self) -> Option<std::time::SystemTime> {
         None

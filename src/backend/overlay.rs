@@ -2384,7 +2384,7 @@ impl<B: Backend> Overlay<B> {
                 s.kick = false;
                 std::mem::take(&mut s.all)
             };
-            if !self.lower.online() {
+            if !self.lower.online() || self.lower.held_up() {
                 // Once it answers again, everything goes (all: the
                 // backoffs of the failures while it did not are moot).
                 std::thread::sleep(Duration::from_millis(50));
@@ -5695,6 +5695,10 @@ impl<B: Backend> Backend for Overlay<B> {
 
     fn online(&self) -> bool {
         self.lower.online()
+    }
+
+    fn held_up(&self) -> bool {
+        self.lower.held_up()
     }
 
     fn offline_since(&self) -> Option<SystemTime> {

@@ -1472,7 +1472,8 @@ impl<B: Backend> WriteBack<B> {
             }
             // While the NAS does not answer, nothing is tried; when it is
             // back, everything waiting for a retry goes at once.
-            let online = self.backend.online();
+            // Nor while a call the cache answered for is unanswered.
+            let online = self.backend.online() && !self.backend.held_up();
             let back = online && !was_online;
             was_online = online;
             if !online {
