@@ -737,7 +737,7 @@ impl<B: Backend> Core<B> {
             .as_ref()
             .is_err_and(|e| matches!(errno(e), libc::EMFILE | libc::ENFILE))
             && tries < 20
-            && self.kernel_names.get().is_some()
+            && self.too_many(self.tables().inodes.len())
         {
             tries += 1;
             self.want_shed();
@@ -769,7 +769,8 @@ impl<B: Backend> Core<B> {
         };
         // Offline, a name forgotten could not be looked up again, and
         // nothing opens descriptors.
-        if self.tables().inodes.len() <= *max || self.backend.offline_since().is_some() {
+        let inodes = self.tables().inodes.len();
+        if inodes <= *max || self.backend.offline_since().is_some() {
             return;
         }
         let open: HashSet<u64> = self
@@ -780,19 +781,19 @@ impl<B: Backend> Core<B> {
                 _ => None,
             })
             .collect();
-        let mut recent = self.shed_recently.lock().unwrap_or_else(|e| e.into_inner());
-        if recent.0.elapsed() > SHED_AGAIN {
-            *recent = (Instant::now(), HashSet::new());
-        }
-        let mut victims: Vec<(u64, u64, OsString)> = {
+        let (want, mut c) = {
+            let mut recent = self.shed_recently.lock().unwrap_or_else(|e| e.into_inner());
+            if recent.0.elapsed() > SHED_AGAIN {
+                *recent = (Instant::now(), HashSet::new());
+            }
             let t = self.tables();
-            let Some(want) = t.inodes.len().checked_sub(max * 3 / 4) else {
+            let Some(want) = t.inodes.len().checked_sub(max - max / 4) else {
                 return;
             };
             // Not directories: one in use (a shell's working directory)
             // would be unhashed, its path lost to getcwd. Not files with
             // other names: only the last one known would go.
-            let mut c: Vec<(Instant, u64)> = t
+            let c: Vec<(Instant, u64)> = t
                 .inodes
                 .iter()
                 .filter(|(ino, i)| {
@@ -806,10 +807,17 @@ impl<B: Backend> Core<B> {
                 })
                 .map(|(ino, i)| (i.attr_until, *ino))
                 .collect();
-            if c.len() > want {
-                c.select_nth_unstable_by_key(want, |v| v.0);
-                c.truncate(want);
-            }
+            (want, c)
+        };
+        // Nor files with changes here (asked without the tables held),
+        // before choosing: otherwise they could fill every place.
+        c.retain(|v| !self.is_dirty(v.1));
+        if c.len() > want {
+            c.select_nth_unstable_by_key(want, |v| v.0);
+            c.truncate(want);
+        }
+        let victims: Vec<(u64, u64, OsString)> = {
+            let t = self.tables();
             c.into_iter()
                 .filter_map(|(_, ino)| {
                     let i = t.inodes.get(&ino)?;
@@ -817,9 +825,11 @@ impl<B: Backend> Core<B> {
                 })
                 .collect()
         };
-        victims.retain(|v| !self.is_dirty(v.0));
-        recent.1.extend(victims.iter().map(|v| v.0));
-        drop(recent);
+        self.shed_recently
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .extend(victims.iter().map(|v| v.0));
         log::debug!("asking the kernel to drop {} names", victims.len());
         Stats::add(&self.stats.kernel_names_dropped, victims.len() as u64);
         for (_, parent, name) in victims {
@@ -2888,6 +2898,14 @@ impl<B: Backend> Core<B> {
             } else if dst != src && is_dir(t, dst) {
                 // The directory it replaced is gone.
                 Self::subdirs_changed(t, parent, -1);
+            }
+        }
+        if flags.exchange && parent != newparent {
+            // A directory swapped with what is not one moves a link.
+            let d = i32::from(is_dir(t, src)) - i32::from(is_dir(t, dst));
+            if d != 0 {
+                Self::subdirs_changed(t, parent, -d);
+                Self::subdirs_changed(t, newparent, d);
             }
         }
         // A rename kept for later leaves the NAS's object as it was: what
