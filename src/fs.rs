@@ -773,14 +773,7 @@ impl<B: Backend> Core<B> {
         if inodes <= *max || self.backend.offline_since().is_some() {
             return;
         }
-        let open: HashSet<u64> = self
-            .handles()
-            .values()
-            .filter_map(|h| match h {
-                Handle::File(f) => Some(f.ino),
-                _ => None,
-            })
-            .collect();
+        let open = self.open_inos();
         let (want, mut c) = {
             let mut recent = self.shed_recently.lock().unwrap_or_else(|e| e.into_inner());
             if recent.0.elapsed() > SHED_AGAIN {
@@ -1088,7 +1081,6 @@ impl<B: Backend> Core<B> {
         let data = {
             let mut t = self.tables();
             let t = &mut *t;
-            many = t.inodes.len() + 1;
             let inode = t.inodes.entry(ino).or_insert_with(|| Inode {
                 node: node.clone(),
                 kind: attr.kind,
@@ -1139,6 +1131,7 @@ impl<B: Backend> Core<B> {
                     l.kinds.insert(ino, attr.kind);
                 }
             }
+            many = t.inodes.len();
             data
         };
         if self.too_many(many) {
@@ -1446,14 +1439,7 @@ impl<B: Backend> Core<B> {
         if !self.backend.online() {
             return;
         }
-        let inos: HashSet<u64> = self
-            .handles()
-            .values()
-            .filter_map(|h| match h {
-                Handle::File(f) => Some(f.ino),
-                _ => None,
-            })
-            .collect();
+        let inos = self.open_inos();
         // Files with changes here show the local version: nothing to check.
         let dirty = |ino: u64| {
             self.wb
@@ -3336,6 +3322,17 @@ impl<B: Backend> Core<B> {
         self.wb
             .as_ref()
             .is_some_and(|wb| wb.is_dirty(self.fuse_ino(ino)))
+    }
+
+    /// The inodes of the files open here.
+    fn open_inos(&self) -> HashSet<u64> {
+        self.handles()
+            .values()
+            .filter_map(|h| match h {
+                Handle::File(f) => Some(f.ino),
+                _ => None,
+            })
+            .collect()
     }
 
     fn is_open(&self, ino: u64) -> bool {

@@ -420,14 +420,6 @@ fn raise_fd_limit() {
     let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
 }
 
-/// What the kernel is told to drop.
-enum Inval {
-    /// An inode's page cache.
-    Data(u64),
-    /// An inode's attributes.
-    Attrs(u64),
-}
-
 /// The most inodes held before the kernel is asked to drop names: each
 /// is a descriptor (see `raise_fd_limit`), and a quarter of the limit, or
 /// 1,024 (at most half), is left for files open, pending files, the
@@ -652,21 +644,19 @@ fn serve_core<B: Backend>(
     // for pages the kernel holds locked until that request is answered.
     // So are its attributes where a change kept here was refused by the
     // NAS later (see `Core::notice_conflicts`).
-    // And names, when the kernel holds more inodes than the descriptors
-    // allow (see `Core::shed_names`).
     let notifier = session.notifier();
-    let (stale_tx, stale_rx) = std::sync::mpsc::channel::<Inval>();
+    let (stale_tx, stale_rx) = std::sync::mpsc::channel::<(u64, bool)>();
     let attrs_tx = stale_tx.clone();
-
     core.data_cache().on_stale(Box::new(move |ino| {
-        let _ = stale_tx.send(Inval::Data(ino));
+        let _ = stale_tx.send((ino, true));
     }));
     core.on_kernel_attrs_stale(Box::new(move |ino| {
-        let _ = attrs_tx.send(Inval::Attrs(ino));
+        let _ = attrs_tx.send((ino, false));
     }));
-    // Names by a thread of their own: the kernel takes the directory's
-    // lock for one, which may wait behind a request in that directory.
-    // Only for a directory source, whose nodes are descriptors.
+    // Names, when the kernel holds more inodes than the descriptors allow
+    // (see `Core::shed_names`): only for a directory source, whose nodes
+    // are descriptors; by a thread of their own, since the kernel takes
+    // the directory's lock for one, which may wait behind a request there.
     if plan.nfs.is_none() {
         let (names_tx, names_rx) = std::sync::mpsc::channel::<(u64, std::ffi::OsString)>();
         core.on_too_many_inodes(
@@ -686,22 +676,30 @@ fn serve_core<B: Backend>(
                     }
                 }
             })?;
+        let shed_core = core.clone();
+        std::thread::Builder::new()
+            .name("shed".into())
+            .spawn(move || {
+                loop {
+                    shed_core.wait_shed(Duration::from_secs(1));
+                    shed_core.shed_names();
+                    // The kernel's forgets take a moment to come back.
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })?;
     }
     let stale_cache = core.data_cache().clone();
     std::thread::Builder::new()
         .name("inval".into())
         .spawn(move || {
-            for what in stale_rx {
-                let ino = match what {
-                    Inval::Data(ino) => ino,
-                    Inval::Attrs(ino) => {
-                        // (An offset below 0: the attributes only.)
-                        if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), -1, 0) {
-                            log::debug!("inode {ino}: dropping the kernel's attributes: {e}");
-                        }
-                        continue;
+            for (ino, data) in stale_rx {
+                if !data {
+                    // (An offset below 0: the attributes only.)
+                    if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), -1, 0) {
+                        log::debug!("inode {ino}: dropping the kernel's attributes: {e}");
                     }
-                };
+                    continue;
+                }
                 // An open may have dropped them since (without keeping
                 // the cache): a late drop could then land amid its writes.
                 if !stale_cache.take_kernel_stale(ino) {
@@ -723,19 +721,6 @@ fn serve_core<B: Backend>(
                 std::thread::sleep(Duration::from_secs(1));
                 open_core.revalidate_open();
                 open_core.notice_conflicts();
-            }
-        })?;
-
-    // Names the kernel is asked to drop when it holds too many inodes.
-    let shed_core = core.clone();
-    std::thread::Builder::new()
-        .name("shed".into())
-        .spawn(move || {
-            loop {
-                shed_core.wait_shed(Duration::from_secs(1));
-                shed_core.shed_names();
-                // The kernel's forgets take a moment to come back.
-                std::thread::sleep(Duration::from_millis(100));
             }
         })?;
 

@@ -16,8 +16,9 @@
 //! second, not `timeo`, and an untar or a build carries on from the cache
 //! while nassync finds out whether the NAS is gone. Until that call
 //! answers, such requests are answered from the cache at once; if it has
-//! not answered by `timeo`, the NAS is offline as above. If it answers, the NAS is slow rather than gone, and
-//! calls wait `timeo` again for a while.
+//! not answered by `timeo`, the NAS is offline as above. If it answers,
+//! the NAS is slow rather than gone, and calls wait `timeo` again for a
+//! while.
 //!
 //! Files opened while offline are opened on the NAS when first needed
 //! (a read of data that is not cached), so that an application can open a
@@ -247,8 +248,7 @@ pub struct Bounded<B: Backend> {
     link: Arc<Link>,
     /// Abandoned calls that change the NAS and have not finished yet.
     stuck_changes: Arc<AtomicUsize>,
-    /// A call given up on after [`PATIENCE`]: when it was made, its name,
-    /// and whether it has finished (see [`cache_can_answer`]).
+    /// See [`cache_can_answer`] and [`Self::slow_call_pending`].
     slow: Mutex<Slow>,
     /// The share's root as first seen: the probe checks that the source is
     /// still the same share (not the empty directory under a lost mount).
