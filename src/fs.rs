@@ -301,6 +301,12 @@ pub struct Core<B: Backend> {
     /// has not forgotten: not sent again until `SHED_AGAIN` has passed
     /// (the kernel may be using them).
     shed_recently: Mutex<(Instant, HashSet<u64>)>,
+    /// When `shed_names` last ran past its checks, and how many names it
+    /// sent: `wait_for_room` waits only while forgets can come.
+    shed_last: Mutex<(Instant, usize)>,
+    /// Until when `wait_for_room` does not wait, after a wait that the
+    /// kernel's forgets did not end.
+    room_wait_off_until: Mutex<Instant>,
     /// Whether `defers_changes` logged the NAS's first refusal.
     refusal_noted: AtomicBool,
     data: Arc<DataCache>,
@@ -391,6 +397,8 @@ impl<B: Backend> Core<B> {
             kernel_names: OnceLock::new(),
             shed_wanted: (Mutex::new(false), std::sync::Condvar::new()),
             shed_recently: Mutex::new((Instant::now(), HashSet::new())),
+            shed_last: Mutex::new((Instant::now(), 0)),
+            room_wait_off_until: Mutex::new(Instant::now()),
             refusal_noted: AtomicBool::new(false),
             data,
             stats,
@@ -754,6 +762,53 @@ impl<B: Backend> Core<B> {
             .is_some_and(|(max, _)| inodes > *max)
     }
 
+    /// How many more inodes may be taken before the ceiling, a quarter
+    /// over the most `on_too_many_inodes` allows: what is shed comes back
+    /// as the kernel's forgets, later, and a walk takes thousands of
+    /// inodes a second meanwhile.
+    fn room(&self) -> usize {
+        match self.kernel_names.get() {
+            Some((max, _)) => (max + max / 4).saturating_sub(self.tables().inodes.len()),
+            None => usize::MAX,
+        }
+    }
+
+    /// Before a lookup or a listing takes new inodes (descriptors): at
+    /// the ceiling, waits up to a second for the forgets of what
+    /// `shed_names` sent. Not when it sends nothing (all in use or with
+    /// changes) nor offline, and not again for `SHED_AGAIN` after a wait
+    /// that the forgets did not end (the kernel may be holding them
+    /// behind this very request's directory lock).
+    fn wait_for_room(&self) {
+        if self.room() > 0 || self.backend.offline_since().is_some() {
+            return;
+        }
+        let start = Instant::now();
+        if *self
+            .room_wait_off_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            > start
+        {
+            return;
+        }
+        while self.room() == 0 {
+            let (ran, sent) = *self.shed_last.lock().unwrap_or_else(|e| e.into_inner());
+            if ran > start && sent == 0 {
+                return;
+            }
+            if start.elapsed() > Duration::from_secs(1) {
+                *self
+                    .room_wait_off_until
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Instant::now() + SHED_AGAIN;
+                return;
+            }
+            self.want_shed();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Each inode the kernel holds keeps its NAS node, which on a
     /// directory source is an open descriptor, and the kernel lets go of
     /// names only under memory pressure: a `find` over a share larger
@@ -823,6 +878,7 @@ impl<B: Backend> Core<B> {
             .unwrap_or_else(|e| e.into_inner())
             .1
             .extend(victims.iter().map(|v| v.0));
+        *self.shed_last.lock().unwrap_or_else(|e| e.into_inner()) = (Instant::now(), victims.len());
         log::debug!("asking the kernel to drop {} names", victims.len());
         Stats::add(&self.stats.kernel_names_dropped, victims.len() as u64);
         for (_, parent, name) in victims {
@@ -1280,6 +1336,12 @@ impl<B: Backend> Core<B> {
     }
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Entry> {
+        self.lookup_in(parent, name, true)
+    }
+
+    /// `lookup`; `wait` for room (`wait_for_room`) before the NAS is
+    /// asked, except within a listing, whose directory the kernel holds.
+    fn lookup_in(&self, parent: u64, name: &OsStr, wait: bool) -> FsResult<Entry> {
         self.drain_settled();
         if name.len() > 255 {
             return Err(BackendError::errno("lookup", libc::ENAMETOOLONG).into());
@@ -1349,6 +1411,9 @@ impl<B: Backend> Core<B> {
                 self.backend.lookup(&dir_node, name)
             }
         };
+        if wait {
+            self.wait_for_room();
+        }
         let got = self.short_of_descriptors(ask, |e| e.raw_errno());
         match got {
             Ok((node, attr)) => self.remember(parent, name, node, attr, true, g0),
@@ -3079,7 +3144,8 @@ impl<B: Backend> Core<B> {
         // Close-to-open: the attributes of what was just opened; the
         // cached version serves if the NAS is slow to answer.
         let (file, got) = cache_can_answer(|| {
-            let file = self.backend.open(&node, mode)?;
+            let file =
+                self.short_of_descriptors(|| self.backend.open(&node, mode), |e| e.raw_errno())?;
             let got = self.backend.fgetattr(&file);
             Ok::<_, BackendError>((file, got))
         })?;
@@ -3534,7 +3600,11 @@ impl<B: Backend> Core<B> {
             t.inodes.get(&ino).map(|i| i.parent).unwrap_or(ROOT)
         };
         let gen_before = self.tables().names_gen;
-        let listing = self.backend.readdir(&node)?;
+        let mut listing = self.backend.readdir(&node)?;
+        // The order list_cached serves (see kernel_listing_current), and
+        // the order names are handed out in: those looked up below, for
+        // which there was room, come first.
+        listing.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         let mut items = Vec::with_capacity(listing.len() + 2);
         items.push(DirItem {
             name: ".".into(),
@@ -3560,6 +3630,9 @@ impl<B: Backend> Core<B> {
             GetAttr(N),
             Lookup,
         }
+        // Names not held are looked up now only as far as there is room
+        // for their inodes; the rest as the kernel takes them (readdir).
+        let mut room = self.room();
         let needs: Vec<Need<B::Node>> = {
             let t = self.tables();
             let now = Instant::now();
@@ -3578,7 +3651,11 @@ impl<B: Backend> Core<B> {
                     match held {
                         Some(i) if i.attr_until > now => Need::Have(i.node.clone(), i.attr),
                         Some(i) => Need::GetAttr(i.node.clone()),
-                        None => Need::Lookup,
+                        None if room == 0 => Need::Nothing,
+                        None => {
+                            room -= 1;
+                            Need::Lookup
+                        }
                     }
                 })
                 .collect()
@@ -3678,8 +3755,6 @@ impl<B: Backend> Core<B> {
                 cached,
             });
         }
-        // The order list_cached serves: see kernel_listing_current.
-        items[2..].sort_unstable_by(|a, b| a.name.cmp(&b.name));
         let mut t = self.tables();
         let dir_ttl = t
             .inodes
@@ -3787,7 +3862,12 @@ impl<B: Backend> Core<B> {
             h.names_gen = self.tables().names_gen;
             let listed = match self.list_fresh(h.ino, plus) {
                 Some(items) => Ok(items),
-                None => self.short_of_descriptors(|| self.list(h.ino, plus), |e| e.errno()),
+                None => {
+                    if plus {
+                        self.wait_for_room();
+                    }
+                    self.short_of_descriptors(|| self.list(h.ino, plus), |e| e.errno())
+                }
             };
             let items = match listed {
                 Ok(items) => items,
@@ -3804,9 +3884,11 @@ impl<B: Backend> Core<B> {
         let g0 = h.settle_gen;
         let names_gen = h.names_gen;
         let dir_ino = h.ino;
-        let items = h.items.as_deref().unwrap_or_default();
+        let fingerprint = h.fingerprint;
+        let items = h.items.as_deref_mut().unwrap_or_default();
         let mut to_end = true;
-        for (i, item) in items.iter().enumerate().skip(offset as usize) {
+        let mut added = 0;
+        for (i, item) in items.iter_mut().enumerate().skip(offset as usize) {
             let next = i as u64 + 1;
             match (&item.plus, plus) {
                 (Some((node, attr)), true) => {
@@ -3865,6 +3947,11 @@ impl<B: Backend> Core<B> {
                         Some(names_gen),
                         !item.cached,
                     )?;
+                    // The tables hold it now: a node kept here too would
+                    // keep its descriptor past the kernel's forget. Handed
+                    // out again (a rewind), it is looked up again.
+                    item.plus = None;
+                    added += 1;
                 }
                 (None, true) => {
                     let dot = item.name == "." || item.name == "..";
@@ -3882,11 +3969,25 @@ impl<B: Backend> Core<B> {
                         }
                     } else {
                         // Listed without attributes (the handle's first
-                        // readdir was not plus): looked up now, which
-                        // counts as the kernel's lookup.
-                        match self.lookup(dir_ino, &item.name) {
+                        // readdir was not plus, or no room for them all):
+                        // looked up now, which counts as the kernel's
+                        // lookup. Short of room, the reply ends once it
+                        // has entries: the names of this directory can be
+                        // dropped only between replies, as the kernel
+                        // holds its lock across each.
+                        let short =
+                            |errno: i32| added > 0 && matches!(errno, libc::EMFILE | libc::ENFILE);
+                        if added > 0 && self.room() == 0 {
+                            to_end = false;
+                            break;
+                        }
+                        match self.lookup_in(dir_ino, &item.name, false) {
                             Ok(e) => e,
                             Err(e) if e.errno() == libc::ENOENT => continue,
+                            Err(e) if short(e.errno()) => {
+                                to_end = false;
+                                break;
+                            }
                             Err(e) => return Err(e),
                         }
                     };
@@ -3903,6 +4004,7 @@ impl<B: Backend> Core<B> {
                         to_end = false;
                         break;
                     }
+                    added += 1;
                 }
                 (_, false) => {
                     if add(DirOut {
@@ -3915,12 +4017,13 @@ impl<B: Backend> Core<B> {
                         to_end = false;
                         break;
                     }
+                    added += 1;
                 }
             }
         }
         // After the entries: the kernel takes them in once the reply is
         // sent. An empty reply at the end counts, as it completes a cache.
-        self.kernel_served(dir_ino, fh, h.fingerprint, to_end);
+        self.kernel_served(dir_ino, fh, fingerprint, to_end);
         Ok(())
     }
 
