@@ -18,7 +18,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -245,9 +245,31 @@ struct DirItem<B: Backend> {
     ino: u64,
     kind: FileKind,
     plus: Option<(B::Node, Attr)>,
-    /// `plus` came from the tables, not from the NAS: handing it out must
-    /// not make it look fresh for longer.
+    /// With plus: the entry's inode and attributes are to be taken from
+    /// the tables as it is handed out (`plus` is then None), not from the
+    /// NAS; handing it out must not make it look fresh for longer.
     cached: bool,
+    /// Set while `plus` holds a node from the NAS not yet handed out: not
+    /// in the tables, but a descriptor all the same (or the tables' own,
+    /// asked for attributes, which a shed would leave open here).
+    unhanded: Option<Unhanded>,
+}
+
+/// Counts, in `Core::unhanded_nodes`, a node a listing holds (see
+/// `Core::room`).
+struct Unhanded(Arc<AtomicUsize>);
+
+impl Unhanded {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Unhanded {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 struct DirHandle<B: Backend> {
@@ -301,12 +323,17 @@ pub struct Core<B: Backend> {
     /// has not forgotten: not sent again until `SHED_AGAIN` has passed
     /// (the kernel may be using them).
     shed_recently: Mutex<(Instant, HashSet<u64>)>,
-    /// When `shed_names` last ran past its checks, and how many names it
-    /// sent: `wait_for_room` waits only while forgets can come.
+    /// When `shed_names` last ran past its checks, and how many forgets
+    /// of what it sent are awaited: `wait_for_room` waits only while some
+    /// can come.
     shed_last: Mutex<(Instant, usize)>,
     /// Until when `wait_for_room` does not wait, after a wait that the
     /// kernel's forgets did not end.
     room_wait_off_until: Mutex<Instant>,
+    /// Nodes listings hold that are not handed out yet (`Unhanded`).
+    unhanded_nodes: Arc<AtomicUsize>,
+    /// Held while a listing takes room (`take_room`).
+    room_taken: Mutex<()>,
     /// Whether `defers_changes` logged the NAS's first refusal.
     refusal_noted: AtomicBool,
     data: Arc<DataCache>,
@@ -399,6 +426,8 @@ impl<B: Backend> Core<B> {
             shed_recently: Mutex::new((Instant::now(), HashSet::new())),
             shed_last: Mutex::new((Instant::now(), 0)),
             room_wait_off_until: Mutex::new(Instant::now()),
+            unhanded_nodes: Arc::new(AtomicUsize::new(0)),
+            room_taken: Mutex::new(()),
             refusal_noted: AtomicBool::new(false),
             data,
             stats,
@@ -768,14 +797,30 @@ impl<B: Backend> Core<B> {
     /// inodes a second meanwhile.
     fn room(&self) -> usize {
         match self.kernel_names.get() {
-            Some((max, _)) => (max + max / 4).saturating_sub(self.tables().inodes.len()),
+            Some((max, _)) => (max + max / 4).saturating_sub(
+                self.tables().inodes.len() + self.unhanded_nodes.load(Ordering::Relaxed),
+            ),
             None => usize::MAX,
         }
     }
 
+    /// Takes room (see `room`) for up to `want` nodes a listing is to
+    /// hold, each counted until it is handed out or dropped; None when
+    /// nodes are not descriptors. Listings side by side share the room.
+    fn take_room(&self, want: usize) -> Option<Vec<Unhanded>> {
+        self.kernel_names.get()?;
+        let _one_at_a_time = self.room_taken.lock().unwrap_or_else(|e| e.into_inner());
+        let n = self.room().min(want);
+        Some(
+            (0..n)
+                .map(|_| Unhanded::new(&self.unhanded_nodes))
+                .collect(),
+        )
+    }
+
     /// Before a lookup or a listing takes new inodes (descriptors): at
     /// the ceiling, waits up to a second for the forgets of what
-    /// `shed_names` sent. Not when it sends nothing (all in use or with
+    /// `shed_names` sent. Not when none is awaited (all in use or with
     /// changes) nor offline, and not again for `SHED_AGAIN` after a wait
     /// that the forgets did not end (the kernel may be holding them
     /// behind this very request's directory lock).
@@ -793,8 +838,8 @@ impl<B: Backend> Core<B> {
             return;
         }
         while self.room() == 0 {
-            let (ran, sent) = *self.shed_last.lock().unwrap_or_else(|e| e.into_inner());
-            if ran > start && sent == 0 {
+            let (ran, awaited) = *self.shed_last.lock().unwrap_or_else(|e| e.into_inner());
+            if ran > start && awaited == 0 {
                 return;
             }
             if start.elapsed() > Duration::from_secs(1) {
@@ -873,12 +918,13 @@ impl<B: Backend> Core<B> {
                 })
                 .collect()
         };
-        self.shed_recently
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .1
-            .extend(victims.iter().map(|v| v.0));
-        *self.shed_last.lock().unwrap_or_else(|e| e.into_inner()) = (Instant::now(), victims.len());
+        // Forgets awaited: those sent now and lately (removed as they come).
+        let awaited = {
+            let mut recent = self.shed_recently.lock().unwrap_or_else(|e| e.into_inner());
+            recent.1.extend(victims.iter().map(|v| v.0));
+            recent.1.len()
+        };
+        *self.shed_last.lock().unwrap_or_else(|e| e.into_inner()) = (Instant::now(), awaited);
         log::debug!("asking the kernel to drop {} names", victims.len());
         Stats::add(&self.stats.kernel_names_dropped, victims.len() as u64);
         for (_, parent, name) in victims {
@@ -3593,7 +3639,7 @@ impl<B: Backend> Core<B> {
         }
     }
 
-    fn list(&self, ino: u64, plus: bool) -> FsResult<Vec<DirItem<B>>> {
+    fn list(&self, ino: u64, plus: bool, from: u64) -> FsResult<Vec<DirItem<B>>> {
         let (node, _, _) = self.node(ino)?;
         let parent = {
             let t = self.tables();
@@ -3612,6 +3658,7 @@ impl<B: Backend> Core<B> {
             kind: FileKind::Dir,
             plus: None,
             cached: false,
+            unhanded: None,
         });
         items.push(DirItem {
             name: "..".into(),
@@ -3619,6 +3666,7 @@ impl<B: Backend> Core<B> {
             kind: FileKind::Dir,
             plus: None,
             cached: false,
+            unhanded: None,
         });
         // What each entry needs from the NAS. A name whose inode is held
         // reuses its node (for the directory backend, its descriptor: a
@@ -3630,15 +3678,18 @@ impl<B: Backend> Core<B> {
             GetAttr(N),
             Lookup,
         }
-        // Names not held are looked up now only as far as there is room
-        // for their inodes; the rest as the kernel takes them (readdir).
-        let mut room = self.room();
+        // Names not held are looked up now from offset `from` on (the
+        // kernel may start a handle there) and only as far as there is
+        // room for their nodes (`take_room`); the others as the kernel
+        // takes them (readdir).
+        let skip = (from as usize).saturating_sub(2);
         let needs: Vec<Need<B::Node>> = {
             let t = self.tables();
             let now = Instant::now();
             listing
                 .iter()
-                .map(|e| {
+                .enumerate()
+                .map(|(k, e)| {
                     if !plus {
                         return Need::Nothing;
                     }
@@ -3651,11 +3702,8 @@ impl<B: Backend> Core<B> {
                     match held {
                         Some(i) if i.attr_until > now => Need::Have(i.node.clone(), i.attr),
                         Some(i) => Need::GetAttr(i.node.clone()),
-                        None if room == 0 => Need::Nothing,
-                        None => {
-                            room -= 1;
-                            Need::Lookup
-                        }
+                        None if k < skip => Need::Nothing,
+                        None => Need::Lookup,
                     }
                 })
                 .collect()
@@ -3667,6 +3715,31 @@ impl<B: Backend> Core<B> {
             .map(|n| match n {
                 Need::Have(node, a) if self.wb.as_ref().is_some_and(|wb| wb.is_dirty(a.ino)) => {
                     Need::GetAttr(node)
+                }
+                n => n,
+            })
+            .collect();
+        // Nodes asked for attributes are the tables' (counted there unless
+        // shed meanwhile): room is taken for them first, to be safe.
+        let wanted = needs
+            .iter()
+            .filter(|n| matches!(n, Need::GetAttr(_) | Need::Lookup))
+            .count();
+        let mut room = self.take_room(wanted);
+        let mut left = room.as_ref().map_or(usize::MAX, |r| r.len());
+        left = left.saturating_sub(
+            needs
+                .iter()
+                .filter(|n| matches!(n, Need::GetAttr(_)))
+                .count(),
+        );
+        let needs: Vec<Need<B::Node>> = needs
+            .into_iter()
+            .map(|n| match n {
+                Need::Lookup if left == 0 => Need::Nothing,
+                Need::Lookup => {
+                    left -= 1;
+                    Need::Lookup
                 }
                 n => n,
             })
@@ -3738,6 +3811,12 @@ impl<B: Backend> Core<B> {
                 (_, Some(Ok(found))) => Some(found),
                 // Gone meanwhile.
                 (_, Some(Err(err))) if err.raw_errno() == libc::ENOENT => continue,
+                // Looked up as the kernel takes it, when there may be more.
+                (Need::Lookup, Some(Err(err)))
+                    if matches!(err.raw_errno(), libc::EMFILE | libc::ENFILE) =>
+                {
+                    None
+                }
                 (_, Some(Err(err))) => return Err(err.into()),
                 (_, None) => None,
             };
@@ -3745,12 +3824,17 @@ impl<B: Backend> Core<B> {
                 Some((_, a)) => (self.fuse_ino(a.ino), a.kind),
                 None => (fino, e.kind),
             };
+            // Held by the tables: taken from there as it is handed out.
+            let plus = plus.filter(|_| !cached);
             names.insert(e.name.clone(), fino);
             kinds.insert(fino, kind);
             items.push(DirItem {
                 name: e.name,
                 ino: fino,
                 kind,
+                unhanded: plus
+                    .as_ref()
+                    .and_then(|_| room.as_mut().and_then(|r| r.pop())),
                 plus,
                 cached,
             });
@@ -3812,6 +3896,7 @@ impl<B: Backend> Core<B> {
                 kind: FileKind::Dir,
                 plus: None,
                 cached: false,
+                unhanded: None,
             },
             DirItem {
                 name: "..".into(),
@@ -3819,6 +3904,7 @@ impl<B: Backend> Core<B> {
                 kind: FileKind::Dir,
                 plus: None,
                 cached: false,
+                unhanded: None,
             },
         ];
         let mut names: Vec<(&OsString, &u64)> = l.names.iter().collect();
@@ -3828,19 +3914,21 @@ impl<B: Backend> Core<B> {
             let Some(kind) = inode.map(|i| i.kind).or_else(|| l.kinds.get(fino).copied()) else {
                 continue;
             };
-            let plus = match (plus, inode) {
-                (true, Some(i)) => Some((i.node.clone(), i.attr)),
+            // With plus, taken from the tables as it is handed out.
+            let cached = match (plus, inode) {
+                (true, Some(_)) => true,
                 // No attributes to give for it: the listing cannot be
                 // served whole, and a partial one would look like deletions.
                 (true, None) => return None,
-                (false, _) => None,
+                (false, _) => false,
             };
             items.push(DirItem {
                 name: name.clone(),
                 ino: *fino,
                 kind,
-                cached: plus.is_some(),
-                plus,
+                cached,
+                plus: None,
+                unhanded: None,
             });
         }
         Some(items)
@@ -3866,7 +3954,7 @@ impl<B: Backend> Core<B> {
                     if plus {
                         self.wait_for_room();
                     }
-                    self.short_of_descriptors(|| self.list(h.ino, plus), |e| e.errno())
+                    self.short_of_descriptors(|| self.list(h.ino, plus, offset), |e| e.errno())
                 }
             };
             let items = match listed {
@@ -3890,7 +3978,16 @@ impl<B: Backend> Core<B> {
         let mut added = 0;
         for (i, item) in items.iter_mut().enumerate().skip(offset as usize) {
             let next = i as u64 + 1;
-            match (&item.plus, plus) {
+            // An entry the tables held when listed is taken from them now:
+            // a node kept in the listing would keep its descriptor open
+            // after the name was shed. Gone meanwhile, it is looked up.
+            let from_tables = (plus && item.cached && item.plus.is_none())
+                .then(|| {
+                    let t = self.tables();
+                    t.inodes.get(&item.ino).map(|i| (i.node.clone(), i.attr))
+                })
+                .flatten();
+            match (from_tables.as_ref().or(item.plus.as_ref()), plus) {
                 (Some((node, attr)), true) => {
                     // Attributes from the tables: as they are now (a long
                     // listing is handed out over several requests), and
@@ -3949,8 +4046,10 @@ impl<B: Backend> Core<B> {
                     )?;
                     // The tables hold it now: a node kept here too would
                     // keep its descriptor past the kernel's forget. Handed
-                    // out again (a rewind), it is looked up again.
+                    // out again (the reader's buffer was full), it is
+                    // looked up again.
                     item.plus = None;
+                    item.unhanded = None;
                     added += 1;
                 }
                 (None, true) => {
@@ -3977,7 +4076,12 @@ impl<B: Backend> Core<B> {
                         // holds its lock across each.
                         let short =
                             |errno: i32| added > 0 && matches!(errno, libc::EMFILE | libc::ENFILE);
-                        if added > 0 && self.room() == 0 {
+                        let held = || {
+                            self.tables()
+                                .names
+                                .contains_key(&(dir_ino, item.name.clone()))
+                        };
+                        if added > 0 && self.room() == 0 && !held() {
                             to_end = false;
                             break;
                         }

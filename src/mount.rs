@@ -655,27 +655,35 @@ fn serve_core<B: Backend>(
     }));
     // Names, when the kernel holds more inodes than the descriptors allow
     // (see `Core::shed_names`): only for a directory source, whose nodes
-    // are descriptors; by a thread of their own, since the kernel takes
-    // the directory's lock for one, which may wait behind a request there.
+    // are descriptors; by threads of their own, since the kernel takes
+    // the directory's lock for one, which may wait behind a request there:
+    // several, each for some directories, so that one waiting for a
+    // directory being read does not hold up the names of the others.
     if plan.nfs.is_none() {
-        let (names_tx, names_rx) = std::sync::mpsc::channel::<(u64, std::ffi::OsString)>();
+        const NAME_THREADS: u64 = 4;
+        let mut senders = Vec::new();
+        for k in 0..NAME_THREADS {
+            let (tx, rx) = std::sync::mpsc::channel::<(u64, std::ffi::OsString)>();
+            senders.push(tx);
+            let notifier = session.notifier();
+            std::thread::Builder::new()
+                .name(format!("inval-names-{k}"))
+                .spawn(move || {
+                    for (parent, name) in rx {
+                        // ENOENT: the kernel no longer has it.
+                        if let Err(e) = notifier.inval_entry(fuser::INodeNo(parent), &name) {
+                            log::debug!("dropping the kernel's name {name:?}: {e}");
+                        }
+                    }
+                })?;
+        }
         core.on_too_many_inodes(
             max_inodes(),
             Box::new(move |parent, name| {
-                let _ = names_tx.send((parent, name.to_os_string()));
+                let tx = &senders[(parent % NAME_THREADS) as usize];
+                let _ = tx.send((parent, name.to_os_string()));
             }),
         );
-        let notifier = session.notifier();
-        std::thread::Builder::new()
-            .name("inval-names".into())
-            .spawn(move || {
-                for (parent, name) in names_rx {
-                    // ENOENT: the kernel no longer has it.
-                    if let Err(e) = notifier.inval_entry(fuser::INodeNo(parent), &name) {
-                        log::debug!("dropping the kernel's name {name:?}: {e}");
-                    }
-                }
-            })?;
         let shed_core = core.clone();
         std::thread::Builder::new()
             .name("shed".into())
