@@ -249,9 +249,8 @@ struct DirItem<B: Backend> {
     /// the tables as it is handed out (`plus` is then None), not from the
     /// NAS; handing it out must not make it look fresh for longer.
     cached: bool,
-    /// Set while `plus` holds a node from the NAS not yet handed out: not
-    /// in the tables, but a descriptor all the same (or the tables' own,
-    /// asked for attributes, which a shed would leave open here).
+    /// Set while `plus` holds a node looked up for the listing and not yet
+    /// handed out: not in the tables, but a descriptor all the same.
     unhanded: Option<Unhanded>,
 }
 
@@ -837,7 +836,8 @@ impl<B: Backend> Core<B> {
         {
             return;
         }
-        while self.room() == 0 {
+        // (Room taken by listings under the most sheds nothing.)
+        while self.room() == 0 && self.too_many(self.tables().inodes.len()) {
             let (ran, awaited) = *self.shed_last.lock().unwrap_or_else(|e| e.into_inner());
             if ran > start && awaited == 0 {
                 return;
@@ -3719,20 +3719,10 @@ impl<B: Backend> Core<B> {
                 n => n,
             })
             .collect();
-        // Nodes asked for attributes are the tables' (counted there unless
-        // shed meanwhile): room is taken for them first, to be safe.
-        let wanted = needs
-            .iter()
-            .filter(|n| matches!(n, Need::GetAttr(_) | Need::Lookup))
-            .count();
+        // (Nodes asked for attributes are the tables', counted there.)
+        let wanted = needs.iter().filter(|n| matches!(n, Need::Lookup)).count();
         let mut room = self.take_room(wanted);
         let mut left = room.as_ref().map_or(usize::MAX, |r| r.len());
-        left = left.saturating_sub(
-            needs
-                .iter()
-                .filter(|n| matches!(n, Need::GetAttr(_)))
-                .count(),
-        );
         let needs: Vec<Need<B::Node>> = needs
             .into_iter()
             .map(|n| match n {
@@ -3806,6 +3796,7 @@ impl<B: Backend> Core<B> {
         for ((e, need), got) in listing.into_iter().zip(needs).zip(fetched) {
             let fino = self.fuse_ino(e.ino);
             let cached = matches!(need, Need::Have(..));
+            let looked_up = matches!(need, Need::Lookup);
             let plus = match (need, got) {
                 (Need::Have(n, a), _) => Some((n, a)),
                 (_, Some(Ok(found))) => Some(found),
@@ -3834,6 +3825,7 @@ impl<B: Backend> Core<B> {
                 kind,
                 unhanded: plus
                     .as_ref()
+                    .filter(|_| looked_up)
                     .and_then(|_| room.as_mut().and_then(|r| r.pop())),
                 plus,
                 cached,
@@ -3877,7 +3869,7 @@ impl<B: Backend> Core<B> {
                 return None;
             }
         }
-        let items = self.list_cached(ino, plus)?;
+        let items = self.list_cached(ino, plus, false)?;
         Stats::inc(&self.stats.entry_hits);
         Some(items)
     }
@@ -3885,7 +3877,10 @@ impl<B: Backend> Core<B> {
     /// The listing of `ino` as last seen, however old, while the NAS is
     /// offline. With `plus`, only the entries whose inode is still known
     /// (the kernel holds it): the others have no attributes to give.
-    fn list_cached(&self, ino: u64, plus: bool) -> Option<Vec<DirItem<B>>> {
+    /// `offline`: the nodes are kept in the listing (nothing is shed
+    /// offline, and an entry forgotten meanwhile could not be looked up
+    /// again); otherwise taken from the tables as they are handed out.
+    fn list_cached(&self, ino: u64, plus: bool, offline: bool) -> Option<Vec<DirItem<B>>> {
         let t = self.tables();
         let l = t.listings.get(&ino).filter(|l| l.complete)?;
         let parent = t.inodes.get(&ino).map(|i| i.parent).unwrap_or(ROOT);
@@ -3914,20 +3909,19 @@ impl<B: Backend> Core<B> {
             let Some(kind) = inode.map(|i| i.kind).or_else(|| l.kinds.get(fino).copied()) else {
                 continue;
             };
-            // With plus, taken from the tables as it is handed out.
-            let cached = match (plus, inode) {
-                (true, Some(_)) => true,
+            let (cached, node) = match (plus, inode) {
+                (true, Some(i)) => (true, offline.then(|| (i.node.clone(), i.attr))),
                 // No attributes to give for it: the listing cannot be
                 // served whole, and a partial one would look like deletions.
                 (true, None) => return None,
-                (false, _) => false,
+                (false, _) => (false, None),
             };
             items.push(DirItem {
                 name: name.clone(),
                 ino: *fino,
                 kind,
                 cached,
-                plus: None,
+                plus: node,
                 unhanded: None,
             });
         }
@@ -3960,7 +3954,9 @@ impl<B: Backend> Core<B> {
             let items = match listed {
                 Ok(items) => items,
                 Err(FsError::Backend(e)) if is_unreachable(&e) => {
-                    let items = self.list_cached(h.ino, plus).ok_or(FsError::Backend(e))?;
+                    let items = self
+                        .list_cached(h.ino, plus, true)
+                        .ok_or(FsError::Backend(e))?;
                     Stats::inc(&self.stats.offline_hits);
                     items
                 }
@@ -4073,9 +4069,10 @@ impl<B: Backend> Core<B> {
                         // lookup. Short of room, the reply ends once it
                         // has entries: the names of this directory can be
                         // dropped only between replies, as the kernel
-                        // holds its lock across each.
-                        let short =
-                            |errno: i32| added > 0 && matches!(errno, libc::EMFILE | libc::ENFILE);
+                        // holds its lock across each. So does it on an
+                        // error, which the next reply gives alone: one
+                        // given now would lose the entries before it, and
+                        // the lookups counted for them.
                         let held = || {
                             self.tables()
                                 .names
@@ -4088,7 +4085,7 @@ impl<B: Backend> Core<B> {
                         match self.lookup_in(dir_ino, &item.name, false) {
                             Ok(e) => e,
                             Err(e) if e.errno() == libc::ENOENT => continue,
-                            Err(e) if short(e.errno()) => {
+                            Err(_) if added > 0 => {
                                 to_end = false;
                                 break;
                             }
@@ -4121,6 +4118,10 @@ impl<B: Backend> Core<B> {
                         to_end = false;
                         break;
                     }
+                    // A node kept from a plus listing is not needed for
+                    // this entry again.
+                    item.plus = None;
+                    item.unhanded = None;
                     added += 1;
                 }
             }
