@@ -249,8 +249,9 @@ struct DirItem<B: Backend> {
     /// the tables as it is handed out (`plus` is then None), not from the
     /// NAS; handing it out must not make it look fresh for longer.
     cached: bool,
-    /// Set while `plus` holds a node looked up for the listing and not yet
-    /// handed out: not in the tables, but a descriptor all the same.
+    /// Set while `plus` holds a node from the NAS not yet handed out: not
+    /// in the tables, but a descriptor all the same (or the tables' own,
+    /// asked for attributes, which a shed would leave open here).
     unhanded: Option<Unhanded>,
 }
 
@@ -783,11 +784,12 @@ impl<B: Backend> Core<B> {
         got
     }
 
-    /// Whether there are more inodes than `on_too_many_inodes` allows.
+    /// Whether there are more inodes than `on_too_many_inodes` allows,
+    /// counting with `inodes` the nodes listings hold (`Unhanded`).
     fn too_many(&self, inodes: usize) -> bool {
         self.kernel_names
             .get()
-            .is_some_and(|(max, _)| inodes > *max)
+            .is_some_and(|(max, _)| inodes + self.unhanded_nodes.load(Ordering::Relaxed) > *max)
     }
 
     /// How many more inodes may be taken before the ceiling, a quarter
@@ -869,8 +871,7 @@ impl<B: Backend> Core<B> {
         };
         // Offline, a name forgotten could not be looked up again, and
         // nothing opens descriptors.
-        let inodes = self.tables().inodes.len();
-        if inodes <= *max || self.backend.offline_since().is_some() {
+        if !self.too_many(self.tables().inodes.len()) || self.backend.offline_since().is_some() {
             return;
         }
         let open = self.open_inos();
@@ -880,7 +881,8 @@ impl<B: Backend> Core<B> {
                 *recent = (Instant::now(), HashSet::new());
             }
             let t = self.tables();
-            let Some(want) = t.inodes.len().checked_sub(max - max / 4) else {
+            let held = t.inodes.len() + self.unhanded_nodes.load(Ordering::Relaxed);
+            let Some(want) = held.checked_sub(max - max / 4) else {
                 return;
             };
             // Not directories: one in use (a shell's working directory)
@@ -3719,10 +3721,21 @@ impl<B: Backend> Core<B> {
                 n => n,
             })
             .collect();
-        // (Nodes asked for attributes are the tables', counted there.)
-        let wanted = needs.iter().filter(|n| matches!(n, Need::Lookup)).count();
+        // Nodes asked for attributes are the tables', but kept here they
+        // would stay open if shed meanwhile: room is taken for them first
+        // (they count twice while the tables hold them, to be safe).
+        let wanted = needs
+            .iter()
+            .filter(|n| matches!(n, Need::GetAttr(_) | Need::Lookup))
+            .count();
         let mut room = self.take_room(wanted);
         let mut left = room.as_ref().map_or(usize::MAX, |r| r.len());
+        left = left.saturating_sub(
+            needs
+                .iter()
+                .filter(|n| matches!(n, Need::GetAttr(_)))
+                .count(),
+        );
         let needs: Vec<Need<B::Node>> = needs
             .into_iter()
             .map(|n| match n {
@@ -3796,7 +3809,7 @@ impl<B: Backend> Core<B> {
         for ((e, need), got) in listing.into_iter().zip(needs).zip(fetched) {
             let fino = self.fuse_ino(e.ino);
             let cached = matches!(need, Need::Have(..));
-            let looked_up = matches!(need, Need::Lookup);
+            let from_nas = matches!(need, Need::Lookup | Need::GetAttr(_));
             let plus = match (need, got) {
                 (Need::Have(n, a), _) => Some((n, a)),
                 (_, Some(Ok(found))) => Some(found),
@@ -3825,7 +3838,7 @@ impl<B: Backend> Core<B> {
                 kind,
                 unhanded: plus
                     .as_ref()
-                    .filter(|_| looked_up)
+                    .filter(|_| from_nas)
                     .and_then(|_| room.as_mut().and_then(|r| r.pop())),
                 plus,
                 cached,
@@ -4043,9 +4056,11 @@ impl<B: Backend> Core<B> {
                     // The tables hold it now: a node kept here too would
                     // keep its descriptor past the kernel's forget. Handed
                     // out again (the reader's buffer was full), it is
-                    // looked up again.
-                    item.plus = None;
-                    item.unhanded = None;
+                    // looked up again. Not offline (`list_cached`).
+                    if !item.cached {
+                        item.plus = None;
+                        item.unhanded = None;
+                    }
                     added += 1;
                 }
                 (None, true) => {
@@ -4119,9 +4134,11 @@ impl<B: Backend> Core<B> {
                         break;
                     }
                     // A node kept from a plus listing is not needed for
-                    // this entry again.
-                    item.plus = None;
-                    item.unhanded = None;
+                    // this entry again (offline, it may be).
+                    if !item.cached {
+                        item.plus = None;
+                        item.unhanded = None;
+                    }
                     added += 1;
                 }
             }
