@@ -255,6 +255,33 @@ struct DirItem<B: Backend> {
     unhanded: Option<Unhanded>,
 }
 
+impl<B: Backend> DirItem<B> {
+    /// Drops the node kept for the entry, handed out now: the tables hold
+    /// it, and a clone kept here would keep its descriptor open past the
+    /// kernel's forget. Not offline (`Core::list_cached`), where one
+    /// forgotten could not be looked up again.
+    fn handed_out(&mut self) {
+        if !self.cached {
+            self.plus = None;
+            self.unhanded = None;
+        }
+    }
+}
+
+/// What `Core::shed_names` sent.
+struct Shedding {
+    /// The inodes whose names were sent since `since` and the kernel has
+    /// not forgotten: their forgets are awaited, and they are not sent
+    /// again until `SHED_AGAIN` has passed (the kernel may be using them).
+    sent: HashSet<u64>,
+    since: Instant,
+    /// When `shed_names` last ran past its checks.
+    last_ran: Instant,
+    /// Until when `wait_for_room` does not wait, after a wait that the
+    /// kernel's forgets did not end.
+    wait_off_until: Instant,
+}
+
 /// Counts, in `Core::unhanded_nodes`, a node a listing holds (see
 /// `Core::room`).
 struct Unhanded(Arc<AtomicUsize>);
@@ -319,17 +346,8 @@ pub struct Core<B: Backend> {
     kernel_names: OnceLock<(usize, NameDropper)>,
     /// Set when there are too many inodes, for `wait_shed`.
     shed_wanted: (Mutex<bool>, std::sync::Condvar),
-    /// The inodes whose names `shed_names` sent lately and the kernel
-    /// has not forgotten: not sent again until `SHED_AGAIN` has passed
-    /// (the kernel may be using them).
-    shed_recently: Mutex<(Instant, HashSet<u64>)>,
-    /// When `shed_names` last ran past its checks, and how many forgets
-    /// of what it sent are awaited: `wait_for_room` waits only while some
-    /// can come.
-    shed_last: Mutex<(Instant, usize)>,
-    /// Until when `wait_for_room` does not wait, after a wait that the
-    /// kernel's forgets did not end.
-    room_wait_off_until: Mutex<Instant>,
+    /// What `shed_names` sent, for itself and `wait_for_room`.
+    shedding: Mutex<Shedding>,
     /// Nodes listings hold that are not handed out yet (`Unhanded`).
     unhanded_nodes: Arc<AtomicUsize>,
     /// Held while a listing takes room (`take_room`).
@@ -423,9 +441,12 @@ impl<B: Backend> Core<B> {
             kernel_attrs_stale: OnceLock::new(),
             kernel_names: OnceLock::new(),
             shed_wanted: (Mutex::new(false), std::sync::Condvar::new()),
-            shed_recently: Mutex::new((Instant::now(), HashSet::new())),
-            shed_last: Mutex::new((Instant::now(), 0)),
-            room_wait_off_until: Mutex::new(Instant::now()),
+            shedding: Mutex::new(Shedding {
+                sent: HashSet::new(),
+                since: Instant::now(),
+                last_ran: Instant::now(),
+                wait_off_until: Instant::now(),
+            }),
             unhanded_nodes: Arc::new(AtomicUsize::new(0)),
             room_taken: Mutex::new(()),
             refusal_noted: AtomicBool::new(false),
@@ -830,27 +851,21 @@ impl<B: Backend> Core<B> {
             return;
         }
         let start = Instant::now();
-        if *self
-            .room_wait_off_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            > start
-        {
+        let shedding = || self.shedding.lock().unwrap_or_else(|e| e.into_inner());
+        if shedding().wait_off_until > start {
             return;
         }
         // (Room taken by listings under the most sheds nothing.)
         while self.room() == 0 && self.too_many(self.tables().inodes.len()) {
-            let (ran, awaited) = *self.shed_last.lock().unwrap_or_else(|e| e.into_inner());
-            if ran > start && awaited == 0 {
+            let mut s = shedding();
+            if s.last_ran > start && s.sent.is_empty() {
                 return;
             }
             if start.elapsed() > Duration::from_secs(1) {
-                *self
-                    .room_wait_off_until
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = Instant::now() + SHED_AGAIN;
+                s.wait_off_until = Instant::now() + SHED_AGAIN;
                 return;
             }
+            drop(s);
             self.want_shed();
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -876,9 +891,10 @@ impl<B: Backend> Core<B> {
         }
         let open = self.open_inos();
         let (want, mut c) = {
-            let mut recent = self.shed_recently.lock().unwrap_or_else(|e| e.into_inner());
-            if recent.0.elapsed() > SHED_AGAIN {
-                *recent = (Instant::now(), HashSet::new());
+            let mut shedding = self.shedding.lock().unwrap_or_else(|e| e.into_inner());
+            if shedding.since.elapsed() > SHED_AGAIN {
+                shedding.sent.clear();
+                shedding.since = Instant::now();
             }
             let t = self.tables();
             let held = t.inodes.len() + self.unhanded_nodes.load(Ordering::Relaxed);
@@ -898,7 +914,7 @@ impl<B: Backend> Core<B> {
                         && i.kind != FileKind::Dir
                         && i.attr.nlink <= 1
                         && !open.contains(*ino)
-                        && !recent.1.contains(*ino)
+                        && !shedding.sent.contains(*ino)
                 })
                 .map(|(ino, i)| (i.attr_until, *ino))
                 .collect();
@@ -920,13 +936,11 @@ impl<B: Backend> Core<B> {
                 })
                 .collect()
         };
-        // Forgets awaited: those sent now and lately (removed as they come).
-        let awaited = {
-            let mut recent = self.shed_recently.lock().unwrap_or_else(|e| e.into_inner());
-            recent.1.extend(victims.iter().map(|v| v.0));
-            recent.1.len()
-        };
-        *self.shed_last.lock().unwrap_or_else(|e| e.into_inner()) = (Instant::now(), awaited);
+        {
+            let mut shedding = self.shedding.lock().unwrap_or_else(|e| e.into_inner());
+            shedding.sent.extend(victims.iter().map(|v| v.0));
+            shedding.last_ran = Instant::now();
+        }
         log::debug!("asking the kernel to drop {} names", victims.len());
         Stats::add(&self.stats.kernel_names_dropped, victims.len() as u64);
         for (_, parent, name) in victims {
@@ -1530,10 +1544,10 @@ impl<B: Backend> Core<B> {
                 }
                 drop(t);
                 // Forgotten: if it comes back, it may be sent again.
-                self.shed_recently
+                self.shedding
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .1
+                    .sent
                     .remove(&ino);
                 self.backend.forget(&i.node);
             }
@@ -3724,18 +3738,12 @@ impl<B: Backend> Core<B> {
         // Nodes asked for attributes are the tables', but kept here they
         // would stay open if shed meanwhile: room is taken for them first
         // (they count twice while the tables hold them, to be safe).
-        let wanted = needs
-            .iter()
-            .filter(|n| matches!(n, Need::GetAttr(_) | Need::Lookup))
-            .count();
-        let mut room = self.take_room(wanted);
-        let mut left = room.as_ref().map_or(usize::MAX, |r| r.len());
-        left = left.saturating_sub(
-            needs
-                .iter()
-                .filter(|n| matches!(n, Need::GetAttr(_)))
-                .count(),
-        );
+        let count = |f: fn(&Need<B::Node>) -> bool| needs.iter().filter(|n| f(n)).count();
+        let getattrs = count(|n| matches!(n, Need::GetAttr(_)));
+        let mut room = self.take_room(getattrs + count(|n| matches!(n, Need::Lookup)));
+        let mut left = room
+            .as_ref()
+            .map_or(usize::MAX, |r| r.len().saturating_sub(getattrs));
         let needs: Vec<Need<B::Node>> = needs
             .into_iter()
             .map(|n| match n {
@@ -3809,7 +3817,6 @@ impl<B: Backend> Core<B> {
         for ((e, need), got) in listing.into_iter().zip(needs).zip(fetched) {
             let fino = self.fuse_ino(e.ino);
             let cached = matches!(need, Need::Have(..));
-            let from_nas = matches!(need, Need::Lookup | Need::GetAttr(_));
             let plus = match (need, got) {
                 (Need::Have(n, a), _) => Some((n, a)),
                 (_, Some(Ok(found))) => Some(found),
@@ -3836,9 +3843,9 @@ impl<B: Backend> Core<B> {
                 name: e.name,
                 ino: fino,
                 kind,
+                // (What is left came from the NAS.)
                 unhanded: plus
                     .as_ref()
-                    .filter(|_| from_nas)
                     .and_then(|_| room.as_mut().and_then(|r| r.pop())),
                 plus,
                 cached,
@@ -4053,14 +4060,9 @@ impl<B: Backend> Core<B> {
                         Some(names_gen),
                         !item.cached,
                     )?;
-                    // The tables hold it now: a node kept here too would
-                    // keep its descriptor past the kernel's forget. Handed
-                    // out again (the reader's buffer was full), it is
-                    // looked up again. Not offline (`list_cached`).
-                    if !item.cached {
-                        item.plus = None;
-                        item.unhanded = None;
-                    }
+                    // Handed out again (the reader's buffer was full), it
+                    // is looked up again.
+                    item.handed_out();
                     added += 1;
                 }
                 (None, true) => {
@@ -4133,12 +4135,7 @@ impl<B: Backend> Core<B> {
                         to_end = false;
                         break;
                     }
-                    // A node kept from a plus listing is not needed for
-                    // this entry again (offline, it may be).
-                    if !item.cached {
-                        item.plus = None;
-                        item.unhanded = None;
-                    }
+                    item.handed_out();
                     added += 1;
                 }
             }

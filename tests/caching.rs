@@ -625,8 +625,6 @@ fn a_tree_with_more_entries_than_the_daemon_has_descriptors_can_be_walked() {
             .any(|l| l.starts_with("Max open files") && l.contains(" 2048 ")),
         "{limits}"
     );
-    let fd_dir = format!("/proc/{}/fd", m.pid());
-    let fds = || fs::read_dir(&fd_dir).unwrap().count();
     // The most descriptors held at once, sampled while the tree is
     // walked: shedding lags behind a walk (forgets come later), and the
     // daemon must keep room for files opened meanwhile.
@@ -635,7 +633,7 @@ fn a_tree_with_more_entries_than_the_daemon_has_descriptors_can_be_walked() {
         let peak = sc.spawn(|| {
             let mut peak = 0;
             while walking.load(std::sync::atomic::Ordering::Relaxed) {
-                peak = peak.max(fds());
+                peak = peak.max(descriptors(&m));
                 std::thread::sleep(Duration::from_millis(2));
             }
             peak
@@ -653,12 +651,14 @@ fn a_tree_with_more_entries_than_the_daemon_has_descriptors_can_be_walked() {
     assert!(m.last_exit.unwrap().success(), "{}", m.log());
 }
 
+/// How many descriptors the daemon has open.
+fn descriptors(m: &Mount) -> usize {
+    fs::read_dir(format!("/proc/{}/fd", m.pid()))
+        .unwrap()
+        .count()
+}
+
 fn walk(m: &Mount) {
-    let fds = || {
-        fs::read_dir(format!("/proc/{}/fd", m.pid()))
-            .unwrap()
-            .count()
-    };
     for pass in 0..2 {
         let mut seen = 0;
         for d in 0..20 {
@@ -678,6 +678,7 @@ fn walk(m: &Mount) {
             }
         }
         assert_eq!(seen, 5000);
-        assert!(fds() < 2048, "{} descriptors open", fds());
+        let fds = descriptors(m);
+        assert!(fds < 2048, "{fds} descriptors open");
     }
 }
