@@ -3894,6 +3894,18 @@ impl<B: Backend> Core<B> {
         Some(items)
     }
 
+    /// Whether [`Self::list_cached`] can serve `ino` (with `plus`).
+    fn can_list_cached(&self, ino: u64, plus: bool) -> bool {
+        let t = self.tables();
+        t.listings.get(&ino).is_some_and(|l| {
+            l.complete
+                && (!plus
+                    || l.names
+                        .values()
+                        .all(|f| t.inodes.contains_key(f) || !l.kinds.contains_key(f)))
+        })
+    }
+
     /// The listing of `ino` as last seen, however old, while the NAS is
     /// offline. With `plus`, only the entries whose inode is still known
     /// (the kernel holds it): the others have no attributes to give.
@@ -3968,7 +3980,17 @@ impl<B: Backend> Core<B> {
                     if plus {
                         self.wait_for_room();
                     }
-                    self.short_of_descriptors(|| self.list(h.ino, plus, offset), |e| e.errno())
+                    // With the listing last seen to fall back on, a NAS
+                    // slow to answer is waited for a second, as for a stat.
+                    let answerable = self.can_list_cached(h.ino, plus);
+                    let list = || {
+                        self.short_of_descriptors(|| self.list(h.ino, plus, offset), |e| e.errno())
+                    };
+                    if answerable {
+                        cache_can_answer(list)
+                    } else {
+                        list()
+                    }
                 }
             };
             let items = match listed {

@@ -187,8 +187,10 @@ fn a_hung_nas_holds_up_what_the_cache_can_answer_for_a_second_not_timeo() {
     // NAS. The first waits a second for it, the rest are answered from
     // the cache while that call is unanswered, and what is made here needs
     // no NAS (an untar into a listed directory: the names it makes there
-    // are absent from the listing). Listings of NAS directories would wait.
+    // are absent from the listing). The first is a listing, served as
+    // last seen.
     let t0 = Instant::now();
+    assert_eq!(names(&m.m("d")), ["a", "cold", "first", "l", "sub"]);
     assert_eq!(std::fs::metadata(m.m("d/a")).unwrap().len(), a.len() as u64);
     assert_eq!(std::fs::read(m.m("d/a")).unwrap(), a, "cached file");
     assert!(std::fs::metadata(m.m("d/first")).unwrap().is_dir());
@@ -201,6 +203,10 @@ fn a_hung_nas_holds_up_what_the_cache_can_answer_for_a_second_not_timeo() {
     std::thread::sleep(Duration::from_millis(1200));
     assert!(std::fs::metadata(m.m("d/sub")).unwrap().is_dir());
     assert_eq!(names(&m.m("d/new")).len(), 200);
+    assert_eq!(
+        names(&m.m("d")),
+        ["a", "cold", "first", "l", "new", "sub", "top"]
+    );
     let took = t0.elapsed();
     assert!(took < Duration::from_secs(30), "{took:?}");
     // Not offline: the NAS has not been silent for timeo.
