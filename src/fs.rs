@@ -1413,13 +1413,16 @@ impl<B: Backend> Core<B> {
             let mut t = self.tables();
             let t = &mut *t;
             let key = (parent, name.to_os_string());
-            if let Some(until) = t.negatives.get(&key) {
-                if *until > now {
+            // Expired, a negative entry is kept as the NAS's last word:
+            // the answer if the NAS does not give one now.
+            let absent_before = match t.negatives.get(&key) {
+                Some(until) if *until > now => {
                     Stats::inc(&self.stats.negative_hits);
                     return Err(FsError::NotFound);
                 }
-                t.negatives.remove(&key);
-            }
+                Some(_) => true,
+                None => false,
+            };
             let mut known = t.names.get(&key).copied();
             if known.is_none() {
                 if let Some(l) = t.listings.get(&parent) {
@@ -1458,13 +1461,17 @@ impl<B: Backend> Core<B> {
             let answerable = match known {
                 Some(ino) => t.inodes.contains_key(&ino),
                 // Absent, or there with its inode still held.
-                None => t.listings.get(&parent).is_some_and(|l| {
-                    l.complete && l.names.get(name).is_none_or(|i| t.inodes.contains_key(i))
-                }),
+                None => t
+                    .listings
+                    .get(&parent)
+                    .filter(|l| l.complete)
+                    .map_or(absent_before, |l| {
+                        l.names.get(name).is_none_or(|i| t.inodes.contains_key(i))
+                    }),
             };
-            (node, known, listed, answerable)
+            (node, known, listed, answerable, absent_before)
         };
-        let (dir_node, known, listed, answerable) = dir_node;
+        let (dir_node, known, listed, answerable, absent_before) = dir_node;
         let g0 = self.settle_gen();
         let ask = || {
             if answerable {
@@ -1501,7 +1508,7 @@ impl<B: Backend> Core<B> {
                     entry.entry_ttl = self.cfg.entry_timeout.min(OFFLINE_TTL);
                     return Ok(entry);
                 }
-                if in_listing == Some(None) {
+                if in_listing == Some(None) || (absent_before && in_listing.is_none()) {
                     Stats::inc(&self.stats.offline_hits);
                     return Err(FsError::NotFound);
                 }
@@ -2183,11 +2190,12 @@ impl<B: Backend> Core<B> {
             .get(&parent)
             .and_then(|i| i.default_acl);
         let has = known.unwrap_or_else(|| {
-            // Offline: taken as none (the overlay does the same), and
-            // asked again next time.
-            let got = self
-                .backend
-                .getxattr(dir, OsStr::new("system.posix_acl_default"));
+            // Offline, or the NAS slow to answer: taken as none (the
+            // overlay does the same), and asked again next time.
+            let got = cache_can_answer(|| {
+                self.backend
+                    .getxattr(dir, OsStr::new("system.posix_acl_default"))
+            });
             if got.as_ref().is_err_and(is_unreachable) {
                 return false;
             }
@@ -2255,14 +2263,17 @@ impl<B: Backend> Core<B> {
     }
 
     /// Runs the creation `f` of `name` in `parent`; where a listing held
-    /// whole says the name is absent, the NAS's word on that waits at
-    /// most `PATIENCE` (see `name_absent_here`), as for a lookup.
+    /// whole, or the last lookup of the name (a negative entry, however
+    /// old), says it is absent, the NAS's word on that waits at most
+    /// `PATIENCE` (see `name_absent_here`), as for a lookup.
     fn creating<T>(&self, parent: u64, name: &OsStr, f: impl FnOnce() -> T) -> T {
-        let absent = self
-            .tables()
-            .listings
-            .get(&parent)
-            .is_some_and(|l| l.complete && !l.names.contains_key(name));
+        let absent = {
+            let t = self.tables();
+            match t.listings.get(&parent) {
+                Some(l) if l.complete => !l.names.contains_key(name),
+                _ => t.negatives.contains_key(&(parent, name.to_os_string())),
+            }
+        };
         if absent { name_absent_here(f) } else { f() }
     }
 

@@ -176,9 +176,13 @@ fn a_hung_nas_holds_up_what_the_cache_can_answer_for_a_second_not_timeo() {
     // hung NAS holding what the requests below need.
     let (mut m, sim, a) =
         setup("timeo=60,actimeo=1,writeback_delay=200ms,unmount_flush_timeout=5s");
-    // Whether `d` has a default ACL is asked at the first creation in it
-    // (that one waits for the NAS); then it is known.
+    // Made while the NAS answers (whether `d` has a default ACL is then
+    // known).
     std::fs::create_dir(m.m("d/first")).unwrap();
+    // Looked up, absent: then made while the NAS hangs, in a directory
+    // never listed or created into (its default ACL not asked yet).
+    assert_eq!(errno(&std::fs::metadata(m.m("d/sub/x"))), libc::ENOENT);
+    assert_eq!(errno(&std::fs::metadata(m.m("d/sub/y"))), libc::ENOENT);
     m.flush(None);
     sim.ctl("freeze");
     std::thread::sleep(Duration::from_millis(1200));
@@ -196,6 +200,8 @@ fn a_hung_nas_holds_up_what_the_cache_can_answer_for_a_second_not_timeo() {
     assert!(std::fs::metadata(m.m("d/first")).unwrap().is_dir());
     assert_eq!(errno(&std::fs::metadata(m.m("d/nothing"))), libc::ENOENT);
     std::fs::write(m.m("d/top"), b"top").unwrap();
+    assert_eq!(errno(&std::fs::metadata(m.m("d/sub/y"))), libc::ENOENT);
+    std::fs::write(m.m("d/sub/x"), b"x").unwrap();
     std::fs::create_dir(m.m("d/new")).unwrap();
     for i in 0..200 {
         std::fs::write(m.m(&format!("d/new/f{i}")), pattern(1000 + i, i as u8)).unwrap();
@@ -236,6 +242,7 @@ fn a_hung_nas_holds_up_what_the_cache_can_answer_for_a_second_not_timeo() {
         );
     }
     assert_eq!(std::fs::read(sim.backing.join("d/top")).unwrap(), b"top");
+    assert_eq!(std::fs::read(sim.backing.join("d/sub/x")).unwrap(), b"x");
     m.unmount();
     assert!(m.last_exit.unwrap().success());
 }

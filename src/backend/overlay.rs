@@ -1794,10 +1794,12 @@ impl<B: Backend> Overlay<B> {
             let acl = match known {
                 Some(a) => a,
                 None => {
-                    // Offline, taken as none, and asked again next time.
-                    let got = self
-                        .lower
-                        .getxattr(n, OsStr::new("system.posix_acl_default"));
+                    // Offline, or the NAS slow to answer: taken as none,
+                    // and asked again next time.
+                    let got = cache_can_answer(|| {
+                        self.lower
+                            .getxattr(n, OsStr::new("system.posix_acl_default"))
+                    });
                     let a = match got {
                         Ok(_) => true,
                         Err(e) if is_unreachable(&e) => return Some(self.no_acl(perm, gid, creds)),
