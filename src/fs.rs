@@ -22,7 +22,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::backend::bounded::{cache_can_answer, is_unreachable, name_absent_here};
+use crate::backend::bounded::{
+    cache_can_answer, is_unreachable, name_absent_here, name_known_absent,
+};
 use crate::backend::{
     Attr, BResult, Backend, BackendError, Creds, FileKind, OpenMode, RenameFlags, SetAttr, SetTime,
     StatFs, Validator,
@@ -1279,11 +1281,24 @@ impl<B: Backend> Core<B> {
         if let Some(i) = listed.and_then(|ino| t.inodes.get_mut(&ino)) {
             i.attr_until = Instant::now();
         }
-        if negative && !self.cfg.negative_timeout.is_zero() {
-            t.negatives
-                .insert(key, Instant::now() + self.cfg.negative_timeout);
+        if negative {
+            self.note_absent(t, key);
         }
         self.expire_attr(t, parent);
+    }
+
+    /// Notes that `key`'s name is absent: a negative entry, kept past its
+    /// time to live as the NAS's last word (see `lookup_in`), until the
+    /// name is seen again or there are too many.
+    fn note_absent(&self, t: &mut Tables<B>, key: (u64, OsString)) {
+        if self.cfg.negative_timeout.is_zero() {
+            return;
+        }
+        if t.negatives.len() > 100_000 {
+            t.negatives.clear();
+        }
+        t.negatives
+            .insert(key, Instant::now() + self.cfg.negative_timeout);
     }
 
     /// `name` in `parent`, which led to `ino` (a file with other links),
@@ -1469,9 +1484,9 @@ impl<B: Backend> Core<B> {
                         l.names.get(name).is_none_or(|i| t.inodes.contains_key(i))
                     }),
             };
-            (node, known, listed, answerable, absent_before)
+            (node, known, listed, answerable)
         };
-        let (dir_node, known, listed, answerable, absent_before) = dir_node;
+        let (dir_node, known, listed, answerable) = dir_node;
         let g0 = self.settle_gen();
         let ask = || {
             if answerable {
@@ -1508,7 +1523,8 @@ impl<B: Backend> Core<B> {
                     entry.entry_ttl = self.cfg.entry_timeout.min(OFFLINE_TTL);
                     return Ok(entry);
                 }
-                if in_listing == Some(None) || (absent_before && in_listing.is_none()) {
+                let absent = t.negatives.contains_key(&(parent, name.to_os_string()));
+                if in_listing == Some(None) || (absent && in_listing.is_none()) {
                     Stats::inc(&self.stats.offline_hits);
                     return Err(FsError::NotFound);
                 }
@@ -1521,13 +1537,7 @@ impl<B: Backend> Core<B> {
                     if let Some(l) = t.listings.get_mut(&parent) {
                         l.names.remove(name);
                     }
-                    if t.negatives.len() > 100_000 {
-                        t.negatives.clear();
-                    }
-                    t.negatives.insert(
-                        (parent, name.to_os_string()),
-                        Instant::now() + self.cfg.negative_timeout,
-                    );
+                    self.note_absent(&mut t, (parent, name.to_os_string()));
                 }
                 Err(e.into())
             }
@@ -2190,12 +2200,18 @@ impl<B: Backend> Core<B> {
             .get(&parent)
             .and_then(|i| i.default_acl);
         let has = known.unwrap_or_else(|| {
-            // Offline, or the NAS slow to answer: taken as none (the
-            // overlay does the same), and asked again next time.
-            let got = cache_can_answer(|| {
+            // Offline, or the NAS slow to answer where the name is known
+            // absent (the creation does not wait for it then): taken as
+            // none (the overlay does the same), and asked again next time.
+            let ask = || {
                 self.backend
                     .getxattr(dir, OsStr::new("system.posix_acl_default"))
-            });
+            };
+            let got = if name_known_absent() {
+                cache_can_answer(ask)
+            } else {
+                ask()
+            };
             if got.as_ref().is_err_and(is_unreachable) {
                 return false;
             }
@@ -2221,8 +2237,8 @@ impl<B: Backend> Core<B> {
         creds: Creds,
     ) -> FsResult<Entry> {
         let dir = self.parent_node(parent)?;
-        let mode = self.creation_mode(parent, &dir, mode, creds);
         let (node, attr) = self.creating(parent, name, || {
+            let mode = self.creation_mode(parent, &dir, mode, creds);
             self.backend.mknod(&dir, name, mode, rdev, creds)
         })?;
         self.added_name(parent);
@@ -2231,9 +2247,10 @@ impl<B: Backend> Core<B> {
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, creds: Creds) -> FsResult<Entry> {
         let dir = self.parent_node(parent)?;
-        let mode = self.creation_mode(parent, &dir, mode, creds);
-        let (node, attr) =
-            self.creating(parent, name, || self.backend.mkdir(&dir, name, mode, creds))?;
+        let (node, attr) = self.creating(parent, name, || {
+            let mode = self.creation_mode(parent, &dir, mode, creds);
+            self.backend.mkdir(&dir, name, mode, creds)
+        })?;
         let ino = self.fuse_ino(attr.ino);
         {
             let mut t = self.tables();
@@ -2620,6 +2637,7 @@ impl<B: Backend> Core<B> {
         t.names.insert((newparent, newname.to_os_string()), src);
         if let Some(l) = t.listings.get_mut(&newparent) {
             l.names.insert(newname.to_os_string(), src);
+            l.kinds.insert(src, FileKind::File);
         }
         let now = Instant::now();
         if let Some(i) = t.inodes.get_mut(&src) {
@@ -3055,8 +3073,14 @@ impl<B: Backend> Core<B> {
             let Some(ino) = ino else { return };
             t.negatives.remove(key);
             t.names.insert(key.clone(), ino);
+            let kind = t.inodes.get(&ino).map(|i| i.kind);
             if let Some(l) = t.listings.get_mut(&key.0) {
                 l.names.insert(key.1.clone(), ino);
+                // (Moved from another directory: its kind, for a listing
+                // served from the cache once the kernel forgets it.)
+                if let Some(k) = kind {
+                    l.kinds.insert(ino, k);
+                }
             }
             if let Some(i) = t.inodes.get_mut(&ino) {
                 i.parent = key.0;
@@ -3299,10 +3323,10 @@ impl<B: Backend> Core<B> {
         creds: Creds,
     ) -> FsResult<(Entry, Opened)> {
         let dir = self.parent_node(parent)?;
-        let mode = self.creation_mode(parent, &dir, mode, creds);
         let omode = open_mode(flags);
         let exclusive = flags & libc::O_EXCL != 0;
         let (node, attr, file) = self.creating(parent, name, || {
+            let mode = self.creation_mode(parent, &dir, mode, creds);
             self.backend
                 .create(&dir, name, mode, omode, exclusive, creds)
         })?;
@@ -3673,6 +3697,7 @@ impl<B: Backend> Core<B> {
             t.inodes.get(&ino).map(|i| i.parent).unwrap_or(ROOT)
         };
         let gen_before = self.tables().names_gen;
+        let read_at = Instant::now();
         let mut listing = self.backend.readdir(&node)?;
         // The order list_cached serves (see kernel_listing_current), and
         // the order names are handed out in: those looked up below, for
@@ -3869,6 +3894,15 @@ impl<B: Backend> Core<B> {
             .map_or(self.cfg.entry_timeout, |i| self.entry_ttl(&i.attr));
         // A name removed while the NAS was being read may be in it.
         let complete = t.names_gen == gen_before;
+        // Negative entries older than this listing are wrong about the
+        // names in it (kept, they would answer for the NAS if it hangs).
+        let noted_before = read_at + self.cfg.negative_timeout;
+        for name in names.keys() {
+            let key = (ino, name.clone());
+            if t.negatives.get(&key).is_some_and(|u| *u <= noted_before) {
+                t.negatives.remove(&key);
+            }
+        }
         t.listings.insert(
             ino,
             Listing {

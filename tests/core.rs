@@ -303,3 +303,66 @@ fn a_readdirplus_after_a_plain_readdir_gives_each_entry_its_own_attributes() {
     let f3 = core.lookup(ROOT, OsStr::new("f3")).unwrap().attr.ino;
     assert_eq!(core.getattr(f3, None).unwrap().0.size, 3);
 }
+
+/// A name found absent, then seen in a listing (another client made it),
+/// is not answered absent by the old negative entry when the NAS hangs,
+/// even where that listing was not kept whole (a removal while it was
+/// read): the NAS may have it, so EIO once offline, never ENOENT.
+#[test]
+fn a_name_listed_since_it_was_found_absent_is_not_absent_while_the_nas_hangs() {
+    use nassync::backend::bounded::BoundedBackend;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("s")).unwrap();
+    std::fs::write(dir.path().join("junk"), "x").unwrap();
+    let stats = Arc::new(Stats::default());
+    let inner = Instrumented::new(DirBackend::new(dir.path()).unwrap(), stats.clone());
+    let faults = inner.faults();
+    let backend = BoundedBackend::new(inner, Duration::from_secs(3), stats.clone());
+    let ttl = Duration::from_millis(100);
+    let cfg = FsConfig {
+        attr_timeout: ttl,
+        attr_timeout_max: ttl,
+        entry_timeout: ttl,
+        entry_timeout_max: ttl,
+        negative_timeout: ttl,
+        readahead: 0,
+        uid: None,
+        gid: None,
+        umask: None,
+    };
+    let data = DataCache::new(8 << 20, None, 64 << 10, 0, stats.clone());
+    let core = Arc::new(Core::new(Arc::new(backend), cfg, data, stats).unwrap());
+    let s = core.lookup(ROOT, OsStr::new("s")).unwrap().attr.ino;
+    core.lookup(ROOT, OsStr::new("junk")).unwrap();
+    let errno = |r: Result<nassync::fs::Entry, nassync::error::FsError>| r.unwrap_err().errno();
+    assert_eq!(errno(core.lookup(s, OsStr::new("x"))), libc::ENOENT);
+    std::fs::write(dir.path().join("s/x"), "made elsewhere").unwrap();
+    std::thread::sleep(2 * ttl);
+
+    // Listed while a removal elsewhere makes the listing incomplete.
+    faults.set(Fault::Stall, Some("readdir"));
+    let c2 = core.clone();
+    let lister = std::thread::spawn(move || {
+        let fh = c2.opendir(s).unwrap().fh;
+        let mut names = Vec::new();
+        c2.readdir(fh, 0, false, &mut |e| {
+            names.push(e.name.to_string_lossy().into_owned());
+            false
+        })
+        .unwrap();
+        c2.releasedir(fh).unwrap();
+        names
+    });
+    while faults.stalled() == 0 {
+        std::thread::yield_now();
+    }
+    core.unlink(ROOT, OsStr::new("junk")).unwrap();
+    faults.set(Fault::None, None);
+    assert!(lister.join().unwrap().contains(&"x".to_string()));
+    std::thread::sleep(2 * ttl);
+
+    faults.set(Fault::Stall, None);
+    let r = core.lookup(s, OsStr::new("x"));
+    faults.set(Fault::None, None);
+    assert_eq!(errno(r), libc::EIO);
+}

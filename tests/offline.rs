@@ -85,6 +85,8 @@ fn a_hung_nas_is_worked_around_and_caught_up_with() {
     let (mut m, sim, mut a) =
         setup("timeo=1,actimeo=1,writeback_delay=1h,unmount_flush_timeout=5s");
     assert!(m.status().lines().any(|l| l == "nas online"));
+    // In a directory not listed: known absent by its last lookup only.
+    assert_eq!(errno(&std::fs::metadata(m.m("d/sub/none"))), libc::ENOENT);
     sim.ctl("freeze");
     // Let every cached attribute and listing expire: what follows needs
     // the NAS, which does not answer.
@@ -106,6 +108,9 @@ fn a_hung_nas_is_worked_around_and_caught_up_with() {
     nix::sys::statvfs::statvfs(&m.mnt).expect("df while offline");
     // A name the complete listing does not have is known to be absent.
     assert_eq!(errno(&std::fs::metadata(m.m("d/nothing"))), libc::ENOENT);
+    assert_eq!(errno(&std::fs::metadata(m.m("d/sub/none"))), libc::ENOENT);
+    // One never looked up there: EIO, as the NAS may have it.
+    assert_eq!(errno(&std::fs::metadata(m.m("d/sub/other"))), libc::EIO);
     assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
 
     // Data that is not cached: EIO, promptly.

@@ -1794,12 +1794,18 @@ impl<B: Backend> Overlay<B> {
             let acl = match known {
                 Some(a) => a,
                 None => {
-                    // Offline, or the NAS slow to answer: taken as none,
-                    // and asked again next time.
-                    let got = cache_can_answer(|| {
+                    // Offline, or the NAS slow to answer where the name is
+                    // known absent (`name_absent_here`): taken as none, and
+                    // asked again next time.
+                    let ask = || {
                         self.lower
                             .getxattr(n, OsStr::new("system.posix_acl_default"))
-                    });
+                    };
+                    let got = if name_known_absent() {
+                        cache_can_answer(ask)
+                    } else {
+                        ask()
+                    };
                     let a = match got {
                         Ok(_) => true,
                         Err(e) if is_unreachable(&e) => return Some(self.no_acl(perm, gid, creds)),
