@@ -1221,8 +1221,8 @@ fn into_new_directory(remount: bool) {
 }
 
 /// Offline, a NAS file renamed into a directory made here can be renamed
-/// on (the rename still to make goes there instead, when it is the last
-/// change) or removed (the rename becomes its removal): the NAS ends as
+/// on (the rename still to make goes there instead, unless a change
+/// after it depends on where it goes) or removed (the rename becomes its removal): the NAS ends as
 /// if it had been done there, the file renamed, never copied.
 #[test]
 fn what_was_renamed_into_a_new_directory_offline_can_be_moved_on_or_removed() {
@@ -1283,13 +1283,18 @@ fn moved_on_or_removed(remount: bool) {
         std::fs::read_link(m.m("r/link")).unwrap(),
         Path::new("gone.txt")
     );
-    // Renamed on when it is not the last change kept: needs the NAS.
+    // Renamed on when other changes were kept after it: the same.
     std::fs::rename(m.m("r/tree/x"), m.m("r/new3/x")).unwrap();
     std::fs::rename(m.m("r/tree/sub/y"), m.m("r/new3/y")).unwrap();
+    std::fs::rename(m.m("r/new3/x"), m.m("r/new3/x2")).unwrap();
+    std::fs::rename(m.m("r/new3/y"), m.m("r/new3/y2")).unwrap();
+    // Not once a directory was renamed after it: that needs the NAS.
+    std::fs::rename(m.m("r/dir"), m.m("r/dir2")).unwrap();
     assert_eq!(
-        errno(&std::fs::rename(m.m("r/new3/x"), m.m("r/new3/x2"))),
+        errno(&std::fs::rename(m.m("r/new3/x2"), m.m("r/new3/x3"))),
         libc::EIO
     );
+    assert_eq!(names(&m.m("r/new3")), ["x2", "y2"]);
     assert!(nas("r/gone.txt").exists() && nas("r/edited.txt").exists());
     nas_back(&mut m, &sim, remount);
     m.flush(None);
@@ -1305,7 +1310,12 @@ fn moved_on_or_removed(remount: bool) {
         std::fs::read_link(nas("r/link")).unwrap(),
         Path::new("gone.txt")
     );
-    assert_eq!(names(&nas("r/new3")), ["x", "y"]);
+    assert_eq!(names(&nas("r/new3")), ["x2", "y2"]);
+    assert_eq!(
+        std::fs::read_to_string(nas("r/new3/x2")).unwrap(),
+        "r/tree/x on the NAS"
+    );
+    assert!(nas("r/dir2").is_dir() && !nas("r/dir").exists());
     assert_eq!(names(&nas("r/new2")), ["s"]);
     assert_eq!(std::fs::read_to_string(nas("r/new2/s")).unwrap(), "a save");
     assert_eq!(

@@ -3023,6 +3023,22 @@ impl<B: Backend> Overlay<B> {
         (!t.link && t.dir.is_none() && ours).then_some(pos)
     }
 
+    /// Whether the rename still to make at `pos` (of a file, not a
+    /// directory) can go to `name` in `dir` instead, or be undone, in its
+    /// place in the queue: the changes after it must not depend on where
+    /// it goes. None of them renames a directory (the paths it was
+    /// given as the NAS would have them then, are those of now), or
+    /// takes, frees or fills that name (the NAS would have the name
+    /// taken, or free, at the wrong time).
+    fn settled_after(st: &State<B>, pos: usize, dir: u64, name: &OsStr) -> bool {
+        let at = |d: u64, n: &OsStr| d == dir && n == name;
+        st.removals.iter().skip(pos + 1).all(|r| {
+            let moves_dir = r.kind == FileKind::Dir && r.to.as_ref().is_some_and(|t| !t.link);
+            let fills = r.to.as_ref().is_some_and(|t| at(t.dir_ino, &t.name));
+            !moves_dir && !fills && !at(r.dir_ino, &r.name)
+        })
+    }
+
     /// `rm` of a NAS object renamed here into a directory made here, before
     /// the rename reached the NAS: the rename becomes the removal of the
     /// object where it is on the NAS (the same row, in its place: the
@@ -3071,9 +3087,9 @@ impl<B: Backend> Overlay<B> {
 
     /// `mv` of a NAS object renamed here into a directory made here, before
     /// that rename reached the NAS: the rename goes to the new name
-    /// instead, when it is the last change (none after it may rely on its
-    /// target), the new name is free and the new directory is one the
-    /// first rename could go to.
+    /// instead, when no change after it relies on where it goes
+    /// (`settled_after`), the new name is free and the new directory is
+    /// one the first rename could go to.
     fn move_moved_in(
         &self,
         (dir, name): (&ONode<B::Node>, &OsStr),
@@ -3088,12 +3104,13 @@ impl<B: Backend> Overlay<B> {
             return Err(err(op, libc::EIO));
         };
         // (A directory's rows followed it there: the NAS way.)
-        if pos + 1 != st.removals.len()
+        if !Self::settled_after(&st, pos, newdir.ino, newname)
             || is_hidden(newname)
             || st.removals[pos].kind == FileKind::Dir
         {
             return Err(err(op, libc::EIO));
         }
+        let row = st.removals[pos].id;
         // A new object there: the NAS way. (A NAS object there: the
         // caller vouched that there is none.)
         if st
@@ -3135,10 +3152,15 @@ impl<B: Backend> Overlay<B> {
             return Err(err(op, libc::EIO));
         }
         let mut st = self.st();
-        // Still the last, and still that row.
-        if st.removals.len() != pos + 1 || Self::moved_in_row(&st, dir, name, node) != Some(pos) {
-            return Err(err(op, libc::EIO));
-        }
+        // Still that row, and still nothing after it in the way.
+        let pos = match Self::moved_in_row(&st, dir, name, node) {
+            Some(p)
+                if st.removals[p].id == row && Self::settled_after(&st, p, newdir.ino, newname) =>
+            {
+                p
+            }
+            _ => return Err(err(op, libc::EIO)),
+        };
         let id = st.removals[pos].id;
         let was = st.removals[pos].was;
         self.journal
