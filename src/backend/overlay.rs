@@ -3741,9 +3741,11 @@ impl<B: Backend> Overlay<B> {
             }
             self.persist(&st, p)?;
         }
-        let creds = Creds {
-            uid: attr.uid,
-            gid: attr.gid,
+        // Its owner as of when it is made (taken again under the lock
+        // that a setattr of it waits for: a chown may come in between).
+        let creds_of = |a: &Attr| Creds {
+            uid: a.uid,
+            gid: a.gid,
             umask: 0,
         };
         let mut kept = name.clone();
@@ -3756,6 +3758,7 @@ impl<B: Backend> Overlay<B> {
                 _content_guard = c.lock.write().unwrap_or_else(|e| e.into_inner());
                 // As of now: writes and setattr wait for the content lock.
                 let attr = self.attr_now(p, attr);
+                let creds = creds_of(&attr);
                 let upper = File::open(self.journal.upper_path(p)).map_err(io(op))?;
                 let tmp = hidden_name(p);
                 let rw = OpenMode {
@@ -3849,6 +3852,7 @@ impl<B: Backend> Overlay<B> {
                 }
                 // As of now: setattr of a local object waits for `window`.
                 attr = self.attr_now(p, attr);
+                let creds = creds_of(&attr);
                 let made = self
                     .lower
                     .mkdir(&dir, &name, (attr.perm & 0o777) as u32 | 0o700, creds);
@@ -3856,8 +3860,12 @@ impl<B: Backend> Overlay<B> {
                     Ok(x) => x,
                     Err(e) if e.raw_errno() == libc::EEXIST => match self.lower.lookup(&dir, &name)
                     {
-                        // Created before a crash: this one.
-                        Ok((n, a)) if applying && a.kind == FileKind::Dir => (n, a),
+                        // Created by an attempt cut short (a crash, the
+                        // NAS gone before its chown): this one.
+                        Ok((n, a)) if applying && a.kind == FileKind::Dir => {
+                            let a = self.owned_as(&n, a, &attr)?;
+                            (n, a)
+                        }
                         _ => {
                             let (cname, n, a) = self.conflict_create(&dir, &name, |cn| {
                                 self.lower.mkdir(
@@ -3891,6 +3899,7 @@ impl<B: Backend> Overlay<B> {
                 }
                 // As of now: setattr of a local object waits for `window`.
                 attr = self.attr_now(p, attr);
+                let creds = creds_of(&attr);
                 let t = target.clone().unwrap_or_default();
                 match self.lower.symlink(&dir, &name, &t, creds) {
                     Ok(x) => x,
@@ -3904,7 +3913,9 @@ impl<B: Backend> Overlay<B> {
                                 .and_then(|(n, _)| self.lower.readlink(&n).ok())
                                 .is_some_and(|x| x == t);
                         if same {
-                            self.lower.lookup(&dir, &name)?
+                            let (n, a) = self.lower.lookup(&dir, &name)?;
+                            let a = self.owned_as(&n, a, &attr)?;
+                            (n, a)
                         } else {
                             let (cname, n, a) = self.conflict_create(&dir, &name, |cn| {
                                 self.lower.symlink(&dir, cn, &t, creds)
@@ -3923,17 +3934,21 @@ impl<B: Backend> Overlay<B> {
                     FileKind::CharDev => libc::S_IFCHR,
                     _ => libc::S_IFBLK,
                 };
-                let mode = fmt | attr.perm as u32;
                 _w = self.window.write().unwrap_or_else(|e| e.into_inner());
                 if !self.still_here(p) {
                     return Err(err(op, libc::EAGAIN));
                 }
                 attr = self.attr_now(p, attr);
+                let creds = creds_of(&attr);
+                let mode = fmt | attr.perm as u32;
                 match self.lower.mknod(&dir, &name, mode, attr.rdev, creds) {
                     Ok(x) => x,
                     Err(e) if e.raw_errno() == libc::EEXIST => {
                         match self.lower.lookup(&dir, &name) {
-                            Ok((n, a)) if applying && a.kind == k => (n, a),
+                            Ok((n, a)) if applying && a.kind == k => {
+                                let a = self.owned_as(&n, a, &attr)?;
+                                (n, a)
+                            }
                             _ => {
                                 let (cname, n, a) = self.conflict_create(&dir, &name, |cn| {
                                     self.lower.mknod(&dir, cn, mode, attr.rdev, creds)
@@ -3976,6 +3991,22 @@ impl<B: Backend> Overlay<B> {
             }
         };
         self.finish(p, node, nas_attr, &kept, attr.ctime, &[])
+    }
+
+    /// NAS object `n` (attributes `a`), made by an earlier attempt at
+    /// creating local object `attr`, given its owner: that attempt may
+    /// have made it as the daemon and been cut short before the chown
+    /// (see `DirBackend::create_as`).
+    fn owned_as(&self, n: &B::Node, a: Attr, attr: &Attr) -> BResult<Attr> {
+        if (a.uid, a.gid) == (attr.uid, attr.gid) {
+            return Ok(a);
+        }
+        let chown = SetAttr {
+            uid: Some(attr.uid),
+            gid: Some(attr.gid),
+            ..SetAttr::default()
+        };
+        self.lower.setattr(n, None, &chown)
     }
 
     /// The further names of local file `p`: (link, name, NAS directory).
