@@ -3152,7 +3152,19 @@ impl<B: Backend> Overlay<B> {
             return Err(err(op, libc::EIO));
         }
         let mut st = self.st();
-        // Still that row, and still nothing after it in the way.
+        // Still that row, and still nothing after it in the way; the new
+        // name still free and its directory where it was.
+        let free = !st
+            .children
+            .get(&newdir.ino)
+            .is_some_and(|m| m.contains_key(newname))
+            && !matches!(
+                Self::pending_at(&st, newdir.ino, newname),
+                AtName::MovedIn(_)
+            );
+        if !free || Self::dir_path(&st, newdir.ino).as_ref() != Some(&newdir_path) {
+            return Err(err(op, libc::EIO));
+        }
         let pos = match Self::moved_in_row(&st, dir, name, node) {
             Some(p)
                 if st.removals[p].id == row && Self::settled_after(&st, p, newdir.ino, newname) =>
@@ -3863,7 +3875,7 @@ impl<B: Backend> Overlay<B> {
                         // Created by an attempt cut short (a crash, the
                         // NAS gone before its chown): this one.
                         Ok((n, a)) if applying && a.kind == FileKind::Dir => {
-                            let a = self.owned_as(&n, a, &attr)?;
+                            let a = self.owned_as((&dir, parent, &name), &n, a, &attr)?;
                             (n, a)
                         }
                         _ => {
@@ -3914,7 +3926,7 @@ impl<B: Backend> Overlay<B> {
                                 .is_some_and(|x| x == t);
                         if same {
                             let (n, a) = self.lower.lookup(&dir, &name)?;
-                            let a = self.owned_as(&n, a, &attr)?;
+                            let a = self.owned_as((&dir, parent, &name), &n, a, &attr)?;
                             (n, a)
                         } else {
                             let (cname, n, a) = self.conflict_create(&dir, &name, |cn| {
@@ -3946,7 +3958,7 @@ impl<B: Backend> Overlay<B> {
                     Err(e) if e.raw_errno() == libc::EEXIST => {
                         match self.lower.lookup(&dir, &name) {
                             Ok((n, a)) if applying && a.kind == k => {
-                                let a = self.owned_as(&n, a, &attr)?;
+                                let a = self.owned_as((&dir, parent, &name), &n, a, &attr)?;
                                 (n, a)
                             }
                             _ => {
@@ -3993,20 +4005,47 @@ impl<B: Backend> Overlay<B> {
         self.finish(p, node, nas_attr, &kept, attr.ctime, &[])
     }
 
-    /// NAS object `n` (attributes `a`), made by an earlier attempt at
-    /// creating local object `attr`, given its owner: that attempt may
-    /// have made it as the daemon and been cut short before the chown
-    /// (see `DirBackend::create_as`).
-    fn owned_as(&self, n: &B::Node, a: Attr, attr: &Attr) -> BResult<Attr> {
-        if (a.uid, a.gid) == (attr.uid, attr.gid) {
+    /// NAS object `n` (attributes `a`), found at `name` in `dir` and
+    /// taken as made by an earlier attempt at creating local object
+    /// `attr`, given its owner if that attempt left it the daemon's: it
+    /// may have made it as the daemon and been cut short before the
+    /// chown (see `DirBackend::create_as`). Only then: another client's
+    /// object found there is not given away. The group is left to a
+    /// set-group-ID directory, as a creation leaves it. A chown the NAS
+    /// refuses is dropped, a conflict, as for any owner set here.
+    fn owned_as(
+        &self,
+        (dir, parent, name): (&B::Node, u64, &OsStr),
+        n: &B::Node,
+        a: Attr,
+        attr: &Attr,
+    ) -> BResult<Attr> {
+        let daemon = nix::unistd::geteuid().as_raw();
+        if a.uid != daemon || attr.uid == daemon {
             return Ok(a);
         }
+        let setgid = self.lower.getattr(dir)?.perm & libc::S_ISGID as u16 != 0;
         let chown = SetAttr {
             uid: Some(attr.uid),
-            gid: Some(attr.gid),
+            gid: (!setgid).then_some(attr.gid),
             ..SetAttr::default()
         };
-        self.lower.setattr(n, None, &chown)
+        match self.lower.setattr(n, None, &chown) {
+            Ok(a) => Ok(a),
+            Err(e) if is_unreachable(&e) => Err(e),
+            Err(e) => {
+                let path = join_path(
+                    &Self::dir_path(&self.st(), parent).unwrap_or_default(),
+                    name,
+                );
+                self.note_conflict(
+                    &path,
+                    &path,
+                    &format!("the NAS refused its owner ({e}); it keeps the NAS's"),
+                );
+                Ok(a)
+            }
+        }
     }
 
     /// The further names of local file `p`: (link, name, NAS directory).
