@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::backend::bounded::{
-    cache_can_answer, is_unreachable, name_absent_here, name_known_absent,
+    cache_can_answer, is_unreachable, name_absent_here, where_name_known_absent,
 };
 use crate::backend::{
     Attr, BResult, Backend, BackendError, Creds, FileKind, OpenMode, RenameFlags, SetAttr, SetTime,
@@ -2203,15 +2203,10 @@ impl<B: Backend> Core<B> {
             // Offline, or the NAS slow to answer where the name is known
             // absent (the creation does not wait for it then): taken as
             // none (the overlay does the same), and asked again next time.
-            let ask = || {
+            let got = where_name_known_absent(|| {
                 self.backend
                     .getxattr(dir, OsStr::new("system.posix_acl_default"))
-            };
-            let got = if name_known_absent() {
-                cache_can_answer(ask)
-            } else {
-                ask()
-            };
+            });
             if got.as_ref().is_err_and(is_unreachable) {
                 return false;
             }
@@ -3897,7 +3892,9 @@ impl<B: Backend> Core<B> {
         // Negative entries older than this listing are wrong about the
         // names in it (kept, they would answer for the NAS if it hangs).
         let noted_before = read_at + self.cfg.negative_timeout;
-        for name in names.keys() {
+        // (Most listings meet none: no key is built for each name then.)
+        let any = !t.negatives.is_empty();
+        for name in names.keys().filter(|_| any) {
             let key = (ino, name.clone());
             if t.negatives.get(&key).is_some_and(|u| *u <= noted_before) {
                 t.negatives.remove(&key);

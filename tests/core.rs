@@ -35,7 +35,15 @@ fn core_with(
     let backend = Instrumented::new(DirBackend::new(dir).unwrap(), stats.clone());
     let faults = backend.faults();
     let data = DataCache::new(8 << 20, None, 64 << 10, 0, stats.clone());
-    let cfg = FsConfig {
+    (
+        Arc::new(Core::new(Arc::new(backend), config(ttl), data, stats).unwrap()),
+        faults,
+    )
+}
+
+/// Attributes, entries and negative entries cached for `ttl`.
+fn config(ttl: Duration) -> FsConfig {
+    FsConfig {
         attr_timeout: ttl,
         attr_timeout_max: ttl,
         entry_timeout: ttl,
@@ -45,11 +53,7 @@ fn core_with(
         uid: None,
         gid: None,
         umask: None,
-    };
-    (
-        Arc::new(Core::new(Arc::new(backend), cfg, data, stats).unwrap()),
-        faults,
-    )
+    }
 }
 
 const ROOT_CREDS: Creds = Creds {
@@ -319,19 +323,8 @@ fn a_name_listed_since_it_was_found_absent_is_not_absent_while_the_nas_hangs() {
     let faults = inner.faults();
     let backend = BoundedBackend::new(inner, Duration::from_secs(3), stats.clone());
     let ttl = Duration::from_millis(100);
-    let cfg = FsConfig {
-        attr_timeout: ttl,
-        attr_timeout_max: ttl,
-        entry_timeout: ttl,
-        entry_timeout_max: ttl,
-        negative_timeout: ttl,
-        readahead: 0,
-        uid: None,
-        gid: None,
-        umask: None,
-    };
     let data = DataCache::new(8 << 20, None, 64 << 10, 0, stats.clone());
-    let core = Arc::new(Core::new(Arc::new(backend), cfg, data, stats).unwrap());
+    let core = Arc::new(Core::new(Arc::new(backend), config(ttl), data, stats).unwrap());
     let s = core.lookup(ROOT, OsStr::new("s")).unwrap().attr.ino;
     core.lookup(ROOT, OsStr::new("junk")).unwrap();
     let errno = |r: Result<nassync::fs::Entry, nassync::error::FsError>| r.unwrap_err().errno();

@@ -77,6 +77,17 @@ pub fn name_known_absent() -> bool {
     NAME_ABSENT.with(|c| c.get())
 }
 
+/// Runs `f`, a question a creation asks the NAS, inside
+/// [`cache_can_answer`] where the name is known absent
+/// ([`name_known_absent`]): the creation then does not wait for the NAS.
+pub fn where_name_known_absent<T>(f: impl FnOnce() -> T) -> T {
+    if name_known_absent() {
+        cache_can_answer(f)
+    } else {
+        f()
+    }
+}
+
 fn with_flag<T>(flag: &'static std::thread::LocalKey<Cell<bool>>, f: impl FnOnce() -> T) -> T {
     struct Reset(&'static std::thread::LocalKey<Cell<bool>>, bool);
     impl Drop for Reset {

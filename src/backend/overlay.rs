@@ -57,7 +57,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::bounded::{cache_can_answer, is_unreachable, name_known_absent, unreachable};
+use super::bounded::{is_unreachable, unreachable, where_name_known_absent};
 use super::{
     Attr, BResult, Backend, BackendError, Creds, DirEntry, FileKind, OpenMode, RenameFlags,
     SetAttr, SetTime, StatFs, Validator,
@@ -1797,15 +1797,10 @@ impl<B: Backend> Overlay<B> {
                     // Offline, or the NAS slow to answer where the name is
                     // known absent (`name_absent_here`): taken as none, and
                     // asked again next time.
-                    let ask = || {
+                    let got = where_name_known_absent(|| {
                         self.lower
                             .getxattr(n, OsStr::new("system.posix_acl_default"))
-                    };
-                    let got = if name_known_absent() {
-                        cache_can_answer(ask)
-                    } else {
-                        ask()
-                    };
+                    });
                     let a = match got {
                         Ok(_) => true,
                         Err(e) if is_unreachable(&e) => return Some(self.no_acl(perm, gid, creds)),
@@ -1877,12 +1872,7 @@ impl<B: Backend> Overlay<B> {
                 }
                 // Where the core's listing says the name is absent, as
                 // offline if the NAS is slow to answer (`name_absent_here`).
-                let ask = || self.lower.lookup(n, name);
-                let got = if name_known_absent() {
-                    cache_can_answer(ask)
-                } else {
-                    ask()
-                };
+                let got = where_name_known_absent(|| self.lower.lookup(n, name));
                 match got {
                     Ok(_) => return Err(err(op, libc::EEXIST)),
                     Err(e) if e.raw_errno() == libc::ENOENT => {}
@@ -3039,6 +3029,13 @@ impl<B: Backend> Overlay<B> {
         })
     }
 
+    /// Whether `name` in `dir` holds a new object, or a NAS object renamed
+    /// there, not on the NAS yet.
+    fn taken_here(st: &State<B>, dir: u64, name: &OsStr) -> bool {
+        st.children.get(&dir).is_some_and(|m| m.contains_key(name))
+            || matches!(Self::pending_at(st, dir, name), AtName::MovedIn(_))
+    }
+
     /// `rm` of a NAS object renamed here into a directory made here, before
     /// the rename reached the NAS: the rename becomes the removal of the
     /// object where it is on the NAS (the same row, in its place: the
@@ -3111,13 +3108,9 @@ impl<B: Backend> Overlay<B> {
             return Err(err(op, libc::EIO));
         }
         let row = st.removals[pos].id;
-        // A new object there: the NAS way. (A NAS object there: the
-        // caller vouched that there is none.)
-        if st
-            .children
-            .get(&newdir.ino)
-            .is_some_and(|m| m.contains_key(newname))
-        {
+        // A new object there, or one renamed there: the NAS way. (A NAS
+        // object there: the caller vouched that there is none.)
+        if Self::taken_here(&st, newdir.ino, newname) {
             return Err(err(op, libc::EIO));
         }
         let (src_dir, kind) = (st.removals[pos].dir.clone(), st.removals[pos].kind);
@@ -3135,11 +3128,7 @@ impl<B: Backend> Overlay<B> {
             return Ok(());
         }
         let new_dir_ok = nd.is_some() || Self::is_new_dir(&st, newdir.ino);
-        let moved_there = matches!(
-            Self::pending_at(&st, newdir.ino, newname),
-            AtName::MovedIn(_)
-        );
-        if moved_there || !new_dir_ok || kind == FileKind::Dir {
+        if !new_dir_ok || kind == FileKind::Dir {
             return Err(err(op, libc::EIO));
         }
         let Some(newdir_path) = Self::dir_path(&st, newdir.ino) else {
@@ -3154,15 +3143,9 @@ impl<B: Backend> Overlay<B> {
         let mut st = self.st();
         // Still that row, and still nothing after it in the way; the new
         // name still free and its directory where it was.
-        let free = !st
-            .children
-            .get(&newdir.ino)
-            .is_some_and(|m| m.contains_key(newname))
-            && !matches!(
-                Self::pending_at(&st, newdir.ino, newname),
-                AtName::MovedIn(_)
-            );
-        if !free || Self::dir_path(&st, newdir.ino).as_ref() != Some(&newdir_path) {
+        if Self::taken_here(&st, newdir.ino, newname)
+            || Self::dir_path(&st, newdir.ino).as_ref() != Some(&newdir_path)
+        {
             return Err(err(op, libc::EIO));
         }
         let pos = match Self::moved_in_row(&st, dir, name, node) {
