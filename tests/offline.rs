@@ -1327,6 +1327,81 @@ fn moved_on_or_removed(remount: bool) {
     );
 }
 
+/// A file renamed into a new directory is not renamed on into a new
+/// directory made at a name freed after the first rename (a NAS file or
+/// directory removed): made in the first rename's place among the
+/// changes, that directory would meet the NAS object still there. The
+/// NAS ends as the mount showed, with no conflict.
+#[test]
+fn a_file_renamed_into_a_new_directory_is_not_moved_into_one_at_a_name_freed_since() {
+    moved_into_a_freed_name(false);
+}
+
+#[test]
+fn a_file_renamed_into_a_new_directory_is_not_moved_into_one_at_a_name_freed_since_unmount() {
+    moved_into_a_freed_name(true);
+}
+
+fn moved_into_a_freed_name(remount: bool) {
+    let _caches = kernel_caches(false);
+    let (mut m, sim) =
+        removal_setup("timeo=30,actimeo=1,writeback_delay=1h,unmount_flush_timeout=1s");
+    let nas = |p: &str| sim.backing.join(p);
+    go_offline(&m, &sim);
+    std::fs::create_dir(m.m("r/tmp")).unwrap();
+    std::fs::rename(m.m("r/gone.txt"), m.m("r/tmp/a")).unwrap();
+    std::fs::rename(m.m("r/again.txt"), m.m("r/tmp/b")).unwrap();
+    // A NAS directory, then a NAS file, removed and made again as new
+    // directories (the second one under a new directory).
+    std::fs::remove_dir(m.m("r/grown")).unwrap();
+    std::fs::create_dir(m.m("r/grown")).unwrap();
+    std::fs::remove_file(m.m("r/edited.txt")).unwrap();
+    std::fs::create_dir_all(m.m("r/edited.txt/deeper")).unwrap();
+    for to in ["r/grown/a", "r/edited.txt/a", "r/edited.txt/deeper/a"] {
+        assert_eq!(
+            errno(&std::fs::rename(m.m("r/tmp/a"), m.m(to))),
+            libc::EIO,
+            "{to}"
+        );
+    }
+    // A new directory whose name nothing after the rename touched: fine.
+    std::fs::create_dir(m.m("r/new")).unwrap();
+    std::fs::rename(m.m("r/tmp/b"), m.m("r/new/b")).unwrap();
+    nas_back(&mut m, &sim, remount);
+    m.flush(None);
+    assert_eq!(names(&nas("r/tmp")), ["a"]);
+    assert_eq!(
+        std::fs::read_to_string(nas("r/tmp/a")).unwrap(),
+        "r/gone.txt on the NAS"
+    );
+    assert_eq!(
+        std::fs::read_to_string(nas("r/new/b")).unwrap(),
+        "r/again.txt on the NAS"
+    );
+    assert_eq!(names(&nas("r/grown")), Vec::<String>::new());
+    assert_eq!(names(&nas("r/edited.txt")), ["deeper"]);
+    assert_eq!(
+        names(&nas("r")),
+        [
+            "dir",
+            "edited.txt",
+            "grown",
+            "link",
+            "new",
+            "pending.txt",
+            "tmp",
+            "tree"
+        ]
+    );
+    assert_eq!(
+        m.status_value("conflicts"),
+        0,
+        "{}\n{}",
+        m.status(),
+        m.log()
+    );
+}
+
 /// `rm a; mv b a` offline, and another client removes b meanwhile: the
 /// removal of a is made (the rename, whose object is gone, is the
 /// conflict). Only a removal made for a rename over it (`mv b a` over a

@@ -3018,10 +3018,21 @@ impl<B: Backend> Overlay<B> {
     /// place in the queue: the changes after it must not depend on where
     /// it goes. None of them renames a directory (the paths it was
     /// given as the NAS would have them then, are those of now), or
-    /// takes, frees or fills that name (the NAS would have the name
-    /// taken, or free, at the wrong time).
+    /// takes, frees or fills that name, nor the name of a directory made
+    /// here that it would go into or under (made on the NAS in the
+    /// rename's place: the NAS would have the name taken, or free, at the
+    /// wrong time).
     fn settled_after(st: &State<B>, pos: usize, dir: u64, name: &OsStr) -> bool {
-        let at = |d: u64, n: &OsStr| d == dir && n == name;
+        let mut names = vec![(dir, name)];
+        let mut cur = dir;
+        while let Some(o) = st.objs.get(&cur).filter(|o| o.nas.is_none() && !o.gone) {
+            if names.len() > 4096 {
+                return false;
+            }
+            names.push((o.parent, o.name.as_os_str()));
+            cur = o.parent;
+        }
+        let at = |d: u64, n: &OsStr| names.iter().any(|&(pd, pn)| pd == d && pn == n);
         st.removals.iter().skip(pos + 1).all(|r| {
             let moves_dir = r.kind == FileKind::Dir && r.to.as_ref().is_some_and(|t| !t.link);
             let fills = r.to.as_ref().is_some_and(|t| at(t.dir_ino, &t.name));
