@@ -1402,6 +1402,40 @@ fn moved_into_a_freed_name(remount: bool) {
     );
 }
 
+/// Offline, a file renamed into a NAS directory that is then renamed away
+/// (into a new directory, or to another name), and a new directory made
+/// at its old name: at the next mount, the first rename goes into the
+/// NAS's directory, as it did here, and that is no conflict.
+#[test]
+fn a_new_directory_at_the_old_name_of_a_nas_one_moved_into_is_no_conflict_after_an_unmount() {
+    let _caches = kernel_caches(false);
+    let (mut m, sim) =
+        removal_setup("timeo=30,actimeo=1,writeback_delay=1h,unmount_flush_timeout=1s");
+    let nas = |p: &str| sim.backing.join(p);
+    go_offline(&m, &sim);
+    std::fs::rename(m.m("r/gone.txt"), m.m("r/dir/gone.txt")).unwrap();
+    std::fs::rename(m.m("r/dir"), m.m("r/dir2")).unwrap();
+    std::fs::create_dir(m.m("r/dir")).unwrap();
+    std::fs::rename(m.m("r/again.txt"), m.m("r/tree/again.txt")).unwrap();
+    std::fs::create_dir_all(m.m("r/arch/2026")).unwrap();
+    std::fs::rename(m.m("r/tree"), m.m("r/arch/2026/tree")).unwrap();
+    std::fs::create_dir(m.m("r/tree")).unwrap();
+    std::fs::write(m.m("r/tree/made"), "made here").unwrap();
+    nas_back(&mut m, &sim, true);
+    m.flush(None);
+    assert_eq!(names(&nas("r/dir2")), ["gone.txt"]);
+    assert_eq!(names(&nas("r/dir")), Vec::<String>::new());
+    assert_eq!(names(&nas("r/arch/2026/tree")), ["again.txt", "sub", "x"]);
+    assert_eq!(names(&nas("r/tree")), ["made"]);
+    assert_eq!(
+        m.status_value("conflicts"),
+        0,
+        "{}\n{}",
+        m.status(),
+        m.log()
+    );
+}
+
 /// `rm a; mv b a` offline, and another client removes b meanwhile: the
 /// removal of a is made (the rename, whose object is gone, is the
 /// conflict). Only a removal made for a rename over it (`mv b a` over a

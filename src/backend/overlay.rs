@@ -592,11 +592,12 @@ impl<B: Backend> Overlay<B> {
             let mut new_dirs = Self::new_dir_paths(ov.journal.load_objects()?);
             let mut queue: VecDeque<RemovalRecord> = std::mem::take(&mut changes).into();
             while let Some(r) = queue.pop_front() {
+                let nas_target = Self::target_freed_after(&r, &queue);
                 let (attr, repathed) = ov.apply_at_open(
                     &root_node,
                     root_attr.ino,
                     &r,
-                    (&mut new_dirs, &mut made_dirs),
+                    (&mut new_dirs, &mut made_dirs, nas_target),
                 )?;
                 retimed.extend(attr);
                 if repathed {
@@ -859,6 +860,18 @@ impl<B: Backend> Overlay<B> {
         Ok(Arc::new(ov))
     }
 
+    /// Whether a row after `r`, a rename or link, removes or renames away
+    /// its target directory or one above it: then that directory was the
+    /// NAS's when `r` was made, even where a directory made here has its
+    /// path now (`mv f P/; mv P Q; mkdir P`).
+    fn target_freed_after(r: &RemovalRecord, later: &VecDeque<RemovalRecord>) -> bool {
+        let Some((td, _)) = &r.to else { return false };
+        later.iter().any(|q| {
+            let frees = q.set.is_none() && !(q.to.is_some() && q.link);
+            frees && crate::writeback::under(td, Some(&join_path(&q.dir_path, &q.name)))
+        })
+    }
+
     /// The paths of the directories made here (journal rows `records`),
     /// with their row.
     fn new_dir_paths((records, next_prov): (Vec<ObjectRecord>, u64)) -> NewDirs {
@@ -1000,7 +1013,7 @@ impl<B: Backend> Overlay<B> {
         root: &B::Node,
         root_ino: u64,
         r: &RemovalRecord,
-        (new_dirs, made): (&mut NewDirs, &mut Vec<u64>),
+        (new_dirs, made, nas_target): (&mut NewDirs, &mut Vec<u64>, bool),
     ) -> Result<(Option<Attr>, bool), CacheError> {
         let mut retimed = None;
         let mut repathed = false;
@@ -1045,6 +1058,8 @@ impl<B: Backend> Overlay<B> {
                     .to_string(),
             ))),
             (Some((td, tn)), Some(d)) => match match find(td)? {
+                // The NAS's directory then (see `target_freed_after`).
+                n if nas_target => n,
                 None => self.make_new_dirs(root, td, new_dirs, made)?,
                 Some(n) => {
                     self.found_new_dir((td, tn), new_dirs, made);
