@@ -1364,12 +1364,24 @@ fn moved_into_a_freed_name(remount: bool) {
             "{to}"
         );
     }
+    // Nor into one made at its own old name, which the NAS object leaves
+    // only when it is renamed.
+    std::fs::rename(m.m("r/link"), m.m("r/tmp/l")).unwrap();
+    std::fs::create_dir_all(m.m("r/link/sub")).unwrap();
+    for to in ["r/link/l", "r/link/sub/l"] {
+        assert_eq!(
+            errno(&std::fs::rename(m.m("r/tmp/l"), m.m(to))),
+            libc::EIO,
+            "{to}"
+        );
+    }
     // A new directory whose name nothing after the rename touched: fine.
     std::fs::create_dir(m.m("r/new")).unwrap();
     std::fs::rename(m.m("r/tmp/b"), m.m("r/new/b")).unwrap();
     nas_back(&mut m, &sim, remount);
     m.flush(None);
-    assert_eq!(names(&nas("r/tmp")), ["a"]);
+    assert_eq!(names(&nas("r/tmp")), ["a", "l"]);
+    assert_eq!(names(&nas("r/link")), ["sub"]);
     assert_eq!(
         std::fs::read_to_string(nas("r/tmp/a")).unwrap(),
         "r/gone.txt on the NAS"

@@ -3036,7 +3036,7 @@ impl<B: Backend> Overlay<B> {
     /// takes, frees or fills that name, nor the name of a directory made
     /// here that it would go into or under (made on the NAS in the
     /// rename's place: the NAS would have the name taken, or free, at the
-    /// wrong time).
+    /// wrong time), and no such directory has the name the rename frees.
     fn settled_after(st: &State<B>, pos: usize, dir: u64, name: &OsStr) -> bool {
         let mut names = vec![(dir, name)];
         let mut cur = dir;
@@ -3046,6 +3046,11 @@ impl<B: Backend> Overlay<B> {
             }
             names.push((o.parent, o.name.as_os_str()));
             cur = o.parent;
+        }
+        // Nor its own old name: the NAS object leaves it only then.
+        let own = &st.removals[pos];
+        if names[1..].contains(&(own.dir_ino, own.name.as_os_str())) {
+            return false;
         }
         let at = |d: u64, n: &OsStr| names.iter().any(|&(pd, pn)| pd == d && pn == n);
         st.removals.iter().skip(pos + 1).all(|r| {
