@@ -1448,6 +1448,45 @@ fn a_new_directory_at_the_old_name_of_a_nas_one_moved_into_is_no_conflict_after_
     );
 }
 
+/// Offline `mkdir -p a/b; mv gone.txt a/b/`, work in a/b, and another
+/// client makes a directory `a` meanwhile; found at the next mount: the
+/// renamed file goes into the other client's directory, what was made
+/// here into the new one under the conflict name. Nothing is lost, and
+/// each of the two is a conflict.
+#[test]
+fn a_new_directory_above_one_moved_into_taken_meanwhile_is_found_at_the_next_mount() {
+    let _caches = kernel_caches(false);
+    let (mut m, sim) =
+        removal_setup("timeo=30,actimeo=1,writeback_delay=1h,unmount_flush_timeout=1s");
+    let nas = |p: &str| sim.backing.join(p);
+    go_offline(&m, &sim);
+    std::fs::create_dir_all(m.m("r/a/b")).unwrap();
+    std::fs::rename(m.m("r/gone.txt"), m.m("r/a/b/g")).unwrap();
+    std::fs::write(m.m("r/a/b/new"), "made here").unwrap();
+    std::fs::create_dir(nas("r/a")).unwrap();
+    nas_back(&mut m, &sim, true);
+    m.flush(None);
+    let status = m.status();
+    assert_eq!(
+        std::fs::read_to_string(nas("r/a/b/g")).unwrap(),
+        "r/gone.txt on the NAS"
+    );
+    let taken: Vec<String> = names(&nas("r"))
+        .into_iter()
+        .filter(|n| n.starts_with("a.nassync-conflict-"))
+        .collect();
+    assert_eq!(taken.len(), 1, "{taken:?}\n{status}");
+    assert_eq!(
+        std::fs::read_to_string(nas(&format!("r/{}/b/new", taken[0]))).unwrap(),
+        "made here"
+    );
+    assert!(!nas("r/gone.txt").exists());
+    assert!(
+        status.contains("conflict r/a/b/g ") && m.status_value("conflicts") == 2,
+        "{status}"
+    );
+}
+
 /// `rm a; mv b a` offline, and another client removes b meanwhile: the
 /// removal of a is made (the rename, whose object is gone, is the
 /// conflict). Only a removal made for a rename over it (`mv b a` over a

@@ -940,7 +940,7 @@ impl<B: Backend> Overlay<B> {
     fn make_new_dirs(
         &self,
         root: &B::Node,
-        path: &OsStr,
+        (path, tn): (&OsStr, &OsStr),
         new_dirs: &mut NewDirs,
         made: &mut Vec<u64>,
     ) -> Result<Option<B::Node>, CacheError> {
@@ -954,7 +954,20 @@ impl<B: Backend> Overlay<B> {
         let mut node = root.clone();
         for (here, name) in path_steps(path) {
             node = match self.lower.lookup(&node, name) {
-                Ok((n, a)) if a.kind == FileKind::Dir => n,
+                Ok((n, a)) if a.kind == FileKind::Dir => {
+                    // A new directory's name taken by another client: as
+                    // in `found_new_dir`, into that one, a conflict.
+                    if new_dirs.by_path.get(&here).is_some_and(|r| !r.applying) {
+                        let shown = join_path(path, tn);
+                        self.note_conflict(
+                            &shown,
+                            &shown,
+                            "renamed here into a new directory under one whose name was taken \
+                             on the NAS meanwhile: it went under the NAS's directory",
+                        );
+                    }
+                    n
+                }
                 // Something else there now: gone as a directory.
                 Ok(_) => return Ok(None),
                 Err(e) if e.raw_errno() == libc::ENOENT => match new_dirs.by_path.get(&here) {
@@ -1060,7 +1073,7 @@ impl<B: Backend> Overlay<B> {
             (Some((td, tn)), Some(d)) => match match find(td)? {
                 // The NAS's directory then (see `target_freed_after`).
                 n if nas_target => n,
-                None => self.make_new_dirs(root, td, new_dirs, made)?,
+                None => self.make_new_dirs(root, (td, tn), new_dirs, made)?,
                 Some(n) => {
                     self.found_new_dir((td, tn), new_dirs, made);
                     Some(n)
