@@ -3819,6 +3819,17 @@ impl<B: Backend> Overlay<B> {
                     if let Some((n, a)) = placed {
                         if a.kind == FileKind::File && hidden_ino == Some(a.ino) {
                             let f = self.lower.open(&n, rw)?;
+                            // Ours: with the owner set here since (a
+                            // chown between the attempts).
+                            let chown = SetAttr {
+                                uid: (a.uid != attr.uid).then_some(attr.uid),
+                                gid: (a.gid != attr.gid).then_some(attr.gid),
+                                ..SetAttr::default()
+                            };
+                            let a = match chown.uid.is_some() || chown.gid.is_some() {
+                                true => self.chown_on_nas((parent, &name), &n, a, &chown)?,
+                                false => a,
+                            };
                             // Before its mode (which may not let its owner
                             // write).
                             self.put_xattrs(p, &n)?;
@@ -4057,7 +4068,19 @@ impl<B: Backend> Overlay<B> {
             gid: (!setgid).then_some(attr.gid),
             ..SetAttr::default()
         };
-        match self.lower.setattr(n, None, &chown) {
+        self.chown_on_nas((parent, name), n, a, &chown)
+    }
+
+    /// `chown` of object `n` (`a`), `name` in directory `parent`, made on
+    /// the NAS: one the NAS refuses is dropped, a conflict.
+    fn chown_on_nas(
+        &self,
+        (parent, name): (u64, &OsStr),
+        n: &B::Node,
+        a: Attr,
+        chown: &SetAttr,
+    ) -> BResult<Attr> {
+        match self.lower.setattr(n, None, chown) {
             Ok(a) => Ok(a),
             Err(e) if is_unreachable(&e) => Err(e),
             Err(e) => {
@@ -6598,6 +6621,50 @@ mod tests {
             b"LOCAL bytes"
         );
         assert_eq!(names(&s.nas.path().join("d")), ["f", "l"]);
+    }
+
+    /// A file placed on the NAS by an attempt cut short just after (the
+    /// NAS gone) gets, at the next attempt, the owner set here in between.
+    #[test]
+    fn a_chown_between_attempts_reaches_a_file_the_first_placed() {
+        use crate::backend::instrumented::{Fault, Instrumented};
+        use std::os::unix::fs::MetadataExt;
+        let nas = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let stats = Arc::new(crate::stats::Stats::default());
+        let lower = Instrumented::new(DirBackend::new(nas.path()).unwrap(), stats);
+        let faults = lower.faults();
+        let journal = Arc::new(Journal::open(cache.path()).unwrap());
+        let ov = Overlay::open(
+            Arc::new(lower),
+            journal,
+            Duration::from_secs(3600),
+            "h".into(),
+        )
+        .unwrap();
+        let (root, _) = ov.root().unwrap();
+        let (f, _, file) = ov
+            .create(&root, OsStr::new("f"), 0o750, RW, true, me())
+            .unwrap();
+        ov.write(&file, 0, b"bytes").unwrap();
+        faults.set(Fault::Fail(libc::EIO), Some("getattr"));
+        assert_eq!(ov.flush_all(None), 1);
+        faults.set(Fault::None, None);
+        assert_eq!(names(nas.path()), ["f"], "placed by the first attempt");
+        let chown = SetAttr {
+            uid: Some(1000),
+            gid: Some(2000),
+            ..SetAttr::default()
+        };
+        let a = ov.setattr(&f, None, &chown).unwrap();
+        assert_eq!((a.uid, a.gid), (1000, 2000));
+        assert_eq!(ov.flush_all(None), 0);
+        let md = std::fs::metadata(nas.path().join("f")).unwrap();
+        assert_eq!((md.uid(), md.gid()), (1000, 2000));
+        assert_eq!(md.mode() & 0o7777, (a.perm & 0o7777) as u32);
+        assert_eq!(std::fs::read(nas.path().join("f")).unwrap(), b"bytes");
+        let shown = ov.getattr(&f).unwrap();
+        assert_eq!((shown.uid, shown.gid), (1000, 2000));
     }
 
     #[test]
