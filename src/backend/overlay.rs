@@ -224,6 +224,9 @@ struct Obj<B: Backend> {
     attempts: u32,
     error: Option<String>,
     applying: bool,
+    /// Its owner set here since the last attempt at making it on the NAS
+    /// began (not known after a restart: taken as set while `applying`).
+    chowned: bool,
     /// See [`ObjectRecord::nas_ino`].
     nas_ino: Option<u64>,
     /// A further name of local file `link_to` (a hard link made here):
@@ -745,6 +748,7 @@ impl<B: Backend> Overlay<B> {
                     attempts: 0,
                     error: None,
                     applying: r.applying,
+                    chowned: r.applying,
                     nas_ino: r.nas_ino,
                     link_to: r.link_to,
                 },
@@ -2007,6 +2011,7 @@ impl<B: Backend> Overlay<B> {
                 attempts: 0,
                 error: None,
                 applying: false,
+                chowned: false,
                 nas_ino: None,
                 link_to,
             },
@@ -3797,6 +3802,14 @@ impl<B: Backend> Overlay<B> {
                 _content_guard = c.lock.write().unwrap_or_else(|e| e.into_inner());
                 // As of now: writes and setattr wait for the content lock.
                 let attr = self.attr_now(p, attr);
+                let chowned = self.st().objs.get(&p).is_some_and(|o| o.chowned);
+                // Once the NAS has been given the owner (a chown waits for
+                // the content lock held until this attempt ends).
+                let owner_sent = || {
+                    if let Some(o) = self.st().objs.get_mut(&p) {
+                        o.chowned = false;
+                    }
+                };
                 let creds = creds_of(&attr);
                 let upper = File::open(self.journal.upper_path(p)).map_err(io(op))?;
                 let tmp = hidden_name(p);
@@ -3820,16 +3833,18 @@ impl<B: Backend> Overlay<B> {
                         if a.kind == FileKind::File && hidden_ino == Some(a.ino) {
                             let f = self.lower.open(&n, rw)?;
                             // Ours: with the owner set here since (a
-                            // chown between the attempts).
+                            // chown between the attempts; not the NAS's
+                            // own choice, as a squashed root's).
                             let chown = SetAttr {
-                                uid: (a.uid != attr.uid).then_some(attr.uid),
-                                gid: (a.gid != attr.gid).then_some(attr.gid),
+                                uid: (chowned && a.uid != attr.uid).then_some(attr.uid),
+                                gid: (chowned && a.gid != attr.gid).then_some(attr.gid),
                                 ..SetAttr::default()
                             };
                             let a = match chown.uid.is_some() || chown.gid.is_some() {
                                 true => self.chown_on_nas((parent, &name), &n, a, &chown)?,
                                 false => a,
                             };
+                            owner_sent();
                             // Before its mode (which may not let its owner
                             // write).
                             self.put_xattrs(p, &n)?;
@@ -3858,6 +3873,7 @@ impl<B: Backend> Overlay<B> {
                     false,
                     creds,
                 )?;
+                owner_sent();
                 log::debug!(
                     "{p:x} filled as {tmp:?} (ino {}), was {hidden_ino:?}",
                     hattr.ino
@@ -4969,6 +4985,7 @@ impl<B: Backend> Backend for Overlay<B> {
             if let Some(g) = changes.gid {
                 o.attr.gid = g;
             }
+            o.chowned |= changes.uid.is_some() || changes.gid.is_some();
             if let Some(s) = changes.size {
                 o.attr.size = s;
                 o.attr.blocks = s.div_ceil(512);
@@ -6647,10 +6664,16 @@ mod tests {
             .create(&root, OsStr::new("f"), 0o750, RW, true, me())
             .unwrap();
         ov.write(&file, 0, b"bytes").unwrap();
+        // Another, whose owner the NAS chose itself (as for a squashed
+        // root): left as it is, not a conflict.
+        let (g, _, _) = ov
+            .create(&root, OsStr::new("g"), 0o640, RW, true, me())
+            .unwrap();
         faults.set(Fault::Fail(libc::EIO), Some("getattr"));
-        assert_eq!(ov.flush_all(None), 1);
+        assert_eq!(ov.flush_all(None), 2);
         faults.set(Fault::None, None);
-        assert_eq!(names(nas.path()), ["f"], "placed by the first attempt");
+        assert_eq!(names(nas.path()), ["f", "g"], "placed by the first attempt");
+        std::os::unix::fs::chown(nas.path().join("g"), Some(3000), Some(3000)).unwrap();
         let chown = SetAttr {
             uid: Some(1000),
             gid: Some(2000),
@@ -6665,6 +6688,10 @@ mod tests {
         assert_eq!(std::fs::read(nas.path().join("f")).unwrap(), b"bytes");
         let shown = ov.getattr(&f).unwrap();
         assert_eq!((shown.uid, shown.gid), (1000, 2000));
+        let md = std::fs::metadata(nas.path().join("g")).unwrap();
+        assert_eq!((md.uid(), md.gid()), (3000, 3000));
+        assert_eq!(ov.getattr(&g).unwrap().uid, 3000);
+        assert_eq!(ov.conflicts.load(Ordering::Relaxed), 0);
     }
 
     #[test]
