@@ -3802,14 +3802,7 @@ impl<B: Backend> Overlay<B> {
                 _content_guard = c.lock.write().unwrap_or_else(|e| e.into_inner());
                 // As of now: writes and setattr wait for the content lock.
                 let attr = self.attr_now(p, attr);
-                let chowned = self.st().objs.get(&p).is_some_and(|o| o.chowned);
-                // Once the NAS has been given the owner (a chown waits for
-                // the content lock held until this attempt ends).
-                let owner_sent = || {
-                    if let Some(o) = self.st().objs.get_mut(&p) {
-                        o.chowned = false;
-                    }
-                };
+
                 let creds = creds_of(&attr);
                 let upper = File::open(self.journal.upper_path(p)).map_err(io(op))?;
                 let tmp = hidden_name(p);
@@ -3835,16 +3828,8 @@ impl<B: Backend> Overlay<B> {
                             // Ours: with the owner set here since (a
                             // chown between the attempts; not the NAS's
                             // own choice, as a squashed root's).
-                            let chown = SetAttr {
-                                uid: (chowned && a.uid != attr.uid).then_some(attr.uid),
-                                gid: (chowned && a.gid != attr.gid).then_some(attr.gid),
-                                ..SetAttr::default()
-                            };
-                            let a = match chown.uid.is_some() || chown.gid.is_some() {
-                                true => self.chown_on_nas((parent, &name), &n, a, &chown)?,
-                                false => a,
-                            };
-                            owner_sent();
+                            let a = self.owner_since(p, (parent, &name), &n, a, &attr)?;
+                            self.owner_sent(p);
                             // Before its mode (which may not let its owner
                             // write).
                             self.put_xattrs(p, &n)?;
@@ -3873,7 +3858,7 @@ impl<B: Backend> Overlay<B> {
                     false,
                     creds,
                 )?;
-                owner_sent();
+                self.owner_sent(p);
                 log::debug!(
                     "{p:x} filled as {tmp:?} (ino {}), was {hidden_ino:?}",
                     hattr.ino
@@ -3926,10 +3911,14 @@ impl<B: Backend> Overlay<B> {
                     Ok(x) => x,
                     Err(e) if e.raw_errno() == libc::EEXIST => match self.lower.lookup(&dir, &name)
                     {
-                        // Created by an attempt cut short (a crash, the
-                        // NAS gone before its chown): this one.
+                        // Made by an attempt cut short (after it, as its
+                        // number tells: a chown here since; before, or a
+                        // crash: the NAS gone before its chown): this one.
                         Ok((n, a)) if applying && a.kind == FileKind::Dir => {
-                            let a = self.owned_as((&dir, parent, &name), &n, a, &attr)?;
+                            let a = match hidden_ino == Some(a.ino) {
+                                true => self.owner_since(p, (parent, &name), &n, a, &attr)?,
+                                false => self.owned_as((&dir, parent, &name), &n, a, &attr)?,
+                            };
                             (n, a)
                         }
                         _ => {
@@ -3947,6 +3936,9 @@ impl<B: Backend> Overlay<B> {
                     },
                     Err(e) => return Err(e),
                 };
+                self.owner_sent(p);
+                // Before what may cut this attempt short.
+                self.made_as(p, a.ino)?;
                 self.put_xattrs(p, &n)?;
                 self.st().deferred.insert(
                     p,
@@ -3980,7 +3972,10 @@ impl<B: Backend> Overlay<B> {
                                 .is_some_and(|x| x == t);
                         if same {
                             let (n, a) = self.lower.lookup(&dir, &name)?;
-                            let a = self.owned_as((&dir, parent, &name), &n, a, &attr)?;
+                            let a = match hidden_ino == Some(a.ino) {
+                                true => self.owner_since(p, (parent, &name), &n, a, &attr)?,
+                                false => self.owned_as((&dir, parent, &name), &n, a, &attr)?,
+                            };
                             (n, a)
                         } else {
                             let (cname, n, a) = self.conflict_create(&dir, &name, |cn| {
@@ -4012,7 +4007,10 @@ impl<B: Backend> Overlay<B> {
                     Err(e) if e.raw_errno() == libc::EEXIST => {
                         match self.lower.lookup(&dir, &name) {
                             Ok((n, a)) if applying && a.kind == k => {
-                                let a = self.owned_as((&dir, parent, &name), &n, a, &attr)?;
+                                let a = match hidden_ino == Some(a.ino) {
+                                    true => self.owner_since(p, (parent, &name), &n, a, &attr)?,
+                                    false => self.owned_as((&dir, parent, &name), &n, a, &attr)?,
+                                };
                                 (n, a)
                             }
                             _ => {
@@ -4029,11 +4027,8 @@ impl<B: Backend> Overlay<B> {
             }
         };
         if attr.kind != FileKind::File {
-            let mut st = self.st();
-            if let Some(o) = st.objs.get_mut(&p) {
-                o.nas_ino = Some(nas_attr.ino);
-            }
-            self.persist(&st, p)?;
+            self.owner_sent(p);
+            self.made_as(p, nas_attr.ino)?;
         }
         // Symlinks and special files get their times now (a directory's
         // wait for its children, a file's were set above).
@@ -4085,6 +4080,49 @@ impl<B: Backend> Overlay<B> {
             ..SetAttr::default()
         };
         self.chown_on_nas((parent, name), n, a, &chown)
+    }
+
+    /// NAS object `n` (`a`), made by an earlier attempt at creating local
+    /// object `p` (its NAS inode number recorded then), given the owner
+    /// set here since that attempt, if any (`chowned`).
+    fn owner_since(
+        &self,
+        p: u64,
+        (parent, name): (u64, &OsStr),
+        n: &B::Node,
+        a: Attr,
+        attr: &Attr,
+    ) -> BResult<Attr> {
+        if !self.st().objs.get(&p).is_some_and(|o| o.chowned) {
+            return Ok(a);
+        }
+        let chown = SetAttr {
+            uid: (a.uid != attr.uid).then_some(attr.uid),
+            gid: (a.gid != attr.gid).then_some(attr.gid),
+            ..SetAttr::default()
+        };
+        if chown.uid.is_none() && chown.gid.is_none() {
+            return Ok(a);
+        }
+        self.chown_on_nas((parent, name), n, a, &chown)
+    }
+
+    /// Local object `p` has been given its owner on the NAS as shown here
+    /// (a chown of it waits for the attempt to end).
+    fn owner_sent(&self, p: u64) {
+        if let Some(o) = self.st().objs.get_mut(&p) {
+            o.chowned = false;
+        }
+    }
+
+    /// Local object `p` was made on the NAS as NAS inode `ino`: after an
+    /// attempt cut short, an object there with that number is this one.
+    fn made_as(&self, p: u64, ino: u64) -> BResult<()> {
+        let mut st = self.st();
+        if let Some(o) = st.objs.get_mut(&p) {
+            o.nas_ino = Some(ino);
+        }
+        self.persist(&st, p)
     }
 
     /// `chown` of object `n` (`a`), `name` in directory `parent`, made on
@@ -6691,6 +6729,65 @@ mod tests {
         let md = std::fs::metadata(nas.path().join("g")).unwrap();
         assert_eq!((md.uid(), md.gid()), (3000, 3000));
         assert_eq!(ov.getattr(&g).unwrap().uid, 3000);
+        assert_eq!(ov.conflicts.load(Ordering::Relaxed), 0);
+    }
+
+    /// The same for a directory and a symlink made on the NAS as a user
+    /// (not the daemon) by an attempt cut short after: the owner set
+    /// here since reaches them.
+    #[test]
+    fn a_chown_between_attempts_reaches_a_directory_or_symlink_the_first_made() {
+        use crate::backend::instrumented::{Fault, Instrumented};
+        use std::os::unix::fs::MetadataExt;
+        let nas = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let stats = Arc::new(crate::stats::Stats::default());
+        let lower = Instrumented::new(DirBackend::new(nas.path()).unwrap(), stats);
+        let faults = lower.faults();
+        let journal = Arc::new(Journal::open(cache.path()).unwrap());
+        let ov = Overlay::open(
+            Arc::new(lower),
+            journal,
+            Duration::from_secs(3600),
+            "h".into(),
+        )
+        .unwrap();
+        let (root, _) = ov.root().unwrap();
+        let user = Creds {
+            uid: 1000,
+            gid: 1000,
+            umask: 0o022,
+        };
+        let chown = SetAttr {
+            uid: Some(2000),
+            gid: Some(2000),
+            ..SetAttr::default()
+        };
+        // (A panic stands for the NAS gone: this backend is not bounded.)
+        let cut = |op| {
+            faults.set(Fault::Panic, Some(op));
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ov.flush_all(None)));
+            faults.set(Fault::None, None);
+            assert!(r.is_err(), "{op}");
+        };
+        // A symlink's times, set after it is made: cut short there.
+        let (l, _) = ov
+            .symlink(&root, OsStr::new("l"), OsStr::new("t"), user)
+            .unwrap();
+        cut("setattr");
+        assert_eq!(names(nas.path()), ["l"], "made by the first attempt");
+        ov.setattr(&l, None, &chown).unwrap();
+        // A directory's xattrs, set after it is made: cut short there.
+        let (d, _) = ov.mkdir(&root, OsStr::new("d"), 0o755, user).unwrap();
+        ov.setxattr(&d, OsStr::new("user.k"), b"v", 0).unwrap();
+        cut("setxattr");
+        assert_eq!(names(nas.path()), ["d", "l"], "made by the first attempt");
+        ov.setattr(&d, None, &chown).unwrap();
+        assert_eq!(ov.flush_all(None), 0);
+        for n in ["d", "l"] {
+            let md = std::fs::symlink_metadata(nas.path().join(n)).unwrap();
+            assert_eq!((md.uid(), md.gid()), (2000, 2000), "{n}");
+        }
         assert_eq!(ov.conflicts.load(Ordering::Relaxed), 0);
     }
 
