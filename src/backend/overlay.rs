@@ -2125,65 +2125,91 @@ impl<B: Backend> Overlay<B> {
         let _g = self.replay.write().unwrap_or_else(|e| e.into_inner());
         let list = std::mem::take(&mut self.st().leftovers);
         for l in list {
-            if l.kind == FileKind::File {
-                match self.lower.unlink(&l.dir, &l.hidden) {
-                    Err(e) if is_unreachable(&e) => {
-                        self.st().leftovers.push(l);
-                        continue;
-                    }
-                    _ => {}
-                }
-            }
-            let ours = match self.lower.lookup(&l.dir, &l.name) {
-                Ok((n, a)) if a.kind == l.kind => match l.kind {
-                    // Renamed into place: surely ours if it is the file
-                    // made under the hidden name.
-                    FileKind::File => l.nas_ino == Some(a.ino) && a.size == l.size,
-                    // Not one of ours that reached the NAS since, nor one
-                    // with new objects waiting in it (the NAS says empty).
-                    FileKind::Dir => {
-                        let st = self.st();
-                        l.nas_ino.is_none_or(|i| i == a.ino)
-                            && !st.alias.contains_key(&a.ino)
-                            && !st.children.contains_key(&a.ino)
-                    }
-                    FileKind::Symlink => self.lower.readlink(&n).ok() == l.target,
-                    _ => true,
-                },
-                Err(e) if is_unreachable(&e) => {
-                    self.st().leftovers.push(l);
-                    continue;
-                }
-                _ => false,
-            };
-            log::debug!(
-                "leftover {:?} in {}: {}",
-                l.name,
-                l.dir_ino,
-                if ours {
-                    "removing it"
-                } else {
-                    "not there, or not ours"
-                }
-            );
-            if ours {
-                // A directory only if empty: rmdir refuses otherwise.
-                let r = if l.kind == FileKind::Dir {
-                    self.lower.rmdir(&l.dir, &l.name)
-                } else {
-                    self.lower.unlink(&l.dir, &l.name)
-                };
-                if let Err(e) = r {
-                    if is_unreachable(&e) {
-                        self.st().leftovers.push(l);
-                        continue;
-                    }
-                }
-            }
-            if let Err(e) = self.journal.delete_leftover(l.id) {
-                log::warn!("journal: {e}");
+            if !self.clean_leftover(&l) {
+                self.st().leftovers.push(l);
             }
         }
+    }
+
+    /// Removes leftover `l` from the NAS if it is surely ours, and its
+    /// record; false where the NAS did not answer (kept for later).
+    fn clean_leftover(&self, l: &Leftover<B::Node>) -> bool {
+        if l.kind == FileKind::File {
+            if let Err(e) = self.lower.unlink(&l.dir, &l.hidden) {
+                if is_unreachable(&e) {
+                    return false;
+                }
+            }
+        }
+        let ours = match self.lower.lookup(&l.dir, &l.name) {
+            Ok((n, a)) if a.kind == l.kind => match l.kind {
+                // Renamed into place: surely ours if it is the file
+                // made under the hidden name.
+                FileKind::File => l.nas_ino == Some(a.ino) && a.size == l.size,
+                // Not one of ours that reached the NAS since, nor one
+                // with new objects waiting in it (the NAS says empty).
+                FileKind::Dir => {
+                    let st = self.st();
+                    l.nas_ino.is_none_or(|i| i == a.ino)
+                        && !st.alias.contains_key(&a.ino)
+                        && !st.children.contains_key(&a.ino)
+                }
+                FileKind::Symlink => self.lower.readlink(&n).ok() == l.target,
+                _ => true,
+            },
+            Err(e) if is_unreachable(&e) => return false,
+            _ => false,
+        };
+        log::debug!(
+            "leftover {:?} in {}: {}",
+            l.name,
+            l.dir_ino,
+            if ours {
+                "removing it"
+            } else {
+                "not there, or not ours"
+            }
+        );
+        if ours {
+            // A directory only if empty: rmdir refuses otherwise.
+            let r = if l.kind == FileKind::Dir {
+                self.lower.rmdir(&l.dir, &l.name)
+            } else {
+                self.lower.unlink(&l.dir, &l.name)
+            };
+            if let Err(e) = r {
+                if is_unreachable(&e) {
+                    return false;
+                }
+            }
+        }
+        if let Err(e) = self.journal.delete_leftover(l.id) {
+            log::warn!("journal: {e}");
+        }
+        true
+    }
+
+    /// A creation at `name` in `parent` met an object there: if what an
+    /// unfinished attempt left (a creation the NAS made though its answer
+    /// was lost), it is removed first (the creation runs outside the
+    /// write-back's passes too, which remove leftovers before creating).
+    /// Whether one was.
+    fn clean_leftovers_at(&self, parent: u64, name: &OsStr) -> bool {
+        let here: Vec<Leftover<B::Node>> = {
+            let mut st = self.st();
+            let (here, rest) = std::mem::take(&mut st.leftovers)
+                .into_iter()
+                .partition(|l| l.dir_ino == parent && l.name == name);
+            st.leftovers = rest;
+            here
+        };
+        let found = !here.is_empty();
+        for l in here {
+            if !self.clean_leftover(&l) {
+                self.st().leftovers.push(l);
+            }
+        }
+        found
     }
 
     fn local_attr(&self, ino: u64) -> Option<Attr> {
@@ -3904,9 +3930,20 @@ impl<B: Backend> Overlay<B> {
                 // As of now: setattr of a local object waits for `window`.
                 attr = self.attr_now(p, attr);
                 let creds = creds_of(&attr);
-                let made = self
-                    .lower
-                    .mkdir(&dir, &name, (attr.perm & 0o777) as u32 | 0o700, creds);
+                let mkdir = || {
+                    self.lower
+                        .mkdir(&dir, &name, (attr.perm & 0o777) as u32 | 0o700, creds)
+                };
+                let made = match mkdir() {
+                    Err(e)
+                        if e.raw_errno() == libc::EEXIST
+                            && !applying
+                            && self.clean_leftovers_at(parent, &name) =>
+                    {
+                        mkdir()
+                    }
+                    r => r,
+                };
                 let (n, a) = match made {
                     Ok(x) => x,
                     Err(e) if e.raw_errno() == libc::EEXIST => match self.lower.lookup(&dir, &name)
@@ -3959,7 +3996,17 @@ impl<B: Backend> Overlay<B> {
                 attr = self.attr_now(p, attr);
                 let creds = creds_of(&attr);
                 let t = target.clone().unwrap_or_default();
-                match self.lower.symlink(&dir, &name, &t, creds) {
+                let made = match self.lower.symlink(&dir, &name, &t, creds) {
+                    Err(e)
+                        if e.raw_errno() == libc::EEXIST
+                            && !applying
+                            && self.clean_leftovers_at(parent, &name) =>
+                    {
+                        self.lower.symlink(&dir, &name, &t, creds)
+                    }
+                    r => r,
+                };
+                match made {
                     Ok(x) => x,
                     Err(e) if e.raw_errno() == libc::EEXIST => {
                         let same = applying
@@ -4002,7 +4049,17 @@ impl<B: Backend> Overlay<B> {
                 attr = self.attr_now(p, attr);
                 let creds = creds_of(&attr);
                 let mode = fmt | attr.perm as u32;
-                match self.lower.mknod(&dir, &name, mode, attr.rdev, creds) {
+                let made = match self.lower.mknod(&dir, &name, mode, attr.rdev, creds) {
+                    Err(e)
+                        if e.raw_errno() == libc::EEXIST
+                            && !applying
+                            && self.clean_leftovers_at(parent, &name) =>
+                    {
+                        self.lower.mknod(&dir, &name, mode, attr.rdev, creds)
+                    }
+                    r => r,
+                };
+                match made {
                     Ok(x) => x,
                     Err(e) if e.raw_errno() == libc::EEXIST => {
                         match self.lower.lookup(&dir, &name) {
@@ -6789,6 +6846,44 @@ mod tests {
             assert_eq!((md.uid(), md.gid()), (2000, 2000), "{n}");
         }
         assert_eq!(ov.conflicts.load(Ordering::Relaxed), 0);
+    }
+
+    /// A directory made on the NAS by an attempt whose answer was lost,
+    /// then removed here, is removed there before a new directory takes
+    /// its name, also when that one is made outside the write-back's
+    /// passes (as a rename into it does): no conflict.
+    #[test]
+    fn a_leftover_yields_its_name_to_a_new_directory_made_there() {
+        use crate::backend::instrumented::{Fault, Instrumented};
+        let nas = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let stats = Arc::new(crate::stats::Stats::default());
+        let lower = Instrumented::new(DirBackend::new(nas.path()).unwrap(), stats);
+        let faults = lower.faults();
+        let journal = Arc::new(Journal::open(cache.path()).unwrap());
+        let ov = Overlay::open(
+            Arc::new(lower),
+            journal,
+            Duration::from_secs(3600),
+            "h".into(),
+        )
+        .unwrap();
+        let (root, _) = ov.root().unwrap();
+        ov.mkdir(&root, OsStr::new("b"), 0o755, me()).unwrap();
+        // (A panic stands for the NAS gone: this backend is not bounded.)
+        faults.set(Fault::Panic, Some("mkdir"));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ov.flush_all(None)));
+        faults.set(Fault::None, None);
+        assert!(r.is_err());
+        ov.rmdir(&root, OsStr::new("b")).unwrap();
+        let (_, a) = ov.mkdir(&root, OsStr::new("b"), 0o700, me()).unwrap();
+        // The NAS made the first all the same, late (a call abandoned
+        // after `timeo` that finished there).
+        std::fs::create_dir(nas.path().join("b")).unwrap();
+        ov.promote_one(a.ino, false).unwrap();
+        assert_eq!(names(nas.path()), ["b"]);
+        assert_eq!(ov.conflicts.load(Ordering::Relaxed), 0);
+        assert!(ov.st().leftovers.is_empty());
     }
 
     #[test]
