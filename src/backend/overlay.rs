@@ -2114,6 +2114,12 @@ impl<B: Backend> Overlay<B> {
         st.leftovers.push(l);
         if let Some(o) = st.objs.get_mut(&prov) {
             o.applying = false;
+            // That number is the leftover's now: a later attempt's object
+            // is known by its own (or, its answer lost, by none).
+            o.nas_ino = None;
+        }
+        if let Err(e) = self.persist(st, prov) {
+            log::warn!("journal: {e}");
         }
     }
 
@@ -2193,8 +2199,8 @@ impl<B: Backend> Overlay<B> {
     /// unfinished attempt left (a creation the NAS made though its answer
     /// was lost), it is removed first (the creation runs outside the
     /// write-back's passes too, which remove leftovers before creating).
-    /// Whether one was.
-    fn clean_leftovers_at(&self, parent: u64, name: &OsStr) -> bool {
+    /// Whether one was; the NAS not answering, an error.
+    fn clean_leftovers_at(&self, parent: u64, name: &OsStr) -> BResult<bool> {
         let here: Vec<Leftover<B::Node>> = {
             let mut st = self.st();
             let (here, rest) = std::mem::take(&mut st.leftovers)
@@ -2204,12 +2210,17 @@ impl<B: Backend> Overlay<B> {
             here
         };
         let found = !here.is_empty();
+        let mut kept = false;
         for l in here {
             if !self.clean_leftover(&l) {
                 self.st().leftovers.push(l);
+                kept = true;
             }
         }
-        found
+        if kept {
+            return Err(unreachable("create on the NAS"));
+        }
+        Ok(found)
     }
 
     fn local_attr(&self, ino: u64) -> Option<Attr> {
@@ -3935,12 +3946,11 @@ impl<B: Backend> Overlay<B> {
                         .mkdir(&dir, &name, (attr.perm & 0o777) as u32 | 0o700, creds)
                 };
                 let made = match mkdir() {
-                    Err(e)
-                        if e.raw_errno() == libc::EEXIST
-                            && !applying
-                            && self.clean_leftovers_at(parent, &name) =>
-                    {
-                        mkdir()
+                    Err(e) if e.raw_errno() == libc::EEXIST && !applying => {
+                        match self.clean_leftovers_at(parent, &name)? {
+                            true => mkdir(),
+                            false => Err(e),
+                        }
                     }
                     r => r,
                 };
@@ -3951,7 +3961,12 @@ impl<B: Backend> Overlay<B> {
                         // Made by an attempt cut short (after it, as its
                         // number tells: a chown here since; before, or a
                         // crash: the NAS gone before its chown): this one.
-                        Ok((n, a)) if applying && a.kind == FileKind::Dir => {
+                        // (Not another's, where this one's number is known.)
+                        Ok((n, a))
+                            if applying
+                                && a.kind == FileKind::Dir
+                                && hidden_ino.is_none_or(|i| i == a.ino) =>
+                        {
                             let a = match hidden_ino == Some(a.ino) {
                                 true => self.owner_since(p, (parent, &name), &n, a, &attr)?,
                                 false => self.owned_as((&dir, parent, &name), &n, a, &attr)?,
@@ -3997,12 +4012,11 @@ impl<B: Backend> Overlay<B> {
                 let creds = creds_of(&attr);
                 let t = target.clone().unwrap_or_default();
                 let made = match self.lower.symlink(&dir, &name, &t, creds) {
-                    Err(e)
-                        if e.raw_errno() == libc::EEXIST
-                            && !applying
-                            && self.clean_leftovers_at(parent, &name) =>
-                    {
-                        self.lower.symlink(&dir, &name, &t, creds)
+                    Err(e) if e.raw_errno() == libc::EEXIST && !applying => {
+                        match self.clean_leftovers_at(parent, &name)? {
+                            true => self.lower.symlink(&dir, &name, &t, creds),
+                            false => Err(e),
+                        }
                     }
                     r => r,
                 };
@@ -4050,12 +4064,11 @@ impl<B: Backend> Overlay<B> {
                 let creds = creds_of(&attr);
                 let mode = fmt | attr.perm as u32;
                 let made = match self.lower.mknod(&dir, &name, mode, attr.rdev, creds) {
-                    Err(e)
-                        if e.raw_errno() == libc::EEXIST
-                            && !applying
-                            && self.clean_leftovers_at(parent, &name) =>
-                    {
-                        self.lower.mknod(&dir, &name, mode, attr.rdev, creds)
+                    Err(e) if e.raw_errno() == libc::EEXIST && !applying => {
+                        match self.clean_leftovers_at(parent, &name)? {
+                            true => self.lower.mknod(&dir, &name, mode, attr.rdev, creds),
+                            false => Err(e),
+                        }
                     }
                     r => r,
                 };
@@ -6883,6 +6896,59 @@ mod tests {
         ov.promote_one(a.ino, false).unwrap();
         assert_eq!(names(nas.path()), ["b"]);
         assert_eq!(ov.conflicts.load(Ordering::Relaxed), 0);
+        assert!(ov.st().leftovers.is_empty());
+    }
+
+    /// A directory made on the NAS by a cut-short attempt, then renamed
+    /// here; made again at the new name by an attempt whose answer was
+    /// lost; then removed here: both leftovers are removed from the NAS
+    /// (the second is not taken for another's by the first's number).
+    #[test]
+    fn leftovers_of_a_directory_made_twice_are_both_removed() {
+        use crate::backend::instrumented::{Fault, Instrumented};
+        let nas = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let stats = Arc::new(crate::stats::Stats::default());
+        let lower = Instrumented::new(DirBackend::new(nas.path()).unwrap(), stats);
+        let faults = lower.faults();
+        let journal = Arc::new(Journal::open(cache.path()).unwrap());
+        let ov = Overlay::open(
+            Arc::new(lower),
+            journal,
+            Duration::from_secs(3600),
+            "h".into(),
+        )
+        .unwrap();
+        let (root, _) = ov.root().unwrap();
+        // (A panic stands for the NAS gone: this backend is not bounded.)
+        let cut = |op| {
+            faults.set(Fault::Panic, Some(op));
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ov.flush_all(None)));
+            faults.set(Fault::None, None);
+            assert!(r.is_err(), "{op}");
+        };
+        let (d, _) = ov.mkdir(&root, OsStr::new("d"), 0o755, me()).unwrap();
+        ov.setxattr(&d, OsStr::new("user.k"), b"v", 0).unwrap();
+        cut("setxattr");
+        assert_eq!(names(nas.path()), ["d"]);
+        ov.rename(
+            &root,
+            OsStr::new("d"),
+            &root,
+            OsStr::new("e"),
+            RenameFlags::default(),
+        )
+        .unwrap();
+        cut("mkdir");
+        assert_eq!(names(nas.path()), Vec::<String>::new(), "d removed");
+        // d's number is not taken for e's (the NAS may give e another).
+        assert_eq!(ov.st().objs.get(&d.ino).and_then(|o| o.nas_ino), None);
+        // The NAS made e all the same; its answer was lost.
+        std::fs::create_dir(nas.path().join("e")).unwrap();
+        ov.rmdir(&root, OsStr::new("e")).unwrap();
+        // (As the write-back's next pass does.)
+        ov.clean_leftovers();
+        assert_eq!(names(nas.path()), Vec::<String>::new(), "e removed");
         assert!(ov.st().leftovers.is_empty());
     }
 
