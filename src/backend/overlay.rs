@@ -6748,12 +6748,16 @@ mod tests {
         assert_eq!(names(&s.nas.path().join("d")), ["f", "l"]);
     }
 
-    /// A file placed on the NAS by an attempt cut short just after (the
-    /// NAS gone) gets, at the next attempt, the owner set here in between.
-    #[test]
-    fn a_chown_between_attempts_reaches_a_file_the_first_placed() {
-        use crate::backend::instrumented::{Fault, Instrumented};
-        use std::os::unix::fs::MetadataExt;
+    /// An overlay over a backend whose calls can be made to fail.
+    struct Faulty {
+        nas: tempfile::TempDir,
+        _cache: tempfile::TempDir,
+        ov: Arc<Overlay<crate::backend::instrumented::Instrumented<DirBackend>>>,
+        faults: Arc<crate::backend::instrumented::FaultControl>,
+    }
+
+    fn faulty() -> Faulty {
+        use crate::backend::instrumented::Instrumented;
         let nas = tempfile::tempdir().unwrap();
         let cache = tempfile::tempdir().unwrap();
         let stats = Arc::new(crate::stats::Stats::default());
@@ -6767,6 +6771,35 @@ mod tests {
             "h".into(),
         )
         .unwrap();
+        Faulty {
+            nas,
+            _cache: cache,
+            ov,
+            faults,
+        }
+    }
+
+    impl Faulty {
+        /// A write-back pass cut short at NAS call `op`. (A panic stands
+        /// for the NAS gone: this backend is not bounded.)
+        fn cut(&self, op: &'static str) {
+            use crate::backend::instrumented::Fault;
+            self.faults.set(Fault::Panic, Some(op));
+            let r =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.ov.flush_all(None)));
+            self.faults.set(Fault::None, None);
+            assert!(r.is_err(), "{op}");
+        }
+    }
+
+    /// A file placed on the NAS by an attempt cut short just after (the
+    /// NAS gone) gets, at the next attempt, the owner set here in between.
+    #[test]
+    fn a_chown_between_attempts_reaches_a_file_the_first_placed() {
+        use crate::backend::instrumented::Fault;
+        use std::os::unix::fs::MetadataExt;
+        let s = faulty();
+        let (nas, ov, faults) = (&s.nas, &s.ov, &s.faults);
         let (root, _) = ov.root().unwrap();
         let (f, _, file) = ov
             .create(&root, OsStr::new("f"), 0o750, RW, true, me())
@@ -6807,21 +6840,9 @@ mod tests {
     /// here since reaches them.
     #[test]
     fn a_chown_between_attempts_reaches_a_directory_or_symlink_the_first_made() {
-        use crate::backend::instrumented::{Fault, Instrumented};
         use std::os::unix::fs::MetadataExt;
-        let nas = tempfile::tempdir().unwrap();
-        let cache = tempfile::tempdir().unwrap();
-        let stats = Arc::new(crate::stats::Stats::default());
-        let lower = Instrumented::new(DirBackend::new(nas.path()).unwrap(), stats);
-        let faults = lower.faults();
-        let journal = Arc::new(Journal::open(cache.path()).unwrap());
-        let ov = Overlay::open(
-            Arc::new(lower),
-            journal,
-            Duration::from_secs(3600),
-            "h".into(),
-        )
-        .unwrap();
+        let s = faulty();
+        let (nas, ov) = (&s.nas, &s.ov);
         let (root, _) = ov.root().unwrap();
         let user = Creds {
             uid: 1000,
@@ -6833,24 +6854,17 @@ mod tests {
             gid: Some(2000),
             ..SetAttr::default()
         };
-        // (A panic stands for the NAS gone: this backend is not bounded.)
-        let cut = |op| {
-            faults.set(Fault::Panic, Some(op));
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ov.flush_all(None)));
-            faults.set(Fault::None, None);
-            assert!(r.is_err(), "{op}");
-        };
         // A symlink's times, set after it is made: cut short there.
         let (l, _) = ov
             .symlink(&root, OsStr::new("l"), OsStr::new("t"), user)
             .unwrap();
-        cut("setattr");
+        s.cut("setattr");
         assert_eq!(names(nas.path()), ["l"], "made by the first attempt");
         ov.setattr(&l, None, &chown).unwrap();
         // A directory's xattrs, set after it is made: cut short there.
         let (d, _) = ov.mkdir(&root, OsStr::new("d"), 0o755, user).unwrap();
         ov.setxattr(&d, OsStr::new("user.k"), b"v", 0).unwrap();
-        cut("setxattr");
+        s.cut("setxattr");
         assert_eq!(names(nas.path()), ["d", "l"], "made by the first attempt");
         ov.setattr(&d, None, &chown).unwrap();
         assert_eq!(ov.flush_all(None), 0);
@@ -6867,27 +6881,12 @@ mod tests {
     /// passes (as a rename into it does): no conflict.
     #[test]
     fn a_leftover_yields_its_name_to_a_new_directory_made_there() {
-        use crate::backend::instrumented::{Fault, Instrumented};
-        let nas = tempfile::tempdir().unwrap();
-        let cache = tempfile::tempdir().unwrap();
-        let stats = Arc::new(crate::stats::Stats::default());
-        let lower = Instrumented::new(DirBackend::new(nas.path()).unwrap(), stats);
-        let faults = lower.faults();
-        let journal = Arc::new(Journal::open(cache.path()).unwrap());
-        let ov = Overlay::open(
-            Arc::new(lower),
-            journal,
-            Duration::from_secs(3600),
-            "h".into(),
-        )
-        .unwrap();
+        let s = faulty();
+        let (nas, ov) = (&s.nas, &s.ov);
         let (root, _) = ov.root().unwrap();
         ov.mkdir(&root, OsStr::new("b"), 0o755, me()).unwrap();
         // (A panic stands for the NAS gone: this backend is not bounded.)
-        faults.set(Fault::Panic, Some("mkdir"));
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ov.flush_all(None)));
-        faults.set(Fault::None, None);
-        assert!(r.is_err());
+        s.cut("mkdir");
         ov.rmdir(&root, OsStr::new("b")).unwrap();
         let (_, a) = ov.mkdir(&root, OsStr::new("b"), 0o700, me()).unwrap();
         // The NAS made the first all the same, late (a call abandoned
@@ -6905,31 +6904,12 @@ mod tests {
     /// (the second is not taken for another's by the first's number).
     #[test]
     fn leftovers_of_a_directory_made_twice_are_both_removed() {
-        use crate::backend::instrumented::{Fault, Instrumented};
-        let nas = tempfile::tempdir().unwrap();
-        let cache = tempfile::tempdir().unwrap();
-        let stats = Arc::new(crate::stats::Stats::default());
-        let lower = Instrumented::new(DirBackend::new(nas.path()).unwrap(), stats);
-        let faults = lower.faults();
-        let journal = Arc::new(Journal::open(cache.path()).unwrap());
-        let ov = Overlay::open(
-            Arc::new(lower),
-            journal,
-            Duration::from_secs(3600),
-            "h".into(),
-        )
-        .unwrap();
+        let s = faulty();
+        let (nas, ov) = (&s.nas, &s.ov);
         let (root, _) = ov.root().unwrap();
-        // (A panic stands for the NAS gone: this backend is not bounded.)
-        let cut = |op| {
-            faults.set(Fault::Panic, Some(op));
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ov.flush_all(None)));
-            faults.set(Fault::None, None);
-            assert!(r.is_err(), "{op}");
-        };
         let (d, _) = ov.mkdir(&root, OsStr::new("d"), 0o755, me()).unwrap();
         ov.setxattr(&d, OsStr::new("user.k"), b"v", 0).unwrap();
-        cut("setxattr");
+        s.cut("setxattr");
         assert_eq!(names(nas.path()), ["d"]);
         ov.rename(
             &root,
@@ -6939,7 +6919,7 @@ mod tests {
             RenameFlags::default(),
         )
         .unwrap();
-        cut("mkdir");
+        s.cut("mkdir");
         assert_eq!(names(nas.path()), Vec::<String>::new(), "d removed");
         // d's number is not taken for e's (the NAS may give e another).
         assert_eq!(ov.st().objs.get(&d.ino).and_then(|o| o.nas_ino), None);
