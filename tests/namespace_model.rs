@@ -296,6 +296,16 @@ fn path(rng: &mut fastrand::Rng) -> String {
     }
 }
 
+/// The time of day as the daemon's log writes it (UTC), so that a trace
+/// line can be found among the daemon's.
+fn clock() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let (s, ms) = (t.as_secs() % 86400, t.subsec_millis());
+    format!("{:02}:{:02}:{:02}.{ms:03}", s / 3600, s / 60 % 60, s % 60)
+}
+
 fn random_op(rng: &mut fastrand::Rng) -> Op {
     let data = |rng: &mut fastrand::Rng| Data(rng.u8(..), rng.usize(0..3000));
     let xname = |rng: &mut fastrand::Rng| ["user.x", "user.y"][rng.usize(0..2)];
@@ -377,7 +387,7 @@ fn run(seed: u64, ops: usize, long: bool) {
                 if away { "away" } else { "back" }
             ));
             if trace {
-                eprintln!("{}", recent.last().unwrap());
+                eprintln!("{} {}", clock(), recent.last().unwrap());
             }
         }
         let op = random_op(&mut rng);
@@ -403,7 +413,7 @@ fn run(seed: u64, ops: usize, long: bool) {
         let got = apply(&m.mnt, &op);
         recent.push(format!("{step}: {op:?} -> {got:?}"));
         if trace {
-            eprintln!("{}", recent.last().unwrap());
+            eprintln!("{} {}", clock(), recent.last().unwrap());
         }
         if recent.len() > 40 {
             recent.remove(0);
