@@ -3777,32 +3777,42 @@ impl<B: Backend> Overlay<B> {
                 drop(st);
                 return self.promote_one(f, make_dirs);
             }
-            let parent_nas = match st.objs.get(&o.parent) {
-                Some(po) => po.nas.clone(),
-                None => o.parent_nas.clone(),
+            let (parent_nas, parent_here) = match st.objs.get(&o.parent) {
+                Some(po) => (po.nas.clone(), true),
+                None => (o.parent_nas.clone(), false),
             };
             (
                 o.attr,
                 o.target.clone(),
                 o.name.clone(),
                 o.parent,
-                parent_nas,
+                (parent_nas, parent_here),
                 o.content.clone(),
                 o.applying,
                 o.nas_ino,
             )
         };
         let dir = match parent_nas {
-            Some(n) => n,
-            None if !make_dirs => return Err(err(op, libc::ENOENT)),
-            None => {
+            (Some(n), _) => n,
+            (None, _) if !make_dirs => return Err(err(op, libc::ENOENT)),
+            // A directory made here, not yet on the NAS: moved into since
+            // the chain of directories to make was taken. Made first.
+            (None, true) => {
+                self.promote_one(parent, true)?;
+                self.st()
+                    .objs
+                    .get(&parent)
+                    .and_then(|o| o.nas.clone())
+                    .ok_or_else(|| err(op, libc::ENOENT))?
+            }
+            (None, false) => {
                 let path = Self::dir_path(&self.st(), parent).unwrap_or_default();
                 self.recreate_parent(parent, &path)?
             }
         };
         if attr.kind == FileKind::File {
             // Its further names' directories must be on the NAS too.
-            self.link_places(p, make_dirs)?;
+            self.link_places(p, make_dirs, make_dirs)?;
         }
         // Marked as being made only when the attempt may reach the NAS: a
         // directory marked so takes one found at its name as its own.
@@ -3877,7 +3887,7 @@ impl<B: Backend> Overlay<B> {
                             if !self.still_here(p) {
                                 return Err(err(op, libc::EAGAIN));
                             }
-                            let places = self.link_places(p, make_dirs)?;
+                            let places = self.link_places(p, make_dirs, false)?;
                             let links = self.place_links(&n, a.ino, places)?;
                             let a = self.lower.getattr(&n)?;
                             self.created_on_nas(p, &c, n, a, &kept, &links)?;
@@ -3926,7 +3936,7 @@ impl<B: Backend> Overlay<B> {
                 kept = self.place(&dir, &tmp, &name, attr.kind)?;
                 // Its further names, before the view says it is there
                 // (still under `window`).
-                let places = self.link_places(p, make_dirs)?;
+                let places = self.link_places(p, make_dirs, false)?;
                 let links = self.place_links(&node, hattr.ino, places)?;
                 let a = self.lower.getattr(&node)?;
                 self.created_on_nas(p, &c, node.clone(), a, &kept, &links)?;
@@ -4223,9 +4233,15 @@ impl<B: Backend> Overlay<B> {
     }
 
     /// The further names of local file `p`: (link, name, NAS directory).
-    /// ENOENT when a directory is local and not on the NAS yet (then the
-    /// caller makes it first); a NAS directory gone is made again.
-    fn link_places(&self, p: u64, make_dirs: bool) -> BResult<Vec<(u64, OsString, B::Node)>> {
+    /// A directory made here and not on the NAS yet is made first with
+    /// `make_new` (not while `window` is held), or ENOENT; a NAS directory
+    /// gone is made again with `make_dirs`.
+    fn link_places(
+        &self,
+        p: u64,
+        make_dirs: bool,
+        make_new: bool,
+    ) -> BResult<Vec<(u64, OsString, B::Node)>> {
         type Place<N> = (u64, OsString, u64, Option<N>, bool);
         let ls: Vec<Place<B::Node>> = {
             let st = self.st();
@@ -4252,6 +4268,15 @@ impl<B: Backend> Overlay<B> {
                 None if make_dirs && !local_dir => {
                     let path = Self::dir_path(&self.st(), parent).unwrap_or_default();
                     self.recreate_parent(parent, &path)?
+                }
+                // Moved into since the chain was taken (see promote_one).
+                None if make_new => {
+                    self.promote_one(parent, true)?;
+                    self.st()
+                        .objs
+                        .get(&parent)
+                        .and_then(|o| o.nas.clone())
+                        .ok_or_else(|| err("create on the NAS", libc::ENOENT))?
                 }
                 None => return Err(err("create on the NAS", libc::ENOENT)),
             };
@@ -6930,6 +6955,72 @@ mod tests {
         ov.clean_leftovers();
         assert_eq!(names(nas.path()), Vec::<String>::new(), "e removed");
         assert!(ov.st().leftovers.is_empty());
+    }
+
+    /// A directory made here, moved here into another new directory
+    /// after the write-back took the chain of directories to make for it
+    /// (with the one it was in; a rename waits for a creation on the NAS,
+    /// not for the rest of the chain): it goes into the new directory,
+    /// made first, with no conflict (not into one made at that path as if
+    /// the NAS had lost it, with the new one at the conflict name).
+    #[test]
+    fn a_new_directory_moved_into_another_after_its_chain_was_taken_goes_there() {
+        let s = faulty();
+        let (nas, ov) = (&s.nas, &s.ov);
+        let (root, _) = ov.root().unwrap();
+        let (a, ai) = ov.mkdir(&root, OsStr::new("a"), 0o755, me()).unwrap();
+        let (_, b) = ov.mkdir(&a, OsStr::new("b"), 0o755, me()).unwrap();
+        let (n, _) = ov.mkdir(&root, OsStr::new("n"), 0o755, me()).unwrap();
+        // The chain a, b: a made.
+        let _g = ov.replay.write().unwrap();
+        ov.promote_one(ai.ino, true).unwrap();
+        ov.rename(
+            &a,
+            OsStr::new("b"),
+            &n,
+            OsStr::new("b"),
+            RenameFlags::default(),
+        )
+        .unwrap();
+        // Then b, as the chain goes on.
+        ov.promote_one(b.ino, true).unwrap();
+        drop(_g);
+        assert_eq!(names(nas.path()), ["a", "n"]);
+        assert_eq!(names(&nas.path().join("n")), ["b"]);
+        ov.flush_all(None);
+        assert_eq!(names(nas.path()), ["a", "n"]);
+        assert_eq!(ov.conflicts.load(Ordering::Relaxed), 0);
+    }
+
+    /// The same for a further name of a new file, moved into a new
+    /// directory after the chain was taken: the directory is made first.
+    #[test]
+    fn a_link_moved_into_a_new_directory_after_the_chain_was_taken_goes_there() {
+        let s = faulty();
+        let (nas, ov) = (&s.nas, &s.ov);
+        let (root, _) = ov.root().unwrap();
+        let (a, ai) = ov.mkdir(&root, OsStr::new("a"), 0o755, me()).unwrap();
+        let (fnode, fa, f) = ov
+            .create(&root, OsStr::new("f"), 0o644, RW, true, me())
+            .unwrap();
+        drop(f);
+        ov.link(&fnode, &a, OsStr::new("l")).unwrap();
+        let (n, _) = ov.mkdir(&root, OsStr::new("n"), 0o755, me()).unwrap();
+        let _g = ov.replay.write().unwrap();
+        ov.promote_one(ai.ino, true).unwrap();
+        ov.rename(
+            &a,
+            OsStr::new("l"),
+            &n,
+            OsStr::new("l"),
+            RenameFlags::default(),
+        )
+        .unwrap();
+        ov.promote_one(fa.ino, true).unwrap();
+        drop(_g);
+        assert_eq!(names(nas.path()), ["a", "f", "n"]);
+        assert_eq!(names(&nas.path().join("n")), ["l"]);
+        assert_eq!(ov.conflicts.load(Ordering::Relaxed), 0);
     }
 
     #[test]
