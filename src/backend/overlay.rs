@@ -1627,6 +1627,21 @@ impl<B: Backend> Overlay<B> {
     /// rename or link goes into.
     fn promote_chain_now(&self, ino: u64) -> BResult<B::Node> {
         let _g = self.replay.write().unwrap_or_else(|e| e.into_inner());
+        // One of them moved or removed here meanwhile (EAGAIN): the chain
+        // taken again (a rename's replay would otherwise take that for a
+        // rename the NAS refused).
+        let mut tries = 0;
+        loop {
+            match self.promote_chain_once(ino) {
+                Err(e) if e.raw_errno() == libc::EAGAIN && tries < 3 => tries += 1,
+                r => return r,
+            }
+        }
+    }
+
+    /// The directories made here above `ino` (and `ino`), made on the NAS
+    /// top down; `replay` write-held.
+    fn promote_chain_once(&self, ino: u64) -> BResult<B::Node> {
         let mut chain = Vec::new();
         {
             let st = self.st();
@@ -1906,7 +1921,10 @@ impl<B: Backend> Overlay<B> {
                 // offline if the NAS is slow to answer (`name_absent_here`).
                 let got = where_name_known_absent(|| self.lower.lookup(n, name));
                 match got {
-                    Ok(_) => return Err(err(op, libc::EEXIST)),
+                    Ok((_, a)) => {
+                        log::debug!("{name:?} in {:x} taken on the NAS (ino {})", dir.ino, a.ino);
+                        return Err(err(op, libc::EEXIST));
+                    }
                     Err(e) if e.raw_errno() == libc::ENOENT => {}
                     // Offline: taken here; a name taken on the NAS
                     // meanwhile gets the conflict name when it is created.
@@ -3933,10 +3951,17 @@ impl<B: Backend> Overlay<B> {
                     let _ = self.lower.unlink(&dir, &tmp);
                     return Err(err(op, libc::EAGAIN));
                 }
-                kept = self.place(&dir, &tmp, &name, attr.kind)?;
                 // Its further names, before the view says it is there
-                // (still under `window`).
-                let places = self.link_places(p, make_dirs, false)?;
+                // (still under `window`); one moved meanwhile into a
+                // directory not on the NAS yet: tried again, not placed.
+                let places = match self.link_places(p, make_dirs, false) {
+                    Err(e) if e.raw_errno() == libc::ENOENT => {
+                        let _ = self.lower.unlink(&dir, &tmp);
+                        return Err(err(op, libc::EAGAIN));
+                    }
+                    r => r?,
+                };
+                kept = self.place(&dir, &tmp, &name, attr.kind)?;
                 let links = self.place_links(&node, hattr.ino, places)?;
                 let a = self.lower.getattr(&node)?;
                 self.created_on_nas(p, &c, node.clone(), a, &kept, &links)?;
@@ -5532,6 +5557,10 @@ impl<B: Backend> Backend for Overlay<B> {
         // (which may mean placing new objects there: not under `window`),
         // after the removals made while it did not answer.
         drop(w);
+        log::debug!(
+            "rename {name:?} in {:x} on the NAS (src {src:x?}, dst {dst:x?})",
+            dir.ino
+        );
         self.apply_removals_at(&[(dir, name), (newdir, newname)], op)?;
         if !flags.exchange {
             // A directory with new objects in it is not empty, whatever
