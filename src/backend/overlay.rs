@@ -1921,6 +1921,9 @@ impl<B: Backend> Overlay<B> {
                 // offline if the NAS is slow to answer (`name_absent_here`).
                 let got = where_name_known_absent(|| self.lower.lookup(n, name));
                 match got {
+                    // What an attempt cut short left (not shown): free,
+                    // removed before the new one is placed there.
+                    Ok((_, a)) if Self::is_leftover(&self.st(), dir.ino, name, a.ino) => {}
                     Ok((_, a)) => {
                         log::debug!("{name:?} in {:x} taken on the NAS (ino {})", dir.ino, a.ino);
                         return Err(err(op, libc::EEXIST));
@@ -2219,11 +2222,19 @@ impl<B: Backend> Overlay<B> {
     /// write-back's passes too, which remove leftovers before creating).
     /// Whether one was; the NAS not answering, an error.
     fn clean_leftovers_at(&self, parent: u64, name: &OsStr) -> BResult<bool> {
+        self.clean_leftovers_where(|l| l.dir_ino == parent && l.name == name)
+    }
+
+    /// [`Self::clean_leftovers_at`] for the leftovers `which` picks.
+    fn clean_leftovers_where(&self, which: impl Fn(&Leftover<B::Node>) -> bool) -> BResult<bool> {
         let here: Vec<Leftover<B::Node>> = {
             let mut st = self.st();
+            if !st.leftovers.iter().any(&which) {
+                return Ok(false);
+            }
             let (here, rest) = std::mem::take(&mut st.leftovers)
                 .into_iter()
-                .partition(|l| l.dir_ino == parent && l.name == name);
+                .partition(|l| which(l));
             st.leftovers = rest;
             here
         };
@@ -2241,22 +2252,37 @@ impl<B: Backend> Overlay<B> {
         Ok(found)
     }
 
+    /// Removes the hidden file of an attempt given up before placing it,
+    /// and forgets its number (freed, it may come back as another's).
+    fn unmake_hidden(&self, p: u64, dir: &B::Node, tmp: &OsStr) -> BResult<()> {
+        let _ = self.lower.unlink(dir, tmp);
+        let mut st = self.st();
+        if let Some(o) = st.objs.get_mut(&p) {
+            o.nas_ino = None;
+        }
+        self.persist(&st, p)
+    }
+
     /// Before a rename, link or creation made on the NAS at `name` in
     /// `dir` (not one of the write-back's creations, which see to it
     /// themselves): what unfinished attempts left there, removed where
     /// surely ours. Not while a creation is under way (as
     /// `clean_leftovers`): nothing that `window` or `replay` held.
-    fn clear_leftovers_for(&self, dir: u64, name: &OsStr) -> BResult<()> {
+    /// With `known`, only those whose NAS number is known.
+    fn clear_leftovers_for(&self, dir: u64, name: &OsStr, known: bool) -> BResult<()> {
         let any = self
             .st()
             .leftovers
             .iter()
-            .any(|l| l.dir_ino == dir && l.name == name);
+            .any(|l| l.dir_ino == dir && l.name == name && (!known || l.nas_ino.is_some()));
         if !any {
             return Ok(());
         }
         let _g = self.replay.write().unwrap_or_else(|e| e.into_inner());
-        self.clean_leftovers_at(dir, name).map(|_| ())
+        self.clean_leftovers_where(|l| {
+            l.dir_ino == dir && l.name == name && (!known || l.nas_ino.is_some())
+        })
+        .map(|_| ())
     }
 
     fn local_attr(&self, ino: u64) -> Option<Attr> {
@@ -2836,7 +2862,7 @@ impl<B: Backend> Overlay<B> {
                 .as_ref()
                 .filter(|t| t.dir.is_some() && made_err.is_none())
             {
-                if let Err(e) = self.clear_leftovers_for(t.dir_ino, &t.name) {
+                if let Err(e) = self.clear_leftovers_for(t.dir_ino, &t.name, false) {
                     if let Some(r) = self.st().removals.front_mut() {
                         r.error = Some(e.to_string());
                     }
@@ -3936,7 +3962,13 @@ impl<B: Backend> Overlay<B> {
                             if !self.still_here(p) {
                                 return Err(err(op, libc::EAGAIN));
                             }
-                            let places = self.link_places(p, make_dirs, false)?;
+                            let places = match self.link_places(p, make_dirs, false) {
+                                // Moved meanwhile (see below): tried again.
+                                Err(e) if e.raw_errno() == libc::ENOENT && make_dirs => {
+                                    return Err(err(op, libc::EAGAIN));
+                                }
+                                r => r?,
+                            };
                             let links = self.place_links(&n, a.ino, places)?;
                             let a = self.lower.getattr(&n)?;
                             self.created_on_nas(p, &c, n, a, &kept, &links)?;
@@ -3979,19 +4011,28 @@ impl<B: Backend> Overlay<B> {
                 };
                 let _placing = Placing::new(self, dirs);
                 if !self.still_here(p) {
-                    let _ = self.lower.unlink(&dir, &tmp);
+                    self.unmake_hidden(p, &dir, &tmp)?;
                     return Err(err(op, libc::EAGAIN));
                 }
                 // Its further names, before the view says it is there
                 // (still under `window`); one moved meanwhile into a
-                // directory not on the NAS yet: tried again, not placed.
+                // directory not on the NAS yet: tried again, not placed
+                // (with that directory made first: at once by a chain,
+                // later by the parallel pass).
                 let places = match self.link_places(p, make_dirs, false) {
                     Err(e) if e.raw_errno() == libc::ENOENT => {
-                        let _ = self.lower.unlink(&dir, &tmp);
-                        return Err(err(op, libc::EAGAIN));
+                        self.unmake_hidden(p, &dir, &tmp)?;
+                        let again = if make_dirs {
+                            libc::EAGAIN
+                        } else {
+                            libc::ENOENT
+                        };
+                        return Err(err(op, again));
                     }
                     r => r?,
                 };
+                // What an attempt cut short left at its name goes first.
+                self.clean_leftovers_at(parent, &name)?;
                 kept = self.place(&dir, &tmp, &name, attr.kind)?;
                 let links = self.place_links(&node, hattr.ino, places)?;
                 let a = self.lower.getattr(&node)?;
@@ -5307,7 +5348,7 @@ impl<B: Backend> Backend for Overlay<B> {
             None => {
                 self.apply_removals()?;
                 let d = self.materialize(dir)?;
-                self.clear_leftovers_for(dir.ino, name)?;
+                self.clear_leftovers_for(dir.ino, name, false)?;
                 let (n, a) = self.lower.mknod(&d, name, mode, rdev, creds)?;
                 Ok(self.node_up(n, a))
             }
@@ -5326,7 +5367,7 @@ impl<B: Backend> Backend for Overlay<B> {
             None => {
                 self.apply_removals()?;
                 let d = self.materialize(dir)?;
-                self.clear_leftovers_for(dir.ino, name)?;
+                self.clear_leftovers_for(dir.ino, name, false)?;
                 let (n, a) = self.lower.mkdir(&d, name, mode, creds)?;
                 let r = self.node_up(n, a);
                 self.saw_dir(dir.ino, name, &r.1);
@@ -5356,7 +5397,7 @@ impl<B: Backend> Backend for Overlay<B> {
             None => {
                 self.apply_removals()?;
                 let d = self.materialize(dir)?;
-                self.clear_leftovers_for(dir.ino, name)?;
+                self.clear_leftovers_for(dir.ino, name, false)?;
                 let (n, a) = self.lower.symlink(&d, name, target, creds)?;
                 Ok(self.node_up(n, a))
             }
@@ -5398,7 +5439,7 @@ impl<B: Backend> Backend for Overlay<B> {
         self.apply_removals()?;
         let n = self.materialize(node)?;
         let d = self.materialize(dir)?;
-        self.clear_leftovers_for(dir.ino, name)?;
+        self.clear_leftovers_for(dir.ino, name, false)?;
         let a = self.lower.link(&n, &d, name)?;
         Ok(self.up(a))
     }
@@ -5651,8 +5692,10 @@ impl<B: Backend> Backend for Overlay<B> {
         }
         let d = self.materialize(dir)?;
         let nd = self.materialize(newdir)?;
+        // (With noreplace, only those the view hides: one whose number
+        // is unknown shows, and is not for a rename to replace.)
         if !flags.exchange {
-            self.clear_leftovers_for(newdir.ino, newname)?;
+            self.clear_leftovers_for(newdir.ino, newname, flags.noreplace)?;
         }
         self.lower.rename(&d, name, &nd, newname, flags)?;
         let mut st = self.st();
@@ -5748,7 +5791,7 @@ impl<B: Backend> Backend for Overlay<B> {
             Ok(None) => {
                 self.apply_removals()?;
                 let d = self.materialize(dir)?;
-                self.clear_leftovers_for(dir.ino, name)?;
+                self.clear_leftovers_for(dir.ino, name, false)?;
                 let (n, a, f) = self.lower.create(&d, name, mode, open, exclusive, creds)?;
                 let (n, a) = self.node_up(n, a);
                 let ino = n.ino;
@@ -7043,6 +7086,25 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let ino = std::fs::metadata(nas.path().join("b/a")).unwrap().ino();
         assert_eq!(ino, xa.ino, "x moved there");
+        assert!(ov.st().leftovers.is_empty());
+    }
+
+    /// A name where an attempt cut short left something of ours is free
+    /// for a new file (not EEXIST, which `ls` would not explain); the
+    /// leftover goes before the file is placed there.
+    #[test]
+    fn a_new_file_at_a_leftovers_name_takes_it() {
+        let (s, b) = leftover_at_b_a();
+        let (nas, ov) = (&s.nas, &s.ov);
+        let (_, a, f) = ov
+            .create(&b, OsStr::new("a"), 0o644, RW, true, me())
+            .unwrap();
+        ov.write(&f, 0, b"new").unwrap();
+        drop(f);
+        // (Not as a pass, which removes leftovers first.)
+        ov.promote_one(a.ino, false).unwrap();
+        assert_eq!(std::fs::read(nas.path().join("b/a")).unwrap(), b"new");
+        assert_eq!(ov.conflicts.load(Ordering::Relaxed), 0);
         assert!(ov.st().leftovers.is_empty());
     }
 
