@@ -4074,6 +4074,15 @@ impl<B: Backend> Overlay<B> {
                                 && a.kind == FileKind::Dir
                                 && hidden_ino.is_none_or(|i| i == a.ino) =>
                         {
+                            log::debug!(
+                                "{p:x} found at {name:?} as made by an earlier attempt \
+                                 (ino {}, recorded {hidden_ino:?}, owner {}:{}, here {}:{})",
+                                a.ino,
+                                a.uid,
+                                a.gid,
+                                attr.uid,
+                                attr.gid
+                            );
                             let a = match hidden_ino == Some(a.ino) {
                                 true => self.owner_since(p, (parent, &name), &n, a, &attr)?,
                                 false => self.owned_as((&dir, parent, &name), &n, a, &attr)?,
@@ -4247,15 +4256,20 @@ impl<B: Backend> Overlay<B> {
         attr: &Attr,
     ) -> BResult<Attr> {
         let daemon = nix::unistd::geteuid().as_raw();
-        if a.uid != daemon || attr.uid == daemon {
+        if a.uid != daemon {
             return Ok(a);
         }
+        // (The daemon's own uid wanted: the group may still be to set, a
+        // chgrp here since that attempt.)
         let setgid = self.lower.getattr(dir)?.perm & libc::S_ISGID as u16 != 0;
         let chown = SetAttr {
-            uid: Some(attr.uid),
-            gid: (!setgid).then_some(attr.gid),
+            uid: (attr.uid != daemon).then_some(attr.uid),
+            gid: (!setgid && a.gid != attr.gid).then_some(attr.gid),
             ..SetAttr::default()
         };
+        if chown.uid.is_none() && chown.gid.is_none() {
+            return Ok(a);
+        }
         self.chown_on_nas((parent, name), n, a, &chown)
     }
 
@@ -7087,6 +7101,31 @@ mod tests {
         let ino = std::fs::metadata(nas.path().join("b/a")).unwrap().ino();
         assert_eq!(ino, xa.ino, "x moved there");
         assert!(ov.st().leftovers.is_empty());
+    }
+
+    /// A directory the NAS made though the attempt's answer was lost (its
+    /// number unknown), made as the daemon, then given another group
+    /// here: found at the next attempt, it gets that group.
+    #[test]
+    fn a_chgrp_reaches_a_directory_whose_creation_answer_was_lost() {
+        use std::os::unix::fs::MetadataExt;
+        let s = faulty();
+        let (nas, ov) = (&s.nas, &s.ov);
+        let (root, _) = ov.root().unwrap();
+        let (d, da) = ov.mkdir(&root, OsStr::new("d"), 0o755, me()).unwrap();
+        s.cut("mkdir");
+        let gid = me().gid + 1000;
+        let to = SetAttr {
+            gid: Some(gid),
+            ..SetAttr::default()
+        };
+        ov.setattr(&d, None, &to).unwrap();
+        // The NAS made it all the same, as the daemon.
+        std::fs::create_dir(nas.path().join("d")).unwrap();
+        ov.promote_one(da.ino, false).unwrap();
+        let md = std::fs::metadata(nas.path().join("d")).unwrap();
+        assert_eq!((md.uid(), md.gid()), (me().uid, gid));
+        assert_eq!(ov.conflicts.load(Ordering::Relaxed), 0);
     }
 
     /// A name where an attempt cut short left something of ours is free
