@@ -2254,13 +2254,17 @@ impl<B: Backend> Overlay<B> {
 
     /// Removes the hidden file of an attempt given up before placing it,
     /// and forgets its number (freed, it may come back as another's).
-    fn unmake_hidden(&self, p: u64, dir: &B::Node, tmp: &OsStr) -> BResult<()> {
+    fn unmake_hidden(&self, p: u64, dir: &B::Node, tmp: &OsStr) {
         let _ = self.lower.unlink(dir, tmp);
         let mut st = self.st();
         if let Some(o) = st.objs.get_mut(&p) {
-            o.nas_ino = None;
+            if o.nas_ino.take().is_none() {
+                return;
+            }
         }
-        self.persist(&st, p)
+        if let Err(e) = self.persist(&st, p) {
+            log::warn!("journal: {e}");
+        }
     }
 
     /// Before a rename, link or creation made on the NAS at `name` in
@@ -3976,7 +3980,7 @@ impl<B: Backend> Overlay<B> {
                         }
                     }
                     // Its hidden file may hold an earlier attempt's bytes.
-                    let _ = self.lower.unlink(&dir, &tmp);
+                    self.unmake_hidden(p, &dir, &tmp);
                 }
                 let (node, hattr, f) = self.lower.create(
                     &dir,
@@ -4011,7 +4015,7 @@ impl<B: Backend> Overlay<B> {
                 };
                 let _placing = Placing::new(self, dirs);
                 if !self.still_here(p) {
-                    self.unmake_hidden(p, &dir, &tmp)?;
+                    self.unmake_hidden(p, &dir, &tmp);
                     return Err(err(op, libc::EAGAIN));
                 }
                 // Its further names, before the view says it is there
@@ -4021,7 +4025,7 @@ impl<B: Backend> Overlay<B> {
                 // later by the parallel pass).
                 let places = match self.link_places(p, make_dirs, false) {
                     Err(e) if e.raw_errno() == libc::ENOENT => {
-                        self.unmake_hidden(p, &dir, &tmp)?;
+                        self.unmake_hidden(p, &dir, &tmp);
                         let again = if make_dirs {
                             libc::EAGAIN
                         } else {
@@ -4031,8 +4035,11 @@ impl<B: Backend> Overlay<B> {
                     }
                     r => r?,
                 };
-                // What an attempt cut short left at its name goes first.
-                self.clean_leftovers_at(parent, &name)?;
+                // What an attempt cut short left at its name goes first
+                // (one whose number is known: no other file is taken for it).
+                self.clean_leftovers_where(|l| {
+                    l.dir_ino == parent && l.name == name && l.nas_ino.is_some()
+                })?;
                 kept = self.place(&dir, &tmp, &name, attr.kind)?;
                 let links = self.place_links(&node, hattr.ino, places)?;
                 let a = self.lower.getattr(&node)?;
@@ -4053,7 +4060,9 @@ impl<B: Backend> Overlay<B> {
                         .mkdir(&dir, &name, (attr.perm & 0o777) as u32 | 0o700, creds)
                 };
                 let made = match mkdir() {
-                    Err(e) if e.raw_errno() == libc::EEXIST && !applying => {
+                    // (Also when applying: not to take a leftover for what an
+                    // earlier attempt made.)
+                    Err(e) if e.raw_errno() == libc::EEXIST => {
                         match self.clean_leftovers_at(parent, &name)? {
                             true => mkdir(),
                             false => Err(e),
@@ -4085,7 +4094,7 @@ impl<B: Backend> Overlay<B> {
                             );
                             let a = match hidden_ino == Some(a.ino) {
                                 true => self.owner_since(p, (parent, &name), &n, a, &attr)?,
-                                false => self.owned_as((&dir, parent, &name), &n, a, &attr)?,
+                                false => self.owned_as(p, (&dir, parent, &name), &n, a, &attr)?,
                             };
                             (n, a)
                         }
@@ -4128,7 +4137,9 @@ impl<B: Backend> Overlay<B> {
                 let creds = creds_of(&attr);
                 let t = target.clone().unwrap_or_default();
                 let made = match self.lower.symlink(&dir, &name, &t, creds) {
-                    Err(e) if e.raw_errno() == libc::EEXIST && !applying => {
+                    // (Also when applying: not to take a leftover for what an
+                    // earlier attempt made.)
+                    Err(e) if e.raw_errno() == libc::EEXIST => {
                         match self.clean_leftovers_at(parent, &name)? {
                             true => self.lower.symlink(&dir, &name, &t, creds),
                             false => Err(e),
@@ -4151,7 +4162,7 @@ impl<B: Backend> Overlay<B> {
                             let (n, a) = self.lower.lookup(&dir, &name)?;
                             let a = match hidden_ino == Some(a.ino) {
                                 true => self.owner_since(p, (parent, &name), &n, a, &attr)?,
-                                false => self.owned_as((&dir, parent, &name), &n, a, &attr)?,
+                                false => self.owned_as(p, (&dir, parent, &name), &n, a, &attr)?,
                             };
                             (n, a)
                         } else {
@@ -4180,7 +4191,9 @@ impl<B: Backend> Overlay<B> {
                 let creds = creds_of(&attr);
                 let mode = fmt | attr.perm as u32;
                 let made = match self.lower.mknod(&dir, &name, mode, attr.rdev, creds) {
-                    Err(e) if e.raw_errno() == libc::EEXIST && !applying => {
+                    // (Also when applying: not to take a leftover for what an
+                    // earlier attempt made.)
+                    Err(e) if e.raw_errno() == libc::EEXIST => {
                         match self.clean_leftovers_at(parent, &name)? {
                             true => self.lower.mknod(&dir, &name, mode, attr.rdev, creds),
                             false => Err(e),
@@ -4195,7 +4208,9 @@ impl<B: Backend> Overlay<B> {
                             Ok((n, a)) if applying && a.kind == k => {
                                 let a = match hidden_ino == Some(a.ino) {
                                     true => self.owner_since(p, (parent, &name), &n, a, &attr)?,
-                                    false => self.owned_as((&dir, parent, &name), &n, a, &attr)?,
+                                    false => {
+                                        self.owned_as(p, (&dir, parent, &name), &n, a, &attr)?
+                                    }
                                 };
                                 (n, a)
                             }
@@ -4250,6 +4265,7 @@ impl<B: Backend> Overlay<B> {
     /// refuses is dropped, a conflict, as for any owner set here.
     fn owned_as(
         &self,
+        p: u64,
         (dir, parent, name): (&B::Node, u64, &OsStr),
         n: &B::Node,
         a: Attr,
@@ -4259,12 +4275,19 @@ impl<B: Backend> Overlay<B> {
         if a.uid != daemon {
             return Ok(a);
         }
-        // (The daemon's own uid wanted: the group may still be to set, a
-        // chgrp here since that attempt.)
+        // The daemon's own uid wanted: the group only if changed here since
+        // that attempt (`chowned`; not another root's object's group, nor
+        // one the NAS chose).
+        let chgrp = attr.uid == daemon
+            && a.gid != attr.gid
+            && self.st().objs.get(&p).is_some_and(|o| o.chowned);
+        if attr.uid == daemon && !chgrp {
+            return Ok(a);
+        }
         let setgid = self.lower.getattr(dir)?.perm & libc::S_ISGID as u16 != 0;
         let chown = SetAttr {
             uid: (attr.uid != daemon).then_some(attr.uid),
-            gid: (!setgid && a.gid != attr.gid).then_some(attr.gid),
+            gid: (!setgid && (attr.uid != daemon || chgrp)).then_some(attr.gid),
             ..SetAttr::default()
         };
         if chown.uid.is_none() && chown.gid.is_none() {
@@ -4407,7 +4430,25 @@ impl<B: Backend> Overlay<B> {
     ) -> BResult<Vec<(u64, OsString)>> {
         let mut out = Vec::with_capacity(places.len());
         for (l, name, dir) in places {
-            let kept = match self.lower.link(node, &dir, &name) {
+            let mut linked = self.lower.link(node, &dir, &name);
+            if linked
+                .as_ref()
+                .is_err_and(|e| e.raw_errno() == libc::EEXIST)
+            {
+                // What an attempt cut short left there goes first (one
+                // whose number is known, as for the file's own name).
+                let parent = self.st().objs.get(&l).map(|o| o.parent);
+                let cleaned = match parent {
+                    Some(d) => self.clean_leftovers_where(|x| {
+                        x.dir_ino == d && x.name == name && x.nas_ino.is_some()
+                    })?,
+                    None => false,
+                };
+                if cleaned {
+                    linked = self.lower.link(node, &dir, &name);
+                }
+            }
+            let kept = match linked {
                 Ok(_) => name,
                 Err(e) if e.raw_errno() == libc::EEXIST => match self.lower.lookup(&dir, &name) {
                     Ok((_, a)) if a.ino == nas_ino => name,
@@ -7126,6 +7167,50 @@ mod tests {
         let md = std::fs::metadata(nas.path().join("d")).unwrap();
         assert_eq!((md.uid(), md.gid()), (me().uid, gid));
         assert_eq!(ov.conflicts.load(Ordering::Relaxed), 0);
+    }
+
+    /// A new directory whose first attempt was cut short before making it
+    /// does not take, at the next, a leftover at its name (another local
+    /// object's, moved away since) for what that attempt made.
+    #[test]
+    fn a_directory_being_made_does_not_adopt_a_leftover_at_its_name() {
+        use crate::backend::instrumented::Fault;
+        let s = faulty();
+        let (nas, ov) = (&s.nas, &s.ov);
+        let (root, _) = ov.root().unwrap();
+        let (d1, _) = ov.mkdir(&root, OsStr::new("n"), 0o755, me()).unwrap();
+        ov.setxattr(&d1, OsStr::new("user.k"), b"v", 0).unwrap();
+        s.cut("setxattr");
+        // (Known by its times: a new one may get the freed number.)
+        let old = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        std::fs::File::open(nas.path().join("n"))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        ov.rename(
+            &root,
+            OsStr::new("n"),
+            &root,
+            OsStr::new("m"),
+            RenameFlags::default(),
+        )
+        .unwrap();
+        let (_, d2) = ov.mkdir(&root, OsStr::new("n"), 0o700, me()).unwrap();
+        s.faults.set(Fault::Panic, Some("mkdir"));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            ov.promote_one(d2.ino, false)
+        }));
+        s.faults.set(Fault::None, None);
+        assert!(r.is_err());
+        ov.promote_one(d2.ino, false).unwrap();
+        let md = std::fs::metadata(nas.path().join("n")).unwrap();
+        assert_ne!(
+            md.modified().unwrap(),
+            old,
+            "the leftover taken for the new directory"
+        );
+        assert_eq!(ov.conflicts.load(Ordering::Relaxed), 0);
+        assert!(ov.st().leftovers.is_empty());
     }
 
     /// A name where an attempt cut short left something of ours is free
