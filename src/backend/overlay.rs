@@ -3995,13 +3995,18 @@ impl<B: Backend> Overlay<B> {
                     "{p:x} filled as {tmp:?} (ino {}), was {hidden_ino:?}",
                     hattr.ino
                 );
-                if hidden_ino != Some(hattr.ino) {
-                    let mut st = self.st();
-                    if let Some(o) = st.objs.get_mut(&p) {
-                        o.nas_ino = Some(hattr.ino);
-                    }
+                // (Against the number as recorded now, not as this attempt
+                // began: the earlier attempt's file was forgotten above,
+                // and the NAS may give this one the same number.)
+                let mut st = self.st();
+                let changed = st
+                    .objs
+                    .get_mut(&p)
+                    .is_some_and(|o| o.nas_ino.replace(hattr.ino) != Some(hattr.ino));
+                if changed {
                     self.persist(&st, p)?;
                 }
+                drop(st);
                 self.put_xattrs(p, &node)?;
                 self.fill(&node, &f, &upper, &attr, hattr.perm, hattr.size > 0)?;
                 drop(f);
@@ -7211,6 +7216,38 @@ mod tests {
         );
         assert_eq!(ov.conflicts.load(Ordering::Relaxed), 0);
         assert!(ov.st().leftovers.is_empty());
+    }
+
+    /// Attempts cut short before and after placing a new file: the third
+    /// finishes it, not taking it for another's (the second's hidden file
+    /// may get the number the first's had, which the NAS freed: as ext4
+    /// does here; where numbers are not reused, this passes either way).
+    #[test]
+    fn a_file_placed_by_an_attempt_cut_short_is_finished_by_the_next() {
+        use std::os::unix::fs::MetadataExt;
+        let s = faulty();
+        let (nas, ov) = (&s.nas, &s.ov);
+        let (root, _) = ov.root().unwrap();
+        let (_, _, f) = ov
+            .create(&root, OsStr::new("f"), 0o644, RW, true, me())
+            .unwrap();
+        ov.write(&f, 0, b"data").unwrap();
+        drop(f);
+        s.cut("rename");
+        let first = std::fs::read_dir(nas.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        let first = first.metadata().unwrap().ino();
+        // Placed this time, cut short just after.
+        s.cut("getattr");
+        let placed = std::fs::metadata(nas.path().join("f")).unwrap().ino();
+        eprintln!("hidden file numbers: {first}, then {placed}");
+        ov.flush_all(None);
+        assert_eq!(names(nas.path()), ["f"]);
+        assert_eq!(std::fs::read(nas.path().join("f")).unwrap(), b"data");
+        assert_eq!(ov.conflicts.load(Ordering::Relaxed), 0);
     }
 
     /// A name where an attempt cut short left something of ours is free
