@@ -2161,7 +2161,14 @@ impl<B: Backend> Overlay<B> {
     /// Removes leftover `l` from the NAS if it is surely ours, and its
     /// record; false where the NAS did not answer (kept for later).
     fn clean_leftover(&self, l: &Leftover<B::Node>) -> bool {
-        if l.kind == FileKind::File {
+        // (Not the hidden file of an object still to make in that
+        // directory: moved back there, its attempts fill that file again,
+        // maybe now.)
+        let live = l.kind == FileKind::File
+            && self.st().objs.iter().any(|(k, o)| {
+                !o.gone && o.nas.is_none() && o.parent == l.dir_ino && hidden_name(*k) == l.hidden
+            });
+        if l.kind == FileKind::File && !live {
             if let Err(e) = self.lower.unlink(&l.dir, &l.hidden) {
                 if is_unreachable(&e) {
                     return false;
@@ -2254,9 +2261,24 @@ impl<B: Backend> Overlay<B> {
 
     /// Removes the hidden file of an attempt given up before placing it,
     /// and forgets its number (freed, it may come back as another's).
-    fn unmake_hidden(&self, p: u64, dir: &B::Node, tmp: &OsStr) {
-        let _ = self.lower.unlink(dir, tmp);
+    /// `made`: the number of the hidden file this attempt made, whose
+    /// leftover (the object moved meanwhile) is gone with it.
+    fn unmake_hidden(&self, p: u64, dir: &B::Node, tmp: &OsStr, made: Option<u64>) {
+        let gone = self.lower.unlink(dir, tmp).is_ok();
         let mut st = self.st();
+        if gone && made.is_some() {
+            // Never placed, and its number free again: a record naming it
+            // would take another file that gets the number for ours.
+            let (drop, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut st.leftovers)
+                .into_iter()
+                .partition(|l| l.hidden == tmp && l.nas_ino == made && l.kind == FileKind::File);
+            st.leftovers = keep;
+            for l in drop {
+                if let Err(e) = self.journal.delete_leftover(l.id) {
+                    log::warn!("journal: {e}");
+                }
+            }
+        }
         if let Some(o) = st.objs.get_mut(&p) {
             if o.nas_ino.take().is_none() {
                 return;
@@ -3928,6 +3950,16 @@ impl<B: Backend> Overlay<B> {
                 _content_guard = c.lock.write().unwrap_or_else(|e| e.into_inner());
                 // As of now: writes and setattr wait for the content lock.
                 let attr = self.attr_now(p, attr);
+                // Moved meanwhile (what it left is a leftover now, not to
+                // fill), or its hidden file's number forgotten since: as
+                // of now, too.
+                let hidden_ino = {
+                    let st = self.st();
+                    match st.objs.get(&p) {
+                        Some(o) if o.applying && !o.gone => o.nas_ino,
+                        _ => return Err(err(op, libc::EAGAIN)),
+                    }
+                };
 
                 let creds = creds_of(&attr);
                 let upper = File::open(self.journal.upper_path(p)).map_err(io(op))?;
@@ -3980,7 +4012,7 @@ impl<B: Backend> Overlay<B> {
                         }
                     }
                     // Its hidden file may hold an earlier attempt's bytes.
-                    self.unmake_hidden(p, &dir, &tmp);
+                    self.unmake_hidden(p, &dir, &tmp, None);
                 }
                 let (node, hattr, f) = self.lower.create(
                     &dir,
@@ -4020,7 +4052,7 @@ impl<B: Backend> Overlay<B> {
                 };
                 let _placing = Placing::new(self, dirs);
                 if !self.still_here(p) {
-                    self.unmake_hidden(p, &dir, &tmp);
+                    self.unmake_hidden(p, &dir, &tmp, Some(hattr.ino));
                     return Err(err(op, libc::EAGAIN));
                 }
                 // Its further names, before the view says it is there
@@ -4030,7 +4062,7 @@ impl<B: Backend> Overlay<B> {
                 // later by the parallel pass).
                 let places = match self.link_places(p, make_dirs, false) {
                     Err(e) if e.raw_errno() == libc::ENOENT => {
-                        self.unmake_hidden(p, &dir, &tmp);
+                        self.unmake_hidden(p, &dir, &tmp, Some(hattr.ino));
                         let again = if make_dirs {
                             libc::EAGAIN
                         } else {
@@ -7248,6 +7280,71 @@ mod tests {
         assert_eq!(names(nas.path()), ["f"]);
         assert_eq!(std::fs::read(nas.path().join("f")).unwrap(), b"data");
         assert_eq!(ov.conflicts.load(Ordering::Relaxed), 0);
+    }
+
+    /// A new file renamed away and back after an attempt cut short: its
+    /// leftover at that name is cleaned before the file is placed, and
+    /// that does not remove the hidden file the new attempt just filled
+    /// (the same name: it is the same object's).
+    #[test]
+    fn a_file_moved_away_and_back_is_placed_past_its_own_leftover() {
+        let s = faulty();
+        let (nas, ov) = (&s.nas, &s.ov);
+        let (root, _) = ov.root().unwrap();
+        let (_, a, f) = ov
+            .create(&root, OsStr::new("n"), 0o644, RW, true, me())
+            .unwrap();
+        ov.write(&f, 0, b"data").unwrap();
+        drop(f);
+        s.cut("rename");
+        let flags = RenameFlags::default();
+        ov.rename(&root, OsStr::new("n"), &root, OsStr::new("m"), flags)
+            .unwrap();
+        ov.rename(&root, OsStr::new("m"), &root, OsStr::new("n"), flags)
+            .unwrap();
+        assert_eq!(ov.st().leftovers.len(), 1);
+        ov.promote_one(a.ino, false).unwrap();
+        assert_eq!(names(nas.path()), ["n"]);
+        assert_eq!(std::fs::read(nas.path().join("n")).unwrap(), b"data");
+        assert_eq!(ov.conflicts.load(Ordering::Relaxed), 0);
+    }
+
+    /// A new file renamed here while an attempt fills its hidden file:
+    /// the attempt gives up and removes that file, and the leftover
+    /// recorded for it goes too (its number, free again, could come back
+    /// as another file's at that name).
+    #[test]
+    fn a_hidden_file_given_up_leaves_no_leftover_record() {
+        use crate::backend::instrumented::Fault;
+        let s = faulty();
+        let (nas, ov) = (&s.nas, &s.ov);
+        let (root, _) = ov.root().unwrap();
+        let (_, a, f) = ov
+            .create(&root, OsStr::new("n"), 0o644, RW, true, me())
+            .unwrap();
+        ov.write(&f, 0, b"data").unwrap();
+        drop(f);
+        s.faults.set(Fault::Stall, Some("write"));
+        let r = std::thread::scope(|sc| {
+            let t = sc.spawn(|| ov.promote_one(a.ino, false));
+            while s.faults.stalled() == 0 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            ov.rename(
+                &root,
+                OsStr::new("n"),
+                &root,
+                OsStr::new("m"),
+                RenameFlags::default(),
+            )
+            .unwrap();
+            assert_eq!(ov.st().leftovers.len(), 1);
+            s.faults.set(Fault::None, None);
+            t.join().unwrap()
+        });
+        assert_eq!(r.unwrap_err().raw_errno(), libc::EAGAIN);
+        assert!(ov.st().leftovers.is_empty());
+        assert_eq!(names(nas.path()), Vec::<String>::new());
     }
 
     /// A name where an attempt cut short left something of ours is free
