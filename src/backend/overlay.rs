@@ -158,6 +158,18 @@ fn is_hidden(name: &OsStr) -> bool {
     name.as_bytes().starts_with(HIDDEN)
 }
 
+/// Picks the leftovers recorded at `name` in `dir` (with `known`, only
+/// those whose NAS number is known).
+fn leftover_at<N>(dir: u64, name: &OsStr, known: bool) -> impl Fn(&Leftover<N>) -> bool + '_ {
+    move |l| l.dir_ino == dir && l.name == name && (!known || l.nas_ino.is_some())
+}
+
+/// The local object whose hidden name `name` is (see [`hidden_name`]).
+fn prov_of_hidden(name: &OsStr) -> Option<u64> {
+    let hex = name.as_bytes().strip_prefix(HIDDEN)?;
+    u64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+}
+
 fn err(op: &'static str, errno: i32) -> BackendError {
     BackendError::errno(op, errno)
 }
@@ -2165,8 +2177,11 @@ impl<B: Backend> Overlay<B> {
         // directory: moved back there, its attempts fill that file again,
         // maybe now.)
         let live = l.kind == FileKind::File
-            && self.st().objs.iter().any(|(k, o)| {
-                !o.gone && o.nas.is_none() && o.parent == l.dir_ino && hidden_name(*k) == l.hidden
+            && prov_of_hidden(&l.hidden).is_some_and(|k| {
+                self.st()
+                    .objs
+                    .get(&k)
+                    .is_some_and(|o| !o.gone && o.nas.is_none() && o.parent == l.dir_ino)
             });
         if l.kind == FileKind::File && !live {
             if let Err(e) = self.lower.unlink(&l.dir, &l.hidden) {
@@ -2229,7 +2244,7 @@ impl<B: Backend> Overlay<B> {
     /// write-back's passes too, which remove leftovers before creating).
     /// Whether one was; the NAS not answering, an error.
     fn clean_leftovers_at(&self, parent: u64, name: &OsStr) -> BResult<bool> {
-        self.clean_leftovers_where(|l| l.dir_ino == parent && l.name == name)
+        self.clean_leftovers_where(leftover_at(parent, name, false))
     }
 
     /// [`Self::clean_leftovers_at`] for the leftovers `which` picks.
@@ -2257,6 +2272,27 @@ impl<B: Backend> Overlay<B> {
             return Err(unreachable("create on the NAS"));
         }
         Ok(found)
+    }
+
+    /// `make` at `name` in `parent`, made again once if it met a leftover
+    /// of ours there (removed first). Also when the object is being made:
+    /// a leftover is not to be taken for what an earlier attempt made.
+    /// The outer error: the NAS not answering about the leftover.
+    fn past_leftovers<T>(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        make: impl Fn() -> BResult<T>,
+    ) -> BResult<BResult<T>> {
+        match make() {
+            Err(e) if e.raw_errno() == libc::EEXIST => {
+                match self.clean_leftovers_at(parent, name)? {
+                    true => Ok(make()),
+                    false => Ok(Err(e)),
+                }
+            }
+            r => Ok(r),
+        }
     }
 
     /// Removes the hidden file of an attempt given up before placing it,
@@ -2296,19 +2332,12 @@ impl<B: Backend> Overlay<B> {
     /// `clean_leftovers`): nothing that `window` or `replay` held.
     /// With `known`, only those whose NAS number is known.
     fn clear_leftovers_for(&self, dir: u64, name: &OsStr, known: bool) -> BResult<()> {
-        let any = self
-            .st()
-            .leftovers
-            .iter()
-            .any(|l| l.dir_ino == dir && l.name == name && (!known || l.nas_ino.is_some()));
-        if !any {
+        let which = leftover_at(dir, name, known);
+        if !self.st().leftovers.iter().any(&which) {
             return Ok(());
         }
         let _g = self.replay.write().unwrap_or_else(|e| e.into_inner());
-        self.clean_leftovers_where(|l| {
-            l.dir_ino == dir && l.name == name && (!known || l.nas_ino.is_some())
-        })
-        .map(|_| ())
+        self.clean_leftovers_where(which).map(|_| ())
     }
 
     fn local_attr(&self, ino: u64) -> Option<Attr> {
@@ -3898,14 +3927,7 @@ impl<B: Backend> Overlay<B> {
             (None, _) if !make_dirs => return Err(err(op, libc::ENOENT)),
             // A directory made here, not yet on the NAS: moved into since
             // the chain of directories to make was taken. Made first.
-            (None, true) => {
-                self.promote_one(parent, true)?;
-                self.st()
-                    .objs
-                    .get(&parent)
-                    .and_then(|o| o.nas.clone())
-                    .ok_or_else(|| err(op, libc::ENOENT))?
-            }
+            (None, true) => self.made_first(parent)?,
             (None, false) => {
                 let path = Self::dir_path(&self.st(), parent).unwrap_or_default();
                 self.recreate_parent(parent, &path)?
@@ -4074,9 +4096,7 @@ impl<B: Backend> Overlay<B> {
                 };
                 // What an attempt cut short left at its name goes first
                 // (one whose number is known: no other file is taken for it).
-                self.clean_leftovers_where(|l| {
-                    l.dir_ino == parent && l.name == name && l.nas_ino.is_some()
-                })?;
+                self.clean_leftovers_where(leftover_at(parent, &name, true))?;
                 kept = self.place(&dir, &tmp, &name, attr.kind)?;
                 let links = self.place_links(&node, hattr.ino, places)?;
                 let a = self.lower.getattr(&node)?;
@@ -4092,21 +4112,10 @@ impl<B: Backend> Overlay<B> {
                 // As of now: setattr of a local object waits for `window`.
                 attr = self.attr_now(p, attr);
                 let creds = creds_of(&attr);
-                let mkdir = || {
+                let made = self.past_leftovers(parent, &name, || {
                     self.lower
                         .mkdir(&dir, &name, (attr.perm & 0o777) as u32 | 0o700, creds)
-                };
-                let made = match mkdir() {
-                    // (Also when applying: not to take a leftover for what an
-                    // earlier attempt made.)
-                    Err(e) if e.raw_errno() == libc::EEXIST => {
-                        match self.clean_leftovers_at(parent, &name)? {
-                            true => mkdir(),
-                            false => Err(e),
-                        }
-                    }
-                    r => r,
-                };
+                })?;
                 let (n, a) = match made {
                     Ok(x) => x,
                     Err(e) if e.raw_errno() == libc::EEXIST => match self.lower.lookup(&dir, &name)
@@ -4173,17 +4182,8 @@ impl<B: Backend> Overlay<B> {
                 attr = self.attr_now(p, attr);
                 let creds = creds_of(&attr);
                 let t = target.clone().unwrap_or_default();
-                let made = match self.lower.symlink(&dir, &name, &t, creds) {
-                    // (Also when applying: not to take a leftover for what an
-                    // earlier attempt made.)
-                    Err(e) if e.raw_errno() == libc::EEXIST => {
-                        match self.clean_leftovers_at(parent, &name)? {
-                            true => self.lower.symlink(&dir, &name, &t, creds),
-                            false => Err(e),
-                        }
-                    }
-                    r => r,
-                };
+                let made = self
+                    .past_leftovers(parent, &name, || self.lower.symlink(&dir, &name, &t, creds))?;
                 match made {
                     Ok(x) => x,
                     Err(e) if e.raw_errno() == libc::EEXIST => {
@@ -4227,17 +4227,9 @@ impl<B: Backend> Overlay<B> {
                 attr = self.attr_now(p, attr);
                 let creds = creds_of(&attr);
                 let mode = fmt | attr.perm as u32;
-                let made = match self.lower.mknod(&dir, &name, mode, attr.rdev, creds) {
-                    // (Also when applying: not to take a leftover for what an
-                    // earlier attempt made.)
-                    Err(e) if e.raw_errno() == libc::EEXIST => {
-                        match self.clean_leftovers_at(parent, &name)? {
-                            true => self.lower.mknod(&dir, &name, mode, attr.rdev, creds),
-                            false => Err(e),
-                        }
-                    }
-                    r => r,
-                };
+                let made = self.past_leftovers(parent, &name, || {
+                    self.lower.mknod(&dir, &name, mode, attr.rdev, creds)
+                })?;
                 match made {
                     Ok(x) => x,
                     Err(e) if e.raw_errno() == libc::EEXIST => {
@@ -4403,6 +4395,17 @@ impl<B: Backend> Overlay<B> {
         }
     }
 
+    /// Directory `d`, made here, made on the NAS now (with the directories
+    /// above it); its NAS node. `replay` write-held.
+    fn made_first(&self, d: u64) -> BResult<B::Node> {
+        self.promote_one(d, true)?;
+        self.st()
+            .objs
+            .get(&d)
+            .and_then(|o| o.nas.clone())
+            .ok_or_else(|| err("create on the NAS", libc::ENOENT))
+    }
+
     /// The further names of local file `p`: (link, name, NAS directory).
     /// A directory made here and not on the NAS yet is made first with
     /// `make_new` (not while `window` is held), or ENOENT; a NAS directory
@@ -4441,14 +4444,7 @@ impl<B: Backend> Overlay<B> {
                     self.recreate_parent(parent, &path)?
                 }
                 // Moved into since the chain was taken (see promote_one).
-                None if make_new => {
-                    self.promote_one(parent, true)?;
-                    self.st()
-                        .objs
-                        .get(&parent)
-                        .and_then(|o| o.nas.clone())
-                        .ok_or_else(|| err("create on the NAS", libc::ENOENT))?
-                }
+                None if make_new => self.made_first(parent)?,
                 None => return Err(err("create on the NAS", libc::ENOENT)),
             };
             out.push((l, name, dir));
@@ -4476,9 +4472,7 @@ impl<B: Backend> Overlay<B> {
                 // whose number is known, as for the file's own name).
                 let parent = self.st().objs.get(&l).map(|o| o.parent);
                 let cleaned = match parent {
-                    Some(d) => self.clean_leftovers_where(|x| {
-                        x.dir_ino == d && x.name == name && x.nas_ino.is_some()
-                    })?,
+                    Some(d) => self.clean_leftovers_where(leftover_at(d, &name, true))?,
                     None => false,
                 };
                 if cleaned {
@@ -7011,12 +7005,28 @@ mod tests {
         /// A write-back pass cut short at NAS call `op`. (A panic stands
         /// for the NAS gone: this backend is not bounded.)
         fn cut(&self, op: &'static str) {
+            self.cut_in(op, || {
+                self.ov.flush_all(None);
+            });
+        }
+
+        /// `work` cut short at NAS call `op`.
+        fn cut_in(&self, op: &'static str, work: impl FnOnce()) {
             use crate::backend::instrumented::Fault;
             self.faults.set(Fault::Panic, Some(op));
-            let r =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.ov.flush_all(None)));
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
             self.faults.set(Fault::None, None);
             assert!(r.is_err(), "{op}");
+        }
+
+        /// A new file `name` in `dir` holding `data`, closed.
+        fn new_file(&self, dir: &ONode<DirNodeOf>, name: &str, data: &[u8]) -> Attr {
+            let (_, a, f) = self
+                .ov
+                .create(dir, OsStr::new(name), 0o644, RW, true, me())
+                .unwrap();
+            self.ov.write(&f, 0, data).unwrap();
+            a
         }
     }
 
@@ -7211,7 +7221,6 @@ mod tests {
     /// object's, moved away since) for what that attempt made.
     #[test]
     fn a_directory_being_made_does_not_adopt_a_leftover_at_its_name() {
-        use crate::backend::instrumented::Fault;
         let s = faulty();
         let (nas, ov) = (&s.nas, &s.ov);
         let (root, _) = ov.root().unwrap();
@@ -7233,12 +7242,9 @@ mod tests {
         )
         .unwrap();
         let (_, d2) = ov.mkdir(&root, OsStr::new("n"), 0o700, me()).unwrap();
-        s.faults.set(Fault::Panic, Some("mkdir"));
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            ov.promote_one(d2.ino, false)
-        }));
-        s.faults.set(Fault::None, None);
-        assert!(r.is_err());
+        s.cut_in("mkdir", || {
+            let _ = ov.promote_one(d2.ino, false);
+        });
         ov.promote_one(d2.ino, false).unwrap();
         let md = std::fs::metadata(nas.path().join("n")).unwrap();
         assert_ne!(
@@ -7260,11 +7266,7 @@ mod tests {
         let s = faulty();
         let (nas, ov) = (&s.nas, &s.ov);
         let (root, _) = ov.root().unwrap();
-        let (_, _, f) = ov
-            .create(&root, OsStr::new("f"), 0o644, RW, true, me())
-            .unwrap();
-        ov.write(&f, 0, b"data").unwrap();
-        drop(f);
+        s.new_file(&root, "f", b"data");
         s.cut("rename");
         let first = std::fs::read_dir(nas.path())
             .unwrap()
@@ -7291,11 +7293,7 @@ mod tests {
         let s = faulty();
         let (nas, ov) = (&s.nas, &s.ov);
         let (root, _) = ov.root().unwrap();
-        let (_, a, f) = ov
-            .create(&root, OsStr::new("n"), 0o644, RW, true, me())
-            .unwrap();
-        ov.write(&f, 0, b"data").unwrap();
-        drop(f);
+        let a = s.new_file(&root, "n", b"data");
         s.cut("rename");
         let flags = RenameFlags::default();
         ov.rename(&root, OsStr::new("n"), &root, OsStr::new("m"), flags)
@@ -7319,11 +7317,7 @@ mod tests {
         let s = faulty();
         let (nas, ov) = (&s.nas, &s.ov);
         let (root, _) = ov.root().unwrap();
-        let (_, a, f) = ov
-            .create(&root, OsStr::new("n"), 0o644, RW, true, me())
-            .unwrap();
-        ov.write(&f, 0, b"data").unwrap();
-        drop(f);
+        let a = s.new_file(&root, "n", b"data");
         s.faults.set(Fault::Stall, Some("write"));
         let r = std::thread::scope(|sc| {
             let t = sc.spawn(|| ov.promote_one(a.ino, false));
@@ -7354,11 +7348,7 @@ mod tests {
     fn a_new_file_at_a_leftovers_name_takes_it() {
         let (s, b) = leftover_at_b_a();
         let (nas, ov) = (&s.nas, &s.ov);
-        let (_, a, f) = ov
-            .create(&b, OsStr::new("a"), 0o644, RW, true, me())
-            .unwrap();
-        ov.write(&f, 0, b"new").unwrap();
-        drop(f);
+        let a = s.new_file(&b, "a", b"new");
         // (Not as a pass, which removes leftovers first.)
         ov.promote_one(a.ino, false).unwrap();
         assert_eq!(std::fs::read(nas.path().join("b/a")).unwrap(), b"new");
