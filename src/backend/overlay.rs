@@ -4748,15 +4748,19 @@ impl<B: Backend> Overlay<B> {
         }
         // New objects in it are now in a directory on the NAS: their rows
         // say where by path.
-        let mut here = st
+        let (parent_path, name, kind) = st
             .objs
             .get(&p)
-            .map(|o| Self::dir_path(&st, o.parent).unwrap_or_default())
-            .unwrap_or_default();
-        if !here.is_empty() {
-            here.push("/");
-        }
-        here.push(kept);
+            .map(|o| {
+                let pp = Self::dir_path(&st, o.parent).unwrap_or_default();
+                (pp, o.name.clone(), o.attr.kind)
+            })
+            .unwrap_or((OsString::new(), OsString::new(), FileKind::File));
+        let here = join_path(&parent_path, kept);
+        // A directory under the conflict name: the rows under its path
+        // follow (the renames into it wait for it, see `pass`).
+        let moved = (kind == FileKind::Dir && name != kept)
+            .then(|| (join_path(&parent_path, &name), here.clone()));
         let kids: Vec<ObjectRecord> = st
             .children
             .get(&p)
@@ -4771,8 +4775,25 @@ impl<B: Backend> Overlay<B> {
             .collect();
         let link_rows: Vec<u64> = links.iter().map(|(l, _)| *l).collect();
         self.journal
-            .object_created(&alias, &kids, &link_rows)
+            .object_created(
+                &alias,
+                &kids,
+                &link_rows,
+                moved.as_ref().map(|(o, n)| (o.as_os_str(), n.as_os_str())),
+            )
             .map_err(journal_err("journal"))?;
+        if let Some((old, new)) = &moved {
+            log::debug!("rows under {old:?} follow to {new:?}");
+            for r in st.removals.iter_mut() {
+                for path in std::iter::once(&mut r.path).chain(r.to.as_mut().map(|t| &mut t.path)) {
+                    if let Some(np) =
+                        crate::writeback::journal::under_moved(path.as_bytes(), old, new)
+                    {
+                        *path = OsString::from_vec(np);
+                    }
+                }
+            }
+        }
         // On the NAS with it now (their rows went with the object's).
         st.xattrs.remove(&p);
         self.created.fetch_add(1, Ordering::Relaxed);
@@ -4833,6 +4854,9 @@ impl<B: Backend> Overlay<B> {
             conflicts.push((join_path(&path, &name), join_path(&path, &kept)));
         }
         drop(st);
+        if let (Some((old, new)), Some(f)) = (&moved, self.moved.get()) {
+            f(old, new);
+        }
         quiet.sort_unstable();
         quiet.dedup();
         for d in quiet {
@@ -7474,6 +7498,70 @@ mod tests {
         assert_eq!(names(nas.path()), ["a", "f", "n"]);
         assert_eq!(names(&nas.path().join("n")), ["l"]);
         assert_eq!(ov.conflicts.load(Ordering::Relaxed), 0);
+    }
+
+    /// A new directory made on the NAS under the conflict name (another
+    /// client took its name) for a rename into it, the NAS then gone
+    /// before that rename: at the next mount the rename goes into it,
+    /// not into the other client's directory.
+    #[test]
+    fn a_rename_into_a_new_directory_given_the_conflict_name_finds_it_after_a_crash() {
+        let s = faulty();
+        std::fs::create_dir(s.nas.path().join("r")).unwrap();
+        std::fs::write(s.nas.path().join("r/f"), b"nas file").unwrap();
+        std::fs::write(s.nas.path().join("r/g"), b"g").unwrap();
+        let f_ino = ino_of(&s.nas.path().join("r/f"));
+        let g_ino = ino_of(&s.nas.path().join("r/g"));
+        {
+            let ov = &s.ov;
+            let (root, _) = ov.root().unwrap();
+            let (r, _) = ov.lookup(&root, OsStr::new("r")).unwrap();
+            let (x, _) = ov.mkdir(&r, OsStr::new("x"), 0o755, me()).unwrap();
+            let (sub, _) = ov.mkdir(&x, OsStr::new("sub"), 0o755, me()).unwrap();
+            for (name, to) in [("f", &sub), ("g", &x)] {
+                let (n, a) = ov.lookup(&r, OsStr::new(name)).unwrap();
+                let was = Validator {
+                    ino: a.ino,
+                    size: a.size,
+                    mtime: a.mtime,
+                    ctime: a.ctime,
+                };
+                ov.move_later(
+                    (&r, OsStr::new(name)),
+                    (to, OsStr::new(name)),
+                    (&n, FileKind::File, was),
+                    None,
+                    false,
+                    SystemTime::now(),
+                )
+                .unwrap();
+            }
+        }
+        std::fs::create_dir(s.nas.path().join("r/x")).unwrap();
+        // The chain x, x/sub made; the NAS gone at the rename.
+        s.cut("rename");
+        let taken: Vec<String> = names(&s.nas.path().join("r"))
+            .into_iter()
+            .filter(|n| n.starts_with("x.nassync-conflict-"))
+            .collect();
+        assert_eq!(taken.len(), 1, "{taken:?}");
+        assert_eq!(names(&s.nas.path().join("r").join(&taken[0])), ["sub"]);
+        assert_eq!(names(&s.nas.path().join("r")), ["f", "g", "x", &taken[0]]);
+        let Faulty {
+            nas, _cache, ov, ..
+        } = s;
+        drop(ov);
+        let s = open(nas, _cache);
+        let nas = s.nas.path().join("r");
+        assert_eq!(names(&nas), ["x", &taken[0]]);
+        assert!(names(&nas.join("x")).is_empty(), "the other client's");
+        let moved = nas.join(&taken[0]).join("sub/f");
+        assert_eq!(ino_of(&moved), f_ino);
+        assert_eq!(ino_of(&nas.join(&taken[0]).join("g")), g_ino);
+        assert_eq!(s.ov.flush_all(None), 0);
+        let c = s.ov.journal.conflicts(10).unwrap();
+        assert_eq!(c.len(), 1, "the name taken, only");
+        assert_eq!(std::fs::read(&moved).unwrap(), b"nas file");
     }
 
     #[test]

@@ -984,12 +984,17 @@ impl Journal {
     /// alias stays while anything may know it by its provisional number.
     /// `children`, new objects in it, are now in a directory on the NAS:
     /// their rows name it by path from now on, in the same transaction;
-    /// the rows of `links`, its further names made with it, go too.
+    /// the rows of `links`, its further names made with it, go too. A
+    /// directory made under the conflict name (`moved`: from its path to
+    /// the one it got) takes along every row under its path: the changes
+    /// still to make in it (renames into it, what follows them) and the
+    /// rows of now; a crash before those changes are made then finds it.
     pub fn object_created(
         &self,
         alias: &AliasRecord,
         children: &[ObjectRecord],
         links: &[u64],
+        moved: Option<(&OsStr, &OsStr)>,
     ) -> Result<(), CacheError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -999,6 +1004,28 @@ impl Journal {
         }
         for c in children {
             Self::put_in(&tx, c)?;
+        }
+        if let Some((old, new)) = moved {
+            let rows: Vec<(i64, Vec<u8>, Option<Vec<u8>>)> = {
+                let mut stmt = tx.prepare("SELECT id, dir_path, to_dir_path FROM removals")?;
+                let it = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                it.collect::<Result<_, _>>()?
+            };
+            for (id, dir, to_dir) in rows {
+                if let Some(np) = under_moved(&dir, old, new) {
+                    tx.execute(
+                        "UPDATE removals SET dir_path = ?2 WHERE id = ?1",
+                        params![id, np],
+                    )?;
+                }
+                if let Some(np) = to_dir.and_then(|p| under_moved(&p, old, new)) {
+                    tx.execute(
+                        "UPDATE removals SET to_dir_path = ?2 WHERE id = ?1",
+                        params![id, np],
+                    )?;
+                }
+            }
+            Self::repath_in(&tx, old, new, true)?;
         }
         tx.prepare_cached("INSERT OR REPLACE INTO aliases VALUES (?1, ?2, ?3, ?4)")?
             .execute(params![
