@@ -1463,13 +1463,25 @@ fn a_new_directory_above_one_moved_into_taken_meanwhile_is_found_at_the_next_mou
     std::fs::create_dir_all(m.m("r/a/b")).unwrap();
     std::fs::rename(m.m("r/gone.txt"), m.m("r/a/b/g")).unwrap();
     std::fs::write(m.m("r/a/b/new"), "made here").unwrap();
+    std::io::Write::write_all(
+        &mut std::fs::OpenOptions::new()
+            .append(true)
+            .open(m.m("r/a/b/g"))
+            .unwrap(),
+        b", edited here",
+    )
+    .unwrap();
     std::fs::create_dir(nas("r/a")).unwrap();
     nas_back(&mut m, &sim, true);
     m.flush(None);
     let status = m.status();
+    // The file, with its edit, where its rename put it: the rows of what
+    // went into the other client's directory do not follow the new one
+    // to its conflict name.
     assert_eq!(
         std::fs::read_to_string(nas("r/a/b/g")).unwrap(),
-        "r/gone.txt on the NAS"
+        "r/gone.txt on the NAS, edited here",
+        "{status}"
     );
     let taken: Vec<String> = names(&nas("r"))
         .into_iter()

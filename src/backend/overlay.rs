@@ -2875,7 +2875,7 @@ impl<B: Backend> Overlay<B> {
                 id,
                 dir,
                 dir_ino,
-                path,
+                mut path,
                 name,
                 kind,
                 was,
@@ -2894,9 +2894,15 @@ impl<B: Backend> Overlay<B> {
                     Ok(n) => {
                         // (Unless sent elsewhere meanwhile, see below.)
                         if let Some(f) = self.st().removals.iter_mut().find(|r| r.id == id) {
+                            // The paths as now: a directory of the chain
+                            // may have got the conflict name (`finish`).
+                            path = f.path.clone();
                             if let Some(ft) = f.to.as_mut() {
                                 if ft.dir_ino == t.dir_ino && ft.dir.is_none() {
                                     ft.dir = Some(n.clone());
+                                }
+                                if ft.dir_ino == t.dir_ino {
+                                    t.path = ft.path.clone();
                                 }
                             }
                         }
@@ -4721,6 +4727,21 @@ impl<B: Backend> Overlay<B> {
         Ok(())
     }
 
+    /// Whether `ino` is local directory `top`, or a local directory under
+    /// it made here (not on the NAS yet).
+    fn in_new_tree(st: &State<B>, mut ino: u64, top: u64) -> bool {
+        for _ in 0..4096 {
+            if ino == top {
+                return true;
+            }
+            match st.objs.get(&ino) {
+                Some(o) if o.nas.is_none() && !o.gone => ino = o.parent,
+                _ => return false,
+            }
+        }
+        false
+    }
+
     /// Local object `p` is on the NAS as `node` under `kept`, and its
     /// further names `links` (link, name it got there).
     fn finish(
@@ -4757,10 +4778,30 @@ impl<B: Backend> Overlay<B> {
             })
             .unwrap_or((OsString::new(), OsString::new(), FileKind::File));
         let here = join_path(&parent_path, kept);
-        // A directory under the conflict name: the rows under its path
-        // follow (the renames into it wait for it, see `pass`).
-        let moved = (kind == FileKind::Dir && name != kept)
-            .then(|| (join_path(&parent_path, &name), here.clone()));
+        // A directory under the conflict name: what the renames and links
+        // still to make put into it or into a new directory in it (they
+        // wait for it, see `pass`) is there, and the rows under each such
+        // path follow. Not the rest under its old path: at open, what a
+        // rename into it found there went into the NAS's directory of that
+        // name, and its rows name where it is.
+        let mut moved: Vec<(OsString, OsString)> = Vec::new();
+        if kind == FileKind::Dir && name != kept {
+            let old = join_path(&parent_path, &name);
+            let into: BTreeSet<&OsStr> = st
+                .removals
+                .iter()
+                .filter_map(|r| r.to.as_ref())
+                .filter(|t| Self::in_new_tree(&st, t.dir_ino, p))
+                .map(|t| t.path.as_os_str())
+                .collect();
+            moved = into
+                .into_iter()
+                .filter_map(|t| {
+                    let np = crate::writeback::journal::under_moved(t.as_bytes(), &old, &here)?;
+                    Some((t.to_os_string(), OsString::from_vec(np)))
+                })
+                .collect();
+        }
         let kids: Vec<ObjectRecord> = st
             .children
             .get(&p)
@@ -4775,14 +4816,9 @@ impl<B: Backend> Overlay<B> {
             .collect();
         let link_rows: Vec<u64> = links.iter().map(|(l, _)| *l).collect();
         self.journal
-            .object_created(
-                &alias,
-                &kids,
-                &link_rows,
-                moved.as_ref().map(|(o, n)| (o.as_os_str(), n.as_os_str())),
-            )
+            .object_created(&alias, &kids, &link_rows, &moved)
             .map_err(journal_err("journal"))?;
-        if let Some((old, new)) = &moved {
+        for (old, new) in &moved {
             log::debug!("rows under {old:?} follow to {new:?}");
             for r in st.removals.iter_mut() {
                 for path in std::iter::once(&mut r.path).chain(r.to.as_mut().map(|t| &mut t.path)) {
@@ -4854,8 +4890,10 @@ impl<B: Backend> Overlay<B> {
             conflicts.push((join_path(&path, &name), join_path(&path, &kept)));
         }
         drop(st);
-        if let (Some((old, new)), Some(f)) = (&moved, self.moved.get()) {
-            f(old, new);
+        if let Some(f) = self.moved.get() {
+            for (old, new) in &moved {
+                f(old, new);
+            }
         }
         quiet.sort_unstable();
         quiet.dedup();
@@ -7562,6 +7600,69 @@ mod tests {
         let c = s.ov.journal.conflicts(10).unwrap();
         assert_eq!(c.len(), 1, "the name taken, only");
         assert_eq!(std::fs::read(&moved).unwrap(), b"nas file");
+    }
+
+    /// The same, and the NAS refuses the rename once the directory is
+    /// made: the NAS directory stays where it was, and what was made in it
+    /// here is made there, also after a crash (its row comes back with it
+    /// from the conflict name, not only from the name taken).
+    #[test]
+    fn a_refused_rename_into_a_new_directory_given_the_conflict_name_brings_its_rows_back() {
+        use crate::backend::instrumented::Fault;
+        let s = faulty();
+        std::fs::create_dir_all(s.nas.path().join("r/d")).unwrap();
+        {
+            let ov = &s.ov;
+            let (root, _) = ov.root().unwrap();
+            let (r, _) = ov.lookup(&root, OsStr::new("r")).unwrap();
+            let (d, da) = ov.lookup(&r, OsStr::new("d")).unwrap();
+            let (x, _) = ov.mkdir(&r, OsStr::new("x"), 0o755, me()).unwrap();
+            let was = Validator {
+                ino: da.ino,
+                size: da.size,
+                mtime: da.mtime,
+                ctime: da.ctime,
+            };
+            ov.move_later(
+                (&r, OsStr::new("d")),
+                (&x, OsStr::new("d")),
+                (&d, FileKind::Dir, was),
+                None,
+                false,
+                SystemTime::now(),
+            )
+            .unwrap();
+            let (d, _) = ov.lookup(&x, OsStr::new("d")).unwrap();
+            s.new_file(&d, "n", b"made in d");
+        }
+        std::fs::create_dir(s.nas.path().join("r/x")).unwrap();
+        s.faults.set(Fault::Fail(libc::EACCES), Some("rename"));
+        let _ = s.ov.apply_removals();
+        s.faults.set(Fault::None, None);
+        let r = s.nas.path().join("r");
+        let n = names(&r);
+        assert_eq!(n.len(), 3, "{n:?}");
+        assert!(n[2].starts_with("x.nassync-conflict-"), "{n:?}");
+        let (rows, _) = s.ov.journal.load_objects().unwrap();
+        let parents: Vec<_> = rows
+            .iter()
+            .filter(|o| o.name == "n")
+            .map(|o| o.parent.clone())
+            .collect();
+        assert_eq!(parents, [ObjParent::Nas("r/d".into())]);
+        let Faulty {
+            nas, _cache, ov, ..
+        } = s;
+        drop(ov);
+        let s = open(nas, _cache);
+        assert_eq!(s.ov.flush_all(None), 0);
+        let r = s.nas.path().join("r");
+        assert_eq!(std::fs::read(r.join("d/n")).unwrap(), b"made in d");
+        assert!(
+            names(&r.join(&n[2])).is_empty(),
+            "{:?}",
+            names(&r.join(&n[2]))
+        );
     }
 
     #[test]

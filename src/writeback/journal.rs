@@ -985,16 +985,17 @@ impl Journal {
     /// `children`, new objects in it, are now in a directory on the NAS:
     /// their rows name it by path from now on, in the same transaction;
     /// the rows of `links`, its further names made with it, go too. A
-    /// directory made under the conflict name (`moved`: from its path to
-    /// the one it got) takes along every row under its path: the changes
-    /// still to make in it (renames into it, what follows them) and the
-    /// rows of now; a crash before those changes are made then finds it.
+    /// directory made under the conflict name takes along the rows under
+    /// the paths of what it holds (`moved`: from the old path of each to
+    /// the new): the changes still to make (renames into it, what acts on
+    /// them after) and the rows of now; a crash before those changes are
+    /// made then finds it.
     pub fn object_created(
         &self,
         alias: &AliasRecord,
         children: &[ObjectRecord],
         links: &[u64],
-        moved: Option<(&OsStr, &OsStr)>,
+        moved: &[(OsString, OsString)],
     ) -> Result<(), CacheError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -1005,27 +1006,42 @@ impl Journal {
         for c in children {
             Self::put_in(&tx, c)?;
         }
-        if let Some((old, new)) = moved {
-            let rows: Vec<(i64, Vec<u8>, Option<Vec<u8>>)> = {
-                let mut stmt = tx.prepare("SELECT id, dir_path, to_dir_path FROM removals")?;
-                let it = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        if !moved.is_empty() {
+            type Row = (i64, Vec<u8>, Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>);
+            let rows: Vec<Row> = {
+                let mut stmt =
+                    tx.prepare("SELECT id, dir_path, name, to_dir_path, to_name FROM removals")?;
+                let it = stmt.query_map([], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?;
                 it.collect::<Result<_, _>>()?
             };
-            for (id, dir, to_dir) in rows {
-                if let Some(np) = under_moved(&dir, old, new) {
+            // The directory of `dir/name` once that path moved, if it did.
+            let follow = |dir: &[u8], name: &[u8]| {
+                let full = join_bytes(dir, name);
+                moved.iter().find_map(|(o, n)| {
+                    let mut np = under_moved(&full, o, n)?;
+                    np.truncate(np.len().saturating_sub(name.len() + 1));
+                    Some(np)
+                })
+            };
+            for (id, dir, name, to_dir, to_name) in rows {
+                if let Some(np) = follow(&dir, &name) {
                     tx.execute(
                         "UPDATE removals SET dir_path = ?2 WHERE id = ?1",
                         params![id, np],
                     )?;
                 }
-                if let Some(np) = to_dir.and_then(|p| under_moved(&p, old, new)) {
+                if let Some(np) = to_dir.zip(to_name).and_then(|(d, n)| follow(&d, &n)) {
                     tx.execute(
                         "UPDATE removals SET to_dir_path = ?2 WHERE id = ?1",
                         params![id, np],
                     )?;
                 }
             }
-            Self::repath_in(&tx, old, new, true)?;
+            for (old, new) in moved {
+                Self::repath_in(&tx, old, new, true)?;
+            }
         }
         tx.prepare_cached("INSERT OR REPLACE INTO aliases VALUES (?1, ?2, ?3, ?4)")?
             .execute(params![
