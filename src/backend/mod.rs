@@ -413,6 +413,15 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// The path from the share's root of an object on the NAS renamed here
+    /// (by its inode number), while that rename is still to make there:
+    /// the path shown, which write-back trusts over the path its row
+    /// recorded (the rename may have moved since, see
+    /// `Overlay::finish`). None for the others.
+    fn pending_path(&self, _ino: u64) -> Option<OsString> {
+        None
+    }
+
     /// The kernel and the core no longer hold `node`: what a backend keeps
     /// for it alone may go.
     fn forget(&self, _node: &Self::Node) {}

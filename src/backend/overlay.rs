@@ -487,6 +487,14 @@ fn join_path(dir: &OsStr, name: &OsStr) -> OsString {
     OsString::from_vec(join_bytes(dir.as_bytes(), name.as_bytes()))
 }
 
+/// `p`, a path strictly under `old`, moved under `new`.
+fn below_moved(p: &OsStr, old: &OsStr, new: &OsStr) -> Option<OsString> {
+    if p.len() == old.len() {
+        return None;
+    }
+    crate::writeback::journal::under_moved(p.as_bytes(), old, new).map(OsString::from_vec)
+}
+
 /// The directories on the way down to `path` (from the share's root):
 /// the path of each, and its name.
 fn path_steps(path: &OsStr) -> impl Iterator<Item = (OsString, &OsStr)> {
@@ -1808,7 +1816,16 @@ impl<B: Backend> Overlay<B> {
                     if r.takes_name() {
                         break;
                     }
-                } else if r.to.as_ref().is_some_and(|t| t.path == old) {
+                    continue;
+                }
+                // As the journal's rows: the paths under it follow, up to
+                // a change that puts something else at `old`.
+                for p in std::iter::once(&mut r.path).chain(r.to.as_mut().map(|t| &mut t.path)) {
+                    if let Some(np) = below_moved(p, old, new) {
+                        *p = np;
+                    }
+                }
+                if r.to.as_ref().is_some_and(|t| t.path == old) {
                     break;
                 }
             }
@@ -2890,19 +2907,22 @@ impl<B: Backend> Overlay<B> {
             let mut to = to;
             let mut made_err = None;
             if let Some(t) = to.as_mut().filter(|t| t.dir.is_none()) {
-                match self.promote_chain_now(t.dir_ino) {
+                let made = self.promote_chain_now(t.dir_ino);
+                // The paths as now, whether the chain was made or not: a
+                // directory of it may have got the conflict name (`finish`).
+                if let Some(f) = self.st().removals.iter().find(|r| r.id == id) {
+                    path = f.path.clone();
+                    if let Some(ft) = f.to.as_ref().filter(|ft| ft.dir_ino == t.dir_ino) {
+                        t.path = ft.path.clone();
+                    }
+                }
+                match made {
                     Ok(n) => {
                         // (Unless sent elsewhere meanwhile, see below.)
                         if let Some(f) = self.st().removals.iter_mut().find(|r| r.id == id) {
-                            // The paths as now: a directory of the chain
-                            // may have got the conflict name (`finish`).
-                            path = f.path.clone();
                             if let Some(ft) = f.to.as_mut() {
                                 if ft.dir_ino == t.dir_ino && ft.dir.is_none() {
                                     ft.dir = Some(n.clone());
-                                }
-                                if ft.dir_ino == t.dir_ino {
-                                    t.path = ft.path.clone();
                                 }
                             }
                         }
@@ -6309,6 +6329,20 @@ impl<B: Backend> Backend for Overlay<B> {
         Some(p)
     }
 
+    fn pending_path(&self, ino: u64) -> Option<OsString> {
+        let st = self.st();
+        for r in st.removals.iter().rev().filter(|r| r.was.ino == ino) {
+            match &r.to {
+                Some(t) if !t.link => return Some(t.path.clone()),
+                // A link, or attributes: it keeps its name.
+                Some(_) => {}
+                None if r.set.is_some() => {}
+                None => return None,
+            }
+        }
+        None
+    }
+
     fn defers_removals(&self) -> bool {
         true
     }
@@ -7585,6 +7619,10 @@ mod tests {
         assert_eq!(taken.len(), 1, "{taken:?}");
         assert_eq!(names(&s.nas.path().join("r").join(&taken[0])), ["sub"]);
         assert_eq!(names(&s.nas.path().join("r")), ["f", "g", "x", &taken[0]]);
+        // Write-back, for data written from now on, takes the file to be
+        // where its rename goes.
+        let pending = s.ov.pending_path(g_ino).unwrap();
+        assert_eq!(pending, OsString::from(format!("r/{}/g", taken[0])));
         let Faulty {
             nas, _cache, ov, ..
         } = s;

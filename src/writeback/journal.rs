@@ -1039,9 +1039,7 @@ impl Journal {
                     )?;
                 }
             }
-            for (old, new) in moved {
-                Self::repath_in(&tx, old, new, true)?;
-            }
+            Self::repath_all_in(&tx, moved, true)?;
         }
         tx.prepare_cached("INSERT OR REPLACE INTO aliases VALUES (?1, ?2, ?3, ?4)")?
             .execute(params![
@@ -1363,6 +1361,16 @@ impl Journal {
     /// The rows of now (leftovers; with `all`, also objects and data)
     /// under `old` follow to `new`.
     fn repath_in(tx: &Connection, old: &OsStr, new: &OsStr, all: bool) -> Result<(), CacheError> {
+        Self::repath_all_in(tx, &[(old.to_os_string(), new.to_os_string())], all)
+    }
+
+    /// [`Self::repath_in`] for several moves (`moved`: old, new), in one
+    /// pass over each table.
+    fn repath_all_in(
+        tx: &Connection,
+        moved: &[(OsString, OsString)],
+        all: bool,
+    ) -> Result<(), CacheError> {
         let mut cols = vec![("leftovers", "id", "dir_path")];
         if all {
             cols.extend([
@@ -1380,7 +1388,7 @@ impl Journal {
                 it.collect::<Result<_, _>>()?
             };
             for (k, p) in rows {
-                if let Some(np) = under_moved(&p, old, new) {
+                if let Some(np) = moved.iter().find_map(|(o, n)| under_moved(&p, o, n)) {
                     tx.execute(
                         &format!("UPDATE {table} SET {col} = ?2 WHERE {key} = ?1"),
                         params![k, np],
@@ -1811,6 +1819,68 @@ mod tests {
         away.name = "dir.l".into();
         assert_eq!(j.load_removals().unwrap(), vec![change, chmod, away, after]);
         assert_eq!(j.load_data().unwrap(), vec![data]);
+    }
+
+    /// A directory made under the conflict name takes along the rows under
+    /// what renames put into it (`moved`), in the transaction that records
+    /// it as made, and nothing else under its old path.
+    #[test]
+    fn rows_follow_what_went_into_a_directory_given_the_conflict_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let mut x = object(PROV_TEST);
+        (x.kind, x.parent, x.name) = (FileKind::Dir, ObjParent::Nas("r".into()), "x".into());
+        let mut inside = object(PROV_TEST + 1);
+        inside.parent = ObjParent::Nas("r/x/d".into());
+        let mut other = object(PROV_TEST + 2);
+        other.parent = ObjParent::Nas("r/x/o".into());
+        for o in [&x, &inside, &other] {
+            j.put_object(o, PROV_TEST + 3).unwrap();
+        }
+        let mut data = record();
+        (data.path, data.path2) = ("r/x/d/f".into(), Some("r/x/d/g".into()));
+        data.fid = j.insert_data(&data).unwrap();
+        let mut data_other = record();
+        (data_other.nas_ino, data_other.path, data_other.path2) = (43, "r/x/o/f".into(), None);
+        data_other.fid = j.insert_data(&data_other).unwrap();
+        let row = |dir: &str, name: &str, to: Option<(&str, &str)>| RemovalRecord {
+            id: 0,
+            dir_path: dir.into(),
+            name: name.into(),
+            kind: FileKind::File,
+            was: record().base,
+            to: to.map(|(d, n)| (d.into(), n.into())),
+            link: false,
+            set: None,
+            xattr: None,
+        };
+        // d renamed into x, something in d removed, a file renamed to
+        // where d is not.
+        let mut rows = vec![
+            row("r", "d", Some(("r/x", "d"))),
+            row("r/x/d/sub", "y", None),
+            row("r/x", "d", Some(("r/x/d2", "e"))),
+            row("r", "h", Some(("r/x", "o2"))),
+        ];
+        for r in &mut rows {
+            r.id = j.add_change(r, None, &[]).unwrap();
+        }
+        let alias = AliasRecord {
+            nas_ino: 7,
+            prov: x.prov,
+            nas_ctime: UNIX_EPOCH,
+            local_ctime: UNIX_EPOCH,
+        };
+        let moved = [("r/x/d".into(), "r/x.k/d".into())];
+        j.object_created(&alias, &[], &[], &moved).unwrap();
+        inside.parent = ObjParent::Nas("r/x.k/d".into());
+        assert_eq!(j.load_objects().unwrap().0, vec![inside, other]);
+        (data.path, data.path2) = ("r/x.k/d/f".into(), Some("r/x.k/d/g".into()));
+        assert_eq!(j.load_data().unwrap(), vec![data, data_other]);
+        rows[0].to = Some(("r/x.k".into(), "d".into()));
+        rows[1].dir_path = "r/x.k/d/sub".into();
+        rows[2].dir_path = "r/x.k".into();
+        assert_eq!(j.load_removals().unwrap(), rows);
     }
 
     /// A local object and the data rows of its content go together, and

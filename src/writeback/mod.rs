@@ -1540,8 +1540,14 @@ impl<B: Backend> WriteBack<B> {
     /// One write-back attempt of one file.
     fn apply(&self, d: &Arc<Dirty<B>>) {
         // A new file's place is known below for sure (a crash between its
-        // rename there and the row's may have left the row behind).
-        let moved = self.backend.local_path(d.nas_ino);
+        // rename there and the row's may have left the row behind); so is
+        // that of a file renamed here, until the rename is made there (a
+        // directory made here that it went into may have got the conflict
+        // name since).
+        let moved = self
+            .backend
+            .local_path(d.nas_ino)
+            .or_else(|| self.backend.pending_path(d.nas_ino));
         // The snapshot: what this attempt writes.
         let snap = {
             let mut g = d.lock();
