@@ -312,6 +312,20 @@ impl<N> Removal<N> {
     fn takes_name(&self) -> bool {
         self.set.is_none() && !self.to.as_ref().is_some_and(|t| t.link)
     }
+
+    /// Its paths (where the object is, where it goes) at or under `old`
+    /// (`below`: only under it) are under `new` now.
+    fn follow(&mut self, old: &OsStr, new: &OsStr, below: bool) {
+        let paths = std::iter::once(&mut self.path).chain(self.to.as_mut().map(|t| &mut t.path));
+        for p in paths {
+            if below && p.as_os_str() == old {
+                continue;
+            }
+            if let Some(np) = moved_path(p, old, new) {
+                *p = np;
+            }
+        }
+    }
 }
 
 /// Attributes of a NAS object set here, to set there.
@@ -487,11 +501,8 @@ fn join_path(dir: &OsStr, name: &OsStr) -> OsString {
     OsString::from_vec(join_bytes(dir.as_bytes(), name.as_bytes()))
 }
 
-/// `p`, a path strictly under `old`, moved under `new`.
-fn below_moved(p: &OsStr, old: &OsStr, new: &OsStr) -> Option<OsString> {
-    if p.len() == old.len() {
-        return None;
-    }
+/// `p`, `old` or a path under it, moved to `new`.
+fn moved_path(p: &OsStr, old: &OsStr, new: &OsStr) -> Option<OsString> {
     crate::writeback::journal::under_moved(p.as_bytes(), old, new).map(OsString::from_vec)
 }
 
@@ -1820,11 +1831,7 @@ impl<B: Backend> Overlay<B> {
                 }
                 // As the journal's rows: the paths under it follow, up to
                 // a change that puts something else at `old`.
-                for p in std::iter::once(&mut r.path).chain(r.to.as_mut().map(|t| &mut t.path)) {
-                    if let Some(np) = below_moved(p, old, new) {
-                        *p = np;
-                    }
-                }
+                r.follow(old, new, true);
                 if r.to.as_ref().is_some_and(|t| t.path == old) {
                     break;
                 }
@@ -4816,10 +4823,7 @@ impl<B: Backend> Overlay<B> {
                 .collect();
             moved = into
                 .into_iter()
-                .filter_map(|t| {
-                    let np = crate::writeback::journal::under_moved(t.as_bytes(), &old, &here)?;
-                    Some((t.to_os_string(), OsString::from_vec(np)))
-                })
+                .filter_map(|t| Some((t.to_os_string(), moved_path(t, &old, &here)?)))
                 .collect();
         }
         let kids: Vec<ObjectRecord> = st
@@ -4841,13 +4845,7 @@ impl<B: Backend> Overlay<B> {
         for (old, new) in &moved {
             log::debug!("rows under {old:?} follow to {new:?}");
             for r in st.removals.iter_mut() {
-                for path in std::iter::once(&mut r.path).chain(r.to.as_mut().map(|t| &mut t.path)) {
-                    if let Some(np) =
-                        crate::writeback::journal::under_moved(path.as_bytes(), old, new)
-                    {
-                        *path = OsString::from_vec(np);
-                    }
-                }
+                r.follow(old, new, false);
             }
         }
         // On the NAS with it now (their rows went with the object's).
@@ -7592,16 +7590,10 @@ mod tests {
             let (sub, _) = ov.mkdir(&x, OsStr::new("sub"), 0o755, me()).unwrap();
             for (name, to) in [("f", &sub), ("g", &x)] {
                 let (n, a) = ov.lookup(&r, OsStr::new(name)).unwrap();
-                let was = Validator {
-                    ino: a.ino,
-                    size: a.size,
-                    mtime: a.mtime,
-                    ctime: a.ctime,
-                };
                 ov.move_later(
                     (&r, OsStr::new(name)),
                     (to, OsStr::new(name)),
-                    (&n, FileKind::File, was),
+                    (&n, FileKind::File, a.validator()),
                     None,
                     false,
                     SystemTime::now(),
@@ -7655,16 +7647,10 @@ mod tests {
             let (r, _) = ov.lookup(&root, OsStr::new("r")).unwrap();
             let (d, da) = ov.lookup(&r, OsStr::new("d")).unwrap();
             let (x, _) = ov.mkdir(&r, OsStr::new("x"), 0o755, me()).unwrap();
-            let was = Validator {
-                ino: da.ino,
-                size: da.size,
-                mtime: da.mtime,
-                ctime: da.ctime,
-            };
             ov.move_later(
                 (&r, OsStr::new("d")),
                 (&x, OsStr::new("d")),
-                (&d, FileKind::Dir, was),
+                (&d, FileKind::Dir, da.validator()),
                 None,
                 false,
                 SystemTime::now(),
